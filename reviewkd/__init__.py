@@ -1,0 +1,1 @@
+"""ReviewKD distillation: model zoo, feature taps, ABF, HCL and the distiller."""
