@@ -42,7 +42,9 @@ class Runner(abc.ABC):
         batch = images.shape[0]
         if batch < self.min_batch or (self.max_batch is not None and batch > self.max_batch):
             upper = self.max_batch if self.max_batch is not None else "any"
-            raise UsageError(f"{self.name}: batch {batch} outside the model's range {self.min_batch}..{upper}")
+            raise UsageError(
+                f"{self.name}: batch {batch} outside the model's range {self.min_batch}..{upper}"
+            )
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Check `images` and return the logits as a float32 numpy array (N, num_classes)."""
@@ -53,7 +55,7 @@ class Runner(abc.ABC):
     def _infer(self, images: np.ndarray) -> np.ndarray:
         """Run the model on an already checked, contiguous batch."""
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - a no-op default that GPU runners override
         """Wait for queued device work; a no-op on the CPU. Timers call it around `infer`."""
 
     @abc.abstractmethod

@@ -1,0 +1,190 @@
+"""Distillers: the student, a frozen teacher and the training-only head, returning named losses.
+
+Every distiller keeps its teacher in eval mode with no gradients whatever `.train()` is called
+with, exposes the bare student as `.student`, and keeps what trains besides the student (the
+ABF modules) in `.head`, which is thrown away after training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deploy.errors import UsageError
+from reviewkd.abf import ReviewChain
+from reviewkd.hcl import hcl_loss
+from reviewkd.taps import FeatureTaps, default_taps, model_label
+
+METHODS = ("ce", "kd", "reviewkd", "reviewkd+kd")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: KL(teacher || student) of temperature-softened distributions, times T^2."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+class Distiller(nn.Module):
+    """Base class. Subclasses implement `forward(images, targets) -> dict of tensors`.
+
+    Attributes:
+        student: the bare student module that was passed in.
+        teacher: the teacher (frozen), or None for the cross-entropy baseline.
+        head: the training-only modules (empty for logit methods).
+        distill_scale: multiplies every distillation term; set per step (warm-up).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.head: nn.Module = nn.Module()
+        self.distill_scale = 1.0
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def train(self, mode: bool = True) -> Distiller:
+        """Set train mode on the student and head; the teacher stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+
+class CrossEntropy(Distiller):
+    """The baseline: the student alone with cross-entropy."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__(student, None)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.student(images)
+        ce = F.cross_entropy(logits, targets)
+        return {"loss": ce, "logits": logits, "ce": ce}
+
+
+class LogitKD(Distiller):
+    """Hinton knowledge distillation on logits."""
+
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, kd_weight: float = 1.0, temperature: float = 4.0
+    ):
+        super().__init__(student, teacher)
+        self.kd_weight = kd_weight
+        self.temperature = temperature
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert self.teacher is not None
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        logits = self.student(images)
+        ce = F.cross_entropy(logits, targets)
+        kd = kd_loss(logits, teacher_logits, self.temperature)
+        loss = ce + self.distill_scale * self.kd_weight * kd
+        return {"loss": loss, "logits": logits, "ce": ce, "kd": kd, "teacher_logits": teacher_logits}
+
+
+class ReviewKD(Distiller):
+    """ReviewKD (Chen et al., CVPR 2021): the review chain of ABF modules and the HCL loss.
+
+    Args:
+        student, teacher: any classifiers; features are tapped with forward hooks.
+        input_shape: (C, H, W) of one input; a probe forward on it finds every level's channels
+            and spatial size, so none are written by hand and non-square inputs work.
+        hcl_weight: lambda, the weight of HCL in the loss.
+        student_taps, teacher_taps: module paths of the levels, shallow to deep; default
+            `taps.default_taps` (stage outputs plus the pooled feature).
+        mid_channels: width of the review chain; default min(512, channels of the deepest student level).
+        kd_weight, temperature: when kd_weight > 0, Hinton KD on logits is added (reviewkd+kd).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        input_shape: Sequence[int],
+        hcl_weight: float = 1.0,
+        student_taps: Sequence[str] | None = None,
+        teacher_taps: Sequence[str] | None = None,
+        mid_channels: int | None = None,
+        kd_weight: float = 0.0,
+        temperature: float = 4.0,
+    ) -> None:
+        super().__init__(student, teacher)
+        self.hcl_weight = hcl_weight
+        self.kd_weight = kd_weight
+        self.temperature = temperature
+        s_taps = list(student_taps) if student_taps else default_taps(student, input_shape)
+        t_taps = list(teacher_taps) if teacher_taps else default_taps(teacher, input_shape)
+        if len(s_taps) != len(t_taps):
+            raise UsageError(
+                f"cannot pair student {model_label(student)} taps {s_taps} with teacher "
+                f"{model_label(teacher)} taps {t_taps}: {len(s_taps)} levels vs {len(t_taps)}"
+            )
+        self.student_taps = FeatureTaps(student, s_taps, input_shape)
+        self.teacher_taps = FeatureTaps(teacher, t_taps, input_shape)
+        self.head = ReviewChain(
+            student_channels=[info.channels for info in self.student_taps.info],
+            teacher_channels=[info.channels for info in self.teacher_taps.info],
+            teacher_sizes=[info.size for info in self.teacher_taps.info],
+            mid_channels=mid_channels,
+        )
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            teacher_logits, teacher_feats = self.teacher_taps(images)
+        logits, student_feats = self.student_taps(images)
+        reviewed = self.head(student_feats)
+        ce = F.cross_entropy(logits, targets)
+        hcl = hcl_loss(reviewed, teacher_feats)
+        loss = ce + self.distill_scale * self.hcl_weight * hcl
+        out = {"loss": loss, "logits": logits, "ce": ce, "hcl": hcl, "teacher_logits": teacher_logits}
+        if self.kd_weight > 0:
+            kd = kd_loss(logits, teacher_logits, self.temperature)
+            out["kd"] = kd
+            out["loss"] = loss + self.distill_scale * self.kd_weight * kd
+        return out
+
+
+def build_distiller(
+    method: str,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    input_shape: Sequence[int],
+    **params: Any,
+) -> Distiller:
+    """Build the distiller for `method` ("ce", "kd", "reviewkd" or "reviewkd+kd").
+
+    `params` are the method's hyper-parameters: hcl_weight, kd_weight, temperature,
+    student_taps, teacher_taps, mid_channels; those a method does not use are ignored.
+    """
+    if method not in METHODS:
+        raise UsageError(f"method '{method}' is unknown; expected one of {', '.join(METHODS)}")
+    if method == "ce":
+        return CrossEntropy(student)
+    if teacher is None:
+        raise UsageError(f"method '{method}' needs a teacher")
+    if method == "kd":
+        return LogitKD(
+            student,
+            teacher,
+            kd_weight=params.get("kd_weight", 1.0),
+            temperature=params.get("temperature", 4.0),
+        )
+    return ReviewKD(
+        student,
+        teacher,
+        input_shape,
+        hcl_weight=params.get("hcl_weight", 1.0),
+        student_taps=params.get("student_taps"),
+        teacher_taps=params.get("teacher_taps"),
+        mid_channels=params.get("mid_channels"),
+        kd_weight=params.get("kd_weight", 1.0) if method == "reviewkd+kd" else 0.0,
+        temperature=params.get("temperature", 4.0),
+    )
