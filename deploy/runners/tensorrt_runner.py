@@ -1,0 +1,296 @@
+"""TensorRT runner: a plain `.plan` and its sidecar, run with the v3 execution API on a CUDA stream.
+
+Before anything is deserialised the sidecar is checked against the installed TensorRT and the GPU
+here, because an engine built elsewhere either fails to load with an opaque error or, worse, loads
+and misbehaves. Device memory and the stream come from torch.cuda when torch is importable and
+from cuda-python otherwise, so a serving device needs neither torch nor training code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from deploy.errors import MissingDependencyError, UsageError
+from deploy.runners.base import Runner
+from deploy.trt_sidecar import (
+    REBUILD_HINT,
+    Sidecar,
+    check_engine_compatible,
+    import_cudart,
+    read_sidecar,
+    require_tensorrt_and_gpu,
+    sidecar_path,
+)
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+    import torch
+
+
+class _DeviceMemory(Protocol):
+    """Named device buffers and one CUDA stream; every copy is ordered on that stream."""
+
+    @property
+    def stream_handle(self) -> int: ...
+
+    def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> int: ...
+
+    def upload(self, name: str, array: np.ndarray) -> None: ...
+
+    def download(self, name: str, shape: tuple[int, ...]) -> np.ndarray: ...
+
+    def synchronize(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _TorchMemory:
+    """Buffers as CUDA tensors on the current device, and a torch.cuda.Stream."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._torch = torch
+        self._device = torch.device("cuda", torch.cuda.current_device())
+        self._stream = torch.cuda.Stream(device=self._device)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def stream_handle(self) -> int:
+        return int(self._stream.cuda_stream)
+
+    def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+        torch_dtype = self._torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        tensor = self._torch.empty(shape, dtype=torch_dtype, device=self._device)
+        self._buffers[name] = tensor
+        return int(tensor.data_ptr())
+
+    def upload(self, name: str, array: np.ndarray) -> None:
+        flat = self._buffers[name].view(-1)[: array.size]
+        with self._torch.cuda.stream(self._stream):
+            flat.copy_(self._torch.from_numpy(array).view(-1))
+
+    def download(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        count = math.prod(shape)
+        with self._torch.cuda.stream(self._stream):
+            host = self._buffers[name].view(-1)[:count].to("cpu")
+        self._stream.synchronize()
+        return host.numpy().reshape(shape)
+
+    def synchronize(self) -> None:
+        self._stream.synchronize()
+
+    def close(self) -> None:
+        self._stream.synchronize()
+        self._buffers.clear()
+
+
+class _CudaPythonMemory:
+    """Buffers from cudaMalloc and a cudaStream, through cuda-python's runtime bindings."""
+
+    def __init__(self, cudart: ModuleType) -> None:
+        self._rt = cudart
+        self._stream = self._check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._buffers: dict[str, tuple[int, np.dtype[Any]]] = {}  # name -> (device pointer, dtype)
+        self._staged: np.ndarray | None = None
+
+    def _check(self, result: Any, what: str) -> Any:
+        # cuda-python returns (error, *values) from every call instead of raising.
+        err, *values = result
+        if err != self._rt.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"{what} failed: {err}")
+        return values[0] if values else None
+
+    @property
+    def stream_handle(self) -> int:
+        return int(self._stream)
+
+    def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+        pointer = int(self._check(self._rt.cudaMalloc(math.prod(shape) * dtype.itemsize), "cudaMalloc"))
+        self._buffers[name] = (pointer, dtype)
+        return pointer
+
+    def upload(self, name: str, array: np.ndarray) -> None:
+        pointer, _ = self._buffers[name]
+        # The host array must outlive the asynchronous copy: keep it until the next synchronisation.
+        self._staged = array
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._check(
+            self._rt.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, kind, self._stream),
+            "cudaMemcpyAsync",
+        )
+
+    def download(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        pointer, dtype = self._buffers[name]
+        host = np.empty(shape, dtype=dtype)
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._check(
+            self._rt.cudaMemcpyAsync(host.ctypes.data, pointer, host.nbytes, kind, self._stream),
+            "cudaMemcpyAsync",
+        )
+        self.synchronize()
+        return host
+
+    def synchronize(self) -> None:
+        self._check(self._rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        self._staged = None
+
+    def close(self) -> None:
+        self.synchronize()
+        for pointer, _ in self._buffers.values():
+            self._check(self._rt.cudaFree(pointer), "cudaFree")
+        self._buffers.clear()
+        self._check(self._rt.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+
+
+def _device_memory() -> _DeviceMemory:
+    """torch.cuda when torch with CUDA imports, else cuda-python; MissingDependencyError if neither."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return _TorchMemory()
+    except ImportError:
+        pass
+    cudart = import_cudart()
+    if cudart is not None:
+        return _CudaPythonMemory(cudart)
+    raise MissingDependencyError(
+        "the TensorRT runner needs torch with CUDA or cuda-python for GPU buffers: pip install cuda-python"
+    )
+
+
+def _dims(dims: Any) -> tuple[int, ...]:
+    """A TensorRT Dims as a tuple of ints (Dims indexes like a tuple but is not one)."""
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+class TensorRTRunner(Runner):
+    """Runs a TensorRT plan built by `export.tensorrt_engine.build_engine` (or any plan with our sidecar).
+
+    Args:
+        plan_path: the plain serialized engine.
+        sidecar: its sidecar; `<plan_path>.json` when None.
+
+    Raises:
+        UsageError: the plan or sidecar is missing or malformed, does not belong together, or was
+            built for another TensorRT version or GPU (rebuild it here from the ONNX file).
+        MissingDependencyError: TensorRT, a GPU, or a way to allocate GPU memory is missing.
+    """
+
+    backend = "tensorrt"
+    device = "cuda"
+
+    def __init__(self, plan_path: str | os.PathLike[str], *, sidecar: str | os.PathLike[str] | None = None):
+        self._memory: _DeviceMemory | None = None
+        self._context: trt.IExecutionContext | None = None
+        self._engine: trt.ICudaEngine | None = None
+        self._runtime: trt.Runtime | None = None
+        self.plan_path = Path(plan_path)
+        if not self.plan_path.is_file():
+            raise UsageError(f"{self.plan_path}: TensorRT plan not found")
+        self.sidecar: Sidecar = read_sidecar(sidecar if sidecar is not None else sidecar_path(self.plan_path))
+        self.precision = self.sidecar.precision
+        gpu = require_tensorrt_and_gpu("running a TensorRT engine")
+
+        import tensorrt as trt
+
+        check_engine_compatible(
+            self.sidecar, tensorrt_version=trt.__version__, gpu=gpu, plan_path=self.plan_path
+        )
+        data = self.plan_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.sidecar.plan_sha256:
+            raise UsageError(
+                f"{self.plan_path}: the plan's sha256 differs from the one its sidecar records; "
+                f"the two do not belong together: {REBUILD_HINT}"
+            )
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        if self.sidecar.compatibility == "version":
+            # Version-compatible plans embed the lean runtime, host code TensorRT runs only when allowed.
+            self._runtime.engine_host_code_allowed = True
+        engine = self._runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise UsageError(f"{self.plan_path}: TensorRT could not deserialise the plan: {REBUILD_HINT}")
+        self._engine = engine
+        try:
+            self._setup(engine)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, engine: trt.ICudaEngine) -> None:
+        import tensorrt as trt
+
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if inputs != list(self.sidecar.input_names) or sorted(outputs) != sorted(self.sidecar.output_names):
+            raise UsageError(
+                f"{self.plan_path}: the engine's tensors (inputs {inputs}, outputs {outputs}) differ "
+                f"from its sidecar's; {REBUILD_HINT}"
+            )
+        self._input = inputs[0]
+        self._output = "logits" if "logits" in outputs else outputs[0]
+        low, _, high = (_dims(d) for d in engine.get_tensor_profile_shape(self._input, 0))
+        self.min_batch, self.max_batch = low[0], high[0]
+        self.input_shape = (high[1], high[2], high[3])
+        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+
+        context = engine.create_execution_context()
+        if context is None:
+            raise RuntimeError(f"{self.plan_path}: TensorRT could not create an execution context")
+        self._context = context
+        memory = _device_memory()
+        self._memory = memory
+        # Buffers sized for the largest batch, allocated once: a smaller batch uses their leading part,
+        # so tensor addresses never change between calls.
+        if not context.set_input_shape(self._input, high):
+            raise RuntimeError(f"{self.plan_path}: TensorRT rejected the profile's max shape {high}")
+        for name in names:
+            shape = high if name == self._input else _dims(context.get_tensor_shape(name))
+            if not context.set_tensor_address(name, memory.allocate(name, shape, self._dtypes[name])):
+                raise RuntimeError(f"{self.plan_path}: TensorRT rejected the buffer for {name!r}")
+
+    @property
+    def stream_handle(self) -> int:
+        """The CUDA stream inference is queued on (for timing with CUDA events)."""
+        if self._memory is None:
+            raise UsageError(f"{self.name}: the runner is closed")
+        return self._memory.stream_handle
+
+    def _infer(self, images: np.ndarray) -> np.ndarray:
+        if self._context is None or self._memory is None:
+            raise UsageError(f"{self.name}: the runner is closed")
+        batch = images.astype(self._dtypes[self._input], copy=False)
+        if not self._context.set_input_shape(self._input, batch.shape):
+            raise RuntimeError(f"{self.plan_path}: TensorRT rejected input shape {batch.shape}")
+        self._memory.upload(self._input, batch)
+        if not self._context.execute_async_v3(self._memory.stream_handle):
+            raise RuntimeError(f"{self.plan_path}: TensorRT execution failed")
+        logits = self._memory.download(self._output, _dims(self._context.get_tensor_shape(self._output)))
+        return logits.astype(np.float32, copy=False)
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on this runner's stream."""
+        if self._memory is not None:
+            self._memory.synchronize()
+
+    def close(self) -> None:
+        """Free the execution context, engine, runtime and device buffers. Safe to call twice."""
+        memory, self._memory = self._memory, None
+        if memory is not None:
+            memory.synchronize()
+        # TensorRT objects go before the memory they point into, the context before its engine.
+        self._context = None
+        self._engine = None
+        self._runtime = None
+        if memory is not None:
+            memory.close()

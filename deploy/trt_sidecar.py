@@ -1,0 +1,430 @@
+"""TensorRT-free logic shared by the engine builder (export/) and the TensorRT runner (deploy/).
+
+A TensorRT plan is tied to the TensorRT version and the GPU that built it (DESIGN.md section 4),
+so every `<name>.plan` travels with a `<name>.plan.json` sidecar that records both, plus the
+precision, the batch profile and where the plan came from. This module owns that sidecar (schema,
+reading, writing, validation), the batch-profile arithmetic, the rules that decide whether a plan
+may run here, and the probes for TensorRT and a GPU. It never imports tensorrt or torch at module
+level, so it is importable and testable anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from deploy.errors import MissingDependencyError, UsageError
+from deploy.fileio import write_json_atomic
+
+SIDECAR_SCHEMA = "reviewkd.tensorrt-sidecar"
+SIDECAR_SCHEMA_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+COMPATIBILITY_MODES = ("version", "hardware")
+# Hardware-compatible (AMPERE_PLUS) engines run on Ampere and newer GPUs only.
+AMPERE_COMPUTE_CAPABILITY = (8, 0)
+# TensorRT 10.12 deprecated weak typing (BuilderFlag.FP16/INT8); from there on we build strongly typed.
+STRONG_TYPING_SINCE = (10, 12)
+INSTALL_HINT = (
+    "install it with pip install 'reviewkd[gpu]' (on a Jetson, TensorRT comes with JetPack); "
+    "TensorRT needs an NVIDIA GPU and driver"
+)
+REBUILD_HINT = "rebuild the engine on this device from its ONNX file (reviewkd export RUN --formats tensorrt)"
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """The CUDA device an engine was built on, or the one present now."""
+
+    name: str
+    compute_capability: tuple[int, int]
+
+    @property
+    def cc(self) -> str:
+        """Compute capability as "major.minor", the form the sidecar stores."""
+        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimisation profile on the NCHW input: full min/opt/max shapes."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    @property
+    def min_batch(self) -> int:
+        """The smallest batch the engine accepts."""
+        return self.min[0]
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch the engine accepts."""
+        return self.max[0]
+
+    @property
+    def chw(self) -> tuple[int, ...]:
+        """The non-batch dimensions, equal across min/opt/max."""
+        return self.min[1:]
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def profile_shapes(
+    chw: tuple[int, ...] | list[int], min_batch: int, opt_batch: int, max_batch: int
+) -> Profile:
+    """Return the min/opt/max NCHW shapes for a batch range; UsageError unless 1 <= min <= opt <= max."""
+    dims = tuple(chw)
+    if len(dims) != 3 or not all(_positive_int(d) for d in dims):
+        raise UsageError(f"input shape must be three positive integers (C, H, W), got {list(dims)}")
+    batches = (min_batch, opt_batch, max_batch)
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in batches):
+        raise UsageError(f"batch sizes must be integers, got min={min_batch} opt={opt_batch} max={max_batch}")
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise UsageError(
+            f"batch profile needs 1 <= min <= opt <= max, got min={min_batch} opt={opt_batch} max={max_batch}"
+        )
+    return Profile(min=(min_batch, *dims), opt=(opt_batch, *dims), max=(max_batch, *dims))
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """Parse a TensorRT version ("10.13.0.35", "11.0") into (major, minor, patch); ValueError if not one."""
+    match = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?(?:\.\d+)*(?:[.+-].*)?", text.strip())
+    if match is None:
+        raise ValueError(f"not a TensorRT version: {text!r}")
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
+def uses_strong_typing(tensorrt_version: str) -> bool:
+    """Whether engines are built strongly typed on this TensorRT (10.12 and later, 11 always)."""
+    return parse_version(tensorrt_version)[:2] >= STRONG_TYPING_SINCE
+
+
+def version_mismatch(built: str, installed: str, version_compatible: bool) -> str | None:
+    """Why a plan built with TensorRT `built` cannot run on `installed`, or None if it can.
+
+    A plain plan needs the same major.minor.patch. A version-compatible plan runs on the same
+    major version at or after the one that built it.
+    """
+    b, i = parse_version(built), parse_version(installed)
+    if version_compatible:
+        if i[0] != b[0]:
+            return (
+                f"it was built version-compatible with TensorRT {built}, which covers "
+                f"TensorRT {b[0]}.x only, but TensorRT {installed} is installed"
+            )
+        if i < b:
+            return f"it was built with TensorRT {built}, newer than the installed TensorRT {installed}"
+        return None
+    if i != b:
+        return (
+            f"it was built with TensorRT {built} but TensorRT {installed} is installed "
+            "(a plan runs only on the TensorRT version that built it unless built version-compatible)"
+        )
+    return None
+
+
+def gpu_mismatch(built: GpuInfo, present: GpuInfo, hardware_compatible: bool) -> str | None:
+    """Why a plan built on `built` cannot run on `present`, or None if it can.
+
+    A plain plan needs the same compute capability; a hardware-compatible (Ampere+) plan runs on
+    any GPU of compute capability 8.0 or later.
+    """
+    if hardware_compatible:
+        if present.compute_capability < AMPERE_COMPUTE_CAPABILITY:
+            return (
+                f"it was built hardware-compatible for Ampere and newer GPUs (compute capability >= 8.0), "
+                f"but this GPU is {present.name} (compute capability {present.cc})"
+            )
+        return None
+    if present.compute_capability != built.compute_capability:
+        return (
+            f"it was built on {built.name} (compute capability {built.cc}) "
+            f"but this GPU is {present.name} (compute capability {present.cc})"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """The JSON record beside a plan (`<plan>.json`)."""
+
+    plan_file: str
+    plan_sha256: str
+    tensorrt_version: str
+    gpu: GpuInfo
+    precision: str
+    compatibility: str | None
+    strongly_typed: bool
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    profile: Profile
+    source_onnx: str
+    source_onnx_sha256: str
+    build: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-ready dict written to disk."""
+        return {
+            "schema": SIDECAR_SCHEMA,
+            "schema_version": SIDECAR_SCHEMA_VERSION,
+            "plan": {"file": self.plan_file, "sha256": self.plan_sha256},
+            "tensorrt_version": self.tensorrt_version,
+            "gpu": {"name": self.gpu.name, "compute_capability": self.gpu.cc},
+            "precision": self.precision,
+            "compatibility": self.compatibility,
+            "strongly_typed": self.strongly_typed,
+            "inputs": list(self.input_names),
+            "outputs": list(self.output_names),
+            "profile": {
+                "min": list(self.profile.min),
+                "opt": list(self.profile.opt),
+                "max": list(self.profile.max),
+            },
+            "source_onnx": {"file": self.source_onnx, "sha256": self.source_onnx_sha256},
+            "build": dict(self.build),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> Sidecar:
+        """Validate a parsed sidecar; UsageError naming `source` and the first problem found."""
+
+        def bad(what: str) -> UsageError:
+            return UsageError(f"{source}: malformed TensorRT sidecar: {what}; {REBUILD_HINT}")
+
+        def get(obj: Any, key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+            if not isinstance(obj, dict) or key not in obj:
+                raise bad(f"missing {where}{key!r}")
+            value = obj[key]
+            # bool is an int subclass: a flag must not pass for a number, nor a number for a flag.
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise bad(f"{where}{key!r} has the wrong type ({type(value).__name__})")
+            return value
+
+        if not isinstance(data, dict):
+            raise bad("expected a JSON object")
+        if data.get("schema") != SIDECAR_SCHEMA:
+            raise bad(f"'schema' is {data.get('schema')!r}, expected {SIDECAR_SCHEMA!r}")
+        if data.get("schema_version") != SIDECAR_SCHEMA_VERSION:
+            raise bad(f"unsupported schema_version {data.get('schema_version')!r}")
+        plan = get(data, "plan", dict)
+        gpu = get(data, "gpu", dict)
+        cc_text = get(gpu, "compute_capability", str, "gpu.")
+        cc_match = re.fullmatch(r"(\d+)\.(\d+)", cc_text)
+        if cc_match is None:
+            raise bad(f"gpu.compute_capability {cc_text!r} is not 'major.minor'")
+        version = get(data, "tensorrt_version", str)
+        try:
+            parse_version(version)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+        precision = get(data, "precision", str)
+        if precision not in PRECISIONS:
+            raise bad(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        compatibility = data.get("compatibility")
+        if compatibility is not None and compatibility not in COMPATIBILITY_MODES:
+            raise bad(f"compatibility {compatibility!r} is not null, 'version' or 'hardware'")
+        names = {}
+        for key in ("inputs", "outputs"):
+            value = get(data, key, list)
+            if not value or not all(isinstance(n, str) and n for n in value):
+                raise bad(f"{key!r} must be a non-empty list of tensor names")
+            names[key] = tuple(value)
+        raw_profile = get(data, "profile", dict)
+        shapes = []
+        for key in ("min", "opt", "max"):
+            shape = get(raw_profile, key, list, "profile.")
+            if len(shape) != 4 or not all(_positive_int(d) for d in shape):
+                raise bad(f"profile.{key} must be four positive integers (N, C, H, W), got {shape}")
+            shapes.append(tuple(shape))
+        if not shapes[0][1:] == shapes[1][1:] == shapes[2][1:]:
+            raise bad("profile shapes differ outside the batch dimension")
+        try:
+            profile = profile_shapes(shapes[0][1:], shapes[0][0], shapes[1][0], shapes[2][0])
+        except UsageError as exc:
+            raise bad(str(exc)) from None
+        onnx = get(data, "source_onnx", dict)
+        return cls(
+            plan_file=get(plan, "file", str, "plan."),
+            plan_sha256=get(plan, "sha256", str, "plan."),
+            tensorrt_version=version,
+            gpu=GpuInfo(get(gpu, "name", str, "gpu."), (int(cc_match.group(1)), int(cc_match.group(2)))),
+            precision=precision,
+            compatibility=compatibility,
+            strongly_typed=get(data, "strongly_typed", bool),
+            input_names=names["inputs"],
+            output_names=names["outputs"],
+            profile=profile,
+            source_onnx=get(onnx, "file", str, "source_onnx."),
+            source_onnx_sha256=get(onnx, "sha256", str, "source_onnx."),
+            build=get(data, "build", dict),
+        )
+
+
+def sidecar_path(plan_path: str | os.PathLike[str]) -> Path:
+    """The sidecar beside a plan: `student.fp16.plan` -> `student.fp16.plan.json`."""
+    plan = Path(plan_path)
+    return plan.with_name(plan.name + ".json")
+
+
+def write_sidecar(path: str | os.PathLike[str], sidecar: Sidecar) -> Path:
+    """Write `sidecar` atomically to `path` and return the path."""
+    write_json_atomic(path, sidecar.to_json())
+    return Path(path)
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
+    """Read and validate a sidecar; a missing or malformed file is a UsageError naming it."""
+    target = Path(path)
+    try:
+        text = target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{target}: TensorRT sidecar not found; {REBUILD_HINT}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{target}: cannot read the TensorRT sidecar ({exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{target}: malformed TensorRT sidecar: not JSON ({exc}); {REBUILD_HINT}") from None
+    return Sidecar.from_json(data, str(target))
+
+
+def check_engine_compatible(
+    sidecar: Sidecar, *, tensorrt_version: str, gpu: GpuInfo, plan_path: str | os.PathLike[str]
+) -> None:
+    """Raise UsageError, saying why and how to rebuild, if the plan cannot run on this TensorRT and GPU."""
+    try:
+        reasons = [
+            version_mismatch(sidecar.tensorrt_version, tensorrt_version, sidecar.compatibility == "version"),
+            gpu_mismatch(sidecar.gpu, gpu, sidecar.compatibility == "hardware"),
+        ]
+    except ValueError as exc:
+        raise UsageError(f"{plan_path}: {exc}") from None
+    found = [r for r in reasons if r is not None]
+    if found:
+        raise UsageError(
+            f"{plan_path}: this TensorRT engine cannot run here: {'; and '.join(found)}. "
+            f"Engines are tied to the GPU and TensorRT version that built them: rebuild it on this device "
+            f"from {sidecar.source_onnx} (reviewkd export RUN --formats tensorrt)"
+        )
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """Whether the real TensorRT Python package imports here; the reason (and how to get it) when not.
+
+    `tensorrt-stubs` installs a `tensorrt/` folder of .pyi files only, which imports as an empty
+    namespace package, so a successful import proves nothing: the Builder class must be there.
+    """
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ModuleNotFoundError as exc:
+        if exc.name != "tensorrt":
+            return False, f"TensorRT is installed but a module it needs is missing ({exc}): {INSTALL_HINT}"
+        return False, f"TensorRT is not installed: {INSTALL_HINT}"
+    except (ImportError, OSError, RuntimeError) as exc:
+        return False, f"TensorRT is installed but does not import ({exc}): {INSTALL_HINT}"
+    if not hasattr(trt, "Builder"):
+        return False, f"only TensorRT's type stubs are installed, not TensorRT itself: {INSTALL_HINT}"
+    return True, f"TensorRT {getattr(trt, '__version__', 'unknown version')}"
+
+
+def import_cudart() -> ModuleType | None:
+    """cuda-python's CUDA runtime bindings (new and old module paths), or None when absent."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def _gpu_from_torch() -> GpuInfo | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return GpuInfo(torch.cuda.get_device_name(index), (int(major), int(minor)))
+
+
+def _gpu_from_cuda_python() -> GpuInfo | None:
+    cudart = import_cudart()
+    if cudart is None:
+        return None
+    success = cudart.cudaError_t.cudaSuccess
+    err, count = cudart.cudaGetDeviceCount()
+    if err != success or count < 1:
+        return None
+    err, device = cudart.cudaGetDevice()
+    if err != success:
+        return None
+    err, prop = cudart.cudaGetDeviceProperties(device)
+    if err != success:
+        return None
+    name = prop.name
+    if isinstance(name, bytes):
+        name = name.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return GpuInfo(str(name), (int(prop.major), int(prop.minor)))
+
+
+def _gpu_from_nvml() -> GpuInfo | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    try:
+        if pynvml.nvmlDeviceGetCount() < 1:
+            return None
+        # NVML numbers devices physically and ignores CUDA_VISIBLE_DEVICES; it is the last resort.
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    finally:
+        pynvml.nvmlShutdown()
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return GpuInfo(str(name), (int(major), int(minor)))
+
+
+def current_gpu() -> GpuInfo | None:
+    """The current CUDA device (name, compute capability), or None if no GPU can be found.
+
+    Asks torch.cuda, then cuda-python, then NVML, so that a serving device without torch still works.
+    """
+    for probe in (_gpu_from_torch, _gpu_from_cuda_python, _gpu_from_nvml):
+        try:
+            info = probe()
+        # A broken driver or CUDA install surfaces as many exception types (RuntimeError, OSError,
+        # library-specific errors); any of them means this probe cannot tell, so try the next one.
+        except Exception:
+            continue
+        if info is not None:
+            return info
+    return None
+
+
+def require_tensorrt_and_gpu(action: str) -> GpuInfo:
+    """Return the current GPU, or raise MissingDependencyError saying what is missing and how to get it."""
+    ok, reason = tensorrt_available()
+    if not ok:
+        raise MissingDependencyError(f"{action} needs TensorRT: {reason}")
+    gpu = current_gpu()
+    if gpu is None:
+        raise MissingDependencyError(
+            f"{action} needs an NVIDIA GPU with a working driver, and none was found "
+            "(asked torch.cuda, cuda-python and NVML)"
+        )
+    return gpu

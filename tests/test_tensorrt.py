@@ -1,0 +1,489 @@
+"""TensorRT engine builder, sidecar and runner.
+
+The sidecar, profile and compatibility rules are pure and tested everywhere. Building and running
+an engine needs TensorRT and an NVIDIA GPU: here that must fail with exit code 3 and leave nothing
+half-written; where both exist, the end-to-end test builds a real engine and compares it with
+onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from deploy.errors import MissingDependencyError, UsageError
+from deploy.fileio import sha256_file
+from deploy.trt_sidecar import (
+    GpuInfo,
+    Sidecar,
+    check_engine_compatible,
+    current_gpu,
+    gpu_mismatch,
+    parse_version,
+    profile_shapes,
+    read_sidecar,
+    sidecar_path,
+    tensorrt_available,
+    uses_strong_typing,
+    version_mismatch,
+    write_sidecar,
+)
+from export.tensorrt_engine import (
+    build_engine,
+    describe_parser_error,
+    inspect_onnx,
+    weak_typing_flags,
+)
+
+A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0))
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
+ORIN = GpuInfo("Orin", (8, 7))
+T4 = GpuInfo("Tesla T4", (7, 5))
+
+
+def _tensorrt_gpu_reason() -> str | None:
+    ok, reason = tensorrt_available()
+    if not ok:
+        return reason
+    if current_gpu() is None:
+        return "no NVIDIA GPU found"
+    return None
+
+
+TRT_GPU_MISSING = _tensorrt_gpu_reason()
+
+
+# --------------------------------------------------------------------------- tiny ONNX files
+
+
+def _conv_graph(
+    path: Path, *, batch: int | str = "N", chw: tuple[int, int, int] = (3, 8, 6), fp16: bool = False
+) -> Path:
+    """A conv -> relu -> global pool -> flatten -> gemm classifier, NCHW input "images"."""
+    rng = np.random.default_rng(0)
+    c, _, _ = chw
+    weights = {
+        "w": rng.normal(size=(4, c, 3, 3)).astype(np.float32),
+        "b": rng.normal(size=(4,)).astype(np.float32),
+        "fc_w": rng.normal(size=(5, 4)).astype(np.float32),
+        "fc_b": rng.normal(size=(5,)).astype(np.float32),
+    }
+    inits = [
+        numpy_helper.from_array(v.astype(np.float16) if fp16 else v, name=k) for k, v in weights.items()
+    ]
+    nodes = []
+    source = "images"
+    if fp16:
+        nodes.append(helper.make_node("Cast", ["images"], ["x16"], to=TensorProto.FLOAT16))
+        source = "x16"
+    nodes += [
+        helper.make_node("Conv", [source, "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["l16" if fp16 else "logits"], transB=1),
+    ]
+    if fp16:
+        nodes.append(helper.make_node("Cast", ["l16"], ["logits"], to=TensorProto.FLOAT))
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, *chw])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 5])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _quantized(tmp_path: Path, activation: str) -> Path:
+    """Q/DQ-quantise the tiny graph with onnxruntime's static quantisation (activation int8 or uint8)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    source = _conv_graph(tmp_path / "fp32.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(1)
+            batches = [rng.normal(size=(2, 3, 8, 6)).astype(np.float32) for _ in range(4)]
+            self._batches = iter([{"images": batch} for batch in batches])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    out = tmp_path / f"int8_{activation}.onnx"
+    quantize_static(
+        str(source),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8 if activation == "int8" else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+    return out
+
+
+def _sidecar(**changes: object) -> Sidecar:
+    fields: dict[str, object] = dict(
+        plan_file="student.fp16.plan",
+        plan_sha256="ab" * 32,
+        tensorrt_version="10.13.0.35",
+        gpu=A100,
+        precision="fp16",
+        compatibility=None,
+        strongly_typed=True,
+        input_names=("images",),
+        output_names=("logits",),
+        profile=profile_shapes((3, 32, 32), 1, 8, 32),
+        source_onnx="student.fp16.onnx",
+        source_onnx_sha256="cd" * 32,
+        build={"workspace_mib": 1024, "optimization_level": 3},
+    )
+    fields.update(changes)
+    return Sidecar(**fields)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- profile shapes
+
+
+def test_profile_shapes_nchw_and_batches() -> None:
+    profile = profile_shapes((3, 32, 24), 1, 8, 32)
+    assert profile.min == (1, 3, 32, 24)
+    assert profile.opt == (8, 3, 32, 24)
+    assert profile.max == (32, 3, 32, 24)
+    assert (profile.min_batch, profile.max_batch, profile.chw) == (1, 32, (3, 32, 24))
+    assert profile_shapes([1, 5, 5], 4, 4, 4).max == (4, 1, 5, 5)
+
+
+@pytest.mark.parametrize(
+    ("chw", "batches", "needle"),
+    [
+        ((3, 32, 32), (0, 1, 2), "1 <= min"),
+        ((3, 32, 32), (4, 2, 8), "min=4 opt=2"),
+        ((3, 32, 32), (1, 16, 8), "opt=16 max=8"),
+        ((3, 32), (1, 1, 1), "(C, H, W)"),
+        ((3, 0, 32), (1, 1, 1), "(C, H, W)"),
+        ((3, 32, 32), (1, 2.5, 4), "integers"),
+    ],
+)
+def test_profile_shapes_rejects(chw: tuple[int, ...], batches: tuple, needle: str) -> None:
+    with pytest.raises(UsageError) as info:
+        profile_shapes(chw, *batches)
+    assert needle in str(info.value)
+    assert info.value.exit_code == 2
+
+
+# --------------------------------------------------------------------------- sidecar file
+
+
+def test_sidecar_round_trip(tmp_path: Path) -> None:
+    sidecar = _sidecar(compatibility="hardware", precision="int8")
+    path = write_sidecar(sidecar_path(tmp_path / "student.int8.plan"), sidecar)
+    assert path.name == "student.int8.plan.json"
+    assert read_sidecar(path) == sidecar
+    data = json.loads(path.read_text())
+    assert data["gpu"] == {"name": A100.name, "compute_capability": "8.0"}
+    assert data["profile"]["max"] == [32, 3, 32, 32]
+    assert data["tensorrt_version"] == "10.13.0.35"
+
+
+def test_missing_sidecar_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"model\.plan\.json: TensorRT sidecar not found"):
+        read_sidecar(tmp_path / "model.plan.json")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda d: d.pop("gpu"), "missing 'gpu'"),
+        (lambda d: d.update(precision="bf16"), "precision 'bf16'"),
+        (lambda d: d.update(schema="other"), "'schema'"),
+        (lambda d: d.update(schema_version=99), "schema_version"),
+        (lambda d: d["gpu"].update(compute_capability="eight"), "major.minor"),
+        (lambda d: d.update(tensorrt_version="ten"), "not a TensorRT version"),
+        (lambda d: d.update(compatibility="any"), "compatibility 'any'"),
+        (lambda d: d["profile"].update(min=[64, 3, 32, 32]), "1 <= min <= opt <= max"),
+        (lambda d: d["profile"].update(opt=[8, 3, 16, 32]), "outside the batch"),
+        (lambda d: d["profile"].update(max=[32, 3, 32]), "four positive integers"),
+        (lambda d: d.update(strongly_typed=1), "'strongly_typed' has the wrong type"),
+        (lambda d: d.update(outputs=[]), "non-empty list"),
+        (lambda d: d["plan"].pop("sha256"), "missing plan.'sha256'"),
+    ],
+)
+def test_malformed_sidecar_is_a_usage_error(tmp_path: Path, mutate, needle: str) -> None:
+    data = _sidecar().to_json()
+    mutate(data)
+    path = tmp_path / "m.plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UsageError) as info:
+        read_sidecar(path)
+    assert str(path) in str(info.value)
+    assert needle in str(info.value)
+
+
+def test_sidecar_that_is_not_json(tmp_path: Path) -> None:
+    path = tmp_path / "m.plan.json"
+    path.write_text("{not json")
+    with pytest.raises(UsageError, match="not JSON"):
+        read_sidecar(path)
+
+
+# --------------------------------------------------------------------------- compatibility rules
+
+
+def test_parse_version() -> None:
+    assert parse_version("10.13.0.35") == (10, 13, 0)
+    assert parse_version("11.0") == (11, 0, 0)
+    assert parse_version("10.8.0.43+cuda12") == (10, 8, 0)
+    with pytest.raises(ValueError):
+        parse_version("latest")
+
+
+def test_strong_typing_from_10_12() -> None:
+    assert not uses_strong_typing("10.3.0.26")
+    assert not uses_strong_typing("10.11.0.33")
+    assert uses_strong_typing("10.12.0.36")
+    assert uses_strong_typing("11.0.0.1")
+
+
+def test_weak_typing_flags_follow_the_file() -> None:
+    assert weak_typing_flags("fp32") == ()
+    assert weak_typing_flags("fp16") == ("FP16",)
+    assert weak_typing_flags("int8") == ("INT8",)
+
+
+@pytest.mark.parametrize(
+    ("built", "installed", "version_compatible", "ok"),
+    [
+        ("10.13.0.35", "10.13.0.35", False, True),
+        ("10.13.0.35", "10.13.0.99", False, True),  # the build number is not part of the rule
+        ("10.13.0.35", "10.13.1.0", False, False),
+        ("10.13.0.35", "10.12.0.36", False, False),
+        ("10.13.0.35", "11.0.0.1", False, False),
+        ("10.8.0.43", "10.13.0.35", True, True),
+        ("10.13.0.35", "10.13.0.35", True, True),
+        ("10.13.0.35", "10.8.0.43", True, False),
+        ("10.13.0.35", "11.0.0.1", True, False),
+    ],
+)
+def test_version_rule(built: str, installed: str, version_compatible: bool, ok: bool) -> None:
+    assert (version_mismatch(built, installed, version_compatible) is None) is ok
+
+
+@pytest.mark.parametrize(
+    ("built", "present", "hardware_compatible", "ok"),
+    [
+        (A100, A100, False, True),
+        (A100, GpuInfo("NVIDIA A30", (8, 0)), False, True),
+        (A100, H100, False, False),
+        (A100, ORIN, False, False),
+        (A100, H100, True, True),
+        (A100, ORIN, True, True),
+        (A100, T4, True, False),
+    ],
+)
+def test_gpu_rule(built: GpuInfo, present: GpuInfo, hardware_compatible: bool, ok: bool) -> None:
+    assert (gpu_mismatch(built, present, hardware_compatible) is None) is ok
+
+
+def test_incompatible_engine_says_how_to_rebuild() -> None:
+    sidecar = _sidecar()
+    check_engine_compatible(sidecar, tensorrt_version="10.13.0.35", gpu=A100, plan_path="e.plan")
+    with pytest.raises(UsageError) as info:
+        check_engine_compatible(sidecar, tensorrt_version="10.14.1.48", gpu=T4, plan_path="e.plan")
+    message = str(info.value)
+    assert "TensorRT 10.13.0.35" in message and "10.14.1.48" in message
+    assert "Tesla T4" in message and "7.5" in message
+    assert "rebuild it on this device from student.fp16.onnx" in message
+    # Hardware- and version-compatible engines travel further.
+    relaxed = _sidecar(compatibility="hardware")
+    check_engine_compatible(relaxed, tensorrt_version="10.13.0.35", gpu=H100, plan_path="e.plan")
+    with pytest.raises(UsageError, match="Ampere"):
+        check_engine_compatible(relaxed, tensorrt_version="10.13.0.35", gpu=T4, plan_path="e.plan")
+
+
+# --------------------------------------------------------------------------- dependency probe
+
+
+def test_tensorrt_available_tells_stubs_from_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes the import fail as for an absent package.
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    ok, reason = tensorrt_available()
+    assert not ok and "not installed" in reason and "reviewkd[gpu]" in reason and "JetPack" in reason
+
+    # What `import tensorrt` gives when only tensorrt-stubs is installed: a namespace without classes.
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    ok, reason = tensorrt_available()
+    assert not ok and "type stubs" in reason
+
+    real = types.ModuleType("tensorrt")
+    real.Builder = object  # type: ignore[attr-defined]
+    real.__version__ = "10.13.0.35"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", real)
+    assert tensorrt_available() == (True, "TensorRT 10.13.0.35")
+
+
+def test_describe_parser_error_names_the_node() -> None:
+    error = types.SimpleNamespace(
+        node=lambda: 7,
+        node_name=lambda: "/layer1/Conv",
+        node_operator=lambda: "Conv",
+        desc=lambda: "unsupported auto_pad",
+    )
+    assert describe_parser_error(error) == "node 7 (/layer1/Conv, Conv): unsupported auto_pad"
+    whole_model = types.SimpleNamespace(node=lambda: -1, desc=lambda: "invalid protobuf")
+    assert describe_parser_error(whole_model) == "invalid protobuf"
+
+
+# --------------------------------------------------------------------------- ONNX inspection
+
+
+def test_inspect_fp32_and_fp16(tmp_path: Path) -> None:
+    fp32 = inspect_onnx(_conv_graph(tmp_path / "a.onnx", chw=(3, 8, 6)))
+    assert (fp32.input_name, fp32.input_chw, fp32.fixed_batch) == ("images", (3, 8, 6), None)
+    assert fp32.output_names == ("logits",)
+    assert fp32.precision == "fp32"
+    assert inspect_onnx(_conv_graph(tmp_path / "b.onnx", fp16=True)).precision == "fp16"
+    assert inspect_onnx(_conv_graph(tmp_path / "c.onnx", batch=4)).fixed_batch == 4
+
+
+def test_inspect_int8_qdq(tmp_path: Path) -> None:
+    summary = inspect_onnx(_quantized(tmp_path, "int8"))
+    assert summary.precision == "int8"
+    with pytest.raises(UsageError, match=r"UINT8.*symmetric int8"):
+        inspect_onnx(_quantized(tmp_path, "uint8"))
+
+
+def test_inspect_rejects_unfit_files(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="ONNX file not found"):
+        inspect_onnx(tmp_path / "absent.onnx")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage that is not a model")
+    with pytest.raises(UsageError, match="not a readable ONNX file"):
+        inspect_onnx(corrupt)
+    renamed = _conv_graph(tmp_path / "renamed.onnx")
+    model = onnx.load(str(renamed))
+    model.graph.input[0].name = "input"
+    model.graph.node[0].input[0] = "input"
+    onnx.save(model, str(renamed))
+    with pytest.raises(UsageError, match="one input named 'images'"):
+        inspect_onnx(renamed)
+
+
+# --------------------------------------------------------------------------- without TensorRT
+
+
+@pytest.mark.skipif(TRT_GPU_MISSING is None, reason="TensorRT and a GPU are present")
+def test_build_engine_without_tensorrt_exits_3_and_writes_nothing(tmp_path: Path) -> None:
+    onnx_file = _conv_graph(tmp_path / "student.onnx")
+    out = tmp_path / "export"
+    out.mkdir()
+    old_plan = out / "student.fp32.plan"
+    old_plan.write_bytes(b"previous engine")
+    with pytest.raises(MissingDependencyError) as info:
+        build_engine(onnx_file, old_plan, timing_cache=out / "timing.cache")
+    assert info.value.exit_code == 3
+    assert "reviewkd[gpu]" in str(info.value) or "GPU" in str(info.value)
+    assert old_plan.read_bytes() == b"previous engine"
+    assert sorted(p.name for p in out.iterdir()) == ["student.fp32.plan"]
+    with pytest.raises(MissingDependencyError):
+        build_engine(onnx_file, out / "new.plan")
+    assert not (out / "new.plan").exists() and not (out / "new.plan.json").exists()
+
+
+def test_build_engine_checks_arguments_before_dependencies(tmp_path: Path) -> None:
+    onnx_file = _conv_graph(tmp_path / "student.onnx")
+    with pytest.raises(UsageError, match="1 <= min <= opt <= max"):
+        build_engine(onnx_file, tmp_path / "s.plan", min_batch=8, opt_batch=4)
+    with pytest.raises(UsageError, match="holds a fp32 graph, not fp16"):
+        build_engine(onnx_file, tmp_path / "s.plan", precision="fp16")
+    with pytest.raises(UsageError, match="compatibility"):
+        build_engine(onnx_file, tmp_path / "s.plan", compatibility="everything")
+    fixed = _conv_graph(tmp_path / "fixed.onnx", batch=4)
+    with pytest.raises(UsageError, match="fixed at 4"):
+        build_engine(fixed, tmp_path / "s.plan")
+    assert not (tmp_path / "s.plan").exists()
+
+
+@pytest.mark.skipif(TRT_GPU_MISSING is None, reason="TensorRT and a GPU are present")
+def test_runner_without_tensorrt(tmp_path: Path) -> None:
+    from deploy.runners.tensorrt_runner import TensorRTRunner
+
+    plan = tmp_path / "student.fp16.plan"
+    with pytest.raises(UsageError, match="plan not found"):
+        TensorRTRunner(plan)
+    plan.write_bytes(b"engine bytes")
+    with pytest.raises(UsageError, match=r"student\.fp16\.plan\.json: TensorRT sidecar not found"):
+        TensorRTRunner(plan)
+    write_sidecar(sidecar_path(plan), _sidecar(plan_sha256=sha256_file(plan)))
+    with pytest.raises(MissingDependencyError) as info:
+        TensorRTRunner(plan)
+    assert info.value.exit_code == 3
+
+
+# --------------------------------------------------------------------------- with TensorRT and a GPU
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(TRT_GPU_MISSING is not None, reason=f"needs TensorRT and a GPU: {TRT_GPU_MISSING}")
+def test_engine_end_to_end_matches_onnxruntime(tmp_path: Path) -> None:
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    from deploy.runners.tensorrt_runner import TensorRTRunner
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+    onnx_file = tmp_path / "student.onnx"
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, 16, 12),),
+        str(onnx_file),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}},
+        opset_version=18,
+        dynamo=False,
+    )
+    plan = tmp_path / "student.fp32.plan"
+    cache = tmp_path / "timing.cache"
+    sidecar = build_engine(onnx_file, plan, min_batch=1, opt_batch=4, max_batch=8, timing_cache=cache)
+    assert plan.read_bytes()[:1] != b"{"  # a plain plan, no JSON prepended
+    assert cache.stat().st_size > 0
+    assert sidecar == json.loads(sidecar_path(plan).read_text())
+    assert sidecar["precision"] == "fp32" and sidecar["profile"]["max"] == [8, 3, 16, 12]
+    assert sidecar["plan"]["sha256"] == sha256_file(plan)
+
+    images = np.random.default_rng(0).normal(size=(5, 3, 16, 12)).astype(np.float32)
+    expected = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(
+        None, {"images": images}
+    )[0]
+    with TensorRTRunner(plan) as runner:
+        assert runner.name == "tensorrt/fp32"
+        assert (runner.min_batch, runner.max_batch, runner.input_shape) == (1, 8, (3, 16, 12))
+        np.testing.assert_allclose(runner.infer(images), expected, atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(runner.infer(images[:1]), expected[:1], atol=1e-3, rtol=1e-3)
+        with pytest.raises(UsageError, match=r"outside the model's range 1\.\.8"):
+            runner.infer(np.zeros((9, 3, 16, 12), np.float32))
