@@ -1,0 +1,311 @@
+"""Latency and throughput per format and batch size, after a warm-up.
+
+Each call is timed on its own: on a CUDA runner with CUDA events (when torch is installed), on
+the CPU with the monotonic `time.perf_counter_ns`, and in both cases with the runner's
+`synchronize()` before and after, so queued device work is neither missed nor charged to the
+next call. Because runners return host arrays, a sample covers the whole `infer` call: input
+check, host-to-device copy, execution and the copy back, which is what a caller waits for.
+
+CUDA graphs: a runner that can replay its work as a CUDA graph says so with a class attribute
+`supports_cuda_graphs = True` and turns the feature on when the harness sets
+`runner.use_cuda_graphs = True` (it captures one graph per batch shape, during the warm-up).
+Whether graphs were used, and why not, is recorded per format.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from benchmarks.environment import collect_environment
+from benchmarks.targets import FAILED, OK, SKIPPED, Target, check_unique, error_reason, open_target
+from deploy.errors import UsageError
+from deploy.runners.base import Runner
+
+BENCH_SCHEMA_VERSION = 1
+DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
+DEFAULT_WARMUP = 10
+DEFAULT_SECONDS = 1.0
+# With a time budget, still take enough samples for p50/p90 to mean something, and stop a
+# pathological zero-duration timer from looping forever.
+MIN_ITERS = 10
+MAX_ITERS = 100_000
+
+
+class Timer(Protocol):
+    """Times one call: `measure(call, synchronize)` returns milliseconds."""
+
+    name: str
+
+    def measure(self, call: Callable[[], object], synchronize: Callable[[], None]) -> float:
+        """Run `call` once and return how long it took, in milliseconds."""
+        ...
+
+
+class PerfCounterTimer:
+    """Wall-clock timing with a monotonic nanosecond clock (the CPU path)."""
+
+    name = "perf_counter"
+
+    def __init__(self, clock: Callable[[], int] = time.perf_counter_ns) -> None:
+        self.clock = clock
+
+    def measure(self, call: Callable[[], object], synchronize: Callable[[], None]) -> float:
+        """Time `call` plus the synchronisation that makes its results ready."""
+        synchronize()
+        start = self.clock()
+        call()
+        synchronize()
+        return (self.clock() - start) / 1e6
+
+
+class CudaEventTimer:
+    """GPU-side timing with a pair of torch CUDA events on the current stream."""
+
+    name = "cuda_event"
+
+    def __init__(self) -> None:
+        import torch
+
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+
+    def measure(self, call: Callable[[], object], synchronize: Callable[[], None]) -> float:
+        """Time `call` between two events; the runner's own streams are synchronised inside."""
+        synchronize()
+        self._start.record()
+        call()
+        synchronize()
+        self._end.record()
+        self._end.synchronize()
+        return float(self._start.elapsed_time(self._end))
+
+
+def cuda_events_available() -> bool:
+    """Return True when torch is installed and sees a CUDA device."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def choose_timer(runner: Runner) -> Timer:
+    """Return CUDA events for a CUDA runner where torch can provide them, else the CPU clock."""
+    if str(runner.device).startswith("cuda") and cuda_events_available():
+        return CudaEventTimer()
+    return PerfCounterTimer()
+
+
+def latency_stats(samples_ms: Sequence[float], batch_size: int) -> dict[str, float | int]:
+    """Summarise per-call latencies of one batch size.
+
+    Percentiles interpolate linearly between samples (numpy's default); std is the sample
+    standard deviation (0 for one sample); throughput is images per second at the mean latency.
+    """
+    samples = np.asarray(samples_ms, dtype=np.float64)
+    if samples.ndim != 1 or samples.size == 0:
+        raise ValueError("latency_stats needs at least one sample")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    p50, p90, p99 = np.percentile(samples, [50, 90, 99])
+    mean = float(samples.mean())
+    return {
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "mean_ms": mean,
+        "std_ms": float(samples.std(ddof=1)) if samples.size > 1 else 0.0,
+        "min_ms": float(samples.min()),
+        "max_ms": float(samples.max()),
+        "iters": int(samples.size),
+        "throughput_ips": batch_size * 1000.0 / mean if mean > 0 else float("inf"),
+    }
+
+
+def check_settings(warmup: int, iters: int | None, seconds: float | None) -> None:
+    """Raise UsageError, naming the option, for a warm-up or measurement length that cannot work."""
+    if iters is not None and seconds is not None:
+        raise UsageError("give either --iters or --seconds, not both")
+    if iters is not None and iters < 1:
+        raise UsageError(f"--iters must be >= 1, got {iters}")
+    if seconds is not None and seconds <= 0:
+        raise UsageError(f"--seconds must be > 0, got {seconds}")
+    if warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {warmup}")
+
+
+def time_runner(
+    runner: Runner,
+    images: np.ndarray,
+    *,
+    warmup: int = DEFAULT_WARMUP,
+    iters: int | None = None,
+    seconds: float | None = None,
+    timer: Timer | None = None,
+) -> list[float]:
+    """Warm a runner up on `images`, then return per-call latencies in milliseconds.
+
+    Exactly one of `iters` (a fixed count) and `seconds` (a budget of measured time, with at
+    least MIN_ITERS samples) may be given; with neither, the budget is DEFAULT_SECONDS.
+    """
+    check_settings(warmup, iters, seconds)
+    clock = timer if timer is not None else choose_timer(runner)
+
+    def call() -> object:
+        return runner.infer(images)
+
+    for _ in range(warmup):
+        call()
+    runner.synchronize()
+    samples: list[float] = []
+    if iters is not None:
+        for _ in range(iters):
+            samples.append(clock.measure(call, runner.synchronize))
+        return samples
+    budget_ms = 1000.0 * (seconds if seconds is not None else DEFAULT_SECONDS)
+    total = 0.0
+    while (len(samples) < MIN_ITERS or total < budget_ms) and len(samples) < MAX_ITERS:
+        sample = clock.measure(call, runner.synchronize)
+        samples.append(sample)
+        total += sample
+    return samples
+
+
+def _batch_out_of_range(runner: Runner, batch_size: int) -> str | None:
+    if batch_size < runner.min_batch or (runner.max_batch is not None and batch_size > runner.max_batch):
+        upper = runner.max_batch if runner.max_batch is not None else "any"
+        return f"batch {batch_size} outside the model's range {runner.min_batch}..{upper}"
+    return None
+
+
+def enable_cuda_graphs(runner: Runner, wanted: bool) -> tuple[bool, str | None]:
+    """Turn CUDA graphs on where the runner supports them; return (used, reason when not)."""
+    if not wanted:
+        return False, "disabled"
+    if not str(runner.device).startswith("cuda"):
+        return False, "CPU runner"
+    if not getattr(runner, "supports_cuda_graphs", False):
+        return False, f"the {runner.backend} runner does not support CUDA graphs"
+    runner.use_cuda_graphs = True  # type: ignore[attr-defined]
+    return True, None
+
+
+def _bench_one(
+    target: Target,
+    batch_sizes: Sequence[int],
+    *,
+    warmup: int,
+    iters: int | None,
+    seconds: float | None,
+    cuda_graphs: bool,
+    seed: int,
+    timer_factory: Callable[[Runner], Timer],
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"status": OK, "reason": None, **target.describe()}
+    entry.update(device=None, timer=None, cuda_graphs={"used": False, "reason": None})
+    entry.update(latency={}, skipped_batches={})
+    runner, status, reason = open_target(target)
+    if runner is None:
+        entry.update(status=status, reason=reason)
+        return entry
+    with runner:
+        entry["device"] = runner.device
+        used, why_not = enable_cuda_graphs(runner, cuda_graphs)
+        entry["cuda_graphs"] = {"used": used, "reason": why_not}
+        timer = timer_factory(runner)
+        entry["timer"] = timer.name
+        rng = np.random.default_rng(seed)
+        for batch_size in batch_sizes:
+            out_of_range = _batch_out_of_range(runner, batch_size)
+            if out_of_range is not None:
+                entry["skipped_batches"][str(batch_size)] = out_of_range
+                continue
+            images = rng.standard_normal((batch_size, *runner.input_shape), dtype=np.float32)
+            try:
+                samples = time_runner(
+                    runner, images, warmup=warmup, iters=iters, seconds=seconds, timer=timer
+                )
+            except Exception as exc:
+                # Keep the batch sizes already measured; the format as a whole is failed.
+                entry.update(status=FAILED, reason=f"batch {batch_size}: {error_reason(exc)}")
+                break
+            entry["latency"][str(batch_size)] = latency_stats(samples, batch_size)
+    if entry["status"] == OK and not entry["latency"]:
+        entry.update(status=SKIPPED, reason="; ".join(entry["skipped_batches"].values()) or "no batch sizes")
+    return entry
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """Parse "1,8,32" into (1, 8, 32); anything else is a UsageError naming --batch-sizes."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--batch-sizes {text!r}: expected comma-separated integers, e.g. 1,8,32") from None
+    if not sizes or any(size < 1 for size in sizes):
+        raise UsageError(f"--batch-sizes {text!r}: expected one or more integers >= 1")
+    return tuple(dict.fromkeys(sizes))
+
+
+def benchmark_runners(
+    targets: Sequence[Target],
+    *,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    warmup: int = DEFAULT_WARMUP,
+    iters: int | None = None,
+    seconds: float | None = None,
+    threads: int | None = None,
+    cuda_graphs: bool = True,
+    seed: int = 0,
+    timer_factory: Callable[[Runner], Timer] = choose_timer,
+) -> dict[str, Any]:
+    """Time every target at every batch size, one target open at a time.
+
+    Inputs are seeded random float32 batches of each runner's input shape. `threads` is only
+    recorded (the openers apply it). A target that cannot open is "skipped" or "failed" as in
+    validation; a batch size outside a runner's range is listed under "skipped_batches".
+
+    Returns the content of bench.json: {"schema_version", "settings", "environment",
+    "results": {key: {"status", "reason", backend, precision, file, size_bytes, "device",
+    "timer", "cuda_graphs": {"used", "reason"}, "latency": {"<batch>": stats},
+    "skipped_batches": {"<batch>": reason}}}}, stats as `latency_stats` returns them.
+    """
+    check_unique(targets)
+    check_settings(warmup, iters, seconds)
+    if iters is None and seconds is None:
+        seconds = DEFAULT_SECONDS
+    sizes = tuple(batch_sizes)
+    if not sizes or any(size < 1 for size in sizes):
+        raise UsageError(f"batch sizes must be integers >= 1, got {list(sizes)}")
+    results = {
+        target.key: _bench_one(
+            target,
+            sizes,
+            warmup=warmup,
+            iters=iters,
+            seconds=seconds,
+            cuda_graphs=cuda_graphs,
+            seed=seed,
+            timer_factory=timer_factory,
+        )
+        for target in targets
+    }
+    return {
+        "schema_version": BENCH_SCHEMA_VERSION,
+        "settings": {
+            "batch_sizes": list(sizes),
+            "warmup": warmup,
+            "iters": iters,
+            "seconds": seconds,
+            "threads": threads,
+            "cuda_graphs": cuda_graphs,
+            "seed": seed,
+        },
+        # Collected after the runs, so that the thread pools the runtimes created are visible.
+        "environment": collect_environment(threads),
+        "results": results,
+    }

@@ -1,0 +1,444 @@
+"""benchmarks.validate: accuracy, parity and gates on real ONNX Runtime sessions and small runners.
+
+The helpers at the top (a tiny classifier as a torch module and as an ONNX file with the same
+weights, and runners around numpy functions) are shared with test_bench.py and test_report.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from benchmarks.targets import SKIPPED, Target, artifact_formats, format_label, infer_in_range
+from benchmarks.validate import (
+    DEFAULT_GATES,
+    apply_gate,
+    default_gates,
+    gates_for,
+    parse_gate,
+    raise_for_gates,
+    validate_runners,
+)
+from deploy.errors import GateFailedError, MissingDependencyError, UsageError
+from deploy.runners.base import Runner
+from deploy.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+INPUT_SHAPE = (3, 8, 8)
+NUM_CLASSES = 5
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+class ModuleRunner(Runner):
+    """The torch reference: a small nn.Module run on the CPU in fp32."""
+
+    backend = "torch"
+    precision = "fp32"
+    device = "cpu"
+
+    def __init__(self, module: nn.Module, input_shape: tuple[int, int, int] = INPUT_SHAPE) -> None:
+        self.module = module.eval()
+        self.input_shape = input_shape
+        self.closed = False
+
+    def _infer(self, images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(images)).numpy().astype(np.float32)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class NumpyRunner(Runner):
+    """A runner around a numpy function, with settable backend, precision and batch range."""
+
+    def __init__(
+        self,
+        fn: Callable[[np.ndarray], np.ndarray],
+        backend: str = "fake",
+        precision: str = "fp32",
+        input_shape: tuple[int, int, int] = INPUT_SHAPE,
+        device: str = "cpu",
+        min_batch: int = 1,
+        max_batch: int | None = None,
+    ) -> None:
+        self.fn = fn
+        self.backend = backend
+        self.precision = precision
+        self.input_shape = input_shape
+        self.device = device
+        self.min_batch = min_batch
+        self.max_batch = max_batch
+        self.calls: list[int] = []
+        self.closed = False
+
+    def _infer(self, images: np.ndarray) -> np.ndarray:
+        self.calls.append(images.shape[0])
+        return self.fn(images)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def tiny_module(seed: int = 0) -> nn.Module:
+    """Conv 3->4 (3x3, pad 1), ReLU, global average pool, linear 4->5."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, NUM_CLASSES),
+    ).eval()
+
+
+def export_tiny_onnx(module: nn.Module, path: Path) -> Path:
+    """Write `module` (from tiny_module) as an ONNX graph built node by node, dynamic batch."""
+    conv, linear = module[0], module[4]
+    inits = [
+        numpy_helper.from_array(conv.weight.detach().numpy(), "conv.weight"),
+        numpy_helper.from_array(conv.bias.detach().numpy(), "conv.bias"),
+        numpy_helper.from_array(linear.weight.detach().numpy(), "fc.weight"),
+        numpy_helper.from_array(linear.bias.detach().numpy(), "fc.bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["images", "conv.weight", "conv.bias"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", *INPUT_SHAPE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", NUM_CLASSES])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def damage_onnx(src: Path, dst: Path, scale: float = 0.5) -> Path:
+    """Copy an ONNX file with its conv weights perturbed by seeded noise of `scale` x their std."""
+    model = onnx.load(src)
+    rng = np.random.default_rng(1)
+    for init in model.graph.initializer:
+        if init.name == "conv.weight":
+            weight = numpy_helper.to_array(init)
+            noisy = weight + scale * weight.std() * rng.standard_normal(weight.shape).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), init.name))
+    onnx.save(model, dst)
+    return dst
+
+
+def image_batches(
+    count: int = 48, batch: int = 16, seed: int = 0, labeller: nn.Module | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Seeded random images; labels are the labeller's predictions with every 4th one shifted."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((count, *INPUT_SHAPE)).astype(np.float32)
+    if labeller is None:
+        labels = rng.integers(0, NUM_CLASSES, count)
+    else:
+        with torch.inference_mode():
+            labels = labeller(torch.from_numpy(images)).argmax(1).numpy()
+        labels[::4] = (labels[::4] + 1) % NUM_CLASSES
+    labels = labels.astype(np.int64)
+    return [(images[i : i + batch], labels[i : i + batch]) for i in range(0, count, batch)]
+
+
+def torch_target(module: nn.Module, key: str = "torch/fp32") -> Target:
+    return Target(key, "fp32", lambda: ModuleRunner(module), file="student.safetensors", size_bytes=1234)
+
+
+def onnx_target(path: Path, key: str = "onnxruntime/fp32", precision: str = "fp32") -> Target:
+    return Target(
+        key,
+        precision,
+        lambda: OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], threads=1, precision=precision),
+        file=f"export/{path.name}",
+        size_bytes=path.stat().st_size,
+    )
+
+
+def missing_tensorrt() -> Runner:
+    raise MissingDependencyError("TensorRT is not installed; pip install 'reviewkd[gpu]' on a GPU machine")
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Iterator[tuple[nn.Module, Path]]:
+    module = tiny_module()
+    yield module, export_tiny_onnx(module, tmp_path / "student.onnx")
+
+
+# ----------------------------------------------------------------------------- gates on real files
+
+
+def test_gates_pass_on_the_real_onnx_file(tiny: tuple[nn.Module, Path]) -> None:
+    module, path = tiny
+    batches = image_batches(labeller=module)
+    result = validate_runners([torch_target(module), onnx_target(path)], batches)
+
+    assert result["passed"] and result["failures"] == []
+    assert result["images"] == 48
+    ort = result["results"]["onnxruntime/fp32"]
+    assert ort["status"] == "ok"
+    assert ort["parity"]["max_abs_diff"] <= 1e-4
+    assert ort["parity"]["top1_agreement"] == 100.0
+    # 3 of 4 labels are the model's own predictions: top-1 is exactly 75% for both.
+    assert result["results"]["torch/fp32"]["accuracy"] == {
+        "top1": 75.0,
+        "top5": 100.0,
+        "n": 48,
+        "top1_drop": 0.0,
+    }
+    assert ort["accuracy"]["top1"] == 75.0
+    assert {g["gate"] for g in ort["gates"]} == {"max_abs_diff", "min_agreement"}
+    assert all(g["passed"] for g in ort["gates"])
+    raise_for_gates(result)
+
+
+def test_gates_fail_on_a_damaged_copy_with_exit_code_1(tiny: tuple[nn.Module, Path]) -> None:
+    module, path = tiny
+    damaged = damage_onnx(path, path.with_name("student.damaged.onnx"))
+    batches = image_batches(labeller=module)
+    result = validate_runners([torch_target(module), onnx_target(damaged)], batches)
+
+    assert not result["passed"]
+    entry = result["results"]["onnxruntime/fp32"]
+    assert entry["status"] == "ok"  # it ran; it is wrong
+    failed = {g["gate"]: g for g in entry["gates"] if not g["passed"]}
+    assert "max_abs_diff" in failed
+    assert failed["max_abs_diff"]["value"] > 1e-3
+    with pytest.raises(GateFailedError) as info:
+        raise_for_gates(result)
+    assert info.value.exit_code == 1
+    message = str(info.value)
+    assert "onnxruntime/fp32" in message and "max_abs_diff" in message and "<= 0.0001" in message
+
+
+def test_nan_logits_fail_the_max_abs_diff_gate(tiny: tuple[nn.Module, Path]) -> None:
+    module, _ = tiny
+
+    def with_nan(images: np.ndarray) -> np.ndarray:
+        logits = ModuleRunner(module).infer(images)
+        logits[0, 0] = np.nan
+        return logits
+
+    target = Target("onnxruntime/fp32", "fp32", lambda: NumpyRunner(with_nan, "onnxruntime"))
+    result = validate_runners([torch_target(module), target], image_batches(labeller=module))
+    check = next(g for g in result["results"]["onnxruntime/fp32"]["gates"] if g["gate"] == "max_abs_diff")
+    assert not check["passed"]
+
+
+# ----------------------------------------------------------------------------- statuses
+
+
+def test_skipped_and_failed_backends_are_reported_with_reasons(tiny: tuple[nn.Module, Path]) -> None:
+    module, path = tiny
+
+    def broken_open() -> Runner:
+        raise RuntimeError("engine deserialisation failed")
+
+    def explode(images: np.ndarray) -> np.ndarray:
+        raise ValueError("kernel crashed")
+
+    crashing = NumpyRunner(explode, "onnxruntime", "fp16")
+    targets = [
+        torch_target(module),
+        onnx_target(path),
+        Target("tensorrt/fp16", "fp16", missing_tensorrt, file="export/student.fp16.plan"),
+        Target("tensorrt/int8", "int8", broken_open),
+        Target("onnxruntime/fp16", "fp16", lambda: crashing),
+    ]
+    result = validate_runners(targets, image_batches(labeller=module))
+    res = result["results"]
+
+    assert res["tensorrt/fp16"]["status"] == SKIPPED
+    assert "TensorRT is not installed" in res["tensorrt/fp16"]["reason"]
+    assert res["tensorrt/fp16"]["accuracy"] is None and res["tensorrt/fp16"]["gates"] == []
+    assert res["tensorrt/int8"]["status"] == "failed"
+    assert res["tensorrt/int8"]["reason"] == "RuntimeError: engine deserialisation failed"
+    assert res["onnxruntime/fp16"]["status"] == "failed"
+    assert res["onnxruntime/fp16"]["reason"] == "batch 0: ValueError: kernel crashed"
+    assert crashing.closed
+    # The healthy formats are still measured, and only the failures fail the validation.
+    assert res["onnxruntime/fp32"]["status"] == "ok" and res["onnxruntime/fp32"]["accuracy"]["n"] == 48
+    assert not result["passed"]
+    assert len(result["failures"]) == 2
+    assert not any("tensorrt/fp16" in line for line in result["failures"])
+    # Results keep the caller's order.
+    assert list(res) == [t.key for t in targets]
+
+
+def test_every_opened_runner_is_closed(tiny: tuple[nn.Module, Path]) -> None:
+    module, _ = tiny
+    ref = ModuleRunner(module)
+    other = NumpyRunner(ref.infer, "onnxruntime")
+    targets = [Target("torch/fp32", "fp32", lambda: ref), Target("onnxruntime/fp32", "fp32", lambda: other)]
+    validate_runners(targets, image_batches(count=8, batch=4))
+    assert ref.closed and other.closed
+
+
+def test_a_failed_reference_fails_validation_and_leaves_parity_unmeasured(
+    tiny: tuple[nn.Module, Path],
+) -> None:
+    _, path = tiny
+
+    def broken() -> Runner:
+        raise UsageError("student.safetensors: sha256 does not match the manifest")
+
+    result = validate_runners([Target("torch/fp32", "fp32", broken), onnx_target(path)], image_batches())
+    entry = result["results"]["onnxruntime/fp32"]
+    assert entry["parity"] is None
+    assert "reference torch/fp32 did not run" in entry["reason"]
+    assert not any(g["passed"] for g in entry["gates"])
+    assert any(line.startswith("torch/fp32: failed") for line in result["failures"])
+
+
+def test_validation_needs_the_reference_and_unique_keys_and_images(tiny: tuple[nn.Module, Path]) -> None:
+    module, path = tiny
+    with pytest.raises(UsageError, match="reference"):
+        validate_runners([onnx_target(path)], image_batches())
+    with pytest.raises(UsageError, match="share the report key"):
+        validate_runners([torch_target(module), onnx_target(path), onnx_target(path)], image_batches())
+    with pytest.raises(UsageError, match="no validation images"):
+        validate_runners([torch_target(module)], [])
+
+
+# ----------------------------------------------------------------------------- fp16 and int8 gates
+
+
+def _reference_fn(images: np.ndarray) -> np.ndarray:
+    weights = np.arange(NUM_CLASSES * 3, dtype=np.float32).reshape(NUM_CLASSES, 3) - 7.0
+    return images.mean(axis=(2, 3)) @ weights.T
+
+
+def _flip_first(count: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Logits equal to the reference's except that the first `count` images of every batch
+    get a different top-1 class."""
+
+    def fn(images: np.ndarray) -> np.ndarray:
+        logits = _reference_fn(images)
+        for i in range(min(count, images.shape[0])):
+            logits[i, (np.argmax(logits[i]) + 1) % NUM_CLASSES] += 1e3
+        return logits
+
+    return fn
+
+
+def _agreement_targets(precision: str, flips: int) -> list[Target]:
+    return [
+        Target("torch/fp32", "fp32", lambda: NumpyRunner(_reference_fn, "torch")),
+        Target(
+            f"onnxruntime/{precision}",
+            precision,
+            lambda: NumpyRunner(_flip_first(flips), "onnxruntime", precision),
+        ),
+    ]
+
+
+def _labelled_by_reference(count: int = 100, batch: int = 50) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((count, *INPUT_SHAPE)).astype(np.float32)
+    labels = np.argmax(_reference_fn(images), axis=1).astype(np.int64)
+    return [(images[i : i + batch], labels[i : i + batch]) for i in range(0, count, batch)]
+
+
+def test_fp16_agreement_gate_and_its_override() -> None:
+    batches = _labelled_by_reference()  # 2 batches of 50: flipping 1 per batch is 98% agreement
+    result = validate_runners(_agreement_targets("fp16", 1), batches)
+    entry = result["results"]["onnxruntime/fp16"]
+    assert entry["parity"]["top1_agreement"] == pytest.approx(98.0)
+    assert [g["gate"] for g in entry["gates"]] == ["min_agreement"]
+    assert not result["passed"]
+    assert "onnxruntime/fp16: gate min_agreement failed: parity.top1_agreement = 98" in result["failures"][0]
+
+    gates = apply_gate(default_gates(), *parse_gate("fp16:min_agreement=97.5"))
+    assert validate_runners(_agreement_targets("fp16", 1), batches, gates=gates)["passed"]
+
+
+def test_int8_top1_drop_gate_counts_points_below_the_reference() -> None:
+    batches = _labelled_by_reference()
+    # One flip per batch of 50 costs 2 points of top-1 against a reference that is 100% right.
+    result = validate_runners(_agreement_targets("int8", 1), batches)
+    entry = result["results"]["onnxruntime/int8"]
+    assert entry["accuracy"]["top1"] == pytest.approx(98.0)
+    assert entry["accuracy"]["top1_drop"] == pytest.approx(2.0)
+    assert not result["passed"]
+    gates = apply_gate(default_gates(), "int8", "max_top1_drop", 2.5)
+    assert validate_runners(_agreement_targets("int8", 1), batches, gates=gates)["passed"]
+    # No flips: no drop, gate passes with the defaults.
+    assert validate_runners(_agreement_targets("int8", 0), batches)["passed"]
+
+
+def test_precision_flavours_use_their_family_gates() -> None:
+    assert gates_for(DEFAULT_GATES, "int8-trt") == DEFAULT_GATES["int8"]
+    assert gates_for(DEFAULT_GATES, "fp16") == DEFAULT_GATES["fp16"]
+    assert gates_for(DEFAULT_GATES, "bf16") == {}
+    custom = {"int8-trt": {"min_top1": 50.0}, "int8": {"max_top1_drop": 1.0}}
+    assert gates_for(custom, "int8-trt") == {"min_top1": 50.0}
+
+
+def test_parse_gate_accepts_the_documented_forms_and_rejects_others() -> None:
+    assert parse_gate("fp32:max_abs_diff=1e-3") == ("fp32", "max_abs_diff", 1e-3)
+    assert parse_gate(" int8 : min_top1 = 90 ") == ("int8", "min_top1", 90.0)
+    assert parse_gate("fp32:min_agreement=off") == ("fp32", "min_agreement", None)
+    gates = apply_gate(default_gates(), "fp32", "min_agreement", None)
+    assert gates["fp32"] == {"max_abs_diff": 1e-4}
+    assert DEFAULT_GATES["fp32"]["min_agreement"] == 100.0  # the defaults were copied, not changed
+    for bad in (
+        "fp32",
+        "fp32:max_abs_diff",
+        "fp32:speed=3",
+        "fp32:max_abs_diff=abc",
+        ":max_abs_diff=1",
+        "fp32:min_top1=nan",
+    ):
+        with pytest.raises(UsageError, match="--gate"):
+            parse_gate(bad)
+
+
+# ----------------------------------------------------------------------------- batch ranges and keys
+
+
+def test_infer_in_range_splits_and_pads_to_the_runner_range() -> None:
+    images = np.random.default_rng(0).standard_normal((10, *INPUT_SHAPE)).astype(np.float32)
+    runner = NumpyRunner(_reference_fn, min_batch=3, max_batch=4)
+    logits = infer_in_range(runner, images)
+    assert runner.calls == [4, 4, 3]  # the last chunk of 2 was padded to the minimum of 3
+    np.testing.assert_allclose(logits, _reference_fn(images), rtol=1e-6)
+
+
+def test_artifact_formats_give_each_model_file_a_distinct_key() -> None:
+    manifest = {
+        "artifacts": {
+            "export/student.onnx": {"kind": "onnx", "precision": "fp32"},
+            "export/student.fp16.onnx": {"kind": "onnx", "precision": "fp16"},
+            "export/student.int8.onnx": {"kind": "onnx", "precision": "int8"},
+            "export/student.int8.trt.onnx": {"kind": "onnx", "precision": "int8"},
+            "export/student.int8.plan": {"kind": "tensorrt", "precision": "int8"},
+            "student.safetensors": {"kind": "weights"},
+        }
+    }
+    formats = artifact_formats(manifest)
+    assert {key: rel for key, (rel, _) in formats.items()} == {
+        "onnxruntime/fp32": "export/student.onnx",
+        "onnxruntime/fp16": "export/student.fp16.onnx",
+        "onnxruntime/int8": "export/student.int8.onnx",
+        "onnxruntime/int8-trt": "export/student.int8.trt.onnx",
+        "tensorrt/int8": "export/student.int8.plan",
+    }
+    assert format_label("export/other.onnx", "fp32") == "fp32"
