@@ -1,0 +1,110 @@
+"""Runners: one contract (deploy.runners.base.Runner) over ONNX Runtime, TensorRT and PyTorch.
+
+`open_runner` opens a deployable file by its suffix. The PyTorch runner wraps a module that the
+caller has built; import it from `deploy.runners.torch_runner` (that pulls in torch, which this
+package never does by itself).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from deploy.errors import MissingDependencyError, UsageError
+from deploy.manifest import Manifest, verify_artifact
+from deploy.runners.base import Runner
+from deploy.runners.onnxruntime_runner import (
+    GPU_PROVIDERS,
+    OnnxRuntimeRunner,
+    available_providers,
+    precision_from_filename,
+)
+
+__all__ = [
+    "OnnxRuntimeRunner",
+    "Runner",
+    "available_providers",
+    "open_runner",
+    "precision_from_filename",
+    "run_relative_path",
+]
+
+ONNX_SUFFIXES = (".onnx",)
+TENSORRT_SUFFIXES = (".plan", ".engine")
+
+
+def run_relative_path(
+    path: str | os.PathLike[str], run_dir: str | os.PathLike[str], manifest: Manifest
+) -> str:
+    """Return the manifest key of `path`: either already a key, or a path inside `run_dir`."""
+    candidate = Path(path)
+    if not candidate.is_absolute() and candidate.as_posix() in manifest.get("artifacts", {}):
+        return candidate.as_posix()
+    try:
+        return candidate.resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        raise UsageError(
+            f"{candidate}: not inside the run {run_dir}; its manifest can only vouch for the run's files"
+        ) from None
+
+
+def _onnx_providers(device: str) -> list[str]:
+    """Execution providers for a device: the CPU alone, or the installed GPU ones then the CPU."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    gpu = [p for p in available_providers() if p in GPU_PROVIDERS]
+    if not gpu:
+        raise MissingDependencyError(
+            "onnxruntime has no CUDA or TensorRT execution provider; install onnxruntime-gpu"
+            " (pip install 'reviewkd[gpu]') on a machine with an NVIDIA GPU"
+        )
+    return [*gpu, "CPUExecutionProvider"]
+
+
+def open_runner(
+    path: str | os.PathLike[str],
+    *,
+    manifest: Manifest | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> Runner:
+    """Open a deployable file with the backend its suffix names (.onnx, .plan/.engine).
+
+    With a manifest and its run directory, the file's sha256 is checked against the manifest
+    first, and the precision and input shape come from the manifest. `device` ("cpu" or
+    "cuda") picks ONNX Runtime's execution providers; a TensorRT plan always runs on its GPU.
+    `threads` sets ONNX Runtime's intra-op threads.
+    """
+    if (manifest is None) != (run_dir is None):
+        raise UsageError("open_runner: pass the manifest and its run directory together")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    file = Path(path)
+    precision: str | None = None
+    input_shape: tuple[int, int, int] | None = None
+    if manifest is not None and run_dir is not None:
+        relpath = run_relative_path(file, run_dir, manifest)
+        file = verify_artifact(run_dir, manifest, relpath)
+        precision = manifest["artifacts"][relpath].get("precision")
+        shape = manifest.get("input", {}).get("shape")
+        if shape:
+            input_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+    suffix = file.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return OnnxRuntimeRunner(
+            file,
+            providers=_onnx_providers(device),
+            threads=threads,
+            precision=precision,
+            input_shape=input_shape,
+        )
+    if suffix in TENSORRT_SUFFIXES:
+        # Imported here: the TensorRT module is only needed, and only importable, on GPU machines.
+        from deploy.runners.tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner(file)
+    raise UsageError(
+        f"{file}: unknown model file type {suffix or '(none)'!r}; expected .onnx, .plan or .engine"
+        " (PyTorch weights are run through the reviewkd commands, which build the model)"
+    )

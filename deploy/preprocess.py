@@ -1,0 +1,121 @@
+"""Image files -> the float32 (N, C, H, W) batch a run's model expects, from the manifest alone.
+
+Mirrors the evaluation transforms used in training (torchvision's Resize(shorter side) +
+CenterCrop, or Resize((H, W)); ToTensor; Normalize) with PIL and numpy only, so a serving
+device needs neither torch nor torchvision.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from deploy.errors import UsageError
+
+# PIL modes for the channel counts a classifier takes.
+_MODES = {1: "L", 3: "RGB"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The manifest's "input" block, checked: (C, H, W), per-channel mean/std on 0-1 values,
+    and the shorter side to resize to before the centre crop (None: resize straight to H x W)."""
+
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: int | None
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> InputSpec:
+        """Read and check the "input" block of a manifest; UsageError says what is wrong."""
+        block = manifest.get("input") or {}
+        shape = block.get("shape")
+        if (
+            not isinstance(shape, (list, tuple))
+            or len(shape) != 3
+            or not all(isinstance(d, int) and d > 0 for d in shape)
+        ):
+            raise UsageError(f"manifest input.shape: expected [C, H, W] positive integers, got {shape!r}")
+        channels = shape[0]
+        if channels not in _MODES:
+            raise UsageError(f"manifest input.shape: {channels} channels; images can be read as 1 or 3")
+        mean = _channel_values(block, "mean", channels)
+        std = _channel_values(block, "std", channels)
+        if min(std) <= 0:
+            raise UsageError(f"manifest input.std: expected positive numbers, got {list(std)}")
+        resize = block.get("resize")
+        if resize is not None and (not isinstance(resize, int) or resize < min(shape[1:])):
+            raise UsageError(
+                f"manifest input.resize: expected null or an integer >= {min(shape[1:])}, got {resize!r}"
+            )
+        return cls(shape=(shape[0], shape[1], shape[2]), mean=mean, std=std, resize=resize)
+
+
+def _channel_values(block: Mapping[str, Any], key: str, channels: int) -> tuple[float, ...]:
+    """Return the input block's per-channel numbers under `key`, one per channel."""
+    values = block.get(key)
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) != channels
+        or not all(isinstance(v, (int, float)) for v in values)
+    ):
+        raise UsageError(f"manifest input.{key}: expected {channels} numbers, got {values!r}")
+    return tuple(float(v) for v in values)
+
+
+def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Scale so the shorter side is `size`, rounding the longer one down as torchvision does."""
+    width, height = image.size
+    new_size = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    return image.resize(new_size, Image.Resampling.BILINEAR)
+
+
+def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Crop the centre `height` x `width`, offsets rounded as torchvision's CenterCrop does."""
+    img_width, img_height = image.size
+    top = round((img_height - height) / 2.0)
+    left = round((img_width - width) / 2.0)
+    return image.crop((left, top, left + width, top + height))
+
+
+def preprocess_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Return one image as a normalised float32 (C, H, W) array."""
+    channels, height, width = spec.shape
+    # Grayscale, palette, RGBA and CMYK images all become the model's channel count.
+    image = image.convert(_MODES[channels])
+    if spec.resize is None:
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    else:
+        image = _center_crop(_resize_shorter_side(image, spec.resize), height, width)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1), dtype=np.float32)
+
+
+def load_image(path: str | os.PathLike[str], spec: InputSpec) -> np.ndarray:
+    """Read an image file and preprocess it; a missing or unreadable file is a UsageError naming it."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{file}: no such image file")
+    try:
+        with Image.open(file) as image:
+            return preprocess_image(image, spec)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UsageError(f"{file}: cannot read as an image ({exc})") from exc
+
+
+def load_images(paths: Sequence[str | os.PathLike[str]], spec: InputSpec) -> np.ndarray:
+    """Read image files into one float32 (N, C, H, W) batch."""
+    if not paths:
+        raise UsageError("no image files given")
+    return np.stack([load_image(p, spec) for p in paths])

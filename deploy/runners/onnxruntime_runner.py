@@ -1,0 +1,193 @@
+"""ONNX Runtime backend: one InferenceSession behind the runner contract.
+
+onnxruntime is imported when a runner is built, not when this module is, so `deploy` imports on
+a device that only has TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.errors import MissingDependencyError, UsageError
+from deploy.runners.base import Runner
+
+# The order in which execution providers are preferred when the caller names none.
+PREFERRED_PROVIDERS: tuple[str, ...] = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+GPU_PROVIDERS: frozenset[str] = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+
+# The metadata_props key under which export stores the run's manifest as JSON.
+METADATA_KEY = "reviewkd_manifest"
+
+# Precision tags a file name may carry between its stem and suffix (student.fp16.onnx).
+KNOWN_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int4")
+
+_ORT_INPUT_TYPES: dict[str, type[np.floating[Any]]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+}
+
+
+def precision_from_filename(path: str | os.PathLike[str]) -> str:
+    """Return the precision a file name announces ("student.int8.onnx" -> "int8"); "fp32" if none.
+
+    Tags may carry a flavour after the precision ("student.int8-qdq.onnx" is "int8"); the
+    manifest's own "precision" field, where there is one, takes priority over this guess.
+    """
+    for tag in Path(path).name.lower().split(".")[1:-1]:
+        for precision in KNOWN_PRECISIONS:
+            if tag.startswith(precision):
+                return precision
+    return "fp32"
+
+
+def available_providers() -> list[str]:
+    """Return the installed execution providers we use, most preferred first."""
+    import onnxruntime as ort
+
+    installed = set(ort.get_available_providers())
+    return [p for p in PREFERRED_PROVIDERS if p in installed]
+
+
+def _static_dim(dim: Any) -> int | None:
+    """Return a fixed ONNX dimension as an int, or None for a symbolic or unknown one."""
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an ONNX classifier (input float32 (N, C, H, W), output logits) with ONNX Runtime.
+
+    The input and output names, (C, H, W) and the batch range are read from the model: a
+    symbolic batch dimension accepts any batch, a fixed one only that batch. `input_shape`
+    supplies (C, H, W) for models whose spatial dimensions are symbolic.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        precision: str | None = None,
+        input_shape: tuple[int, int, int] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UsageError(f"{self.path}: no such ONNX file")
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads: expected a positive number, got {threads}")
+        installed = ort.get_available_providers()
+        if providers is None:
+            providers = available_providers()
+        missing = [p for p in providers if p not in installed]
+        if missing:
+            raise MissingDependencyError(
+                f"onnxruntime {ort.__version__} lacks {', '.join(missing)}"
+                f" (installed: {', '.join(installed)}); for CUDA and TensorRT"
+                " install onnxruntime-gpu (pip install 'reviewkd[gpu]')"
+            )
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types, none shared
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"{self.path}: cannot load as an ONNX model ({first_line})") from exc
+        self._session: Any = session
+        self.threads = threads
+        self.providers: list[str] = list(session.get_providers())
+        self.device = "cuda" if self.providers and self.providers[0] in GPU_PROVIDERS else "cpu"
+        self.precision = precision or self._embedded_precision() or precision_from_filename(self.path)
+        self._read_io(input_shape)
+
+    def _read_io(self, input_shape: tuple[int, int, int] | None) -> None:
+        """Take the input/output names, dtype, (C, H, W) and batch range from the session."""
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            names = ", ".join(i.name for i in inputs)
+            raise UsageError(f"{self.path}: expected one image input, the model has {len(inputs)} ({names})")
+        image_input = inputs[0]
+        if image_input.type not in _ORT_INPUT_TYPES or len(image_input.shape) != 4:
+            raise UsageError(
+                f"{self.path}: input {image_input.name!r} is {image_input.type} {image_input.shape};"
+                " expected a float (N, C, H, W) image batch"
+            )
+        self.input_name: str = image_input.name
+        self._input_dtype = _ORT_INPUT_TYPES[image_input.type]
+        batch, channels, height, width = (_static_dim(d) for d in image_input.shape)
+        if channels is not None and height is not None and width is not None:
+            model_shape = (channels, height, width)
+            if input_shape is not None and tuple(input_shape) != model_shape:
+                raise UsageError(
+                    f"{self.path}: the model takes (C, H, W) = {model_shape},"
+                    f" the manifest says {tuple(input_shape)}"
+                )
+            self.input_shape = model_shape
+        elif input_shape is not None:
+            self.input_shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+        else:
+            raise UsageError(
+                f"{self.path}: input {self.input_name!r} has symbolic dimensions {image_input.shape};"
+                " pass input_shape=(C, H, W)"
+            )
+        if batch is not None:
+            self.min_batch = self.max_batch = batch
+        outputs = self._session.get_outputs()
+        by_name = {o.name: o for o in outputs}
+        if "logits" in by_name:
+            self.output_name: str = "logits"
+        elif len(outputs) == 1:
+            self.output_name = outputs[0].name
+        else:
+            names = ", ".join(by_name)
+            raise UsageError(f"{self.path}: several outputs ({names}) and none is named 'logits'")
+
+    @property
+    def custom_metadata(self) -> dict[str, str]:
+        """The model's metadata_props (export writes the manifest under METADATA_KEY)."""
+        return dict(self._live_session().get_modelmeta().custom_metadata_map)
+
+    def embedded_manifest(self) -> dict[str, Any] | None:
+        """Return the manifest export stored in the model's metadata, or None if there is none."""
+        text = self.custom_metadata.get(METADATA_KEY)
+        if text is None:
+            return None
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{self.path}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from exc
+        if not isinstance(manifest, dict):
+            raise UsageError(f"{self.path}: metadata {METADATA_KEY!r} is not a JSON object")
+        return manifest
+
+    def _embedded_precision(self) -> str | None:
+        manifest = self.embedded_manifest()
+        precision = manifest.get("precision") if manifest else None
+        return precision if isinstance(precision, str) else None
+
+    def _live_session(self) -> Any:
+        if self._session is None:
+            raise UsageError(f"{self.name} ({self.path}): used after close()")
+        return self._session
+
+    def _infer(self, images: np.ndarray) -> np.ndarray:
+        session = self._live_session()
+        feed = images if self._input_dtype is np.float32 else images.astype(self._input_dtype)
+        (logits,) = session.run([self.output_name], {self.input_name: feed})
+        return np.asarray(logits, dtype=np.float32)
+
+    def close(self) -> None:
+        """Drop the session; ONNX Runtime frees its memory with it."""
+        self._session = None

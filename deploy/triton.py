@@ -1,0 +1,294 @@
+"""Write a Triton Inference Server model repository for a run's deployable files.
+
+One model per file: the fp32 ONNX file (platform "onnxruntime_onnx", `1/model.onnx`) and every
+TensorRT plan the manifest lists (platform "tensorrt_plan", `1/model.plan`). Each model gets a
+config.pbtxt (max_batch_size, dims without the batch, dynamic_batching, instance_group) and a
+labels file with the class names. Files are copied only after their sha256 matches the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deploy.errors import UsageError
+from deploy.fileio import sha256_file
+from deploy.manifest import Manifest, artifacts_of_kind, read_manifest, verify_artifact
+from deploy.runners.onnxruntime_runner import OnnxRuntimeRunner, precision_from_filename
+from deploy.trt_sidecar import Sidecar, read_sidecar, sidecar_path
+
+DEFAULT_MAX_BATCH_SIZE = 64
+LABELS_FILENAME = "labels.txt"
+INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+
+
+@dataclass(frozen=True)
+class TritonModel:
+    """One model of the repository: what its config.pbtxt says and which run file it serves."""
+
+    name: str
+    platform: str  # "onnxruntime_onnx" or "tensorrt_plan"
+    source: str  # the artifact's path relative to the run directory
+    max_batch_size: int
+    input_name: str
+    output_name: str
+    input_dims: tuple[int, int, int]
+    num_classes: int
+    instance_kind: str  # "KIND_CPU" or "KIND_GPU"
+    instance_count: int
+    labels: bool  # whether a labels file is written and referenced
+    note: str | None = None  # a comment for the reader of config.pbtxt
+
+    @property
+    def model_filename(self) -> str:
+        """The file name Triton looks for in the version folder."""
+        return "model.plan" if self.platform == "tensorrt_plan" else "model.onnx"
+
+
+def preferred_batch_sizes(max_batch_size: int) -> list[int]:
+    """Powers of two from 4 below `max_batch_size`, then the maximum itself (none for 1)."""
+    sizes = []
+    size = 4
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    if max_batch_size > 1:
+        sizes.append(max_batch_size)
+    return sizes
+
+
+def _dims(values: Any) -> str:
+    return "[ " + ", ".join(str(int(v)) for v in values) + " ]"
+
+
+def config_pbtxt(model: TritonModel) -> str:
+    """Render a model's config.pbtxt in protobuf text format (Triton's ModelConfig)."""
+    label_line = f'    label_filename: "{LABELS_FILENAME}"\n' if model.labels else ""
+    preferred = preferred_batch_sizes(model.max_batch_size)
+    batching = f"  preferred_batch_size: {_dims(preferred)}\n" if preferred else ""
+    header = f"# Written by reviewkd from {model.source}.\n" + (f"# {model.note}\n" if model.note else "")
+    return header + (
+        f'name: "{model.name}"\n'
+        f'platform: "{model.platform}"\n'
+        f"max_batch_size: {model.max_batch_size}\n"
+        "input [\n  {\n"
+        f'    name: "{model.input_name}"\n'
+        "    data_type: TYPE_FP32\n"
+        f"    dims: {_dims(model.input_dims)}\n"
+        "  }\n]\n"
+        "output [\n  {\n"
+        f'    name: "{model.output_name}"\n'
+        "    data_type: TYPE_FP32\n"
+        f"    dims: {_dims([model.num_classes])}\n"
+        f"{label_line}"
+        "  }\n]\n"
+        "dynamic_batching {\n"
+        f"{batching}"
+        "}\n"
+        "instance_group [\n  {\n"
+        f"    count: {model.instance_count}\n"
+        f"    kind: {model.instance_kind}\n"
+        "  }\n]\n"
+    )
+
+
+def _model_base_name(manifest: Manifest) -> str:
+    """A Triton-safe model name from the student's architecture ("torchvision:resnet18" -> ...)."""
+    arch = str(manifest.get("student", {}).get("arch") or "student")
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", arch).strip("_") or "student"
+
+
+def _input_dims(manifest: Manifest) -> tuple[int, int, int]:
+    shape = manifest.get("input", {}).get("shape")
+    if not isinstance(shape, list) or len(shape) != 3:
+        raise UsageError(f"manifest input.shape: expected [C, H, W], got {shape!r}")
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def _num_classes(manifest: Manifest) -> int:
+    classes = manifest.get("classes") or []
+    count = len(classes) or manifest.get("student", {}).get("num_classes")
+    if not isinstance(count, int) or count < 1:
+        raise UsageError("manifest: neither classes nor student.num_classes gives the number of classes")
+    return count
+
+
+def _precision(relpath: str, entry: dict[str, Any]) -> str:
+    return str(entry.get("precision") or precision_from_filename(relpath))
+
+
+def _fp32_onnx(manifest: Manifest) -> str:
+    """The run-relative path of the fp32 ONNX file (the canonical name first if there are several)."""
+    candidates = sorted(
+        rel for rel, entry in artifacts_of_kind(manifest, "onnx").items() if _precision(rel, entry) == "fp32"
+    )
+    if not candidates:
+        raise UsageError("the manifest lists no fp32 ONNX file; run `reviewkd export RUN` first")
+    return "export/student.onnx" if "export/student.onnx" in candidates else candidates[0]
+
+
+def _plan_sidecar(run_dir: Path, manifest: Manifest, plan: str) -> Sidecar:
+    """Read a plan's sidecar (PLAN.json), checking its sha256 where the manifest lists it."""
+    relpath = sidecar_path(plan).as_posix()
+    if relpath in manifest.get("artifacts", {}):
+        return read_sidecar(verify_artifact(run_dir, manifest, relpath))
+    return read_sidecar(run_dir / relpath)
+
+
+def _copy_verified(run_dir: Path, manifest: Manifest, relpath: str, target: Path) -> None:
+    """Copy an artifact after checking its sha256, and check the copy too (the source may change)."""
+    source = verify_artifact(run_dir, manifest, relpath)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    if sha256_file(target) != manifest["artifacts"][relpath]["sha256"]:
+        raise UsageError(f"{source}: changed while it was being copied to the Triton repository")
+
+
+def plan_models(
+    run_dir: str | os.PathLike[str],
+    manifest: Manifest,
+    *,
+    max_batch_size: int | None = None,
+    instance_kind: str = "cpu",
+    instance_count: int = 1,
+    model_name: str | None = None,
+) -> list[TritonModel]:
+    """Describe the repository's models without writing anything (see write_triton_repository)."""
+    run = Path(run_dir)
+    if max_batch_size is not None and max_batch_size < 1:
+        raise UsageError(f"--max-batch-size: expected a positive number, got {max_batch_size}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise UsageError(
+            f"--instance-kind: expected one of {', '.join(INSTANCE_KINDS)}, got {instance_kind!r}"
+        )
+    if instance_count < 1:
+        raise UsageError(f"--count: expected a positive number, got {instance_count}")
+    base = model_name or _model_base_name(manifest)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", base):
+        raise UsageError(f"--name: {base!r}; expected letters, digits, '_' or '-'")
+    dims = _input_dims(manifest)
+    num_classes = _num_classes(manifest)
+    labels = bool(manifest.get("classes"))
+
+    onnx_rel = _fp32_onnx(manifest)
+    # Open the file once on the CPU: it proves the file loads and gives the real tensor names.
+    probe = OnnxRuntimeRunner(
+        verify_artifact(run, manifest, onnx_rel),
+        providers=["CPUExecutionProvider"],
+        threads=1,
+        input_shape=dims,
+    )
+    probe.close()
+    if probe.max_batch is not None:
+        raise UsageError(
+            f"{run / onnx_rel}: fixed batch {probe.max_batch};"
+            " Triton's batching needs a dynamic batch dimension"
+        )
+    models = [
+        TritonModel(
+            name=f"{base}_onnx",
+            platform="onnxruntime_onnx",
+            source=onnx_rel,
+            max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+            input_name=probe.input_name,
+            output_name=probe.output_name,
+            input_dims=dims,
+            num_classes=num_classes,
+            instance_kind=INSTANCE_KINDS[instance_kind],
+            instance_count=instance_count,
+            labels=labels,
+        )
+    ]
+    for plan_rel, entry in sorted(artifacts_of_kind(manifest, "tensorrt").items()):
+        sidecar = _plan_sidecar(run, manifest, plan_rel)
+        profile = sidecar.profile
+        if profile.min_batch != 1:
+            raise UsageError(
+                f"{run / plan_rel}: its profile starts at batch {profile.min_batch};"
+                " Triton sends batches from 1"
+            )
+        if tuple(profile.chw) != dims:
+            raise UsageError(
+                f"{run / plan_rel}: the engine takes (C, H, W) = {tuple(profile.chw)},"
+                f" the manifest says {dims}"
+            )
+        high = profile.max_batch
+        models.append(
+            TritonModel(
+                name=f"{base}_tensorrt_{entry.get('precision') or sidecar.precision}",
+                platform="tensorrt_plan",
+                source=plan_rel,
+                max_batch_size=min(max_batch_size, high) if max_batch_size else high,
+                input_name=sidecar.input_names[0],
+                output_name=sidecar.output_names[0],
+                input_dims=dims,
+                num_classes=num_classes,
+                instance_kind=INSTANCE_KINDS["gpu"],  # an engine runs only on a GPU
+                instance_count=instance_count,
+                labels=labels,
+                note=(
+                    f"Engine built with TensorRT {sidecar.tensorrt_version} for {sidecar.gpu.name}"
+                    f" (compute capability {sidecar.gpu.cc}); serve it with that TensorRT version."
+                ),
+            )
+        )
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise UsageError(f"two files would get the same Triton model name: {', '.join(names)}")
+    return models
+
+
+def write_triton_repository(
+    run_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    manifest: Manifest | None = None,
+    max_batch_size: int | None = None,
+    instance_kind: str = "cpu",
+    instance_count: int = 1,
+    model_name: str | None = None,
+) -> list[TritonModel]:
+    """Write (or replace) the run's models in the Triton repository `out` and return them.
+
+    `max_batch_size` defaults to 64 for ONNX and to the profile's maximum for a plan (a given
+    value caps it); `instance_kind` ("cpu" or "gpu") applies to the ONNX model, plans always
+    run on the GPU. Models are built in a staging folder beside `out` and each is moved into
+    place by rename, so Triton never sees a half-written model; other models in `out` are kept.
+    """
+    run = Path(run_dir)
+    manifest = manifest if manifest is not None else read_manifest(run)
+    models = plan_models(
+        run,
+        manifest,
+        max_batch_size=max_batch_size,
+        instance_kind=instance_kind,
+        instance_count=instance_count,
+        model_name=model_name,
+    )
+    repo = Path(out)
+    if repo.exists() and not repo.is_dir():
+        raise UsageError(f"--out {repo}: exists and is not a directory")
+    repo.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.", dir=repo.parent))
+    try:
+        for model in models:
+            model_dir = stage / model.name
+            _copy_verified(run, manifest, model.source, model_dir / "1" / model.model_filename)
+            (model_dir / "config.pbtxt").write_text(config_pbtxt(model), encoding="utf-8")
+            if model.labels:
+                labels = "".join(f"{name}\n" for name in manifest["classes"])
+                (model_dir / LABELS_FILENAME).write_text(labels, encoding="utf-8")
+        for model in models:
+            final = repo / model.name
+            if final.exists():
+                # Move the old version into the staging folder, which is deleted below.
+                os.replace(final, stage / f"{model.name}.replaced")
+            os.replace(stage / model.name, final)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return models

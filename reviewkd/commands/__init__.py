@@ -1,0 +1,1 @@
+"""Command handlers: argparse glue that ties the layers together, one module per stage."""

@@ -1,0 +1,302 @@
+"""Preprocessing from the manifest, predict on real image files, and `reviewkd predict`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torchvision import transforms
+
+from deploy.errors import UsageError
+from deploy.manifest import record_artifact, write_manifest
+from deploy.predict import class_names, predict, softmax
+from deploy.preprocess import InputSpec, load_image, load_images
+from deploy.runners import OnnxRuntimeRunner
+from reviewkd.cli import main
+from tests.test_runners import CLASSES, INPUT_SHAPE, MEAN, STD, export_onnx, input_block, make_run, tiny_net
+
+
+def write_image(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Path:
+    """Write a random image of `size` (W, H) in `mode`; the suffix picks PNG or JPEG."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    """An RGB PNG, an RGB JPEG, a grayscale PNG and an RGBA PNG, all of different sizes."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    return [
+        write_image(folder / "colour.png", (23, 17), seed=1),
+        write_image(folder / "photo.jpg", (40, 30), seed=2),
+        write_image(folder / "gray.png", (16, 16), "L", seed=3),
+        write_image(folder / "alpha.png", (12, 20), "RGBA", seed=4),
+    ]
+
+
+def torchvision_reference(path: Path, resize: int | None) -> np.ndarray:
+    """The same preprocessing written with torchvision, as a training pipeline would."""
+    _, height, width = INPUT_SHAPE
+    steps: list[Any] = (
+        [transforms.Resize((height, width))]
+        if resize is None
+        else [transforms.Resize(resize), transforms.CenterCrop((height, width))]
+    )
+    pipeline = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    with Image.open(path) as image:
+        return pipeline(image.convert("RGB")).numpy()
+
+
+# --- preprocessing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resize", [None, 12, 15])
+def test_preprocessing_matches_torchvision(images: list[Path], resize: int | None) -> None:
+    spec = InputSpec.from_manifest({"input": input_block(resize)})
+    for path in images:
+        array = load_image(path, spec)
+        assert array.dtype == np.float32
+        assert array.shape == INPUT_SHAPE
+        np.testing.assert_allclose(array, torchvision_reference(path, resize), atol=1e-6)
+
+
+def test_grayscale_becomes_three_equal_channels(images: list[Path]) -> None:
+    spec = InputSpec.from_manifest({"input": input_block()})
+    gray = load_image(images[2], spec)
+    pixels = (
+        gray * np.asarray(STD, dtype=np.float32)[:, None, None]
+        + np.asarray(MEAN, dtype=np.float32)[:, None, None]
+    )
+    np.testing.assert_allclose(pixels[0], pixels[1], atol=1e-6)
+    np.testing.assert_allclose(pixels[0], pixels[2], atol=1e-6)
+
+
+def test_single_channel_models_get_grayscale(images: list[Path]) -> None:
+    spec = InputSpec.from_manifest({"input": input_block(shape=(1, 8, 10))})
+    batch = load_images(images, spec)
+    assert batch.shape == (len(images), 1, 8, 10)
+    with Image.open(images[0]) as image:
+        expected = np.asarray(image.convert("L").resize((10, 8), Image.Resampling.BILINEAR), np.float32) / 255
+    np.testing.assert_allclose(batch[0, 0], (expected - MEAN[0]) / STD[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({}, r"input\.shape: expected \[C, H, W\]"),
+        ({**input_block(), "shape": [3, 8]}, r"input\.shape"),
+        ({**input_block(), "shape": [4, 8, 10], "mean": [0.5] * 4, "std": [0.5] * 4}, "4 channels"),
+        ({**input_block(), "mean": [0.5, 0.5]}, r"input\.mean: expected 3 numbers"),
+        ({**input_block(), "std": [0.2, 0.0, 0.2]}, r"input\.std: expected positive"),
+        ({**input_block(), "resize": 6}, r"input\.resize: expected null or an integer >= 8"),
+    ],
+    ids=["missing", "two-dims", "four-channels", "mean-length", "zero-std", "resize-too-small"],
+)
+def test_bad_input_blocks_are_usage_errors(block: dict[str, Any], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        InputSpec.from_manifest({"input": block})
+
+
+def test_missing_and_unreadable_images_are_named(tmp_path: Path) -> None:
+    spec = InputSpec.from_manifest({"input": input_block()})
+    with pytest.raises(UsageError, match=r"nowhere\.png: no such image file"):
+        load_image(tmp_path / "nowhere.png", spec)
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"fake\.png: cannot read as an image"):
+        load_image(fake, spec)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(write_image(tmp_path / "whole.jpg", (64, 64)).read_bytes()[:200])
+    with pytest.raises(UsageError, match=r"truncated\.jpg: cannot read as an image"):
+        load_image(truncated, spec)
+    with pytest.raises(UsageError, match="no image files"):
+        load_images([], spec)
+
+
+# --- predict -------------------------------------------------------------------------------------
+
+
+def test_predict_matches_the_torch_model(tmp_path: Path, images: list[Path]) -> None:
+    run, manifest = make_run(tmp_path, resize=12)
+    with OnnxRuntimeRunner(run / "export" / "student.onnx") as runner:
+        results = predict(runner, manifest, images, top_k=3)
+    batch = torch.from_numpy(np.stack([torchvision_reference(p, 12) for p in images]))
+    with torch.no_grad():
+        probabilities = torch.softmax(tiny_net()(batch), dim=1).numpy()
+    assert len(results) == len(images)
+    for top, expected in zip(results, probabilities, strict=True):
+        order = np.argsort(-expected)[:3]
+        assert [name for name, _ in top] == [CLASSES[i] for i in order]
+        np.testing.assert_allclose([p for _, p in top], expected[order], atol=1e-5)
+        assert [p for _, p in top] == sorted((p for _, p in top), reverse=True)
+
+
+def test_top_k_is_cut_to_the_class_count_and_must_be_positive(tmp_path: Path, images: list[Path]) -> None:
+    run, manifest = make_run(tmp_path)
+    with OnnxRuntimeRunner(run / "export" / "student.onnx") as runner:
+        (top,) = predict(runner, manifest, images[:1], top_k=10)
+        assert sorted(name for name, _ in top) == sorted(CLASSES)
+        assert sum(p for _, p in top) == pytest.approx(1.0)
+        with pytest.raises(UsageError, match="--top-k"):
+            predict(runner, manifest, images[:1], top_k=0)
+
+
+def test_fixed_batch_models_are_fed_padded_batches(tmp_path: Path, images: list[Path]) -> None:
+    run, manifest = make_run(tmp_path)
+    fixed = export_onnx(tiny_net(), tmp_path / "fixed.onnx", batch=2)
+    three = images[:3]
+    with (
+        OnnxRuntimeRunner(fixed) as fixed_runner,
+        OnnxRuntimeRunner(run / "export" / "student.onnx") as dynamic,
+    ):
+        assert fixed_runner.max_batch == 2
+        padded = predict(fixed_runner, manifest, three, top_k=2)
+        reference = predict(dynamic, manifest, three, top_k=2)
+    assert [[n for n, _ in top] for top in padded] == [[n for n, _ in top] for top in reference]
+    np.testing.assert_allclose(
+        [[p for _, p in top] for top in padded], [[p for _, p in top] for top in reference]
+    )
+
+
+def test_predict_checks_the_manifest_against_the_model(tmp_path: Path, images: list[Path]) -> None:
+    run, manifest = make_run(tmp_path)
+    with OnnxRuntimeRunner(run / "export" / "student.onnx") as runner:
+        with pytest.raises(UsageError, match=r"the manifest says \(3, 10, 8\)"):
+            predict(runner, {**manifest, "input": input_block(shape=(3, 10, 8))}, images)
+        with pytest.raises(UsageError, match="4 logits but the manifest lists 2 classes"):
+            predict(runner, {**manifest, "classes": ["a", "b"]}, images)
+        with pytest.raises(UsageError, match=r"missing\.png"):
+            predict(runner, manifest, [images[0], tmp_path / "missing.png"])
+        (top,) = predict(runner, {**manifest, "classes": []}, images[:1], top_k=4)
+    assert sorted(name for name, _ in top) == ["0", "1", "2", "3"]
+
+
+def test_softmax_is_stable_and_class_names_fall_back_to_indices() -> None:
+    probabilities = softmax(np.array([[1000.0, 1000.0, -1000.0]], dtype=np.float32))
+    np.testing.assert_allclose(probabilities, [[0.5, 0.5, 0.0]])
+    assert class_names({}, 3) == ["0", "1", "2"]
+
+
+# --- reviewkd predict ----------------------------------------------------------------------------
+
+
+def predict_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    """Run `reviewkd predict ...`; return the exit code, stdout and stderr."""
+    code = main(["predict", *(str(a) for a in argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_predicts_with_a_run_directory(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, manifest = make_run(tmp_path)
+    code, out, _ = predict_cli(capsys, run, *images, "--top-k", "2", "--json")
+    assert code == 0
+    document = json.loads(out)
+    assert document["runner"] == "onnxruntime/fp32"
+    assert [entry["image"] for entry in document["predictions"]] == [str(p) for p in images]
+    with OnnxRuntimeRunner(run / "export" / "student.onnx") as runner:
+        expected = predict(runner, manifest, images, top_k=2)
+    for entry, top in zip(document["predictions"], expected, strict=True):
+        assert [(t["class"], t["probability"]) for t in entry["top_k"]] == [
+            (n, pytest.approx(p)) for n, p in top
+        ]
+    code, out, _ = predict_cli(capsys, run, images[0], "--top-k", "1")
+    assert code == 0
+    assert "onnxruntime/fp32" in out
+    assert str(images[0]) in out
+    assert expected[0][0][0] in out
+
+
+def test_cli_predicts_with_a_stand_alone_onnx_file(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = make_run(tmp_path)
+    elsewhere = shutil.copyfile(run / "export" / "student.onnx", tmp_path / "shipped.onnx")
+    code, out, _ = predict_cli(capsys, elsewhere, images[1], "--json")
+    assert code == 0
+    (entry,) = json.loads(out)["predictions"]
+    assert len(entry["top_k"]) == len(CLASSES)
+    bare = export_onnx(tiny_net(), tmp_path / "bare.onnx")
+    code, _, err = predict_cli(capsys, bare, images[1])
+    assert code == 2
+    assert "bare.onnx: no run manifest lists it" in err
+
+
+def test_cli_refuses_a_tampered_run_file(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = make_run(tmp_path)
+    export_onnx(tiny_net(seed=5), run / "export" / "student.onnx")
+    code, out, err = predict_cli(capsys, run, images[0])
+    assert code == 2
+    assert out == ""
+    assert "does not match the manifest" in err
+    # Pointing at the file inside the run finds the run's manifest and checks it too.
+    code, _, err = predict_cli(capsys, run / "export" / "student.onnx", images[0])
+    assert code == 2
+    assert "does not match the manifest" in err
+
+
+def test_cli_usage_errors(tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run, _ = make_run(tmp_path)
+    code, _, err = predict_cli(capsys, run, images[0], "--backend", "onnxruntime/int8")
+    assert code == 2
+    assert f"{run}: no onnxruntime/int8 file in the manifest (has: onnxruntime/fp32)" in err
+    code, _, err = predict_cli(capsys, run, images[0], "--backend", "tflite/fp32")
+    assert code == 2 and "--backend 'tflite/fp32'" in err
+    code, _, err = predict_cli(
+        capsys, run / "export" / "student.onnx", images[0], "--backend", "onnxruntime/fp32"
+    )
+    assert code == 2 and "--backend picks a file of a run directory" in err
+    code, _, err = predict_cli(capsys, tmp_path / "nothing", images[0])
+    assert code == 2 and "no such run directory or model file" in err
+    code, _, err = predict_cli(capsys, run, tmp_path / "missing.jpg")
+    assert code == 2 and "missing.jpg: no such image file" in err
+
+
+def test_cli_torch_backend_agrees_with_onnx(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reviewkd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", len(CLASSES)).eval()
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(model.state_dict(), str(run / "student.safetensors"))
+    manifest = {
+        "schema_version": 1,
+        "classes": CLASSES,
+        "input": input_block(shape=(3, 32, 32)),
+        "student": {"arch": "cifar_resnet20", "num_classes": len(CLASSES)},
+        "artifacts": {},
+    }
+    export_onnx(model, run / "export" / "student.onnx", (3, 32, 32))
+    record_artifact(run, manifest, "student.safetensors", "weights")
+    record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
+    write_manifest(run, manifest)
+    results = {}
+    for backend in ("torch/fp32", "onnxruntime/fp32"):
+        code, out, _ = predict_cli(capsys, run, *images, "--json", "--backend", backend)
+        assert code == 0
+        document = json.loads(out)
+        assert document["runner"] == backend
+        results[backend] = [
+            [(t["class"], t["probability"]) for t in e["top_k"]] for e in document["predictions"]
+        ]
+    for torch_top, onnx_top in zip(results["torch/fp32"], results["onnxruntime/fp32"], strict=True):
+        assert [n for n, _ in torch_top] == [n for n, _ in onnx_top]
+        np.testing.assert_allclose([p for _, p in torch_top], [p for _, p in onnx_top], atol=1e-4)

@@ -1,0 +1,414 @@
+"""The runner contract over the CPU backends (ONNX Runtime, PyTorch) and open_runner.
+
+Also home of the helpers the other deploy tests import: a tiny conv net, its ONNX export and a
+run directory with a manifest, all written for real into tmp_path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from deploy.errors import MissingDependencyError, UsageError
+from deploy.fileio import sha256_file
+from deploy.manifest import new_manifest, record_artifact, write_manifest
+from deploy.runners import OnnxRuntimeRunner, Runner, open_runner, precision_from_filename
+from deploy.runners.onnxruntime_runner import METADATA_KEY
+from deploy.runners.torch_runner import TorchRunner
+from deploy.trt_sidecar import (
+    GpuInfo,
+    Sidecar,
+    profile_shapes,
+    sidecar_path,
+    tensorrt_available,
+    write_sidecar,
+)
+
+# A non-square input catches any H/W mix-up.
+INPUT_SHAPE = (3, 8, 10)
+CLASSES = ["cat", "dog", "ship", "frog"]
+MEAN = [0.5, 0.4, 0.3]
+STD = [0.25, 0.2, 0.3]
+
+
+class TinyNet(nn.Module):
+    """conv -> BN -> ReLU -> global pool -> linear: every op an exporter and runtime must agree on."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = len(CLASSES)) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def tiny_net(seed: int = 0, in_channels: int = 3) -> TinyNet:
+    """A TinyNet in eval mode with non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = TinyNet(in_channels)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    input_shape: tuple[int, int, int] = INPUT_SHAPE,
+    *,
+    batch: int | None = None,
+    dynamic_spatial: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Export `model` with input "images" and output "logits"; batch None makes the batch dynamic."""
+    axes: dict[str, dict[int, str]] = {}
+    if batch is None:
+        axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
+    if dynamic_spatial:
+        axes.setdefault("images", {}).update({2: "height", 3: "width"})
+    kwargs: dict[str, Any] = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # the TorchScript exporter is much faster for a test-sized net
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation and constant-folding notices
+        torch.onnx.export(
+            model,
+            (torch.zeros(batch or 1, *input_shape),),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes=axes or None,
+            opset_version=18,
+            **kwargs,
+        )
+    if metadata is not None:
+        proto = onnx.load(str(path))
+        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
+        onnx.save(proto, str(path))
+    return path
+
+
+def input_block(resize: int | None = None, shape: tuple[int, int, int] = INPUT_SHAPE) -> dict[str, Any]:
+    """A manifest "input" block for `shape`."""
+    channels = shape[0]
+    return {
+        "shape": list(shape),
+        "layout": "NCHW",
+        "dtype": "float32",
+        "mean": MEAN[:channels],
+        "std": STD[:channels],
+        "resize": resize,
+    }
+
+
+def make_run(
+    tmp_path: Path, model: nn.Module | None = None, resize: int | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Write a run directory holding export/student.onnx of `model` (a fresh tiny net by default)."""
+    run = tmp_path / "run"
+    model = model if model is not None else tiny_net()
+    manifest = new_manifest()
+    manifest["classes"] = list(CLASSES)
+    manifest["input"] = input_block(resize)
+    manifest["student"] = {"arch": "tiny_net", "num_classes": len(CLASSES)}
+    export_onnx(model, run / "export" / "student.onnx", metadata={**manifest, "precision": "fp32"})
+    record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
+    write_manifest(run, manifest)
+    return run, manifest
+
+
+def write_plan(path: Path, precision: str, max_batch: int, min_batch: int = 1) -> Path:
+    """Write stand-in plan bytes and a valid sidecar for them (no TensorRT here to build a real one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"stand-in for a serialized TensorRT engine " + precision.encode())
+    sidecar = Sidecar(
+        plan_file=path.name,
+        plan_sha256=sha256_file(path),
+        tensorrt_version="10.13.0.35",
+        gpu=GpuInfo("NVIDIA H100 80GB HBM3", (9, 0)),
+        precision=precision,
+        compatibility=None,
+        strongly_typed=True,
+        input_names=("images",),
+        output_names=("logits",),
+        profile=profile_shapes(INPUT_SHAPE, min_batch, min(8, max_batch), max_batch),
+        source_onnx=f"student.{precision}.onnx",
+        source_onnx_sha256="0" * 64,
+    )
+    write_sidecar(sidecar_path(path), sidecar)
+    return path
+
+
+def random_batch(n: int, shape: tuple[int, ...] = INPUT_SHAPE, seed: int = 1) -> np.ndarray:
+    """A float32 (n, *shape) batch of standard normal values."""
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dynamic-batch ONNX file of tiny_net(0)."""
+    return export_onnx(tiny_net(), tmp_path_factory.mktemp("onnx") / "student.onnx")
+
+
+@pytest.fixture(params=["onnxruntime", "torch"])
+def runner(request: pytest.FixtureRequest, onnx_file: Path) -> Runner:
+    """Each CPU backend on the same weights."""
+    if request.param == "onnxruntime":
+        return OnnxRuntimeRunner(onnx_file, providers=["CPUExecutionProvider"], threads=1)
+    return TorchRunner(tiny_net(), INPUT_SHAPE)
+
+
+# --- the contract, for every CPU backend ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_infer_returns_float32_logits(runner: Runner, batch: int) -> None:
+    with runner:
+        logits = runner.infer(random_batch(batch))
+    assert logits.dtype == np.float32
+    assert logits.shape == (batch, len(CLASSES))
+    assert np.isfinite(logits).all()
+
+
+def test_runner_describes_itself(runner: Runner) -> None:
+    assert runner.name == f"{runner.backend}/fp32"
+    assert runner.device == "cpu"
+    assert runner.input_shape == INPUT_SHAPE
+    assert runner.max_batch is None
+    runner.close()
+
+
+@pytest.mark.parametrize(
+    ("images", "expected"),
+    [
+        (random_batch(2).astype(np.float64), "expected float32 images, got float64"),
+        (random_batch(2, (1, 8, 10)), r"expected a batch of shape \(N, 3, 8, 10\)"),
+        (random_batch(2, (3, 10, 8)), r"expected a batch of shape \(N, 3, 8, 10\)"),
+        (random_batch(2, (3, 8, 11)), r"got \(2, 3, 8, 11\)"),
+        (random_batch(1)[0], r"expected a batch of shape \(N, 3, 8, 10\), got \(3, 8, 10\)"),
+        (random_batch(0), "batch 0 outside the model's range 1..any"),
+        (random_batch(2).tolist(), "expected a numpy array, got list"),
+    ],
+    ids=["dtype", "channels", "height-width-swapped", "width", "ndim", "empty", "not-numpy"],
+)
+def test_check_input_says_what_was_expected(runner: Runner, images: Any, expected: str) -> None:
+    with runner, pytest.raises(UsageError, match=expected):
+        runner.infer(images)
+
+
+def test_context_manager_closes(runner: Runner) -> None:
+    with runner as opened:
+        assert opened is runner
+        opened.infer(random_batch(1))
+    with pytest.raises(UsageError, match="after close"):
+        runner.infer(random_batch(1))
+    runner.close()  # closing twice is allowed
+
+
+# --- ONNX Runtime --------------------------------------------------------------------------------
+
+
+def test_onnx_runner_reads_names_and_shape_from_the_model(onnx_file: Path) -> None:
+    with OnnxRuntimeRunner(onnx_file, threads=2) as runner:
+        assert isinstance(runner, OnnxRuntimeRunner)
+        assert (runner.input_name, runner.output_name) == ("images", "logits")
+        assert runner.threads == 2
+        assert runner.providers == ["CPUExecutionProvider"]
+
+
+def test_fixed_batch_model_limits_the_batch(tmp_path: Path) -> None:
+    path = export_onnx(tiny_net(), tmp_path / "fixed.onnx", batch=2)
+    with OnnxRuntimeRunner(path) as runner:
+        assert (runner.min_batch, runner.max_batch) == (2, 2)
+        assert runner.infer(random_batch(2)).shape == (2, len(CLASSES))
+        with pytest.raises(UsageError, match=r"batch 3 outside the model's range 2\.\.2"):
+            runner.infer(random_batch(3))
+
+
+def test_symbolic_spatial_dims_need_the_input_shape(tmp_path: Path) -> None:
+    path = export_onnx(tiny_net(), tmp_path / "any_size.onnx", dynamic_spatial=True)
+    with pytest.raises(UsageError, match="symbolic dimensions"):
+        OnnxRuntimeRunner(path)
+    with OnnxRuntimeRunner(path, input_shape=(3, 12, 6)) as runner:
+        assert runner.input_shape == (3, 12, 6)
+        assert runner.infer(random_batch(2, (3, 12, 6))).shape == (2, len(CLASSES))
+
+
+def test_input_shape_must_match_the_model(onnx_file: Path) -> None:
+    with pytest.raises(UsageError, match=r"takes \(C, H, W\) = \(3, 8, 10\), the manifest says \(3, 10, 8\)"):
+        OnnxRuntimeRunner(onnx_file, input_shape=(3, 10, 8))
+
+
+@pytest.mark.parametrize(
+    ("name", "precision"),
+    [
+        ("student.onnx", "fp32"),
+        ("student.fp16.onnx", "fp16"),
+        ("student.int8.onnx", "int8"),
+        ("student.int8-qdq.onnx", "int8"),
+        ("student.INT8.symmetric.onnx", "int8"),
+        ("student.fp16.plan", "fp16"),
+        ("my.model.onnx", "fp32"),
+    ],
+)
+def test_precision_from_filename(name: str, precision: str) -> None:
+    assert precision_from_filename(name) == precision
+
+
+def test_precision_comes_from_the_file_name_or_the_embedded_manifest(onnx_file: Path, tmp_path: Path) -> None:
+    renamed = shutil.copyfile(onnx_file, tmp_path / "student.int8.onnx")
+    with OnnxRuntimeRunner(renamed) as runner:
+        assert runner.name == "onnxruntime/int8"
+    tagged = export_onnx(
+        tiny_net(), tmp_path / "plain.onnx", metadata={"precision": "fp16", "classes": CLASSES}
+    )
+    with OnnxRuntimeRunner(tagged) as runner:
+        assert runner.name == "onnxruntime/fp16"
+        assert runner.embedded_manifest() == {"precision": "fp16", "classes": CLASSES}
+    with OnnxRuntimeRunner(tagged, precision="int8-qdq") as runner:
+        assert runner.name == "onnxruntime/int8-qdq"
+
+
+def test_corrupt_onnx_file_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    corrupt = tmp_path / "student.onnx"
+    corrupt.write_bytes(b"\x08\x07 this is not a protobuf" * 10)
+    with pytest.raises(UsageError, match=r"student\.onnx: cannot load as an ONNX model"):
+        OnnxRuntimeRunner(corrupt)
+    with pytest.raises(UsageError, match=r"missing\.onnx: no such ONNX file"):
+        OnnxRuntimeRunner(tmp_path / "missing.onnx")
+
+
+def test_truncated_onnx_file_is_a_usage_error(onnx_file: Path, tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(onnx_file.read_bytes()[: onnx_file.stat().st_size // 2])
+    with pytest.raises(UsageError, match=r"truncated\.onnx: cannot load"):
+        open_runner(truncated)
+
+
+def test_providers_not_installed_are_a_missing_dependency(onnx_file: Path) -> None:
+    with pytest.raises(MissingDependencyError, match=r"NoSuchExecutionProvider.*onnxruntime-gpu"):
+        OnnxRuntimeRunner(onnx_file, providers=["NoSuchExecutionProvider"])
+
+
+def test_cuda_without_a_gpu_provider_is_a_missing_dependency(onnx_file: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(MissingDependencyError, match="onnxruntime-gpu"):
+        open_runner(onnx_file, device="cuda")
+
+
+# --- PyTorch -------------------------------------------------------------------------------------
+
+
+def test_torch_and_onnxruntime_agree_on_the_same_weights(onnx_file: Path) -> None:
+    images = random_batch(7)
+    with OnnxRuntimeRunner(onnx_file) as ort_runner, TorchRunner(tiny_net(), INPUT_SHAPE) as torch_runner:
+        ort_logits = ort_runner.infer(images)
+        torch_logits = torch_runner.infer(images)
+    np.testing.assert_allclose(ort_logits, torch_logits, atol=1e-5, rtol=1e-5)
+    # A different seed gives different weights, so agreement above is not a coincidence.
+    with TorchRunner(tiny_net(seed=1), INPUT_SHAPE) as other:
+        assert np.abs(other.infer(images) - torch_logits).max() > 1e-2
+
+
+def test_torch_fp16_casts_a_copy_and_returns_float32() -> None:
+    model = tiny_net()
+    images = random_batch(4)
+    with TorchRunner(model, INPUT_SHAPE) as fp32, TorchRunner(model, INPUT_SHAPE, precision="fp16") as fp16:
+        assert fp16.name == "torch/fp16"
+        reference = fp32.infer(images)
+        half = fp16.infer(images)
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, reference, atol=2e-2)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_torch_runner_rejects_bad_settings() -> None:
+    with pytest.raises(UsageError, match="precision"):
+        TorchRunner(tiny_net(), INPUT_SHAPE, precision="int8")
+    with pytest.raises(UsageError, match="device"):
+        TorchRunner(tiny_net(), INPUT_SHAPE, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MissingDependencyError, match="no CUDA GPU"):
+            TorchRunner(tiny_net(), INPUT_SHAPE, device="cuda")
+
+
+def test_torch_runner_needs_a_logits_tensor() -> None:
+    class TwoOutputs(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x
+
+    with TorchRunner(TwoOutputs(), INPUT_SHAPE) as runner, pytest.raises(UsageError, match="returned tuple"):
+        runner.infer(random_batch(1))
+
+
+# --- open_runner ---------------------------------------------------------------------------------
+
+
+def test_open_runner_verifies_the_manifest_hash(tmp_path: Path) -> None:
+    run, manifest = make_run(tmp_path)
+    with open_runner("export/student.onnx", manifest=manifest, run_dir=run) as runner:
+        assert isinstance(runner, OnnxRuntimeRunner)
+        assert runner.name == "onnxruntime/fp32"
+    with open_runner(run / "export" / "student.onnx", manifest=manifest, run_dir=run) as runner:
+        assert runner.infer(random_batch(1)).shape == (1, len(CLASSES))
+    # Other weights under the same name: only the hash can tell.
+    export_onnx(tiny_net(seed=3), run / "export" / "student.onnx")
+    with pytest.raises(UsageError, match="does not match the manifest"):
+        open_runner(run / "export" / "student.onnx", manifest=manifest, run_dir=run)
+
+
+def test_open_runner_takes_precision_from_the_manifest(tmp_path: Path) -> None:
+    run, manifest = make_run(tmp_path)
+    shutil.copyfile(run / "export" / "student.onnx", run / "export" / "student.sym.onnx")
+    record_artifact(run, manifest, "export/student.sym.onnx", "onnx", precision="int8-qdq")
+    with open_runner("export/student.sym.onnx", manifest=manifest, run_dir=run) as runner:
+        assert runner.name == "onnxruntime/int8-qdq"
+
+
+def test_open_runner_refuses_files_the_manifest_does_not_vouch_for(tmp_path: Path, onnx_file: Path) -> None:
+    run, manifest = make_run(tmp_path)
+    with pytest.raises(UsageError, match="not inside the run"):
+        open_runner(onnx_file, manifest=manifest, run_dir=run)
+    stray = shutil.copyfile(onnx_file, run / "export" / "stray.onnx")
+    with pytest.raises(UsageError, match="not listed in"):
+        open_runner(stray, manifest=manifest, run_dir=run)
+    with pytest.raises(UsageError, match="together"):
+        open_runner(stray, manifest=manifest)
+
+
+def test_open_runner_rejects_unknown_suffixes(tmp_path: Path) -> None:
+    weights = tmp_path / "student.safetensors"
+    weights.write_bytes(b"\0" * 16)
+    with pytest.raises(UsageError, match=r"unknown model file type '\.safetensors'"):
+        open_runner(weights)
+    with pytest.raises(UsageError, match="device"):
+        open_runner(weights, device="gpu")
+
+
+def test_open_runner_sends_plans_to_tensorrt(tmp_path: Path) -> None:
+    if tensorrt_available()[0]:
+        pytest.skip("real TensorRT is installed; this checks the message where it is not")
+    plan = write_plan(tmp_path / "student.fp16.plan", "fp16", max_batch=16)
+    # The TensorRT runner got the file: it read the sidecar, then found no TensorRT to run it.
+    with pytest.raises(MissingDependencyError, match="TensorRT"):
+        open_runner(plan)
+    with pytest.raises(UsageError, match="sidecar not found"):
+        open_runner(plan.rename(tmp_path / "other.engine"))

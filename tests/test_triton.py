@@ -1,0 +1,189 @@
+"""`reviewkd triton`: the model repository, its config.pbtxt read as Triton's own ModelConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from deploy.errors import UsageError
+from deploy.fileio import sha256_file
+from deploy.manifest import forget_artifact, record_artifact, write_manifest
+from deploy.runners import OnnxRuntimeRunner
+from deploy.triton import preferred_batch_sizes, write_triton_repository
+from deploy.trt_sidecar import sidecar_path
+from reviewkd.cli import main
+from tests.test_runners import CLASSES, INPUT_SHAPE, export_onnx, make_run, random_batch, tiny_net, write_plan
+
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+
+
+def read_config(model_dir: Path) -> Any:
+    """Parse a config.pbtxt the way Triton does: text format into inference.ModelConfig."""
+    return text_format.Parse(
+        (model_dir / "config.pbtxt").read_text(encoding="utf-8"), model_config_pb2.ModelConfig()
+    )
+
+
+def make_run_with_plan(tmp_path: Path, min_batch: int = 1) -> tuple[Path, dict[str, Any]]:
+    """A run with its fp32 ONNX file and an fp16 plan (profile up to batch 16) plus sidecar."""
+    run, manifest = make_run(tmp_path)
+    plan = write_plan(run / "export" / "student.fp16.plan", "fp16", max_batch=16, min_batch=min_batch)
+    record_artifact(run, manifest, "export/student.fp16.plan", "tensorrt", precision="fp16")
+    record_artifact(run, manifest, sidecar_path(plan).relative_to(run).as_posix(), "sidecar")
+    write_manifest(run, manifest)
+    return run, manifest
+
+
+def test_repository_layout_and_configs(tmp_path: Path) -> None:
+    run, manifest = make_run_with_plan(tmp_path)
+    repo = tmp_path / "repo"
+    models = write_triton_repository(run, repo)
+    assert [m.name for m in models] == ["tiny_net_onnx", "tiny_net_tensorrt_fp16"]
+    assert sorted(p.name for p in repo.iterdir()) == ["tiny_net_onnx", "tiny_net_tensorrt_fp16"]
+
+    onnx_config = read_config(repo / "tiny_net_onnx")
+    assert onnx_config.name == "tiny_net_onnx"
+    assert onnx_config.platform == "onnxruntime_onnx"
+    assert onnx_config.max_batch_size == 64
+    (inp,) = onnx_config.input
+    assert (inp.name, inp.data_type, list(inp.dims)) == (
+        "images",
+        model_config_pb2.TYPE_FP32,
+        list(INPUT_SHAPE),
+    )
+    (out,) = onnx_config.output
+    assert (out.name, out.data_type, list(out.dims)) == ("logits", model_config_pb2.TYPE_FP32, [len(CLASSES)])
+    assert out.label_filename == "labels.txt"
+    assert onnx_config.HasField("dynamic_batching")
+    assert list(onnx_config.dynamic_batching.preferred_batch_size) == [4, 8, 16, 32, 64]
+    (group,) = onnx_config.instance_group
+    assert (group.kind, group.count) == (model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)
+
+    plan_config = read_config(repo / "tiny_net_tensorrt_fp16")
+    plan_text = (repo / "tiny_net_tensorrt_fp16" / "config.pbtxt").read_text(encoding="utf-8")
+    assert (
+        "# Engine built with TensorRT 10.13.0.35 for NVIDIA H100 80GB HBM3 (compute capability 9.0)"
+        in plan_text
+    )
+    assert plan_config.platform == "tensorrt_plan"
+    assert plan_config.max_batch_size == 16
+    assert list(plan_config.input[0].dims) == list(INPUT_SHAPE)
+    assert list(plan_config.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert plan_config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+    for model_dir, filename, source in [
+        ("tiny_net_onnx", "model.onnx", "export/student.onnx"),
+        ("tiny_net_tensorrt_fp16", "model.plan", "export/student.fp16.plan"),
+    ]:
+        assert sorted(p.name for p in (repo / model_dir).iterdir()) == ["1", "config.pbtxt", "labels.txt"]
+        assert sha256_file(repo / model_dir / "1" / filename) == manifest["artifacts"][source]["sha256"]
+        labels = (repo / model_dir / "labels.txt").read_text(encoding="utf-8").splitlines()
+        assert labels == CLASSES
+
+    # The copy Triton would serve computes the same logits as the run's file.
+    images = random_batch(3)
+    with (
+        OnnxRuntimeRunner(repo / "tiny_net_onnx" / "1" / "model.onnx") as served,
+        OnnxRuntimeRunner(run / "export" / "student.onnx") as original,
+    ):
+        np.testing.assert_array_equal(served.infer(images), original.infer(images))
+
+
+def test_cli_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, _ = make_run_with_plan(tmp_path)
+    repo = tmp_path / "repo"
+    argv = ["triton", str(run), "--out", str(repo), "--max-batch-size", "8", "--instance-kind", "gpu"]
+    assert main([*argv, "--count", "2", "--name", "resnet"]) == 0
+    out = capsys.readouterr().out
+    assert f"{repo / 'resnet_onnx'}: onnxruntime_onnx from export/student.onnx, max_batch_size 8" in out
+    onnx_config = read_config(repo / "resnet_onnx")
+    plan_config = read_config(repo / "resnet_tensorrt_fp16")
+    assert (onnx_config.max_batch_size, plan_config.max_batch_size) == (8, 8)
+    for config in (onnx_config, plan_config):
+        (group,) = config.instance_group
+        assert (group.kind, group.count) == (model_config_pb2.ModelInstanceGroup.KIND_GPU, 2)
+    assert main(["triton", str(run), "--out", str(repo), "--count", "0"]) == 2
+    assert "--count: expected a positive number" in capsys.readouterr().err
+
+
+def test_rewriting_replaces_our_models_and_keeps_others(tmp_path: Path) -> None:
+    run, _ = make_run(tmp_path)
+    repo = tmp_path / "repo"
+    (repo / "someone_elses_model" / "1").mkdir(parents=True)
+    (repo / "someone_elses_model" / "config.pbtxt").write_text(
+        'name: "someone_elses_model"\n', encoding="utf-8"
+    )
+    (repo / "tiny_net_onnx").mkdir()
+    (repo / "tiny_net_onnx" / "stale.txt").write_text("from an earlier export", encoding="utf-8")
+    write_triton_repository(run, repo, max_batch_size=1)
+    assert sorted(p.name for p in repo.iterdir()) == ["someone_elses_model", "tiny_net_onnx"]
+    assert not (repo / "tiny_net_onnx" / "stale.txt").exists()
+    config = read_config(repo / "tiny_net_onnx")
+    assert config.max_batch_size == 1
+    assert list(config.dynamic_batching.preferred_batch_size) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".repo.")] == []
+
+
+def test_tampered_files_leave_the_repository_untouched(tmp_path: Path) -> None:
+    run, manifest = make_run_with_plan(tmp_path)
+    repo = tmp_path / "repo"
+    write_triton_repository(run, repo)
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+
+    (run / "export" / "student.fp16.plan").write_bytes(b"swapped engine")
+    with pytest.raises(UsageError, match=r"student\.fp16\.plan: sha256 .* does not match the manifest"):
+        write_triton_repository(run, repo)
+    export_onnx(tiny_net(seed=9), run / "export" / "student.onnx")
+    with pytest.raises(UsageError, match=r"student\.onnx: sha256 .* does not match the manifest"):
+        write_triton_repository(run, repo, manifest=manifest)
+
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".repo.")] == []
+
+
+def test_plans_must_accept_batch_one(tmp_path: Path) -> None:
+    run, _ = make_run_with_plan(tmp_path, min_batch=2)
+    with pytest.raises(UsageError, match="profile starts at batch 2; Triton sends batches from 1"):
+        write_triton_repository(run, tmp_path / "repo")
+
+
+def test_a_run_without_onnx_is_a_usage_error(tmp_path: Path) -> None:
+    run, manifest = make_run(tmp_path)
+    forget_artifact(manifest, "export/student.onnx")
+    with pytest.raises(UsageError, match="no fp32 ONNX file; run `reviewkd export RUN` first"):
+        write_triton_repository(run, tmp_path / "repo", manifest=manifest)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_fixed_batch_onnx_file_cannot_be_batched(tmp_path: Path) -> None:
+    run, manifest = make_run(tmp_path)
+    export_onnx(tiny_net(), run / "export" / "student.onnx", batch=1)
+    record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
+    with pytest.raises(UsageError, match="fixed batch 1; Triton's batching needs a dynamic batch dimension"):
+        write_triton_repository(run, tmp_path / "repo", manifest=manifest)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_batch_size": 0}, "--max-batch-size"),
+        ({"instance_kind": "tpu"}, "--instance-kind"),
+        ({"model_name": "a/b"}, "--name"),
+    ],
+)
+def test_bad_options(tmp_path: Path, options: dict[str, Any], message: str) -> None:
+    run, _ = make_run(tmp_path)
+    with pytest.raises(UsageError, match=message):
+        write_triton_repository(run, tmp_path / "repo", **options)
+
+
+@pytest.mark.parametrize(
+    ("maximum", "sizes"),
+    [(1, []), (2, [2]), (4, [4]), (6, [4, 6]), (64, [4, 8, 16, 32, 64]), (100, [4, 8, 16, 32, 64, 100])],
+)
+def test_preferred_batch_sizes(maximum: int, sizes: list[int]) -> None:
+    assert preferred_batch_sizes(maximum) == sizes
