@@ -19,7 +19,7 @@ from typing import Any
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import Manifest, artifacts_of_kind, read_manifest, verify_artifact
-from deploy.runners.onnxruntime_runner import OnnxRuntimeRunner, precision_from_filename
+from deploy.runners import OnnxRuntimeRunner, select_artifact
 from deploy.trt_sidecar import Sidecar, read_sidecar, sidecar_path
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -118,20 +118,6 @@ def _num_classes(manifest: Manifest) -> int:
     return count
 
 
-def _precision(relpath: str, entry: dict[str, Any]) -> str:
-    return str(entry.get("precision") or precision_from_filename(relpath))
-
-
-def _fp32_onnx(manifest: Manifest) -> str:
-    """The run-relative path of the fp32 ONNX file (the canonical name first if there are several)."""
-    candidates = sorted(
-        rel for rel, entry in artifacts_of_kind(manifest, "onnx").items() if _precision(rel, entry) == "fp32"
-    )
-    if not candidates:
-        raise UsageError("the manifest lists no fp32 ONNX file; run `reviewkd export RUN` first")
-    return "export/student.onnx" if "export/student.onnx" in candidates else candidates[0]
-
-
 def _plan_sidecar(run_dir: Path, manifest: Manifest, plan: str) -> Sidecar:
     """Read a plan's sidecar (PLAN.json), checking its sha256 where the manifest lists it."""
     relpath = sidecar_path(plan).as_posix()
@@ -175,7 +161,7 @@ def plan_models(
     num_classes = _num_classes(manifest)
     labels = bool(manifest.get("classes"))
 
-    onnx_rel = _fp32_onnx(manifest)
+    onnx_rel = select_artifact(run, manifest, "onnxruntime", "fp32")
     # Open the file once on the CPU: it proves the file loads and gives the real tensor names.
     probe = OnnxRuntimeRunner(
         verify_artifact(run, manifest, onnx_rel),

@@ -22,7 +22,7 @@ from torch import nn
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import new_manifest, record_artifact, write_manifest
-from deploy.runners import OnnxRuntimeRunner, Runner, open_runner, precision_from_filename
+from deploy.runners import OnnxRuntimeRunner, Runner, open_runner, precision_from_filename, select_artifact
 from deploy.runners.onnxruntime_runner import METADATA_KEY
 from deploy.runners.torch_runner import TorchRunner
 from deploy.trt_sidecar import (
@@ -412,3 +412,34 @@ def test_open_runner_sends_plans_to_tensorrt(tmp_path: Path) -> None:
         open_runner(plan)
     with pytest.raises(UsageError, match="sidecar not found"):
         open_runner(plan.rename(tmp_path / "other.engine"))
+
+
+def test_select_artifact_prefers_the_standard_file_name(tmp_path: Path) -> None:
+    run, manifest = make_run(tmp_path)
+    source = run / "export" / "student.onnx"
+    # What export writes beside the fp32 file: a uint8-input fp32 variant and two int8 flavours.
+    for name, precision in [("student.uint8.onnx", "fp32"), ("student.int8.trt.onnx", "int8")]:
+        shutil.copyfile(source, run / "export" / name)
+        record_artifact(run, manifest, f"export/{name}", "onnx", precision=precision)
+    assert select_artifact(run, manifest, "onnxruntime", "int8") == "export/student.int8.trt.onnx"
+    shutil.copyfile(source, run / "export" / "student.int8.onnx")
+    record_artifact(run, manifest, "export/student.int8.onnx", "onnx", precision="int8")
+    assert select_artifact(run, manifest, "onnxruntime", "fp32") == "export/student.onnx"
+    assert select_artifact(run, manifest, "onnxruntime", "int8") == "export/student.int8.onnx"
+    with pytest.raises(
+        UsageError,
+        match=r"no onnxruntime/fp16 file in the manifest \(has: onnxruntime/fp32, onnxruntime/int8\)",
+    ):
+        select_artifact(run, manifest, "onnxruntime", "fp16")
+    with pytest.raises(UsageError, match=r"no tensorrt/fp16 file .*run `reviewkd export RUN` first"):
+        select_artifact(run, manifest, "tensorrt", "fp16")
+    shutil.copyfile(source, run / "export" / "other.fp16.onnx")
+    shutil.copyfile(source, run / "export" / "another.fp16.onnx")
+    record_artifact(run, manifest, "export/other.fp16.onnx", "onnx")
+    record_artifact(run, manifest, "export/another.fp16.onnx", "onnx")
+    with pytest.raises(
+        UsageError, match=r"several onnxruntime/fp16 files \(export/another\.fp16\.onnx, export/other"
+    ):
+        select_artifact(run, manifest, "onnxruntime", "fp16")
+    with pytest.raises(UsageError, match="backend 'torch'"):
+        select_artifact(run, manifest, "torch", "fp32")

@@ -154,7 +154,10 @@ def test_plans_must_accept_batch_one(tmp_path: Path) -> None:
 def test_a_run_without_onnx_is_a_usage_error(tmp_path: Path) -> None:
     run, manifest = make_run(tmp_path)
     forget_artifact(manifest, "export/student.onnx")
-    with pytest.raises(UsageError, match="no fp32 ONNX file; run `reviewkd export RUN` first"):
+    with pytest.raises(
+        UsageError,
+        match=r"no onnxruntime/fp32 file in the manifest \(has: none; run `reviewkd export RUN` first\)",
+    ):
         write_triton_repository(run, tmp_path / "repo", manifest=manifest)
     assert not (tmp_path / "repo").exists()
 

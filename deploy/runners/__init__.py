@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from deploy.errors import MissingDependencyError, UsageError
-from deploy.manifest import Manifest, verify_artifact
+from deploy.manifest import Manifest, artifacts_of_kind, verify_artifact
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import (
     GPU_PROVIDERS,
@@ -23,14 +23,57 @@ from deploy.runners.onnxruntime_runner import (
 __all__ = [
     "OnnxRuntimeRunner",
     "Runner",
+    "artifact_precision",
     "available_providers",
     "open_runner",
     "precision_from_filename",
     "run_relative_path",
+    "select_artifact",
 ]
 
 ONNX_SUFFIXES = (".onnx",)
 TENSORRT_SUFFIXES = (".plan", ".engine")
+# The manifest kind of each file backend, and the file name export gives each precision.
+ARTIFACT_KINDS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
+_CANONICAL = {"onnx": "export/student.{}.onnx", "tensorrt": "export/student.{}.plan"}
+
+
+def artifact_precision(relpath: str, entry: dict[str, object]) -> str:
+    """An artifact's precision: the manifest entry's, else what its file name says."""
+    precision = entry.get("precision")
+    return precision if isinstance(precision, str) and precision else precision_from_filename(relpath)
+
+
+def select_artifact(run_dir: str | os.PathLike[str], manifest: Manifest, backend: str, precision: str) -> str:
+    """Return the run-relative path of the file that serves `backend` ("onnxruntime", "tensorrt")
+    at `precision`.
+
+    Several files may share a precision (export writes two int8 ONNX flavours, and a uint8-input
+    fp32 variant); the one under export's standard name (export/student.onnx for fp32,
+    export/student.<precision>.onnx otherwise, .plan for engines) wins. UsageError if none
+    matches, listing what the run has, or if the choice is still ambiguous.
+    """
+    if backend not in ARTIFACT_KINDS:
+        raise UsageError(f"backend {backend!r}: run files exist for {', '.join(ARTIFACT_KINDS)} only")
+    kind = ARTIFACT_KINDS[backend]
+    files = artifacts_of_kind(manifest, kind)
+    matches = sorted(rel for rel, entry in files.items() if artifact_precision(rel, entry) == precision)
+    canonical = (
+        "export/student.onnx" if (kind, precision) == ("onnx", "fp32") else _CANONICAL[kind].format(precision)
+    )
+    if canonical in matches:
+        return canonical
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        present = sorted({f"{backend}/{artifact_precision(rel, entry)}" for rel, entry in files.items()})
+        raise UsageError(
+            f"{run_dir}: no {backend}/{precision} file in the manifest"
+            f" (has: {', '.join(present) or 'none; run `reviewkd export RUN` first'})"
+        )
+    raise UsageError(
+        f"{run_dir}: several {backend}/{precision} files ({', '.join(matches)}); pass the file's path instead"
+    )
 
 
 def run_relative_path(

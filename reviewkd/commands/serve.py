@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from deploy.errors import UsageError
-from deploy.manifest import MANIFEST_NAME, Manifest, artifacts_of_kind, read_manifest, verify_artifact
+from deploy.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_artifact
 from deploy.predict import Prediction, predict
-from deploy.runners import OnnxRuntimeRunner, Runner, open_runner, precision_from_filename
+from deploy.runners import ARTIFACT_KINDS, OnnxRuntimeRunner, Runner, open_runner, select_artifact
 from deploy.triton import DEFAULT_MAX_BATCH_SIZE, INSTANCE_KINDS, write_triton_repository
 
 DEFAULT_BACKEND = "onnxruntime/fp32"
-# The manifest artifact kind that holds each file backend's files.
-_ARTIFACT_KINDS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
 # How many folders above a model file to look for the run it belongs to (RUN/export/FILE).
 _RUN_SEARCH_DEPTH = 3
 
@@ -75,33 +73,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _parse_backend(key: str) -> tuple[str, str]:
     backend, _, precision = key.partition("/")
-    if backend not in (*_ARTIFACT_KINDS, "torch") or not precision:
+    if backend not in (*ARTIFACT_KINDS, "torch") or not precision:
         raise UsageError(
             f"--backend {key!r}: expected <backend>/<precision> with backend onnxruntime, tensorrt or torch"
         )
     return backend, precision
-
-
-def _run_file(run: Path, manifest: Manifest, backend: str, precision: str) -> str:
-    """The one artifact of the run that serves `backend` at `precision`, as a run-relative path."""
-    files = artifacts_of_kind(manifest, _ARTIFACT_KINDS[backend])
-    matches = sorted(
-        rel
-        for rel, entry in files.items()
-        if (entry.get("precision") or precision_from_filename(rel)) == precision
-    )
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        present = sorted(
-            {f"{backend}/{e.get('precision') or precision_from_filename(r)}" for r, e in files.items()}
-        )
-        raise UsageError(
-            f"{run}: no {backend}/{precision} file in the manifest (has: {', '.join(present) or 'none'})"
-        )
-    raise UsageError(
-        f"{run}: several {backend}/{precision} files ({', '.join(matches)}); pass the file itself as MODEL"
-    )
 
 
 def _torch_runner(run: Path, manifest: Manifest, precision: str, device: str) -> Runner:
@@ -137,7 +113,7 @@ def open_target(
         name, precision = _parse_backend(backend or DEFAULT_BACKEND)
         if name == "torch":
             return _torch_runner(target, manifest, precision, device), manifest
-        relpath = _run_file(target, manifest, name, precision)
+        relpath = select_artifact(target, manifest, name, precision)
         return open_runner(
             relpath, manifest=manifest, run_dir=target, device=device, threads=threads
         ), manifest
