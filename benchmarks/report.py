@@ -29,6 +29,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,16 +150,21 @@ def _not_measured(stage: str, result: Mapping[str, Any] | None, key: str, manife
 def _combine(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, str | None]:
     """Overall status of a format from its stages: any failure fails it; all skipped skips it."""
     statuses = {name: s["status"] for name, s in stages.items() if s["status"] != NOT_MEASURED}
-    reasons = [f"{name}: {s['reason']}" for name, s in stages.items() if s["status"] != OK and s["reason"]]
+    # Stages that give the same reason (a missing runtime stops both) are named together.
+    by_reason: dict[str, list[str]] = {}
+    for name, stage in stages.items():
+        if stage["status"] != OK and stage["reason"]:
+            by_reason.setdefault(stage["reason"], []).append(name)
+    reason = "; ".join(f"{', '.join(names)}: {text}" for text, names in by_reason.items()) or None
     if not statuses:
-        return NOT_MEASURED, "; ".join(reasons) or None
+        return NOT_MEASURED, reason
     if FAILED in statuses.values():
         status = FAILED
     elif all(value == SKIPPED for value in statuses.values()):
         status = SKIPPED
     else:
         status = OK
-    return status, "; ".join(reasons) or None
+    return status, reason
 
 
 def _format_keys(
@@ -291,7 +297,12 @@ def _num(value: Any, digits: int = 2) -> str:
 
 def _size_mb(entry: Mapping[str, Any]) -> str:
     size = entry.get("size_bytes")
-    return "-" if size is None else f"{size / 1e6:.2f}"
+    return "-" if size is None else _mb_text(size / 1e6)
+
+
+def _mb_text(megabytes: float) -> str:
+    # Two decimals hide a small model's file entirely; below 0.1 MB keep three significant digits.
+    return f"{megabytes:.2f}" if megabytes >= 0.1 else f"{megabytes:.3g}"
 
 
 def largest_batch(report: Mapping[str, Any]) -> int | None:
@@ -389,9 +400,16 @@ def plot_latency(report: Mapping[str, Any], path: Path) -> Path | None:
         sizes = sorted(int(b) for b in latency)
         ax_lat.plot(sizes, [latency[str(b)]["p50_ms"] for b in sizes], marker="o", label=key)
         ax_tp.plot(sizes, [latency[str(b)]["throughput_ips"] for b in sizes], marker="o", label=key)
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ticks = sorted({int(b) for latency in series.values() for b in latency})
     for ax, label in ((ax_lat, "p50 latency (ms)"), (ax_tp, "throughput (images/s)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        # The measured batch sizes as plain numbers, not powers of two.
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("batch size")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
@@ -417,7 +435,7 @@ def plot_accuracy_size(report: Mapping[str, Any], path: Path) -> Path | None:
     for ax, values, label in ((ax_acc, top1, "top-1 (%)"), (ax_size, size, "size (MB)")):
         if values:
             bars = ax.barh(list(values), list(values.values()), color="#4c72b0")
-            ax.bar_label(bars, fmt="%.2f", fontsize="small")
+            ax.bar_label(bars, labels=[_mb_text(v) if ax is ax_size else f"{v:.2f}" for v in values.values()])
             ax.invert_yaxis()
         else:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
@@ -431,13 +449,18 @@ def plot_accuracy_size(report: Mapping[str, Any], path: Path) -> Path | None:
 
 
 def _series(
-    records: Sequence[Mapping[str, Any]], match: Sequence[str]
+    records: Sequence[Mapping[str, Any]], words: Sequence[str]
 ) -> dict[str, tuple[list[float], list[float]]]:
+    """Numeric per-epoch series whose name holds one of `words` as a "_"-separated part
+    ("val_top1" matches "top1"; "distance" does not match "ce")."""
     names = {
         name
         for record in records
         for name, value in record.items()
-        if name != "epoch" and isinstance(value, int | float) and any(m in name.lower() for m in match)
+        if name != "epoch"
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and set(re.split(r"[^a-z0-9]+", name.lower())) & set(words)
     }
     out = {}
     for name in sorted(names):
@@ -451,9 +474,11 @@ def _series(
 def plot_training(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     """Losses and accuracies per epoch from metrics.jsonl; None when there are no records."""
     losses = _series(records, ("loss", "ce", "hcl", "kd"))
-    accuracies = _series(records, ("top1", "top5", "acc"))
+    accuracies = _series(records, ("top1", "top5", "acc", "accuracy"))
     if not losses and not accuracies:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     figure = _new_figure(10, 4)
     ax_loss, ax_acc = figure.subplots(1, 2)
     for ax, series, label in ((ax_loss, losses, "loss"), (ax_acc, accuracies, "accuracy")):
@@ -461,11 +486,12 @@ def plot_training(records: Sequence[Mapping[str, Any]], path: Path) -> Path | No
             ax.plot(x, y, marker=".", label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if series:
             ax.legend(fontsize="small")
     ax_loss.set_title("Training losses")
-    ax_acc.set_title("Validation accuracy")
+    ax_acc.set_title("Accuracy per epoch")
     return _save_png(figure, path)
 
 

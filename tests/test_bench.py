@@ -1,0 +1,224 @@
+"""benchmarks.latency: statistics on injected timings, the timing loop, and bench results.
+
+No test asserts a wall-clock threshold: the statistics are checked on durations injected through
+a fake clock, and real ONNX Runtime timings only for their shape and sanity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.latency import (
+    MIN_ITERS,
+    PerfCounterTimer,
+    benchmark_runners,
+    choose_timer,
+    enable_cuda_graphs,
+    latency_stats,
+    parse_batch_sizes,
+    time_runner,
+)
+from benchmarks.targets import Target
+from deploy.errors import UsageError
+from deploy.runners.base import Runner
+from tests.test_validate import (
+    INPUT_SHAPE,
+    NumpyRunner,
+    export_tiny_onnx,
+    missing_tensorrt,
+    onnx_target,
+    tiny_module,
+)
+
+
+class FakeClock:
+    """A nanosecond clock that only moves when a fake runner 'computes'."""
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class TimedRunner(NumpyRunner):
+    """A runner whose every call advances a fake clock by the next of the given durations (ms),
+    cycling; synchronize() calls are counted."""
+
+    def __init__(self, clock: FakeClock, durations_ms: list[float], **kwargs: object) -> None:
+        super().__init__(lambda x: np.zeros((x.shape[0], 5), np.float32), **kwargs)  # type: ignore[arg-type]
+        self.clock = clock
+        self.durations = durations_ms
+        self.index = 0
+        self.syncs = 0
+
+    def _infer(self, images: np.ndarray) -> np.ndarray:
+        self.clock.now += round(self.durations[self.index % len(self.durations)] * 1e6)
+        self.index += 1
+        return super()._infer(images)
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+
+def _images(batch: int = 2) -> np.ndarray:
+    return np.zeros((batch, *INPUT_SHAPE), np.float32)
+
+
+def test_latency_stats_on_known_samples() -> None:
+    samples = [float(v) for v in range(1, 101)]  # 1..100 ms
+    stats = latency_stats(samples, batch_size=8)
+    assert stats["p50_ms"] == pytest.approx(50.5)
+    assert stats["p90_ms"] == pytest.approx(90.1)
+    assert stats["p99_ms"] == pytest.approx(99.01)
+    assert stats["mean_ms"] == pytest.approx(50.5)
+    assert stats["std_ms"] == pytest.approx(np.sqrt(sum((v - 50.5) ** 2 for v in samples) / 99))
+    assert (stats["min_ms"], stats["max_ms"], stats["iters"]) == (1.0, 100.0, 100)
+    assert stats["throughput_ips"] == pytest.approx(8 * 1000 / 50.5)
+
+
+def test_latency_stats_edge_cases() -> None:
+    one = latency_stats([4.0], batch_size=1)
+    assert one["std_ms"] == 0.0 and one["p99_ms"] == 4.0 and one["throughput_ips"] == pytest.approx(250.0)
+    with pytest.raises(ValueError):
+        latency_stats([], batch_size=1)
+    with pytest.raises(ValueError):
+        latency_stats([1.0], batch_size=0)
+
+
+def test_time_runner_measures_each_call_after_the_warmup() -> None:
+    clock = FakeClock()
+    # The two warm-up calls take 100 ms each; the measured calls take 1, 2, 3, 4 ms.
+    runner = TimedRunner(clock, [100.0, 100.0, 1.0, 2.0, 3.0, 4.0])
+    samples = time_runner(runner, _images(), warmup=2, iters=4, timer=PerfCounterTimer(clock))
+    assert samples == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    assert runner.calls == [2] * 6
+    # One synchronize after the warm-up, then one before and one after each timed call.
+    assert runner.syncs == 1 + 2 * 4
+
+
+def test_time_runner_with_a_time_budget() -> None:
+    clock = FakeClock()
+    runner = TimedRunner(clock, [300.0])
+    samples = time_runner(runner, _images(), warmup=0, seconds=5.0, timer=PerfCounterTimer(clock))
+    assert len(samples) == 17  # the first count whose total (17 x 300 ms) reaches 5 s
+    quick = TimedRunner(clock, [1.0])
+    assert (
+        len(time_runner(quick, _images(), warmup=0, seconds=0.001, timer=PerfCounterTimer(clock)))
+        == MIN_ITERS
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"iters": 3, "seconds": 1.0}, "not both"),
+        ({"iters": 0}, "--iters"),
+        ({"seconds": -1.0}, "--seconds"),
+        ({"warmup": -1}, "--warmup"),
+    ],
+)
+def test_time_runner_rejects_bad_settings(kwargs: dict[str, float], match: str) -> None:
+    runner = TimedRunner(FakeClock(), [1.0])
+    with pytest.raises(UsageError, match=match):
+        time_runner(runner, _images(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_benchmark_runners_records_stats_skips_and_failures() -> None:
+    clock = FakeClock()
+
+    def explode(images: np.ndarray) -> np.ndarray:
+        raise RuntimeError("out of memory")
+
+    targets = [
+        Target("fake/fp32", "fp32", lambda: TimedRunner(clock, [2.0, 4.0]), file="a.onnx", size_bytes=10),
+        Target("engine/fp16", "fp16", lambda: TimedRunner(clock, [1.0], max_batch=4)),
+        Target("tensorrt/fp16", "fp16", missing_tensorrt),
+        Target("broken/fp32", "fp32", lambda: NumpyRunner(explode)),
+    ]
+
+    def fake_timer(runner: Runner) -> PerfCounterTimer:
+        return PerfCounterTimer(clock)
+
+    result = benchmark_runners(
+        targets, batch_sizes=(1, 8), warmup=1, iters=4, threads=2, timer_factory=fake_timer
+    )
+    res = result["results"]
+
+    ok = res["fake/fp32"]
+    assert ok["status"] == "ok" and ok["timer"] == "perf_counter" and ok["device"] == "cpu"
+    assert ok["cuda_graphs"] == {"used": False, "reason": "CPU runner"}
+    assert set(ok["latency"]) == {"1", "8"}
+    # Warm-up takes the first duration, then 4, 2, 4, 2 ms are measured.
+    assert ok["latency"]["1"]["mean_ms"] == pytest.approx(3.0)
+    assert ok["latency"]["8"]["throughput_ips"] == pytest.approx(8 * 1000 / 3.0)
+    assert (ok["file"], ok["size_bytes"]) == ("a.onnx", 10)
+
+    engine = res["engine/fp16"]
+    assert engine["status"] == "ok" and set(engine["latency"]) == {"1"}
+    assert engine["skipped_batches"] == {"8": "batch 8 outside the model's range 1..4"}
+
+    assert res["tensorrt/fp16"]["status"] == "skipped"
+    assert "TensorRT is not installed" in res["tensorrt/fp16"]["reason"]
+    assert res["tensorrt/fp16"]["latency"] == {}
+
+    assert res["broken/fp32"]["status"] == "failed"
+    assert res["broken/fp32"]["reason"] == "batch 1: RuntimeError: out of memory"
+
+    assert result["settings"]["batch_sizes"] == [1, 8]
+    assert result["settings"]["threads"] == 2
+    env = result["environment"]
+    assert env["threads"]["requested"] == 2
+    assert env["cpu"]["model"] and env["libraries"]["numpy"] == np.__version__
+
+
+def test_a_runner_with_no_batch_size_in_range_is_skipped() -> None:
+    clock = FakeClock()
+    target = Target("engine/fp16", "fp16", lambda: TimedRunner(clock, [1.0], min_batch=16, max_batch=16))
+    entry = benchmark_runners([target], batch_sizes=(1, 8), warmup=0, iters=2)["results"]["engine/fp16"]
+    assert entry["status"] == "skipped"
+    assert "batch 1 outside" in entry["reason"] and "batch 8 outside" in entry["reason"]
+
+
+def test_benchmark_on_a_real_onnxruntime_session(tmp_path: Path) -> None:
+    path = export_tiny_onnx(tiny_module(), tmp_path / "student.onnx")
+    result = benchmark_runners([onnx_target(path)], batch_sizes=(1, 4), warmup=2, iters=5, threads=1)
+    entry = result["results"]["onnxruntime/fp32"]
+    assert entry["status"] == "ok" and entry["timer"] == "perf_counter"
+    for batch in ("1", "4"):
+        stats = entry["latency"][batch]
+        assert stats["iters"] == 5
+        assert 0 < stats["min_ms"] <= stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+        assert stats["throughput_ips"] == pytest.approx(int(batch) * 1000 / stats["mean_ms"])
+
+
+def test_cuda_graphs_are_enabled_only_where_supported() -> None:
+    class GraphRunner(NumpyRunner):
+        supports_cuda_graphs = True
+        use_cuda_graphs = False
+
+    def zeros(x: np.ndarray) -> np.ndarray:
+        return np.zeros((x.shape[0], 5), np.float32)
+
+    graph_runner = GraphRunner(zeros, "tensorrt", device="cuda")
+    assert enable_cuda_graphs(graph_runner, wanted=True) == (True, None)
+    assert graph_runner.use_cuda_graphs is True
+    plain = NumpyRunner(zeros, "onnxruntime", device="cuda")
+    used, reason = enable_cuda_graphs(plain, wanted=True)
+    assert not used and reason == "the onnxruntime runner does not support CUDA graphs"
+    assert enable_cuda_graphs(GraphRunner(zeros, device="cuda"), wanted=False) == (False, "disabled")
+
+
+def test_cpu_runners_use_the_monotonic_clock() -> None:
+    assert isinstance(choose_timer(NumpyRunner(lambda x: x)), PerfCounterTimer)
+
+
+def test_parse_batch_sizes() -> None:
+    assert parse_batch_sizes("1,8,32") == (1, 8, 32)
+    assert parse_batch_sizes("4, 4,1") == (4, 1)
+    for bad in ("", "a,b", "0,1", "-2"):
+        with pytest.raises(UsageError, match="--batch-sizes"):
+            parse_batch_sizes(bad)
