@@ -1,0 +1,541 @@
+"""The export stage end to end: a run's student -> ONNX flavours (-> TensorRT), checked and recorded.
+
+`export_run(RUN)` reads RUN/manifest.json and RUN/student.safetensors, writes RUN/export/*, checks
+each file against the PyTorch student on the run's validation images, and records every file that
+passed in the manifest (sha256, size, kind, precision, flavour). A file that fails its gate is
+renamed `<file>.failed` and listed under manifest["export"]["failed"]; the other formats still run.
+`export_model(...)` first lays out a run-like folder for a zoo model trained elsewhere.
+
+Files (relative to the run):
+    export/student.onnx          fp32                       format "onnx"
+    export/student.fp16.onnx     fp16, fp32 I/O             format "fp16"
+    export/student.int8.onnx     uint8-activation Q/DQ      format "int8"      (fastest on ORT CPU)
+    export/student.int8.trt.onnx symmetric int8 Q/DQ        format "int8-trt"  (for TensorRT)
+    export/student.uint8.onnx    fp32, uint8 NHWC input     --bake-preprocessing
+    export/student.<p>.plan(.json)  TensorRT engines        format "tensorrt"  (fp32, fp16, int8)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deploy.errors import GateFailedError, MissingDependencyError, UsageError
+from deploy.fileio import atomic_output, sha256_file
+from deploy.manifest import (
+    Manifest,
+    forget_artifact,
+    new_manifest,
+    read_manifest,
+    record_artifact,
+    verify_artifact,
+    write_manifest,
+)
+from export.check import CheckResult, check_file
+from export.onnx_export import DEFAULT_OPSET, export_fp32, strip_student
+from export.precision import CALIBRATION_METHODS, collect_calibration, convert_fp16, quantize_int8
+from export.preprocessing import bake_preprocessing as bake_uint8_input
+from export.preprocessing import to_uint8_nhwc
+
+STUDENT_FILE = "student.safetensors"
+FP32_FILE = "export/student.onnx"
+UINT8_FILE = "export/student.uint8.onnx"
+# format -> (file, precision)
+ONNX_FORMATS: dict[str, tuple[str, str]] = {
+    "onnx": (FP32_FILE, "fp32"),
+    "fp16": ("export/student.fp16.onnx", "fp16"),
+    "int8": ("export/student.int8.onnx", "int8"),
+    "int8-trt": ("export/student.int8.trt.onnx", "int8"),
+}
+ALL_FORMATS: tuple[str, ...] = (*ONNX_FORMATS, "tensorrt")
+# TensorRT engine precision -> the ONNX format it is built from.
+TENSORRT_SOURCES: dict[str, str] = {"fp32": "onnx", "fp16": "fp16", "int8": "int8-trt"}
+TIMING_CACHE = "export/tensorrt.timing.cache"
+RANDOM_CHECK_IMAGES = 64
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# (split, batch_size, limit) -> batches of (float32 NCHW images, int64 labels)
+BatchSource = Callable[[str, int, int], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """Engine-building settings passed to export.tensorrt_engine.build_engine."""
+
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    workspace_mib: int = 1024
+    optimization_level: int = 3
+    compatibility: str | None = None
+
+
+@dataclass
+class ExportSummary:
+    """What one export did: the files kept, the checks, what failed and what was skipped."""
+
+    run_dir: Path
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relpath -> manifest entry
+    checks: dict[str, CheckResult] = field(default_factory=dict)  # relpath -> its check
+    failed: dict[str, str] = field(default_factory=dict)  # relpath (before .failed) -> reason
+    skipped: dict[str, str] = field(default_factory=dict)  # format -> reason
+    missing_dependency: str | None = None  # set when TensorRT was asked for and is not here
+    check_data: str = ""  # what the checks ran on
+
+    def raise_for_status(self) -> None:
+        """Raise GateFailedError if a file failed its gate, else MissingDependencyError if TensorRT was
+        asked for and is missing; return quietly otherwise."""
+        if self.failed:
+            listed = "; ".join(f"{rel}: {why}" for rel, why in self.failed.items())
+            raise GateFailedError(f"{len(self.failed)} exported file(s) failed their check ({listed})")
+        if self.missing_dependency:
+            raise MissingDependencyError(self.missing_dependency)
+
+
+def parse_formats(text: str | Sequence[str] | None) -> list[str] | None:
+    """Turn "onnx,fp16" (or a list) into known format names; None means the default set."""
+    if text is None:
+        return None
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    unknown = [n for n in names if n not in ALL_FORMATS]
+    if unknown or not names:
+        raise UsageError(
+            f"--formats {','.join(names)}: expected a comma-separated subset of {','.join(ALL_FORMATS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """Whether TensorRT and a GPU are here to build engines, with the reason when not."""
+    from deploy.trt_sidecar import current_gpu, tensorrt_available
+
+    ok, reason = tensorrt_available()
+    if not ok:
+        return False, reason
+    if current_gpu() is None:
+        return (
+            False,
+            "TensorRT is installed but no CUDA GPU is visible; engines must be built on the target GPU",
+        )
+    return True, reason
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create `folder` and prove a file can be written there, else a UsageError naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".reviewkd-write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{folder}: cannot write the exported files there ({exc.strerror or exc})") from exc
+
+
+def _load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
+    from reviewkd.models import create_model
+
+    student_path = run / STUDENT_FILE
+    if not student_path.is_file():
+        raise UsageError(
+            f"{student_path}: no student weights; expected a run directory written by reviewkd distill"
+        )
+    info = manifest.get("student", {})
+    if not info.get("arch") or not info.get("num_classes"):
+        raise UsageError(f"{run / 'manifest.json'}: the student block lacks arch or num_classes")
+    recorded = info.get("sha256")
+    if recorded and recorded != sha256_file(student_path):
+        raise UsageError(
+            f"{student_path}: sha256 differs from the manifest's; the weights changed after training"
+        )
+    return strip_student(create_model(info["arch"], int(info["num_classes"]), weights=student_path))
+
+
+def _input_shape(run: Path, manifest: Manifest) -> tuple[int, int, int]:
+    shape = manifest.get("input", {}).get("shape")
+    if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise UsageError(f"{run / 'manifest.json'}: input.shape must be [C, H, W], got {shape!r}")
+    return (shape[0], shape[1], shape[2])
+
+
+def _run_batches(run: Path) -> BatchSource:
+    def source(split: str, batch_size: int, limit: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        from reviewkd.data import iter_run_batches
+
+        return iter_run_batches(run, split, batch_size, limit)
+
+    return source
+
+
+def _torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(b)).float().numpy() for b in batches])
+
+
+class _Recorder:
+    """Keeps the manifest and the summary in step; the manifest is rewritten after every file."""
+
+    def __init__(self, run: Path, manifest: Manifest, summary: ExportSummary) -> None:
+        self.run, self.manifest, self.summary = run, manifest, summary
+        self.block: dict[str, Any] = manifest.setdefault("export", {})
+        self.block.setdefault("checks", {})
+        self.block.setdefault("failed", {})
+
+    def keep(self, rel: str, kind: str, **meta: Any) -> None:
+        self.block["failed"].pop(rel, None)
+        self.summary.files[rel] = record_artifact(self.run, self.manifest, rel, kind, **meta)
+        write_manifest(self.run, self.manifest)
+
+    def checked(self, rel: str, result: CheckResult, kind: str, **meta: Any) -> bool:
+        """Record a checked file: kept if it passed, renamed to .failed if not. Returns passed."""
+        self.summary.checks[rel] = result
+        self.block["checks"][rel] = result.as_dict()
+        if result.passed:
+            self.keep(rel, kind, check=result.status, **meta)
+            return True
+        path = self.run / rel
+        os.replace(path, path.with_name(path.name + ".failed"))
+        forget_artifact(self.manifest, rel)
+        self.block["failed"][rel] = result.reason
+        self.summary.failed[rel] = result.reason
+        write_manifest(self.run, self.manifest)
+        return False
+
+    def skip(self, fmt: str, reason: str) -> None:
+        self.summary.skipped[fmt] = reason
+        self.block.setdefault("skipped", {})[fmt] = reason
+        write_manifest(self.run, self.manifest)
+
+
+def export_run(
+    run_dir: str | os.PathLike[str],
+    formats: Sequence[str] | None = None,
+    *,
+    calib_samples: int = 512,
+    calib_method: str = "minmax",
+    bake_preprocessing: bool = False,
+    check_samples: int = 2000,
+    batch_size: int = 64,
+    opset: int = DEFAULT_OPSET,
+    tensorrt: TensorRTOptions | None = None,
+    batches: BatchSource | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> ExportSummary:
+    """Export the run's student to `formats` (default: every ONNX flavour, plus TensorRT if here).
+
+    Args:
+        run_dir: a run directory with manifest.json and student.safetensors.
+        formats: names from ALL_FORMATS; None is every ONNX format, plus "tensorrt" where TensorRT
+            and a GPU are available. Any ONNX flavour also writes the fp32 file it is made from.
+        calib_samples, calib_method: int8 calibration on this many training images, with this
+            method (one of CALIBRATION_METHODS).
+        bake_preprocessing: also write export/student.uint8.onnx (uint8 NHWC input).
+        check_samples: validation images the checks run on.
+        batches: the image source; None reads the run's data with reviewkd.data.iter_run_batches,
+            or, for a run without config.yaml (a --model export without --data), checks on random
+            inputs and skips int8.
+        log: receives one line per step.
+
+    Returns the summary; call its raise_for_status() to turn failures into exit codes.
+
+    Raises:
+        UsageError: no student, a bad manifest, an unwritable export folder, a bad option.
+    """
+    run = Path(run_dir)
+    wanted = list(formats) if formats is not None else None
+    if wanted is not None:
+        parse_formats(wanted)
+    if calib_method not in CALIBRATION_METHODS:
+        raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
+    for name, value in (
+        ("--calib-samples", calib_samples),
+        ("check_samples", check_samples),
+        ("batch_size", batch_size),
+    ):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    manifest = read_manifest(run)
+    input_shape = _input_shape(run, manifest)
+    model = _load_student(run, manifest)
+    ensure_writable(run / "export")
+    summary = ExportSummary(run)
+    recorder = _Recorder(run, manifest, summary)
+
+    trt_ok, trt_reason = tensorrt_status() if wanted is None or "tensorrt" in wanted else (False, "")
+    if wanted is None:
+        wanted = list(ONNX_FORMATS) + (["tensorrt"] if trt_ok else [])
+        if not trt_ok:
+            recorder.skip("tensorrt", f"not requested by default: {trt_reason}")
+
+    has_data = batches is not None or (run / "config.yaml").is_file()
+    source = batches if batches is not None else _run_batches(run)
+    input_block = manifest.get("input", {})
+    mean, std = input_block.get("mean", IMAGENET_MEAN), input_block.get("std", IMAGENET_STD)
+
+    # Check images and the student's reference logits, computed once for every file.
+    if has_data:
+        pairs = list(source("val", batch_size, check_samples))
+        if not pairs:
+            raise UsageError(f"{run}: the validation split has no images to check the exported files on")
+        val_images = [p[0].astype(np.float32) for p in pairs]
+        val_labels = np.concatenate([p[1] for p in pairs])
+        labels: np.ndarray | None = val_labels
+        summary.check_data = f"{len(val_labels)} validation images of the run"
+    else:
+        rng = np.random.default_rng(0)
+        count = min(check_samples, RANDOM_CHECK_IMAGES)
+        val_images = [rng.standard_normal((count, *input_shape), dtype=np.float32)]
+        labels = None
+        summary.check_data = f"{count} random inputs (no image data: int8 skipped, accuracy not measured)"
+    reference = _torch_logits(model, val_images)
+    recorder.block.update(
+        {"check_data": summary.check_data, "opset": opset, "formats": wanted, "calibration": None}
+    )
+
+    metadata = {
+        "classes": manifest.get("classes", []),
+        "input": input_block,
+        "student": {k: manifest.get("student", {}).get(k) for k in ("arch", "num_classes", "sha256")},
+        "source_sha256": sha256_file(run / STUDENT_FILE),
+    }
+    onnx_wanted = [f for f in ONNX_FORMATS if f in wanted]
+    fp32_ok = False
+    if onnx_wanted or bake_preprocessing:
+        log(f"exporting {FP32_FILE}")
+        info = export_fp32(model, run / FP32_FILE, input_shape, metadata, opset=opset)
+        recorder.block["weights"] = {
+            k: v for k, v in info.items() if k not in ("opset", "exporter", "optimizer")
+        }
+        result = check_file(run / FP32_FILE, "fp32", val_images, reference, labels)
+        fp32_ok = recorder.checked(FP32_FILE, result, "onnx", precision="fp32", flavour="fp32", **info)
+        log(f"  {FP32_FILE}: {result.status} ({result.reason})")
+
+    def from_fp32(fmt: str) -> bool:
+        if not fp32_ok:
+            recorder.skip(fmt, f"{FP32_FILE} failed its check")
+        return fp32_ok
+
+    fp32_path = run / FP32_FILE
+    if "fp16" in wanted and from_fp32("fp16"):
+        rel = ONNX_FORMATS["fp16"][0]
+        log(f"converting {rel}")
+        info = convert_fp16(fp32_path, run / rel)
+        result = check_file(run / rel, "fp16", val_images, reference, labels)
+        recorder.checked(rel, result, "onnx", precision="fp16", flavour="fp16", **info)
+        log(f"  {rel}: {result.status} ({result.reason})")
+
+    int8_wanted = [f for f in ("int8", "int8-trt") if f in wanted]
+    if int8_wanted and not has_data:
+        for fmt in int8_wanted:
+            recorder.skip(fmt, "int8 needs calibration and validation images: pass --data IMAGEFOLDER")
+    elif int8_wanted and fp32_ok:
+        log(f"calibrating int8 on up to {calib_samples} training images ({calib_method})")
+        calibration = collect_calibration(
+            (p[0] for p in source("train", batch_size, calib_samples)), calib_samples
+        )
+        recorder.block["calibration"] = {"method": calib_method, "samples": sum(len(c) for c in calibration)}
+        for fmt in int8_wanted:
+            rel = ONNX_FORMATS[fmt][0]
+            log(f"quantizing {rel}")
+            desc = quantize_int8(
+                fp32_path,
+                run / rel,
+                calibration,
+                flavour="cpu" if fmt == "int8" else "trt",
+                method=calib_method,
+            )
+            result = check_file(run / rel, "int8", val_images, reference, labels)
+            recorder.checked(rel, result, "onnx", precision="int8", **desc)
+            log(f"  {rel}: {result.status} ({result.reason})")
+    else:
+        for fmt in int8_wanted:
+            from_fp32(fmt)
+
+    if bake_preprocessing and from_fp32("uint8"):
+        log(f"baking preprocessing into {UINT8_FILE}")
+        info = bake_uint8_input(fp32_path, run / UINT8_FILE, mean, std)
+        pairs_u8 = [to_uint8_nhwc(b, mean, std) for b in val_images]
+        ref_u8 = _torch_logits(model, [p[1] for p in pairs_u8])
+        result = check_file(run / UINT8_FILE, "uint8", [p[0] for p in pairs_u8], ref_u8, labels)
+        recorder.checked(UINT8_FILE, result, "onnx", precision="fp32", flavour="uint8-input", **info)
+        log(f"  {UINT8_FILE}: {result.status} ({result.reason})")
+
+    if "tensorrt" in wanted:
+        if not trt_ok:
+            summary.missing_dependency = f"--formats tensorrt: {trt_reason}"
+            recorder.skip("tensorrt", trt_reason)
+        else:
+            _build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log)
+    write_manifest(run, manifest)
+    return summary
+
+
+def _build_engines(
+    run: Path, manifest: Manifest, recorder: _Recorder, options: TensorRTOptions, log: Callable[[str], None]
+) -> None:
+    """Build one engine per precision from the ONNX files that passed (this export or an earlier one)."""
+    from deploy.trt_sidecar import sidecar_path
+    from export.tensorrt_engine import build_engine
+
+    for precision, fmt in TENSORRT_SOURCES.items():
+        rel = ONNX_FORMATS[fmt][0]
+        try:
+            source = verify_artifact(run, manifest, rel)
+        except UsageError as exc:
+            recorder.skip(f"tensorrt/{precision}", f"no checked {rel} to build from ({exc})")
+            continue
+        plan_rel = f"export/student.{precision}.plan"
+        log(f"building {plan_rel} from {rel}")
+        sidecar = build_engine(
+            source,
+            run / plan_rel,
+            min_batch=options.min_batch,
+            opt_batch=options.opt_batch,
+            max_batch=options.max_batch,
+            workspace_mib=options.workspace_mib,
+            timing_cache=run / TIMING_CACHE,
+            optimization_level=options.optimization_level,
+            compatibility=options.compatibility,
+            precision=precision,
+        )
+        recorder.keep(
+            plan_rel,
+            "tensorrt",
+            precision=precision,
+            source=rel,
+            tensorrt_version=sidecar.get("tensorrt_version"),
+        )
+        side_rel = sidecar_path(run / plan_rel).relative_to(run).as_posix()
+        recorder.keep(side_rel, "sidecar", precision=precision, plan=plan_rel)
+
+
+def infer_num_classes(model_name: str, weights: str | os.PathLike[str]) -> int:
+    """Read the number of classes off a weights file: the classifier rows of `model_name`."""
+    from reviewkd.models import create_model, read_state_dict
+
+    state = read_state_dict(weights)
+    probe = create_model(model_name, 1).state_dict()
+    found = {
+        int(state[k].shape[0])
+        for k, v in probe.items()
+        if k in state
+        and v.ndim >= 1
+        and v.shape[0] == 1
+        and state[k].shape[1:] == v.shape[1:]
+        and state[k].shape[0] != 1
+    }
+    if len(found) != 1:
+        raise UsageError(f"{weights}: cannot tell the number of classes of {model_name}; pass --num-classes")
+    return found.pop()
+
+
+def export_model(
+    model_name: str,
+    weights: str | os.PathLike[str],
+    input_shape: tuple[int, int, int],
+    out_dir: str | os.PathLike[str],
+    *,
+    num_classes: int | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    **export_options: Any,
+) -> ExportSummary:
+    """Export a zoo model trained elsewhere: lay out `out_dir` like a run, then export_run it.
+
+    `out_dir` gets student.safetensors (the weights re-saved), manifest.json and, with `data_dir`
+    (an ImageFolder tree with train/ and val/ or test/), a config.yaml so that calibration and
+    checks use those images. Without data the checks run on random inputs and int8 is skipped.
+    `export_options` go to export_run.
+    """
+    from safetensors.torch import save_file
+
+    from reviewkd.models import create_model
+
+    out = Path(out_dir)
+    if len(input_shape) != 3 or any(d < 1 for d in input_shape):
+        raise UsageError(f"--input-shape {input_shape}: expected C,H,W with positive sizes")
+    ensure_writable(out)
+    classes_n = num_classes if num_classes is not None else infer_num_classes(model_name, weights)
+    model = strip_student(create_model(model_name, classes_n, weights=weights))
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape)))
+    except RuntimeError as exc:
+        raise UsageError(f"{model_name} cannot take input {input_shape}: {str(exc).splitlines()[0]}") from exc
+
+    manifest = new_manifest()
+    classes = [f"class_{i}" for i in range(classes_n)]
+    if data_dir is not None:
+        classes = _write_data_config(
+            out, model_name, weights, Path(data_dir), input_shape, mean, std, classes_n
+        )
+    else:
+        # A config.yaml left by an earlier export with --data would point the checks at stale images.
+        (out / "config.yaml").unlink(missing_ok=True)
+    with atomic_output(out / STUDENT_FILE) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    manifest["classes"] = classes
+    manifest["input"] = {
+        "shape": list(input_shape),
+        "layout": "NCHW",
+        "dtype": "float32",
+        "mean": list(mean),
+        "std": list(std),
+        "resize": None,
+    }
+    manifest["student"] = {
+        "arch": model_name,
+        "num_classes": classes_n,
+        "sha256": sha256_file(out / STUDENT_FILE),
+        "source_weights": str(Path(weights).resolve()),
+        "source_weights_sha256": sha256_file(weights),
+    }
+    manifest["data"] = {"dataset": "imagefolder", "root": str(Path(data_dir).resolve())} if data_dir else {}
+    record_artifact(out, manifest, STUDENT_FILE, "weights")
+    write_manifest(out, manifest)
+    return export_run(out, **export_options)
+
+
+def _write_data_config(
+    out: Path,
+    model_name: str,
+    weights: str | os.PathLike[str],
+    data_dir: Path,
+    input_shape: tuple[int, int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int,
+) -> list[str]:
+    """Write out/config.yaml pointing reviewkd.data at the ImageFolder tree; return its class names."""
+    from reviewkd.config import Config, DataConfig, ModelConfig, save_config, validate
+
+    channels, height, width = input_shape
+    if channels != 3 or height != width:
+        raise UsageError(f"--data: ImageFolder images load as 3 x S x S; --input-shape {input_shape} is not")
+    train = data_dir / "train"
+    if not train.is_dir():
+        raise UsageError(f"--data {data_dir}: expected an ImageFolder tree with train/ and val/ or test/")
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if len(classes) != num_classes:
+        raise UsageError(
+            f"--data {data_dir}: {len(classes)} class folders, the model has {num_classes} classes"
+        )
+    config = Config(
+        data=DataConfig(
+            dataset="imagefolder",
+            root=str(data_dir.resolve()),
+            image_size=height,
+            mean=list(mean),
+            std=list(std),
+        ),
+        student=ModelConfig(arch=model_name, weights=str(Path(weights).resolve())),
+    )
+    save_config(validate(config), out / "config.yaml")
+    return classes

@@ -1,0 +1,155 @@
+"""`reviewkd export`: a run's student (or a zoo model trained elsewhere) to ONNX flavours and TensorRT.
+
+export RUN [--formats ...]                       export a training run
+export --model NAME --weights FILE --input-shape C,H,W --out DIR [--data IMAGEFOLDER]
+                                                 export a plain zoo model into a run-like DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from deploy.errors import UsageError
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or any(p < 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected C,H,W with positive integers, got {text!r}")
+    return (parts[0], parts[1], parts[2])
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the export subcommand."""
+    from export.pipeline import ALL_FORMATS, IMAGENET_MEAN, IMAGENET_STD, ONNX_FORMATS
+    from export.precision import CALIBRATION_METHODS
+
+    parser = subparsers.add_parser(
+        "export",
+        help="export a run's student to ONNX (fp32, fp16, int8) and TensorRT, checked against PyTorch",
+        description=(
+            "Write RUN/export/student.onnx (fp32), student.fp16.onnx, student.int8.onnx (fastest int8 on "
+            "ONNX Runtime CPUs), student.int8.trt.onnx (symmetric Q/DQ for TensorRT) and, with "
+            "--formats tensorrt, TensorRT engines; each file is checked against the PyTorch student on "
+            "the run's validation images and recorded in the manifest. Exit 1 if a file fails its check "
+            "(it is kept as FILE.failed), 3 if TensorRT was asked for and is missing."
+        ),
+    )
+    parser.add_argument("run", nargs="?", type=Path, metavar="RUN", help="the run directory to export")
+    parser.add_argument(
+        "--formats",
+        help=f"comma-separated subset of {','.join(ALL_FORMATS)} (default: {','.join(ONNX_FORMATS)}, "
+        "plus tensorrt where TensorRT and a GPU are available)",
+    )
+    parser.add_argument(
+        "--calib-samples", type=int, default=512, help="int8 calibration images (default 512)"
+    )
+    parser.add_argument(
+        "--calib-method", choices=CALIBRATION_METHODS, default="minmax", help="int8 calibration"
+    )
+    parser.add_argument(
+        "--check-samples", type=int, default=2000, help="validation images to check on (default 2000)"
+    )
+    parser.add_argument(
+        "--bake-preprocessing", action="store_true", help="also write student.uint8.onnx (uint8 NHWC input)"
+    )
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
+    trt = parser.add_argument_group("TensorRT")
+    trt.add_argument(
+        "--trt-batch", type=_shape, default=(1, 8, 32), metavar="MIN,OPT,MAX", help="batch profile"
+    )
+    trt.add_argument("--trt-workspace-mib", type=int, default=1024, help="builder workspace limit")
+    trt.add_argument("--trt-opt-level", type=int, default=3, help="builder optimisation level 0..5")
+    trt.add_argument(
+        "--trt-compat", choices=("version", "hardware"), help="version or hardware compatibility"
+    )
+    plain = parser.add_argument_group("a zoo model trained elsewhere (instead of RUN)")
+    plain.add_argument(
+        "--model", help="zoo model name (reviewkd.models.list_models(), torchvision:NAME, timm:NAME)"
+    )
+    plain.add_argument("--weights", type=Path, help="its weights (safetensors or torch checkpoint)")
+    plain.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="input shape without the batch")
+    plain.add_argument("--num-classes", type=int, help="classes (default: read off the weights)")
+    plain.add_argument("--out", type=Path, metavar="DIR", help="folder laid out like a run")
+    plain.add_argument(
+        "--data",
+        type=Path,
+        metavar="IMAGEFOLDER",
+        help="ImageFolder tree (train/, val/ or test/) for int8 calibration and checks; without it the "
+        "checks use random inputs and int8 is skipped",
+    )
+    plain.add_argument(
+        "--mean", type=_floats, default=IMAGENET_MEAN, help="normalisation mean (default ImageNet)"
+    )
+    plain.add_argument(
+        "--std", type=_floats, default=IMAGENET_STD, help="normalisation std (default ImageNet)"
+    )
+    parser.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Run the export and print one line per file; failures raise the error that sets the exit code."""
+    from export.pipeline import TensorRTOptions, export_model, export_run, parse_formats
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    options = {
+        "formats": parse_formats(args.formats),
+        "calib_samples": args.calib_samples,
+        "calib_method": args.calib_method,
+        "check_samples": args.check_samples,
+        "bake_preprocessing": args.bake_preprocessing,
+        "opset": args.opset,
+        "tensorrt": TensorRTOptions(
+            min_batch=args.trt_batch[0],
+            opt_batch=args.trt_batch[1],
+            max_batch=args.trt_batch[2],
+            workspace_mib=args.trt_workspace_mib,
+            optimization_level=args.trt_opt_level,
+            compatibility=args.trt_compat,
+        ),
+        "log": log,
+    }
+    plain = (args.model, args.weights, args.input_shape, args.out)
+    if args.run is not None:
+        if any(v is not None for v in (*plain, args.data, args.num_classes)):
+            raise UsageError("give either RUN or --model/--weights/--input-shape/--out, not both")
+        summary = export_run(args.run, **options)
+    else:
+        if any(v is None for v in plain):
+            raise UsageError("expected RUN, or all of --model, --weights, --input-shape and --out")
+        summary = export_model(
+            args.model,
+            args.weights,
+            args.input_shape,
+            args.out,
+            num_classes=args.num_classes,
+            data_dir=args.data,
+            mean=args.mean,
+            std=args.std,
+            **options,
+        )
+    print(f"checked on {summary.check_data}")
+    for rel, entry in summary.files.items():
+        check = summary.checks.get(rel)
+        status = check.reason if check else "written"
+        print(f"ok      {rel}  {entry['size_bytes'] / 1e6:.2f} MB  {status}")
+    for rel, reason in summary.failed.items():
+        print(f"FAILED  {rel}.failed  {reason}")
+    for fmt, reason in summary.skipped.items():
+        print(f"skipped {fmt}: {reason}")
+    summary.raise_for_status()
+    return 0

@@ -1,0 +1,364 @@
+"""The export stage on a short digits run: every ONNX flavour, checks, manifest, CLI and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from deploy.errors import GateFailedError, MissingDependencyError, UsageError
+from deploy.manifest import new_manifest, read_manifest, record_artifact, verify_artifact, write_manifest
+from export import pipeline
+from export.check import FP32_MAX_ABS_DIFF, gate, run_onnx
+from export.onnx_export import METADATA_KEY, count_weights, load_onnx, onnx_weight_count
+from export.pipeline import ExportSummary, export_model, export_run
+from export.precision import zero_points_all_zero
+from reviewkd.cli import main
+from reviewkd.config import Config, DataConfig, ModelConfig, save_config
+from reviewkd.data import DATASET_STATS, iter_run_batches
+from reviewkd.models import create_model
+
+ARCH = "cifar_resnet20"
+SIZE = 8  # digits are 8x8 natively; small inputs keep the whole file well under a minute
+FAST = {"calib_samples": 128, "check_samples": 360, "batch_size": 128}
+
+
+def _make_run(run: Path, model: torch.nn.Module) -> None:
+    """A run directory as the training stage writes it: config, student weights, manifest."""
+    mean, std = DATASET_STATS["digits"]
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "student.safetensors"))
+    manifest = new_manifest()
+    manifest["classes"] = [str(i) for i in range(10)]
+    manifest["input"] = {
+        "shape": [3, SIZE, SIZE],
+        "layout": "NCHW",
+        "dtype": "float32",
+        "mean": list(mean),
+        "std": list(std),
+        "resize": None,
+    }
+    manifest["student"] = {"arch": ARCH, "num_classes": 10}
+    record_artifact(run, manifest, "student.safetensors", "weights")
+    write_manifest(run, manifest)
+
+
+@pytest.fixture(scope="module")
+def trained_state(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A cifar_resnet20 trained for two epochs on 8x8 digits (~96% val): int8 gates need a real model."""
+    run = tmp_path_factory.mktemp("digits")
+    save_config(
+        Config(data=DataConfig(dataset="digits", image_size=SIZE), student=ModelConfig(arch=ARCH)),
+        run / "config.yaml",
+    )
+    torch.manual_seed(0)
+    model = create_model(ARCH, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    for _ in range(2):
+        for images, labels in iter_run_batches(run, "train", 64):
+            loss = torch.nn.functional.cross_entropy(
+                model(torch.from_numpy(images)), torch.from_numpy(labels)
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return run, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def digits_run(tmp_path: Path, trained_state: tuple[Path, dict[str, torch.Tensor]]) -> Path:
+    source, state = trained_state
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes((source / "config.yaml").read_bytes())
+    model = create_model(ARCH, 10)
+    model.load_state_dict(state)
+    _make_run(run, model)
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, trained_state: tuple[Path, dict[str, torch.Tensor]]):
+    """One full export (every ONNX flavour plus the uint8 variant), shared by the read-only tests."""
+    source, state = trained_state
+    run = tmp_path_factory.mktemp("exported")
+    (run / "config.yaml").write_bytes((source / "config.yaml").read_bytes())
+    model = create_model(ARCH, 10)
+    model.load_state_dict(state)
+    _make_run(run, model)
+    summary = export_run(run, ["onnx", "fp16", "int8", "int8-trt"], bake_preprocessing=True, **FAST)
+    return run, summary, model.eval()
+
+
+FILES = {
+    "export/student.onnx": "fp32",
+    "export/student.fp16.onnx": "fp16",
+    "export/student.int8.onnx": "int8",
+    "export/student.int8.trt.onnx": "int8",
+    "export/student.uint8.onnx": "fp32",
+}
+
+
+def test_every_format_is_written_checked_and_recorded(
+    exported: tuple[Path, ExportSummary, torch.nn.Module],
+) -> None:
+    run, summary, _ = exported
+    summary.raise_for_status()
+    assert not summary.failed
+    manifest = read_manifest(run)
+    for rel, precision in FILES.items():
+        assert summary.checks[rel].status == "ok", summary.checks[rel].reason
+        entry = manifest["artifacts"][rel]
+        assert entry["kind"] == "onnx" and entry["precision"] == precision
+        verify_artifact(run, manifest, rel)  # sha256 and size match the file on disk
+        model = load_onnx(run / rel, full_check=True)
+        meta = json.loads(next(p.value for p in model.metadata_props if p.key == METADATA_KEY))
+        assert meta["classes"] == [str(i) for i in range(10)]
+        assert meta["source_sha256"] == manifest["artifacts"]["student.safetensors"]["sha256"]
+        assert model.opset_import[0].version >= 18
+    checks = manifest["export"]["checks"]
+    assert checks["export/student.onnx"]["max_abs_diff"] <= FP32_MAX_ABS_DIFF
+    assert checks["export/student.onnx"]["top1_agreement"] == 1.0
+    assert checks["export/student.onnx"]["top1"] > 0.9  # the short training run learned digits
+    for rel in ("export/student.int8.onnx", "export/student.int8.trt.onnx"):
+        assert checks[rel]["top1"] >= checks[rel]["reference_top1"] - 0.01
+    assert checks["export/student.fp16.onnx"]["top1_agreement"] >= 0.99
+
+
+def test_weight_count_equals_the_students_after_bn_folding(
+    exported: tuple[Path, ExportSummary, torch.nn.Module],
+) -> None:
+    run, _, model = exported
+    weights = read_manifest(run)["export"]["weights"]
+    params, expected, folded, unfolded = count_weights(model, (3, SIZE, SIZE))
+    assert weights["bn_folded"] is True and folded == 19 and unfolded == 0
+    bn_channels = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # Each folded BN loses weight and bias (2C) and its bias-free conv gains a bias (C).
+    assert expected == params - bn_channels
+    assert weights["onnx_weights"] == weights["expected_onnx_weights"] == expected
+    assert weights["student_params"] == params
+
+
+def test_flavours_have_the_promised_types(exported: tuple[Path, ExportSummary, torch.nn.Module]) -> None:
+    run, _, _ = exported
+    fp16 = onnx.load(str(run / "export/student.fp16.onnx"))
+    assert fp16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert fp16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    conv_weights = {n.input[1] for n in fp16.graph.node if n.op_type == "Conv"}
+    assert {i.data_type for i in fp16.graph.initializer if i.name in conv_weights} == {
+        onnx.TensorProto.FLOAT16
+    }
+
+    trt = onnx.load(str(run / "export/student.int8.trt.onnx"))
+    assert zero_points_all_zero(trt)
+    zero_types = {i.data_type for i in trt.graph.initializer if i.name.endswith("_zero_point")}
+    assert zero_types == {onnx.TensorProto.INT8}
+    per_channel = [
+        n for n in trt.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in conv_weights_of(trt)
+    ]
+    assert per_channel and all(_scale_size(trt, n) > 1 for n in per_channel)
+
+    cpu = onnx.load(str(run / "export/student.int8.onnx"))
+    assert onnx.TensorProto.UINT8 in {
+        i.data_type for i in cpu.graph.initializer if i.name.endswith("_zero_point")
+    }
+
+    uint8 = onnx.load(str(run / "export/student.uint8.onnx"))
+    dims = [d.dim_param or d.dim_value for d in uint8.graph.input[0].type.tensor_type.shape.dim]
+    assert uint8.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert dims[1:] == [SIZE, SIZE, 3]
+
+
+def conv_weights_of(model: onnx.ModelProto) -> set[str]:
+    """Names of the quantized conv weights (inputs of DequantizeLinear that are initializers of rank 4)."""
+    return {i.name for i in model.graph.initializer if len(i.dims) == 4}
+
+
+def _scale_size(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    scale = next(i for i in model.graph.initializer if i.name == node.input[1])
+    return int(np.prod(scale.dims)) if scale.dims else 1
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_dynamic_batch(exported: tuple[Path, ExportSummary, torch.nn.Module], batch: int) -> None:
+    run, _, model = exported
+    images = np.random.default_rng(batch).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(images)).numpy()
+    for rel in (
+        "export/student.onnx",
+        "export/student.fp16.onnx",
+        "export/student.int8.onnx",
+        "export/student.int8.trt.onnx",
+    ):
+        session = ort.InferenceSession(str(run / rel), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].name == "images" and session.get_outputs()[0].name == "logits"
+        logits = session.run(None, {"images": images})[0]
+        assert logits.shape == (batch, 10) and logits.dtype == np.float32
+        if rel == "export/student.onnx":
+            assert np.abs(logits - reference).max() <= FP32_MAX_ABS_DIFF
+    pixels = np.random.default_rng(batch).integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+    session = ort.InferenceSession(str(run / "export/student.uint8.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"images": pixels})[0].shape == (batch, 10)
+
+
+def test_gate_thresholds() -> None:
+    base = {"max_abs_diff": 1e-4, "top1_agreement": 1.0}
+    assert gate("fp32", base)[0] == "ok"
+    assert gate("fp32", {**base, "max_abs_diff": 1.01e-4})[0] == "failed"
+    assert gate("fp32", {**base, "top1_agreement": 0.999})[0] == "failed"
+    assert gate("fp16", {**base, "top1_agreement": 0.99})[0] == "ok"
+    assert gate("fp16", {**base, "top1_agreement": 0.989})[0] == "failed"
+    assert gate("int8", {**base, "top1": 0.90, "reference_top1": 0.91})[0] == "ok"
+    assert gate("int8", {**base, "top1": 0.899, "reference_top1": 0.91})[0] == "failed"
+    assert gate("int8", base)[0] == "skipped"
+
+
+def test_damaged_file_fails_its_gate_and_is_kept_as_failed(
+    digits_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_convert = pipeline.convert_fp16
+
+    def damaging_convert(src: Path, dst: Path) -> dict[str, str]:
+        info = real_convert(src, dst)
+        model = onnx.load(str(dst))
+        final = next(n for n in model.graph.node if n.op_type == "Gemm")
+        weight = next(i for i in model.graph.initializer if i.name == final.input[1])
+        array = onnx.numpy_helper.to_array(weight)
+        weight.CopyFrom(onnx.numpy_helper.from_array(array[::-1].copy(), weight.name))  # swap class rows
+        onnx.save(model, str(dst))
+        return info
+
+    monkeypatch.setattr(pipeline, "convert_fp16", damaging_convert)
+    summary = export_run(digits_run, ["onnx", "fp16"], **FAST)
+    assert list(summary.failed) == ["export/student.fp16.onnx"]
+    assert (digits_run / "export/student.fp16.onnx.failed").is_file()
+    assert not (digits_run / "export/student.fp16.onnx").exists()
+    manifest = read_manifest(digits_run)
+    assert "export/student.fp16.onnx" not in manifest["artifacts"]
+    assert "export/student.onnx" in manifest["artifacts"]  # the other format still went through
+    assert "agreement" in manifest["export"]["failed"]["export/student.fp16.onnx"]
+    with pytest.raises(GateFailedError, match="student.fp16.onnx"):
+        summary.raise_for_status()
+
+
+def test_tensorrt_asked_for_without_tensorrt_exits_3_after_the_rest(
+    digits_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok, _ = pipeline.tensorrt_status()
+    if ok:
+        pytest.skip("TensorRT and a GPU are present here")
+    code = main(["export", str(digits_run), "--formats", "onnx,tensorrt", "--check-samples", "64"])
+    assert code == 3
+    assert "TensorRT" in capsys.readouterr().err
+    assert "export/student.onnx" in read_manifest(digits_run)["artifacts"]
+
+
+def test_export_plain_model_non_square_without_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = create_model(ARCH, 7).eval()
+    with torch.no_grad():  # make BN statistics non-trivial, as a trained model's are
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    weights = tmp_path / "weights.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, weights)
+    out = tmp_path / "out"
+    code = main(
+        ["export", "--model", ARCH, "--weights", str(weights), "--input-shape", "3,12,20", "--out", str(out)]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "random inputs" in printed and "skipped int8" in printed
+    manifest = read_manifest(out)
+    assert manifest["student"]["num_classes"] == 7  # read off the weights
+    assert set(pipeline.ONNX_FORMATS["onnx"][:1]) <= set(manifest["artifacts"])
+    assert "export/student.int8.onnx" not in manifest["artifacts"]
+    for batch in (1, 7):
+        images = np.random.default_rng(0).standard_normal((batch, 3, 12, 20), dtype=np.float32)
+        with torch.no_grad():
+            reference = model(torch.from_numpy(images)).numpy()
+        logits = run_onnx(out / "export/student.onnx", [images])
+        assert np.abs(logits - reference).max() <= FP32_MAX_ABS_DIFF
+        assert run_onnx(out / "export/student.fp16.onnx", [images]).shape == (batch, 7)
+
+
+def test_export_plain_model_with_imagefolder_data(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = data / split / label
+            folder.mkdir(parents=True)
+            for i in range(6):
+                base = 40 if label == "a" else 200  # dark versus bright: a model can tell them apart
+                pixels = np.clip(base + rng.normal(0, 10, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    model = create_model(ARCH, 2).eval()
+    weights = tmp_path / "student.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    summary = export_model(
+        ARCH, weights, (3, SIZE, SIZE), tmp_path / "out", data_dir=data, formats=["onnx", "int8"], **FAST
+    )
+    assert summary.check_data.startswith("12 validation images")
+    assert read_manifest(tmp_path / "out")["classes"] == ["a", "b"]
+    assert summary.checks["export/student.int8.onnx"].metrics["n"] == 12
+
+
+def test_run_without_student_is_a_usage_error(digits_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (digits_run / "student.safetensors").unlink()
+    assert main(["export", str(digits_run), "--formats", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "student.safetensors" in err and err.count("\n") == 1
+    assert not (digits_run / "export").exists()
+
+
+def test_corrupt_onnx_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"\x08\x07garbage that is not a protobuf model")
+    with pytest.raises(UsageError, match="broken.onnx"):
+        load_onnx(path)
+    with pytest.raises(UsageError, match="broken.onnx"):
+        run_onnx(path, [np.zeros((1, 3, SIZE, SIZE), np.float32)])
+
+
+def test_unwritable_output_is_a_clear_error_and_writes_nothing(digits_run: Path) -> None:
+    (digits_run / "export").write_text("a file where the export folder should be")
+    before = sorted(p.name for p in digits_run.iterdir())
+    with pytest.raises(UsageError, match="cannot write"):
+        export_run(digits_run, ["onnx"], **FAST)
+    assert sorted(p.name for p in digits_run.iterdir()) == before
+
+
+def test_bad_formats_and_options_are_usage_errors(digits_run: Path) -> None:
+    with pytest.raises(UsageError, match="--formats"):
+        pipeline.parse_formats("onnx,int4")
+    with pytest.raises(UsageError, match="calib-method"):
+        export_run(digits_run, ["int8"], calib_method="mse")
+    with pytest.raises(MissingDependencyError):
+        ExportSummary(digits_run, missing_dependency="TensorRT missing").raise_for_status()
+
+
+def test_onnx_weight_count_counts_shared_tensors_once_per_use() -> None:
+    weight = onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Identity", ["w"], ["w2"]),
+            onnx.helper.make_node("MatMul", ["x", "w"], ["y1"]),
+            onnx.helper.make_node("MatMul", ["x", "w2"], ["y2"]),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y2", onnx.TensorProto.FLOAT, [1, 3])],
+        [weight],
+    )
+    assert onnx_weight_count(onnx.helper.make_model(graph)) == 24
