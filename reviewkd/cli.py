@@ -16,7 +16,11 @@ from collections.abc import Sequence
 from deploy.errors import ReviewKDError
 
 # Order here is the order `reviewkd --help` lists the commands in.
-COMMAND_MODULES: tuple[str, ...] = ("reviewkd.commands.export", "reviewkd.commands.serve")
+COMMAND_MODULES: tuple[str, ...] = (
+    "reviewkd.commands.train",
+    "reviewkd.commands.export",
+    "reviewkd.commands.serve",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,406 @@
+"""Training configuration: typed dataclasses, YAML files, `key=value` overrides.
+
+Every field has a default; the defaults are the embedded digits config (`reviewkd/configs/digits.yaml`
+holds the same values, spelled out). A config is resolved in three layers:
+
+1. the dataclass defaults;
+2. a YAML file (`--config FILE`, or the name of a shipped config such as `digits` or
+   `cifar10_resnet56_resnet20`, resolving to `reviewkd/configs/<name>.yaml`); it may set any subset;
+3. dotted `key=value` overrides from the command line (`optim.lr=0.05 method.name=kd`), each value
+   parsed as YAML (`null`, `true`, `[150, 180]`) and then checked against the field's type.
+
+Unknown keys, wrongly typed values and values outside a field's choices or range are UsageErrors that
+name the key. Relative paths (data.root, teacher.weights, student.weights) are relative to the
+current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploy.errors import UsageError
+from deploy.fileio import write_text_atomic
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG_NAME = "digits"
+
+METHODS = ("ce", "kd", "reviewkd", "reviewkd+kd")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+AUGMENTS = ("auto", "none", "crop", "crop_flip", "rrc_flip")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are preprocessed."""
+
+    dataset: str = "digits"  # digits | cifar10 | cifar100 | imagefolder
+    root: str | None = None  # folder of cifar10/cifar100 pickles or of an ImageFolder tree
+    val_dir: str | None = None  # imagefolder: sub-folder holding the val split (None: val/, else test/)
+    image_size: int = 16  # network input H = W
+    resize: int | None = None  # eval: shorter side before the centre crop (None: resize to image_size)
+    augment: str = "auto"  # auto | none | crop | crop_flip | rrc_flip
+    crop_padding: int = 2  # padding of the random crop ("crop", "crop_flip")
+    mean: list[float] | None = None  # None: the dataset's usual values
+    std: list[float] | None = None
+    val_fraction: float = 0.2  # digits: the stratified share held out for validation
+    subset: int | None = None  # train on N training images (stratified, fixed seed); None: all
+    cache: bool = False  # imagefolder: decode every image once into memory (uint8)
+    num_workers: int = 0  # imagefolder without cache: DataLoader workers
+
+
+@dataclass
+class ModelConfig:
+    """A zoo network (reviewkd.models.create_model) and optional initial weights."""
+
+    arch: str = "cifar_resnet20"
+    weights: str | None = None
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher; with no weights, `reviewkd distill` first trains one into DIR/teacher/."""
+
+    arch: str = "cifar_resnet56"
+    weights: str | None = None
+    epochs: int | None = None  # epochs when training the teacher (None: train.epochs)
+    lr: float | None = None  # learning rate when training the teacher (None: optim.lr)
+
+
+@dataclass
+class MethodConfig:
+    """The distillation method and its loss weights (DESIGN.md section 1)."""
+
+    name: str = "reviewkd"  # ce | kd | reviewkd | reviewkd+kd
+    hcl_weight: float = 1.0  # lambda of the HCL term
+    kd_weight: float = 1.0  # weight of the Hinton KD term
+    temperature: float = 4.0
+    warmup_epochs: float = 1.0  # the distillation weight rises linearly from 0 to 1 over these epochs
+    student_taps: list[str] | None = None  # None: the model's default taps
+    teacher_taps: list[str] | None = None
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer: SGD (momentum, Nesterov) or AdamW, with weight decay."""
+
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, evaluated every step."""
+
+    name: str = "cosine"  # step | cosine
+    milestones: list[int] = field(default_factory=list)  # step: epochs where lr is multiplied by gamma
+    gamma: float = 0.1
+    min_lr: float = 0.0  # cosine: the final learning rate
+
+
+@dataclass
+class TrainConfig:
+    """The loop: epochs, batch, seed, device and its speed switches."""
+
+    epochs: int = 12
+    batch_size: int = 64  # per process
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto (bf16 where CUDA supports it) | none | bf16 | fp16 (with a GradScaler)
+    channels_last: bool = True  # on CUDA only; it slows small convolutions on the CPU
+    compile: bool = False  # torch.compile the distiller
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
+
+
+@dataclass
+class OutputConfig:
+    """Where the run directory goes (`--out` sets it)."""
+
+    dir: str | None = None
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a teacher or distillation run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in reviewkd/configs/ (usable as `--config NAME`)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(source: str | Path) -> Path:
+    """A config file path, or a shipped config's name, to an existing file; else a UsageError."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    packaged = CONFIGS_DIR / f"{source}.yaml"
+    if not path.suffix and packaged.is_file():
+        return packaged
+    raise UsageError(
+        f"--config {source}: no such file, and not a shipped config ({', '.join(shipped_configs())})"
+    )
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` (int, float, bool, str, list[...], X | None)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except UsageError:
+                continue
+        raise UsageError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UsageError(f"config key {key}: expected a {_type_name(tp)} such as [1, 2], got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    # YAML reads `arch=resnet18` as a string but `root=2024` as an int: both mean a string here.
+    elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UsageError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> None:
+    """Set the fields of dataclass `obj` from a nested mapping, checking names and types."""
+    if not isinstance(data, Mapping):
+        raise UsageError(f"config key {prefix.rstrip('.') or '<top>'}: expected a mapping, got {data!r}")
+    hints = _field_types(type(obj))
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            known = ", ".join(f"{prefix}{n}" for n in hints)
+            raise UsageError(f"unknown config key {key}; known keys here: {known}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise UsageError(f"config key {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"config key {key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(config: Config) -> Config:
+    """Check choices and ranges that types cannot express; returns the config for chaining."""
+    _check_choice("data.dataset", config.data.dataset, DATASETS)
+    _check_choice("data.augment", config.data.augment, AUGMENTS)
+    _check_choice("method.name", config.method.name, METHODS)
+    _check_choice("optim.name", config.optim.name, OPTIMIZERS)
+    _check_choice("schedule.name", config.schedule.name, SCHEDULES)
+    _check_choice("train.device", config.train.device, DEVICES)
+    _check_choice("train.amp", config.train.amp, AMP_MODES)
+    for key, value in (
+        ("data.image_size", config.data.image_size),
+        ("data.resize", config.data.resize),
+        ("data.subset", config.data.subset),
+        ("train.epochs", config.train.epochs),
+        ("train.batch_size", config.train.batch_size),
+        ("train.threads", config.train.threads),
+        ("teacher.epochs", config.teacher.epochs),
+        ("teacher.lr", config.teacher.lr),
+        ("optim.lr", config.optim.lr),
+        ("method.temperature", config.method.temperature),
+    ):
+        _check_positive(key, value)
+    for key, value in (
+        ("data.crop_padding", config.data.crop_padding),
+        ("data.num_workers", config.data.num_workers),
+        ("method.hcl_weight", config.method.hcl_weight),
+        ("method.kd_weight", config.method.kd_weight),
+        ("method.warmup_epochs", config.method.warmup_epochs),
+        ("optim.momentum", config.optim.momentum),
+        ("optim.weight_decay", config.optim.weight_decay),
+        ("schedule.gamma", config.schedule.gamma),
+        ("schedule.min_lr", config.schedule.min_lr),
+    ):
+        _check_positive(key, value, allow_zero=True)
+    if not 0.0 < config.data.val_fraction < 1.0:
+        raise UsageError(
+            f"config key data.val_fraction: must be between 0 and 1, got {config.data.val_fraction}"
+        )
+    for key, values in (("data.mean", config.data.mean), ("data.std", config.data.std)):
+        if values is not None and len(values) != 3:
+            raise UsageError(f"config key {key}: expected 3 values (R, G, B), got {values}")
+    if config.data.std is not None and any(v <= 0 for v in config.data.std):
+        raise UsageError(f"config key data.std: every value must be > 0, got {config.data.std}")
+    if config.data.dataset != "digits" and not config.data.root:
+        raise UsageError(
+            f"config key data.root: required for data.dataset={config.data.dataset}; "
+            "pass data.root=DIR (the dataset's folder)"
+        )
+    if sorted(config.schedule.milestones) != config.schedule.milestones:
+        raise UsageError(
+            f"config key schedule.milestones: must be increasing, got {config.schedule.milestones}"
+        )
+    if config.method.name in ("reviewkd", "reviewkd+kd") and (config.method.student_taps is None) != (
+        config.method.teacher_taps is None
+    ):
+        raise UsageError("config keys method.student_taps and method.teacher_taps: set both or neither")
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b=value` into the dotted key and the YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"override {text!r}: expected key=value, for example optim.lr=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"override {key}: cannot parse value {raw!r} ({exc})") from exc
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    parts = key.split(".")
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; unreadable files and non-mappings are UsageErrors naming the path."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UsageError(f"{path}: cannot read the config ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a config must be a YAML mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from a nested mapping over the defaults."""
+    config = Config()
+    _merge(config, data, "")
+    return validate(config)
+
+
+def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Resolve a config: defaults, then the file or shipped name `source`, then `key=value` overrides.
+
+    Raises:
+        UsageError: a missing or unreadable file, an unknown key, a bad value; the message names it.
+    """
+    config = Config()
+    if source is not None:
+        path = resolve_config_path(source)
+        try:
+            _merge(config, read_yaml(path), "")
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from exc
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(config, _nest(key, value), "")
+    return validate(config)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (YAML- and JSON-serialisable)."""
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML text, sections in declaration order."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    write_text_atomic(path, dump_config(config))
+    return Path(path)
+
+
+def load_run_config(run_dir: str | os.PathLike[str]) -> Config:
+    """Read RUN/config.yaml as written by a training run."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UsageError(f"{path}: no config.yaml; expected a run directory written by reviewkd distill")
+    data = read_yaml(path)
+    try:
+        return config_from_dict(data)
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+
+
+def diff_configs(a: Config, b: Config, ignore: Sequence[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs, leaving out keys under `ignore` prefixes."""
+
+    def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            if isinstance(v, Mapping):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    fa, fb = flat(config_to_dict(a)), flat(config_to_dict(b))
+    return [k for k in fa if fa[k] != fb.get(k) and not any(k == p or k.startswith(f"{p}.") for p in ignore)]

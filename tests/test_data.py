@@ -1,0 +1,159 @@
+"""Data: digits split, ImageFolder trees (files and in-memory cache), augmentation, batches, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deploy.errors import UsageError
+from reviewkd.config import load_config, save_config
+from reviewkd.data import augment_batch, build_data, iter_run_batches
+
+
+def _digits(*overrides: str):  # type: ignore[no-untyped-def]
+    return build_data(load_config(None, list(overrides)))
+
+
+def test_digits_split_is_stratified_fixed_and_upsampled() -> None:
+    bundle = _digits()
+    assert (len(bundle.train), len(bundle.val)) == (1437, 360)
+    assert bundle.classes == [str(d) for d in range(10)]
+    assert bundle.train.images is not None and bundle.train.images.dtype == torch.uint8
+    assert tuple(bundle.train.images.shape[1:]) == (3, 16, 16) == bundle.input_shape
+    assert int(bundle.train.images.max()) == 255
+    # Every class is held out in proportion (about 36 of each).
+    counts = torch.bincount(bundle.val.labels, minlength=10)
+    assert int(counts.min()) >= 34 and int(counts.max()) <= 38
+    # The split does not move with the training seed.
+    other = _digits("train.seed=7", "data.image_size=8")
+    assert torch.equal(other.val.labels, bundle.val.labels)
+    assert bundle.manifest_input() == {
+        "shape": [3, 16, 16],
+        "layout": "NCHW",
+        "dtype": "float32",
+        "mean": [0.3053] * 3,
+        "std": [0.376] * 3,
+        "resize": None,
+    }
+    assert bundle.manifest_data()["num_val"] == 360
+
+
+def test_subset_is_stratified() -> None:
+    bundle = _digits("data.subset=200")
+    assert len(bundle.train) == 200
+    assert int(torch.bincount(bundle.train.labels).min()) >= 19
+    with pytest.raises(UsageError, match=r"data\.subset: 5 is fewer than the 10 classes"):
+        _digits("data.subset=5")
+
+
+def test_train_batches_depend_only_on_seed_and_epoch_and_resume_mid_epoch() -> None:
+    bundle = _digits("data.subset=300")
+
+    def epoch(seed: int, e: int, start: int = 0, state: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return [x for x, _ in bundle.train_batches(e, seed, 64, start_step=start, aug_state=state)]
+
+    first = epoch(0, 0)
+    assert len(first) == 300 // 64
+    assert all(torch.equal(a, b) for a, b in zip(first, epoch(0, 0), strict=True))
+    assert not torch.equal(first[0], epoch(0, 1)[0])
+    assert not torch.equal(first[0], epoch(1, 0)[0])
+    # Stop after two batches, keep the augmentation state, and resume: the rest is identical.
+    partial = bundle.train_batches(0, 0, 64)
+    iterator = iter(partial)
+    next(iterator), next(iterator)
+    rest = epoch(0, 0, start=2, state=partial.aug_state)
+    assert all(torch.equal(a, b) for a, b in zip(first[2:], rest, strict=True))
+    # Two ranks see disjoint halves.
+    rank0 = torch.cat([y for _, y in bundle.train_batches(0, 0, 32, rank=0, world_size=2)])
+    rank1 = torch.cat([y for _, y in bundle.train_batches(0, 0, 32, rank=1, world_size=2)])
+    assert len(rank0) == len(rank1) == 128
+
+
+def test_augmentations_keep_shape_and_pixels() -> None:
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 3, 6, 6)
+    gen = torch.Generator().manual_seed(0)
+    for mode in ("none", "crop", "crop_flip", "rrc_flip"):
+        out = augment_batch(x, mode, 2, gen)
+        assert out.shape == x.shape and out.dtype == torch.uint8
+    assert torch.equal(augment_batch(x, "none", 2, gen), x)
+    # A crop either keeps a pixel or brings in the zero padding; it never invents values.
+    cropped = augment_batch(x, "crop", 1, gen)
+    assert set(cropped.unique().tolist()) <= set(x.unique().tolist()) | {0}
+
+
+def _write_tree(root: Path, split: str, classes: dict[str, int], size: int = 12) -> None:
+    rng = np.random.default_rng(0)
+    for name, count in classes.items():
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, size=(size, size + 4, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_imagefolder_files_and_cache_agree(tmp_path: Path) -> None:
+    _write_tree(tmp_path, "train", {"cat": 5, "dog": 4})
+    _write_tree(tmp_path, "test", {"cat": 2, "dog": 3})
+    overrides = ["data.dataset=imagefolder", f"data.root={tmp_path}", "data.image_size=8", "data.resize=10"]
+    files = build_data(load_config(None, overrides))
+    assert files.classes == ["cat", "dog"] and files.val_name == "test"
+    assert (len(files.train), len(files.val)) == (9, 5)
+    assert files.train.files is not None and files.augment == "crop_flip"
+    assert files.mean == (0.485, 0.456, 0.406) and files.manifest_input()["resize"] == 10
+    cached = build_data(load_config(None, [*overrides, "data.cache=true"]))
+    assert cached.val.images is not None
+    from_files = torch.cat([x for x, _ in files.eval_batches("val", 2)])
+    assert torch.equal(from_files, cached.val.images)
+    batches = list(files.train_batches(0, 0, 4))
+    assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 8, 8)] * 2
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", r"no such folder"),
+        ("empty_class", r"dog: empty class folder"),
+        ("unreadable", r"0\.png: cannot read this image"),
+        ("unknown_val_class", r"class folders \['bird'\] are not among the training classes"),
+        ("no_val", r"neither val/ nor test/"),
+    ],
+)
+def test_imagefolder_errors_name_the_path(tmp_path: Path, setup: str, message: str) -> None:
+    root = tmp_path / "data"
+    if setup != "missing":
+        _write_tree(root, "train", {"cat": 2, "dog": 0 if setup == "empty_class" else 2})
+    if setup not in ("missing", "no_val"):
+        _write_tree(root, "val", {"cat": 1, "bird" if setup == "unknown_val_class" else "dog": 1})
+    if setup == "unreadable":
+        (root / "val" / "cat" / "0.png").write_bytes(b"not a png")
+    config = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.cache=true"])
+    with pytest.raises(UsageError, match=message):
+        build_data(config)
+
+
+def test_cifar_pickles_missing_is_a_clear_error(tmp_path: Path) -> None:
+    config = load_config(None, ["data.dataset=cifar100", f"data.root={tmp_path}"])
+    with pytest.raises(UsageError, match=r"no cifar100 python-pickle data \(cifar-100-python/\)"):
+        build_data(config)
+
+
+def test_iter_run_batches_reads_the_run_config(tmp_path: Path) -> None:
+    save_config(load_config(None, ["data.image_size=8", "data.subset=100"]), tmp_path / "config.yaml")
+    val = list(iter_run_batches(tmp_path, "val", 128))
+    assert [len(y) for _, y in val] == [128, 128, 104]
+    images, labels = val[0]
+    assert images.dtype == np.float32 and images.shape == (128, 3, 8, 8) and labels.dtype == np.int64
+    # Normalised with the digits mean and std: background pixels (0) map to -mean/std.
+    assert np.isclose(images.min(), -0.3053 / 0.376, atol=1e-5)
+    train = [y for _, y in iter_run_batches(tmp_path, "train", 16, limit=40)]
+    assert [len(y) for y in train] == [16, 16, 8]
+    again = [y for _, y in iter_run_batches(tmp_path, "train", 40, limit=40)]
+    assert np.array_equal(np.concatenate(train), again[0])
+    with pytest.raises(UsageError, match="split 'test'"):
+        next(iter_run_batches(tmp_path, "test", 8))
+    with pytest.raises(UsageError, match="no config.yaml"):
+        next(iter_run_batches(tmp_path / "nothing", "val", 8))
