@@ -131,14 +131,13 @@ def export_tiny_onnx(module: nn.Module, path: Path) -> Path:
 
 
 def damage_onnx(src: Path, dst: Path, scale: float = 0.5) -> Path:
-    """Copy an ONNX file with its conv weights perturbed by seeded noise of `scale` x their std."""
+    """Copy an ONNX file with its first conv weight perturbed by seeded noise of `scale` x its std."""
     model = onnx.load(src)
     rng = np.random.default_rng(1)
-    for init in model.graph.initializer:
-        if init.name == "conv.weight":
-            weight = numpy_helper.to_array(init)
-            noisy = weight + scale * weight.std() * rng.standard_normal(weight.shape).astype(np.float32)
-            init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), init.name))
+    init = next(i for i in model.graph.initializer if len(i.dims) == 4)
+    weight = numpy_helper.to_array(init)
+    noisy = weight + scale * weight.std() * rng.standard_normal(weight.shape)
+    init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), init.name))
     onnx.save(model, dst)
     return dst
 
@@ -442,3 +441,101 @@ def test_artifact_formats_give_each_model_file_a_distinct_key() -> None:
         "tensorrt/int8": "export/student.int8.plan",
     }
     assert format_label("export/other.onnx", "fp32") == "fp32"
+
+
+# ----------------------------------------------------------------------------- the commands on a real run
+
+
+def _make_digits_run(run: Path) -> Path:
+    """A digits run as training leaves it (config, manifest, a cifar_resnet20 student) plus its fp32
+    ONNX export. The student is untrained: these tests are about the plumbing, not its accuracy."""
+    from safetensors.torch import save_file
+
+    from deploy.manifest import new_manifest, record_artifact, write_manifest
+    from export.pipeline import export_run
+    from reviewkd.config import load_config, save_config
+    from reviewkd.data import build_data
+    from reviewkd.models import create_model
+
+    run.mkdir(parents=True)
+    config = load_config()
+    save_config(config, run / "config.yaml")
+    bundle = build_data(config)
+    model = create_model("cifar_resnet20", bundle.num_classes).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run / "student.safetensors")
+    manifest = new_manifest()
+    manifest.update(classes=list(bundle.classes), input=bundle.manifest_input(), data=bundle.manifest_data())
+    manifest["method"] = {"name": "reviewkd", "params": {}}
+    entry = record_artifact(run, manifest, "student.safetensors", "weights")
+    manifest["student"] = {
+        "arch": "cifar_resnet20",
+        "num_classes": bundle.num_classes,
+        "sha256": entry["sha256"],
+    }
+    write_manifest(run, manifest)
+    export_run(run, ["onnx"], check_samples=32)
+    return run
+
+
+def test_validate_bench_report_commands_and_their_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from deploy.manifest import read_manifest, record_artifact, write_manifest
+    from reviewkd.cli import main
+
+    run = _make_digits_run(tmp_path / "run")
+    common = ["--limit", "48", "--batch-size", "16", "--device", "cpu", "--threads", "1"]
+
+    assert main(["validate", str(run), *common]) == 0
+    out = capsys.readouterr().out
+    assert "validation passed on 48 images" in out
+    saved = json.loads((run / "report" / "validate.json").read_text())
+    assert saved["results"]["onnxruntime/fp32"]["parity"]["max_abs_diff"] <= 1e-4
+    assert saved["results"]["torch/fp16"]["status"] == "skipped"
+    assert saved["environment"]["threads"]["requested"] == 1
+
+    # A stricter gate set on the command line fails, naming the gate; exit code 1.
+    assert main(["validate", str(run), *common, "--max-abs-diff-fp32", "1e-12"]) == 1
+    err = capsys.readouterr().err
+    assert "onnxruntime/fp32: gate max_abs_diff failed" in err and "<= 1e-12" in err
+
+    # A damaged file, re-recorded in the manifest (as a buggy exporter would), fails its gates.
+    onnx_path = run / "export" / "student.onnx"
+    original = onnx_path.read_bytes()
+    damage_onnx(onnx_path, onnx_path)
+    manifest = read_manifest(run)
+    record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
+    write_manifest(run, manifest)
+    assert main(["validate", str(run), *common]) == 1
+    assert "onnxruntime/fp32: gate max_abs_diff failed" in capsys.readouterr().err
+
+    # A file changed behind the manifest's back is refused by its sha256 check: failed, exit 1.
+    onnx_path.write_bytes(original)
+    assert main(["validate", str(run), *common]) == 1
+    assert (
+        "onnxruntime/fp32: failed to run" in capsys.readouterr().err
+        and "sha256" in (run / "report" / "validate.json").read_text()
+    )
+    record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
+    write_manifest(run, manifest)
+
+    assert main(["validate", str(run), "--backends", "nonesuch"]) == 2
+    assert "--backends nonesuch: not in this run" in capsys.readouterr().err
+    assert main(["validate", str(run), "--gate", "fp32:speed=1"]) == 2
+    capsys.readouterr()
+
+    bench = ["--batch-sizes", "1,2", "--warmup", "1", "--iters", "2", "--device", "cpu", "--threads", "1"]
+    assert main(["bench", str(run), *bench, "--backends", "onnxruntime"]) == 0
+    assert "onnxruntime/fp32         batch    2" in capsys.readouterr().out
+
+    assert main(["report", str(run)]) == 0
+    table = capsys.readouterr().out
+    assert "onnxruntime/fp32" in table and "torch/fp32" in table and "torch/fp16" in table
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["torch/fp32"]["bench"]["status"] == "not measured"  # bench ran on onnxruntime only
+    assert report["onnxruntime/fp32"]["status"] == "ok" and set(report["onnxruntime/fp32"]["latency"]) == {
+        "1",
+        "2",
+    }
