@@ -134,17 +134,35 @@ def format_label(relpath: str, precision: str) -> str:
     return precision
 
 
+# Reports list formats by backend, then from the widest precision to the narrowest.
+_KIND_ORDER = tuple(BACKEND_OF_KIND)
+_PRECISION_ORDER = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4")
+
+
+def _display_order(relpath: str, entry: Mapping[str, Any]) -> tuple[int, int, str]:
+    kind = str(entry.get("kind"))
+    family = precision_family(str(entry.get("precision") or "fp32"))
+    return (
+        _KIND_ORDER.index(kind) if kind in _KIND_ORDER else len(_KIND_ORDER),
+        _PRECISION_ORDER.index(family) if family in _PRECISION_ORDER else len(_PRECISION_ORDER),
+        relpath,
+    )
+
+
 def artifact_formats(manifest: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Return {report key: (relative path, manifest entry)} for every model file of a manifest.
+    """Return {report key: (relative path, manifest entry)} for every model file of a manifest
+    that takes float32 NCHW batches, the runner contract's input.
 
     Keys are "<backend>/<label>" (see `format_label`); a remaining clash appends the file stem.
+    Files with another input (export's uint8 NHWC variant, "input_dtype": "uint8") are left out:
+    export checks them on their own input.
     """
     formats: dict[str, tuple[str, dict[str, Any]]] = {}
     artifacts = manifest.get("artifacts", {})
-    for relpath in sorted(artifacts):
+    for relpath in sorted(artifacts, key=lambda rel: _display_order(rel, artifacts[rel])):
         entry = artifacts[relpath]
         backend = BACKEND_OF_KIND.get(str(entry.get("kind")))
-        if backend is None:
+        if backend is None or str(entry.get("input_dtype", "float32")) != "float32":
             continue
         precision = str(entry.get("precision") or "fp32")
         key = f"{backend}/{format_label(relpath, precision)}"

@@ -421,25 +421,26 @@ def test_infer_in_range_splits_and_pads_to_the_runner_range() -> None:
     np.testing.assert_allclose(logits, _reference_fn(images), rtol=1e-6)
 
 
-def test_artifact_formats_give_each_model_file_a_distinct_key() -> None:
+def test_artifact_formats_give_each_model_file_a_distinct_key_in_display_order() -> None:
     manifest = {
         "artifacts": {
-            "export/student.onnx": {"kind": "onnx", "precision": "fp32"},
-            "export/student.fp16.onnx": {"kind": "onnx", "precision": "fp16"},
-            "export/student.int8.onnx": {"kind": "onnx", "precision": "int8"},
-            "export/student.int8.trt.onnx": {"kind": "onnx", "precision": "int8"},
             "export/student.int8.plan": {"kind": "tensorrt", "precision": "int8"},
+            "export/student.int8.trt.onnx": {"kind": "onnx", "precision": "int8"},
+            "export/student.uint8.onnx": {"kind": "onnx", "precision": "fp32", "input_dtype": "uint8"},
+            "export/student.int8.onnx": {"kind": "onnx", "precision": "int8"},
+            "export/student.fp16.onnx": {"kind": "onnx", "precision": "fp16"},
             "student.safetensors": {"kind": "weights"},
+            "export/student.onnx": {"kind": "onnx", "precision": "fp32"},
         }
     }
     formats = artifact_formats(manifest)
-    assert {key: rel for key, (rel, _) in formats.items()} == {
-        "onnxruntime/fp32": "export/student.onnx",
-        "onnxruntime/fp16": "export/student.fp16.onnx",
-        "onnxruntime/int8": "export/student.int8.onnx",
-        "onnxruntime/int8-trt": "export/student.int8.trt.onnx",
-        "tensorrt/int8": "export/student.int8.plan",
-    }
+    assert [(key, rel) for key, (rel, _) in formats.items()] == [
+        ("onnxruntime/fp32", "export/student.onnx"),
+        ("onnxruntime/fp16", "export/student.fp16.onnx"),
+        ("onnxruntime/int8", "export/student.int8.onnx"),
+        ("onnxruntime/int8-trt", "export/student.int8.trt.onnx"),
+        ("tensorrt/int8", "export/student.int8.plan"),
+    ]
     assert format_label("export/other.onnx", "fp32") == "fp32"
 
 

@@ -140,8 +140,8 @@ def run_targets(
 
     backends: keep only these keys ("onnxruntime/int8") or backends ("onnxruntime"); None keeps
         all. `with_reference` keeps torch/fp32 whatever the filter (validation compares with it).
-    Files whose input is not float NCHW (export's uint8-input variant) are left out: they have
-    their own input contract and export checks them. Nothing is opened here; each target's
+    Files whose input is not float NCHW (export's uint8-input variant) are left out (see
+    `benchmarks.targets.artifact_formats`). Nothing is opened here; each target's
     opener verifies its file's sha256 against the manifest when called.
     """
     run = Path(run_dir)
@@ -167,7 +167,7 @@ def run_targets(
                 )
             )
     for key, (relpath, entry) in artifact_formats(manifest).items():
-        if str(entry.get("input_dtype", "float32")) != "float32" or not _selected(key, backends):
+        if not _selected(key, backends):
             continue
         backend_device = ort_device if key.startswith("onnxruntime/") else resolved
         targets.append(
