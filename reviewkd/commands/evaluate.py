@@ -112,6 +112,13 @@ def _torch_opener(run: Path, manifest: Manifest, precision: str, device: str) ->
     if not shape or len(shape) != 3:
         raise UsageError(f"{run / 'manifest.json'}: no input shape (C, H, W) recorded")
     num_classes = student.get("num_classes") or len(manifest.get("classes", []))
+    if device == "cuda" and precision == "fp32":
+        import torch
+
+        # cuDNN convolutions default to TF32 on Ampere and newer, which is not the fp32 reference
+        # the 1e-4 parity gate compares against.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     model = create_model(student["arch"], int(num_classes), weights=weights)
     return TorchRunner(
         model, (int(shape[0]), int(shape[1]), int(shape[2])), device=device, precision=precision
