@@ -16,6 +16,7 @@ current directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import types
@@ -208,6 +209,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # PyYAML (YAML 1.1) reads `1e-3` as a string; it means the number.
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
     # YAML reads `arch=resnet18` as a string but `root=2024` as an int: both mean a string here.
     elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)

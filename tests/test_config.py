@@ -44,7 +44,11 @@ def test_shipped_configs_cover_the_paper_pairs() -> None:
     assert {"digits", "cifar10_resnet56_resnet20", "imagenet_resnet34_resnet18", *CIFAR100_PAIRS} <= names
     for name, (teacher, student, weight) in CIFAR100_PAIRS.items():
         config = load_config(name, ["data.root=/c100"])
-        assert (config.teacher.arch, config.student.arch, config.method.hcl_weight) == (teacher, student, weight)
+        assert (config.teacher.arch, config.student.arch, config.method.hcl_weight) == (
+            teacher,
+            student,
+            weight,
+        )
         assert config.data.dataset == "cifar100"
         # The paper's CIFAR recipe.
         assert (config.optim.lr, config.optim.weight_decay, config.train.batch_size) == (0.1, 5e-4, 128)
@@ -65,6 +69,7 @@ def test_overrides_are_typed() -> None:
         [
             "optim.lr=0.05",
             "optim.lr=1",  # an int where a float is expected is fine
+            "optim.weight_decay=1e-4",  # YAML 1.1 reads this as a string
             "method.name=kd",
             "schedule.milestones=[2, 4]",
             "data.subset=100",
@@ -74,6 +79,7 @@ def test_overrides_are_typed() -> None:
         ],
     )
     assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.optim.weight_decay == 1e-4
     assert config.method.name == "kd"
     assert config.schedule.milestones == [2, 4]
     assert config.data.subset == 100
@@ -91,6 +97,7 @@ def test_overrides_are_typed() -> None:
         ("train.epochs=three", r"train\.epochs: expected int"),
         ("train.epochs=2.5", r"train\.epochs: expected int"),
         ("train.compile=maybe", r"train\.compile: expected bool"),
+        ("optim.lr=fast", r"optim\.lr: expected float, got 'fast'"),
         ("method.name=fitnet", r"method\.name: 'fitnet' is not one of"),
         ("optim.lr=-1", r"optim\.lr: must be > 0"),
         ("schedule.milestones=5", r"schedule\.milestones: expected a list"),
@@ -119,8 +126,10 @@ def test_bad_file_names_the_file_and_key(tmp_path: Path) -> None:
 
 
 def test_save_and_reload_roundtrip(tmp_path: Path) -> None:
-    config = load_config("cifar10_resnet56_resnet20", ["data.root=/x", "method.student_taps=[a, b]",
-                                                         "method.teacher_taps=[c, d]"])
+    config = load_config(
+        "cifar10_resnet56_resnet20",
+        ["data.root=/x", "method.student_taps=[a, b]", "method.teacher_taps=[c, d]"],
+    )
     save_config(config, tmp_path / "config.yaml")
     assert load_run_config(tmp_path) == config
     other = load_config("cifar10_resnet56_resnet20", ["data.root=/x", "train.epochs=5", "optim.lr=0.2"])
@@ -131,7 +140,9 @@ def test_save_and_reload_roundtrip(tmp_path: Path) -> None:
     ]
 
 
-def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_config_errors_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["distill", "--out", str(tmp_path / "run"), "optim.momentun=0.9"]) == 2
     err = capsys.readouterr().err
     assert "reviewkd distill: error: unknown config key optim.momentun" in err

@@ -1,0 +1,264 @@
+"""Training: every method runs, the run directory is complete, kill/SIGINT and resume are exact,
+a diverging loss stops with the last checkpoint intact. Short real runs on a digits subset at 8x8."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deploy.errors import UsageError
+from deploy.manifest import read_manifest, verify_artifact
+from reviewkd.cli import main
+from reviewkd.config import Config, load_config, save_config
+from reviewkd.engine import TrainingDivergedError, distill, load_checkpoint, read_metrics, train_teacher
+from reviewkd.models import create_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# One thread: identical reduction order in every process, so resumed weights can be compared exactly.
+TINY = [
+    "data.image_size=8",
+    "data.subset=160",
+    "train.batch_size=32",
+    "train.threads=1",
+    "train.device=cpu",
+    "teacher.arch=cifar_resnet20",
+    "optim.lr=0.05",
+]
+
+
+def tiny(*overrides: str) -> Config:
+    return load_config(None, [*TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher trained once for the module (1 epoch), through the teacher stage."""
+    out = tmp_path_factory.mktemp("teacher")
+    path = train_teacher(tiny("teacher.epochs=1"), out)
+    assert path == out / "teacher.safetensors"
+    return path
+
+
+def with_teacher(teacher_file: Path, *overrides: str) -> Config:
+    return tiny(f"teacher.weights={teacher_file}", *overrides)
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "reviewkd", "reviewkd+kd"])
+def test_each_method_runs(method: str, teacher_file: Path, tmp_path: Path) -> None:
+    path = distill(with_teacher(teacher_file, f"method.name={method}", "train.epochs=1"), tmp_path)
+    assert path == tmp_path / "student.safetensors" and path.is_file()
+    (record,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert record["epoch"] == 1
+    assert {"loss", "ce", "val_top1", "val_top5", "images_per_s", "lr", "epoch_time_s"} <= set(record)
+    assert ("hcl" in record) == method.startswith("reviewkd")
+    assert ("kd" in record) == (method in ("kd", "reviewkd+kd"))
+    assert all(isinstance(v, float) and v == v for k, v in record.items() if k != "epoch")
+    manifest = read_manifest(tmp_path)
+    assert manifest["method"]["name"] == method
+    if method == "ce":
+        assert manifest["teacher"]["arch"] is None
+    else:
+        assert manifest["teacher"]["arch"] == "cifar_resnet20" and manifest["teacher"]["top1"] is not None
+
+
+def test_run_directory_and_manifest_are_complete(teacher_file: Path, tmp_path: Path) -> None:
+    config = with_teacher(teacher_file, "train.epochs=2", "method.hcl_weight=0.6")
+    distill(config, tmp_path)
+    for name in (
+        "config.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "student.safetensors",
+        "checkpoints/last.pt",
+    ):
+        assert (tmp_path / name).is_file(), name
+    assert load_config(tmp_path / "config.yaml") == config
+    m = read_manifest(tmp_path)
+    assert m["classes"] == [str(d) for d in range(10)]
+    assert m["input"] == {
+        "shape": [3, 8, 8],
+        "layout": "NCHW",
+        "dtype": "float32",
+        "mean": [0.3053] * 3,
+        "std": [0.376] * 3,
+        "resize": None,
+    }
+    metrics = read_metrics(tmp_path / "metrics.jsonl")
+    best = max(metrics, key=lambda r: r["val_top1"])
+    student = m["student"]
+    assert (student["arch"], student["num_classes"], student["epoch"]) == (
+        "cifar_resnet20",
+        10,
+        best["epoch"],
+    )
+    assert (student["top1"], student["top5"]) == (best["val_top1"], best["val_top5"])
+    teacher = m["teacher"]
+    assert (
+        teacher["arch"] == "cifar_resnet20"
+        and 0 <= teacher["top1"] <= 100
+        and teacher["top5"] >= teacher["top1"]
+    )
+    from deploy.fileio import sha256_file
+
+    assert teacher["sha256"] == sha256_file(teacher_file)
+    assert m["method"] == {
+        "name": "reviewkd",
+        "params": {"warmup_epochs": 1.0, "hcl_weight": 0.6, "student_taps": None, "teacher_taps": None},
+    }
+    assert m["data"]["dataset"] == "digits" and m["data"]["num_train"] == 160 and m["data"]["num_val"] == 360
+    assert m["artifacts"]["student.safetensors"]["kind"] == "weights"
+    assert student["sha256"] == m["artifacts"]["student.safetensors"]["sha256"]
+    verify_artifact(tmp_path, m, "student.safetensors")
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")  # weights_only=True inside
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 0 and ckpt["head"]  # ReviewKD's ABF head is saved
+    assert {"python", "numpy", "torch", "cuda"} <= set(ckpt["rng"])
+    assert {"optimizer", "scheduler", "scaler", "student", "best"} <= set(ckpt)
+
+    # The bare student: loads strictly into a fresh model, no ABF or teacher tensors.
+    state = load_file(tmp_path / "student.safetensors")
+    fresh = create_model("cifar_resnet20", 10)
+    assert set(state) == set(fresh.state_dict())
+    fresh.load_state_dict(state, strict=True)
+    assert not any(k.startswith(("head", "abf", "teacher", "student.")) for k in state)
+
+    # The same directory again without --resume is refused; with a changed config, too.
+    with pytest.raises(UsageError, match="already holds a training run"):
+        distill(config, tmp_path)
+    with pytest.raises(UsageError, match=r"--resume with a different config \(optim\.lr changed\)"):
+        distill(
+            with_teacher(teacher_file, "train.epochs=2", "method.hcl_weight=0.6", "optim.lr=0.2"),
+            tmp_path,
+            resume=True,
+        )
+
+
+def _cli(out: Path, config_file: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "reviewkd.cli",
+        "distill",
+        "--config",
+        str(config_file),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def _wait_for_epochs(proc: subprocess.Popen[bytes], metrics: Path, epochs: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    # The checkpoint follows the metrics line: wait for both, so the resume starts mid-run.
+    while len(read_metrics(metrics)) < epochs or not (metrics.parent / "checkpoints" / "last.pt").exists():
+        assert proc.poll() is None, "the training process ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.05)
+
+
+def _student_state(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["student"]
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    got, want = _student_state(run), _student_state(reference)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), (
+        "resumed weights differ from the uninterrupted run"
+    )
+    best, best_reference = load_file(run / "student.safetensors"), load_file(reference / "student.safetensors")
+    assert all(torch.equal(best[k], best_reference[k]) for k in best_reference)
+
+
+@pytest.fixture(scope="module")
+def resume_setup(teacher_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 3-epoch config file and its uninterrupted run."""
+    base = tmp_path_factory.mktemp("resume")
+    config_file = base / "tiny.yaml"
+    save_config(
+        with_teacher(teacher_file, "train.epochs=3", "data.subset=320", "method.name=reviewkd+kd"),
+        config_file,
+    )
+    reference = base / "reference"
+    distill(load_config(config_file), reference)
+    return config_file, reference
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(
+    resume_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file, reference = resume_setup
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(run, config_file), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _wait_for_epochs(proc, run / "metrics.jsonl", 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_metrics(run / "metrics.jsonl")) < 3
+    assert main(["distill", "--out", str(run), "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    _assert_same_run(run, reference)
+
+
+def test_sigint_saves_mid_epoch_and_resume_is_exact(resume_setup: tuple[Path, Path], tmp_path: Path) -> None:
+    config_file, reference = resume_setup
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        _cli(run, config_file), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    _wait_for_epochs(proc, run / "metrics.jsonl", 1)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"continue with --resume" in out
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] >= 1
+    assert main(["distill", "--config", str(config_file), "--out", str(run), "--resume"]) == 0
+    _assert_same_run(run, reference)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(teacher_file: Path, tmp_path: Path) -> None:
+    # The learning rate jumps by 1e30 after epoch 1, so epoch 2 diverges.
+    config = with_teacher(
+        teacher_file, "train.epochs=3", "schedule.name=step", "schedule.milestones=[1]", "schedule.gamma=1e30"
+    )
+    with pytest.raises(TrainingDivergedError, match=r"epoch 2 step \d+: the loss is not finite") as info:
+        distill(config, tmp_path)
+    assert info.value.exit_code == 1
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 1 and all(
+        torch.isfinite(v).all() for v in ckpt["student"].values() if v.is_floating_point()
+    )
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+    verify_artifact(tmp_path, read_manifest(tmp_path), "student.safetensors")
+
+
+def test_cli_teacher_then_distill_trains_the_teacher_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = [*TINY, "data.subset=100", "teacher.epochs=1"]
+    assert main(["teacher", "--out", str(tmp_path / "t"), *overrides]) == 0
+    manifest = read_manifest(tmp_path / "t")
+    assert manifest["teacher"]["arch"] == "cifar_resnet20" and manifest["teacher"]["top1"] is not None
+    assert "teacher weights:" in capsys.readouterr().out
+    # Without teacher.weights, distill trains the teacher into DIR/teacher/ first.
+    assert main(["distill", "--out", str(tmp_path / "s"), "--epochs", "1", *overrides]) == 0
+    assert (tmp_path / "s" / "teacher" / "teacher.safetensors").is_file()
+    manifest = read_manifest(tmp_path / "s")
+    assert manifest["teacher"]["weights"] == str(tmp_path / "s" / "teacher" / "teacher.safetensors")
+    out = capsys.readouterr().out
+    assert out.index("teacher cifar_resnet20: val top1") < out.index("student epoch 1/1")
+    data = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
+    assert data["epoch"] == 1
