@@ -175,7 +175,10 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert all(torch.equal(got[k], want[k]) for k in want), (
         "resumed weights differ from the uninterrupted run"
     )
-    best, best_reference = load_file(run / "student.safetensors"), load_file(reference / "student.safetensors")
+    best, best_reference = (
+        load_file(run / "student.safetensors"),
+        load_file(reference / "student.safetensors"),
+    )
     assert all(torch.equal(best[k], best_reference[k]) for k in best_reference)
 
 

@@ -28,9 +28,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         parser = subparsers.add_parser(
             name,
             help=summary,
-            description=f"{summary[0].upper()}{summary[1:]}. Every config key can be overridden as key=value.",
-            epilog=f"shipped configs: {', '.join(shipped_configs())}; e.g. "
-            f"reviewkd {name} --config cifar10_resnet56_resnet20 --out runs/c10 data.root=../shared/data/cifar10",
+            description=f"{summary[0].upper()}{summary[1:]}. Every config key can be set as key=value.",
+            epilog=f"shipped configs: {', '.join(shipped_configs())}; e.g. reviewkd {name} "
+            "--config cifar10_resnet56_resnet20 --out runs/c10 data.root=../shared/data/cifar10",
         )
         parser.add_argument(
             "--config",
