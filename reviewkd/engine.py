@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -377,7 +378,8 @@ class _SigintFlag:
 
     def __init__(self, enabled: bool) -> None:
         self.raised = False
-        self._enabled = enabled
+        # signal.signal only works in the main thread; elsewhere Ctrl-C keeps its default behaviour.
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
         self._previous: Any = None
 
     def __enter__(self) -> _SigintFlag:
@@ -600,6 +602,11 @@ def fit(
             else:
                 totals = {k: v.item() for k, v in sums.items()}
                 seen_all = float(seen)
+            if runtime.distributed:
+                # Each rank's last forward updated its own BatchNorm statistics: take rank 0's, which
+                # are the ones saved, so that validation scores the weights written to disk.
+                for buffer in distiller.student.buffers():
+                    dist.broadcast(buffer, 0)
             t_val = time.perf_counter()
             val = evaluate(distiller.student, bundle, runtime, batch_size=max(tc.batch_size, 256))
             val_seconds = time.perf_counter() - t_val

@@ -13,6 +13,7 @@ DIR/config.yaml is the base. Overrides are dotted keys, e.g. `optim.lr=0.05 meth
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from reviewkd.config import DEVICES, Config, load_config, shipped_configs
@@ -65,13 +66,19 @@ def resolve_cli_config(args: argparse.Namespace, epochs_key: str = "train.epochs
     return load_config(source, overrides)
 
 
+def _is_rank_zero() -> bool:
+    """False in the other processes of a torchrun launch, which print nothing."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_teacher(args: argparse.Namespace) -> int:
     """Handler of `reviewkd teacher`."""
     from reviewkd.engine import train_teacher
 
     config = resolve_cli_config(args, epochs_key="teacher.epochs")
     path = train_teacher(config, args.out, resume=args.resume)
-    print(f"teacher weights: {path}")
+    if _is_rank_zero():
+        print(f"teacher weights: {path}")
     return 0
 
 
@@ -81,5 +88,6 @@ def run_distill(args: argparse.Namespace) -> int:
 
     config = resolve_cli_config(args)
     path = distill(config, args.out, resume=args.resume)
-    print(f"student weights: {path}")
+    if _is_rank_zero():
+        print(f"student weights: {path}")
     return 0
