@@ -50,7 +50,7 @@ class DataConfig:
     dataset: str = "digits"  # digits | cifar10 | cifar100 | imagefolder
     root: str | None = None  # folder of cifar10/cifar100 pickles or of an ImageFolder tree
     val_dir: str | None = None  # imagefolder: sub-folder holding the val split (None: val/, else test/)
-    image_size: int = 16  # network input H = W
+    image_size: int = 12  # network input H = W
     resize: int | None = None  # eval: shorter side before the centre crop (None: resize to image_size)
     augment: str = "auto"  # auto | none | crop | crop_flip | rrc_flip
     crop_padding: int = 2  # padding of the random crop ("crop", "crop_flip")
@@ -74,9 +74,9 @@ class ModelConfig:
 class TeacherConfig:
     """The teacher; with no weights, `reviewkd distill` first trains one into DIR/teacher/."""
 
-    arch: str = "cifar_resnet56"
+    arch: str = "cifar_resnet32"
     weights: str | None = None
-    epochs: int | None = None  # epochs when training the teacher (None: train.epochs)
+    epochs: int | None = 15  # epochs when training the teacher (None: train.epochs)
     lr: float | None = None  # learning rate when training the teacher (None: optim.lr)
 
 
@@ -98,7 +98,7 @@ class OptimConfig:
     """The optimizer: SGD (momentum, Nesterov) or AdamW, with weight decay."""
 
     name: str = "sgd"  # sgd | adamw
-    lr: float = 0.1
+    lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -118,7 +118,7 @@ class ScheduleConfig:
 class TrainConfig:
     """The loop: epochs, batch, seed, device and its speed switches."""
 
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 64  # per process
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

@@ -23,7 +23,7 @@ def test_digits_split_is_stratified_fixed_and_upsampled() -> None:
     assert (len(bundle.train), len(bundle.val)) == (1437, 360)
     assert bundle.classes == [str(d) for d in range(10)]
     assert bundle.train.images is not None and bundle.train.images.dtype == torch.uint8
-    assert tuple(bundle.train.images.shape[1:]) == (3, 16, 16) == bundle.input_shape
+    assert tuple(bundle.train.images.shape[1:]) == (3, 12, 12) == bundle.input_shape
     assert int(bundle.train.images.max()) == 255
     # Every class is held out in proportion (about 36 of each).
     counts = torch.bincount(bundle.val.labels, minlength=10)
@@ -32,7 +32,7 @@ def test_digits_split_is_stratified_fixed_and_upsampled() -> None:
     other = _digits("train.seed=7", "data.image_size=8")
     assert torch.equal(other.val.labels, bundle.val.labels)
     assert bundle.manifest_input() == {
-        "shape": [3, 16, 16],
+        "shape": [3, 12, 12],
         "layout": "NCHW",
         "dtype": "float32",
         "mean": [0.3053] * 3,
@@ -155,5 +155,5 @@ def test_iter_run_batches_reads_the_run_config(tmp_path: Path) -> None:
     assert np.array_equal(np.concatenate(train), again[0])
     with pytest.raises(UsageError, match="split 'test'"):
         next(iter_run_batches(tmp_path, "test", 8))
-    with pytest.raises(UsageError, match="no config.yaml"):
+    with pytest.raises(UsageError, match=r"no config\.yaml"):
         next(iter_run_batches(tmp_path / "nothing", "val", 8))
