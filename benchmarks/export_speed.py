@@ -179,8 +179,8 @@ def main() -> None:
                     label_peak = peak * (INT8_OPS_PER_CYCLE // FP32_FLOPS_PER_CYCLE if "int8" in label else 1)
                     rows.append(
                         f"| {name} | {batch} | {label} | {p50 * 1e3:.2f} | {batch / p50:,.0f} | "
-                        f"{gflops:.1f} ({gflops / label_peak:.0%}) | {eager / p50:.2f}x | {base / p50:.2f}x | "
-                        f"{top1[label]:.2%} |"
+                        f"{gflops:.1f} ({gflops / label_peak:.0%}) | {eager / p50:.2f}x | "
+                        f"{base / p50:.2f}x | {top1[label]:.2%} |"
                     )
     load_after = os.getloadavg()
     print(f"CPU: {cpu}; peak fp32 {peak:.0f} GFLOP/s = {how}")
