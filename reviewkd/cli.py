@@ -17,6 +17,7 @@ from deploy.errors import ReviewKDError
 
 # Order here is the order `reviewkd --help` lists the commands in.
 COMMAND_MODULES: tuple[str, ...] = (
+    "reviewkd.commands.run",
     "reviewkd.commands.train",
     "reviewkd.commands.export",
     "reviewkd.commands.serve",
