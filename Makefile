@@ -22,7 +22,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
-	$(BIN)/reviewkd run --out runs/demo
+	$(BIN)/reviewkd run --out runs/demo --resume
 
 # As installed, tensorrt-stubs is invisible to mypy (no py.typed) and does not even parse, so the plain
 # run sees TensorRT as Any. The second run checks the TensorRT modules against a repaired copy that sits

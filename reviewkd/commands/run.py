@@ -149,9 +149,7 @@ def build_stages(config: Config, run: Path, args: argparse.Namespace) -> list[St
         bench_run(run, threads=args.threads, batch_sizes=args.batch_sizes, seconds=args.bench_seconds)
 
     def report() -> None:
-        from benchmarks.report import format_final_table
-
-        print(format_final_table(report_run(run)))
+        report_run(run)
 
     student = ["student.safetensors"]
     exported = lambda: _artifact_paths(run, ("onnx", "tensorrt"))  # noqa: E731 - read when the stage runs
@@ -237,5 +235,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     run.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     run_stages(run, build_stages(config, run, args), resume=args.resume)
+    from benchmarks.report import format_final_table
+
+    print(format_final_table(json.loads((run / "report" / "report.json").read_text(encoding="utf-8"))))
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; reports in {run / 'report'}")
     return 0
