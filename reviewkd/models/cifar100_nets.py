@@ -11,29 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-
-class BasicBlockB(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN plus an identity or 1x1-conv+BN shortcut, then ReLU."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.downsample: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual block; the input tensor is never modified in place (a hook may hold it)."""
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.downsample(x))
+from reviewkd.models.cifar_resnet import BasicBlock
 
 
 class CifarResNetB(nn.Module):
@@ -63,8 +41,8 @@ class CifarResNetB(nn.Module):
 
     @staticmethod
     def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = [BasicBlockB(in_planes, planes, stride)]
-        layers += [BasicBlockB(planes, planes) for _ in range(blocks - 1)]
+        layers = [BasicBlock(in_planes, planes, stride, shortcut="B")]
+        layers += [BasicBlock(planes, planes, shortcut="B") for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

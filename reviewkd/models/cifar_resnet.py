@@ -25,10 +25,16 @@ class ShortcutA(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad_channels, self.pad_channels))
 
 
-class BasicBlockA(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN plus the option-A shortcut, then ReLU."""
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut, then ReLU.
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    Where the shape changes, the shortcut is option A (`"A"`: parameter-free subsample and zero
+    channel padding, the ResNet paper's CIFAR nets) or a 1x1 conv + BN (`"B"`: CRD's resnet8x4 and
+    resnet32x4). Option A holds no parameters, so one attribute name, `downsample`, suits both
+    checkpoint layouts.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -36,16 +42,21 @@ class BasicBlockA(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu2 = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
+        self.downsample: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            # The paper's stages double the channels exactly where they halve the size.
-            self.shortcut = ShortcutA(planes // 4)
+            if shortcut == "A":
+                # The paper's stages double the channels exactly where they halve the size.
+                self.downsample = ShortcutA(planes // 4)
+            else:
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual block; the input tensor is never modified in place (a hook may hold it)."""
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
+        return self.relu2(out + self.downsample(x))
 
 
 class CifarResNet(nn.Module):
@@ -72,8 +83,8 @@ class CifarResNet(nn.Module):
 
     @staticmethod
     def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = [BasicBlockA(in_planes, planes, stride)]
-        layers += [BasicBlockA(planes, planes) for _ in range(blocks - 1)]
+        layers = [BasicBlock(in_planes, planes, stride, shortcut="A")]
+        layers += [BasicBlock(planes, planes, shortcut="A") for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
