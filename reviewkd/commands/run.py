@@ -107,8 +107,11 @@ def _artifact_paths(run: Path, kinds: Sequence[str]) -> list[str]:
 
 def build_stages(config: Config, run: Path, args: argparse.Namespace) -> list[Stage]:
     """The pipeline's stages for `config` writing into `run`."""
+    from benchmarks.latency import parse_batch_sizes
     from reviewkd.commands.evaluate import bench_run, report_run, validate_run
     from reviewkd.engine import distill
+
+    batch_sizes = parse_batch_sizes(args.batch_sizes)  # checked before any stage runs
 
     def train_student() -> None:
         resume = (run / "checkpoints" / "last.pt").is_file()
@@ -146,7 +149,7 @@ def build_stages(config: Config, run: Path, args: argparse.Namespace) -> list[St
         raise_for_gates(result)
 
     def bench() -> None:
-        bench_run(run, threads=args.threads, batch_sizes=args.batch_sizes, seconds=args.bench_seconds)
+        bench_run(run, threads=args.threads, batch_sizes=batch_sizes, seconds=args.bench_seconds)
 
     def report() -> None:
         report_run(run)
@@ -179,16 +182,6 @@ def build_stages(config: Config, run: Path, args: argparse.Namespace) -> list[St
     return stages
 
 
-def _batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive batch sizes, got {text!r}")
-    return sizes
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `run` subcommand."""
     parser = subparsers.add_parser(
@@ -210,7 +203,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for validate and bench")
     parser.add_argument(
-        "--batch-sizes", type=_batch_sizes, default=[1, 8, 32], metavar="1,8,32", help="bench batch sizes"
+        "--batch-sizes", default="1,8,32", metavar="1,8,32", help="bench batch sizes (default 1,8,32)"
     )
     parser.add_argument(
         "--bench-seconds", type=float, default=1.0, metavar="S", help="timing per format and batch size"
@@ -232,9 +225,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{run} already holds a pipeline run; pass --resume to continue it or choose another --out"
         )
+    stages = build_stages(config, run, args)
     run.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    run_stages(run, build_stages(config, run, args), resume=args.resume)
+    run_stages(run, stages, resume=args.resume)
     from benchmarks.report import format_final_table
 
     print(format_final_table(json.loads((run / "report" / "report.json").read_text(encoding="utf-8"))))
