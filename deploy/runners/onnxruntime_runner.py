@@ -100,8 +100,10 @@ class OnnxRuntimeRunner(Runner):
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
+        # TF32 convolutions on Ampere and newer drift ~1e-3 from fp32, past the fp32 parity gate.
+        session_providers = [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
         try:
-            session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=session_providers)
         except Exception as exc:  # onnxruntime raises its own exception types, none shared
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"{self.path}: cannot load as an ONNX model ({first_line})") from exc
