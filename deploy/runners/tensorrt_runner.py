@@ -4,6 +4,11 @@ Before anything is deserialised the sidecar is checked against the installed Ten
 here, because an engine built elsewhere either fails to load with an opaque error or, worse, loads
 and misbehaves. Device memory and the stream come from torch.cuda when torch is importable and
 from cuda-python otherwise, so a serving device needs neither torch nor training code.
+
+CUDA graphs (`use_cuda_graphs = True`, which the benchmark sets): per batch shape, the first call
+runs normally, the second captures `execute_async_v3` into a graph, and later calls only copy the
+input in, launch the graph and copy the logits out. `CudaGraphCache` holds that per-shape logic
+without touching CUDA, so the torch runner shares it and the tests drive it with fakes.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -33,6 +40,97 @@ if TYPE_CHECKING:
     import tensorrt as trt
     import torch
 
+GraphT = TypeVar("GraphT")
+ResultT = TypeVar("ResultT")
+
+
+class CudaGraphCache(Generic[GraphT]):
+    """One captured CUDA graph per batch shape: warm-up, then capture, then replay.
+
+    The first call at a shape runs eagerly, which performs the lazy set-up (kernel selection,
+    library handles, workspace allocation) that must not happen inside a capture. The second
+    call captures a graph and replays it at once, so that call's result already comes from the
+    graph. Later calls replay it. A capture that fails, or whose first replay fails, never
+    reaches the caller: the graph is released, the reason is kept in `errors`, and that shape
+    runs eagerly from then on. A failure of a later replay is a real error and propagates.
+
+    Args:
+        release: frees one graph and whatever it holds (static buffers, execution context).
+    """
+
+    WARM = "warm"  # ran eagerly once; the next call captures
+    CAPTURED = "captured"
+    FAILED = "failed"  # capture failed; eager from now on
+
+    def __init__(self, release: Callable[[GraphT], None]) -> None:
+        self._release = release
+        self._states: dict[Hashable, str] = {}
+        self._graphs: dict[Hashable, GraphT] = {}
+        self.errors: dict[Hashable, str] = {}
+
+    def state(self, key: Hashable) -> str | None:
+        """WARM, CAPTURED or FAILED for a shape seen before; None for a new one."""
+        return self._states.get(key)
+
+    @property
+    def captured(self) -> list[Hashable]:
+        """The shapes that replay a captured graph, in capture order."""
+        return list(self._graphs)
+
+    @property
+    def error(self) -> str | None:
+        """Why capture failed, one "shape: reason" per failed shape, or None if none failed."""
+        if not self.errors:
+            return None
+        return "; ".join(f"batch shape {key}: {why}" for key, why in self.errors.items())
+
+    def run(
+        self,
+        key: Hashable,
+        eager: Callable[[], ResultT],
+        capture: Callable[[], GraphT],
+        replay: Callable[[GraphT], ResultT],
+    ) -> ResultT:
+        """Return this call's result for shape `key` by the path its state calls for.
+
+        Args:
+            key: the batch shape (anything hashable that tells graphs apart).
+            eager: runs the model the normal way.
+            capture: records a graph whose replay computes the model on the static input.
+            replay: copies this call's input in, replays `graph` and returns the copied-out result.
+        """
+        state = self._states.get(key)
+        if state == self.CAPTURED:
+            return replay(self._graphs[key])
+        if state is None:
+            result = eager()
+            # Only a warm-up that ran counts: after an error the next call at this shape warms up again.
+            self._states[key] = self.WARM
+            return result
+        if state == self.FAILED:
+            return eager()
+        graph: GraphT | None = None
+        try:
+            graph = capture()
+            result = replay(graph)
+        except Exception as exc:
+            self._states[key] = self.FAILED
+            self.errors[key] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if graph is not None:
+                self._release(graph)
+            return eager()
+        self._graphs[key] = graph
+        self._states[key] = self.CAPTURED
+        return result
+
+    def clear(self) -> None:
+        """Release every graph; the next call at any shape starts again with a warm-up."""
+        graphs = list(self._graphs.values())
+        self._graphs.clear()
+        self._states.clear()
+        for graph in graphs:
+            self._release(graph)
+
 
 class _DeviceMemory(Protocol):
     """Named device buffers and one CUDA stream; every copy is ordered on that stream."""
@@ -47,6 +145,12 @@ class _DeviceMemory(Protocol):
     def download(self, name: str, shape: tuple[int, ...]) -> np.ndarray: ...
 
     def synchronize(self) -> None: ...
+
+    def capture_graph(self, enqueue: Callable[[], None]) -> Any: ...
+
+    def launch_graph(self, graph: Any) -> None: ...
+
+    def free_graph(self, graph: Any) -> None: ...
 
     def close(self) -> None: ...
 
@@ -86,6 +190,23 @@ class _TorchMemory:
 
     def synchronize(self) -> None:
         self._stream.synchronize()
+
+    def capture_graph(self, enqueue: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """Record what `enqueue` queues on this runner's stream (never the default stream) as a graph."""
+        graph = self._torch.cuda.CUDAGraph()
+        # "thread_local": other threads' CUDA calls (allocator, profilers) do not invalidate the capture.
+        with self._torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+            enqueue()
+        return graph
+
+    def launch_graph(self, graph: torch.cuda.CUDAGraph) -> None:
+        # replay() launches on the current stream; the copies around it are queued on ours.
+        with self._torch.cuda.stream(self._stream):
+            graph.replay()
+
+    def free_graph(self, graph: torch.cuda.CUDAGraph) -> None:
+        self._stream.synchronize()
+        graph.reset()
 
     def close(self) -> None:
         self._stream.synchronize()
@@ -142,6 +263,35 @@ class _CudaPythonMemory:
         self._check(self._rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         self._staged = None
 
+    def capture_graph(self, enqueue: Callable[[], None]) -> Any:
+        """Record what `enqueue` queues on this stream as an instantiated graph (a cudaGraphExec_t)."""
+        rt = self._rt
+        # Thread-local mode, as trtexec uses: other threads' CUDA calls do not invalidate the capture.
+        mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self._check(rt.cudaStreamBeginCapture(self._stream, mode), "cudaStreamBeginCapture")
+        try:
+            enqueue()
+        except BaseException:
+            # Leave capture mode, or the stream stays unusable; the enqueue's error is the one to report.
+            err, graph = rt.cudaStreamEndCapture(self._stream)
+            if err == rt.cudaError_t.cudaSuccess and graph is not None:
+                rt.cudaGraphDestroy(graph)
+            raise
+        graph = self._check(rt.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
+        try:
+            # cudaGraphInstantiateWithFlags(graph, flags) has the same binding in CUDA 11.4+ and 12+,
+            # unlike cudaGraphInstantiate, whose Python signature changed with CUDA 12.
+            return self._check(rt.cudaGraphInstantiateWithFlags(graph, 0), "cudaGraphInstantiateWithFlags")
+        finally:
+            self._check(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+
+    def launch_graph(self, graph: Any) -> None:
+        self._check(self._rt.cudaGraphLaunch(graph, self._stream), "cudaGraphLaunch")
+
+    def free_graph(self, graph: Any) -> None:
+        self.synchronize()
+        self._check(self._rt.cudaGraphExecDestroy(graph), "cudaGraphExecDestroy")
+
     def close(self) -> None:
         self.synchronize()
         for pointer, _ in self._buffers.values():
@@ -167,6 +317,19 @@ def _device_memory() -> _DeviceMemory:
     )
 
 
+@dataclass
+class _TrtGraph:
+    """A graph for one batch shape and the execution context it was captured from.
+
+    Each shape gets a context of its own, set to that shape once and never changed: a graph
+    replays what the context queued at capture time, so the context must keep that state.
+    """
+
+    context: trt.IExecutionContext
+    graph: Any  # torch.cuda.CUDAGraph or a cudaGraphExec_t, as the device memory made it
+    output_shape: tuple[int, ...]
+
+
 def _dims(dims: Any) -> tuple[int, ...]:
     """A TensorRT Dims as a tuple of ints (Dims indexes like a tuple but is not one)."""
     return tuple(int(dims[i]) for i in range(len(dims)))
@@ -187,8 +350,13 @@ class TensorRTRunner(Runner):
 
     backend = "tensorrt"
     device = "cuda"
+    supports_cuda_graphs = True
 
     def __init__(self, plan_path: str | os.PathLike[str], *, sidecar: str | os.PathLike[str] | None = None):
+        # Off until a caller (the benchmark) turns it on; see CudaGraphCache for what it changes.
+        self.use_cuda_graphs = False
+        self._graphs: CudaGraphCache[_TrtGraph] = CudaGraphCache(self._free_graph)
+        self._addresses: dict[str, int] = {}
         self._memory: _DeviceMemory | None = None
         self._context: trt.IExecutionContext | None = None
         self._engine: trt.ICudaEngine | None = None
@@ -256,7 +424,8 @@ class TensorRTRunner(Runner):
             raise RuntimeError(f"{self.plan_path}: TensorRT rejected the profile's max shape {high}")
         for name in names:
             shape = high if name == self._input else _dims(context.get_tensor_shape(name))
-            if not context.set_tensor_address(name, memory.allocate(name, shape, self._dtypes[name])):
+            self._addresses[name] = memory.allocate(name, shape, self._dtypes[name])
+            if not context.set_tensor_address(name, self._addresses[name]):
                 raise RuntimeError(f"{self.plan_path}: TensorRT rejected the buffer for {name!r}")
 
     @property
@@ -266,10 +435,31 @@ class TensorRTRunner(Runner):
             raise UsageError(f"{self.name}: the runner is closed")
         return self._memory.stream_handle
 
+    @property
+    def cuda_graph_shapes(self) -> list[Hashable]:
+        """The batch shapes whose calls replay a captured CUDA graph."""
+        return self._graphs.captured
+
+    @property
+    def cuda_graph_error(self) -> str | None:
+        """Why a CUDA graph could not be captured (those shapes ran without one), or None."""
+        return self._graphs.error
+
     def _infer(self, images: np.ndarray) -> np.ndarray:
         if self._context is None or self._memory is None:
             raise UsageError(f"{self.name}: the runner is closed")
         batch = images.astype(self._dtypes[self._input], copy=False)
+        if not self.use_cuda_graphs:
+            return self._run_eager(batch)
+        return self._graphs.run(
+            batch.shape,
+            eager=lambda: self._run_eager(batch),
+            capture=lambda: self._capture(batch.shape),
+            replay=lambda graph: self._replay(graph, batch),
+        )
+
+    def _run_eager(self, batch: np.ndarray) -> np.ndarray:
+        assert self._context is not None and self._memory is not None  # checked by _infer
         if not self._context.set_input_shape(self._input, batch.shape):
             raise RuntimeError(f"{self.plan_path}: TensorRT rejected input shape {batch.shape}")
         self._memory.upload(self._input, batch)
@@ -278,6 +468,44 @@ class TensorRTRunner(Runner):
         logits = self._memory.download(self._output, _dims(self._context.get_tensor_shape(self._output)))
         return logits.astype(np.float32, copy=False)
 
+    def _capture(self, shape: tuple[int, ...]) -> _TrtGraph:
+        """Capture one `execute_async_v3` at `shape` on a new context bound to the shared buffers."""
+        assert self._engine is not None and self._memory is not None  # checked by _infer
+        memory = self._memory
+        context = self._engine.create_execution_context()
+        if context is None:
+            raise RuntimeError("TensorRT could not create an execution context for the graph")
+        if not context.set_input_shape(self._input, shape):
+            raise RuntimeError(f"TensorRT rejected input shape {shape}")
+        for name, address in self._addresses.items():
+            if not context.set_tensor_address(name, address):
+                raise RuntimeError(f"TensorRT rejected the buffer for {name!r}")
+        # TensorRT's guide: enqueue once after a shape change, so the context has updated its internal
+        # state and allocated what it needs, before the capture, where neither is allowed.
+        if not context.execute_async_v3(memory.stream_handle):
+            raise RuntimeError("TensorRT execution failed before the capture")
+        memory.synchronize()
+
+        def enqueue() -> None:
+            if not context.execute_async_v3(memory.stream_handle):
+                raise RuntimeError("TensorRT execution failed during the capture")
+
+        graph = memory.capture_graph(enqueue)
+        return _TrtGraph(context, graph, _dims(context.get_tensor_shape(self._output)))
+
+    def _replay(self, graph: _TrtGraph, batch: np.ndarray) -> np.ndarray:
+        assert self._memory is not None  # checked by _infer
+        # The graph reads the input buffer and writes the output buffer the eager path uses, so the
+        # copies in and out are the eager path's own.
+        self._memory.upload(self._input, batch)
+        self._memory.launch_graph(graph.graph)
+        logits = self._memory.download(self._output, graph.output_shape)
+        return logits.astype(np.float32, copy=False)
+
+    def _free_graph(self, graph: _TrtGraph) -> None:
+        if self._memory is not None:
+            self._memory.free_graph(graph.graph)
+
     def synchronize(self) -> None:
         """Wait for the work queued on this runner's stream."""
         if self._memory is not None:
@@ -285,6 +513,8 @@ class TensorRTRunner(Runner):
 
     def close(self) -> None:
         """Free the execution context, engine, runtime and device buffers. Safe to call twice."""
+        # Graphs go first: they replay work queued into the contexts and buffers freed below.
+        self._graphs.clear()
         memory, self._memory = self._memory, None
         if memory is not None:
             memory.synchronize()

@@ -1,0 +1,462 @@
+"""CUDA graphs in the runners: the per-shape warm-up -> capture -> replay logic, and its fallback.
+
+`CudaGraphCache` needs no GPU, so it is driven here with fakes whose "graphs" really hold a static
+buffer that replay must refill. The TensorRT runner's graph path runs against a fake engine and fake
+device memory that follow TensorRT's capture rules (enqueue once after a shape change, nothing
+executes while capturing, a graph replays what its context holds). The real checks, graph output
+against eager output on a GPU, are marked `gpu` and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.latency import enable_cuda_graphs
+from deploy.errors import UsageError
+from deploy.runners.tensorrt_runner import CudaGraphCache, TensorRTRunner
+from deploy.runners.torch_runner import TorchRunner
+from deploy.trt_sidecar import current_gpu, tensorrt_available
+
+# --------------------------------------------------------------------------- CudaGraphCache with fakes
+
+
+@dataclass
+class FakeGraph:
+    """A "graph" computing 2 * x + 1 on its static input buffer, like a captured forward pass."""
+
+    static_input: np.ndarray
+
+
+class FakeBackend:
+    """eager/capture/replay callables for one cache, logging which path every call took."""
+
+    def __init__(self, *, fail_capture: bool = False, fail_replay_at: int | None = None) -> None:
+        self.log: list[str] = []
+        self.released: list[FakeGraph] = []
+        self.fail_capture = fail_capture
+        self.fail_replay_at = fail_replay_at  # the n-th replay (1-based) raises
+        self.replays = 0
+
+    def eager(self, x: np.ndarray) -> np.ndarray:
+        self.log.append("eager")
+        return 2 * x + 1
+
+    def capture(self, shape: tuple[int, ...]) -> FakeGraph:
+        self.log.append("capture")
+        if self.fail_capture:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return FakeGraph(np.zeros(shape, np.float32))
+
+    def replay(self, graph: FakeGraph, x: np.ndarray) -> np.ndarray:
+        self.log.append("replay")
+        self.replays += 1
+        if self.replays == self.fail_replay_at:
+            raise RuntimeError("cudaGraphLaunch failed")
+        graph.static_input[...] = x
+        return 2 * graph.static_input + 1
+
+    def call(self, cache: CudaGraphCache[FakeGraph], x: np.ndarray) -> np.ndarray:
+        return cache.run(
+            x.shape,
+            eager=lambda: self.eager(x),
+            capture=lambda: self.capture(x.shape),
+            replay=lambda graph: self.replay(graph, x),
+        )
+
+
+def _batches(shape: tuple[int, ...], count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(count)]
+
+
+def test_first_call_warms_up_second_captures_later_calls_replay() -> None:
+    backend = FakeBackend()
+    cache: CudaGraphCache[FakeGraph] = CudaGraphCache(backend.released.append)
+    shape = (2, 3)
+    assert cache.state(shape) is None
+    states = []
+    for x in _batches(shape, 4):
+        # Every call's own input must come out, so a replay that skipped the copy-in would fail.
+        np.testing.assert_array_equal(backend.call(cache, x), 2 * x + 1)
+        states.append(cache.state(shape))
+    assert backend.log == ["eager", "capture", "replay", "replay", "replay"]
+    assert states == [cache.WARM, cache.CAPTURED, cache.CAPTURED, cache.CAPTURED]
+    assert cache.captured == [shape] and cache.error is None and backend.released == []
+
+
+def test_each_batch_shape_has_its_own_warm_up_and_graph() -> None:
+    backend = FakeBackend()
+    cache: CudaGraphCache[FakeGraph] = CudaGraphCache(backend.released.append)
+    small, large = _batches((1, 3), 3), _batches((4, 3), 2, seed=1)
+    for x in (small[0], small[1], large[0], small[2], large[1]):
+        np.testing.assert_array_equal(backend.call(cache, x), 2 * x + 1)
+    assert backend.log == ["eager", "capture", "replay", "eager", "replay", "capture", "replay"]
+    assert cache.captured == [(1, 3), (4, 3)]
+
+
+def test_failed_capture_falls_back_and_says_why() -> None:
+    backend = FakeBackend(fail_capture=True)
+    cache: CudaGraphCache[FakeGraph] = CudaGraphCache(backend.released.append)
+    for x in _batches((2, 3), 4):
+        np.testing.assert_array_equal(backend.call(cache, x), 2 * x + 1)
+    # One capture attempt, then eager for good: a failing capture is not retried on every call.
+    assert backend.log == ["eager", "capture", "eager", "eager", "eager"]
+    assert cache.state((2, 3)) == cache.FAILED and cache.captured == []
+    assert cache.error == (
+        "batch shape (2, 3): RuntimeError: operation not permitted when stream is capturing"
+    )
+
+    backend.fail_capture = False  # another shape still gets its graph
+    for x in _batches((5, 3), 2):
+        backend.call(cache, x)
+    assert (
+        cache.captured == [(5, 3)]
+        and cache.error is not None
+        and cache.error.startswith("batch shape (2, 3)")
+    )
+
+
+def test_graph_whose_first_replay_fails_is_released_and_not_used() -> None:
+    backend = FakeBackend(fail_replay_at=1)
+    cache: CudaGraphCache[FakeGraph] = CudaGraphCache(backend.released.append)
+    for x in _batches((2, 3), 3):
+        np.testing.assert_array_equal(backend.call(cache, x), 2 * x + 1)
+    assert backend.log == ["eager", "capture", "replay", "eager", "eager"]
+    assert len(backend.released) == 1 and cache.captured == []
+    assert cache.error == "batch shape (2, 3): RuntimeError: cudaGraphLaunch failed"
+
+
+def test_a_later_replay_failure_is_a_real_error() -> None:
+    backend = FakeBackend(fail_replay_at=2)
+    cache: CudaGraphCache[FakeGraph] = CudaGraphCache(backend.released.append)
+    x = _batches((2, 3), 1)[0]
+    backend.call(cache, x)
+    backend.call(cache, x)
+    with pytest.raises(RuntimeError, match="cudaGraphLaunch failed"):
+        backend.call(cache, x)
+
+
+def test_failed_warm_up_does_not_count() -> None:
+    cache: CudaGraphCache[FakeGraph] = CudaGraphCache(lambda graph: None)
+
+    def broken() -> np.ndarray:
+        raise ValueError("bad batch")
+
+    def no_capture() -> FakeGraph:
+        raise AssertionError("captured after a warm-up that failed")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        cache.run((1,), eager=broken, capture=no_capture, replay=lambda graph: np.zeros(1))
+    assert cache.state((1,)) is None
+
+
+def test_clear_releases_every_graph_once_and_starts_over() -> None:
+    backend = FakeBackend()
+    cache: CudaGraphCache[FakeGraph] = CudaGraphCache(backend.released.append)
+    for shape in ((1, 3), (4, 3)):
+        for x in _batches(shape, 2):
+            backend.call(cache, x)
+    cache.clear()
+    assert [g.static_input.shape for g in backend.released] == [(1, 3), (4, 3)]
+    cache.clear()
+    assert len(backend.released) == 2
+    backend.log.clear()
+    backend.call(cache, _batches((1, 3), 1)[0])
+    assert backend.log == ["eager"] and cache.captured == []
+
+
+# --------------------------------------------------------------------------- the torch runner on the CPU
+
+
+def tiny_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+
+
+def test_cpu_torch_runner_refuses_cuda_graphs_and_the_bench_says_why() -> None:
+    with TorchRunner(tiny_net(), (3, 8, 8)) as runner:
+        assert runner.supports_cuda_graphs is False and runner.use_cuda_graphs is False
+        with pytest.raises(UsageError, match=r"torch/fp32: CUDA graphs need device 'cuda'"):
+            runner.use_cuda_graphs = True
+        assert enable_cuda_graphs(runner, wanted=True) == (False, "CPU runner")
+        assert runner.use_cuda_graphs is False
+        runner.use_cuda_graphs = False  # turning them off is always allowed
+        x = np.zeros((2, 3, 8, 8), np.float32)
+        assert runner.infer(x).shape == (2, 10) and runner.cuda_graph_shapes == []
+        assert runner.cuda_graph_error is None
+
+
+# --------------------------------------------------------------------------- the TensorRT runner with fakes
+
+INPUT, OUTPUT = "images", "logits"
+CHW = (3, 4, 4)
+MAX_BATCH = 8
+WEIGHTS = np.random.default_rng(7).standard_normal((CHW[0], 10)).astype(np.float32)
+
+
+def reference_logits(x: np.ndarray) -> np.ndarray:
+    """What the fake engine computes: channel means times a fixed matrix."""
+    return x.mean(axis=(2, 3)) @ WEIGHTS
+
+
+@dataclass
+class FakeMemory:
+    """Device memory whose stream either executes work or, while capturing, records it."""
+
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    recording: list[Callable[[], None]] | None = None
+    log: list[str] = field(default_factory=list)
+    fail_capture: bool = False
+
+    stream_handle = 1234
+
+    def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+        self.buffers[name] = np.full(shape, np.nan, dtype)
+        return 0x1000 * (len(self.buffers))
+
+    def enqueue(self, work: Callable[[], None]) -> None:
+        if self.recording is not None:
+            self.recording.append(work)
+        else:
+            work()
+
+    def upload(self, name: str, array: np.ndarray) -> None:
+        assert self.recording is None, "a copy inside the capture would bake this call's input in"
+        self.buffers[name].reshape(-1)[: array.size] = array.reshape(-1)
+
+    def download(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        assert self.recording is None
+        count = int(np.prod(shape))
+        return self.buffers[name].reshape(-1)[:count].reshape(shape).copy()
+
+    def synchronize(self) -> None:
+        assert self.recording is None, "synchronising a capturing stream invalidates the capture"
+
+    def capture_graph(self, enqueue: Callable[[], None]) -> list[Callable[[], None]]:
+        self.log.append("capture")
+        self.recording = []
+        try:
+            enqueue()
+            if self.fail_capture:
+                raise RuntimeError("cudaStreamEndCapture failed: cudaErrorStreamCaptureInvalidated")
+            return self.recording
+        finally:
+            self.recording = None
+
+    def launch_graph(self, graph: list[Callable[[], None]]) -> None:
+        self.log.append("launch")
+        for work in graph:
+            work()
+
+    def free_graph(self, graph: list[Callable[[], None]]) -> None:
+        self.log.append("free_graph")
+
+    def close(self) -> None:
+        self.log.append("close")
+
+
+class FakeContext:
+    """An execution context: its work reads its *current* shape when it runs, as TensorRT's host state
+    does, so a graph replayed after its context changed shape would compute the wrong batch."""
+
+    def __init__(self, memory: FakeMemory) -> None:
+        self.memory = memory
+        self.shape: tuple[int, ...] = ()
+        self.addresses: dict[str, int] = {}
+        self.ready = False  # enqueued since the last shape change
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        assert name == INPUT
+        if tuple(shape) != self.shape:
+            self.shape, self.ready = tuple(shape), False
+        return 1 <= shape[0] <= MAX_BATCH
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        self.addresses[name] = address
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.shape if name == INPUT else (self.shape[0], 10)
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        assert stream_handle == self.memory.stream_handle
+        if self.memory.recording is not None and not self.ready:
+            return False  # capturing the first enqueue after a shape change fails in TensorRT
+        assert set(self.addresses) == {INPUT, OUTPUT}
+
+        def work() -> None:
+            batch = self.shape[0]
+            x = self.memory.buffers[INPUT][:batch]
+            self.memory.buffers[OUTPUT][:batch] = reference_logits(x)
+
+        self.memory.enqueue(work)
+        self.ready = True
+        return True
+
+
+class FakeEngine:
+    def __init__(self, memory: FakeMemory) -> None:
+        self.memory = memory
+        self.contexts: list[FakeContext] = []
+        self.num_io_tensors = 2
+
+    def get_tensor_name(self, index: int) -> str:
+        return (INPUT, OUTPUT)[index]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "input" if name == INPUT else "output"
+
+    def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[tuple[int, ...], ...]:
+        return (1, *CHW), (4, *CHW), (MAX_BATCH, *CHW)
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return "float"
+
+    def create_execution_context(self) -> FakeContext:
+        self.contexts.append(FakeContext(self.memory))
+        return self.contexts[-1]
+
+
+def fake_tensorrt_runner(
+    monkeypatch: pytest.MonkeyPatch, memory: FakeMemory
+) -> tuple[TensorRTRunner, FakeEngine]:
+    """A TensorRTRunner set up by its own `_setup` over a fake engine, memory and `tensorrt` module.
+
+    The constructor's file, sidecar and TensorRT/GPU checks are skipped: they need the real thing
+    and are tested in test_tensorrt.py.
+    """
+    fake_trt = types.ModuleType("tensorrt")
+    fake_trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+    fake_trt.nptype = lambda dtype: np.float32
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
+    monkeypatch.setattr("deploy.runners.tensorrt_runner._device_memory", lambda: memory)
+    engine = FakeEngine(memory)
+    runner = TensorRTRunner.__new__(TensorRTRunner)
+    # What the constructor sets before it loads TensorRT.
+    runner.use_cuda_graphs = False
+    runner._graphs = CudaGraphCache(runner._free_graph)
+    runner._addresses = {}
+    runner._memory = runner._context = runner._runtime = None
+    runner.plan_path = Path("fake.plan")
+    runner.sidecar = types.SimpleNamespace(input_names=(INPUT,), output_names=(OUTPUT,))
+    runner.precision = "fp32"
+    runner._engine = engine
+    runner._setup(engine)
+    return runner, engine
+
+
+def test_tensorrt_runner_graphs_match_the_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = FakeMemory()
+    runner, engine = fake_tensorrt_runner(monkeypatch, memory)
+    assert TensorRTRunner.supports_cuda_graphs is True and runner.use_cuda_graphs is False
+    assert enable_cuda_graphs(runner, wanted=True) == (True, None) and runner.use_cuda_graphs is True
+    rng = np.random.default_rng(0)
+    # Interleaved batch sizes: each replay must run at its own shape whatever ran before it.
+    for batch in (2, 2, 5, 2, 5, 5, 2, 1):
+        x = rng.standard_normal((batch, *CHW)).astype(np.float32)
+        np.testing.assert_allclose(runner.infer(x), reference_logits(x), rtol=1e-6)
+    assert runner.cuda_graph_shapes == [(2, *CHW), (5, *CHW)] and runner.cuda_graph_error is None
+    # The main context plus one dedicated context per graph, bound to the same buffers.
+    assert len(engine.contexts) == 3
+    assert all(c.addresses == engine.contexts[0].addresses for c in engine.contexts)
+    assert [c.shape[0] for c in engine.contexts[1:]] == [2, 5]
+    assert memory.log == ["capture", "launch", "launch", "capture", "launch", "launch", "launch"]
+
+    runner.close()
+    assert memory.log[-3:] == ["free_graph", "free_graph", "close"]  # graphs before their memory
+    runner.close()
+    assert memory.log.count("close") == 1
+
+
+def test_tensorrt_runner_falls_back_when_capture_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = FakeMemory(fail_capture=True)
+    runner, _ = fake_tensorrt_runner(monkeypatch, memory)
+    runner.use_cuda_graphs = True
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        x = rng.standard_normal((3, *CHW)).astype(np.float32)
+        np.testing.assert_allclose(runner.infer(x), reference_logits(x), rtol=1e-6)
+    assert memory.log == ["capture"] and runner.cuda_graph_shapes == []
+    assert runner.cuda_graph_error == (
+        "batch shape (3, 3, 4, 4): RuntimeError: "
+        "cudaStreamEndCapture failed: cudaErrorStreamCaptureInvalidated"
+    )
+    runner.close()
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for torch")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_torch_runner_graph_replay_matches_eager(precision: str) -> None:
+    model = tiny_net()
+    rng = np.random.default_rng(0)
+    with (
+        TorchRunner(model, (3, 16, 16), device="cuda", precision=precision) as graphed,
+        TorchRunner(model, (3, 16, 16), device="cuda", precision=precision) as eager,
+    ):
+        assert enable_cuda_graphs(graphed, wanted=True) == (True, None)
+        for batch in (1, 4, 1, 4, 1, 4):
+            x = rng.standard_normal((batch, 3, 16, 16)).astype(np.float32)
+            # Same kernels on the same inputs: the graph's logits are the eager ones.
+            np.testing.assert_allclose(graphed.infer(x), eager.infer(x), rtol=1e-5, atol=1e-5)
+        assert graphed.cuda_graph_error is None
+        assert graphed.cuda_graph_shapes == [(1, 3, 16, 16), (4, 3, 16, 16)]
+    assert graphed.cuda_graph_shapes == []  # close() released them
+
+
+def _tensorrt_gpu_reason() -> str | None:
+    ok, reason = tensorrt_available()
+    if not ok:
+        return reason
+    return None if current_gpu() is not None else "no NVIDIA GPU found"
+
+
+TRT_GPU_MISSING = _tensorrt_gpu_reason()
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(TRT_GPU_MISSING is not None, reason=f"needs TensorRT and a GPU: {TRT_GPU_MISSING}")
+def test_tensorrt_runner_graph_replay_matches_eager(tmp_path: Path) -> None:
+    from export.tensorrt_engine import build_engine
+
+    onnx_file = tmp_path / "student.onnx"
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    torch.onnx.export(
+        tiny_net(),
+        (torch.zeros(1, 3, 16, 12),),
+        str(onnx_file),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}},
+        opset_version=18,
+        **legacy,
+    )
+    plan = tmp_path / "student.fp32.plan"
+    build_engine(onnx_file, plan, min_batch=1, opt_batch=4, max_batch=8)
+    rng = np.random.default_rng(0)
+    with TensorRTRunner(plan) as graphed, TensorRTRunner(plan) as eager:
+        assert enable_cuda_graphs(graphed, wanted=True) == (True, None)
+        for batch in (2, 8, 2, 8, 2, 8):
+            x = rng.standard_normal((batch, 3, 16, 12)).astype(np.float32)
+            np.testing.assert_allclose(graphed.infer(x), eager.infer(x), rtol=1e-5, atol=1e-5)
+        assert graphed.cuda_graph_error is None
+        assert graphed.cuda_graph_shapes == [(2, 3, 16, 12), (8, 3, 16, 12)]
