@@ -235,6 +235,12 @@ def _bench_one(
                 entry.update(status=FAILED, reason=f"batch {batch_size}: {error_reason(exc)}")
                 break
             entry["latency"][str(batch_size)] = latency_stats(samples, batch_size)
+        if used:
+            # A shape whose capture failed was timed eagerly: say so rather than claim graphs.
+            graph_error = getattr(runner, "cuda_graph_error", None)
+            if graph_error:
+                entry["cuda_graphs"]["reason"] = f"fell back to eager: {graph_error}"
+            entry["cuda_graphs"]["shapes"] = [list(s) for s in getattr(runner, "cuda_graph_shapes", [])]
     if entry["status"] == OK and not entry["latency"]:
         entry.update(status=SKIPPED, reason="; ".join(entry["skipped_batches"].values()) or "no batch sizes")
     return entry

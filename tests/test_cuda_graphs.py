@@ -24,7 +24,8 @@ from torch import nn
 
 from benchmarks.latency import enable_cuda_graphs
 from deploy.errors import UsageError
-from deploy.runners.tensorrt_runner import CudaGraphCache, TensorRTRunner
+from deploy.runners.cuda_graphs import CudaGraphCache
+from deploy.runners.tensorrt_runner import TensorRTRunner
 from deploy.runners.torch_runner import TorchRunner
 from deploy.trt_sidecar import current_gpu, tensorrt_available
 

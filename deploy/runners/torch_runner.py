@@ -21,7 +21,7 @@ from torch import nn
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.runners.base import Runner
-from deploy.runners.tensorrt_runner import CudaGraphCache
+from deploy.runners.cuda_graphs import CudaGraphCache
 
 _DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 # Eager runs on the capture stream before capturing, as torch's CUDA-graph docs require: they do
