@@ -222,3 +222,23 @@ def test_parse_batch_sizes() -> None:
     for bad in ("", "a,b", "0,1", "-2"):
         with pytest.raises(UsageError, match="--batch-sizes"):
             parse_batch_sizes(bad)
+
+
+def test_bench_reports_captured_shapes_and_graph_fallbacks() -> None:
+    clock = FakeClock()
+
+    class GraphRunner(TimedRunner):
+        supports_cuda_graphs = True
+        use_cuda_graphs = False
+        cuda_graph_shapes = ((1, *INPUT_SHAPE),)
+        cuda_graph_error = "batch shape (8, 3, 8, 8): capture failed"
+
+    def fake_timer(runner: Runner) -> PerfCounterTimer:
+        return PerfCounterTimer(clock)
+
+    target = Target("tensorrt/fp16", "fp16", lambda: GraphRunner(clock, [1.0], device="cuda"))
+    result = benchmark_runners([target], batch_sizes=(1,), warmup=1, iters=2, timer_factory=fake_timer)
+    graphs = result["results"]["tensorrt/fp16"]["cuda_graphs"]
+    assert graphs["used"] is True
+    assert graphs["shapes"] == [[1, *INPUT_SHAPE]]
+    assert graphs["reason"] == "fell back to eager: batch shape (8, 3, 8, 8): capture failed"
