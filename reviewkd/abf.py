@@ -48,9 +48,20 @@ class ABF(nn.Module):
         if self.att_conv is not None:
             if residual is None:
                 raise ValueError("ABF: a fusing level needs the residual of the deeper level")
-            residual = _resize_nearest(residual, (x.shape[-2], x.shape[-1]))
-            attention = self.att_conv(torch.cat([x, residual], dim=1))
-            x = x * attention[:, 0:1] + residual * attention[:, 1:2]
+            size = (x.shape[-2], x.shape[-1])
+            conv = self.att_conv[0]
+            assert isinstance(conv, nn.Conv2d)
+            weight = conv.weight
+            mid = x.shape[1]
+            # conv1x1([x, R]) = conv1x1(x, W_x) + conv1x1(R, W_r), and a 1x1 conv commutes with
+            # nearest resizing: so the residual's half runs at the residual's own (smaller)
+            # resolution and the 2M-channel concatenation is never built.
+            logits = F.conv2d(x, weight[:, :mid], conv.bias) + _resize_nearest(
+                F.conv2d(residual, weight[:, mid:]), size
+            )
+            attention = self.att_conv[1](logits)
+            residual = _resize_nearest(residual, size)
+            x = torch.addcmul(x * attention[:, 0:1], residual, attention[:, 1:2])
         x = _resize_nearest(x, out_size)
         return self.conv2(x), x
 

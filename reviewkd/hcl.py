@@ -45,7 +45,8 @@ def hcl_level(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
             f"hcl_loss: student feature {tuple(student.shape)} and teacher feature "
             f"{tuple(teacher.shape)} differ in shape"
         )
-    diff = student - teacher
+    # In float32 even under bf16 autocast: a no-op at fp32, and the squared means stay accurate.
+    diff = student.float() - teacher.float()
     loss = diff.pow(2).mean()
     smallest_side = min(diff.shape[-2:])
     sizes = [k for k in PYRAMID_SIZES if k < smallest_side]
