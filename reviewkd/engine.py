@@ -62,6 +62,7 @@ RESUMABLE_CHANGES = (
     "train.compile",
     "train.threads",
     "train.channels_last",
+    "train.fuse_teacher",
     "data.cache",
     "data.num_workers",
     "output",
@@ -134,7 +135,7 @@ def setup_runtime(config: Config) -> Runtime:
     if amp == "fp16" and not use_cuda:
         raise UsageError("config key train.amp: fp16 needs CUDA; use train.amp=bf16 or none on the CPU")
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return Runtime(device, rank, world_size, amp_dtype, channels_last=use_cuda and tc.channels_last)
+    return Runtime(device, rank, world_size, amp_dtype, channels_last=tc.channels_last)
 
 
 def teacher_training_config(config: Config) -> Config:
@@ -216,13 +217,18 @@ def _make_optimizer(config: Config, params: list[nn.Parameter]) -> torch.optim.O
     oc = config.optim
     if oc.name == "adamw":
         return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
-    return torch.optim.SGD(
-        params,
-        lr=oc.lr,
-        momentum=oc.momentum,
-        nesterov=oc.nesterov and oc.momentum > 0,
-        weight_decay=oc.weight_decay,
-    )
+    settings: dict[str, Any] = {
+        "lr": oc.lr,
+        "momentum": oc.momentum,
+        "nesterov": oc.nesterov and oc.momentum > 0,
+        "weight_decay": oc.weight_decay,
+    }
+    # The fused kernel is one pass over the parameters instead of several; torch versions or devices
+    # without it reject fused=True when the optimizer is built, and then the plain loop is used.
+    try:
+        return torch.optim.SGD(params, fused=True, **settings)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.SGD(params, **settings)
 
 
 def lr_factor(config: Config, step: int, steps_per_epoch: int) -> float:
@@ -473,6 +479,7 @@ def fit(
         temperature=config.method.temperature,
         student_taps=config.method.student_taps,
         teacher_taps=config.method.teacher_taps,
+        fuse_teacher=config.train.fuse_teacher,
     )
     distiller.to(runtime.device)
     if runtime.channels_last:

@@ -14,7 +14,7 @@ from reviewkd.commands.run import PIPELINE_FILE, STAGES
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--threads", "1", "--bench-seconds", "0.05", "--batch-sizes", "1,4",
-    "train.epochs=1", "teacher.epochs=1", "train.threads=1", "teacher.arch=cifar_resnet20",
+    "train.epochs=3", "teacher.epochs=1", "train.threads=1", "teacher.arch=cifar_resnet20",
 ]  # fmt: skip
 
 
