@@ -6,7 +6,7 @@ Pure Python: it decides when to warm up, capture and replay; the runners supply 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 GraphT = TypeVar("GraphT")
 ResultT = TypeVar("ResultT")
@@ -98,3 +98,19 @@ class CudaGraphCache(Generic[GraphT]):
         self._states.clear()
         for graph in graphs:
             self._release(graph)
+
+
+class CudaGraphReporting:
+    """What a runner with a `CudaGraphCache` in `_graphs` tells the benchmark about its graphs."""
+
+    _graphs: CudaGraphCache[Any]
+
+    @property
+    def cuda_graph_shapes(self) -> list[Hashable]:
+        """The batch shapes whose calls replay a captured CUDA graph."""
+        return self._graphs.captured
+
+    @property
+    def cuda_graph_error(self) -> str | None:
+        """Why a CUDA graph could not be captured (those shapes ran without one), or None."""
+        return self._graphs.error

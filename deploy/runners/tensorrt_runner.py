@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +26,7 @@ import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.runners.base import Runner
-from deploy.runners.cuda_graphs import CudaGraphCache
+from deploy.runners.cuda_graphs import CudaGraphCache, CudaGraphReporting
 from deploy.trt_sidecar import (
     REBUILD_HINT,
     Sidecar,
@@ -245,7 +245,7 @@ def _dims(dims: Any) -> tuple[int, ...]:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
-class TensorRTRunner(Runner):
+class TensorRTRunner(CudaGraphReporting, Runner):
     """Runs a TensorRT plan built by `export.tensorrt_engine.build_engine` (or any plan with our sidecar).
 
     Args:
@@ -344,16 +344,6 @@ class TensorRTRunner(Runner):
         if self._memory is None:
             raise UsageError(f"{self.name}: the runner is closed")
         return self._memory.stream_handle
-
-    @property
-    def cuda_graph_shapes(self) -> list[Hashable]:
-        """The batch shapes whose calls replay a captured CUDA graph."""
-        return self._graphs.captured
-
-    @property
-    def cuda_graph_error(self) -> str | None:
-        """Why a CUDA graph could not be captured (those shapes ran without one), or None."""
-        return self._graphs.error
 
     def _infer(self, images: np.ndarray) -> np.ndarray:
         if self._context is None or self._memory is None:

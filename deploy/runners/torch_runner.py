@@ -12,7 +12,6 @@ the per-shape warm-up, capture and replay, and the fallback when a capture fails
 from __future__ import annotations
 
 import copy
-from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +20,7 @@ from torch import nn
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.runners.base import Runner
-from deploy.runners.cuda_graphs import CudaGraphCache
+from deploy.runners.cuda_graphs import CudaGraphCache, CudaGraphReporting
 
 _DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 # Eager runs on the capture stream before capturing, as torch's CUDA-graph docs require: they do
@@ -38,7 +37,7 @@ class _TorchGraph:
     static_output: torch.Tensor
 
 
-class TorchRunner(Runner):
+class TorchRunner(CudaGraphReporting, Runner):
     """Runs a PyTorch classifier in eval mode under inference_mode, on the CPU or a CUDA GPU.
 
     The runner keeps its own copy of the module, so casting to fp16 or moving to the GPU never
@@ -93,16 +92,6 @@ class TorchRunner(Runner):
         if value and not self.supports_cuda_graphs:
             raise UsageError(f"{self.name}: CUDA graphs need device 'cuda'; this runner runs on the CPU")
         self._use_cuda_graphs = bool(value)
-
-    @property
-    def cuda_graph_shapes(self) -> list[Hashable]:
-        """The batch shapes whose calls replay a captured CUDA graph."""
-        return self._graphs.captured
-
-    @property
-    def cuda_graph_error(self) -> str | None:
-        """Why a CUDA graph could not be captured (those shapes ran without one), or None."""
-        return self._graphs.error
 
     def _infer(self, images: np.ndarray) -> np.ndarray:
         module = self._module
