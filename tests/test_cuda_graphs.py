@@ -9,7 +9,6 @@ against eager output on a GPU, are marked `gpu` and skip without CUDA.
 
 from __future__ import annotations
 
-import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from deploy.runners.cuda_graphs import CudaGraphCache
 from deploy.runners.tensorrt_runner import TensorRTRunner
 from deploy.runners.torch_runner import TorchRunner
 from deploy.trt_sidecar import current_gpu, tensorrt_available
+from tests.test_runners import export_onnx
 
 # --------------------------------------------------------------------------- CudaGraphCache with fakes
 
@@ -439,18 +439,7 @@ TRT_GPU_MISSING = _tensorrt_gpu_reason()
 def test_tensorrt_runner_graph_replay_matches_eager(tmp_path: Path) -> None:
     from export.tensorrt_engine import build_engine
 
-    onnx_file = tmp_path / "student.onnx"
-    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    torch.onnx.export(
-        tiny_net(),
-        (torch.zeros(1, 3, 16, 12),),
-        str(onnx_file),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}},
-        opset_version=18,
-        **legacy,
-    )
+    onnx_file = export_onnx(tiny_net(), tmp_path / "student.onnx", (3, 16, 12))
     plan = tmp_path / "student.fp32.plan"
     build_engine(onnx_file, plan, min_batch=1, opt_batch=4, max_batch=8)
     rng = np.random.default_rng(0)

@@ -8,7 +8,6 @@ onnxruntime.
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 import types
@@ -76,9 +75,7 @@ def _conv_graph(
         "fc_w": rng.normal(size=(5, 4)).astype(np.float32),
         "fc_b": rng.normal(size=(5,)).astype(np.float32),
     }
-    inits = [
-        numpy_helper.from_array(v.astype(np.float16) if fp16 else v, name=k) for k, v in weights.items()
-    ]
+    inits = [numpy_helper.from_array(v.astype(np.float16) if fp16 else v, name=k) for k, v in weights.items()]
     nodes = []
     source = "images"
     if fp16:
@@ -447,29 +444,17 @@ def test_runner_without_tensorrt(tmp_path: Path) -> None:
 @pytest.mark.skipif(TRT_GPU_MISSING is not None, reason=f"needs TensorRT and a GPU: {TRT_GPU_MISSING}")
 def test_engine_end_to_end_matches_onnxruntime(tmp_path: Path) -> None:
     import onnxruntime as ort
-    import torch
     from torch import nn
 
     from deploy.runners.tensorrt_runner import TensorRTRunner
+    from tests.test_runners import export_onnx
 
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
     ).eval()  # fmt: skip
-    onnx_file = tmp_path / "student.onnx"
-    # The TorchScript exporter is quick and exact here; torch < 2.5 has no `dynamo` switch and uses it anyway.
-    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, 3, 16, 12),),
-        str(onnx_file),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}},
-        opset_version=18,
-        **legacy,
-    )
+    onnx_file = export_onnx(model, tmp_path / "student.onnx", (3, 16, 12))
     plan = tmp_path / "student.fp32.plan"
     cache = tmp_path / "timing.cache"
     sidecar = build_engine(onnx_file, plan, min_batch=1, opt_batch=4, max_batch=8, timing_cache=cache)
