@@ -7,7 +7,7 @@ onnxconverter-common's converter does the graph rewrite.
 int8 comes from ONNX Runtime's static quantization, calibrated on images the caller supplies:
 - "cpu" (student.int8.onnx): the fastest int8 for ONNX Runtime on CPUs. uint8 activations
   (asymmetric) and per-channel int8 weights, as Q/DQ pairs that ONNX Runtime fuses into
-  QLinearConv kernels. Measured in benchmarks/export_speed.py against the alternatives.
+  QLinearConv kernels. Measured in benchmarks/scripts/export_speed.py against the alternatives.
 - "trt" (student.int8.trt.onnx): symmetric Q/DQ for TensorRT: int8 activations and weights,
   every zero point 0, per-channel weights. ONNX Runtime runs it too, just slower on CPUs.
 """

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT
+
 SHARED_DIR = Path(os.environ.get("REVIEWKD_SHARED", REPO_ROOT.parent / "shared"))
 
 

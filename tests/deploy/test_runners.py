@@ -6,159 +6,26 @@ run directory with a manifest, all written for real into tmp_path.
 
 from __future__ import annotations
 
-import inspect
-import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from torch import nn
 
 from deploy.errors import MissingDependencyError, UsageError
-from deploy.fileio import sha256_file
-from deploy.manifest import new_manifest, record_artifact, write_manifest
+from deploy.manifest import record_artifact
 from deploy.runners import OnnxRuntimeRunner, Runner, open_runner, precision_from_filename, select_artifact
-from deploy.runners.onnxruntime_runner import METADATA_KEY
 from deploy.runners.torch_runner import TorchRunner
 from deploy.trt_sidecar import (
-    GpuInfo,
-    Sidecar,
-    profile_shapes,
-    sidecar_path,
     tensorrt_available,
-    write_sidecar,
 )
+from tests.helpers import CLASSES, INPUT_SHAPE, export_onnx, make_run, random_batch, tiny_net, write_plan
+
 
 # A non-square input catches any H/W mix-up.
-INPUT_SHAPE = (3, 8, 10)
-CLASSES = ["cat", "dog", "ship", "frog"]
-MEAN = [0.5, 0.4, 0.3]
-STD = [0.25, 0.2, 0.3]
-
-
-class TinyNet(nn.Module):
-    """conv -> BN -> ReLU -> global pool -> linear: every op an exporter and runtime must agree on."""
-
-    def __init__(self, in_channels: int = 3, num_classes: int = len(CLASSES)) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(6, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1))
-
-
-def tiny_net(seed: int = 0, in_channels: int = 3) -> TinyNet:
-    """A TinyNet in eval mode with non-trivial BatchNorm statistics."""
-    torch.manual_seed(seed)
-    model = TinyNet(in_channels)
-    with torch.no_grad():
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def export_onnx(
-    model: nn.Module,
-    path: Path,
-    input_shape: tuple[int, int, int] = INPUT_SHAPE,
-    *,
-    batch: int | None = None,
-    dynamic_spatial: bool = False,
-    metadata: dict[str, Any] | None = None,
-) -> Path:
-    """Export `model` with input "images" and output "logits"; batch None makes the batch dynamic."""
-    axes: dict[str, dict[int, str]] = {}
-    if batch is None:
-        axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
-    if dynamic_spatial:
-        axes.setdefault("images", {}).update({2: "height", 3: "width"})
-    kwargs: dict[str, Any] = {}
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        kwargs["dynamo"] = False  # the TorchScript exporter is much faster for a test-sized net
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter deprecation and constant-folding notices
-        torch.onnx.export(
-            model,
-            (torch.zeros(batch or 1, *input_shape),),
-            str(path),
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes=axes or None,
-            opset_version=18,
-            **kwargs,
-        )
-    if metadata is not None:
-        proto = onnx.load(str(path))
-        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
-        onnx.save(proto, str(path))
-    return path
-
-
-def input_block(resize: int | None = None, shape: tuple[int, int, int] = INPUT_SHAPE) -> dict[str, Any]:
-    """A manifest "input" block for `shape`."""
-    channels = shape[0]
-    return {
-        "shape": list(shape),
-        "layout": "NCHW",
-        "dtype": "float32",
-        "mean": MEAN[:channels],
-        "std": STD[:channels],
-        "resize": resize,
-    }
-
-
-def make_run(
-    tmp_path: Path, model: nn.Module | None = None, resize: int | None = None
-) -> tuple[Path, dict[str, Any]]:
-    """Write a run directory holding export/student.onnx of `model` (a fresh tiny net by default)."""
-    run = tmp_path / "run"
-    model = model if model is not None else tiny_net()
-    manifest = new_manifest()
-    manifest["classes"] = list(CLASSES)
-    manifest["input"] = input_block(resize)
-    manifest["student"] = {"arch": "tiny_net", "num_classes": len(CLASSES)}
-    export_onnx(model, run / "export" / "student.onnx", metadata={**manifest, "precision": "fp32"})
-    record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
-    write_manifest(run, manifest)
-    return run, manifest
-
-
-def write_plan(path: Path, precision: str, max_batch: int, min_batch: int = 1) -> Path:
-    """Write stand-in plan bytes and a valid sidecar for them (no TensorRT here to build a real one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"stand-in for a serialized TensorRT engine " + precision.encode())
-    sidecar = Sidecar(
-        plan_file=path.name,
-        plan_sha256=sha256_file(path),
-        tensorrt_version="10.13.0.35",
-        gpu=GpuInfo("NVIDIA H100 80GB HBM3", (9, 0)),
-        precision=precision,
-        compatibility=None,
-        strongly_typed=True,
-        input_names=("images",),
-        output_names=("logits",),
-        profile=profile_shapes(INPUT_SHAPE, min_batch, min(8, max_batch), max_batch),
-        source_onnx=f"student.{precision}.onnx",
-        source_onnx_sha256="0" * 64,
-    )
-    write_sidecar(sidecar_path(path), sidecar)
-    return path
-
-
-def random_batch(n: int, shape: tuple[int, ...] = INPUT_SHAPE, seed: int = 1) -> np.ndarray:
-    """A float32 (n, *shape) batch of standard normal values."""
-    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dynamic-batch ONNX file of tiny_net(0)."""

@@ -16,7 +16,7 @@ hooks, as ours do.
 Unlike the other benchmarks (which import only `deploy`) this script times the training code
 itself, so it imports `reviewkd`.
 
-    .venv/bin/python -m benchmarks.train_step_speed --steps 30 --markdown benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.scripts.train_step_speed --steps 30 --markdown benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ HCL_WEIGHT = 1.0
 GOAL_RATIO = 0.85
 NOTES = """\
 Rows: `official` is the reference-style step (see the module docstring of
-`benchmarks/train_step_speed.py`); `ours` is our step with the options the training engine passes
+`benchmarks/scripts/train_step_speed.py`); `ours` is our step with the options the training engine passes
 (`channels_last`: models, ABF and inputs in torch.channels_last; `fuse_teacher`:
 `ReviewKD(..., fuse_teacher=True)`, BatchNorm folded into the teacher's convolutions;
 `fused_sgd`: `torch.optim.SGD(..., fused=True)`); `ours-bf16` adds
@@ -482,7 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with _threads(args.threads):
         results: dict[str, Any] = {
-            "command": " ".join([".venv/bin/python -m benchmarks.train_step_speed", *(argv or sys.argv[1:])]),
+            "command": " ".join(
+                [".venv/bin/python -m benchmarks.scripts.train_step_speed", *(argv or sys.argv[1:])]
+            ),
             "batch": BATCH,
             "steps": args.steps,
             "warmup": args.warmup,

@@ -41,6 +41,7 @@ from export.tensorrt_engine import (
     inspect_onnx,
     weak_typing_flags,
 )
+from tests.helpers import export_onnx
 
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0))
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
@@ -447,7 +448,6 @@ def test_engine_end_to_end_matches_onnxruntime(tmp_path: Path) -> None:
     from torch import nn
 
     from deploy.runners.tensorrt_runner import TensorRTRunner
-    from tests.test_runners import export_onnx
 
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),

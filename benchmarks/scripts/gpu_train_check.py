@@ -1,6 +1,6 @@
 """The training stage on a CUDA GPU (issue 3): ReviewKD step speed and memory, then a digits run.
 
-    .venv/bin/python -m benchmarks.gpu_train_check [--steps 300] [--warmup 30] [--out DIR]
+    .venv/bin/python -m benchmarks.scripts.gpu_train_check [--steps 300] [--warmup 30] [--out DIR]
 
 Prepared for a lent GPU machine (no internet needed; any torch >= 2.4 with CUDA). Two parts:
 

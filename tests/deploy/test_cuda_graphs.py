@@ -27,7 +27,7 @@ from deploy.runners.cuda_graphs import CudaGraphCache
 from deploy.runners.tensorrt_runner import TensorRTRunner
 from deploy.runners.torch_runner import TorchRunner
 from deploy.trt_sidecar import current_gpu, tensorrt_available
-from tests.test_runners import export_onnx
+from tests.helpers import export_onnx
 
 # --------------------------------------------------------------------------- CudaGraphCache with fakes
 

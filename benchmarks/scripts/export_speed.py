@@ -1,6 +1,6 @@
 """CPU inference speed of the exported files (issue 4): torch eager vs ONNX Runtime fp32/fp16/int8.
 
-    .venv/bin/python -m benchmarks.export_speed [--test-images 2000] [--rounds 20]
+    .venv/bin/python -m benchmarks.scripts.export_speed [--test-images 2000] [--rounds 20]
 
 For cifar_resnet56 and cifar_resnet20 (pretrained, ../shared/weights/cifar10-resnet) and resnet8x4
 (random weights: its speed counts, its accuracy is chance) it exports the four ONNX flavours with

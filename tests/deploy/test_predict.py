@@ -20,16 +20,17 @@ from deploy.predict import class_names, predict, softmax
 from deploy.preprocess import InputSpec, load_image, load_images
 from deploy.runners import OnnxRuntimeRunner
 from reviewkd.cli import main
-from tests.test_runners import CLASSES, INPUT_SHAPE, MEAN, STD, export_onnx, input_block, make_run, tiny_net
-
-
-def write_image(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Path:
-    """Write a random image of `size` (W, H) in `mode`; the suffix picks PNG or JPEG."""
-    rng = np.random.default_rng(seed)
-    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
-    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
-    return path
+from tests.helpers import (
+    CLASSES,
+    INPUT_SHAPE,
+    MEAN,
+    STD,
+    export_onnx,
+    input_block,
+    make_run,
+    tiny_net,
+    write_image,
+)
 
 
 @pytest.fixture

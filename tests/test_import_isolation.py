@@ -10,10 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.test_predict import write_image
-from tests.test_runners import make_run, random_batch
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT, make_run, random_batch, write_image
 
 # Runs with an import hook that refuses torch (and torchvision), as on a device that lacks it.
 SCRIPT = textwrap.dedent(

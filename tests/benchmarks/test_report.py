@@ -28,8 +28,8 @@ from deploy.errors import UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
 from deploy.runners.base import Runner
-from tests.test_validate import (
-    INPUT_SHAPE,
+from tests.helpers import (
+    TINY_INPUT_SHAPE,
     ModuleRunner,
     export_tiny_onnx,
     image_batches,
@@ -53,7 +53,7 @@ def make_run(tmp_path: Path) -> tuple[Path, nn.Module]:
     manifest = new_manifest()
     manifest.update(
         classes=[f"c{i}" for i in range(5)],
-        input={"shape": list(INPUT_SHAPE), "layout": "NCHW", "mean": [0.5] * 3, "std": [0.25] * 3},
+        input={"shape": list(TINY_INPUT_SHAPE), "layout": "NCHW", "mean": [0.5] * 3, "std": [0.25] * 3},
         student={"arch": "tiny", "num_classes": 5, "top1": 81.5, "top5": 99.0},
         teacher={"arch": "tiny_teacher", "top1": 90.25, "top5": 99.5},
         method={"name": "reviewkd", "params": {"hcl_weight": 1.0}},

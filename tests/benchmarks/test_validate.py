@@ -1,8 +1,4 @@
-"""benchmarks.validate: accuracy, parity and gates on real ONNX Runtime sessions and small runners.
-
-The helpers at the top (a tiny classifier as a torch module and as an ONNX file with the same
-weights, and runners around numpy functions) are shared with test_bench.py and test_report.py.
-"""
+"""benchmarks.validate: accuracy, parity and gates on real ONNX Runtime sessions and small runners."""
 
 from __future__ import annotations
 
@@ -10,10 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-import torch
-from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from benchmarks.targets import SKIPPED, Target, artifact_formats, format_label, infer_in_range
@@ -26,154 +19,21 @@ from benchmarks.validate import (
     raise_for_gates,
     validate_runners,
 )
-from deploy.errors import GateFailedError, MissingDependencyError, UsageError
+from deploy.errors import GateFailedError, UsageError
 from deploy.runners.base import Runner
-from deploy.runners.onnxruntime_runner import OnnxRuntimeRunner
-
-INPUT_SHAPE = (3, 8, 8)
-NUM_CLASSES = 5
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-class ModuleRunner(Runner):
-    """The torch reference: a small nn.Module run on the CPU in fp32."""
-
-    backend = "torch"
-    precision = "fp32"
-    device = "cpu"
-
-    def __init__(self, module: nn.Module, input_shape: tuple[int, int, int] = INPUT_SHAPE) -> None:
-        self.module = module.eval()
-        self.input_shape = input_shape
-        self.closed = False
-
-    def _infer(self, images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return self.module(torch.from_numpy(images)).numpy().astype(np.float32)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class NumpyRunner(Runner):
-    """A runner around a numpy function, with settable backend, precision and batch range."""
-
-    def __init__(
-        self,
-        fn: Callable[[np.ndarray], np.ndarray],
-        backend: str = "fake",
-        precision: str = "fp32",
-        input_shape: tuple[int, int, int] = INPUT_SHAPE,
-        device: str = "cpu",
-        min_batch: int = 1,
-        max_batch: int | None = None,
-    ) -> None:
-        self.fn = fn
-        self.backend = backend
-        self.precision = precision
-        self.input_shape = input_shape
-        self.device = device
-        self.min_batch = min_batch
-        self.max_batch = max_batch
-        self.calls: list[int] = []
-        self.closed = False
-
-    def _infer(self, images: np.ndarray) -> np.ndarray:
-        self.calls.append(images.shape[0])
-        return self.fn(images)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def tiny_module(seed: int = 0) -> nn.Module:
-    """Conv 3->4 (3x3, pad 1), ReLU, global average pool, linear 4->5."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, NUM_CLASSES),
-    ).eval()
-
-
-def export_tiny_onnx(module: nn.Module, path: Path) -> Path:
-    """Write `module` (from tiny_module) as an ONNX graph built node by node, dynamic batch."""
-    conv, linear = module[0], module[4]
-    inits = [
-        numpy_helper.from_array(conv.weight.detach().numpy(), "conv.weight"),
-        numpy_helper.from_array(conv.bias.detach().numpy(), "conv.bias"),
-        numpy_helper.from_array(linear.weight.detach().numpy(), "fc.weight"),
-        numpy_helper.from_array(linear.bias.detach().numpy(), "fc.bias"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["images", "conv.weight", "conv.bias"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-        helper.make_node("Flatten", ["p"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", *INPUT_SHAPE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", NUM_CLASSES])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, path)
-    return path
-
-
-def damage_onnx(src: Path, dst: Path, scale: float = 0.5) -> Path:
-    """Copy an ONNX file with its first conv weight perturbed by seeded noise of `scale` x its std."""
-    model = onnx.load(src)
-    rng = np.random.default_rng(1)
-    init = next(i for i in model.graph.initializer if len(i.dims) == 4)
-    weight = numpy_helper.to_array(init)
-    noisy = weight + scale * weight.std() * rng.standard_normal(weight.shape)
-    init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), init.name))
-    onnx.save(model, dst)
-    return dst
-
-
-def image_batches(
-    count: int = 48, batch: int = 16, seed: int = 0, labeller: nn.Module | None = None
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Seeded random images; labels are the labeller's predictions with every 4th one shifted."""
-    rng = np.random.default_rng(seed)
-    images = rng.standard_normal((count, *INPUT_SHAPE)).astype(np.float32)
-    if labeller is None:
-        labels = rng.integers(0, NUM_CLASSES, count)
-    else:
-        with torch.inference_mode():
-            labels = labeller(torch.from_numpy(images)).argmax(1).numpy()
-        labels[::4] = (labels[::4] + 1) % NUM_CLASSES
-    labels = labels.astype(np.int64)
-    return [(images[i : i + batch], labels[i : i + batch]) for i in range(0, count, batch)]
-
-
-def torch_target(module: nn.Module, key: str = "torch/fp32") -> Target:
-    return Target(key, "fp32", lambda: ModuleRunner(module), file="student.safetensors", size_bytes=1234)
-
-
-def onnx_target(path: Path, key: str = "onnxruntime/fp32", precision: str = "fp32") -> Target:
-    return Target(
-        key,
-        precision,
-        lambda: OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], threads=1, precision=precision),
-        file=f"export/{path.name}",
-        size_bytes=path.stat().st_size,
-    )
-
-
-def missing_tensorrt() -> Runner:
-    raise MissingDependencyError("TensorRT is not installed; pip install 'reviewkd[gpu]' on a GPU machine")
+from tests.helpers import (
+    TINY_INPUT_SHAPE,
+    TINY_NUM_CLASSES,
+    ModuleRunner,
+    NumpyRunner,
+    damage_onnx,
+    export_tiny_onnx,
+    image_batches,
+    missing_tensorrt,
+    onnx_target,
+    tiny_module,
+    torch_target,
+)
 
 
 @pytest.fixture
@@ -321,7 +181,7 @@ def test_validation_needs_the_reference_and_unique_keys_and_images(tiny: tuple[n
 
 
 def _reference_fn(images: np.ndarray) -> np.ndarray:
-    weights = np.arange(NUM_CLASSES * 3, dtype=np.float32).reshape(NUM_CLASSES, 3) - 7.0
+    weights = np.arange(TINY_NUM_CLASSES * 3, dtype=np.float32).reshape(TINY_NUM_CLASSES, 3) - 7.0
     return images.mean(axis=(2, 3)) @ weights.T
 
 
@@ -332,7 +192,7 @@ def _flip_first(count: int) -> Callable[[np.ndarray], np.ndarray]:
     def fn(images: np.ndarray) -> np.ndarray:
         logits = _reference_fn(images)
         for i in range(min(count, images.shape[0])):
-            logits[i, (np.argmax(logits[i]) + 1) % NUM_CLASSES] += 1e3
+            logits[i, (np.argmax(logits[i]) + 1) % TINY_NUM_CLASSES] += 1e3
         return logits
 
     return fn
@@ -351,7 +211,7 @@ def _agreement_targets(precision: str, flips: int) -> list[Target]:
 
 def _labelled_by_reference(count: int = 100, batch: int = 50) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(3)
-    images = rng.standard_normal((count, *INPUT_SHAPE)).astype(np.float32)
+    images = rng.standard_normal((count, *TINY_INPUT_SHAPE)).astype(np.float32)
     labels = np.argmax(_reference_fn(images), axis=1).astype(np.int64)
     return [(images[i : i + batch], labels[i : i + batch]) for i in range(0, count, batch)]
 
@@ -414,7 +274,7 @@ def test_parse_gate_accepts_the_documented_forms_and_rejects_others() -> None:
 
 
 def test_infer_in_range_splits_and_pads_to_the_runner_range() -> None:
-    images = np.random.default_rng(0).standard_normal((10, *INPUT_SHAPE)).astype(np.float32)
+    images = np.random.default_rng(0).standard_normal((10, *TINY_INPUT_SHAPE)).astype(np.float32)
     runner = NumpyRunner(_reference_fn, min_batch=3, max_batch=4)
     logits = infer_in_range(runner, images)
     assert runner.calls == [4, 4, 3]  # the last chunk of 2 was padded to the minimum of 3

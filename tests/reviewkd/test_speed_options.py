@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.train_step_speed import SECTION_TITLE, official_hcl, update_results_md
+from benchmarks.scripts.train_step_speed import SECTION_TITLE, official_hcl, update_results_md
 from deploy.errors import UsageError
 from reviewkd import ABF, ReviewKD, hcl_loss
 from reviewkd.distiller import fold_batchnorm

@@ -21,8 +21,8 @@ from reviewkd.cli import main
 from reviewkd.config import Config, load_config, save_config
 from reviewkd.engine import TrainingDivergedError, distill, load_checkpoint, read_metrics, train_teacher
 from reviewkd.models import create_model
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # One thread: identical reduction order in every process, so resumed weights can be compared exactly.
 TINY = [
     "data.image_size=8",

@@ -1,6 +1,6 @@
 """Distillation quality on CIFAR-10 (issue 3): ce vs kd vs reviewkd students of one teacher.
 
-    .venv/bin/python -m benchmarks.quality_cifar10 [--preset cpu|gpu] [--runs DIR] [--json FILE]
+    .venv/bin/python -m benchmarks.scripts.quality_cifar10 [--preset cpu|gpu] [--runs DIR] [--json FILE]
 
 Trains three cifar_resnet20 students from scratch, one per method (ce, kd, reviewkd), under one
 schedule, against the pretrained cifar_resnet56 of ../shared/weights/cifar10-resnet, on the JPEG

@@ -10,8 +10,8 @@ import pytest
 
 from reviewkd.cli import build_parser, main
 from reviewkd.commands.run import PIPELINE_FILE, STAGES
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--threads", "1", "--bench-seconds", "0.05", "--batch-sizes", "1,4",
     "train.epochs=3", "teacher.epochs=1", "train.threads=1", "teacher.arch=cifar_resnet20",

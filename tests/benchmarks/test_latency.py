@@ -24,8 +24,8 @@ from benchmarks.latency import (
 from benchmarks.targets import Target
 from deploy.errors import UsageError
 from deploy.runners.base import Runner
-from tests.test_validate import (
-    INPUT_SHAPE,
+from tests.helpers import (
+    TINY_INPUT_SHAPE,
     NumpyRunner,
     export_tiny_onnx,
     missing_tensorrt,
@@ -65,7 +65,7 @@ class TimedRunner(NumpyRunner):
 
 
 def _images(batch: int = 2) -> np.ndarray:
-    return np.zeros((batch, *INPUT_SHAPE), np.float32)
+    return np.zeros((batch, *TINY_INPUT_SHAPE), np.float32)
 
 
 def test_latency_stats_on_known_samples() -> None:
@@ -230,7 +230,7 @@ def test_bench_reports_captured_shapes_and_graph_fallbacks() -> None:
     class GraphRunner(TimedRunner):
         supports_cuda_graphs = True
         use_cuda_graphs = False
-        cuda_graph_shapes = ((1, *INPUT_SHAPE),)
+        cuda_graph_shapes = ((1, *TINY_INPUT_SHAPE),)
         cuda_graph_error = "batch shape (8, 3, 8, 8): capture failed"
 
     def fake_timer(runner: Runner) -> PerfCounterTimer:
@@ -240,5 +240,5 @@ def test_bench_reports_captured_shapes_and_graph_fallbacks() -> None:
     result = benchmark_runners([target], batch_sizes=(1,), warmup=1, iters=2, timer_factory=fake_timer)
     graphs = result["results"]["tensorrt/fp16"]["cuda_graphs"]
     assert graphs["used"] is True
-    assert graphs["shapes"] == [[1, *INPUT_SHAPE]]
+    assert graphs["shapes"] == [[1, *TINY_INPUT_SHAPE]]
     assert graphs["reason"] == "fell back to eager: batch shape (8, 3, 8, 8): capture failed"

@@ -1,0 +1,313 @@
+"""Helpers shared by the test modules: tiny real models, their ONNX files, run directories, runners.
+
+Two families of tiny classifiers:
+- `TinyNet` (conv, BN, ReLU, pool, linear) on a non-square INPUT_SHAPE, exported with torch's
+  exporter, and `make_run`, which writes a run directory around it;
+- `tiny_module` on TINY_INPUT_SHAPE, written node by node as ONNX by `export_tiny_onnx`, with
+  numpy/torch runners and validation targets around it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+from torch import nn
+
+from benchmarks.targets import Target
+from deploy.errors import MissingDependencyError
+from deploy.fileio import sha256_file
+from deploy.manifest import new_manifest, record_artifact, write_manifest
+from deploy.runners.base import Runner
+from deploy.runners.onnxruntime_runner import METADATA_KEY, OnnxRuntimeRunner
+from deploy.trt_sidecar import GpuInfo, Sidecar, profile_shapes, sidecar_path, write_sidecar
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# --- run directories around a TinyNet ----------------------------------------------------------------
+
+INPUT_SHAPE = (3, 8, 10)
+CLASSES = ["cat", "dog", "ship", "frog"]
+MEAN = [0.5, 0.4, 0.3]
+STD = [0.25, 0.2, 0.3]
+
+
+class TinyNet(nn.Module):
+    """conv -> BN -> ReLU -> global pool -> linear: every op an exporter and runtime must agree on."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = len(CLASSES)) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def tiny_net(seed: int = 0, in_channels: int = 3) -> TinyNet:
+    """A TinyNet in eval mode with non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = TinyNet(in_channels)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    input_shape: tuple[int, int, int] = INPUT_SHAPE,
+    *,
+    batch: int | None = None,
+    dynamic_spatial: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Export `model` with input "images" and output "logits"; batch None makes the batch dynamic."""
+    axes: dict[str, dict[int, str]] = {}
+    if batch is None:
+        axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
+    if dynamic_spatial:
+        axes.setdefault("images", {}).update({2: "height", 3: "width"})
+    kwargs: dict[str, Any] = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # the TorchScript exporter is much faster for a test-sized net
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation and constant-folding notices
+        torch.onnx.export(
+            model,
+            (torch.zeros(batch or 1, *input_shape),),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes=axes or None,
+            opset_version=18,
+            **kwargs,
+        )
+    if metadata is not None:
+        proto = onnx.load(str(path))
+        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
+        onnx.save(proto, str(path))
+    return path
+
+
+def input_block(resize: int | None = None, shape: tuple[int, int, int] = INPUT_SHAPE) -> dict[str, Any]:
+    """A manifest "input" block for `shape`."""
+    channels = shape[0]
+    return {
+        "shape": list(shape),
+        "layout": "NCHW",
+        "dtype": "float32",
+        "mean": MEAN[:channels],
+        "std": STD[:channels],
+        "resize": resize,
+    }
+
+
+def make_run(
+    tmp_path: Path, model: nn.Module | None = None, resize: int | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Write a run directory holding export/student.onnx of `model` (a fresh tiny net by default)."""
+    run = tmp_path / "run"
+    model = model if model is not None else tiny_net()
+    manifest = new_manifest()
+    manifest["classes"] = list(CLASSES)
+    manifest["input"] = input_block(resize)
+    manifest["student"] = {"arch": "tiny_net", "num_classes": len(CLASSES)}
+    export_onnx(model, run / "export" / "student.onnx", metadata={**manifest, "precision": "fp32"})
+    record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
+    write_manifest(run, manifest)
+    return run, manifest
+
+
+def write_plan(path: Path, precision: str, max_batch: int, min_batch: int = 1) -> Path:
+    """Write stand-in plan bytes and a valid sidecar for them (no TensorRT here to build a real one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"stand-in for a serialized TensorRT engine " + precision.encode())
+    sidecar = Sidecar(
+        plan_file=path.name,
+        plan_sha256=sha256_file(path),
+        tensorrt_version="10.13.0.35",
+        gpu=GpuInfo("NVIDIA H100 80GB HBM3", (9, 0)),
+        precision=precision,
+        compatibility=None,
+        strongly_typed=True,
+        input_names=("images",),
+        output_names=("logits",),
+        profile=profile_shapes(INPUT_SHAPE, min_batch, min(8, max_batch), max_batch),
+        source_onnx=f"student.{precision}.onnx",
+        source_onnx_sha256="0" * 64,
+    )
+    write_sidecar(sidecar_path(path), sidecar)
+    return path
+
+
+def random_batch(n: int, shape: tuple[int, ...] = INPUT_SHAPE, seed: int = 1) -> np.ndarray:
+    """A float32 (n, *shape) batch of standard normal values."""
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+def write_image(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Path:
+    """Write a random image of `size` (W, H) in `mode`; the suffix picks PNG or JPEG."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+    return path
+
+
+# --- tiny_module, its node-by-node ONNX file, runners and targets ---------------------------------
+
+TINY_INPUT_SHAPE = (3, 8, 8)
+TINY_NUM_CLASSES = 5
+
+
+class ModuleRunner(Runner):
+    """The torch reference: a small nn.Module run on the CPU in fp32."""
+
+    backend = "torch"
+    precision = "fp32"
+    device = "cpu"
+
+    def __init__(self, module: nn.Module, input_shape: tuple[int, int, int] = TINY_INPUT_SHAPE) -> None:
+        self.module = module.eval()
+        self.input_shape = input_shape
+        self.closed = False
+
+    def _infer(self, images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(images)).numpy().astype(np.float32)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class NumpyRunner(Runner):
+    """A runner around a numpy function, with settable backend, precision and batch range."""
+
+    def __init__(
+        self,
+        fn: Callable[[np.ndarray], np.ndarray],
+        backend: str = "fake",
+        precision: str = "fp32",
+        input_shape: tuple[int, int, int] = TINY_INPUT_SHAPE,
+        device: str = "cpu",
+        min_batch: int = 1,
+        max_batch: int | None = None,
+    ) -> None:
+        self.fn = fn
+        self.backend = backend
+        self.precision = precision
+        self.input_shape = input_shape
+        self.device = device
+        self.min_batch = min_batch
+        self.max_batch = max_batch
+        self.calls: list[int] = []
+        self.closed = False
+
+    def _infer(self, images: np.ndarray) -> np.ndarray:
+        self.calls.append(images.shape[0])
+        return self.fn(images)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def tiny_module(seed: int = 0) -> nn.Module:
+    """Conv 3->4 (3x3, pad 1), ReLU, global average pool, linear 4->5."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, TINY_NUM_CLASSES),
+    ).eval()
+
+
+def export_tiny_onnx(module: nn.Module, path: Path) -> Path:
+    """Write `module` (from tiny_module) as an ONNX graph built node by node, dynamic batch."""
+    conv, linear = module[0], module[4]
+    inits = [
+        numpy_helper.from_array(conv.weight.detach().numpy(), "conv.weight"),
+        numpy_helper.from_array(conv.bias.detach().numpy(), "conv.bias"),
+        numpy_helper.from_array(linear.weight.detach().numpy(), "fc.weight"),
+        numpy_helper.from_array(linear.bias.detach().numpy(), "fc.bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["images", "conv.weight", "conv.bias"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", *TINY_INPUT_SHAPE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", TINY_NUM_CLASSES])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def damage_onnx(src: Path, dst: Path, scale: float = 0.5) -> Path:
+    """Copy an ONNX file with its first conv weight perturbed by seeded noise of `scale` x its std."""
+    model = onnx.load(src)
+    rng = np.random.default_rng(1)
+    init = next(i for i in model.graph.initializer if len(i.dims) == 4)
+    weight = numpy_helper.to_array(init)
+    noisy = weight + scale * weight.std() * rng.standard_normal(weight.shape)
+    init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), init.name))
+    onnx.save(model, dst)
+    return dst
+
+
+def image_batches(
+    count: int = 48, batch: int = 16, seed: int = 0, labeller: nn.Module | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Seeded random images; labels are the labeller's predictions with every 4th one shifted."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((count, *TINY_INPUT_SHAPE)).astype(np.float32)
+    if labeller is None:
+        labels = rng.integers(0, TINY_NUM_CLASSES, count)
+    else:
+        with torch.inference_mode():
+            labels = labeller(torch.from_numpy(images)).argmax(1).numpy()
+        labels[::4] = (labels[::4] + 1) % TINY_NUM_CLASSES
+    labels = labels.astype(np.int64)
+    return [(images[i : i + batch], labels[i : i + batch]) for i in range(0, count, batch)]
+
+
+def torch_target(module: nn.Module, key: str = "torch/fp32") -> Target:
+    return Target(key, "fp32", lambda: ModuleRunner(module), file="student.safetensors", size_bytes=1234)
+
+
+def onnx_target(path: Path, key: str = "onnxruntime/fp32", precision: str = "fp32") -> Target:
+    return Target(
+        key,
+        precision,
+        lambda: OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], threads=1, precision=precision),
+        file=f"export/{path.name}",
+        size_bytes=path.stat().st_size,
+    )
+
+
+def missing_tensorrt() -> Runner:
+    raise MissingDependencyError("TensorRT is not installed; pip install 'reviewkd[gpu]' on a GPU machine")
