@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 from deploy.errors import UsageError
 from deploy.manifest import read_manifest, verify_artifact
+from reviewkd.checkpoint import load_checkpoint
 from reviewkd.cli import main
 from reviewkd.config import Config, load_config, save_config
-from reviewkd.checkpoint import load_checkpoint
 from reviewkd.engine import TrainingDivergedError, distill, train_teacher
-from reviewkd.run_record import read_metrics
 from reviewkd.models import create_model
+from reviewkd.run_record import read_metrics
 from tests.helpers import REPO_ROOT
 
 # One thread: identical reduction order in every process, so resumed weights can be compared exactly.
