@@ -55,12 +55,13 @@ from reviewkd.checkpoint import (
 from reviewkd.config import Config, config_to_dict, diff_configs, load_run_config, save_config
 from reviewkd.data import DataBundle, build_data
 from reviewkd.distiller import Distiller, build_distiller
-from reviewkd.models import create_model
+from reviewkd.models import check_model_name, create_model
 from reviewkd.optim import distill_scale, lr_factor, make_optimizer
 from reviewkd.run_record import (
     METRICS_FILE,
     TEACHER_FILE,
     append_metrics,
+    read_metrics,
     truncate_metrics,
     weights_file,
     write_best,
@@ -560,15 +561,36 @@ def _check_resume_config(out_dir: Path, config: Config) -> None:
         )
 
 
-def _check_run_dir(out_dir: Path, config: Config, resume: bool) -> None:
-    """Refuse to start over an existing run without --resume, or to resume with another config."""
-    if (out_dir / CHECKPOINT_FILE).exists() and not resume:
+def _has_trained(out_dir: Path, role: str) -> bool:
+    """True when out_dir holds trained epochs: best weights, or more metrics lines than one kill can leave."""
+    return (out_dir / weights_file(role)).exists() or len(read_metrics(out_dir / METRICS_FILE)) > 1
+
+
+def _check_run_dir(out_dir: Path, config: Config, resume: bool, role: str) -> None:
+    """Refuse to train over an existing run without --resume, to resume a run whose checkpoint is
+    missing (that would retrain from scratch over its finished epochs), or to resume with another config."""
+    checkpoint = out_dir / CHECKPOINT_FILE
+    if not resume and (checkpoint.exists() or _has_trained(out_dir, role)):
+        found = CHECKPOINT_FILE if checkpoint.exists() else weights_file(role)
         raise UsageError(
-            f"{out_dir} already holds a training run ({CHECKPOINT_FILE}); pass --resume to continue it "
-            "or choose another --out"
+            f"{out_dir} already holds a training run ({found}); "
+            "pass --resume to continue it or choose another --out"
+        )
+    if resume and not checkpoint.is_file() and _has_trained(out_dir, role):
+        raise UsageError(
+            f"{checkpoint}: missing, but {out_dir} holds trained epochs ({weights_file(role)}, "
+            f"{METRICS_FILE}); --resume would retrain from scratch over them; restore the checkpoint "
+            "or train into another --out"
         )
     if resume:
         _check_resume_config(out_dir, config)
+
+
+def check_model_names(config: Config, *, teacher: bool) -> None:
+    """Check student.arch, and teacher.arch when `teacher`, before any work (models.check_model_name)."""
+    check_model_name(config.student.arch)
+    if teacher:
+        check_model_name(config.teacher.arch)
 
 
 def _prepare_run_dir(trainer: Trainer, epochs_done: int) -> None:
@@ -608,7 +630,7 @@ def fit(
     runtime = runtime or setup_runtime(config)
     out_dir = Path(out_dir)
     teacher_record = teacher_record or {"arch": None, "sha256": None, "top1": None, "top5": None}
-    _check_run_dir(out_dir, config, resume)
+    _check_run_dir(out_dir, config, resume, role)
     bundle = bundle or build_data(config)
     trainer = _build_trainer(config, out_dir, role, teacher, teacher_record, runtime, bundle)
     start_epoch, start_step, aug_state, accum = 0, 0, None, {}
@@ -674,6 +696,7 @@ def train_teacher(
     """
     out = Path(out_dir)
     derived = teacher_training_config(config)
+    check_model_names(derived, teacher=False)
     if _teacher_is_complete(out, derived):
         if runtime is None or runtime.is_main:
             print(f"teacher: reusing the finished run in {out}", flush=True)
@@ -719,7 +742,8 @@ def distill(config: Config, out_dir: str | os.PathLike[str], *, resume: bool = F
     or is trained first into out_dir/teacher/ (reused when that run is already finished).
     """
     out = Path(out_dir)
-    _check_run_dir(out, config, resume)
+    check_model_names(config, teacher=config.method.name != "ce")
+    _check_run_dir(out, config, resume, "student")
     runtime = setup_runtime(config)
     bundle = build_data(config)
     teacher, record = None, None
