@@ -17,7 +17,7 @@ retrained), so an interrupted benchmark picks up where it stopped.
 Presets:
 - `cpu`: a stratified 10,000-image training subset, 10 epochs, cosine learning rate; about 35
   minutes for the three methods on a 2-core CPU.
-- `gpu`: the paper's CIFAR recipe (DESIGN.md section 1): all 50,000 images, 240 epochs, lr x0.1
+- `gpu`: the paper's CIFAR recipe (docs/METHOD.md section 1.5): all 50,000 images, 240 epochs, lr x0.1
   at 150/180/210, distillation warm-up 20 epochs, hcl_weight 0.6.
 
 The top-1 reported per method is that of the last epoch, so no number here is picked on the test

@@ -107,7 +107,7 @@ def test_channels_last_gives_the_same_loss_and_gradients() -> None:
 def _literal_abf(
     abf: ABF, feature: torch.Tensor, residual: torch.Tensor, out_size: tuple[int, int]
 ) -> torch.Tensor:
-    """DESIGN.md section 1, steps 1-4, with the concatenation written out."""
+    """docs/METHOD.md section 1.2, steps 1-4, with the concatenation written out."""
     x = abf.conv1(feature)
     residual = F.interpolate(residual, size=x.shape[-2:], mode="nearest")
     assert abf.att_conv is not None
