@@ -37,7 +37,7 @@ def _students_title(report: Mapping[str, Any]) -> str:
     if gain.get("gain_points") is None:
         return "Validation top-1 per epoch"
     return (
-        f"Validation top-1 per epoch: {gain['method']} {gain['gain_points']:+.2f} points over cross-entropy"
+        f"Validation top-1 per epoch ({gain['method']} vs cross-entropy: {gain['gain_points']:+.2f} points)"
     )
 
 
