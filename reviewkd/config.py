@@ -83,7 +83,7 @@ class TeacherConfig:
 
 @dataclass
 class MethodConfig:
-    """The distillation method and its loss weights."""
+    """The distillation method and its loss weights (docs/METHOD.md section 1.4)."""
 
     name: str = "reviewkd"  # ce | kd | reviewkd | reviewkd+kd
     hcl_weight: float = 1.0  # lambda of the HCL term

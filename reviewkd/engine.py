@@ -1,6 +1,6 @@
 """The training engine: teacher training, distillation, evaluation, checkpoints and resume.
 
-A run directory is written only by rank 0:
+A run directory (docs/METHOD.md section 5) is written only by rank 0:
 
     config.yaml            the resolved config
     metrics.jsonl          one JSON object per completed epoch, epochs numbered from 1
