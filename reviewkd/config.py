@@ -79,6 +79,7 @@ class TeacherConfig:
     weights: str | None = None
     epochs: int | None = 15  # epochs when training the teacher (None: train.epochs)
     lr: float | None = None  # learning rate when training the teacher (None: optim.lr)
+    full_data: bool = False  # train the teacher on every training image, ignoring data.subset/first_per_class
 
 
 @dataclass

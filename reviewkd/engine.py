@@ -96,10 +96,15 @@ class TrainingDivergedError(ReviewKDError):
 def teacher_training_config(config: Config) -> Config:
     """The config of the teacher's own run: cross-entropy training of teacher.arch.
 
-    teacher.epochs and teacher.lr, where set, replace train.epochs and optim.lr.
+    teacher.epochs and teacher.lr, where set, replace train.epochs and optim.lr; with teacher.full_data
+    the teacher trains on the whole training split, whatever part of it the student sees.
     """
+    data = config.data
+    if config.teacher.full_data:
+        data = dataclasses.replace(data, subset=None, first_per_class=None)
     derived = dataclasses.replace(
         config,
+        data=data,
         student=dataclasses.replace(config.student, arch=config.teacher.arch, weights=None),
         method=dataclasses.replace(config.method, name="ce"),
         train=dataclasses.replace(config.train, epochs=config.teacher.epochs or config.train.epochs),
@@ -659,6 +664,8 @@ def train_teacher(
         if runtime is None or runtime.is_main:
             print(f"teacher: reusing the finished run in {out}", flush=True)
         return out / TEACHER_FILE
+    if derived.data != config.data:  # teacher.full_data: the student's bundle is a part of the teacher's
+        bundle = None
     return fit(derived, out, role="teacher", resume=resume, runtime=runtime, bundle=bundle)
 
 

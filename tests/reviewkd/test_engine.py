@@ -307,3 +307,22 @@ def test_unknown_model_names_are_refused_before_any_work(override: str, tmp_path
         with pytest.raises(UsageError, match="unknown model 'no_such_net'"):
             train_teacher(config, tmp_path / "teacher")
         assert not (tmp_path / "teacher").exists()
+
+
+def test_eval_every_scores_only_some_epochs_and_always_the_last(teacher_file: Path, tmp_path: Path) -> None:
+    distill(with_teacher(teacher_file, "method.name=kd", "train.epochs=3", "train.eval_every=2"), tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert ["val_top1" in r for r in records] == [False, True, True]
+    assert all("loss" in r and "train_top1" in r for r in records)
+    student = read_manifest(tmp_path)["student"]
+    assert student["epoch"] in (2, 3)
+    assert student["top1"] == max(r["val_top1"] for r in records[1:])
+
+
+def test_teacher_full_data_trains_the_teacher_on_every_image(tmp_path: Path) -> None:
+    config = tiny(
+        "data.subset=100", "teacher.full_data=true", "teacher.epochs=1", "train.epochs=1", "method.name=kd"
+    )
+    distill(config, tmp_path)
+    assert read_manifest(tmp_path / "teacher")["data"]["num_train"] == 1437
+    assert read_manifest(tmp_path)["data"]["num_train"] == 100
