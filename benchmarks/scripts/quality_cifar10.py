@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preset {args.preset}: {preset.description}; extra overrides: {args.extra}", flush=True)
     epochs = _epochs(preset, args.extra)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    ordered = [m for m in METHODS if m in args.methods]
+    ordered = list(dict.fromkeys(args.methods))  # the order given; the table is in METHODS order
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in seeds:
         for method in ordered:
