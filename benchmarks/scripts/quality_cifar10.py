@@ -23,7 +23,7 @@ Presets:
 - `cpu`: the first 1,000 training images of each class (10,000), 10 epochs, one-cycle SGD (peak lr
   0.1, 15% of the steps warming up), Nesterov momentum 0.9, weight decay 5e-4, batch 128; KD is
   cross-entropy + 0.9 x the T^2-scaled KL at T=4; ReviewKD's HCL weight 0.6, its weight warming up
-  over 1 epoch. About 20 minutes per seed for the three methods on an idle 2-core CPU.
+  over 1 epoch; one intra-op thread.
 - `gpu`: the ReviewKD paper's CIFAR recipe: all 50,000 images, 240 epochs, lr x0.1 at 150/180/210,
   distillation warm-up 20 epochs, hcl_weight 0.6.
 """
@@ -118,7 +118,9 @@ PRESETS: dict[str, Preset] = {
         kd_weight=0.9,
         temperature=4.0,
         device="cpu",
-        threads=2,
+        # One intra-op thread: on 2 cores shared with other jobs, a preempted second OpenMP thread
+        # stalls every parallel region (a digits teacher epoch: 6 images/s with 2, ~170 with 1).
+        threads=1,
         # Only the last epoch is reported: scoring the other nine on 10,000 test images would add
         # about 15% to the CPU time without changing the training.
         eval_every=10,
