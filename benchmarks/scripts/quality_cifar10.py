@@ -198,6 +198,11 @@ def summarize_run(run_dir: Path, epochs: int) -> dict[str, Any]:
     }
 
 
+def _finished(run_dir: Path, epochs: int) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and len(metrics.read_text(encoding="utf-8").splitlines()) == epochs
+
+
 def mean_std(values: list[float]) -> dict[str, Any]:
     """Mean and sample standard deviation (ddof=1; None for a single value) of `values`."""
     n = len(values)
@@ -277,6 +282,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=SHARED / "weights" / "cifar10-resnet" / "resnet56-4bfd9763.th",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: tabulate the finished runs under --runs (unfinished ones are listed, not used)",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -350,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
             command = distill_command(
                 preset, method, seed, run_dir, args.data_root, args.teacher_weights, args.extra
             )
+            if args.collect:
+                if _finished(run_dir, epochs):
+                    per_seed.setdefault(seed, {})[method] = summarize_run(run_dir, epochs)
+                else:
+                    print(f"seed {seed} {method}: not finished, left out ({run_dir})", flush=True)
+                continue
             print(f"== seed {seed} {method}: {' '.join(command[1:])}", flush=True)
             if args.dry_run:
                 continue
@@ -365,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
             per_seed.setdefault(seed, {})[method] = result
             table = _write_results(json_path, args, preset, per_seed)
             print(table, flush=True)
-    if not args.dry_run:
+    if args.collect and per_seed:
+        print(_write_results(json_path, args, preset, per_seed), flush=True)
+    if per_seed:
         print(f"wrote {json_path}")
     return 0
 
