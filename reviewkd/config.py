@@ -57,7 +57,7 @@ class DataConfig:
     mean: list[float] | None = None  # None: the dataset's usual values
     std: list[float] | None = None
     val_fraction: float = 0.2  # digits: the stratified share held out for validation
-    subset: int | None = None  # train on N training images (stratified, fixed seed); None: all
+    subset: int | None = 50  # train on N training images (stratified, fixed seed); None: all
     first_per_class: int | None = None  # train on the first N images of each class (file order); None: all
     cache: bool = False  # imagefolder: decode every image once into memory (uint8)
     num_workers: int = 0  # imagefolder without cache: DataLoader workers
@@ -79,7 +79,7 @@ class TeacherConfig:
     weights: str | None = None
     epochs: int | None = 15  # epochs when training the teacher (None: train.epochs)
     lr: float | None = None  # learning rate when training the teacher (None: optim.lr)
-    full_data: bool = False  # train the teacher on every training image, ignoring data.subset/first_per_class
+    full_data: bool = True  # train the teacher on every training image, ignoring data.subset/first_per_class
 
 
 @dataclass
@@ -121,7 +121,7 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=list)  # step: epochs where lr is multiplied by gamma
     gamma: float = 0.1
     min_lr: float = 0.0  # cosine: the final learning rate
-    warmup_epochs: float = 0.0  # learning-rate warm-up, in epochs
+    warmup_epochs: float = 1.0  # learning-rate warm-up, in epochs
     warmup_fraction: float = 0.0  # learning-rate warm-up, as a fraction of all steps
     div_factor: float = 25.0  # onecycle: the first learning rate is optim.lr / div_factor
     final_div_factor: float = 1e4  # onecycle: the last is optim.lr / div_factor / final_div_factor
@@ -131,7 +131,7 @@ class ScheduleConfig:
 class TrainConfig:
     """The loop: epochs, batch, seed, device and its speed switches."""
 
-    epochs: int = 10
+    epochs: int = 60
     batch_size: int = 64  # per process
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

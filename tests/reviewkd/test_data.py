@@ -15,7 +15,8 @@ from reviewkd.data import augment_batch, build_data, iter_run_batches
 
 
 def _digits(*overrides: str):  # type: ignore[no-untyped-def]
-    return build_data(load_config(None, list(overrides)))
+    # The embedded default trains students on 50 images; these tests start from the whole split.
+    return build_data(load_config(None, ["data.subset=null", *overrides]))
 
 
 def test_digits_split_is_stratified_fixed_and_upsampled() -> None:
@@ -111,6 +112,7 @@ def test_imagefolder_files_and_cache_agree(tmp_path: Path) -> None:
     _write_tree(tmp_path, "train", {"cat": 5, "dog": 4})
     _write_tree(tmp_path, "test", {"cat": 2, "dog": 3})
     overrides = ["data.dataset=imagefolder", f"data.root={tmp_path}", "data.image_size=8", "data.resize=10"]
+    overrides.append("data.subset=null")
     files = build_data(load_config(None, overrides))
     assert files.classes == ["cat", "dog"] and files.val_name == "test"
     assert (len(files.train), len(files.val)) == (9, 5)
