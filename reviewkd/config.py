@@ -139,7 +139,9 @@ class TrainConfig:
     channels_last: bool = True  # NHWC activations: faster on CUDA and on this project's CPUs too
     fuse_teacher: bool = True  # run the frozen teacher with BatchNorm folded into its convs (exact)
     compile: bool = False  # torch.compile the distiller
-    threads: int | None = None  # CPU threads for torch (None: torch's default)
+    # CPU threads for torch (None: torch's default, one per core). One by default: on a busy 2-core
+    # machine a preempted second thread stalls every parallel op (digits teacher: 6 vs ~170 images/s).
+    threads: int | None = 1
     eval_every: int = 1  # validate every N epochs (and always after the last); the best is among those
     sync_batchnorm: bool = False  # DDP on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm)
     find_unused_parameters: bool = False  # DDP: needed by students with parameters a forward skips
