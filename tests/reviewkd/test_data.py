@@ -182,3 +182,13 @@ def test_iter_run_batches_reads_the_run_config(tmp_path: Path) -> None:
         next(iter_run_batches(tmp_path, "test", 8))
     with pytest.raises(UsageError, match=r"no config\.yaml"):
         next(iter_run_batches(tmp_path / "nothing", "val", 8))
+
+
+@pytest.mark.parametrize(("full_data", "expected"), [("true", 1437), ("false", 100)])
+def test_run_train_images_are_the_teachers_with_full_data(
+    tmp_path: Path, full_data: str, expected: int
+) -> None:
+    # int8 calibration reads these: with teacher.full_data, every image the run's teacher saw.
+    overrides = ["data.image_size=8", "data.subset=100", f"teacher.full_data={full_data}"]
+    save_config(load_config(None, overrides), tmp_path / "config.yaml")
+    assert sum(len(y) for _, y in iter_run_batches(tmp_path, "train", 512)) == expected
