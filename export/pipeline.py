@@ -38,9 +38,16 @@ from deploy.manifest import (
     verify_artifact,
     write_manifest,
 )
+from export.calibration import (
+    AUTO,
+    DEFAULT_HELD_OUT,
+    METHOD_CHOICES,
+    quantize_calibrated,
+    split_training_images,
+)
 from export.check import CheckResult, check_file
 from export.onnx_export import DEFAULT_OPSET, export_fp32, strip_student
-from export.precision import CALIBRATION_METHODS, collect_calibration, convert_fp16, quantize_int8
+from export.precision import convert_fp16
 from export.preprocessing import bake_preprocessing as bake_uint8_input
 from export.preprocessing import to_uint8_nhwc
 
@@ -218,7 +225,7 @@ def export_run(
     formats: Sequence[str] | None = None,
     *,
     calib_samples: int = 512,
-    calib_method: str = "minmax",
+    calib_method: str = AUTO,
     bake_preprocessing: bool = False,
     check_samples: int = 2000,
     batch_size: int = 64,
@@ -234,7 +241,8 @@ def export_run(
         formats: names from ALL_FORMATS; None is every ONNX format, plus "tensorrt" where TensorRT
             and a GPU are available. Any ONNX flavour also writes the fp32 file it is made from.
         calib_samples, calib_method: int8 calibration on this many training images, with this
-            method (one of CALIBRATION_METHODS).
+            method of export.calibration.METHOD_CHOICES ("auto": the best, judged on the next
+            DEFAULT_HELD_OUT training images).
         bake_preprocessing: also write export/student.uint8.onnx (uint8 NHWC input).
         check_samples: validation images the checks run on.
         batches: the image source; None reads the run's data with reviewkd.data.iter_run_batches,
@@ -251,8 +259,8 @@ def export_run(
     wanted = list(formats) if formats is not None else None
     if wanted is not None:
         parse_formats(wanted)
-    if calib_method not in CALIBRATION_METHODS:
-        raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
+    if calib_method not in METHOD_CHOICES:
+        raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(METHOD_CHOICES)}")
     for name, value in (
         ("--calib-samples", calib_samples),
         ("check_samples", check_samples),
@@ -335,21 +343,23 @@ def export_run(
         for fmt in int8_wanted:
             recorder.skip(fmt, "int8 needs calibration and validation images: pass --data IMAGEFOLDER")
     elif int8_wanted and fp32_ok:
+        from reviewkd.data import DATA_SEED
+
+        held_out = DEFAULT_HELD_OUT if calib_method == AUTO else 0
         log(f"calibrating int8 on up to {calib_samples} training images ({calib_method})")
-        calibration = collect_calibration(
-            (p[0] for p in source("train", batch_size, calib_samples)), calib_samples
+        data = split_training_images(
+            (p[0] for p in source("train", batch_size, calib_samples + held_out)),
+            calib_samples,
+            held_out,
+            seed=DATA_SEED if batches is None else None,
         )
-        recorder.block["calibration"] = {"method": calib_method, "samples": sum(len(c) for c in calibration)}
+        recorder.block["calibration"] = {"method": calib_method, **data.describe()}
         for fmt in int8_wanted:
             rel = ONNX_FORMATS[fmt][0]
             log(f"quantizing {rel}")
-            desc = quantize_int8(
-                fp32_path,
-                run / rel,
-                calibration,
-                flavour="cpu" if fmt == "int8" else "trt",
-                method=calib_method,
-            )
+            flavour = "cpu" if fmt == "int8" else "trt"
+            desc = quantize_calibrated(fp32_path, run / rel, data, flavour=flavour, method=calib_method)
+            log(f"  calibration: {desc['calibration']['method']}")
             result = check_file(run / rel, "int8", val_images, reference, labels)
             recorder.checked(rel, result, "onnx", precision="int8", **desc)
             log(f"  {rel}: {result.status} ({result.reason})")

@@ -33,8 +33,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the export subcommand."""
+    from export.calibration import METHOD_CHOICES
     from export.pipeline import ALL_FORMATS, IMAGENET_MEAN, IMAGENET_STD, ONNX_FORMATS
-    from export.precision import CALIBRATION_METHODS
 
     parser = subparsers.add_parser(
         "export",
@@ -57,7 +57,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--calib-samples", type=int, default=512, help="int8 calibration images (default 512)"
     )
     parser.add_argument(
-        "--calib-method", choices=CALIBRATION_METHODS, default="minmax", help="int8 calibration"
+        "--calib-method",
+        choices=METHOD_CHOICES,
+        default="auto",
+        help="int8 calibration (default auto: each method, the best on held-out training images kept)",
     )
     parser.add_argument(
         "--check-samples", type=int, default=2000, help="validation images to check on (default 2000)"

@@ -57,3 +57,28 @@ def test_fused_int8_kernels_match_the_files_qdq_semantics(tmp_path: Path, flavou
     reference, fused = _run(dst, images, fused=False), _run(dst, images, fused=True)
     step = np.abs(reference).max() / 127  # one output quantization step, generously
     assert np.abs(fused - reference).max() <= step, np.abs(fused - reference).max()
+
+
+@pytest.mark.parametrize("kind", ["relu", "normal", "outlier", "heavy_tail"])
+def test_entropy_threshold_equals_onnxruntimes_search(kind: str) -> None:
+    import contextlib
+    import io
+
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from export.precision import entropy_threshold
+
+    rng = np.random.default_rng(0)
+    data = {
+        "relu": np.maximum(rng.standard_normal(20000), 0),
+        "normal": rng.standard_normal(20000) * 3,
+        "outlier": np.concatenate([rng.laplace(size=20000), [40.0]]),
+        "heavy_tail": np.abs(rng.standard_cauchy(20000)),
+    }[kind].astype(np.float32)
+    collector = HistogramCollector("entropy", False, 512, 256, None, None)
+    with contextlib.redirect_stdout(io.StringIO()):
+        collector.collect({"t": [data]})
+    histogram = collector.histogram_dict["t"]
+    ours = entropy_threshold(histogram, 256)
+    theirs = collector.get_entropy_threshold(histogram, 256)
+    assert [float(v) for v in ours] == [float(v) for v in theirs]
