@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "reviewkd.commands.export",
     "reviewkd.commands.serve",
     "reviewkd.commands.evaluate",
+    "reviewkd.commands.precision",
 )
 
 
