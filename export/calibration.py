@@ -52,6 +52,7 @@ class CalibrationData:
 
     calibration: list[np.ndarray]
     held_out: list[np.ndarray]
+    held_out_labels: np.ndarray
     seed: int | None  # the seed of the training-image shuffle, where known
 
     def describe(self) -> dict[str, Any]:
@@ -67,9 +68,13 @@ class CalibrationData:
 
 
 def split_training_images(
-    batches: Iterable[np.ndarray], calib_samples: int, held_out_samples: int, *, seed: int | None
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    calib_samples: int,
+    held_out_samples: int,
+    *,
+    seed: int | None,
 ) -> CalibrationData:
-    """Cut the first calib_samples + held_out_samples images of `batches` into two disjoint parts.
+    """Cut the first calib_samples + held_out_samples (image, label) pairs of `batches` in two.
 
     With fewer images than asked, the held-out part gets at most half of them and calibration
     the rest, so both parts are non-empty whenever a held-out part was asked for and two images exist.
@@ -80,21 +85,24 @@ def split_training_images(
         )
     wanted = calib_samples + held_out_samples
     taken: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
     count = 0
-    for batch in batches:
+    for images_batch, labels_batch in batches:
         if count >= wanted:
             break
-        part = np.asarray(batch, dtype=np.float32)[: wanted - count]
+        part = np.asarray(images_batch, dtype=np.float32)[: wanted - count]
         taken.append(part)
+        labels.append(np.asarray(labels_batch, dtype=np.int64)[: len(part)])
         count += len(part)
     if count == 0:
         raise UsageError("int8 calibration found no training images")
-    images = np.concatenate(taken)
+    images, all_labels = np.concatenate(taken), np.concatenate(labels)
     held = held_out_samples if count >= wanted else min(held_out_samples, count // 2)
     calibrate = min(calib_samples, count - held)
     return CalibrationData(
         calibration=_batched(images[:calibrate], len(taken[0])),
         held_out=_batched(images[calibrate : calibrate + held], len(taken[0])),
+        held_out_labels=all_labels[calibrate : calibrate + held],
         seed=seed,
     )
 
@@ -136,33 +144,66 @@ def quantize_calibrated(
     *,
     flavour: str,
     method: str = AUTO,
+    max_top1_drop: float | None = None,
 ) -> dict[str, Any]:
     """Write the int8 `flavour` of `fp32_path` to `dst`, with `method` or, for "auto", the best one.
 
-    Returns the manifest's description of the file, with the candidates' scores under
-    calibration.selection when the method was chosen.
+    With `max_top1_drop` (points), the most sensitive layers stay in float until the drop on the
+    held-out training images is within it (export.mixed_precision). Returns the manifest's
+    description of the file, with the candidates' scores under calibration.selection when the
+    method was chosen and the search under mixed_precision.
     """
+    from export.mixed_precision import fit_budget
+
     if method not in METHOD_CHOICES:
         raise UsageError(f"--calib-method {method!r}: expected one of {', '.join(METHOD_CHOICES)}")
+    if (method == AUTO or max_top1_drop is not None) and not data.held_out:
+        raise UsageError(
+            "--calib-method auto and --max-top1-drop-int8 need held-out training images; none were left"
+        )
     record = data.describe()
-    if method != AUTO:
-        with Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=method) as quantizer:
-            return quantizer.write(dst, calibration_record=record)
-    if not data.held_out:
-        raise UsageError("--calib-method auto needs held-out training images; none were left to hold out")
-    reference = run_onnx(fp32_path, data.held_out)
     with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reviewkd-calib-")))
-        quantizers: dict[str, Int8Quantizer] = {}
-        scores: list[MethodScore] = []
-        for candidate in CALIBRATION_METHODS:
+        if method == AUTO:
+            quantizer = _best_quantizer(stack, fp32_path, data, flavour, record)
+        else:
             quantizer = stack.enter_context(
-                Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=candidate)
+                Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=method)
             )
-            quantizers[candidate] = quantizer
-            quantizer.write(tmp / f"{candidate}.onnx")
-            scores.append(score(tmp / f"{candidate}.onnx", reference, data.held_out, candidate))
-        best = max(scores, key=lambda s: (s.agreement, -s.logit_rel_l2, -CALIBRATION_METHODS.index(s.method)))
-        record["selected_by"] = "top-1 agreement with fp32 on the held-out training images"
-        record["selection"] = {s.method: s.as_dict() for s in scores}
-        return quantizers[best.method].write(dst, calibration_record=record)
+        if max_top1_drop is None:
+            return quantizer.write(dst, calibration_record=record)
+        description, _ = fit_budget(
+            quantizer,
+            fp32_path,
+            dst,
+            data.held_out,
+            data.held_out_labels,
+            budget=max_top1_drop,
+            calibration_record=record,
+        )
+        return description
+
+
+def _best_quantizer(
+    stack: contextlib.ExitStack[Any],
+    fp32_path: str | os.PathLike[str],
+    data: CalibrationData,
+    flavour: str,
+    record: dict[str, Any],
+) -> Int8Quantizer:
+    """Quantize with every method, score each on the held-out images, record the scores in
+    `record`, and return the best method's quantizer (kept open on `stack`)."""
+    reference = run_onnx(fp32_path, data.held_out)
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reviewkd-calib-")))
+    quantizers: dict[str, Int8Quantizer] = {}
+    scores: list[MethodScore] = []
+    for candidate in CALIBRATION_METHODS:
+        quantizer = stack.enter_context(
+            Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=candidate)
+        )
+        quantizers[candidate] = quantizer
+        quantizer.write(tmp / f"{candidate}.onnx")
+        scores.append(score(tmp / f"{candidate}.onnx", reference, data.held_out, candidate))
+    best = max(scores, key=lambda s: (s.agreement, -s.logit_rel_l2, -CALIBRATION_METHODS.index(s.method)))
+    record["selected_by"] = "top-1 agreement with fp32 on the held-out training images"
+    record["selection"] = {s.method: s.as_dict() for s in scores}
+    return quantizers[best.method]

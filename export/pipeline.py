@@ -46,6 +46,7 @@ from export.calibration import (
     split_training_images,
 )
 from export.check import CheckResult, check_file
+from export.mixed_precision import DEFAULT_MAX_TOP1_DROP
 from export.onnx_export import DEFAULT_OPSET, export_fp32, strip_student
 from export.precision import convert_fp16
 from export.preprocessing import bake_preprocessing as bake_uint8_input
@@ -226,6 +227,7 @@ def export_run(
     *,
     calib_samples: int = 512,
     calib_method: str = AUTO,
+    max_top1_drop_int8: float | None = DEFAULT_MAX_TOP1_DROP,
     bake_preprocessing: bool = False,
     check_samples: int = 2000,
     batch_size: int = 64,
@@ -243,6 +245,9 @@ def export_run(
         calib_samples, calib_method: int8 calibration on this many training images, with this
             method of export.calibration.METHOD_CHOICES ("auto": the best, judged on the next
             DEFAULT_HELD_OUT training images).
+        max_top1_drop_int8: points of top-1 the int8 files may lose against fp32 on those held-out
+            images before their most sensitive layers stay in float (export.mixed_precision);
+            None quantizes every layer.
         bake_preprocessing: also write export/student.uint8.onnx (uint8 NHWC input).
         check_samples: validation images the checks run on.
         batches: the image source; None reads the run's data with reviewkd.data.iter_run_batches,
@@ -345,10 +350,11 @@ def export_run(
     elif int8_wanted and fp32_ok:
         from reviewkd.data import DATA_SEED
 
-        held_out = DEFAULT_HELD_OUT if calib_method == AUTO else 0
+        budget = max_top1_drop_int8
+        held_out = DEFAULT_HELD_OUT if calib_method == AUTO or budget is not None else 0
         log(f"calibrating int8 on up to {calib_samples} training images ({calib_method})")
         data = split_training_images(
-            (p[0] for p in source("train", batch_size, calib_samples + held_out)),
+            source("train", batch_size, calib_samples + held_out),
             calib_samples,
             held_out,
             seed=DATA_SEED if batches is None else None,
@@ -358,8 +364,18 @@ def export_run(
             rel = ONNX_FORMATS[fmt][0]
             log(f"quantizing {rel}")
             flavour = "cpu" if fmt == "int8" else "trt"
-            desc = quantize_calibrated(fp32_path, run / rel, data, flavour=flavour, method=calib_method)
-            log(f"  calibration: {desc['calibration']['method']}")
+            desc = quantize_calibrated(
+                fp32_path,
+                run / rel,
+                data,
+                flavour=flavour,
+                method=calib_method,
+                max_top1_drop=budget,
+            )
+            floats = [layer["module"] for layer in desc.get("mixed_precision", {}).get("float_layers", [])]
+            log(
+                f"  calibration: {desc['calibration']['method']}; float layers: {', '.join(floats) or 'none'}"
+            )
             result = check_file(run / rel, "int8", val_images, reference, labels)
             recorder.checked(rel, result, "onnx", precision="int8", **desc)
             log(f"  {rel}: {result.status} ({result.reason})")

@@ -244,10 +244,12 @@ class Int8Quantizer:
         exclude_nodes: Sequence[str] = (),
         only_nodes: Sequence[str] | None = None,
         calibration_record: dict[str, Any] | None = None,
+        record: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Write the int8 file to `dst`; nodes (names in `prepared`) in `exclude_nodes` stay float,
         and with `only_nodes` nothing else is quantized. `calibration_record` joins the description's
-        calibration block. Returns the manifest's description, also stored in the file's metadata."""
+        calibration block, `record` the description itself. Returns the manifest's description,
+        also stored in the file's metadata."""
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         spec = self.flavour
@@ -286,6 +288,7 @@ class Int8Quantizer:
         }
         if exclude_nodes:
             description["float_nodes"] = sorted(exclude_nodes)
+        description.update(record or {})
         set_metadata(model, {**self.metadata, "precision": "int8", "int8": description})
         save_onnx(model, dst)
         return description

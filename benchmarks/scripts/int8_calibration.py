@@ -101,7 +101,7 @@ def main() -> None:
         labels = np.concatenate([p[1] for p in pairs])
         fp32_pred = _predict(fp32, val, fused=True)
         data = split_training_images(
-            (p[0] for p in iter_run_batches(run, "train", 256, args.calib_samples + args.held_out)),
+            iter_run_batches(run, "train", 256, args.calib_samples + args.held_out),
             args.calib_samples,
             args.held_out,
             seed=DATA_SEED,

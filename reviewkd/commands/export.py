@@ -63,6 +63,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="int8 calibration (default auto: each method, the best on held-out training images kept)",
     )
     parser.add_argument(
+        "--max-top1-drop-int8",
+        type=float,
+        default=0.3,
+        help="top-1 points int8 may lose on held-out training images before its most sensitive layers "
+        "stay in float (default 0.3; a negative value quantizes every layer)",
+    )
+    parser.add_argument(
         "--check-samples", type=int, default=2000, help="validation images to check on (default 2000)"
     )
     parser.add_argument(
@@ -113,6 +120,7 @@ def run_export(args: argparse.Namespace) -> int:
         "formats": parse_formats(args.formats),
         "calib_samples": args.calib_samples,
         "calib_method": args.calib_method,
+        "max_top1_drop_int8": args.max_top1_drop_int8 if args.max_top1_drop_int8 >= 0 else None,
         "check_samples": args.check_samples,
         "bake_preprocessing": args.bake_preprocessing,
         "opset": args.opset,

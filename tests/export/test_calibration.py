@@ -16,18 +16,20 @@ from export.precision import CALIBRATION_METHODS
 from tests.helpers import INPUT_SHAPE, export_onnx, tiny_net
 
 
-def _batches(count: int, size: int = 8, seed: int = 0) -> list[np.ndarray]:
+def _batches(count: int, size: int = 8, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((count, *INPUT_SHAPE)).astype(np.float32)
-    return [images[i : i + size] for i in range(0, count, size)]
+    labels = np.arange(count) % 4
+    return [(images[i : i + size], labels[i : i + size]) for i in range(0, count, size)]
 
 
 def test_split_is_disjoint_and_in_order() -> None:
     source = _batches(40)
     data = split_training_images(iter(source), 16, 20, seed=7)
-    everything = np.concatenate(source)
+    everything = np.concatenate([b[0] for b in source])
     assert np.array_equal(np.concatenate(data.calibration), everything[:16])
     assert np.array_equal(np.concatenate(data.held_out), everything[16:36])
+    assert np.array_equal(data.held_out_labels, np.arange(16, 36) % 4)
     record = data.describe()
     assert (record["images"], record["held_out_images"], record["seed"]) == (16, 20, 7)
     assert record["images_sha256"] == images_sha256([everything[:16]])  # batching does not matter
@@ -42,7 +44,7 @@ def test_few_images_hold_out_at_most_half() -> None:
 
 
 def test_sha256_sees_order_and_content() -> None:
-    a, b = _batches(16)
+    a, b = (pair[0] for pair in _batches(16))
     assert images_sha256([a, b]) != images_sha256([b, a])
     changed = a.copy()
     changed[0, 0, 0, 0] += 1e-3
