@@ -16,11 +16,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import write_json_atomic
+from deploy.gpu import GpuInfo, current_gpu
 
 SIDECAR_SCHEMA = "reviewkd.tensorrt-sidecar"
 SIDECAR_SCHEMA_VERSION = 1
@@ -35,19 +35,6 @@ INSTALL_HINT = (
     "TensorRT needs an NVIDIA GPU and driver"
 )
 REBUILD_HINT = "rebuild the engine on this device from its ONNX file (reviewkd export RUN --formats tensorrt)"
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    """The CUDA device an engine was built on, or the one present now."""
-
-    name: str
-    compute_capability: tuple[int, int]
-
-    @property
-    def cc(self) -> str:
-        """Compute capability as "major.minor", the form the sidecar stores."""
-        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
 
 
 @dataclass(frozen=True)
@@ -337,85 +324,6 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, f"TensorRT {getattr(trt, '__version__', 'unknown version')}"
 
 
-def import_cudart() -> ModuleType | None:
-    """cuda-python's CUDA runtime bindings (new and old module paths), or None when absent."""
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
-
-
-def _gpu_from_torch() -> GpuInfo | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    index = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    return GpuInfo(torch.cuda.get_device_name(index), (int(major), int(minor)))
-
-
-def _gpu_from_cuda_python() -> GpuInfo | None:
-    cudart = import_cudart()
-    if cudart is None:
-        return None
-    success = cudart.cudaError_t.cudaSuccess
-    err, count = cudart.cudaGetDeviceCount()
-    if err != success or count < 1:
-        return None
-    err, device = cudart.cudaGetDevice()
-    if err != success:
-        return None
-    err, prop = cudart.cudaGetDeviceProperties(device)
-    if err != success:
-        return None
-    name = prop.name
-    if isinstance(name, bytes):
-        name = name.split(b"\0", 1)[0].decode("utf-8", "replace")
-    return GpuInfo(str(name), (int(prop.major), int(prop.minor)))
-
-
-def _gpu_from_nvml() -> GpuInfo | None:
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    pynvml.nvmlInit()
-    try:
-        if pynvml.nvmlDeviceGetCount() < 1:
-            return None
-        # NVML numbers devices physically and ignores CUDA_VISIBLE_DEVICES; it is the last resort.
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-    finally:
-        pynvml.nvmlShutdown()
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "replace")
-    return GpuInfo(str(name), (int(major), int(minor)))
-
-
-def current_gpu() -> GpuInfo | None:
-    """The current CUDA device (name, compute capability), or None if no GPU can be found.
-
-    Asks torch.cuda, then cuda-python, then NVML, so that a serving device without torch still works.
-    """
-    for probe in (_gpu_from_torch, _gpu_from_cuda_python, _gpu_from_nvml):
-        try:
-            info = probe()
-        # A broken driver or CUDA install surfaces as many exception types (RuntimeError, OSError,
-        # library-specific errors); any of them means this probe cannot tell, so try the next one.
-        except Exception:
-            continue
-        if info is not None:
-            return info
-    return None
-
-
 def require_tensorrt_and_gpu(action: str) -> GpuInfo:
     """Return the current GPU, or raise MissingDependencyError saying what is missing and how to get it."""
     ok, reason = tensorrt_available()
@@ -425,6 +333,6 @@ def require_tensorrt_and_gpu(action: str) -> GpuInfo:
     if gpu is None:
         raise MissingDependencyError(
             f"{action} needs an NVIDIA GPU with a working driver, and none was found "
-            "(asked torch.cuda, cuda-python and NVML)"
+            "(asked torch.cuda, cuda-python, NVML and nvidia-smi)"
         )
     return gpu

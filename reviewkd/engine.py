@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deploy import run_layout
 from deploy.errors import MissingDependencyError, ReviewKDError, UsageError
 from deploy.fileio import atomic_output, sha256_file, write_text_atomic
 from deploy.manifest import new_manifest, read_manifest, record_artifact, verify_artifact, write_manifest
@@ -49,11 +50,11 @@ from reviewkd.distiller import Distiller, build_distiller
 from reviewkd.models import create_model
 
 CHECKPOINT_FORMAT = 1
-STUDENT_FILE = "student.safetensors"
-TEACHER_FILE = "teacher.safetensors"
-TEACHER_SUBDIR = "teacher"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
+STUDENT_FILE = run_layout.STUDENT_WEIGHTS
+TEACHER_FILE = run_layout.TEACHER_WEIGHTS
+TEACHER_SUBDIR = run_layout.TEACHER_DIR
+METRICS_FILE = run_layout.METRICS
+CHECKPOINT_FILE = Path(run_layout.CHECKPOINT)
 # Keys a resumed run may change: they alter neither the data nor the model, only how long or where.
 RESUMABLE_CHANGES = (
     "train.epochs",
@@ -336,7 +337,7 @@ def _write_run_manifest(
     best: dict[str, Any] | None,
 ) -> None:
     """(Re)write manifest.json from the config, the data and the best model in last.pt."""
-    path = out_dir / "manifest.json"
+    path = out_dir / run_layout.MANIFEST
     manifest = read_manifest(out_dir) if path.is_file() else new_manifest()
     manifest["classes"] = list(bundle.classes)
     manifest["input"] = bundle.manifest_input()
@@ -417,7 +418,7 @@ def _log(runtime: Runtime, message: str) -> None:
 
 
 def _check_resume_config(out_dir: Path, config: Config) -> None:
-    saved_path = out_dir / "config.yaml"
+    saved_path = out_dir / run_layout.CONFIG
     if not saved_path.is_file():
         return
     changed = diff_configs(load_run_config(out_dir), config, ignore=RESUMABLE_CHANGES)
@@ -512,7 +513,7 @@ def fit(
 
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.yaml")
+        save_config(config, out_dir / run_layout.CONFIG)
         _truncate_metrics(metrics_path, start_epoch)
         if best is not None:
             _materialise_best(out_dir, config, bundle, role, teacher_record, best)
@@ -709,9 +710,8 @@ def _save_checkpoint(
 def _teacher_is_complete(out_dir: Path, config: Config) -> bool:
     """True when out_dir holds a finished teacher run of exactly this config, its weights verified."""
     ckpt_path = out_dir / CHECKPOINT_FILE
-    if not (
-        ckpt_path.is_file() and (out_dir / "config.yaml").is_file() and (out_dir / "manifest.json").is_file()
-    ):
+    required = (ckpt_path, out_dir / run_layout.CONFIG, out_dir / run_layout.MANIFEST)
+    if not all(path.is_file() for path in required):
         return False
     if diff_configs(load_run_config(out_dir), config, ignore=RESUMABLE_CHANGES):
         return False
@@ -766,7 +766,7 @@ def load_teacher(
     teacher = create_model(config.teacher.arch, bundle.num_classes, weights=weights).to(runtime.device)
     teacher.eval()
     record: dict[str, Any] = {"arch": config.teacher.arch, "weights": str(weights), "sha256": digest}
-    previous = read_manifest(out_dir).get("teacher", {}) if (out_dir / "manifest.json").is_file() else {}
+    previous = read_manifest(out_dir).get("teacher", {}) if (out_dir / run_layout.MANIFEST).is_file() else {}
     if previous.get("sha256") == digest and previous.get("top1") is not None:
         record.update(top1=previous["top1"], top5=previous["top5"])
     else:
