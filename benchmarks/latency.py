@@ -210,7 +210,7 @@ def _bench_one(
     entry: dict[str, Any] = {"status": Status.OK, "reason": None, **target.describe()}
     entry.update(device=None, timer=None, cuda_graphs={"used": False, "reason": None})
     entry.update(latency={}, skipped_batches={})
-    runner, status, reason = open_target(target)
+    runner, status, reason, _ = open_target(target)
     if runner is None:
         entry.update(status=status, reason=reason)
         return entry

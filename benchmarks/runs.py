@@ -4,9 +4,9 @@
 `validate_run`, `bench_run` and `report_run` measure them and save RUN/report/*.json. The
 `reviewkd validate|bench|report` commands and the `reviewkd run` pipeline call these.
 
-Without torch (the edge install) the student cannot run: torch/fp32 and torch/fp16 are reported as
-skipped, and parity is measured against the fp32 ONNX file instead, which validate.json records
-("reference", "reference_note") and the command prints.
+Without torch (the edge install), or in a run without student weights (a folder of exported files),
+the student cannot run: parity is measured against the fp32 ONNX file instead, which validate.json
+records ("reference", "reference_note") and the command prints.
 """
 
 from __future__ import annotations
@@ -35,12 +35,8 @@ from deploy.runners.base import Runner
 PathLike = str | os.PathLike[str]
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_VALIDATE_BATCH = 64
-# The reference where torch is not installed: the fp32 ONNX file, checked against torch at export.
+# The reference where the student cannot run: the fp32 ONNX file, checked against it at export.
 ONNX_REFERENCE_KEY = "onnxruntime/fp32"
-NO_TORCH_NOTE = (
-    "torch is not installed here: parity is measured against the fp32 ONNX file (onnxruntime/fp32),"
-    " which export checked against the PyTorch student"
-)
 
 
 def resolve_device(device: str) -> str:
@@ -83,9 +79,29 @@ def _selected(key: str, backends: Sequence[str] | None) -> bool:
     return backends is None or any(key == b or key.split("/", 1)[0] == b for b in backends)
 
 
-def reference_key() -> str:
-    """The format every other is compared with: the PyTorch student, or the fp32 ONNX file without torch."""
-    return REFERENCE_KEY if torch_installed() else ONNX_REFERENCE_KEY
+def has_student(run: Path, manifest: Manifest) -> bool:
+    """Whether the run holds its student's weights (listed in the manifest, or at least on disk)."""
+    return run_layout.STUDENT_WEIGHTS in manifest.get("artifacts", {}) or (
+        run_layout.run_path(run, run_layout.STUDENT_WEIGHTS).is_file()
+    )
+
+
+def choose_reference(run: Path, manifest: Manifest) -> tuple[str, str | None]:
+    """The format every other is compared with, and a note when it is not the PyTorch student.
+
+    The student (torch/fp32) where torch is installed and the run has its weights; else the fp32
+    ONNX file, which export checked against the student.
+    """
+    if not torch_installed():
+        why = "torch is not installed here"
+    elif not has_student(run, manifest):
+        why = f"the run has no {run_layout.STUDENT_WEIGHTS}"
+    else:
+        return REFERENCE_KEY, None
+    return ONNX_REFERENCE_KEY, (
+        f"{why}: parity is measured against the fp32 ONNX file ({ONNX_REFERENCE_KEY}),"
+        " which export checked against the PyTorch student"
+    )
 
 
 def run_targets(
@@ -96,10 +112,11 @@ def run_targets(
     backends: Sequence[str] | None = None,
     with_reference: bool = False,
 ) -> list[Target]:
-    """Return the formats of a run: torch/fp32 and torch/fp16 (the student), then each model file.
+    """Return the formats of a run: torch/fp32 and torch/fp16 (the student, where the run has its
+    weights), then each model file.
 
     backends: keep only these keys ("onnxruntime/int8") or backends ("onnxruntime"); None keeps
-        all. `with_reference` keeps the reference (`reference_key()`) whatever the filter.
+        all. `with_reference` keeps the reference (`choose_reference`) whatever the filter.
     Files whose input is not float NCHW (export's uint8-input variant) are left out (see
     `benchmarks.targets.artifact_formats`). Nothing is opened here; each target's opener verifies
     its file's sha256 against the manifest when called.
@@ -108,15 +125,16 @@ def run_targets(
     manifest = read_manifest(run)
     resolved = resolve_device(device)
     ort_device = onnxruntime_device("auto" if device == "auto" else resolved)
-    reference = reference_key() if with_reference else None
+    reference = choose_reference(run, manifest)[0] if with_reference else None
     weights = manifest.get("artifacts", {}).get(run_layout.STUDENT_WEIGHTS)
     weights_file = run_layout.run_path(run, run_layout.STUDENT_WEIGHTS)
     weights_size = weights["size_bytes"] if weights else None
     if weights_size is None and weights_file.is_file():
         weights_size = weights_file.stat().st_size
     targets: list[Target] = []
-    for precision in ("fp32", "fp16"):
-        key = f"torch/{precision}"
+    student_formats = ["torch/fp32", "torch/fp16"] if has_student(run, manifest) else []
+    for key in student_formats:
+        precision = key.split("/", 1)[1]
         if _selected(key, backends) or key == reference:
             targets.append(
                 Target(
@@ -143,7 +161,7 @@ def run_targets(
             )
         )
     if backends is not None:
-        known = ["torch/fp32", "torch/fp16", *artifact_formats(manifest)]
+        known = [*student_formats, *artifact_formats(manifest)]
         unknown = [b for b in backends if not any(_selected(k, [b]) for k in known)]
         if unknown:
             raise UsageError(f"--backends {','.join(unknown)}: not in this run; it has {', '.join(known)}")
@@ -212,10 +230,10 @@ def validate_run(
     targets = run_targets(run_dir, device=device, threads=threads, backends=backends, with_reference=True)
     if batches is None:
         batches = validation_batches(run_dir, batch_size, limit, data)
-    reference = reference_key()
+    reference, note = choose_reference(Path(run_dir), read_manifest(run_dir))
     result = validate_runners(targets, batches, reference=reference, gates=gates)
-    if reference != REFERENCE_KEY:
-        result["reference_note"] = NO_TORCH_NOTE
+    if note is not None:
+        result["reference_note"] = note
     result["settings"] = {"device": device, "threads": threads, "batch_size": batch_size, "limit": limit}
     result["environment"] = collect_environment(threads)
     save_result(run_dir, run_layout.VALIDATE_FILE, result)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -74,19 +74,31 @@ def error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
-def open_target(target: Target) -> tuple[Runner | None, Status, str | None]:
-    """Open a target's runner; return (runner or None, status, reason).
+class Opened(NamedTuple):
+    """A target's runner (None unless status is OK), and why not."""
 
-    A missing runtime or GPU is "skipped"; any other exception is "failed". The harness must
+    runner: Runner | None
+    status: Status
+    reason: str | None
+    bad_input: bool = False  # the file is missing, tampered with or malformed (UsageError)
+
+
+def open_target(target: Target) -> Opened:
+    """Open a target's runner.
+
+    A missing runtime or GPU is "skipped"; any other exception is "failed", and a UsageError
+    (a file missing, tampered with or malformed) is also flagged as bad input. The harness must
     keep measuring the other formats whatever one of them raises, hence the broad catch.
     """
     try:
         runner = target.opener()
     except MissingDependencyError as exc:
-        return None, Status.SKIPPED, error_reason(exc)
+        return Opened(None, Status.SKIPPED, error_reason(exc))
+    except UsageError as exc:
+        return Opened(None, Status.FAILED, error_reason(exc), bad_input=True)
     except Exception as exc:
-        return None, Status.FAILED, error_reason(exc)
-    return runner, Status.OK, None
+        return Opened(None, Status.FAILED, error_reason(exc))
+    return Opened(runner, Status.OK, None)
 
 
 def infer_in_range(runner: Runner, images: np.ndarray) -> np.ndarray:

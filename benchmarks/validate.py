@@ -100,10 +100,11 @@ def validate_runners(
     gates: per-precision thresholds (default deploy.gates.DEFAULT_GATES); the reference is not gated.
 
     Returns the content of validate.json: {"schema_version", "reference", "images", "gates",
-    "results": {key: entry}, "passed", "failures"}, where each entry has "status", "reason",
+    "results": {key: entry}, "passed", "failures", "bad_files"}, where each entry has "status", "reason",
     backend, precision, file, size_bytes, "accuracy" {top1, top5, n, top1_drop}, "parity"
-    {max_abs_diff, mean_abs_diff, top1_agreement, n} and "gates" (one check per gate). It does
-    not raise on a failed gate: call `raise_for_gates` after saving the result.
+    {max_abs_diff, mean_abs_diff, top1_agreement, n} and "gates" (one check per gate);
+    "bad_files" names the formats whose file is missing, tampered with or malformed. It does not
+    raise on a failed gate or a bad file: call `raise_for_gates` after saving the result.
     """
     check_unique(targets)
     keys = [t.key for t in targets]
@@ -115,14 +116,17 @@ def validate_runners(
 
     runners: dict[str, Runner] = {}
     outcome: dict[str, tuple[Status, str | None]] = {}
+    bad_files: list[str] = []
     tallies = {t.key: _Tally() for t in ordered}
     images_seen = 0
     try:
         for target in ordered:
-            runner, status, reason = open_target(target)
-            outcome[target.key] = (status, reason)
-            if runner is not None:
-                runners[target.key] = runner
+            opened = open_target(target)
+            outcome[target.key] = (opened.status, opened.reason)
+            if opened.runner is not None:
+                runners[target.key] = opened.runner
+            if opened.bad_input:
+                bad_files.append(f"{target.key}: {opened.reason}")
         for index, (images, labels) in enumerate(batches):
             _check_batch(images, labels, index)
             labels = labels.astype(np.int64, copy=False)
@@ -184,6 +188,7 @@ def validate_runners(
         "results": results,
         "passed": not failures,
         "failures": failures,
+        "bad_files": bad_files,
     }
 
 
@@ -197,7 +202,14 @@ def describe_failures(key: str, entry: Mapping[str, Any]) -> list[str]:
 
 
 def raise_for_gates(result: Mapping[str, Any]) -> None:
-    """Raise GateFailedError (exit code 1) naming every failing format and gate of a validate result."""
+    """Raise for a validate result that did not pass.
+
+    UsageError (exit 2) when a format's file is missing, tampered with or malformed: that is bad
+    input, not a measurement; else GateFailedError (exit 1) naming every failing format and gate.
+    """
+    bad_files = list(result.get("bad_files", []))
+    if bad_files:
+        raise UsageError("cannot validate: " + "; ".join(bad_files))
     failures = list(result.get("failures", []))
     if failures:
         raise GateFailedError("validation failed: " + "; ".join(failures))

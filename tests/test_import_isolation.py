@@ -12,8 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from deploy.manifest import read_manifest, record_artifact, write_manifest
-from export.precision import convert_fp16
-from tests.helpers import CLASSES, REPO_ROOT, make_run, random_batch, write_image
+from tests.helpers import (
+    CLASSES,
+    REPO_ROOT,
+    add_fp16_file,
+    make_run,
+    random_batch,
+    write_class_folders,
+    write_image,
+)
 
 BLOCK_TORCH = textwrap.dedent(
     """
@@ -152,16 +159,14 @@ def test_deploy_runs_without_torch(tmp_path: Path) -> None:
 
 def test_edge_commands_run_without_torch(tmp_path: Path) -> None:
     run, _ = make_run(tmp_path)
-    convert_fp16(run / "export/student.onnx", run / "export/student.fp16.onnx")
+    add_fp16_file(run)
+    # The student's weights are part of a run; on the edge they cannot run and are reported skipped.
+    (run / "student.safetensors").write_bytes(b"weights that need torch to load")
     manifest = read_manifest(run)
-    record_artifact(run, manifest, "export/student.fp16.onnx", "onnx", precision="fp16")
+    record_artifact(run, manifest, "student.safetensors", "weights")
     write_manifest(run, manifest)
     image = write_image(tmp_path / "picture.png", (20, 16))
-    data = tmp_path / "val"
-    for index, name in enumerate(CLASSES):
-        (data / name).mkdir(parents=True)
-        for seed in range(3):
-            write_image(data / name / f"{seed}.png", (12, 10), seed=10 * index + seed)
+    data = write_class_folders(tmp_path / "val", CLASSES)
 
     results = json.loads(_run_blocked(CLI_SCRIPT, run, image, data, tmp_path / "repo"))
 
@@ -178,6 +183,7 @@ def test_edge_commands_run_without_torch(tmp_path: Path) -> None:
     assert "torch is not installed" in validate["reference_note"]
     assert validate["images"] == 3 * len(CLASSES)
     assert validate["results"]["torch/fp32"]["status"] == "skipped"
+    assert "pip install 'reviewkd[train]'" in validate["results"]["torch/fp32"]["reason"]
     fp16 = validate["results"]["onnxruntime/fp16"]
     assert fp16["status"] == "ok" and fp16["parity"]["n"] == validate["images"]
     assert [g["gate"] for g in fp16["gates"]] == ["min_agreement"]
