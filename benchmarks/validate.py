@@ -3,7 +3,8 @@
 Every target sees the same validation images in one pass over the data: the reference (the
 PyTorch student "torch/fp32", or the fp32 ONNX file where torch is not installed) runs first on
 each batch, then each other format, and running tallies keep memory flat whatever the size of the
-validation split. The gates are deploy.gates': per precision, in percent.
+validation split. The gates are deploy.gates' (docs/METHOD.md section 7): per precision, in
+percent.
 """
 
 from __future__ import annotations

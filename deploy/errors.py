@@ -1,4 +1,4 @@
-"""Errors every layer raises; the CLI maps each to its exit code (0 ok, 1 gate failed, 2 usage, 3 missing)."""
+"""Errors every layer raises; the CLI maps each to its exit code (docs/METHOD.md section 8)."""
 
 
 class ReviewKDError(Exception):

@@ -185,7 +185,13 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
         Stage(
             "report",
             report,
-            lambda: [run_layout.VALIDATE_RESULT, run_layout.BENCH_RESULT, run_layout.METRICS],
+            # The baseline's metrics feed the report's student-vs-baseline curves.
+            lambda: [
+                run_layout.VALIDATE_RESULT,
+                run_layout.BENCH_RESULT,
+                run_layout.METRICS,
+                f"{BASELINE_DIR}/{run_layout.METRICS}",
+            ],
             lambda: [run_layout.REPORT_JSON, run_layout.REPORT_MARKDOWN, run_layout.REPORT_HTML],
         ),
     ]
