@@ -176,7 +176,7 @@ def _format_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
     ]
     validation = report.get("validation", {})
     if validation.get("passed") is False:
-        notes.append("validation Status.FAILED: " + "; ".join(validation.get("failures", [])))
+        notes.append("validation FAILED: " + "; ".join(validation.get("failures", [])))
     return tuple(notes)
 
 
