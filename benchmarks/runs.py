@@ -64,8 +64,7 @@ def resolve_device(device: str) -> str:
 
 
 def _open_student(run: Path, manifest: Manifest, precision: str, device: str) -> Runner:
-    if not torch_installed():
-        raise MissingDependencyError("torch is not installed (pip install 'reviewkd[train]')")
+    # Imported when a target opens: reviewkd.student raises MissingDependencyError without torch.
     from reviewkd.student import open_student_runner
 
     return open_student_runner(run, manifest, precision, device)
