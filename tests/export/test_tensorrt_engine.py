@@ -8,10 +8,12 @@ onnxruntime.
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -36,6 +38,7 @@ from deploy.trt_sidecar import (
     write_sidecar,
 )
 from export.tensorrt_engine import (
+    apply_precision_flags,
     build_engine,
     describe_parser_error,
     inspect_onnx,
@@ -351,6 +354,75 @@ def test_describe_parser_error_names_the_node() -> None:
     assert describe_parser_error(whole_model) == "invalid protobuf"
 
 
+# --------------------------------------------------------------------------- builder flags
+
+
+class FakeBuilderFlag(enum.Enum):
+    """The BuilderFlag members the builder touches, with TensorRT's values."""
+
+    FP16 = 0
+    INT8 = 1
+    GPU_FALLBACK = 3
+    TF32 = 6
+    VERSION_COMPATIBLE = 13
+
+
+class FakeBuilderConfig:
+    """An IBuilderConfig's flag set, starting as TensorRT's does: TF32 on, nothing else."""
+
+    def __init__(self) -> None:
+        self.flags = {FakeBuilderFlag.TF32}
+        self.hardware_compatibility_level: Any = "NONE"
+
+    def set_flag(self, flag: FakeBuilderFlag) -> None:
+        assert isinstance(flag, FakeBuilderFlag)
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: FakeBuilderFlag) -> None:
+        assert isinstance(flag, FakeBuilderFlag)
+        self.flags.discard(flag)
+
+    def get_flag(self, flag: FakeBuilderFlag) -> bool:
+        return flag in self.flags
+
+
+@pytest.fixture
+def fake_trt(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """A `tensorrt` module with the builder enums `apply_precision_flags` uses."""
+    module = types.ModuleType("tensorrt")
+    module.BuilderFlag = FakeBuilderFlag  # type: ignore[attr-defined]
+    module.HardwareCompatibilityLevel = types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    return module
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("strongly_typed", [True, False])
+def test_every_engine_is_built_with_tf32_cleared(
+    fake_trt: types.ModuleType, precision: str, strongly_typed: bool
+) -> None:
+    config = FakeBuilderConfig()
+    flags, cleared = apply_precision_flags(
+        config, precision, strongly_typed=strongly_typed, compatibility=None
+    )
+    assert not config.get_flag(FakeBuilderFlag.TF32) and cleared == ["TF32"]
+    expected = set() if strongly_typed else {FakeBuilderFlag[name] for name in weak_typing_flags(precision)}
+    assert config.flags == expected and flags == [
+        flag.name for flag in sorted(expected, key=lambda f: f.value)
+    ]
+
+
+def test_compatibility_modes_set_their_flag(fake_trt: types.ModuleType) -> None:
+    config = FakeBuilderConfig()
+    flags, _ = apply_precision_flags(config, "fp16", strongly_typed=False, compatibility="version")
+    assert flags == ["FP16", "VERSION_COMPATIBLE"]
+    assert config.flags == {FakeBuilderFlag.FP16, FakeBuilderFlag.VERSION_COMPATIBLE}
+    config = FakeBuilderConfig()
+    flags, _ = apply_precision_flags(config, "fp32", strongly_typed=True, compatibility="hardware")
+    assert flags == [] and config.flags == set()
+    assert config.hardware_compatibility_level == "AMPERE_PLUS"
+
+
 # --------------------------------------------------------------------------- ONNX inspection
 
 
@@ -471,7 +543,8 @@ def test_engine_end_to_end_matches_onnxruntime(tmp_path: Path) -> None:
     with TensorRTRunner(plan) as runner:
         assert runner.name == "tensorrt/fp32"
         assert (runner.min_batch, runner.max_batch, runner.input_shape) == (1, 8, (3, 16, 12))
-        np.testing.assert_allclose(runner.infer(images), expected, atol=1e-3, rtol=1e-3)
-        np.testing.assert_allclose(runner.infer(images[:1]), expected[:1], atol=1e-3, rtol=1e-3)
+        # The fp32 gate: TF32 is cleared at build time, so TensorRT's fp32 agrees to 1e-4.
+        np.testing.assert_allclose(runner.infer(images), expected, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(runner.infer(images[:1]), expected[:1], atol=1e-4, rtol=0)
         with pytest.raises(UsageError, match=r"outside the model's range 1\.\.8"):
             runner.infer(np.zeros((9, 3, 16, 12), np.float32))
