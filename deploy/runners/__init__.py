@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from deploy.errors import MissingDependencyError, UsageError
+from deploy.errors import UsageError
 from deploy.manifest import Manifest, artifacts_of_kind, verify_artifact
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import (
@@ -18,15 +18,18 @@ from deploy.runners.onnxruntime_runner import (
     OnnxRuntimeRunner,
     available_providers,
     precision_from_filename,
+    providers_for_device,
 )
 
 __all__ = [
+    "GPU_PROVIDERS",
     "OnnxRuntimeRunner",
     "Runner",
     "artifact_precision",
     "available_providers",
     "open_runner",
     "precision_from_filename",
+    "providers_for_device",
     "run_relative_path",
     "select_artifact",
 ]
@@ -91,19 +94,6 @@ def run_relative_path(
         ) from None
 
 
-def _onnx_providers(device: str) -> list[str]:
-    """Execution providers for a device: the CPU alone, or the installed GPU ones then the CPU."""
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    gpu = [p for p in available_providers() if p in GPU_PROVIDERS]
-    if not gpu:
-        raise MissingDependencyError(
-            "onnxruntime has no CUDA or TensorRT execution provider; install onnxruntime-gpu"
-            " (pip install 'reviewkd[gpu]') on a machine with an NVIDIA GPU"
-        )
-    return [*gpu, "CPUExecutionProvider"]
-
-
 def open_runner(
     path: str | os.PathLike[str],
     *,
@@ -137,7 +127,7 @@ def open_runner(
     if suffix in ONNX_SUFFIXES:
         return OnnxRuntimeRunner(
             file,
-            providers=_onnx_providers(device),
+            providers=providers_for_device(device),
             threads=threads,
             precision=precision,
             input_shape=input_shape,
