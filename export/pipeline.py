@@ -76,6 +76,8 @@ class TensorRTOptions:
     workspace_mib: int = 1024
     optimization_level: int = 3
     compatibility: str | None = None
+    dla_core: int | None = None  # build for this DLA core of a Jetson; None: the GPU
+    gpu_fallback: bool = True  # with dla_core: layers the DLA cannot run go to the GPU
 
 
 @dataclass
@@ -385,6 +387,9 @@ def _build_engines(
 
     for precision, fmt in TENSORRT_SOURCES.items():
         rel = ONNX_FORMATS[fmt][0]
+        if options.dla_core is not None and precision == "fp32":
+            recorder.skip(f"tensorrt/{precision}", "the DLA computes in fp16 and int8 only")
+            continue
         try:
             source = verify_artifact(run, manifest, rel)
         except UsageError as exc:
@@ -403,6 +408,8 @@ def _build_engines(
             optimization_level=options.optimization_level,
             compatibility=options.compatibility,
             precision=precision,
+            dla_core=options.dla_core,
+            gpu_fallback=options.gpu_fallback,
         )
         recorder.keep(
             plan_rel,

@@ -294,6 +294,8 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         if self.sidecar.compatibility == "version":
             # Version-compatible plans embed the lean runtime, host code TensorRT runs only when allowed.
             self._runtime.engine_host_code_allowed = True
+        if self.sidecar.dla is not None:
+            self._select_dla_core(self._runtime, self.sidecar.dla.core)
         engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise UsageError(f"{self.plan_path}: TensorRT could not deserialise the plan: {REBUILD_HINT}")
@@ -303,6 +305,17 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         except BaseException:
             self.close()
             raise
+
+    def _select_dla_core(self, runtime: trt.Runtime, core: int) -> None:
+        """Point `runtime` at the DLA core the plan was built for, which must exist here."""
+        # tensorrt-stubs omits Runtime.num_DLA_cores, which TensorRT's Python API documents.
+        available = int(getattr(runtime, "num_DLA_cores", 0))
+        if core >= available:
+            raise UsageError(
+                f"{self.plan_path}: the plan was built for DLA core {core}, and this device has "
+                f"{available} DLA core(s); {REBUILD_HINT}"
+            )
+        runtime.DLA_core = core
 
     def _setup(self, engine: trt.ICudaEngine) -> None:
         import tensorrt as trt

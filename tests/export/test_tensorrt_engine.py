@@ -23,11 +23,14 @@ from onnx import TensorProto, helper, numpy_helper
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import sha256_file
 from deploy.trt_sidecar import (
+    DlaSettings,
     GpuInfo,
     Sidecar,
     check_engine_compatible,
     current_gpu,
     gpu_mismatch,
+    host_machine,
+    machine_mismatch,
     parse_version,
     profile_shapes,
     read_sidecar,
@@ -38,8 +41,9 @@ from deploy.trt_sidecar import (
     write_sidecar,
 )
 from export.tensorrt_engine import (
-    apply_precision_flags,
+    apply_builder_flags,
     build_engine,
+    check_dla_request,
     describe_parser_error,
     inspect_onnx,
     weak_typing_flags,
@@ -156,6 +160,7 @@ def _sidecar(**changes: object) -> Sidecar:
         profile=profile_shapes((3, 32, 32), 1, 8, 32),
         source_onnx="student.fp16.onnx",
         source_onnx_sha256="cd" * 32,
+        machine="x86_64",
         build={"workspace_mib": 1024, "optimization_level": 3},
     )
     fields.update(changes)
@@ -202,8 +207,16 @@ def test_sidecar_round_trip(tmp_path: Path) -> None:
     assert read_sidecar(path) == sidecar
     data = json.loads(path.read_text())
     assert data["gpu"] == {"name": A100.name, "compute_capability": "8.0"}
+    assert data["machine"] == "x86_64" and data["dla"] is None and data["schema_version"] == 2
     assert data["profile"]["max"] == [32, 3, 32, 32]
     assert data["tensorrt_version"] == "10.13.0.35"
+
+
+def test_sidecar_records_the_dla_core_and_gpu_fallback(tmp_path: Path) -> None:
+    sidecar = _sidecar(machine="aarch64", gpu=ORIN, dla=DlaSettings(core=1, gpu_fallback=True))
+    path = write_sidecar(tmp_path / "student.fp16.plan.json", sidecar)
+    assert json.loads(path.read_text())["dla"] == {"core": 1, "gpu_fallback": True}
+    assert read_sidecar(path) == sidecar
 
 
 def test_missing_sidecar_names_the_file(tmp_path: Path) -> None:
@@ -227,6 +240,13 @@ def test_missing_sidecar_names_the_file(tmp_path: Path) -> None:
         (lambda d: d.update(strongly_typed=1), "'strongly_typed' has the wrong type"),
         (lambda d: d.update(outputs=[]), "non-empty list"),
         (lambda d: d["plan"].pop("sha256"), "missing plan.'sha256'"),
+        (lambda d: d.pop("machine"), "missing 'machine'"),
+        (lambda d: d.update(machine=""), "'machine' is empty"),
+        (lambda d: d.update(dla={"core": -1, "gpu_fallback": True}), "dla.core must be 0 or more"),
+        (lambda d: d.update(dla={"core": 0, "gpu_fallback": "yes"}), "dla.'gpu_fallback' has the wrong type"),
+        (lambda d: d.update(dla={"gpu_fallback": True}), "missing dla.'core'"),
+        # A sidecar from before the architecture was recorded: the plan must be rebuilt.
+        (lambda d: d.update(schema_version=1), "unsupported schema_version 1"),
     ],
 )
 def test_malformed_sidecar_is_a_usage_error(tmp_path: Path, mutate, needle: str) -> None:
@@ -303,6 +323,43 @@ def test_version_rule(built: str, installed: str, version_compatible: bool, ok: 
 )
 def test_gpu_rule(built: GpuInfo, present: GpuInfo, hardware_compatible: bool, ok: bool) -> None:
     assert (gpu_mismatch(built, present, hardware_compatible) is None) is ok
+
+
+@pytest.mark.parametrize(
+    ("raw", "recorded"),
+    [
+        ("x86_64", "x86_64"),
+        ("AMD64", "x86_64"),
+        ("aarch64", "aarch64"),
+        ("arm64", "aarch64"),
+        ("ppc64le", "ppc64le"),
+    ],
+)
+def test_host_machine_unifies_os_spellings(raw: str, recorded: str) -> None:
+    assert host_machine(raw) == recorded
+
+
+def test_a_plan_built_on_another_cpu_architecture_is_refused() -> None:
+    assert machine_mismatch("x86_64", "x86_64") is None
+    assert machine_mismatch("x86_64", "AMD64") is None
+    assert machine_mismatch("x86_64", "aarch64") == "it was built on a x86_64 host, but this host is aarch64"
+    # The case of the issue: a hardware-compatible plan from an x86 server passes the GPU rule on an
+    # Orin (8.7 >= 8.0), and only the architecture tells it cannot load there.
+    server_plan = _sidecar(compatibility="hardware")
+    check_engine_compatible(
+        server_plan, tensorrt_version="10.13.0.35", gpu=ORIN, plan_path="e.plan", machine="x86_64"
+    )
+    with pytest.raises(UsageError) as info:
+        check_engine_compatible(
+            server_plan, tensorrt_version="10.13.0.35", gpu=ORIN, plan_path="e.plan", machine="aarch64"
+        )
+    message = str(info.value)
+    assert message.startswith("e.plan: this TensorRT engine cannot run here: it was built on a x86_64 host")
+    assert "rebuild it on this device from student.fp16.onnx" in message
+    # Without `machine`, the host's own architecture is compared.
+    check_engine_compatible(
+        _sidecar(machine=host_machine()), tensorrt_version="10.13.0.35", gpu=A100, plan_path="e.plan"
+    )
 
 
 def test_incompatible_engine_says_how_to_rebuild() -> None:
@@ -402,9 +459,7 @@ def test_every_engine_is_built_with_tf32_cleared(
     fake_trt: types.ModuleType, precision: str, strongly_typed: bool
 ) -> None:
     config = FakeBuilderConfig()
-    flags, cleared = apply_precision_flags(
-        config, precision, strongly_typed=strongly_typed, compatibility=None
-    )
+    flags, cleared = apply_builder_flags(config, precision, strongly_typed=strongly_typed, compatibility=None)
     assert not config.get_flag(FakeBuilderFlag.TF32) and cleared == ["TF32"]
     expected = set() if strongly_typed else {FakeBuilderFlag[name] for name in weak_typing_flags(precision)}
     assert config.flags == expected and flags == [
@@ -412,13 +467,55 @@ def test_every_engine_is_built_with_tf32_cleared(
     ]
 
 
+@pytest.mark.parametrize("gpu_fallback", [True, False])
+def test_dla_builds_default_to_the_dla_core(fake_trt: types.ModuleType, gpu_fallback: bool) -> None:
+    fake_trt.DeviceType = types.SimpleNamespace(GPU="GPU", DLA="DLA")  # type: ignore[attr-defined]
+    config = FakeBuilderConfig()
+    config.default_device_type, config.DLA_core = "GPU", -1
+    dla = DlaSettings(core=1, gpu_fallback=gpu_fallback)
+    flags, cleared = apply_builder_flags(config, "fp16", strongly_typed=False, compatibility=None, dla=dla)
+    assert (config.default_device_type, config.DLA_core) == ("DLA", 1)
+    assert config.get_flag(FakeBuilderFlag.GPU_FALLBACK) is gpu_fallback
+    assert flags == (["FP16", "GPU_FALLBACK"] if gpu_fallback else ["FP16"]) and cleared == ["TF32"]
+
+
+@pytest.mark.parametrize(
+    ("dla_core", "precision", "compatibility", "needle"),
+    [
+        (0, "fp16", None, None),
+        (1, "int8", "version", None),
+        (None, "fp32", "hardware", None),
+        (-1, "fp16", None, "expected a DLA core number"),
+        (True, "fp16", None, "expected a DLA core number"),
+        (0, "fp32", None, "fp16 and int8 only"),
+        (0, "fp16", "hardware", "GPUs only"),
+    ],
+)
+def test_dla_requests_that_cannot_build_are_usage_errors(
+    dla_core: Any, precision: str, compatibility: str | None, needle: str | None
+) -> None:
+    if needle is None:
+        check_dla_request(dla_core, precision, compatibility)
+        return
+    with pytest.raises(UsageError, match=needle) as info:
+        check_dla_request(dla_core, precision, compatibility)
+    assert info.value.exit_code == 2 and str(info.value).startswith("--dla-core")
+
+
+def test_build_engine_checks_the_dla_request_before_dependencies(tmp_path: Path) -> None:
+    onnx_file = _conv_graph(tmp_path / "student.onnx")
+    with pytest.raises(UsageError, match="fp16 and int8 only"):
+        build_engine(onnx_file, tmp_path / "s.plan", dla_core=0)
+    assert not (tmp_path / "s.plan").exists()
+
+
 def test_compatibility_modes_set_their_flag(fake_trt: types.ModuleType) -> None:
     config = FakeBuilderConfig()
-    flags, _ = apply_precision_flags(config, "fp16", strongly_typed=False, compatibility="version")
+    flags, _ = apply_builder_flags(config, "fp16", strongly_typed=False, compatibility="version")
     assert flags == ["FP16", "VERSION_COMPATIBLE"]
     assert config.flags == {FakeBuilderFlag.FP16, FakeBuilderFlag.VERSION_COMPATIBLE}
     config = FakeBuilderConfig()
-    flags, _ = apply_precision_flags(config, "fp32", strongly_typed=True, compatibility="hardware")
+    flags, _ = apply_builder_flags(config, "fp32", strongly_typed=True, compatibility="hardware")
     assert flags == [] and config.flags == set()
     assert config.hardware_compatibility_level == "AMPERE_PLUS"
 
@@ -507,6 +604,22 @@ def test_runner_without_tensorrt(tmp_path: Path) -> None:
     with pytest.raises(MissingDependencyError) as info:
         TensorRTRunner(plan)
     assert info.value.exit_code == 3
+
+
+def test_runner_points_the_runtime_at_the_plans_dla_core() -> None:
+    from deploy.runners.tensorrt_runner import TensorRTRunner
+
+    runner = TensorRTRunner.__new__(TensorRTRunner)  # only the DLA step, which needs no TensorRT
+    runner.plan_path = Path("student.fp16.plan")
+    orin = types.SimpleNamespace(num_DLA_cores=2, DLA_core=-1)
+    runner._select_dla_core(orin, 1)  # type: ignore[arg-type]
+    assert orin.DLA_core == 1
+    with pytest.raises(UsageError, match=r"built for DLA core 2, and this device has 2 DLA core\(s\)"):
+        runner._select_dla_core(orin, 2)  # type: ignore[arg-type]
+    discrete_gpu = types.SimpleNamespace(num_DLA_cores=0, DLA_core=-1)
+    with pytest.raises(UsageError, match="has 0 DLA core") as info:
+        runner._select_dla_core(discrete_gpu, 0)  # type: ignore[arg-type]
+    assert "rebuild the engine on this device" in str(info.value) and discrete_gpu.DLA_core == -1
 
 
 # --------------------------------------------------------------------------- with TensorRT and a GPU
