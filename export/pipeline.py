@@ -117,15 +117,17 @@ def parse_formats(text: str | Sequence[str] | None) -> list[str] | None:
 
 def tensorrt_status() -> tuple[bool, str]:
     """Whether TensorRT and a GPU are here to build engines, with the reason when not."""
-    from deploy.trt_sidecar import current_gpu, tensorrt_available
+    from deploy.trt_sidecar import probe_gpu, tensorrt_available
 
     ok, reason = tensorrt_available()
     if not ok:
         return False, reason
-    if current_gpu() is None:
+    probe = probe_gpu()
+    if probe.gpu is None:
         return (
             False,
-            "TensorRT is installed but no CUDA GPU is visible; engines must be built on the target GPU",
+            "TensorRT is installed but no CUDA GPU is usable; engines must be built on the target GPU "
+            f"({probe.describe_failure()})",
         )
     return True, reason
 

@@ -30,7 +30,7 @@ from deploy.errors import UsageError
 from deploy.runners.cuda_graphs import CudaGraphCache
 from deploy.runners.tensorrt_runner import TensorRTRunner, _CudaPythonMemory, _TorchMemory
 from deploy.runners.torch_runner import TorchRunner
-from deploy.trt_sidecar import current_gpu, tensorrt_available
+from deploy.trt_sidecar import probe_gpu, tensorrt_available
 from tests.helpers import export_onnx
 
 # --------------------------------------------------------------------------- CudaGraphCache with fakes
@@ -740,7 +740,8 @@ def _tensorrt_gpu_reason() -> str | None:
     ok, reason = tensorrt_available()
     if not ok:
         return reason
-    return None if current_gpu() is not None else "no NVIDIA GPU found"
+    probe = probe_gpu()
+    return None if probe.gpu is not None else probe.describe_failure()
 
 
 TRT_GPU_MISSING = _tensorrt_gpu_reason()

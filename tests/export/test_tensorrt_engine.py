@@ -25,15 +25,17 @@ from deploy.fileio import sha256_file
 from deploy.trt_sidecar import (
     DlaSettings,
     GpuInfo,
+    GpuProbe,
     Sidecar,
     check_engine_compatible,
-    current_gpu,
     gpu_mismatch,
     host_machine,
     machine_mismatch,
     parse_version,
+    probe_gpu,
     profile_shapes,
     read_sidecar,
+    require_tensorrt_and_gpu,
     sidecar_path,
     tensorrt_available,
     uses_strong_typing,
@@ -48,7 +50,7 @@ from export.tensorrt_engine import (
     inspect_onnx,
     weak_typing_flags,
 )
-from tests.helpers import export_onnx
+from tests.helpers import REPO_ROOT, export_onnx
 
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0))
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
@@ -60,9 +62,8 @@ def _tensorrt_gpu_reason() -> str | None:
     ok, reason = tensorrt_available()
     if not ok:
         return reason
-    if current_gpu() is None:
-        return "no NVIDIA GPU found"
-    return None
+    probe = probe_gpu()
+    return None if probe.gpu is not None else probe.describe_failure()
 
 
 TRT_GPU_MISSING = _tensorrt_gpu_reason()
@@ -397,6 +398,108 @@ def test_tensorrt_available_tells_stubs_from_tensorrt(monkeypatch: pytest.Monkey
     real.__version__ = "10.13.0.35"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt", real)
     assert tensorrt_available() == (True, "TensorRT 10.13.0.35")
+
+
+class FakeCudaError(enum.Enum):
+    """cuda-python's cudaError_t members the probe meets."""
+
+    cudaSuccess = 0
+    cudaErrorInsufficientDriver = 35
+    cudaErrorNoDevice = 100
+    cudaErrorLaunchFailure = 719
+
+
+def fake_cudart(count_error: FakeCudaError, count: int = 0) -> types.SimpleNamespace:
+    """cuda-python's runtime module as far as the GPU probe uses it: (error, value) tuples."""
+    props = types.SimpleNamespace(name=b"Orin\0\0\0", major=8, minor=7)
+    return types.SimpleNamespace(
+        cudaError_t=FakeCudaError,
+        cudaGetDeviceCount=lambda: (count_error, count),
+        cudaGetDevice=lambda: (FakeCudaError.cudaSuccess, 0),
+        cudaGetDeviceProperties=lambda device: (FakeCudaError.cudaSuccess, props),
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "count", "expected"),
+    [
+        (
+            FakeCudaError.cudaErrorInsufficientDriver,
+            0,
+            "cudaGetDeviceCount returned cudaErrorInsufficientDriver (the NVIDIA driver is missing, or older",
+        ),
+        (FakeCudaError.cudaErrorNoDevice, 0, "returned cudaErrorNoDevice (no CUDA device is visible"),
+        (FakeCudaError.cudaErrorLaunchFailure, 0, "returned cudaErrorLaunchFailure"),
+        (FakeCudaError.cudaSuccess, 0, "cudaGetDeviceCount found 0 devices"),
+    ],
+)
+def test_gpu_probe_reports_the_cuda_error(
+    monkeypatch: pytest.MonkeyPatch, error: FakeCudaError, count: int, expected: str
+) -> None:
+    import deploy.trt_sidecar as sidecar_module
+
+    def torch_without_driver() -> GpuInfo:
+        raise RuntimeError("Found no NVIDIA driver on your system.\nPlease check ...")
+
+    monkeypatch.setattr(sidecar_module, "import_cudart", lambda: fake_cudart(error, count))
+    monkeypatch.setattr(
+        sidecar_module,
+        "_PROBES",
+        (("torch", torch_without_driver), ("cuda-python", sidecar_module._gpu_from_cuda_python)),
+    )
+    probe = probe_gpu()
+    assert probe.gpu is None
+    assert probe.reasons[0] == "torch: RuntimeError: Found no NVIDIA driver on your system."
+    assert probe.reasons[1].startswith("cuda-python: ") and expected in probe.reasons[1]
+    real = types.ModuleType("tensorrt")
+    real.Builder = object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", real)
+    with pytest.raises(MissingDependencyError) as info:
+        require_tensorrt_and_gpu("building a TensorRT engine")
+    assert info.value.exit_code == 3 and expected in str(info.value)
+    assert "no GPU" not in str(info.value) and "none was found" not in str(info.value)
+
+
+def test_gpu_probe_finds_a_device_through_cuda_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deploy.trt_sidecar as sidecar_module
+
+    monkeypatch.setattr(sidecar_module, "import_cudart", lambda: fake_cudart(FakeCudaError.cudaSuccess, 1))
+    monkeypatch.setattr(sidecar_module, "_PROBES", (("cuda-python", sidecar_module._gpu_from_cuda_python),))
+    assert probe_gpu() == GpuProbe(ORIN, ())
+
+
+@pytest.mark.parametrize(
+    ("machine", "allowed", "refused"),
+    [
+        # A Jetson: JetPack 6's TensorRT 10.3 and CUDA 12; TensorRT 11 does not run on JetPack.
+        ("aarch64", {"tensorrt": "10.3.0", "onnxruntime-gpu": "1.20.0", "cuda-python": "12.6.0"},
+         {"tensorrt": "11.0.0", "onnxruntime-gpu": "1.27.0", "cuda-python": "13.0.0"}),
+        # A server: TensorRT 10 or 11, with an ONNX Runtime that runs TensorRT 11.
+        ("x86_64", {"tensorrt": "11.4.0", "onnxruntime-gpu": "1.27.0", "cuda-python": "12.9.0"},
+         {"tensorrt": "12.0.0", "onnxruntime-gpu": "1.26.0", "cuda-python": "13.0.0"}),
+        ("AMD64", {"tensorrt": "10.13.0"}, {"tensorrt": "9.3.0"}),
+    ],
+)  # fmt: skip
+def test_gpu_extra_is_bounded_per_architecture(
+    machine: str, allowed: dict[str, str], refused: dict[str, str]
+) -> None:
+    tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "gpu"
+    ]
+    requirements = [Requirement(line) for line in extra]
+    here = {
+        r.name: r.specifier
+        for r in requirements
+        if r.marker is None or r.marker.evaluate({"platform_machine": machine})
+    }
+    assert sorted(here) == ["cuda-python", "onnxruntime-gpu", "tensorrt"]  # one rule per package here
+    for name, version in allowed.items():
+        assert here[name].contains(version), (machine, name, version)
+    for name, version in refused.items():
+        assert not here[name].contains(version), (machine, name, version)
 
 
 def test_describe_parser_error_names_the_node() -> None:
