@@ -30,7 +30,7 @@ from deploy.errors import UsageError
 from deploy.runners.cuda_graphs import CudaGraphCache
 from deploy.runners.tensorrt_runner import TensorRTRunner, _CudaPythonMemory, _TorchMemory
 from deploy.runners.torch_runner import TorchRunner
-from deploy.trt_sidecar import probe_gpu, tensorrt_available
+from deploy.trt_sidecar import import_cudart, probe_gpu, tensorrt_available
 from tests.helpers import export_onnx
 
 # --------------------------------------------------------------------------- CudaGraphCache with fakes
@@ -734,6 +734,34 @@ def test_torch_runner_graph_replay_matches_eager(precision: str) -> None:
         assert graphed.cuda_graph_error is None
         assert graphed.cuda_graph_shapes == [(1, 3, 16, 16), (4, 3, 16, 16)]
     assert graphed.cuda_graph_shapes == []  # close() released them
+
+
+def _cuda_python_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    return None if import_cudart() is not None else "needs cuda-python"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_python_reason() is not None, reason=str(_cuda_python_reason()))
+@pytest.mark.parametrize("kind", ["torch", "cuda-python"])
+def test_memory_classes_on_a_gpu_use_a_non_blocking_stream_and_pinned_staging(kind: str) -> None:
+    cudart = import_cudart()
+    assert cudart is not None
+    memory = _TorchMemory() if kind == "torch" else _CudaPythonMemory(cudart)
+    memory.allocate(INPUT, (MAX_BATCH, *CHW), np.dtype(np.float32))
+    err, flags = cudart.cudaStreamGetFlags(memory.stream_handle)
+    assert err == cudart.cudaError_t.cudaSuccess and int(flags) & cudart.cudaStreamNonBlocking
+    if isinstance(memory, _TorchMemory):
+        assert memory._staging[INPUT].is_pinned()
+    else:
+        err, attributes = cudart.cudaPointerGetAttributes(memory._buffers[INPUT][1])
+        assert err == cudart.cudaError_t.cudaSuccess
+        assert attributes.type == cudart.cudaMemoryType.cudaMemoryTypeHost  # page-locked, not pageable
+    x = np.random.default_rng(0).standard_normal((3, *CHW)).astype(np.float32)
+    memory.upload(INPUT, x)
+    np.testing.assert_array_equal(memory.download(INPUT, x.shape), x)
+    memory.close()
 
 
 def _tensorrt_gpu_reason() -> str | None:
