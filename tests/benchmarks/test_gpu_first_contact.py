@@ -83,3 +83,19 @@ def test_tf32_switch_restores_torch_settings() -> None:
     with script.tf32(not before[0]):
         assert torch.backends.cudnn.allow_tf32 is (not before[0])
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_a_failed_or_timed_out_command_is_an_error_step(tmp_path: Path) -> None:
+    recorder = script.Recorder(tmp_path / script.RESULT_FILE, budget_s=60)
+    fails = [sys.executable, "-c", "import sys; print('loss is nan'); sys.exit(2)"]
+    recorder.step("fails", lambda: script.run_command(fails, timeout_s=60))
+    recorder.step(
+        "hangs",
+        lambda: script.run_command([sys.executable, "-c", "import time; time.sleep(30)"], timeout_s=0.5),
+    )
+    recorder.step("passes", lambda: script.run_command([sys.executable, "-c", "print('ok')"], timeout_s=60))
+    steps = json.loads(recorder.path.read_text())["steps"]
+    assert steps["fails"]["status"] == "error" and steps["fails"]["error"] == "exited with 2"
+    assert "loss is nan" in steps["fails"]["tail"]  # the output stays beside the error
+    assert steps["hangs"]["status"] == "error" and steps["hangs"]["error"] == "timed out after 0 s"
+    assert steps["passes"]["status"] == "ok" and steps["passes"]["exit_code"] == 0
