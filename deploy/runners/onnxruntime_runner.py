@@ -140,7 +140,9 @@ class OnnxRuntimeRunner(Runner):
 
     The input and output names, (C, H, W) and the batch range are read from the model: a
     symbolic batch dimension accepts any batch, a fixed one only that batch. `input_shape`
-    supplies (C, H, W) for models whose spatial dimensions are symbolic.
+    supplies (C, H, W) for models whose spatial dimensions are symbolic. `providers` None means
+    CUDA then the CPU where onnxruntime lists CUDA, else the CPU (see `providers_for_device`);
+    a GPU provider asked for that does not load is a MissingDependencyError.
     """
 
     backend = "onnxruntime"
