@@ -1,11 +1,11 @@
 """TensorRT-free logic shared by the engine builder (export/) and the TensorRT runner (deploy/).
 
 A TensorRT plan is tied to the TensorRT version, the GPU and the CPU architecture that built it
-(DESIGN.md section 4), so every `<name>.plan` travels with a `<name>.plan.json` sidecar that records
-them, plus the precision, the DLA core it runs on (if any), the batch profile and where the plan came
-from. This module owns that sidecar (schema,
-reading, writing, validation), the batch-profile arithmetic, the rules that decide whether a plan
-may run here, and the probes for TensorRT and a GPU. It never imports tensorrt or torch at module
+(docs/METHOD.md section 6), so every `<name>.plan` travels with a `<name>.plan.json` sidecar that
+records them, plus the precision, the DLA core it runs on (if any), the batch profile and where the
+plan came from. This module owns that sidecar (schema, reading, writing, validation), the
+batch-profile arithmetic, the rules that decide whether a plan may run here, and the probes for
+TensorRT and a GPU. It never imports tensorrt or torch at module
 level, so it is importable and testable anywhere.
 """
 
