@@ -319,23 +319,23 @@ class StandInContext:
 
     def __init__(self) -> None:
         self.shape: tuple[int, ...] = ()
-        self.addresses: dict[str, int] = {}
+        self.tensors: dict[str, Any] = {}
 
     def set_input_shape(self, name: str, shape: Any) -> bool:
         self.shape = tuple(int(shape[i]) for i in range(len(shape)))
         return 1 <= self.shape[0] <= MAX_BATCH
 
     def set_tensor_address(self, name: str, address: int) -> bool:
-        self.addresses[name] = address
+        # Wrapped here, outside any capture, so that the enqueue itself only launches the kernel.
+        shape = (MAX_BATCH, *CHW) if name == "images" else (MAX_BATCH, CLASSES)
+        self.tensors[name] = device_tensor(address, shape)
         return True
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         return self.shape if name == "images" else (self.shape[0], CLASSES)
 
     def execute_async_v3(self, stream_handle: int) -> bool:
-        images = device_tensor(self.addresses["images"], (MAX_BATCH, *CHW))
-        logits = device_tensor(self.addresses["logits"], (MAX_BATCH, CLASSES))
-        stand_in_kernel(images, logits, self.shape[0], stream_handle)
+        stand_in_kernel(self.tensors["images"], self.tensors["logits"], self.shape[0], stream_handle)
         return True
 
 
