@@ -40,7 +40,7 @@ from deploy.formats import (
     TENSORRT_SOURCES,
     UINT8_INPUT,
 )
-from deploy.gpu import current_gpu
+from deploy.gpu import probe_gpu
 from deploy.manifest import (
     ArtifactEntry,
     Manifest,
@@ -78,6 +78,8 @@ class TensorRTOptions:
     workspace_mib: int = 1024
     optimization_level: int = 3
     compatibility: str | None = None
+    dla_core: int | None = None  # build for this DLA core of a Jetson; None: the GPU
+    gpu_fallback: bool = True  # with dla_core: layers the DLA cannot run go to the GPU
 
 
 @dataclass
@@ -123,10 +125,12 @@ def tensorrt_status() -> tuple[bool, str]:
     ok, reason = tensorrt_available()
     if not ok:
         return False, reason
-    if current_gpu() is None:
+    probe = probe_gpu()
+    if probe.gpu is None:
         return (
             False,
-            "TensorRT is installed but no CUDA GPU is visible; engines must be built on the target GPU",
+            "TensorRT is installed but no CUDA GPU is usable; engines must be built on the target GPU "
+            f"({probe.describe_failure()})",
         )
     return True, reason
 
@@ -427,6 +431,9 @@ def _build_engines(
 
     for precision, fmt in TENSORRT_SOURCES.items():
         rel = ONNX_FORMATS[fmt].file
+        if options.dla_core is not None and precision == "fp32":
+            recorder.skip(f"tensorrt/{precision}", "the DLA computes in fp16 and int8 only")
+            continue
         try:
             source = verify_artifact(run, manifest, rel)
         except UsageError as exc:
@@ -445,6 +452,8 @@ def _build_engines(
             optimization_level=options.optimization_level,
             compatibility=options.compatibility,
             precision=precision,
+            dla_core=options.dla_core,
+            gpu_fallback=options.gpu_fallback,
         )
         recorder.keep(
             plan_rel,

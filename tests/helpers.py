@@ -31,7 +31,7 @@ from deploy.fileio import sha256_file
 from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import METADATA_KEY, OnnxRuntimeRunner
-from deploy.trt_sidecar import GpuInfo, Sidecar, profile_shapes, sidecar_path, write_sidecar
+from deploy.trt_sidecar import GpuInfo, Sidecar, host_machine, profile_shapes, sidecar_path, write_sidecar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,6 +151,7 @@ def write_plan(path: Path, precision: str, max_batch: int, min_batch: int = 1) -
         profile=profile_shapes(INPUT_SHAPE, min_batch, min(8, max_batch), max_batch),
         source_onnx=f"student.{precision}.onnx",
         source_onnx_sha256="0" * 64,
+        machine=host_machine(),
     )
     write_sidecar(sidecar_path(path), sidecar)
     return path

@@ -10,13 +10,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from deploy.errors import MissingDependencyError, UsageError
+from deploy.errors import UsageError
 from deploy.formats import KIND_OF_BACKEND, kind_of_file, precision_from_filename, standard_file
 from deploy.manifest import ArtifactEntry, Manifest, artifacts_of_kind, input_spec, verify_artifact
 from deploy.runners.base import Runner
-from deploy.runners.onnxruntime_runner import GPU_PROVIDERS, OnnxRuntimeRunner, available_providers
+from deploy.runners.onnxruntime_runner import (
+    GPU_PROVIDERS,
+    OnnxRuntimeRunner,
+    available_providers,
+    providers_for_device,
+)
 
 __all__ = [
+    "GPU_PROVIDERS",
     "OnnxRuntimeRunner",
     "Runner",
     "artifact_precision",
@@ -24,6 +30,7 @@ __all__ = [
     "onnxruntime_device",
     "open_runner",
     "precision_from_filename",
+    "providers_for_device",
     "run_relative_path",
     "select_artifact",
 ]
@@ -88,19 +95,6 @@ def onnxruntime_device(device: str) -> str:
     return "cuda" if any(p in GPU_PROVIDERS for p in available_providers()) else "cpu"
 
 
-def _onnx_providers(device: str) -> list[str]:
-    """Execution providers for a device: the CPU alone, or the installed GPU ones then the CPU."""
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    gpu = [p for p in available_providers() if p in GPU_PROVIDERS]
-    if not gpu:
-        raise MissingDependencyError(
-            "onnxruntime has no CUDA or TensorRT execution provider; install onnxruntime-gpu"
-            " (pip install 'reviewkd[gpu]') on a machine with an NVIDIA GPU"
-        )
-    return [*gpu, "CPUExecutionProvider"]
-
-
 def open_runner(
     path: str | os.PathLike[str],
     *,
@@ -133,7 +127,7 @@ def open_runner(
     if kind == "onnx":
         return OnnxRuntimeRunner(
             file,
-            providers=_onnx_providers(device),
+            providers=providers_for_device(device),
             threads=threads,
             precision=precision,
             input_shape=input_shape,

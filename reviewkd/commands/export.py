@@ -76,6 +76,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     trt.add_argument(
         "--trt-compat", choices=("version", "hardware"), help="version or hardware compatibility"
     )
+    trt.add_argument(
+        "--dla-core",
+        type=int,
+        metavar="N",
+        help="build the fp16 and int8 engines for DLA core N of a Jetson (layers the DLA cannot run fall "
+        "back to the GPU)",
+    )
+    trt.add_argument(
+        "--no-gpu-fallback",
+        dest="gpu_fallback",
+        action="store_false",
+        help="with --dla-core: fail the build instead of running layers the DLA cannot run on the GPU",
+    )
     plain = parser.add_argument_group("a zoo model trained elsewhere (instead of RUN)")
     plain.add_argument(
         "--model", help="zoo model name (reviewkd.models.list_models(), torchvision:NAME, timm:NAME)"
@@ -121,6 +134,8 @@ def run_export(args: argparse.Namespace) -> int:
             workspace_mib=args.trt_workspace_mib,
             optimization_level=args.trt_opt_level,
             compatibility=args.trt_compat,
+            dla_core=args.dla_core,
+            gpu_fallback=args.gpu_fallback,
         ),
         "log": log,
     }

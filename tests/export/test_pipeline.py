@@ -25,6 +25,7 @@ from reviewkd.cli import main
 from reviewkd.config import Config, DataConfig, ModelConfig, save_config
 from reviewkd.data import DATASET_STATS, iter_run_batches
 from reviewkd.models import create_model
+from tests.helpers import make_run
 
 ARCH = "cifar_resnet20"
 FP32_MAX_ABS_DIFF = DEFAULT_GATES["fp32"]["max_abs_diff"]
@@ -370,3 +371,35 @@ def test_onnx_weight_count_counts_shared_tensors_once_per_use() -> None:
         [weight],
     )
     assert onnx_weight_count(onnx.helper.make_model(graph)) == 24
+
+
+def test_dla_engines_are_built_from_the_fp16_and_int8_files_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import export.tensorrt_engine
+
+    run, manifest = make_run(tmp_path)
+    shutil.copyfile(run / "export/student.onnx", run / "export/student.fp16.onnx")
+    record_artifact(run, manifest, "export/student.fp16.onnx", "onnx", precision="fp16")
+    calls: list[dict] = []
+
+    def fake_build_engine(source: Path, plan: Path, **options: object) -> dict:
+        # No TensorRT here: stand-in plan and sidecar bytes, so the recorder can hash them.
+        calls.append({"source": Path(source).name, "plan": Path(plan).name, **options})
+        Path(plan).write_bytes(b"plan")
+        Path(f"{plan}.json").write_text("{}")
+        return {"tensorrt_version": "10.3.0.30"}
+
+    monkeypatch.setattr(export.tensorrt_engine, "build_engine", fake_build_engine)
+    summary = ExportSummary(run)
+    options = pipeline.TensorRTOptions(dla_core=1, gpu_fallback=False)
+    recorder = pipeline._Recorder(run, manifest, summary)
+    pipeline._build_engines(run, manifest, recorder, options, lambda message: None)
+    assert [(c["source"], c["plan"], c["dla_core"], c["gpu_fallback"]) for c in calls] == [
+        ("student.fp16.onnx", "student.fp16.plan", 1, False)
+    ]
+    assert summary.skipped["tensorrt/fp32"] == "the DLA computes in fp16 and int8 only"
+    assert "no checked export/student.int8.trt.onnx" in summary.skipped["tensorrt/int8"]
+    assert "export/student.fp16.plan" in summary.files
