@@ -18,11 +18,11 @@ import platform
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import write_json_atomic
+from deploy.gpu import GpuInfo, probe_gpu
 
 SIDECAR_SCHEMA = "reviewkd.tensorrt-sidecar"
 # 2: the CPU architecture ("machine") and the DLA settings ("dla") joined the record.
@@ -38,19 +38,6 @@ INSTALL_HINT = (
     "TensorRT needs an NVIDIA GPU and driver"
 )
 REBUILD_HINT = "rebuild the engine on this device from its ONNX file (reviewkd export RUN --formats tensorrt)"
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    """The CUDA device an engine was built on, or the one present now."""
-
-    name: str
-    compute_capability: tuple[int, int]
-
-    @property
-    def cc(self) -> str:
-        """Compute capability as "major.minor", the form the sidecar stores."""
-        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
 
 
 @dataclass(frozen=True)
@@ -393,136 +380,6 @@ def tensorrt_available() -> tuple[bool, str]:
     if not hasattr(trt, "Builder"):
         return False, f"only TensorRT's type stubs are installed, not TensorRT itself: {INSTALL_HINT}"
     return True, f"TensorRT {getattr(trt, '__version__', 'unknown version')}"
-
-
-def import_cudart() -> ModuleType | None:
-    """cuda-python's CUDA runtime bindings (new and old module paths), or None when absent."""
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
-
-
-# What the CUDA runtime's commonest errors mean for someone looking for their GPU.
-_CUDA_ERROR_HINTS = {
-    "cudaErrorInsufficientDriver": (
-        "the NVIDIA driver is missing, or older than the CUDA version these bindings were built for: "
-        "cuda-python 13 needs a CUDA 13 driver, so with a CUDA 12 driver install cuda-python<13"
-    ),
-    "cudaErrorNoDevice": "no CUDA device is visible: check CUDA_VISIBLE_DEVICES or the container's GPUs",
-    "cudaErrorDevicesUnavailable": "every CUDA device is busy or in exclusive-process mode",
-}
-
-
-class GpuProbeError(Exception):
-    """One probe's reason for finding no GPU, e.g. the CUDA error code it got."""
-
-
-@dataclass(frozen=True)
-class GpuProbe:
-    """The CUDA device found, or why each probe found none."""
-
-    gpu: GpuInfo | None
-    reasons: tuple[str, ...] = ()
-
-    def describe_failure(self) -> str:
-        """One line of the probes' reasons, for an error message."""
-        return "; ".join(self.reasons) if self.reasons else "no probe ran"
-
-
-def cuda_error_reason(call: str, error: Any) -> str:
-    """'call returned cudaErrorX (what it usually means)' for a cuda-python error value."""
-    name = getattr(error, "name", None) or str(error)
-    hint = _CUDA_ERROR_HINTS.get(name)
-    return f"{call} returned {name}" + (f" ({hint})" if hint else "")
-
-
-def _gpu_from_torch() -> GpuInfo:
-    try:
-        import torch
-    except ImportError:
-        raise GpuProbeError("torch is not installed") from None
-    if not torch.cuda.is_available():
-        if torch.version.cuda is None:
-            raise GpuProbeError(f"torch {torch.__version__} is a CPU-only build")
-        try:
-            torch.cuda.init()  # raises with torch's own reason (no driver, driver too old, no device)
-        except Exception as exc:
-            raise GpuProbeError(f"torch {torch.__version__}: {str(exc).splitlines()[0]}") from None
-        raise GpuProbeError(f"torch {torch.__version__} sees no CUDA device")
-    index = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    return GpuInfo(torch.cuda.get_device_name(index), (int(major), int(minor)))
-
-
-def _gpu_from_cuda_python() -> GpuInfo:
-    cudart = import_cudart()
-    if cudart is None:
-        raise GpuProbeError("cuda-python is not installed")
-    success = cudart.cudaError_t.cudaSuccess
-    err, count = cudart.cudaGetDeviceCount()
-    if err != success:
-        raise GpuProbeError(f"cuda-python: {cuda_error_reason('cudaGetDeviceCount', err)}")
-    if count < 1:
-        raise GpuProbeError("cuda-python: cudaGetDeviceCount found 0 devices")
-    err, device = cudart.cudaGetDevice()
-    if err != success:
-        raise GpuProbeError(f"cuda-python: {cuda_error_reason('cudaGetDevice', err)}")
-    err, prop = cudart.cudaGetDeviceProperties(device)
-    if err != success:
-        raise GpuProbeError(f"cuda-python: {cuda_error_reason('cudaGetDeviceProperties', err)}")
-    name = prop.name
-    if isinstance(name, bytes):
-        name = name.split(b"\0", 1)[0].decode("utf-8", "replace")
-    return GpuInfo(str(name), (int(prop.major), int(prop.minor)))
-
-
-def _gpu_from_nvml() -> GpuInfo:
-    try:
-        import pynvml
-    except ImportError:
-        raise GpuProbeError("NVML (pynvml) is not installed") from None
-    pynvml.nvmlInit()
-    try:
-        if pynvml.nvmlDeviceGetCount() < 1:
-            raise GpuProbeError("NVML found 0 devices")
-        # NVML numbers devices physically and ignores CUDA_VISIBLE_DEVICES; it is the last resort.
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-    finally:
-        pynvml.nvmlShutdown()
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "replace")
-    return GpuInfo(str(name), (int(major), int(minor)))
-
-
-_PROBES = (("torch", _gpu_from_torch), ("cuda-python", _gpu_from_cuda_python), ("NVML", _gpu_from_nvml))
-
-
-def probe_gpu() -> GpuProbe:
-    """The current CUDA device, or each probe's reason for finding none (a CUDA error code where one
-    was returned). Asks torch.cuda, then cuda-python, then NVML, so that a serving device without
-    torch still works."""
-    reasons: list[str] = []
-    for label, probe in _PROBES:
-        try:
-            return GpuProbe(probe(), tuple(reasons))
-        except GpuProbeError as exc:
-            reasons.append(str(exc))
-        # A broken driver or CUDA install surfaces as many exception types (RuntimeError, OSError,
-        # NVMLError); any of them means this probe cannot tell, so say why and try the next one.
-        except Exception as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            reasons.append(f"{label}: {type(exc).__name__}" + (f": {first_line}" if first_line else ""))
-    return GpuProbe(None, tuple(reasons))
-
-
-def current_gpu() -> GpuInfo | None:
-    """The current CUDA device (name, compute capability), or None if no probe finds one."""
-    return probe_gpu().gpu
 
 
 def require_tensorrt_and_gpu(action: str) -> GpuInfo:

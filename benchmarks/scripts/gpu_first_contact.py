@@ -64,7 +64,7 @@ def no_gpu_reason() -> str | None:
         return "torch is not installed; install the project (pip install -e .) with a CUDA build of torch"
     if torch.cuda.is_available():
         return None
-    from deploy.trt_sidecar import probe_gpu
+    from deploy.gpu import probe_gpu
 
     return f"no usable CUDA GPU: {probe_gpu().describe_failure()}"
 
@@ -119,8 +119,9 @@ def environment() -> dict[str, Any]:
     import torch
 
     from benchmarks.environment import library_versions
+    from deploy.gpu import import_cudart, probe_gpu
     from deploy.runners.onnxruntime_runner import libnvinfer_loadable
-    from deploy.trt_sidecar import host_machine, import_cudart, probe_gpu, tensorrt_available
+    from deploy.trt_sidecar import host_machine, tensorrt_available
 
     props = torch.cuda.get_device_properties(0)
     info: dict[str, Any] = {
@@ -288,8 +289,8 @@ def memory_class_check(memory: Any, cudart: types.ModuleType | None) -> dict[str
 
 def memory_torch() -> dict[str, Any]:
     """The torch.cuda memory class, with its staging tensors' pinning."""
+    from deploy.gpu import import_cudart
     from deploy.runners.tensorrt_runner import _TorchMemory
-    from deploy.trt_sidecar import import_cudart
 
     memory = _TorchMemory()
     memory.allocate("probe", (4,), np.dtype(np.float32))
@@ -300,8 +301,8 @@ def memory_torch() -> dict[str, Any]:
 
 def memory_cuda_python() -> dict[str, Any]:
     """The cuda-python memory class, with where its staging buffers live."""
+    from deploy.gpu import import_cudart
     from deploy.runners.tensorrt_runner import _CudaPythonMemory
-    from deploy.trt_sidecar import import_cudart
 
     cudart = import_cudart()
     if cudart is None:
@@ -422,8 +423,8 @@ def drive_runner(runner: Any) -> dict[str, Any]:
 
 def tensorrt_runner_fake_engine() -> dict[str, Any]:
     """The TensorRT runner's buffers, graphs and lock over the stand-in engine, with both memory classes."""
+    from deploy.gpu import import_cudart
     from deploy.runners.tensorrt_runner import _CudaPythonMemory, _TorchMemory
-    from deploy.trt_sidecar import import_cudart
 
     results: dict[str, Any] = {"torch": drive_runner(stand_in_runner(_TorchMemory))}
     cudart = import_cudart()

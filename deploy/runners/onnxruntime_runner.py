@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
+from deploy.formats import precision_from_filename
 from deploy.runners.base import Runner
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -37,26 +38,10 @@ _CUDA_HINT = (
 # The metadata_props key under which export stores the run's manifest as JSON.
 METADATA_KEY = "reviewkd_manifest"
 
-# Precision tags a file name may carry between its stem and suffix (student.fp16.onnx).
-KNOWN_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int4")
-
 _ORT_INPUT_TYPES: dict[str, type[np.floating[Any]]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
 }
-
-
-def precision_from_filename(path: str | os.PathLike[str]) -> str:
-    """Return the precision a file name announces ("student.int8.onnx" -> "int8"); "fp32" if none.
-
-    Tags may carry a flavour after the precision ("student.int8-qdq.onnx" is "int8"); the
-    manifest's own "precision" field, where there is one, takes priority over this guess.
-    """
-    for tag in Path(path).name.lower().split(".")[1:-1]:
-        for precision in KNOWN_PRECISIONS:
-            if tag.startswith(precision):
-                return precision
-    return "fp32"
 
 
 def available_providers() -> list[str]:

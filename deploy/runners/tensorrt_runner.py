@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
+from deploy.gpu import import_cudart
 from deploy.runners.base import Runner
 from deploy.runners.cuda_graphs import CudaGraphCache, CudaGraphReporting
 from deploy.trt_sidecar import (
     REBUILD_HINT,
     Sidecar,
     check_engine_compatible,
-    import_cudart,
     read_sidecar,
     require_tensorrt_and_gpu,
     sidecar_path,

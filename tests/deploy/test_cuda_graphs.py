@@ -27,10 +27,11 @@ from torch import nn
 
 from benchmarks.latency import enable_cuda_graphs
 from deploy.errors import UsageError
+from deploy.gpu import import_cudart, probe_gpu
 from deploy.runners.cuda_graphs import CudaGraphCache
 from deploy.runners.tensorrt_runner import TensorRTRunner, _CudaPythonMemory, _TorchMemory
 from deploy.runners.torch_runner import TorchRunner
-from deploy.trt_sidecar import import_cudart, probe_gpu, tensorrt_available
+from deploy.trt_sidecar import tensorrt_available
 from tests.helpers import export_onnx
 
 # --------------------------------------------------------------------------- CudaGraphCache with fakes

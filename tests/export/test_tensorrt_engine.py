@@ -22,17 +22,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import sha256_file
+from deploy.gpu import GpuInfo, GpuProbe, probe_gpu
 from deploy.trt_sidecar import (
     DlaSettings,
-    GpuInfo,
-    GpuProbe,
     Sidecar,
     check_engine_compatible,
     gpu_mismatch,
     host_machine,
     machine_mismatch,
     parse_version,
-    probe_gpu,
     profile_shapes,
     read_sidecar,
     require_tensorrt_and_gpu,
@@ -436,16 +434,16 @@ def fake_cudart(count_error: FakeCudaError, count: int = 0) -> types.SimpleNames
 def test_gpu_probe_reports_the_cuda_error(
     monkeypatch: pytest.MonkeyPatch, error: FakeCudaError, count: int, expected: str
 ) -> None:
-    import deploy.trt_sidecar as sidecar_module
+    import deploy.gpu as gpu_module
 
     def torch_without_driver() -> GpuInfo:
         raise RuntimeError("Found no NVIDIA driver on your system.\nPlease check ...")
 
-    monkeypatch.setattr(sidecar_module, "import_cudart", lambda: fake_cudart(error, count))
+    monkeypatch.setattr(gpu_module, "import_cudart", lambda: fake_cudart(error, count))
     monkeypatch.setattr(
-        sidecar_module,
+        gpu_module,
         "_PROBES",
-        (("torch", torch_without_driver), ("cuda-python", sidecar_module._gpu_from_cuda_python)),
+        (("torch", torch_without_driver), ("cuda-python", gpu_module._from_cuda_python)),
     )
     probe = probe_gpu()
     assert probe.gpu is None
@@ -461,10 +459,10 @@ def test_gpu_probe_reports_the_cuda_error(
 
 
 def test_gpu_probe_finds_a_device_through_cuda_python(monkeypatch: pytest.MonkeyPatch) -> None:
-    import deploy.trt_sidecar as sidecar_module
+    import deploy.gpu as gpu_module
 
-    monkeypatch.setattr(sidecar_module, "import_cudart", lambda: fake_cudart(FakeCudaError.cudaSuccess, 1))
-    monkeypatch.setattr(sidecar_module, "_PROBES", (("cuda-python", sidecar_module._gpu_from_cuda_python),))
+    monkeypatch.setattr(gpu_module, "import_cudart", lambda: fake_cudart(FakeCudaError.cudaSuccess, 1))
+    monkeypatch.setattr(gpu_module, "_PROBES", (("cuda-python", gpu_module._from_cuda_python),))
     assert probe_gpu() == GpuProbe(ORIN, ())
 
 
