@@ -1,10 +1,9 @@
-"""The one GPU probe: which CUDA device is here, or why none was found, without importing torch.
+"""The one GPU probe: which CUDA device is here, asked without importing torch.
 
-Engines are tied to the GPU that built them, reports record the GPU a number was measured on, and
-`--device auto` picks it: all of them ask `probe_gpu` (or `current_gpu`). It asks, in order, torch
-(only when the process has already imported it: importing torch costs seconds, and a serving device
-may not have it), cuda-python's runtime, NVML, then nvidia-smi; each probe that finds nothing says
-why (the CUDA error code where one was returned), so "no GPU" comes with its cause.
+Engines are tied to the GPU that built them, reports record the GPU a number was measured on,
+and `--device auto` picks it: all of them ask `current_gpu`. It asks, in order, torch (only when
+the process has already imported it: importing torch costs seconds, and a serving device may not
+have it), cuda-python's runtime, NVML, then nvidia-smi.
 """
 
 from __future__ import annotations
@@ -38,22 +37,6 @@ class GpuInfo:
         return {"name": self.name, "compute_capability": self.cc, "count": self.count, "driver": self.driver}
 
 
-class GpuProbeError(Exception):
-    """One probe's reason for finding no GPU, e.g. the CUDA error code it got."""
-
-
-@dataclass(frozen=True)
-class GpuProbe:
-    """The CUDA device found, or why each probe found none."""
-
-    gpu: GpuInfo | None
-    reasons: tuple[str, ...] = ()
-
-    def describe_failure(self) -> str:
-        """One line of the probes' reasons, for an error message."""
-        return "; ".join(self.reasons) if self.reasons else "no probe ran"
-
-
 def import_cudart() -> ModuleType | None:
     """cuda-python's CUDA runtime bindings (new and old module paths), or None when absent."""
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
@@ -75,6 +58,22 @@ _CUDA_ERROR_HINTS = {
 }
 
 
+class GpuProbeError(Exception):
+    """One probe's reason for finding no GPU, e.g. the CUDA error code it got."""
+
+
+@dataclass(frozen=True)
+class GpuProbe:
+    """The CUDA device found, or why each probe found none."""
+
+    gpu: GpuInfo | None
+    reasons: tuple[str, ...] = ()
+
+    def describe_failure(self) -> str:
+        """One line of the probes' reasons, for an error message."""
+        return "; ".join(self.reasons) if self.reasons else "no probe ran"
+
+
 def cuda_error_reason(call: str, error: Any) -> str:
     """'call returned cudaErrorX (what it usually means)' for a cuda-python error value."""
     name = getattr(error, "name", None) or str(error)
@@ -82,14 +81,15 @@ def cuda_error_reason(call: str, error: Any) -> str:
     return f"{call} returned {name}" + (f" ({hint})" if hint else "")
 
 
-def _text(value: str | bytes) -> str:
-    return value.split(b"\0", 1)[0].decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+def _text(name: str | bytes) -> str:
+    return name.split(b"\0", 1)[0].decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
 
-def _gpu_from_torch() -> GpuInfo:
+def _from_torch() -> GpuInfo:
     torch = sys.modules.get("torch")
     if torch is None:
-        raise GpuProbeError("torch: not imported by this process (not loaded just to look for a GPU)")
+        # Importing torch costs seconds and a serving device may not have it: ask it only when loaded.
+        raise GpuProbeError("torch: not loaded by this process")
     if not torch.cuda.is_available():
         if torch.version.cuda is None:
             raise GpuProbeError(f"torch {torch.__version__} is a CPU-only build")
@@ -103,7 +103,7 @@ def _gpu_from_torch() -> GpuInfo:
     return GpuInfo(torch.cuda.get_device_name(index), (int(major), int(minor)), torch.cuda.device_count())
 
 
-def _gpu_from_cuda_python() -> GpuInfo:
+def _from_cuda_python() -> GpuInfo:
     cudart = import_cudart()
     if cudart is None:
         raise GpuProbeError("cuda-python is not installed")
@@ -122,7 +122,7 @@ def _gpu_from_cuda_python() -> GpuInfo:
     return GpuInfo(_text(prop.name), (int(prop.major), int(prop.minor)), int(count))
 
 
-def _gpu_from_nvml() -> GpuInfo:
+def _from_nvml() -> GpuInfo:
     try:
         import pynvml
     except ImportError:
@@ -142,7 +142,7 @@ def _gpu_from_nvml() -> GpuInfo:
     return GpuInfo(_text(name), (int(major), int(minor)), int(count), _text(driver))
 
 
-def _gpu_from_nvidia_smi() -> GpuInfo:
+def _from_nvidia_smi() -> GpuInfo:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         raise GpuProbeError("nvidia-smi is not on PATH")
@@ -155,17 +155,17 @@ def _gpu_from_nvidia_smi() -> GpuInfo:
     ).stdout
     rows = [[part.strip() for part in line.split(",")] for line in out.strip().splitlines() if line.strip()]
     if not rows or len(rows[0]) < 3:
-        raise GpuProbeError("nvidia-smi lists no GPU")
+        raise GpuProbeError("nvidia-smi listed no GPU")
     name, capability, driver = rows[0][:3]
     major, _, minor = capability.partition(".")
     return GpuInfo(name, (int(major), int(minor or 0)), len(rows), driver)
 
 
 _PROBES: tuple[tuple[str, Callable[[], GpuInfo]], ...] = (
-    ("torch", _gpu_from_torch),
-    ("cuda-python", _gpu_from_cuda_python),
-    ("NVML", _gpu_from_nvml),
-    ("nvidia-smi", _gpu_from_nvidia_smi),
+    ("torch", _from_torch),
+    ("cuda-python", _from_cuda_python),
+    ("NVML", _from_nvml),
+    ("nvidia-smi", _from_nvidia_smi),
 )
 
 
@@ -179,7 +179,7 @@ def probe_gpu() -> GpuProbe:
         except GpuProbeError as exc:
             reasons.append(str(exc))
         # A broken driver or CUDA install surfaces as many exception types (RuntimeError, OSError,
-        # NVMLError, a failed subprocess); any of them means this probe cannot tell: say why, go on.
+        # NVMLError, subprocess errors); any of them means this probe cannot tell: say why, ask the next.
         except Exception as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             reasons.append(f"{label}: {type(exc).__name__}" + (f": {first_line}" if first_line else ""))
@@ -187,5 +187,5 @@ def probe_gpu() -> GpuProbe:
 
 
 def current_gpu() -> GpuInfo | None:
-    """The current CUDA device (name, compute capability), or None if no probe finds one."""
+    """The current CUDA device, or None if no probe finds one."""
     return probe_gpu().gpu

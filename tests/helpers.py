@@ -28,10 +28,11 @@ from torch import nn
 from benchmarks.targets import Target
 from deploy.errors import MissingDependencyError
 from deploy.fileio import sha256_file
+from deploy.gpu import GpuInfo
 from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import METADATA_KEY, OnnxRuntimeRunner
-from deploy.trt_sidecar import GpuInfo, Sidecar, host_machine, profile_shapes, sidecar_path, write_sidecar
+from deploy.trt_sidecar import Sidecar, host_machine, profile_shapes, sidecar_path, write_sidecar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

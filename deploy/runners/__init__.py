@@ -12,9 +12,11 @@ from pathlib import Path
 
 from deploy.errors import UsageError
 from deploy.formats import KIND_OF_BACKEND, kind_of_file, precision_from_filename, standard_file
+from deploy.gpu import current_gpu
 from deploy.manifest import ArtifactEntry, Manifest, artifacts_of_kind, input_spec, verify_artifact
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import (
+    CUDA_PROVIDER,
     GPU_PROVIDERS,
     OnnxRuntimeRunner,
     available_providers,
@@ -89,10 +91,11 @@ def run_relative_path(
 
 
 def onnxruntime_device(device: str) -> str:
-    """ONNX Runtime's device for "auto": the GPU only where onnxruntime-gpu is installed."""
+    """ONNX Runtime's device for "auto": the GPU where onnxruntime-gpu's CUDA provider and a GPU are both
+    here (onnxruntime-gpu lists its providers even on machines without a GPU or driver)."""
     if device != "auto":
         return device
-    return "cuda" if any(p in GPU_PROVIDERS for p in available_providers()) else "cpu"
+    return "cuda" if CUDA_PROVIDER in available_providers() and current_gpu() is not None else "cpu"
 
 
 def open_runner(

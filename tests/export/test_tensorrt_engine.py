@@ -22,10 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import sha256_file
-from deploy.gpu import GpuProbe, probe_gpu
+from deploy.gpu import GpuInfo, GpuProbe, probe_gpu
 from deploy.trt_sidecar import (
     DlaSettings,
-    GpuInfo,
     Sidecar,
     check_engine_compatible,
     gpu_mismatch,
@@ -444,7 +443,7 @@ def test_gpu_probe_reports_the_cuda_error(
     monkeypatch.setattr(
         gpu_module,
         "_PROBES",
-        (("torch", torch_without_driver), ("cuda-python", gpu_module._gpu_from_cuda_python)),
+        (("torch", torch_without_driver), ("cuda-python", gpu_module._from_cuda_python)),
     )
     probe = probe_gpu()
     assert probe.gpu is None
@@ -463,7 +462,7 @@ def test_gpu_probe_finds_a_device_through_cuda_python(monkeypatch: pytest.Monkey
     import deploy.gpu as gpu_module
 
     monkeypatch.setattr(gpu_module, "import_cudart", lambda: fake_cudart(FakeCudaError.cudaSuccess, 1))
-    monkeypatch.setattr(gpu_module, "_PROBES", (("cuda-python", gpu_module._gpu_from_cuda_python),))
+    monkeypatch.setattr(gpu_module, "_PROBES", (("cuda-python", gpu_module._from_cuda_python),))
     assert probe_gpu() == GpuProbe(ORIN, ())
 
 
