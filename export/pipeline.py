@@ -40,7 +40,6 @@ from deploy.formats import (
     TENSORRT_SOURCES,
     UINT8_INPUT,
 )
-from deploy.gpu import probe_gpu
 from deploy.manifest import (
     ArtifactEntry,
     Manifest,
@@ -120,6 +119,7 @@ def parse_formats(text: str | Sequence[str] | None) -> list[str] | None:
 
 def tensorrt_status() -> tuple[bool, str]:
     """Whether TensorRT and a GPU are here to build engines, with the reason when not."""
+    from deploy.gpu import probe_gpu
     from deploy.trt_sidecar import tensorrt_available
 
     ok, reason = tensorrt_available()
