@@ -38,6 +38,7 @@ from deploy.manifest import (
     verify_artifact,
     write_manifest,
 )
+from deploy.run_lock import locks_run
 from export.check import CheckResult, check_file
 from export.onnx_export import DEFAULT_OPSET, export_fp32, strip_student
 from export.precision import CALIBRATION_METHODS, collect_calibration, convert_fp16, quantize_int8
@@ -213,6 +214,7 @@ class _Recorder:
         write_manifest(self.run, self.manifest)
 
 
+@locks_run("export")
 def export_run(
     run_dir: str | os.PathLike[str],
     formats: Sequence[str] | None = None,
@@ -435,6 +437,7 @@ def infer_num_classes(model_name: str, weights: str | os.PathLike[str]) -> int:
     return found.pop()
 
 
+@locks_run("export", run_arg="out_dir", create=True)
 def export_model(
     model_name: str,
     weights: str | os.PathLike[str],

@@ -43,6 +43,7 @@ from torch import nn
 from deploy.errors import MissingDependencyError, ReviewKDError, UsageError
 from deploy.fileio import atomic_output, sha256_file, write_text_atomic
 from deploy.manifest import new_manifest, read_manifest, record_artifact, verify_artifact, write_manifest
+from deploy.run_lock import locks_run
 from reviewkd.config import Config, config_to_dict, diff_configs, load_run_config, save_config
 from reviewkd.data import DataBundle, build_data
 from reviewkd.distiller import Distiller, build_distiller
@@ -723,6 +724,7 @@ def _teacher_is_complete(out_dir: Path, config: Config) -> bool:
     return bool(ckpt["epoch"] >= config.train.epochs and ckpt["step"] == 0)
 
 
+@locks_run("teacher", run_arg="out_dir", create=True)
 def train_teacher(
     config: Config,
     out_dir: str | os.PathLike[str],
@@ -776,6 +778,7 @@ def load_teacher(
     return teacher, record
 
 
+@locks_run("distill", run_arg="out_dir", create=True)
 def distill(config: Config, out_dir: str | os.PathLike[str], *, resume: bool = False) -> Path:
     """Distil config.student.arch from the teacher with config.method; return out_dir/student.safetensors.
 

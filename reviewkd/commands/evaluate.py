@@ -50,6 +50,7 @@ from benchmarks.validate import (
 )
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.manifest import Manifest, read_manifest, verify_artifact
+from deploy.run_lock import locks_run
 from deploy.runners.base import Runner
 
 PathLike = str | os.PathLike[str]
@@ -216,6 +217,7 @@ def _apply_threads(threads: int | None) -> None:
 # ----------------------------------------------------------------------------- the stages
 
 
+@locks_run("validate")
 def validate_run(
     run_dir: PathLike,
     *,
@@ -246,6 +248,7 @@ def validate_run(
     return result
 
 
+@locks_run("bench")
 def bench_run(
     run_dir: PathLike,
     *,
@@ -275,6 +278,7 @@ def bench_run(
     return result
 
 
+@locks_run("report")
 def report_run(run_dir: PathLike) -> dict[str, Any]:
     """Write RUN/report/report.json, report.md, report.html and the plots; return the report."""
     return write_report(run_dir)

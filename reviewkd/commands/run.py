@@ -19,6 +19,7 @@ from typing import Any
 from deploy.errors import ReviewKDError, UsageError
 from deploy.fileio import sha256_file, write_json_atomic
 from deploy.manifest import read_manifest, write_manifest
+from deploy.run_lock import run_lock
 from reviewkd.config import Config, dump_config, load_config, shipped_configs
 
 PIPELINE_FILE = "pipeline.json"
@@ -226,9 +227,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
             f"{run} already holds a pipeline run; pass --resume to continue it or choose another --out"
         )
     stages = build_stages(config, run, args)
-    run.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    run_stages(run, stages, resume=args.resume)
+    with run_lock(run, "run", create=True):
+        run_stages(run, stages, resume=args.resume)
     from benchmarks.report import format_final_table
 
     print(format_final_table(json.loads((run / "report" / "report.json").read_text(encoding="utf-8"))))
