@@ -1,9 +1,31 @@
-"""ReviewKD distillation: model zoo, feature taps, ABF, HCL and the distiller."""
+"""ReviewKD distillation: model zoo, feature taps, ABF, HCL and the distiller.
 
-from reviewkd.abf import ABF, ReviewChain
-from reviewkd.distiller import Distiller, ReviewKD, build_distiller
-from reviewkd.hcl import hcl_loss
-from reviewkd.taps import FeatureTaps, default_taps
+The public names are imported on first use (PEP 562), so `reviewkd.cli` starts without torch:
+the command line parses its arguments, and answers Ctrl-C with one line, before torch loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reviewkd.abf import ABF, ReviewChain
+    from reviewkd.distiller import Distiller, ReviewKD, build_distiller
+    from reviewkd.hcl import hcl_loss
+    from reviewkd.taps import FeatureTaps, default_taps
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "ABF": "reviewkd.abf",
+    "ReviewChain": "reviewkd.abf",
+    "Distiller": "reviewkd.distiller",
+    "ReviewKD": "reviewkd.distiller",
+    "build_distiller": "reviewkd.distiller",
+    "hcl_loss": "reviewkd.hcl",
+    "FeatureTaps": "reviewkd.taps",
+    "default_taps": "reviewkd.taps",
+}
 
 __all__ = [
     "ABF",
@@ -15,3 +37,11 @@ __all__ = [
     "default_taps",
     "hcl_loss",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module when the name is first asked for."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reviewkd' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

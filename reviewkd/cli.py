@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from deploy.errors import ReviewKDError
+from deploy.errors import OutputError, ReviewKDError, UsageError
 
 # Order here is the order `reviewkd --help` lists the commands in.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -39,16 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code."""
-    args = build_parser().parse_args(argv)
+    command = "reviewkd"
     try:
+        # Parsing imports every stage's package (torch among them): a Ctrl-C there is a start-up
+        # interrupt like any other, one line and no traceback.
+        args = build_parser().parse_args(argv)
+        command = f"reviewkd {args.command}"
         return int(args.handler(args) or 0)
-    except ReviewKDError as exc:
-        print(f"reviewkd {args.command}: error: {exc}", file=sys.stderr)
+    except OutputError as exc:
+        if exc.salvage is not None:
+            print(exc.salvage)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ReviewKDError as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        # A file the system refused that no stage anticipated: still bad input, still one line.
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"{command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return UsageError.exit_code
     except KeyboardInterrupt:
-        print(f"reviewkd {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())
