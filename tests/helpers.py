@@ -168,6 +168,33 @@ def write_image(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int 
     return path
 
 
+def write_png_bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A 60-byte PNG whose header claims `width` x `height` grey pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def write_deep_image(path: Path, pixels: np.ndarray, mode: str) -> Path:
+    """Save 8-bit grey `pixels` as a 16-bit ("I;16") PNG or a float ("F", 0-1) TIFF of the same picture."""
+    if mode == "I;16":
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(path)
+    else:
+        Image.fromarray(pixels.astype(np.float32) / 255.0).save(path)
+    return path
+
+
 # --- tiny_module, its node-by-node ONNX file, runners and targets ---------------------------------
 
 TINY_INPUT_SHAPE = (3, 8, 8)
