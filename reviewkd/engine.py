@@ -48,6 +48,7 @@ from reviewkd.config import Config, config_to_dict, diff_configs, load_run_confi
 from reviewkd.data import DataBundle, build_data
 from reviewkd.distiller import Distiller, build_distiller
 from reviewkd.models import create_model
+from reviewkd.models.weights import describe_torch_load_error
 
 CHECKPOINT_FORMAT = 1
 STUDENT_FILE = "student.safetensors"
@@ -289,7 +290,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged pickle or zip
-        raise UsageError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise UsageError(f"{path}: cannot read the checkpoint ({describe_torch_load_error(exc)})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path}: not a reviewkd training checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
