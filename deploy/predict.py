@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,37 @@ from deploy.runners.base import Runner
 
 # Images per forward pass when the runner accepts any batch: small enough for any device.
 DEFAULT_BATCH = 32
+# Key of a manifest artifact entry: the sha256 of the student.safetensors export made it from.
+STUDENT_SHA256_KEY = "student_sha256"
 
 Prediction = list[tuple[str, float]]
+
+
+def check_export_is_current(
+    run_dir: str | os.PathLike[str], manifest: Mapping[str, Any], relpath: str
+) -> None:
+    """UsageError when the run's student changed (retraining) after `relpath` was exported from it.
+
+    Export records the student's sha256 with each file; a file recording another student, or
+    none, would serve an old model under the new one's name. A run that records no trained
+    student (a folder laid out by hand) has nothing to compare with.
+    """
+    student = manifest.get("student")
+    current = student.get("sha256") if isinstance(student, Mapping) else None
+    if not current:
+        return
+    entry = (manifest.get("artifacts") or {}).get(relpath)
+    recorded = entry.get(STUDENT_SHA256_KEY) if isinstance(entry, Mapping) else None
+    if recorded == current:
+        return
+    path = Path(run_dir) / relpath
+    if recorded is None:
+        found = "the manifest does not record which student it was exported from"
+    else:
+        found = (
+            f"it was exported from student {str(recorded)[:12]}…, the run's student is now {current[:12]}…"
+        )
+    raise UsageError(f"{path}: {found}; re-export it with `reviewkd export {run_dir}`")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import Manifest, artifacts_of_kind, read_manifest, verify_artifact
+from deploy.predict import check_export_is_current
 from deploy.runners import OnnxRuntimeRunner, select_artifact
 from deploy.trt_sidecar import Sidecar, read_sidecar, sidecar_path
 
@@ -201,6 +202,7 @@ def plan_models(
     labels = bool(check_labels(manifest.get("classes") or []))
 
     onnx_rel = select_artifact(run, manifest, "onnxruntime", "fp32")
+    check_export_is_current(run, manifest, onnx_rel)
     # Open the file once on the CPU: it proves the file loads and gives the real tensor names.
     probe = OnnxRuntimeRunner(
         verify_artifact(run, manifest, onnx_rel),
@@ -230,6 +232,7 @@ def plan_models(
         )
     ]
     for plan_rel, entry in sorted(artifacts_of_kind(manifest, "tensorrt").items()):
+        check_export_is_current(run, manifest, plan_rel)
         sidecar = _plan_sidecar(run, manifest, plan_rel)
         profile = sidecar.profile
         if profile.min_batch != 1:

@@ -38,6 +38,7 @@ from deploy.manifest import (
     verify_artifact,
     write_manifest,
 )
+from deploy.predict import STUDENT_SHA256_KEY
 from deploy.run_lock import locks_run
 from export.check import CheckResult, check_file
 from export.onnx_export import DEFAULT_OPSET, export_fp32, strip_student
@@ -187,9 +188,14 @@ class _Recorder:
         self.block: dict[str, Any] = manifest.setdefault("export", {})
         self.block.setdefault("checks", {})
         self.block.setdefault("failed", {})
+        # sha256 of the student.safetensors the files are made from: recorded with each file, so
+        # that deploy can tell an export from an older student after retraining (STUDENT_SHA256_KEY).
+        self.student_sha256: str | None = None
 
     def keep(self, rel: str, kind: str, **meta: Any) -> None:
         self.block["failed"].pop(rel, None)
+        if self.student_sha256 is not None:
+            meta.setdefault(STUDENT_SHA256_KEY, self.student_sha256)
         self.summary.files[rel] = record_artifact(self.run, self.manifest, rel, kind, **meta)
         write_manifest(self.run, self.manifest)
 
@@ -306,6 +312,7 @@ def export_run(
         "student": {k: manifest.get("student", {}).get(k) for k in ("arch", "num_classes", "sha256")},
         "source_sha256": sha256_file(run / STUDENT_FILE),
     }
+    recorder.student_sha256 = metadata["source_sha256"]
     onnx_wanted = [f for f in ONNX_FORMATS if f in wanted]
     fp32_ok = False
     if onnx_wanted or bake_preprocessing:
@@ -412,6 +419,8 @@ def _build_engines(
             precision=precision,
             source=rel,
             tensorrt_version=sidecar.get("tensorrt_version"),
+            # An engine is as current as the ONNX file it was built from, maybe from an earlier export.
+            **{STUDENT_SHA256_KEY: manifest["artifacts"][rel].get(STUDENT_SHA256_KEY)},
         )
         side_rel = sidecar_path(run / plan_rel).relative_to(run).as_posix()
         recorder.keep(side_rel, "sidecar", precision=precision, plan=plan_rel)

@@ -30,6 +30,7 @@ from deploy.manifest import new_manifest, record_artifact, write_manifest
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import METADATA_KEY, OnnxRuntimeRunner
 from deploy.trt_sidecar import GpuInfo, Sidecar, profile_shapes, sidecar_path, write_sidecar
+from export.onnx_export import sealed_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,7 @@ def export_onnx(
     if metadata is not None:
         proto = onnx.load(str(path))
         proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
-        onnx.save(proto, str(path))
+        path.write_bytes(sealed_bytes(proto))  # as export writes it: with its content hash
     return path
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from deploy.errors import UsageError
+from deploy.fileio import verify_onnx_content
 from deploy.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_artifact
-from deploy.predict import Prediction, predict
+from deploy.predict import Prediction, check_export_is_current, predict
 from deploy.runners import ARTIFACT_KINDS, OnnxRuntimeRunner, Runner, open_runner, select_artifact
 from deploy.triton import DEFAULT_MAX_BATCH_SIZE, INSTANCE_KINDS, write_triton_repository
 
@@ -114,6 +115,7 @@ def open_target(
         if name == "torch":
             return _torch_runner(target, manifest, precision, device), manifest
         relpath = select_artifact(target, manifest, name, precision)
+        check_export_is_current(target, manifest, relpath)
         return open_runner(
             relpath, manifest=manifest, run_dir=target, device=device, threads=threads
         ), manifest
@@ -126,7 +128,10 @@ def open_target(
     found = _enclosing_run(target)
     if found is not None:
         run, manifest = found
+        check_export_is_current(run, manifest, target.resolve().relative_to(run).as_posix())
         return open_runner(target, manifest=manifest, run_dir=run, device=device, threads=threads), manifest
+    if target.suffix.lower() == ".onnx":
+        verify_onnx_content(target)
     runner = open_runner(target, device=device, threads=threads)
     embedded = runner.embedded_manifest() if isinstance(runner, OnnxRuntimeRunner) else None
     if embedded is None:

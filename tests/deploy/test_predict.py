@@ -16,7 +16,7 @@ from torchvision import transforms
 
 from deploy.errors import UsageError
 from deploy.manifest import record_artifact, write_manifest
-from deploy.predict import class_names, predict, softmax
+from deploy.predict import STUDENT_SHA256_KEY, class_names, predict, softmax
 from deploy.preprocess import InputSpec, load_image, load_images
 from deploy.runners import OnnxRuntimeRunner
 from reviewkd.cli import main
@@ -380,3 +380,77 @@ def test_cli_torch_backend_agrees_with_onnx(
     for torch_top, onnx_top in zip(results["torch/fp32"], results["onnxruntime/fp32"], strict=True):
         assert [n for n, _ in torch_top] == [n for n, _ in onnx_top]
         np.testing.assert_allclose([p for _, p in torch_top], [p for _, p in onnx_top], atol=1e-4)
+
+
+# --- stale and altered files (issue 11 items 4 and 6) ---------------------------------------------
+
+
+def test_an_export_from_an_older_student_is_refused(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, manifest = make_run(tmp_path)
+    manifest["student"]["sha256"] = "a" * 64  # the student the run now has (retrained)
+    manifest["artifacts"]["export/student.onnx"][STUDENT_SHA256_KEY] = "b" * 64
+    write_manifest(run, manifest)
+    for target in (run, run / "export" / "student.onnx"):
+        code, out, err = predict_cli(capsys, target, images[0])
+        assert code == 2 and out == ""
+        assert err == (
+            f"reviewkd predict: error: {run / 'export' / 'student.onnx'}: it was exported from student"
+            " bbbbbbbbbbbb…, the run's student is now aaaaaaaaaaaa…;"
+            f" re-export it with `reviewkd export {run}`\n"
+        )
+    del manifest["artifacts"]["export/student.onnx"][STUDENT_SHA256_KEY]
+    write_manifest(run, manifest)
+    code, _, err = predict_cli(capsys, run, images[0])
+    assert code == 2 and "the manifest does not record which student it was exported from" in err
+    manifest["artifacts"]["export/student.onnx"][STUDENT_SHA256_KEY] = "a" * 64
+    write_manifest(run, manifest)
+    assert predict_cli(capsys, run, images[0])[0] == 0
+
+
+def _rewrite_loose_copy(source: Path, target: Path, change: str) -> Path:
+    """Copy a sealed ONNX file and alter it as a careless or hostile hand would (onnx.save, no reseal)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    if change == "weights":
+        weights = model.graph.initializer[0]
+        weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * 1.01, weights.name))
+    elif change == "classes":
+        for prop in model.metadata_props:
+            if prop.key == "reviewkd_manifest":
+                document = json.loads(prop.value)
+                document["classes"] = list(reversed(document["classes"]))
+                prop.value = json.dumps(document)
+    elif change == "graph":
+        model.graph.node[-1].name = "renamed"
+    elif change == "unsealed":
+        kept = [p for p in model.metadata_props if p.key != "reviewkd_content_sha256"]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+    onnx.save(model, str(target))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("weights", "does not match the"),
+        ("classes", "does not match the"),
+        ("graph", "does not match the"),
+        ("unsealed", "carries no content hash (reviewkd_content_sha256)"),
+    ],
+)
+def test_a_loose_onnx_file_is_checked_by_its_content_hash(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str], change: str, message: str
+) -> None:
+    run, _ = make_run(tmp_path)
+    loose = shutil.copyfile(run / "export" / "student.onnx", tmp_path / "shipped.onnx")
+    assert predict_cli(capsys, loose, images[0])[0] == 0
+    altered = _rewrite_loose_copy(loose, tmp_path / "altered.onnx", change)
+    code, out, err = predict_cli(capsys, altered, images[0])
+    assert code == 2 and out == ""
+    assert err.startswith(f"reviewkd predict: error: {altered}: ") and message in err
+    assert err.count("\n") == 1

@@ -269,3 +269,18 @@ def test_a_precision_cannot_name_a_folder_outside_the_repository(tmp_path: Path)
     with pytest.raises(UsageError, match=r"Triton model name 'tiny_net_tensorrt_\.\./\.\./escaped'"):
         write_triton_repository(run, repo)
     assert not any(tmp_path.rglob("escaped*"))
+
+
+@pytest.mark.parametrize("stale", ["export/student.onnx", "export/student.fp16.plan"])
+def test_files_from_an_older_student_are_not_served(tmp_path: Path, stale: str) -> None:
+    from deploy.predict import STUDENT_SHA256_KEY
+
+    run, manifest = make_run_with_plan(tmp_path)
+    manifest["student"]["sha256"] = "c" * 64
+    for rel in ("export/student.onnx", "export/student.fp16.plan"):
+        manifest["artifacts"][rel][STUDENT_SHA256_KEY] = "d" * 64 if rel == stale else "c" * 64
+    write_manifest(run, manifest)
+    repo = tmp_path / "repo"
+    with pytest.raises(UsageError, match=rf"{stale}: it was exported from student dddddddddddd…"):
+        write_triton_repository(run, repo)
+    assert not any(repo.rglob("*"))
