@@ -4,7 +4,7 @@ Every target sees the same validation images in one pass over the data: the refe
 ("torch/fp32") runs first on each batch, then each other format, and running tallies keep
 memory flat whatever the size of the validation split.
 
-Gates (DESIGN.md, issue 4) are per precision; a precision label such as "int8-sym" falls back
+Gates (docs/METHOD.md section 7) are per precision; a precision label such as "int8-sym" falls back
 to the gates of its family ("int8"). Gate names say their direction:
 
     max_abs_diff      parity max |logit diff| <= threshold

@@ -1,4 +1,4 @@
-"""Errors every layer raises; the CLI maps each to its exit code (DESIGN.md section 3)."""
+"""Errors every layer raises; the CLI maps each to its exit code (docs/METHOD.md section 8)."""
 
 from __future__ import annotations
 

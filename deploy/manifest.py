@@ -1,6 +1,6 @@
 """manifest.json: the record that travels from distillation to export to deployment.
 
-Layout (DESIGN.md section 3); every stage adds to it and rewrites it atomically:
+Layout (docs/METHOD.md section 5.1); every stage adds to it and rewrites it atomically:
 
     schema_version   int, MANIFEST_SCHEMA_VERSION
     classes          list of class names, index = label

@@ -1,6 +1,6 @@
 """TensorRT-free logic shared by the engine builder (export/) and the TensorRT runner (deploy/).
 
-A TensorRT plan is tied to the TensorRT version and the GPU that built it (DESIGN.md section 4),
+A TensorRT plan is tied to the TensorRT version and the GPU that built it (docs/METHOD.md section 6),
 so every `<name>.plan` travels with a `<name>.plan.json` sidecar that records both, plus the
 precision, the batch profile and where the plan came from. This module owns that sidecar (schema,
 reading, writing, validation), the batch-profile arithmetic, the rules that decide whether a plan

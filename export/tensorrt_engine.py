@@ -1,6 +1,6 @@
 """Build a TensorRT engine (`.plan` + `.plan.json` sidecar) from one of the exported ONNX files.
 
-The precision lives in the ONNX file (DESIGN.md section 4): fp32, fp16 compute with fp32 I/O, or
+The precision lives in the ONNX file (docs/METHOD.md section 6): fp32, fp16 compute with fp32 I/O, or
 symmetric int8 Q/DQ. On TensorRT 10.12+ and 11 the network is strongly typed, so TensorRT builds
 exactly what the file says; older 10.x builds weakly typed with only the builder flag the file's
 precision needs (Q/DQ carries its own scales, so int8 needs no calibrator). The plan is written

@@ -9,6 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from reviewkd.sibling_packages import check_sibling_packages
+
+# Before anything imports deploy or export: a clash with another project's package is named here.
+check_sibling_packages()
+
 if TYPE_CHECKING:
     from reviewkd.abf import ABF, ReviewChain
     from reviewkd.distiller import Distiller, ReviewKD, build_distiller

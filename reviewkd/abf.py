@@ -1,4 +1,4 @@
-"""Attention based fusion (ABF) and the review chain, DESIGN.md section 1."""
+"""Attention based fusion (ABF) and the review chain, docs/METHOD.md sections 1.1 and 1.2."""
 
 from __future__ import annotations
 

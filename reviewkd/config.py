@@ -38,7 +38,7 @@ METHODS = ("ce", "kd", "reviewkd", "reviewkd+kd")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 AUGMENTS = ("auto", "none", "crop", "crop_flip", "rrc_flip")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("step", "cosine")
+SCHEDULES = ("step", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 
@@ -58,6 +58,7 @@ class DataConfig:
     std: list[float] | None = None
     val_fraction: float = 0.2  # digits: the stratified share held out for validation
     subset: int | None = None  # train on N training images (stratified, fixed seed); None: all
+    first_per_class: int | None = None  # train on the first N images of each class (file order); None: all
     cache: bool = False  # imagefolder: decode every image once into memory (uint8)
     num_workers: int = 0  # imagefolder without cache: DataLoader workers
 
@@ -82,7 +83,7 @@ class TeacherConfig:
 
 @dataclass
 class MethodConfig:
-    """The distillation method and its loss weights (DESIGN.md section 1)."""
+    """The distillation method and its loss weights (docs/METHOD.md section 1.4)."""
 
     name: str = "reviewkd"  # ce | kd | reviewkd | reviewkd+kd
     hcl_weight: float = 1.0  # lambda of the HCL term
@@ -102,16 +103,27 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    decay_norm_and_bias: bool = True  # false: no weight decay on BatchNorm weights and on biases
 
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule, evaluated every step."""
+    """Learning-rate schedule, evaluated every step.
 
-    name: str = "cosine"  # step | cosine
+    step and cosine start with an optional linear warm-up from 0 to optim.lr; onecycle is torch's
+    OneCycleLR (without momentum cycling): a cosine rise from lr/div_factor to optim.lr over the
+    warm-up (30% of the steps when none is set), then a cosine fall to lr/(div_factor*final_div_factor).
+    Set the warm-up by warmup_epochs or by warmup_fraction (of all steps), not both.
+    """
+
+    name: str = "cosine"  # step | cosine | onecycle
     milestones: list[int] = field(default_factory=list)  # step: epochs where lr is multiplied by gamma
     gamma: float = 0.1
     min_lr: float = 0.0  # cosine: the final learning rate
+    warmup_epochs: float = 0.0  # learning-rate warm-up, in epochs
+    warmup_fraction: float = 0.0  # learning-rate warm-up, as a fraction of all steps
+    div_factor: float = 25.0  # onecycle: the first learning rate is optim.lr / div_factor
+    final_div_factor: float = 1e4  # onecycle: the last is optim.lr / div_factor / final_div_factor
 
 
 @dataclass
@@ -269,6 +281,9 @@ def validate(config: Config) -> Config:
         ("teacher.lr", config.teacher.lr),
         ("optim.lr", config.optim.lr),
         ("method.temperature", config.method.temperature),
+        ("data.first_per_class", config.data.first_per_class),
+        ("schedule.div_factor", config.schedule.div_factor),
+        ("schedule.final_div_factor", config.schedule.final_div_factor),
     ):
         _check_positive(key, value)
     for key, value in (
@@ -281,8 +296,19 @@ def validate(config: Config) -> Config:
         ("optim.weight_decay", config.optim.weight_decay),
         ("schedule.gamma", config.schedule.gamma),
         ("schedule.min_lr", config.schedule.min_lr),
+        ("schedule.warmup_epochs", config.schedule.warmup_epochs),
     ):
         _check_positive(key, value, allow_zero=True)
+    if not 0.0 <= config.schedule.warmup_fraction < 1.0:
+        raise UsageError(
+            f"config key schedule.warmup_fraction: must be in [0, 1), got {config.schedule.warmup_fraction}"
+        )
+    if config.schedule.warmup_fraction and config.schedule.warmup_epochs:
+        raise UsageError(
+            "config keys schedule.warmup_epochs and schedule.warmup_fraction: set one of them, not both"
+        )
+    if config.data.subset is not None and config.data.first_per_class is not None:
+        raise UsageError("config keys data.subset and data.first_per_class: set one of them, not both")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise UsageError(
             f"config key data.val_fraction: must be between 0 and 1, got {config.data.val_fraction}"

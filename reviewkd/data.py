@@ -196,6 +196,7 @@ class DataBundle:
     num_workers: int
     root: str | None
     subset: int | None
+    first_per_class: int | None
 
     @property
     def num_classes(self) -> int:
@@ -227,6 +228,7 @@ class DataBundle:
             "num_train": len(self.train),
             "num_val": len(self.val),
             "subset": self.subset,
+            "first_per_class": self.first_per_class,
             "augment": self.augment,
         }
 
@@ -356,6 +358,12 @@ def _stratified_pick(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
         raise UsageError(f"config key data.subset: {count} is fewer than the {n_classes} classes")
     picked, _ = train_test_split(np.arange(len(labels)), train_size=count, stratify=labels, random_state=seed)
     return np.sort(picked)
+
+
+def first_per_class(labels: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the first `count` samples of each class, in dataset (file name) order, sorted."""
+    picked = [np.flatnonzero(labels == c)[:count] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked))
 
 
 def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -513,6 +521,8 @@ def build_data(config: Config, *, cache: bool | None = None) -> DataBundle:
     if cfg.subset is not None:
         picked = _stratified_pick(train.labels.numpy(), cfg.subset, DATA_SEED)
         train = train.take(torch.from_numpy(picked))
+    elif cfg.first_per_class is not None:
+        train = train.take(torch.from_numpy(first_per_class(train.labels.numpy(), cfg.first_per_class)))
     if use_cache and train.images is None:
         assert train.files is not None and val.files is not None
         train = Split(labels=train.labels, images=_decode_all(train.files, cfg.image_size, cfg.resize))
@@ -533,6 +543,7 @@ def build_data(config: Config, *, cache: bool | None = None) -> DataBundle:
         num_workers=cfg.num_workers,
         root=str(Path(cfg.root).resolve()) if cfg.root else None,
         subset=cfg.subset,
+        first_per_class=cfg.first_per_class,
     )
 
 

@@ -1,11 +1,10 @@
 """The training engine: teacher training, distillation, evaluation, checkpoints and resume.
 
-A run directory (DESIGN.md section 3) is written only by rank 0:
+A run directory (docs/METHOD.md section 5) is written only by rank 0:
 
     config.yaml            the resolved config
     metrics.jsonl          one JSON object per completed epoch, epochs numbered from 1
-    checkpoints/last.pt    everything needed to continue: student, head, optimizer, scheduler, scaler,
-                           epoch, RNG states, the best student so far (loadable with weights_only=True)
+    checkpoints/last.pt    a TrainState (reviewkd.checkpoint): everything needed to continue
     student.safetensors    the best student by validation top-1 (teacher runs: teacher.safetensors)
     manifest.json          classes, input, student, teacher, method, data, artifacts
 
@@ -15,6 +14,9 @@ holds. On resume, metrics lines beyond last.pt's epoch are dropped and the weigh
 epoch appears exactly once. Sample order and augmentation are functions of (seed, epoch), so on the
 CPU a resumed run ends with the same weights as an uninterrupted one.
 
+The loop is `fit` -> `train_one_epoch` (-> one `_train_step` per batch) -> `_end_epoch`; a `Trainer`
+holds the live objects and converts them to and from the checkpoint's TrainState.
+
 Accuracies (top1, top5) are percentages, 0-100, everywhere: metrics.jsonl and the manifest.
 """
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -30,8 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +41,34 @@ import torch.distributed as dist
 from torch import nn
 
 from deploy.errors import MissingDependencyError, ReviewKDError, UsageError
-from deploy.fileio import atomic_output, sha256_file, write_text_atomic
-from deploy.manifest import new_manifest, read_manifest, record_artifact, verify_artifact, write_manifest
+from deploy.fileio import sha256_file
+from deploy.manifest import read_manifest, verify_artifact
 from deploy.run_lock import locks_run
+from reviewkd.checkpoint import (
+    CHECKPOINT_FILE,
+    TrainState,
+    capture_rng_state,
+    cpu_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from reviewkd.config import Config, config_to_dict, diff_configs, load_run_config, save_config
 from reviewkd.data import DataBundle, build_data
 from reviewkd.distiller import Distiller, build_distiller
 from reviewkd.models import create_model
-from reviewkd.models.weights import describe_torch_load_error
+from reviewkd.optim import distill_scale, lr_factor, make_optimizer
+from reviewkd.run_record import (
+    METRICS_FILE,
+    TEACHER_FILE,
+    append_metrics,
+    truncate_metrics,
+    weights_file,
+    write_best,
+    write_run_manifest,
+)
 
-CHECKPOINT_FORMAT = 1
-STUDENT_FILE = "student.safetensors"
-TEACHER_FILE = "teacher.safetensors"
 TEACHER_SUBDIR = "teacher"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
 # Keys a resumed run may change: they alter neither the data nor the model, only how long or where.
 RESUMABLE_CHANGES = (
     "train.epochs",
@@ -155,20 +168,6 @@ def teacher_training_config(config: Config) -> Config:
     return derived
 
 
-def _method_params(config: Config) -> dict[str, Any]:
-    """The hyper-parameters the configured method actually uses (for the manifest)."""
-    m = config.method
-    params: dict[str, Any] = {}
-    if m.name == "ce":
-        return params
-    params["warmup_epochs"] = m.warmup_epochs
-    if m.name in ("kd", "reviewkd+kd"):
-        params.update(kd_weight=m.kd_weight, temperature=m.temperature)
-    if m.name in ("reviewkd", "reviewkd+kd"):
-        params.update(hcl_weight=m.hcl_weight, student_taps=m.student_taps, teacher_taps=m.teacher_taps)
-    return params
-
-
 # --------------------------------------------------------------------------------------------- evaluation
 
 
@@ -212,172 +211,6 @@ def _to_input(images: torch.Tensor, bundle: DataBundle, runtime: Runtime) -> tor
     return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
 
 
-# ------------------------------------------------------------------------------------------ optim / sched
-
-
-def _make_optimizer(config: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    oc = config.optim
-    if oc.name == "adamw":
-        return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
-    settings: dict[str, Any] = {
-        "lr": oc.lr,
-        "momentum": oc.momentum,
-        "nesterov": oc.nesterov and oc.momentum > 0,
-        "weight_decay": oc.weight_decay,
-    }
-    # The fused kernel is one pass over the parameters instead of several; torch versions or devices
-    # without it reject fused=True when the optimizer is built, and then the plain loop is used.
-    try:
-        return torch.optim.SGD(params, fused=True, **settings)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.SGD(params, **settings)
-
-
-def lr_factor(config: Config, step: int, steps_per_epoch: int) -> float:
-    """The learning-rate multiplier at optimizer step `step` (0-based, counted over the whole run)."""
-    sc = config.schedule
-    if sc.name == "step":
-        epoch = step // steps_per_epoch
-        return float(sc.gamma ** sum(1 for m in sc.milestones if epoch >= m))
-    total = max(1, config.train.epochs * steps_per_epoch)
-    floor = sc.min_lr / config.optim.lr
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
-def distill_scale(config: Config, step: int, steps_per_epoch: int) -> float:
-    """The warm-up factor of the distillation terms: linear from 0 to 1 over method.warmup_epochs."""
-    warmup_steps = config.method.warmup_epochs * steps_per_epoch
-    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
-
-
-# ---------------------------------------------------------------------------------------------- state I/O
-
-
-def _rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain types, so that torch.load(weights_only=True) reads them."""
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a state_dict as safetensors, atomically."""
-    from safetensors.torch import save_file
-
-    with atomic_output(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a last.pt with weights_only=True; a damaged file is a UsageError naming it."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged pickle or zip
-        raise UsageError(f"{path}: cannot read the checkpoint ({describe_torch_load_error(exc)})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path}: not a reviewkd training checkpoint (format {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON lines of metrics.jsonl (a line cut short by a kill is skipped)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(line)
-            if isinstance(record, dict) and "epoch" in record:
-                records.append(record)
-    return records
-
-
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Keep one line per epoch up to `epochs_done`: the state last.pt holds."""
-    kept: dict[int, dict[str, Any]] = {}
-    for record in read_metrics(path):
-        if record["epoch"] <= epochs_done:
-            kept[record["epoch"]] = record
-    if path.exists() or kept:
-        write_text_atomic(path, "".join(json.dumps(kept[e]) + "\n" for e in sorted(kept)))
-
-
-# ------------------------------------------------------------------------------------------------- manifest
-
-
-def _write_run_manifest(
-    out_dir: Path,
-    config: Config,
-    bundle: DataBundle,
-    role: str,
-    teacher_record: dict[str, Any],
-    best: dict[str, Any] | None,
-) -> None:
-    """(Re)write manifest.json from the config, the data and the best model in last.pt."""
-    path = out_dir / "manifest.json"
-    manifest = read_manifest(out_dir) if path.is_file() else new_manifest()
-    manifest["classes"] = list(bundle.classes)
-    manifest["input"] = bundle.manifest_input()
-    manifest["data"] = bundle.manifest_data()
-    weights_file = STUDENT_FILE if role == "student" else TEACHER_FILE
-    record: dict[str, Any] = {"arch": config.student.arch, "num_classes": bundle.num_classes}
-    if best is not None:
-        entry = record_artifact(out_dir, manifest, weights_file, "weights", role=role)
-        record.update(
-            weights=weights_file,
-            sha256=entry["sha256"],
-            top1=best["top1"],
-            top5=best["top5"],
-            epoch=best["epoch"],
-        )
-    if role == "student":
-        manifest["method"] = {"name": config.method.name, "params": _method_params(config)}
-        manifest["teacher"] = teacher_record
-        manifest["student"] = record
-    else:
-        manifest["method"] = {"name": "ce", "params": {}}
-        manifest["teacher"] = record
-    write_manifest(out_dir, manifest)
-
-
-def _materialise_best(
-    out_dir: Path,
-    config: Config,
-    bundle: DataBundle,
-    role: str,
-    teacher_record: dict[str, Any],
-    best: dict[str, Any],
-) -> None:
-    weights_path = out_dir / (STUDENT_FILE if role == "student" else TEACHER_FILE)
-    meta = {"arch": config.student.arch, "num_classes": str(bundle.num_classes), "role": role}
-    save_weights(best["state"], weights_path, meta)
-    _write_run_manifest(out_dir, config, bundle, role, teacher_record, best)
-
-
 # ------------------------------------------------------------------------------------------------ training
 
 
@@ -418,6 +251,304 @@ def _log(runtime: Runtime, message: str) -> None:
         print(message, flush=True)
 
 
+@dataclass
+class EpochSums:
+    """Running sums of one epoch on this rank: each loss term and correct predictions, times images.
+
+    A mid-epoch checkpoint keeps them as TrainState.accum (to_accum), so a resumed epoch reports
+    the same averages as an uninterrupted one.
+    """
+
+    device: torch.device
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    images: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def from_accum(cls, accum: dict[str, Any], device: torch.device) -> EpochSums:
+        """The sums a checkpoint's `accum` holds (empty at an epoch boundary)."""
+        sums = {
+            k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in accum.get("sums", {}).items()
+        }
+        return cls(device, sums, int(accum.get("images", 0)), float(accum.get("seconds", 0.0)))
+
+    def to_accum(self) -> dict[str, Any]:
+        """Plain numbers for TrainState.accum."""
+        return {
+            "sums": {k: v.item() for k, v in self.sums.items()},
+            "images": self.images,
+            "seconds": self.seconds,
+        }
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        """Add `value` to the sum `name` on the device (no host sync)."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.sums[name] = self.sums.get(name, zero) + value
+
+    def totals(self, runtime: Runtime) -> tuple[dict[str, float], float]:
+        """The sums and the image count over all ranks."""
+        if not runtime.distributed:
+            return {k: v.item() for k, v in self.sums.items()}, float(self.images)
+        names = sorted(self.sums)
+        images = torch.tensor(float(self.images), device=runtime.device, dtype=torch.float64)
+        packed = torch.stack([self.sums[k] for k in names] + [images])
+        dist.all_reduce(packed)
+        return dict(zip(names, packed[:-1].tolist(), strict=True)), packed[-1].item()
+
+
+@dataclass
+class Trainer:
+    """The live objects of one `fit`: what a TrainState is taken from and restored into."""
+
+    config: Config
+    runtime: Runtime
+    bundle: DataBundle
+    distiller: Distiller
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    out_dir: Path
+    role: str
+    teacher_record: dict[str, Any]
+    best: dict[str, Any] | None = None
+    model: nn.Module | None = None  # the distiller as the step runs it: wrapped for DDP, compiled
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """OUT/checkpoints/last.pt."""
+        return self.out_dir / CHECKPOINT_FILE
+
+    def snapshot(
+        self, epoch: int, step: int, aug_state: torch.Tensor | None, accum: dict[str, Any]
+    ) -> TrainState:
+        """The TrainState after `epoch` epochs and `step` steps of the next one."""
+        return TrainState(
+            epoch=epoch,
+            step=step,
+            aug_state=aug_state,
+            accum=accum,
+            student=cpu_state(self.distiller.student),
+            head=cpu_state(self.distiller.head),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=capture_rng_state(),
+            best=self.best,
+            config=config_to_dict(self.config),
+        )
+
+    def restore(self, state: TrainState) -> None:
+        """Load weights, optimizer, schedules, scaler, RNGs and the best epoch from a TrainState."""
+        self.distiller.student.load_state_dict(state.student)
+        self.distiller.head.load_state_dict(state.head)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.scaler.load_state_dict(state.scaler)
+        restore_rng_state(state.rng)
+        self.best = state.best
+
+
+def _build_trainer(
+    config: Config,
+    out_dir: Path,
+    role: str,
+    teacher: nn.Module | None,
+    teacher_record: dict[str, Any],
+    runtime: Runtime,
+    bundle: DataBundle,
+) -> Trainer:
+    """Seeded student, distiller, optimizer, scheduler and scaler on the runtime's device."""
+    tc = config.train
+    # Same initial weights (student and ABF head) for a given seed on every rank.
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed % (1 << 32))
+    student = create_model(config.student.arch, bundle.num_classes, weights=config.student.weights)
+    distiller = build_distiller(
+        config.method.name,
+        student,
+        teacher,
+        bundle.input_shape,
+        hcl_weight=config.method.hcl_weight,
+        kd_weight=config.method.kd_weight,
+        temperature=config.method.temperature,
+        student_taps=config.method.student_taps,
+        teacher_taps=config.method.teacher_taps,
+        fuse_teacher=config.train.fuse_teacher,
+    )
+    distiller.to(runtime.device)
+    if runtime.channels_last:
+        distiller.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    params = [p for p in [*distiller.student.parameters(), *distiller.head.parameters()] if p.requires_grad]
+    optimizer = make_optimizer(config, params)
+    steps_per_epoch = bundle.train_steps(tc.batch_size, runtime.world_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s, steps_per_epoch))
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
+    return Trainer(
+        config,
+        runtime,
+        bundle,
+        distiller,
+        optimizer,
+        scheduler,
+        scaler,
+        steps_per_epoch,
+        out_dir,
+        role,
+        teacher_record,
+    )
+
+
+def _wrap_model(trainer: Trainer) -> nn.Module:
+    """The distiller as the training step calls it: under DDP, compiled when train.compile is set."""
+    runtime = trainer.runtime
+    model: nn.Module = trainer.distiller
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            trainer.distiller, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
+    if trainer.config.train.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    return model
+
+
+def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int, out_dir: Path) -> None:
+    if all(math.isfinite(v.item()) for v in losses.values()):
+        return
+    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+    raise TrainingDivergedError(
+        f"epoch {epoch + 1} step {step + 1}: the loss is not finite ({parts}); "
+        f"{out_dir / CHECKPOINT_FILE} keeps the last completed epoch ({epoch}); "
+        "lower optim.lr or the distillation weights"
+    )
+
+
+def _train_step(
+    trainer: Trainer, epoch: int, step: int, images: torch.Tensor, labels: torch.Tensor, sums: EpochSums
+) -> None:
+    """One optimizer step on one batch, its losses and correct predictions added to `sums`."""
+    runtime, distiller, spe = trainer.runtime, trainer.distiller, trainer.steps_per_epoch
+    assert trainer.model is not None
+    distiller.distill_scale = distill_scale(trainer.config, epoch * spe + step, spe)
+    x = _to_input(images, trainer.bundle, runtime)
+    y = labels.to(runtime.device, non_blocking=True)
+    with runtime.autocast():
+        out = trainer.model(x, y)
+    loss = out["loss"].float()
+    losses = {k: out[k].detach().float() for k in ("loss", "ce", "hcl", "kd") if k in out}
+    check_every = 1 if runtime.device.type == "cpu" else 25  # a host sync per check costs GPU speed
+    if step % check_every == 0 or step == spe - 1:
+        _check_finite(losses, epoch, step, trainer.out_dir)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scaler.scale(loss).backward()
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    trainer.scheduler.step()
+    n = y.numel()
+    for k, v in losses.items():
+        sums.add(k, v * n)
+    sums.add("correct", (out["logits"].detach().argmax(1) == y).sum())
+    sums.images += n
+
+
+def train_one_epoch(
+    trainer: Trainer,
+    epoch: int,
+    start_step: int,
+    aug_state: torch.Tensor | None,
+    accum: dict[str, Any],
+    sigint: _SigintFlag,
+) -> EpochSums:
+    """Train epoch `epoch` (0-based) from `start_step`; return its running sums.
+
+    After SIGINT, the step in flight finishes, rank 0 saves the mid-epoch TrainState to last.pt and
+    KeyboardInterrupt is raised.
+    """
+    tc, runtime = trainer.config.train, trainer.runtime
+    trainer.distiller.train()
+    batches = trainer.bundle.train_batches(
+        epoch, tc.seed, tc.batch_size, runtime.rank, runtime.world_size, start_step, aug_state
+    )
+    sums = EpochSums.from_accum(accum, runtime.device)
+    t0 = time.perf_counter()
+    bar = _progress(len(batches), f"{trainer.role} {epoch + 1}/{tc.epochs}", runtime.is_main)
+    for step, (images, labels) in enumerate(batches, start=start_step):
+        _train_step(trainer, epoch, step, images, labels, sums)
+        bar.update(1)
+        if sigint.raised:
+            sums.seconds += time.perf_counter() - t0
+            if runtime.is_main:
+                state = trainer.snapshot(epoch, step + 1, batches.aug_state, sums.to_accum())
+                save_checkpoint(trainer.checkpoint_path, state)
+            bar.close()
+            _log(
+                runtime,
+                f"{trainer.role}: interrupted; {trainer.checkpoint_path} holds epoch {epoch + 1} "
+                f"step {step + 1}, continue with --resume",
+            )
+            raise KeyboardInterrupt
+    bar.close()
+    sums.seconds += time.perf_counter() - t0
+    return sums
+
+
+def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
+    """Validate, then append the metrics line, save last.pt and re-derive the best weights, in that order."""
+    runtime, distiller, tc = trainer.runtime, trainer.distiller, trainer.config.train
+    totals, seen = sums.totals(runtime)
+    if runtime.distributed:
+        # Each rank's last forward updated its own BatchNorm statistics: take rank 0's, which
+        # are the ones saved, so that validation scores the weights written to disk.
+        for buffer in distiller.student.buffers():
+            dist.broadcast(buffer, 0)
+    t_val = time.perf_counter()
+    val = evaluate(distiller.student, trainer.bundle, runtime, batch_size=max(tc.batch_size, 256))
+    val_seconds = time.perf_counter() - t_val
+    denom = max(seen, 1.0)
+    record: dict[str, Any] = {"epoch": epoch + 1}
+    record.update({k: totals[k] / denom for k in ("loss", "ce", "hcl", "kd") if k in totals})
+    record.update(
+        train_top1=100.0 * totals.get("correct", 0.0) / denom,
+        val_top1=val["top1"],
+        val_top5=val["top5"],
+        val_loss=val["loss"],
+        lr=trainer.optimizer.param_groups[0]["lr"],
+        distill_scale=distiller.distill_scale,
+        images_per_s=seen / max(sums.seconds, 1e-9),
+        epoch_time_s=sums.seconds,
+        val_time_s=val_seconds,
+        time=time.time(),
+    )
+    improved = trainer.best is None or val["top1"] > trainer.best["top1"]
+    if improved:
+        trainer.best = {
+            "top1": val["top1"],
+            "top5": val["top5"],
+            "epoch": epoch + 1,
+            "state": cpu_state(distiller.student),
+        }
+    if runtime.is_main:
+        append_metrics(trainer.out_dir / METRICS_FILE, record)
+        save_checkpoint(trainer.checkpoint_path, trainer.snapshot(epoch + 1, 0, None, {}))
+        if improved:
+            assert trainer.best is not None
+            write_best(
+                trainer.out_dir,
+                trainer.config,
+                trainer.bundle,
+                trainer.role,
+                trainer.teacher_record,
+                trainer.best,
+            )
+    _log(
+        runtime,
+        f"{trainer.role} epoch {epoch + 1}/{tc.epochs}: loss {record['loss']:.4f} "
+        f"val top1 {val['top1']:.2f}% top5 {val['top5']:.2f}% "
+        f"({record['images_per_s']:.0f} img/s, {sums.seconds:.1f}s)",
+    )
+
+
 def _check_resume_config(out_dir: Path, config: Config) -> None:
     saved_path = out_dir / "config.yaml"
     if not saved_path.is_file():
@@ -428,6 +559,30 @@ def _check_resume_config(out_dir: Path, config: Config) -> None:
             f"{saved_path}: --resume with a different config ({', '.join(changed)} changed); "
             f"only {', '.join(RESUMABLE_CHANGES)} may change on resume"
         )
+
+
+def _check_run_dir(out_dir: Path, config: Config, resume: bool) -> None:
+    """Refuse to start over an existing run without --resume, or to resume with another config."""
+    if (out_dir / CHECKPOINT_FILE).exists() and not resume:
+        raise UsageError(
+            f"{out_dir} already holds a training run ({CHECKPOINT_FILE}); pass --resume to continue it "
+            "or choose another --out"
+        )
+    if resume:
+        _check_resume_config(out_dir, config)
+
+
+def _prepare_run_dir(trainer: Trainer, epochs_done: int) -> None:
+    """Write config.yaml, cut metrics.jsonl back to the checkpoint, re-derive the best weights."""
+    out_dir = trainer.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(trainer.config, out_dir / "config.yaml")
+    truncate_metrics(out_dir / METRICS_FILE, epochs_done)
+    args = (out_dir, trainer.config, trainer.bundle, trainer.role, trainer.teacher_record)
+    if trainer.best is not None:
+        write_best(*args, trainer.best)
+    else:
+        write_run_manifest(*args, None)
 
 
 def fit(
@@ -453,256 +608,36 @@ def fit(
     """
     runtime = runtime or setup_runtime(config)
     out_dir = Path(out_dir)
-    ckpt_path = out_dir / CHECKPOINT_FILE
-    metrics_path = out_dir / METRICS_FILE
     teacher_record = teacher_record or {"arch": None, "sha256": None, "top1": None, "top5": None}
-    if ckpt_path.exists() and not resume:
-        raise UsageError(
-            f"{out_dir} already holds a training run ({CHECKPOINT_FILE}); pass --resume to continue it "
-            "or choose another --out"
-        )
-    if resume:
-        _check_resume_config(out_dir, config)
+    _check_run_dir(out_dir, config, resume)
     bundle = bundle or build_data(config)
-    tc = config.train
-
-    # Same initial weights (student and ABF head) for a given seed on every rank.
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
-    np.random.seed(tc.seed % (1 << 32))
-    student = create_model(config.student.arch, bundle.num_classes, weights=config.student.weights)
-    distiller = build_distiller(
-        config.method.name,
-        student,
-        teacher,
-        bundle.input_shape,
-        hcl_weight=config.method.hcl_weight,
-        kd_weight=config.method.kd_weight,
-        temperature=config.method.temperature,
-        student_taps=config.method.student_taps,
-        teacher_taps=config.method.teacher_taps,
-        fuse_teacher=config.train.fuse_teacher,
-    )
-    distiller.to(runtime.device)
-    if runtime.channels_last:
-        distiller.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    params = [p for p in [*distiller.student.parameters(), *distiller.head.parameters()] if p.requires_grad]
-    optimizer = _make_optimizer(config, params)
-    steps_per_epoch = bundle.train_steps(tc.batch_size, runtime.world_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s, steps_per_epoch))
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
-
-    start_epoch, start_step, aug_state = 0, 0, None
-    accum: dict[str, Any] = {}
-    best: dict[str, Any] | None = None
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        distiller.student.load_state_dict(ckpt["student"])
-        distiller.head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch, start_step, aug_state = ckpt["epoch"], ckpt["step"], ckpt["aug_state"]
-        accum = dict(ckpt["accum"])
-        best = ckpt["best"]
+    trainer = _build_trainer(config, out_dir, role, teacher, teacher_record, runtime, bundle)
+    start_epoch, start_step, aug_state, accum = 0, 0, None, {}
+    if resume and trainer.checkpoint_path.is_file():
+        state = load_checkpoint(trainer.checkpoint_path)
+        trainer.restore(state)
+        start_epoch, start_step, aug_state, accum = (
+            state.epoch,
+            state.step,
+            state.aug_state,
+            dict(state.accum),
+        )
         _log(
             runtime,
             f"{role}: resuming {out_dir} after epoch {start_epoch}"
             + (f" step {start_step}" if start_step else ""),
         )
-
     if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.yaml")
-        _truncate_metrics(metrics_path, start_epoch)
-        if best is not None:
-            _materialise_best(out_dir, config, bundle, role, teacher_record, best)
-        else:
-            _write_run_manifest(out_dir, config, bundle, role, teacher_record, None)
-
-    model: nn.Module = distiller
-    if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
-        )
-    if tc.compile:
-        model = torch.compile(model)  # type: ignore[assignment]
-
-    check_every = 1 if runtime.device.type == "cpu" else 25  # a host sync per check costs GPU speed
+        _prepare_run_dir(trainer, start_epoch)
+    trainer.model = _wrap_model(trainer)
     with _SigintFlag(enabled=not runtime.distributed) as sigint:
-        for epoch in range(start_epoch, tc.epochs):
-            distiller.train()
-            batches = bundle.train_batches(
-                epoch, tc.seed, tc.batch_size, runtime.rank, runtime.world_size, start_step, aug_state
-            )
-            sums = {
-                k: torch.tensor(v, dtype=torch.float64, device=runtime.device)
-                for k, v in accum.get("sums", {}).items()
-            }
-            seen = int(accum.get("images", 0))
-            elapsed = float(accum.get("seconds", 0.0))
-            t0 = time.perf_counter()
-            bar = _progress(len(batches), f"{role} {epoch + 1}/{tc.epochs}", runtime.is_main)
-            step = start_step
-            for step, (images, labels) in enumerate(batches, start=start_step):
-                global_step = epoch * steps_per_epoch + step
-                distiller.distill_scale = distill_scale(config, global_step, steps_per_epoch)
-                x = _to_input(images, bundle, runtime)
-                y = labels.to(runtime.device, non_blocking=True)
-                with runtime.autocast():
-                    out = model(x, y)
-                loss = out["loss"].float()
-                losses = {k: out[k].detach().float() for k in ("loss", "ce", "hcl", "kd") if k in out}
-                if step % check_every == 0 or step == steps_per_epoch - 1:
-                    _check_finite(losses, epoch, step, out_dir)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                n = y.numel()
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=runtime.device)) + v * n
-                correct = (out["logits"].detach().argmax(1) == y).sum()
-                sums["correct"] = (
-                    sums.get("correct", torch.zeros((), dtype=torch.float64, device=runtime.device)) + correct
-                )
-                seen += n
-                bar.update(1)
-                if sigint.raised:
-                    elapsed += time.perf_counter() - t0
-                    state = {
-                        "sums": {k: v.item() for k, v in sums.items()},
-                        "images": seen,
-                        "seconds": elapsed,
-                    }
-                    if runtime.is_main:
-                        _save_checkpoint(
-                            ckpt_path,
-                            distiller,
-                            optimizer,
-                            scheduler,
-                            scaler,
-                            config,
-                            epoch,
-                            step + 1,
-                            batches.aug_state,
-                            state,
-                            best,
-                        )
-                    bar.close()
-                    _log(
-                        runtime,
-                        f"{role}: interrupted; {ckpt_path} holds epoch {epoch + 1} step {step + 1}, "
-                        "continue with --resume",
-                    )
-                    raise KeyboardInterrupt
-            bar.close()
-            elapsed += time.perf_counter() - t0
-            if runtime.distributed:
-                packed = torch.stack(
-                    [sums[k] for k in sorted(sums)]
-                    + [torch.tensor(float(seen), device=runtime.device, dtype=torch.float64)]
-                )
-                dist.all_reduce(packed)
-                totals = dict(zip(sorted(sums), packed[:-1].tolist(), strict=True))
-                seen_all = packed[-1].item()
-            else:
-                totals = {k: v.item() for k, v in sums.items()}
-                seen_all = float(seen)
-            if runtime.distributed:
-                # Each rank's last forward updated its own BatchNorm statistics: take rank 0's, which
-                # are the ones saved, so that validation scores the weights written to disk.
-                for buffer in distiller.student.buffers():
-                    dist.broadcast(buffer, 0)
-            t_val = time.perf_counter()
-            val = evaluate(distiller.student, bundle, runtime, batch_size=max(tc.batch_size, 256))
-            val_seconds = time.perf_counter() - t_val
-            denom = max(seen_all, 1.0)
-            record: dict[str, Any] = {"epoch": epoch + 1}
-            record.update({k: totals[k] / denom for k in ("loss", "ce", "hcl", "kd") if k in totals})
-            record.update(
-                train_top1=100.0 * totals.get("correct", 0.0) / denom,
-                val_top1=val["top1"],
-                val_top5=val["top5"],
-                val_loss=val["loss"],
-                lr=optimizer.param_groups[0]["lr"],
-                distill_scale=distiller.distill_scale,
-                images_per_s=seen_all / max(elapsed, 1e-9),
-                epoch_time_s=elapsed,
-                val_time_s=val_seconds,
-                time=time.time(),
-            )
-            improved = best is None or val["top1"] > best["top1"]
-            if improved:
-                best = {
-                    "top1": val["top1"],
-                    "top5": val["top5"],
-                    "epoch": epoch + 1,
-                    "state": _cpu_state(distiller.student),
-                }
-            if runtime.is_main:
-                _append_metrics(metrics_path, record)
-                _save_checkpoint(
-                    ckpt_path, distiller, optimizer, scheduler, scaler, config, epoch + 1, 0, None, {}, best
-                )
-                if improved:
-                    assert best is not None
-                    _materialise_best(out_dir, config, bundle, role, teacher_record, best)
-            _log(
-                runtime,
-                f"{role} epoch {epoch + 1}/{tc.epochs}: loss {record['loss']:.4f} "
-                f"val top1 {val['top1']:.2f}% top5 {val['top5']:.2f}% "
-                f"({record['images_per_s']:.0f} img/s, {elapsed:.1f}s)",
-            )
+        for epoch in range(start_epoch, config.train.epochs):
+            sums = train_one_epoch(trainer, epoch, start_step, aug_state, accum, sigint)
+            _end_epoch(trainer, epoch, sums)
             start_step, aug_state, accum = 0, None, {}
     if runtime.distributed:
         dist.barrier()
-    return out_dir / (STUDENT_FILE if role == "student" else TEACHER_FILE)
-
-
-def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int, out_dir: Path) -> None:
-    if all(math.isfinite(v.item()) for v in losses.values()):
-        return
-    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-    raise TrainingDivergedError(
-        f"epoch {epoch + 1} step {step + 1}: the loss is not finite ({parts}); "
-        f"{out_dir / CHECKPOINT_FILE} keeps the last completed epoch ({epoch}); "
-        "lower optim.lr or the distillation weights"
-    )
-
-
-def _save_checkpoint(
-    path: Path,
-    distiller: Distiller,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-    config: Config,
-    epoch: int,
-    step: int,
-    aug_state: torch.Tensor | None,
-    accum: dict[str, Any],
-    best: dict[str, Any] | None,
-) -> None:
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "epoch": epoch,
-        "step": step,
-        "aug_state": aug_state,
-        "accum": accum,
-        "student": _cpu_state(distiller.student),
-        "head": _cpu_state(distiller.head),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": _rng_state(),
-        "best": best,
-        "config": config_to_dict(config),
-    }
-    with atomic_output(path) as tmp:
-        torch.save(ckpt, tmp)
+    return out_dir / weights_file(role)
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -721,8 +656,8 @@ def _teacher_is_complete(out_dir: Path, config: Config) -> bool:
         verify_artifact(out_dir, read_manifest(out_dir), TEACHER_FILE)
     except UsageError:
         return False
-    ckpt = load_checkpoint(ckpt_path)
-    return bool(ckpt["epoch"] >= config.train.epochs and ckpt["step"] == 0)
+    state = load_checkpoint(ckpt_path)
+    return state.epoch >= config.train.epochs and state.step == 0
 
 
 @locks_run("teacher", run_arg="out_dir", create=True)
@@ -787,13 +722,7 @@ def distill(config: Config, out_dir: str | os.PathLike[str], *, resume: bool = F
     or is trained first into out_dir/teacher/ (reused when that run is already finished).
     """
     out = Path(out_dir)
-    if (out / CHECKPOINT_FILE).exists() and not resume:
-        raise UsageError(
-            f"{out} already holds a training run ({CHECKPOINT_FILE}); pass --resume to continue it "
-            "or choose another --out"
-        )
-    if resume:
-        _check_resume_config(out, config)
+    _check_run_dir(out, config, resume)
     runtime = setup_runtime(config)
     bundle = build_data(config)
     teacher, record = None, None
@@ -809,8 +738,3 @@ def distill(config: Config, out_dir: str | os.PathLike[str], *, resume: bool = F
         runtime=runtime,
         bundle=bundle,
     )
-
-
-def iter_metrics(run_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """The per-epoch records of a run's metrics.jsonl, in order."""
-    yield from read_metrics(Path(run_dir) / METRICS_FILE)

@@ -1,4 +1,4 @@
-"""Hierarchical context loss (HCL), DESIGN.md section 1."""
+"""Hierarchical context loss (HCL), docs/METHOD.md section 1.3."""
 
 from __future__ import annotations
 

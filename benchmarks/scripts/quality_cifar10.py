@@ -1,33 +1,38 @@
-"""Distillation quality on CIFAR-10 (issue 3): ce vs kd vs reviewkd students of one teacher.
+"""Distillation quality on CIFAR-10: ce vs kd vs reviewkd students of one teacher, over N seeds.
 
-    .venv/bin/python -m benchmarks.scripts.quality_cifar10 [--preset cpu|gpu] [--runs DIR] [--json FILE]
+    .venv/bin/python -m benchmarks.scripts.quality_cifar10 [--preset cpu|gpu] [--seeds N] [--runs DIR]
+        [--json FILE] [--set key=value ...]
 
-Trains three cifar_resnet20 students from scratch, one per method (ce, kd, reviewkd), under one
+Trains cifar_resnet20 students from scratch, one per method (ce, kd, reviewkd) and seed, under one
 schedule, against the pretrained cifar_resnet56 of ../shared/weights/cifar10-resnet, on the JPEG
 ImageFolder copy of CIFAR-10 in ../shared/data/cifar10 (never copied: read in place, decoded once
-into memory per run). Every student is scored on the full 10,000-image test split. It prints one
-Markdown table (teacher, ce, kd, reviewkd top-1 and the deltas, plus each method's training speed)
-and writes JSON.
+into memory per run). Every student is scored on the full 10,000-image test split at its last epoch,
+so no number here is picked on the test split (the best epoch's top-1 is in the JSON as well).
+
+It prints a Markdown table: per method the mean and sample standard deviation of the top-1 over the
+seeds, and the mean gain over ce and over kd with its spread (the gains are paired: same seed, so
+the same student initialisation and sample order). The JSON holds every seed's numbers. The JSON is
+rewritten after every finished run, so an interrupted benchmark still records what finished.
 
 Each student is one `reviewkd distill --config cifar10_resnet56_resnet20` run in its own process,
 so this script measures exactly what a user runs; it then reads the runs' manifest.json and
 metrics.jsonl. Runs that already exist are continued with --resume (a finished run is not
-retrained), so an interrupted benchmark picks up where it stopped.
+retrained). Seeds run in the outer loop, so the first seed's three methods finish first.
 
 Presets:
-- `cpu`: a stratified 10,000-image training subset, 10 epochs, cosine learning rate; about 35
-  minutes for the three methods on a 2-core CPU.
-- `gpu`: the paper's CIFAR recipe (DESIGN.md section 1): all 50,000 images, 240 epochs, lr x0.1
-  at 150/180/210, distillation warm-up 20 epochs, hcl_weight 0.6.
-
-The top-1 reported per method is that of the last epoch, so no number here is picked on the test
-split; the best epoch's top-1 (what student.safetensors holds) is in the JSON as well.
+- `cpu`: the first 1,000 training images of each class (10,000), 10 epochs, one-cycle SGD (peak lr
+  0.1, 15% of the steps warming up), Nesterov momentum 0.9, weight decay 5e-4, batch 128; KD is
+  cross-entropy + 0.9 x the T^2-scaled KL at T=4; ReviewKD's HCL weight 0.6, its weight warming up
+  over 1 epoch. About 20 minutes per seed for the three methods on an idle 2-core CPU.
+- `gpu`: the ReviewKD paper's CIFAR recipe: all 50,000 images, 240 epochs, lr x0.1 at 150/180/210,
+  distillation warm-up 20 epochs, hcl_weight 0.6.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -42,7 +47,7 @@ from deploy.errors import UsageError
 from deploy.fileio import write_json_atomic
 from deploy.manifest import read_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("REVIEWKD_SHARED", REPO.parent / "shared"))
 CONFIG = "cifar10_resnet56_resnet20"
 METHODS = ("ce", "kd", "reviewkd")
@@ -50,37 +55,40 @@ METHODS = ("ce", "kd", "reviewkd")
 
 @dataclass(frozen=True)
 class Preset:
-    """One training schedule, shared by every method."""
+    """One training schedule, shared by every method and seed."""
 
     description: str
-    subset: int | None  # training images (stratified, fixed seed); None: all 50,000
     epochs: int
     lr: float
-    schedule: str  # step | cosine
+    schedule: str  # step | cosine | onecycle
     milestones: list[int]
     batch_size: int
-    warmup_epochs: float  # distillation weight warm-up (the learning rate has none)
+    warmup_epochs: float  # distillation weight warm-up
     hcl_weight: float
     kd_weight: float
     temperature: float
     device: str
     threads: int | None
+    subset: int | None = None  # training images (stratified, fixed seed); None: all 50,000
+    first_per_class: int | None = None  # or the first N training images of each class
+    lr_warmup_fraction: float = 0.0  # learning-rate warm-up, fraction of all steps
     extra: list[str] = field(default_factory=list)
 
     def overrides(self) -> list[str]:
         """The `key=value` overrides of this schedule on top of the shipped config."""
         return [
-            f"data.subset={'null' if self.subset is None else self.subset}",
+            f"data.subset={_yaml(self.subset)}",
+            f"data.first_per_class={_yaml(self.first_per_class)}",
             "data.cache=true",
             f"train.epochs={self.epochs}",
             f"train.batch_size={self.batch_size}",
             f"train.device={self.device}",
-            f"train.threads={'null' if self.threads is None else self.threads}",
-            # Effective on CUDA only: the engine keeps NCHW on the CPU, where it is faster.
+            f"train.threads={_yaml(self.threads)}",
             "train.channels_last=true",
             f"optim.lr={self.lr}",
             f"schedule.name={self.schedule}",
             f"schedule.milestones={json.dumps(self.milestones)}",
+            f"schedule.warmup_fraction={self.lr_warmup_fraction}",
             f"method.warmup_epochs={self.warmup_epochs}",
             f"method.hcl_weight={self.hcl_weight}",
             f"method.kd_weight={self.kd_weight}",
@@ -89,27 +97,29 @@ class Preset:
         ]
 
 
+def _yaml(value: int | None) -> str:
+    return "null" if value is None else str(value)
+
+
 PRESETS: dict[str, Preset] = {
-    # 10k images x 10 epochs: the short schedule's hcl_weight is 1.0 (the paper's 0.6 for this pair
-    # was set for 240 epochs), and warm-up is one epoch rather than 20 of 240.
     "cpu": Preset(
-        description="2-core CPU: 10,000-image stratified subset, 10 epochs, cosine lr",
-        subset=10_000,
+        description="2-core CPU: first 1,000 images per class, 10 epochs, one-cycle lr (peak 0.1, 15% up)",
+        first_per_class=1000,
         epochs=10,
         lr=0.1,
-        schedule="cosine",
+        schedule="onecycle",
         milestones=[],
+        lr_warmup_fraction=0.15,
         batch_size=128,
         warmup_epochs=1.0,
-        hcl_weight=1.0,
-        kd_weight=1.0,
+        hcl_weight=0.6,
+        kd_weight=0.9,
         temperature=4.0,
         device="cpu",
         threads=2,
     ),
     "gpu": Preset(
         description="GPU: the paper's CIFAR recipe, 50,000 images, 240 epochs, lr x0.1 at 150/180/210",
-        subset=None,
         epochs=240,
         lr=0.1,
         schedule="step",
@@ -125,8 +135,10 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def distill_command(preset: Preset, method: str, run_dir: Path, data_root: Path, teacher: Path) -> list[str]:
-    """The `reviewkd distill` command line of one method's run."""
+def distill_command(
+    preset: Preset, method: str, seed: int, run_dir: Path, data_root: Path, teacher: Path, extra: list[str]
+) -> list[str]:
+    """The `reviewkd distill` command line of one method's run at one seed."""
     command = [
         sys.executable,
         "-m",
@@ -139,7 +151,9 @@ def distill_command(preset: Preset, method: str, run_dir: Path, data_root: Path,
         f"data.root={data_root}",
         f"teacher.weights={teacher}",
         f"method.name={method}",
+        f"train.seed={seed}",
         *preset.overrides(),
+        *extra,
     ]
     if (run_dir / "checkpoints" / "last.pt").is_file():
         command.insert(command.index("--out"), "--resume")
@@ -177,23 +191,50 @@ def summarize_run(run_dir: Path, epochs: int) -> dict[str, Any]:
     }
 
 
-def render_table(results: dict[str, dict[str, Any]], teacher_top1: float | None) -> str:
-    """The Markdown table: teacher and each method's top-1, delta vs ce and vs kd, speed."""
-    ce = results.get("ce", {}).get("top1_last")
-    kd = results.get("kd", {}).get("top1_last")
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; None for a single value) of `values`."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n, "values": values}
+
+
+def aggregate(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per method: top-1 over the seeds, and the paired gains over ce and kd over the seeds having both."""
+    methods = [m for m in METHODS if any(m in runs for runs in per_seed.values())]
+    summary: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        seeds = [s for s in sorted(per_seed) if method in per_seed[s]]
+        entry = {"seeds": seeds, "top1": mean_std([per_seed[s][method]["top1_last"] for s in seeds])}
+        for base in ("ce", "kd"):
+            paired = [s for s in seeds if base in per_seed[s]]
+            if method != base and METHODS.index(method) > METHODS.index(base) and paired:
+                gains = [per_seed[s][method]["top1_last"] - per_seed[s][base]["top1_last"] for s in paired]
+                entry[f"gain_over_{base}"] = mean_std(gains)
+        summary[method] = entry
+    return summary
+
+
+def _pm(stats: dict[str, Any] | None, signed: bool = False) -> str:
+    if stats is None:
+        return ""
+    mean = f"{stats['mean']:+.2f}" if signed else f"{stats['mean']:.2f}"
+    return mean if stats["std"] is None else f"{mean} ± {stats['std']:.2f}"
+
+
+def render_table(summary: dict[str, dict[str, Any]], teacher_top1: float | None) -> str:
+    """The Markdown table: per method mean ± std of the last-epoch top-1 and of the gains, per-seed values."""
     rows = [
-        "| model | method | top-1 (last epoch) | vs ce | vs kd | best-epoch top-1 | train images/s |",
+        "| model | method | seeds | top-1 (last epoch), mean ± std | per seed | vs ce | vs kd |",
         "|---|---|---|---|---|---|---|",
     ]
     if teacher_top1 is not None:
-        rows.append(f"| cifar_resnet56 (teacher, pretrained) | - | {teacher_top1:.2f}% | | | | |")
-    for method, r in results.items():
-        top1 = r["top1_last"]
-        vs_ce = f"{top1 - ce:+.2f}" if ce is not None and method != "ce" else ""
-        vs_kd = f"{top1 - kd:+.2f}" if kd is not None and method not in ("ce", "kd") else ""
+        rows.append(f"| cifar_resnet56 (teacher, pretrained) | - | - | {teacher_top1:.2f}% | | | |")
+    for method, entry in summary.items():
+        per_seed = ", ".join(f"{v:.2f}" for v in entry["top1"]["values"])
         rows.append(
-            f"| cifar_resnet20 | {method} | {top1:.2f}% | {vs_ce} | {vs_kd} | "
-            f"{r['top1_best']:.2f}% (epoch {r['best_epoch']}) | {r['images_per_s_median']:.0f} |"
+            f"| cifar_resnet20 | {method} | {len(entry['seeds'])} | {_pm(entry['top1'])}% | {per_seed} | "
+            f"{_pm(entry.get('gain_over_ce'), True)} | {_pm(entry.get('gain_over_kd'), True)} |"
         )
     return "\n".join(rows)
 
@@ -206,8 +247,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run, in this order"
     )
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (train.seed 0..N-1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first train.seed")
     parser.add_argument(
-        "--runs", type=Path, help="folder of the three run directories (default runs/quality_cifar10/PRESET)"
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra config override for every run (screening); the table then names it",
+    )
+    parser.add_argument(
+        "--runs", type=Path, help="folder of the run directories (default runs/quality_cifar10/PRESET)"
     )
     parser.add_argument(
         "--json", type=Path, help="result file (default benchmarks/results/quality_cifar10_PRESET.json)"
@@ -219,56 +270,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=SHARED / "weights" / "cifar10-resnet" / "resnet56-4bfd9763.th",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train (or resume) each method's run, then print the table and write the JSON."""
-    args = parse_args(argv)
-    preset = PRESETS[args.preset]
-    runs = (args.runs or REPO / "runs" / "quality_cifar10" / args.preset).resolve()
-    json_path = args.json or REPO / "benchmarks" / "results" / f"quality_cifar10_{args.preset}.json"
-    data_root, teacher = args.data_root.resolve(), args.teacher_weights.resolve()
-    for path, what in ((data_root / "test", "CIFAR-10 test folder"), (teacher, "teacher weights")):
-        if not path.exists():
-            raise SystemExit(f"quality_cifar10: {path}: no such {what}")
+def _epochs(preset: Preset, extra: list[str]) -> int:
+    """train.epochs of the runs: the preset's, unless an extra override sets it."""
+    for item in extra:
+        key, _, value = item.partition("=")
+        if key.strip() == "train.epochs":
+            return int(value)
+    return preset.epochs
 
-    print(f"preset {args.preset}: {preset.description}", flush=True)
-    commands = {m: distill_command(preset, m, runs / m, data_root, teacher) for m in args.methods}
-    if args.dry_run:
-        for command in commands.values():
-            print(" ".join(command[1:]))
-        return 0
-    wall: dict[str, float] = {}
-    for method, command in commands.items():
-        print(f"== {method}: {' '.join(command[1:])}", flush=True)
-        t0 = time.perf_counter()
-        # cwd = the repository, so the reviewkd imported is the one beside this script.
-        done = subprocess.run(command, cwd=REPO, check=False)
-        wall[method] = time.perf_counter() - t0
-        if done.returncode != 0:
-            print(f"quality_cifar10: {method} run failed (exit {done.returncode})", file=sys.stderr)
-            return done.returncode
 
-    # The table reads in METHODS order whatever order the runs went in.
-    ran = [m for m in METHODS if m in args.methods]
-    results = {m: summarize_run(runs / m, preset.epochs) | {"wall_seconds": wall[m]} for m in ran}
-    teacher_top1 = next((r["teacher_top1"] for r in results.values() if r["teacher_top1"] is not None), None)
-    table = render_table(results, teacher_top1)
-    print()
-    print(f"schedule ({args.preset}): {json.dumps(asdict(preset))}")
-    print(table)
+def _write_results(
+    json_path: Path, args: argparse.Namespace, preset: Preset, per_seed: dict[int, Any]
+) -> str:
+    summary = aggregate(per_seed)
+    runs = [r for seed_runs in per_seed.values() for r in seed_runs.values()]
+    teacher_top1 = next((r["teacher_top1"] for r in runs if r["teacher_top1"] is not None), None)
+    table = render_table(summary, teacher_top1)
     write_json_atomic(
         json_path,
         {
             "preset": args.preset,
             "schedule": asdict(preset),
-            "overrides": preset.overrides(),
+            "overrides": preset.overrides() + args.extra,
             "config": CONFIG,
-            "teacher": {"arch": "cifar_resnet56", "weights": str(teacher), "top1": teacher_top1},
+            "seeds_requested": list(range(args.first_seed, args.first_seed + args.seeds)),
+            "teacher": {"arch": "cifar_resnet56", "weights": str(args.teacher_weights), "top1": teacher_top1},
             "student_arch": "cifar_resnet20",
-            "data_root": str(data_root),
-            "results": results,
+            "data_root": str(args.data_root),
+            "summary": summary,
+            "per_seed": {str(seed): seed_runs for seed, seed_runs in per_seed.items()},
             "table_markdown": table,
             "environment": {
                 "cpu": cpu_model(),
@@ -279,7 +315,51 @@ def main(argv: list[str] | None = None) -> int:
             },
         },
     )
-    print(f"wrote {json_path}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train (or resume) each seed's and method's run; after each, rewrite the JSON; print the table."""
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    runs = (args.runs or REPO / "runs" / "quality_cifar10" / args.preset).resolve()
+    json_path = args.json or REPO / "benchmarks" / "results" / f"quality_cifar10_{args.preset}.json"
+    args.data_root, args.teacher_weights = args.data_root.resolve(), args.teacher_weights.resolve()
+    for path, what in (
+        (args.data_root / "test", "CIFAR-10 test folder"),
+        (args.teacher_weights, "teacher weights"),
+    ):
+        if not path.exists():
+            raise SystemExit(f"quality_cifar10: {path}: no such {what}")
+
+    print(f"preset {args.preset}: {preset.description}; extra overrides: {args.extra}", flush=True)
+    epochs = _epochs(preset, args.extra)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    ordered = [m for m in METHODS if m in args.methods]
+    per_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in seeds:
+        for method in ordered:
+            run_dir = runs / f"seed{seed}" / method
+            command = distill_command(
+                preset, method, seed, run_dir, args.data_root, args.teacher_weights, args.extra
+            )
+            print(f"== seed {seed} {method}: {' '.join(command[1:])}", flush=True)
+            if args.dry_run:
+                continue
+            t0 = time.perf_counter()
+            # cwd = the repository, so the reviewkd imported is the one beside this script.
+            done = subprocess.run(command, cwd=REPO, check=False)
+            if done.returncode != 0:
+                print(
+                    f"quality_cifar10: seed {seed} {method} failed (exit {done.returncode})", file=sys.stderr
+                )
+                return done.returncode
+            result = summarize_run(run_dir, epochs) | {"wall_seconds": time.perf_counter() - t0}
+            per_seed.setdefault(seed, {})[method] = result
+            table = _write_results(json_path, args, preset, per_seed)
+            print(table, flush=True)
+    if not args.dry_run:
+        print(f"wrote {json_path}")
     return 0
 
 

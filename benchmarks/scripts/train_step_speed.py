@@ -7,11 +7,9 @@ in an order that rotates between repetitions, so load from other processes hits 
 alike; medians and inter-quartile ranges are reported, and ratios are only meaningful within
 one run.
 
-The "official" contender follows github.com/dvlab-research/ReviewKD: its ABF interpolates the
-residual at every fusing level, its `hcl` pools student and teacher maps separately at every
-pyramid level, fp32, the default (NCHW) memory format, the teacher under torch.no_grad, and a
-plain SGD optimizer. Our models have no `is_feat` switch, so its features come from forward
-hooks, as ours do.
+The "official" contender is benchmarks/scripts/reference_reviewkd.py (the official code's ABF,
+`hcl` and review chain), run at fp32 in the default (NCHW) memory format, the teacher under
+torch.no_grad, with a plain SGD optimizer.
 
 Unlike the other benchmarks (which import only `deploy`) this script times the training code
 itself, so it imports `reviewkd`.
@@ -35,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from tabulate import tabulate
 from torch import nn
 
 from benchmarks.environment import cpu_model, library_versions
+from benchmarks.scripts.reference_reviewkd import OfficialDistillation
 from deploy.fileio import write_json_atomic, write_text_atomic
 from reviewkd.distiller import ReviewKD
 from reviewkd.models import create_model
-from reviewkd.taps import default_taps
 
 SECTION_TITLE = "## ReviewKD training step speed (issue 2)"
 RESULTS_TITLE = "# Benchmark results"
@@ -51,10 +49,11 @@ NUM_CLASSES = 10
 HCL_WEIGHT = 1.0
 GOAL_RATIO = 0.85
 NOTES = """\
-Rows: `official` is the reference-style step (see the module docstring of
-`benchmarks/scripts/train_step_speed.py`); `ours` is our step with the options the training engine passes
-(`channels_last`: models, ABF and inputs in torch.channels_last; `fuse_teacher`:
-`ReviewKD(..., fuse_teacher=True)`, BatchNorm folded into the teacher's convolutions;
+Rows: `official` is the reference-style step (`benchmarks/scripts/reference_reviewkd.py`, run
+as the module docstring of `benchmarks/scripts/train_step_speed.py` says); `ours` is our step
+with the options the training engine passes (`channels_last`: models, ABF and inputs in
+torch.channels_last; `fuse_teacher`: `ReviewKD(..., fuse_teacher=True)`, BatchNorm folded into
+the teacher's convolutions;
 `fused_sgd`: `torch.optim.SGD(..., fused=True)`); `ours-bf16` adds
 `torch.autocast("cpu", dtype=torch.bfloat16)`; the other rows switch on one option at a time
 (`ours-plain`: none). Every row shares the core changes of issue 2: the ABF computes the residual's
@@ -102,120 +101,6 @@ class Options:
         return "+".join(on) if on else "defaults"
 
 
-# ---------------------------------------------------------------------------------- official style
-
-
-class OfficialABF(nn.Module):
-    """ABF as the reference code writes it: square shapes, the residual interpolated every time."""
-
-    def __init__(self, in_channel: int, mid_channel: int, out_channel: int, fuse: bool) -> None:
-        super().__init__()
-        project = nn.Conv2d(in_channel, mid_channel, kernel_size=1, bias=False)
-        expand = nn.Conv2d(mid_channel, out_channel, kernel_size=3, stride=1, padding=1, bias=False)
-        self.conv1 = nn.Sequential(project, nn.BatchNorm2d(mid_channel))
-        self.conv2 = nn.Sequential(expand, nn.BatchNorm2d(out_channel))
-        self.att_conv = (
-            nn.Sequential(nn.Conv2d(mid_channel * 2, 2, kernel_size=1), nn.Sigmoid()) if fuse else None
-        )
-        nn.init.kaiming_uniform_(project.weight, a=1)
-        nn.init.kaiming_uniform_(expand.weight, a=1)
-
-    def forward(
-        self, x: torch.Tensor, y: torch.Tensor | None = None, shape: int = 0, out_shape: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, _, h, w = x.shape
-        x = self.conv1(x)
-        if self.att_conv is not None:
-            assert y is not None
-            y = F.interpolate(y, (shape, shape), mode="nearest")
-            z = self.att_conv(torch.cat([x, y], dim=1))
-            x = x * z[:, 0].view(n, 1, h, w) + y * z[:, 1].view(n, 1, h, w)
-        if x.shape[-1] != out_shape:
-            x = F.interpolate(x, (out_shape, out_shape), mode="nearest")
-        return self.conv2(x), x
-
-
-def official_hcl(fstudent: Sequence[torch.Tensor], fteacher: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The reference `hcl`: each pyramid level pools the student and the teacher map separately."""
-    loss_all = torch.zeros(())
-    for fs, ft in zip(fstudent, fteacher, strict=True):
-        h = fs.shape[2]
-        loss = F.mse_loss(fs, ft, reduction="mean")
-        cnt, tot = 1.0, 1.0
-        for level in (4, 2, 1):
-            if level >= h:
-                continue
-            tmpfs = F.adaptive_avg_pool2d(fs, (level, level))
-            tmpft = F.adaptive_avg_pool2d(ft, (level, level))
-            cnt /= 2.0
-            loss = loss + F.mse_loss(tmpfs, tmpft, reduction="mean") * cnt
-            tot += cnt
-        loss_all = loss_all + loss / tot
-    return loss_all
-
-
-class HookedFeatures:
-    """Logits plus the outputs of `taps`, recorded by forward hooks (the stand-in for is_feat)."""
-
-    def __init__(self, model: nn.Module, taps: Sequence[str]) -> None:
-        self.model = model
-        self.taps = list(taps)
-        self.features: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
-        for tap in self.taps:
-            modules[tap].register_forward_hook(self._hook(tap))
-
-    def _hook(self, tap: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-            self.features[tap] = output
-
-        return hook
-
-    def __call__(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        logits = self.model(x)
-        feats = [self.features[tap] for tap in self.taps]
-        feats = [f.view(f.shape[0], f.shape[1], 1, 1) if f.dim() == 2 else f for f in feats]
-        return feats, logits
-
-
-class OfficialReviewKD(nn.Module):
-    """The reference ReviewKD wrapper: student features reversed, the ABF chain deepest first."""
-
-    def __init__(
-        self,
-        student: nn.Module,
-        taps: Sequence[str],
-        in_channels: Sequence[int],
-        out_channels: Sequence[int],
-        shapes: Sequence[int],
-        out_shapes: Sequence[int],
-        mid_channel: int,
-    ) -> None:
-        super().__init__()
-        self.student = student
-        self.hooked = HookedFeatures(student, taps)
-        self.shapes = list(shapes)[::-1]
-        self.out_shapes = list(out_shapes)[::-1]
-        abfs = nn.ModuleList(
-            OfficialABF(c, mid_channel, out_channels[i], i < len(in_channels) - 1)
-            for i, c in enumerate(in_channels)
-        )
-        self.abfs = abfs[::-1]
-
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        feats, logit = self.hooked(x)
-        feats = feats[::-1]
-        results = []
-        out_features, res_features = self.abfs[0](feats[0], out_shape=self.out_shapes[0])
-        results.append(out_features)
-        for features, abf, shape, out_shape in zip(
-            feats[1:], self.abfs[1:], self.shapes[1:], self.out_shapes[1:], strict=True
-        ):
-            out_features, res_features = abf(features, res_features, shape, out_shape)
-            results.insert(0, out_features)
-        return results, logit
-
-
 # -------------------------------------------------------------------------------------- contenders
 
 
@@ -236,30 +121,12 @@ def official_step(
     pair: Pair, teacher: nn.Module, student: nn.Module
 ) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """Build the reference-style training step; returns step(images, targets) -> loss."""
-    taps_s = default_taps(student, pair.input_shape)
-    taps_t = default_taps(teacher, pair.input_shape)
-    hooked_teacher = HookedFeatures(teacher.eval().requires_grad_(False), taps_t)
-    probe = torch.zeros(2, *pair.input_shape)
-    with torch.no_grad():
-        t_feats, _ = hooked_teacher(probe)
-        student.eval()
-        s_feats, _ = HookedFeatures(copy.deepcopy(student), taps_s)(probe)
-    model = OfficialReviewKD(
-        student,
-        taps_s,
-        in_channels=[f.shape[1] for f in s_feats],
-        out_channels=[f.shape[1] for f in t_feats],
-        shapes=[f.shape[-1] for f in s_feats],
-        out_shapes=[f.shape[-1] for f in t_feats],
-        mid_channel=min(512, s_feats[-1].shape[1]),
-    ).train()
+    reference = OfficialDistillation(student, teacher, pair.input_shape, HCL_WEIGHT)
+    model = reference.model.train()
     optimizer = _sgd(list(model.parameters()))
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> float:
-        with torch.no_grad():
-            teacher_feats, _ = hooked_teacher(images)
-        results, logit = model(images)
-        loss = F.cross_entropy(logit, targets) + HCL_WEIGHT * official_hcl(results, teacher_feats)
+        loss = reference.loss(images, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -400,22 +267,32 @@ def environment() -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     """A Markdown table: one row per pair and contender."""
-    lines = [
-        "| pair | step | options | median ms/step | IQR ms | images/s | ours / official (medians) "
-        "| paired ratio | CPU ms/step | CPU-time ratio |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = (
+        "pair", "step", "options", "median ms/step", "IQR ms", "images/s", "ours / official (medians)",
+        "paired ratio", "CPU ms/step", "CPU-time ratio",
+    )  # fmt: skip
+    rows = []
     for pair_name, stats in results["pairs"].items():
         for name, s in stats.items():
             options = (
                 "reference (fp32, NCHW, no_grad)" if s["options"] is None else Options(**s["options"]).label()
             )
-            lines.append(
-                f"| {pair_name} | {name} | {options} | {s['median_ms']:.1f} | {s['iqr_ms']:.1f} | "
-                f"{s['images_per_s']:.1f} | {s['ratio_to_official']:.3f} | {s['paired_ratio_median']:.3f} | "
-                f"{s['cpu_median_ms']:.1f} | {s['cpu_ratio_to_official']:.3f} |"
+            rows.append(
+                (
+                    pair_name,
+                    name,
+                    options,
+                    f"{s['median_ms']:.1f}",
+                    f"{s['iqr_ms']:.1f}",
+                    f"{s['images_per_s']:.1f}",
+                    f"{s['ratio_to_official']:.3f}",
+                    f"{s['paired_ratio_median']:.3f}",
+                    f"{s['cpu_median_ms']:.1f}",
+                    f"{s['cpu_ratio_to_official']:.3f}",
+                )
             )
-    return "\n".join(lines)
+    align = ("left", "left", "left", *("right" for _ in header[3:]))
+    return tabulate(rows, header, tablefmt="pipe", colalign=align, disable_numparse=True)
 
 
 def markdown_section(results: dict[str, Any]) -> str:

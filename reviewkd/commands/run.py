@@ -176,7 +176,13 @@ def build_stages(config: Config, run: Path, args: argparse.Namespace) -> list[St
         Stage(
             "report",
             report,
-            lambda: ["report/validate.json", "report/bench.json", "metrics.jsonl"],
+            # The baseline's metrics feed the report's student-vs-baseline curves.
+            lambda: [
+                "report/validate.json",
+                "report/bench.json",
+                "metrics.jsonl",
+                f"{BASELINE_DIR}/metrics.jsonl",
+            ],
             lambda: ["report/report.json", "report/report.md", "report/report.html"],
         ),
     ]

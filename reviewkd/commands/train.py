@@ -4,7 +4,7 @@ teacher [--config FILE|NAME] --out DIR [--epochs N] [--device D] [--resume] [key
     trains teacher.arch with cross-entropy; writes DIR/teacher.safetensors, metrics, manifest.
 distill [--config FILE|NAME] --out DIR [--epochs N] [--device D] [--resume] [key=value ...]
     distils student.arch with method.name; without teacher.weights, trains the teacher first
-    into DIR/teacher/. Writes the run directory of DESIGN.md section 3.
+    into DIR/teacher/. Writes the run directory of docs/METHOD.md section 5.
 
 Without --config the embedded default (digits) is used. With --resume and no --config, the run's own
 DIR/config.yaml is the base. Overrides are dotted keys, e.g. `optim.lr=0.05 method.name=kd`.

@@ -1,4 +1,5 @@
-"""benchmarks.report: report.json keys, report.md, a self-contained report.html, the final table."""
+"""benchmarks.report: report.json keys, report.md, a self-contained report.html, the final table,
+and the distillation headline over the run's cross-entropy baseline."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from benchmarks.report import (
     BENCH_FILE,
     VALIDATE_FILE,
     build_report,
+    document,
     format_entries,
     format_final_table,
     load_result,
@@ -43,6 +45,24 @@ LATENCY_KEYS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "throughput_i
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _write_metrics(run: Path, val_top1: list[float]) -> None:
+    lines = [
+        {"epoch": e + 1, "loss": 2.0 / (e + 1), "ce": 1.5 / (e + 1), "hcl": 0.5 / (e + 1), "val_top1": top1}
+        for e, top1 in enumerate(val_top1)
+    ]
+    # A torn last line, as a run killed mid-write leaves it.
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"epoch": 4, "lo')
+
+
+def add_ce_baseline(run: Path, top1: float = 78.25) -> None:
+    """What `reviewkd run` adds: a cross-entropy student in RUN/baseline_ce, named in the manifest."""
+    (run / "baseline_ce").mkdir()
+    _write_metrics(run / "baseline_ce", [45.0, 60.0, top1])
+    manifest = read_manifest(run)
+    manifest["baselines"] = {"ce": {"top1": top1, "top5": 98.0, "run": "baseline_ce", "sha256": "0" * 64}}
+    write_manifest(run, manifest)
+
+
 def make_run(tmp_path: Path) -> tuple[Path, nn.Module]:
     """A run directory as training and export leave it: manifest, student, ONNX file, metrics."""
     run = tmp_path / "run"
@@ -62,17 +82,7 @@ def make_run(tmp_path: Path) -> tuple[Path, nn.Module]:
     record_artifact(run, manifest, "student.safetensors", "weights")
     record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
     write_manifest(run, manifest)
-    lines = [
-        {
-            "epoch": e,
-            "loss": 2.0 / (e + 1),
-            "ce": 1.5 / (e + 1),
-            "hcl": 0.5 / (e + 1),
-            "val_top1": 50.0 + 10 * e,
-        }
-        for e in range(3)
-    ]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"epoch": 3, "lo')
+    _write_metrics(run, [50.0, 60.0, 81.5])
     return run, module
 
 
@@ -155,7 +165,8 @@ def test_report_md_and_self_contained_html(measured_run: Path) -> None:
     markdown = (out / "report.md").read_text()
     for key in FORMATS:
         assert key in markdown
-    assert "| format | status |" in markdown and "81.50" in markdown
+    assert re.search(r"^\| format +\| status +\|", markdown, flags=re.MULTILINE) and "81.50" in markdown
+    assert "max \\|diff\\|" in markdown  # a "|" inside a cell does not split the column
 
     page = (out / "report.html").read_text()
     assert not re.search(r"https?://", page)
@@ -172,34 +183,103 @@ def test_report_md_and_self_contained_html(measured_run: Path) -> None:
         assert entry["kind"] == "report" and entry["sha256"] == sha256_file(out / name)
 
 
-def test_final_table_lists_every_format(measured_run: Path) -> None:
-    table = format_final_table(write_report(measured_run))
-    lines = table.splitlines()
-    assert lines[0].split() == [
-        "format",
-        "status",
-        "size",
-        "MB",
-        "top-1",
-        "%",
-        "agree",
-        "%",
-        "p50",
-        "ms",
-        "@1",
-        "img/s",
-        "@4",
-    ]
-    rows = {line.split()[0]: line.split() for line in lines[2:5]}
+def _columns(table_lines: list[str]) -> list[list[str]]:
+    """Split the table under its dashed rule: each cell is the text above its run of dashes."""
+    spans = [m.span() for m in re.finditer(r"-+", table_lines[1])]
+    return [[line[start:end].strip() for start, end in spans] for line in table_lines]
+
+
+def test_final_table_lists_every_format_in_aligned_columns(measured_run: Path) -> None:
+    lines = format_final_table(write_report(measured_run)).splitlines()
+    assert lines[0].startswith("distillation gain: ")
+    table = lines[1:6]
+    rule = table[1]
+    assert set(rule) == {"-", " "} and "   " not in rule  # dashes two spaces apart
+    cells = _columns(table)
+    assert cells[0] == ["format", "status", "size MB", "top-1 %", "agree %", "p50 ms @1", "img/s @4"]
+    rows = {row[0]: row for row in cells[2:]}
     assert set(rows) == set(FORMATS)
     assert rows["onnxruntime/fp32"][1:2] == ["ok"]
     assert rows["onnxruntime/fp32"][4:] == ["100.00", "1.500", str(round(4 * 1000 / 1.5))]
     assert rows["torch/fp32"][4] == "ref"
     assert rows["tensorrt/fp16"][1:] == ["skipped", "-", "-", "-", "-", "-"]
+    # Names and statuses flush left, numbers flush right, each column as wide as its widest cell.
+    for line in table[2:]:
+        for index, (start, end) in enumerate(m.span() for m in re.finditer(r"-+", rule)):
+            cell = line[start:end]
+            assert cell.rstrip() == cell.strip() if index < 2 else cell.lstrip() == cell.strip(), line
+    assert all(len(line) <= len(rule) for line in table)
     assert any(
         line.startswith("tensorrt/fp16: skipped: validate, bench: TensorRT is not installed")
-        for line in lines
+        for line in lines[6:]
     )
+
+
+def test_a_final_table_column_is_one_line(measured_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = document.Column(
+        "n", "right", lambda key, entry, batch: str((entry["accuracy"] or {}).get("n", "-"))
+    )
+    monkeypatch.setattr(document, "FINAL_TABLE_COLUMNS", (*document.FINAL_TABLE_COLUMNS, samples))
+    cells = _columns(format_final_table(write_report(measured_run)).splitlines()[1:6])
+    assert cells[0][-2:] == ["img/s @4", "n"]
+    assert {row[0]: row[-1] for row in cells[2:]} == {
+        "torch/fp32": "48",
+        "onnxruntime/fp32": "48",
+        "tensorrt/fp16": "-",
+    }
+    markdown = (measured_run / "report" / "report.md").read_text()
+    assert re.search(r"^\| format .*\| +n \|$", markdown, flags=re.MULTILINE)
+
+
+def test_headline_states_the_gain_over_the_cross_entropy_student(tmp_path: Path) -> None:
+    run, module = make_run(tmp_path)
+    add_ce_baseline(run, top1=78.25)
+    measure(run, module)
+    report = write_report(run)
+    gain = report["distillation"]
+    assert gain["status"] == "ok" and gain["baseline_run"] == "baseline_ce"
+    assert gain["gain_points"] == pytest.approx(81.5 - 78.25)
+    line = "distillation gain: +3.25 top-1 points, reviewkd 81.50% vs cross-entropy 78.25%"
+    assert format_final_table(report).splitlines()[0].startswith(line)
+    out = run / "report"
+    assert f"**{line}" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert f'<p class="headline">{line}' in page
+    # The students' curves: one more plot, embedded like the others.
+    assert report["plots"][-1] == "students.png"
+    assert (out / "students.png").read_bytes().startswith(PNG_MAGIC)
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
+    assert read_manifest(run)["artifacts"]["report/students.png"]["kind"] == "report"
+
+    # The baseline gone (a run without one): no gain, and no stale curves left behind.
+    manifest = read_manifest(run)
+    del manifest["baselines"]
+    write_manifest(run, manifest)
+    report = write_report(run)
+    assert report["distillation"]["status"] == "not measured"
+    assert not (out / "students.png").exists()
+    assert "report/students.png" not in read_manifest(run)["artifacts"]
+
+
+def test_without_a_baseline_the_headline_says_so(measured_run: Path) -> None:
+    report = write_report(measured_run)
+    assert report["distillation"]["status"] == "not measured"
+    first = format_final_table(report).splitlines()[0]
+    assert first.startswith("distillation gain: not measured: this run has no cross-entropy baseline")
+    assert "--no-baseline" in first
+    assert first in (measured_run / "report" / "report.md").read_text()
+    assert "students.png" not in report["plots"]
+
+
+def test_a_cross_entropy_student_claims_no_gain(tmp_path: Path) -> None:
+    run, _ = make_run(tmp_path)
+    add_ce_baseline(run)
+    manifest = read_manifest(run)
+    manifest["method"] = {"name": "ce", "params": {}}
+    write_manifest(run, manifest)
+    gain = build_report(run)["distillation"]
+    assert gain["status"] == "not measured" and "nothing was distilled" in gain["reason"]
+    assert "gain_points" not in gain
 
 
 def test_a_run_without_measurements_says_not_measured(tmp_path: Path) -> None:

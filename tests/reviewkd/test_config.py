@@ -17,7 +17,7 @@ from reviewkd.config import (
     shipped_configs,
 )
 
-# The ReviewKD paper's CIFAR-100 pairs and their HCL weights (DESIGN.md section 1).
+# The ReviewKD paper's CIFAR-100 pairs and their HCL weights (docs/METHOD.md section 1.4).
 CIFAR100_PAIRS = {
     "cifar100_resnet56_resnet20": ("cifar_resnet56", "cifar_resnet20", 0.6),
     "cifar100_resnet110_resnet32": ("cifar_resnet110", "cifar_resnet32", 1.0),

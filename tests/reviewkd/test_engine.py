@@ -17,10 +17,12 @@ from safetensors.torch import load_file
 
 from deploy.errors import UsageError
 from deploy.manifest import read_manifest, verify_artifact
+from reviewkd.checkpoint import load_checkpoint
 from reviewkd.cli import main
 from reviewkd.config import Config, load_config, save_config
-from reviewkd.engine import TrainingDivergedError, distill, load_checkpoint, read_metrics, train_teacher
+from reviewkd.engine import TrainingDivergedError, distill, train_teacher
 from reviewkd.models import create_model
+from reviewkd.run_record import read_metrics
 from tests.helpers import REPO_ROOT
 
 # One thread: identical reduction order in every process, so resumed weights can be compared exactly.
@@ -119,9 +121,9 @@ def test_run_directory_and_manifest_are_complete(teacher_file: Path, tmp_path: P
     assert student["sha256"] == m["artifacts"]["student.safetensors"]["sha256"]
     verify_artifact(tmp_path, m, "student.safetensors")
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")  # weights_only=True inside
-    assert ckpt["epoch"] == 2 and ckpt["step"] == 0 and ckpt["head"]  # ReviewKD's ABF head is saved
-    assert {"python", "numpy", "torch", "cuda"} <= set(ckpt["rng"])
-    assert {"optimizer", "scheduler", "scaler", "student", "best"} <= set(ckpt)
+    assert ckpt.epoch == 2 and ckpt.step == 0 and ckpt.head  # ReviewKD's ABF head is saved
+    assert {"python", "numpy", "torch", "cuda"} <= set(ckpt.rng)
+    assert ckpt.optimizer["state"] and ckpt.scheduler["last_epoch"] > 0 and ckpt.best is not None
 
     # The bare student: loads strictly into a fresh model, no ABF or teacher tensors.
     state = load_file(tmp_path / "student.safetensors")
@@ -165,7 +167,7 @@ def _wait_for_epochs(proc: subprocess.Popen[bytes], metrics: Path, epochs: int, 
 
 
 def _student_state(run: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run / "checkpoints" / "last.pt")["student"]
+    return load_checkpoint(run / "checkpoints" / "last.pt").student
 
 
 def _assert_same_run(run: Path, reference: Path) -> None:
@@ -227,7 +229,7 @@ def test_sigint_saves_mid_epoch_and_resume_is_exact(resume_setup: tuple[Path, Pa
     assert proc.returncode == 130, err.decode()
     assert b"continue with --resume" in out
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert ckpt["epoch"] >= 1
+    assert ckpt.epoch >= 1
     assert main(["distill", "--config", str(config_file), "--out", str(run), "--resume"]) == 0
     _assert_same_run(run, reference)
 
@@ -241,8 +243,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(teacher_file: Path, tmp_pa
         distill(config, tmp_path)
     assert info.value.exit_code == 1
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert ckpt["epoch"] == 1 and all(
-        torch.isfinite(v).all() for v in ckpt["student"].values() if v.is_floating_point()
+    assert ckpt.epoch == 1 and all(
+        torch.isfinite(v).all() for v in ckpt.student.values() if v.is_floating_point()
     )
     assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
     verify_artifact(tmp_path, read_manifest(tmp_path), "student.safetensors")

@@ -1,4 +1,4 @@
-"""HCL against values computed by hand, and against the literal DESIGN.md formula."""
+"""HCL against values computed by hand, and against the literal formula of docs/METHOD.md section 1.3."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from reviewkd import hcl_loss
 
 
 def literal_hcl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md section 1 written out with no shortcuts."""
+    """docs/METHOD.md section 1.3 written out with no shortcuts."""
     loss = F.mse_loss(s, t)
     weight, total = 1.0, 1.0
     for k in (4, 2, 1):

@@ -1,0 +1,231 @@
+"""report.json's content: one entry per format from the manifest and the stage results, the run's
+information, and the distillation gain over the run's cross-entropy baseline.
+
+A missing input is reported as "not measured"; no number is made up. Results whose file changed
+after they were measured (its sha256 differs from the manifest's) are "not measured" too, with the
+reason.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.environment import collect_environment
+from benchmarks.report.results import BENCH_FILE, VALIDATE_FILE, PathLike, load_result, read_metrics
+from benchmarks.targets import FAILED, NOT_MEASURED, OK, SKIPPED, artifact_formats
+from deploy.manifest import Manifest, read_manifest
+
+REPORT_SCHEMA_VERSION = 1
+REFERENCE_KEY = "torch/fp32"
+BASELINE_METHOD = "ce"
+
+
+def format_entries(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return the report's per-format entries (the keys "<backend>/<precision>"), in order."""
+    return {key: value for key, value in report.items() if "/" in key}
+
+
+def _stale_reason(stage: str, entry: Mapping[str, Any], manifest: Manifest) -> str | None:
+    file, sha = entry.get("file"), entry.get("sha256")
+    if not file or not sha:
+        return None
+    recorded = manifest.get("artifacts", {}).get(file)
+    if recorded is None:
+        return f"{file} is no longer in the manifest; its {stage} results are stale"
+    if recorded.get("sha256") != sha:
+        return f"{file} changed after {stage} ran; run reviewkd {stage} again"
+    return None
+
+
+def _stage_view(
+    stage: str, result: Mapping[str, Any] | None, key: str, manifest: Manifest
+) -> dict[str, Any] | None:
+    """Return a stage's entry for `key`, or None when the stage has no valid result for it."""
+    if result is None:
+        return None
+    entry = result["results"].get(key)
+    if entry is None or _stale_reason(stage, entry, manifest) is not None:
+        return None
+    return dict(entry)
+
+
+def _not_measured(stage: str, result: Mapping[str, Any] | None, key: str, manifest: Manifest) -> str:
+    if result is None:
+        return f"not measured: report/{stage}.json is missing (run reviewkd {stage})"
+    entry = result["results"].get(key)
+    if entry is None:
+        return f"not measured: reviewkd {stage} did not include {key}"
+    stale = _stale_reason(stage, entry, manifest)
+    return f"not measured: {stale}"
+
+
+def _combine(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, str | None]:
+    """Overall status of a format from its stages: any failure fails it; all skipped skips it."""
+    statuses = {name: s["status"] for name, s in stages.items() if s["status"] != NOT_MEASURED}
+    # Stages that give the same reason (a missing runtime stops both) are named together.
+    by_reason: dict[str, list[str]] = {}
+    for name, stage in stages.items():
+        if stage["status"] != OK and stage["reason"]:
+            by_reason.setdefault(stage["reason"], []).append(name)
+    reason = "; ".join(f"{', '.join(names)}: {text}" for text, names in by_reason.items()) or None
+    if not statuses:
+        return NOT_MEASURED, reason
+    if FAILED in statuses.values():
+        status = FAILED
+    elif all(value == SKIPPED for value in statuses.values()):
+        status = SKIPPED
+    else:
+        status = OK
+    return status, reason
+
+
+def _format_keys(
+    manifest: Manifest, validate: Mapping[str, Any] | None, bench: Mapping[str, Any] | None
+) -> list[str]:
+    keys: dict[str, None] = {REFERENCE_KEY: None}
+    for result in (validate, bench):
+        if result is not None:
+            keys.update(dict.fromkeys(result["results"]))
+    keys.update(dict.fromkeys(artifact_formats(manifest)))
+    return list(keys)
+
+
+def _static_fields(key: str, manifest: Manifest, views: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """backend, precision, file and size_bytes: from a stage's entry, else from the manifest."""
+    for view in views:
+        if view is not None:
+            return {name: view.get(name) for name in ("backend", "precision", "file", "size_bytes")}
+    backend, _, label = key.partition("/")
+    formats = artifact_formats(manifest)
+    if key in formats:
+        relpath, entry = formats[key]
+        return {
+            "backend": backend,
+            "precision": entry.get("precision", label),
+            "file": relpath,
+            "size_bytes": entry.get("size_bytes"),
+        }
+    weights = manifest.get("artifacts", {}).get("student.safetensors", {})
+    if key.startswith("torch/") and weights:
+        return {
+            "backend": backend,
+            "precision": label,
+            "file": "student.safetensors",
+            "size_bytes": weights.get("size_bytes"),
+        }
+    return {"backend": backend, "precision": label, "file": None, "size_bytes": None}
+
+
+def _run_info(run_dir: PathLike, manifest: Manifest, metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    student = manifest.get("student", {})
+    teacher = manifest.get("teacher", {})
+    method = manifest.get("method", {})
+    return {
+        "dir": str(Path(run_dir).resolve()),
+        "method": method.get("name"),
+        "method_params": method.get("params", {}),
+        "student": {"arch": student.get("arch"), "top1": student.get("top1"), "top5": student.get("top5")},
+        "teacher": {"arch": teacher.get("arch"), "top1": teacher.get("top1"), "top5": teacher.get("top5")},
+        "baselines": manifest.get("baselines"),
+        "num_classes": len(manifest.get("classes", [])) or student.get("num_classes"),
+        "input_shape": manifest.get("input", {}).get("shape"),
+        "dataset": manifest.get("data", {}).get("dataset"),
+        "epochs": len(metrics),
+    }
+
+
+def _distillation(manifest: Manifest) -> dict[str, Any]:
+    """The student's top-1 gain over the cross-entropy student trained in the same run, in points.
+
+    Both top-1 values are the manifest's: each student's best validation epoch, on the same
+    validation images. Without a baseline (`reviewkd run --no-baseline`, a plain `distill`) the
+    block says so instead of a gain.
+    """
+    method = manifest.get("method", {}).get("name")
+    student_top1 = manifest.get("student", {}).get("top1")
+    baseline = (manifest.get("baselines") or {}).get(BASELINE_METHOD)
+    block: dict[str, Any] = {"method": method, "student_top1": student_top1, "baseline": BASELINE_METHOD}
+    if method == BASELINE_METHOD:
+        reason = "the student itself was trained with cross-entropy alone (method ce); nothing was distilled"
+    elif not isinstance(baseline, Mapping):
+        reason = "this run has no cross-entropy baseline (`reviewkd run` trains one unless --no-baseline)"
+    elif student_top1 is None or baseline.get("top1") is None:
+        reason = "the student or the cross-entropy baseline has no top-1 in the manifest"
+    else:
+        return {
+            **block,
+            "status": OK,
+            "reason": None,
+            "baseline_top1": baseline["top1"],
+            "baseline_run": baseline.get("run"),
+            "gain_points": student_top1 - baseline["top1"],
+        }
+    return {**block, "status": NOT_MEASURED, "reason": reason}
+
+
+def build_report(run_dir: PathLike) -> dict[str, Any]:
+    """Assemble report.json's content from the run's manifest, validate.json, bench.json and metrics."""
+    manifest = read_manifest(run_dir)
+    validate = load_result(run_dir, VALIDATE_FILE)
+    bench = load_result(run_dir, BENCH_FILE)
+    metrics = read_metrics(run_dir)
+    report: dict[str, Any] = {"schema_version": REPORT_SCHEMA_VERSION}
+    report["generated_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report["run"] = _run_info(run_dir, manifest, metrics)
+    report["distillation"] = _distillation(manifest)
+    for key in _format_keys(manifest, validate, bench):
+        v_view = _stage_view("validate", validate, key, manifest)
+        b_view = _stage_view("bench", bench, key, manifest)
+        entry = _static_fields(key, manifest, (v_view, b_view))
+        stages: dict[str, dict[str, Any]] = {}
+        if v_view is None:
+            stages["validate"] = {
+                "status": NOT_MEASURED,
+                "reason": _not_measured("validate", validate, key, manifest),
+            }
+        else:
+            stages["validate"] = {"status": v_view["status"], "reason": v_view.get("reason")}
+        if b_view is None:
+            stages["bench"] = {"status": NOT_MEASURED, "reason": _not_measured("bench", bench, key, manifest)}
+        else:
+            stages["bench"] = {
+                "status": b_view["status"],
+                "reason": b_view.get("reason"),
+                "device": b_view.get("device"),
+                "timer": b_view.get("timer"),
+                "cuda_graphs": b_view.get("cuda_graphs"),
+                "skipped_batches": b_view.get("skipped_batches", {}),
+            }
+        status, reason = _combine(stages)
+        report[key] = {
+            "status": status,
+            "reason": reason,
+            **entry,
+            "reference": key == REFERENCE_KEY,
+            "accuracy": v_view.get("accuracy") if v_view else None,
+            "parity": v_view.get("parity") if v_view else None,
+            "latency": dict(b_view.get("latency", {})) if b_view else {},
+            "gates": list(v_view.get("gates", [])) if v_view else [],
+            **stages,
+        }
+    report["validation"] = (
+        {key: validate.get(key) for key in ("reference", "images", "passed", "failures", "gates")}
+        if validate is not None
+        else {"status": NOT_MEASURED, "reason": "report/validate.json is missing (run reviewkd validate)"}
+    )
+    report["bench"] = (
+        {"settings": bench.get("settings", {})}
+        if bench is not None
+        else {"status": NOT_MEASURED, "reason": "report/bench.json is missing (run reviewkd bench)"}
+    )
+    if bench is not None and bench.get("environment"):
+        report["environment"] = {**bench["environment"], "source": "bench"}
+    elif validate is not None and validate.get("environment"):
+        report["environment"] = {**validate["environment"], "source": "validate"}
+    else:
+        # Nothing was measured: describe the machine writing the report, and say so.
+        report["environment"] = {**collect_environment(), "source": "report"}
+    return report

@@ -1,0 +1,293 @@
+"""The report as one document: what every renderer (Markdown, HTML, terminal) shows, as text.
+
+`build_document` turns report.json's content into a `ReportDocument`: a headline (the
+distillation gain), the run's information, and sections holding tables of strings, bullet lines,
+notes and plots. The renderers only lay that out, so the three outputs cannot drift apart.
+
+The final table's columns are `FINAL_TABLE_COLUMNS`; a new column is one `Column(...)` line there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from benchmarks.report.assemble import format_entries
+from benchmarks.targets import NOT_MEASURED, OK
+
+TITLE = "reviewkd report"
+Align = Literal["left", "right"]
+RIGHT: Align = "right"
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows of text under a header; `status_column` marks the column holding a format's status."""
+
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    align: tuple[Align, ...]
+    status_column: int | None = None
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A PNG written beside the report, with the caption it is shown under."""
+
+    title: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Section:
+    """A titled part of the report: a note, a table, bullet lines and plots, shown in that order."""
+
+    title: str
+    note: str | None = None
+    table: Table | None = None
+    bullets: tuple[str, ...] = ()
+    plots: tuple[Plot, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReportDocument:
+    """Everything a renderer shows. The final table and the notes under it are what the terminal
+    prints; the other renderers show them as the "Formats" section, followed by the rest."""
+
+    title: str
+    headline: str
+    run: tuple[str, ...]
+    final_table: Table
+    format_notes: tuple[str, ...]
+    accuracy: Section
+    latency: Section
+    plots: Section
+    environment: Section
+
+    @property
+    def sections(self) -> tuple[Section, ...]:
+        """The sections in reading order."""
+        formats = Section("Formats", table=self.final_table, bullets=self.format_notes)
+        return (formats, self.accuracy, self.latency, self.plots, self.environment)
+
+
+# ----------------------------------------------------------------------------- numbers as text
+
+
+def number_text(value: Any, digits: int = 2) -> str:
+    """`value` with `digits` decimals; "-" for a missing value or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{float(value):.{digits}f}"
+
+
+def mb_text(megabytes: float) -> str:
+    """A file size in MB: two decimals, or three significant digits below 0.1 MB, where two
+    decimals would hide a small model's file entirely."""
+    return f"{megabytes:.2f}" if megabytes >= 0.1 else f"{megabytes:.3g}"
+
+
+def largest_batch(report: Mapping[str, Any]) -> int | None:
+    """Return the largest batch size any format was timed at (None when nothing was timed)."""
+    sizes = [int(b) for entry in format_entries(report).values() for b in entry.get("latency", {})]
+    return max(sizes) if sizes else None
+
+
+# ----------------------------------------------------------------------------- the final table
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the final table: its header ("{batch}" is the largest batch timed), its
+    alignment, and its cell from (report key, format entry, largest batch)."""
+
+    header: str
+    align: Align
+    cell: Callable[[str, Mapping[str, Any], int | None], str]
+
+
+def _size_mb(entry: Mapping[str, Any]) -> str:
+    size = entry.get("size_bytes")
+    return "-" if size is None else mb_text(size / 1e6)
+
+
+def _top1(entry: Mapping[str, Any]) -> str:
+    return number_text((entry.get("accuracy") or {}).get("top1"))
+
+
+def _agreement(entry: Mapping[str, Any]) -> str:
+    if entry.get("reference") and entry.get("accuracy"):
+        return "ref"
+    return number_text((entry.get("parity") or {}).get("top1_agreement"))
+
+
+def _p50_at_one(entry: Mapping[str, Any]) -> str:
+    stats = entry.get("latency", {}).get("1")
+    return "-" if stats is None else number_text(stats["p50_ms"], 3)
+
+
+def _throughput_at(entry: Mapping[str, Any], batch: int | None) -> str:
+    latency = entry.get("latency", {})
+    if not latency or batch is None:
+        return "-"
+    if str(batch) in latency:
+        return number_text(latency[str(batch)]["throughput_ips"], 0)
+    # Engines with a smaller batch profile: show their largest, labelled.
+    own = max(int(b) for b in latency)
+    return f"{number_text(latency[str(own)]['throughput_ips'], 0)} (@{own})"
+
+
+FINAL_TABLE_COLUMNS: tuple[Column, ...] = (
+    Column("format", "left", lambda key, entry, batch: key),
+    Column("status", "left", lambda key, entry, batch: str(entry["status"])),
+    Column("size MB", "right", lambda key, entry, batch: _size_mb(entry)),
+    Column("top-1 %", "right", lambda key, entry, batch: _top1(entry)),
+    Column("agree %", "right", lambda key, entry, batch: _agreement(entry)),
+    Column("p50 ms @1", "right", lambda key, entry, batch: _p50_at_one(entry)),
+    Column("img/s @{batch}", "right", lambda key, entry, batch: _throughput_at(entry, batch)),
+)
+
+
+def final_table(report: Mapping[str, Any]) -> Table:
+    """The final table: one row per format, the columns of FINAL_TABLE_COLUMNS."""
+    batch = largest_batch(report)
+    columns = FINAL_TABLE_COLUMNS
+    return Table(
+        header=tuple(column.header.format(batch=batch or "-") for column in columns),
+        rows=tuple(
+            tuple(column.cell(key, entry, batch) for column in columns)
+            for key, entry in format_entries(report).items()
+        ),
+        align=tuple(column.align for column in columns),
+        status_column=1,
+    )
+
+
+def _format_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
+    """Why each format that is not ok is not, and the failed gates."""
+    notes = [
+        f"{key}: {entry['status']}: {entry['reason']}"
+        for key, entry in format_entries(report).items()
+        if entry["status"] != OK and entry.get("reason")
+    ]
+    validation = report.get("validation", {})
+    if validation.get("passed") is False:
+        notes.append("validation FAILED: " + "; ".join(validation.get("failures", [])))
+    return tuple(notes)
+
+
+# ----------------------------------------------------------------------------- the other parts
+
+
+def headline(report: Mapping[str, Any]) -> str:
+    """One line: the student's top-1 gain over the run's cross-entropy student, or why there is none."""
+    gain = report.get("distillation") or {}
+    if gain.get("status") != OK:
+        reason = gain.get("reason") or "report.json has no distillation block (written by an older version)"
+        return f"distillation gain: not measured: {reason}"
+    return (
+        f"distillation gain: {gain['gain_points']:+.2f} top-1 points, {gain['method']} "
+        f"{gain['student_top1']:.2f}% vs cross-entropy {gain['baseline_top1']:.2f}% (same run, best epochs)"
+    )
+
+
+def _run_lines(report: Mapping[str, Any]) -> tuple[str, ...]:
+    run = report.get("run", {})
+    student, teacher = run.get("student", {}), run.get("teacher", {})
+    lines = [
+        f"method: {run.get('method') or '-'}",
+        f"student: {student.get('arch') or '-'} (top-1 {number_text(student.get('top1'))})",
+        f"teacher: {teacher.get('arch') or '-'} (top-1 {number_text(teacher.get('top1'))})",
+        f"dataset: {run.get('dataset') or '-'}, classes: {run.get('num_classes') or '-'}, "
+        f"input: {run.get('input_shape') or '-'}, epochs logged: {run.get('epochs', 0)}",
+    ]
+    for name, base in (run.get("baselines") or {}).items():
+        top1 = base.get("top1") if isinstance(base, Mapping) else base
+        lines.append(f"baseline {name}: top-1 {number_text(top1)}")
+    return tuple(lines)
+
+
+def _stage_note(report: Mapping[str, Any], block: str) -> str | None:
+    value = report.get(block, {})
+    return value.get("reason") if value.get("status") == NOT_MEASURED else None
+
+
+def _accuracy_table(report: Mapping[str, Any]) -> Table:
+    header = ("format", "top-1 %", "top-5 %", "n", "max |diff|", "mean |diff|", "agree %", "gates")
+    rows = []
+    for key, entry in format_entries(report).items():
+        acc = entry.get("accuracy") or {}
+        par = entry.get("parity") or {}
+        gates = entry.get("gates", [])
+        gate_text = ", ".join(f"{g['gate']} {'pass' if g['passed'] else 'FAIL'}" for g in gates) or "-"
+        rows.append(
+            (
+                key,
+                number_text(acc.get("top1")),
+                number_text(acc.get("top5")),
+                str(acc.get("n", "-")),
+                "-" if par.get("max_abs_diff") is None else f"{par['max_abs_diff']:.3g}",
+                "-" if par.get("mean_abs_diff") is None else f"{par['mean_abs_diff']:.3g}",
+                number_text(par.get("top1_agreement")),
+                gate_text,
+            )
+        )
+    return Table(header, tuple(rows), ("left", "right", "right", "right", "right", "right", "right", "left"))
+
+
+def _latency_table(report: Mapping[str, Any]) -> Table:
+    header = ("format", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s")
+    rows = []
+    for key, entry in format_entries(report).items():
+        for batch in sorted(entry.get("latency", {}), key=int):
+            stats = entry["latency"][batch]
+            timings = (number_text(stats[f], 3) for f in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms"))
+            rows.append((key, batch, *timings, number_text(stats["throughput_ips"], 1)))
+    return Table(header, tuple(rows), ("left", *(RIGHT for _ in header[1:])))
+
+
+def _environment_lines(report: Mapping[str, Any]) -> tuple[str, ...]:
+    env = report.get("environment", {})
+    cpu = env.get("cpu", {})
+    gpu = env.get("gpu")
+    libraries = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items() if v)
+    return (
+        f"recorded by: {env.get('source', '-')}",
+        f"CPU: {cpu.get('model', '-')} "
+        f"({cpu.get('usable_cores', '-')} usable of {cpu.get('logical_cores', '-')} cores)",
+        f"GPU: {gpu.get('name') if gpu else 'none'}",
+        f"threads: {json.dumps(env.get('threads', {}))}",
+        f"python {env.get('python', '-')}; {libraries}",
+    )
+
+
+def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> ReportDocument:
+    """The document of report.json's content `report`, showing `plots` (already drawn)."""
+    accuracy_note = _stage_note(report, "validation")
+    latency_note = _stage_note(report, "bench")
+    latency = _latency_table(report)
+    if latency_note is None and not latency.rows:
+        latency_note = "No format was timed."
+    return ReportDocument(
+        title=TITLE,
+        headline=headline(report),
+        run=_run_lines(report),
+        final_table=final_table(report),
+        format_notes=_format_notes(report),
+        accuracy=Section(
+            "Accuracy and parity against torch/fp32",
+            note=accuracy_note,
+            table=None if accuracy_note else _accuracy_table(report),
+        ),
+        latency=Section("Latency", note=latency_note, table=None if latency_note else latency),
+        plots=Section(
+            "Plots",
+            note=None if plots else "Nothing to plot: no timings, accuracies or training records.",
+            plots=tuple(plots),
+        ),
+        environment=Section("Environment", bullets=_environment_lines(report)),
+    )

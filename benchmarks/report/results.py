@@ -1,0 +1,78 @@
+"""The report's inputs inside a run directory: the stage results in RUN/report and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from deploy.errors import UsageError
+from deploy.fileio import write_json_atomic
+from deploy.manifest import forget_artifact, read_manifest, record_artifact, write_manifest
+
+REPORT_DIR = "report"
+VALIDATE_FILE = "validate.json"
+BENCH_FILE = "bench.json"
+METRICS_FILE = "metrics.jsonl"
+
+PathLike = str | os.PathLike[str]
+
+
+def report_dir(run_dir: PathLike) -> Path:
+    """Return RUN/report."""
+    return Path(run_dir) / REPORT_DIR
+
+
+def record_report_files(run_dir: PathLike, paths: Sequence[Path], removed: Sequence[Path] = ()) -> None:
+    """Add report files to the manifest (kind "report"), so a resumed pipeline can verify them;
+    forget the `removed` ones."""
+    manifest = read_manifest(run_dir)
+    root = Path(run_dir)
+    for path in paths:
+        record_artifact(run_dir, manifest, path.relative_to(root).as_posix(), "report")
+    for path in removed:
+        forget_artifact(manifest, path.relative_to(root).as_posix())
+    write_manifest(run_dir, manifest)
+
+
+def save_result(run_dir: PathLike, name: str, data: Mapping[str, Any]) -> Path:
+    """Write a stage's result (VALIDATE_FILE or BENCH_FILE) to RUN/report atomically and record it."""
+    path = report_dir(run_dir) / name
+    write_json_atomic(path, data)
+    record_report_files(run_dir, [path])
+    return path
+
+
+def load_result(run_dir: PathLike, name: str) -> dict[str, Any] | None:
+    """Read RUN/report/<name>; None when it does not exist, UsageError when it is not valid JSON."""
+    path = report_dir(run_dir) / name
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: not readable JSON ({exc}); run the stage that writes it again") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise UsageError(f"{path}: no 'results' object; run the stage that writes it again")
+    return data
+
+
+def read_metrics(run_dir: PathLike) -> list[dict[str, Any]]:
+    """Return the per-epoch records of RUN/metrics.jsonl ([] when absent); bad lines are skipped.
+
+    A run killed mid-write can leave a torn last line; the curves should still be drawn.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int | float):
+            records.append(record)
+    return records

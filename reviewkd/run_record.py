@@ -1,0 +1,132 @@
+"""What a training run writes besides its checkpoint: metrics.jsonl, the best weights, manifest.json.
+
+Only rank 0 calls the writers. Every file is written atomically, except metrics.jsonl, which is
+appended one fsync'ed line per epoch; a line cut short by a kill is skipped when read, and on resume
+the file is cut back to the epochs the checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deploy.fileio import atomic_output, write_text_atomic
+from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
+from reviewkd.config import Config
+from reviewkd.data import DataBundle
+
+STUDENT_FILE = "student.safetensors"
+TEACHER_FILE = "teacher.safetensors"
+METRICS_FILE = "metrics.jsonl"
+
+
+def weights_file(role: str) -> str:
+    """The best-weights file name of a run: student.safetensors, or teacher.safetensors for a teacher."""
+    return STUDENT_FILE if role == "student" else TEACHER_FILE
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a state_dict as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Append one epoch's record to metrics.jsonl and flush it to disk."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The complete JSON lines of metrics.jsonl (a line cut short by a kill is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "epoch" in record:
+                records.append(record)
+    return records
+
+
+def truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Keep one line per epoch up to `epochs_done`: the state last.pt holds."""
+    kept: dict[int, dict[str, Any]] = {}
+    for record in read_metrics(path):
+        if record["epoch"] <= epochs_done:
+            kept[record["epoch"]] = record
+    if path.exists() or kept:
+        write_text_atomic(path, "".join(json.dumps(kept[e]) + "\n" for e in sorted(kept)))
+
+
+def method_params(config: Config) -> dict[str, Any]:
+    """The hyper-parameters the configured method actually uses (for the manifest)."""
+    m = config.method
+    params: dict[str, Any] = {}
+    if m.name == "ce":
+        return params
+    params["warmup_epochs"] = m.warmup_epochs
+    if m.name in ("kd", "reviewkd+kd"):
+        params.update(kd_weight=m.kd_weight, temperature=m.temperature)
+    if m.name in ("reviewkd", "reviewkd+kd"):
+        params.update(hcl_weight=m.hcl_weight, student_taps=m.student_taps, teacher_taps=m.teacher_taps)
+    return params
+
+
+def write_run_manifest(
+    out_dir: Path,
+    config: Config,
+    bundle: DataBundle,
+    role: str,
+    teacher_record: dict[str, Any],
+    best: dict[str, Any] | None,
+) -> None:
+    """(Re)write manifest.json from the config, the data and the best model in last.pt."""
+    path = out_dir / "manifest.json"
+    manifest = read_manifest(out_dir) if path.is_file() else new_manifest()
+    manifest["classes"] = list(bundle.classes)
+    manifest["input"] = bundle.manifest_input()
+    manifest["data"] = bundle.manifest_data()
+    name = weights_file(role)
+    record: dict[str, Any] = {"arch": config.student.arch, "num_classes": bundle.num_classes}
+    if best is not None:
+        entry = record_artifact(out_dir, manifest, name, "weights", role=role)
+        record.update(
+            weights=name,
+            sha256=entry["sha256"],
+            top1=best["top1"],
+            top5=best["top5"],
+            epoch=best["epoch"],
+        )
+    if role == "student":
+        manifest["method"] = {"name": config.method.name, "params": method_params(config)}
+        manifest["teacher"] = teacher_record
+        manifest["student"] = record
+    else:
+        manifest["method"] = {"name": "ce", "params": {}}
+        manifest["teacher"] = record
+    write_manifest(out_dir, manifest)
+
+
+def write_best(
+    out_dir: Path,
+    config: Config,
+    bundle: DataBundle,
+    role: str,
+    teacher_record: dict[str, Any],
+    best: dict[str, Any],
+) -> None:
+    """Write the best weights (from last.pt's `best`) and the manifest that records them."""
+    meta = {"arch": config.student.arch, "num_classes": str(bundle.num_classes), "role": role}
+    save_weights(best["state"], out_dir / weights_file(role), meta)
+    write_run_manifest(out_dir, config, bundle, role, teacher_record, best)
