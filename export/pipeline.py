@@ -41,7 +41,7 @@ from deploy.manifest import (
 from deploy.predict import STUDENT_SHA256_KEY
 from deploy.run_lock import locks_run
 from export.check import CheckResult, check_file
-from export.onnx_export import DEFAULT_OPSET, export_fp32, strip_student
+from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_fp32, strip_student
 from export.precision import CALIBRATION_METHODS, collect_calibration, convert_fp16, quantize_int8
 from export.preprocessing import bake_preprocessing as bake_uint8_input
 from export.preprocessing import to_uint8_nhwc
@@ -259,6 +259,8 @@ def export_run(
     wanted = list(formats) if formats is not None else None
     if wanted is not None:
         parse_formats(wanted)
+    if opset < MIN_OPSET:
+        raise UsageError(f"--opset {opset}: export needs opset {MIN_OPSET} or newer")
     if calib_method not in CALIBRATION_METHODS:
         raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
     for name, value in (

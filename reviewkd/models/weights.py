@@ -33,8 +33,9 @@ def _is_safetensors(path: Path) -> bool:
 
 # Terminal colour codes torch puts in some of its messages.
 _ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
-# The part of torch's weights_only refusal that names what it refused ("Unsupported global: ...").
-_REFUSED_GLOBAL = re.compile(r"WeightsUnpickler error: (.*?)(?: was not an allowed global by default|\.\s|$)")
+# The callable torch's weights_only refusal names ("Unsupported global: GLOBAL posix.system ...",
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked").
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 # Longest torch message quoted in one of our one-line errors.
 _QUOTE_LIMIT = 200
 
@@ -49,7 +50,7 @@ def describe_torch_load_error(exc: BaseException) -> str:
     text = _ANSI_CODES.sub("", str(exc))
     if "Weights only load failed" in text:
         refused = _REFUSED_GLOBAL.search(text)
-        what = f" ({refused.group(1).strip()})" if refused else ""
+        what = f" (the global {refused.group(1)})" if refused else ""
         return (
             f"it holds pickled Python objects besides tensors{what}; unpickling them could run"
             " arbitrary code, so reviewkd reads checkpoints with weights_only=True only: re-save the"
