@@ -319,6 +319,46 @@ ROWS: tuple[Row, ...] = (
         2,
         "validate.json: not readable JSON",
     ),
+    Row(
+        "validate: report/ is a file",
+        lambda t, r: [
+            "validate",
+            str(_parent(_write(r / "report", "a file"))),
+            "--device",
+            "cpu",
+            "--limit",
+            "32",
+        ],
+        2,
+        "report/validate.json: cannot write it",
+    ),
+    Row(
+        "bench: report/ is a file",
+        lambda t, r: [
+            "bench",
+            str(_parent(_write(r / "report", "a file"))),
+            "--device",
+            "cpu",
+            "--batch-sizes",
+            "1",
+            "--iters",
+            "1",
+        ],
+        2,
+        "report/bench.json: cannot write it",
+    ),
+    Row(
+        "report: report/ is a file",
+        lambda t, r: ["report", str(_parent(_write(r / "report", "a file")))],
+        2,
+        "report",
+    ),
+    Row(
+        "triton: --out inside a file",
+        lambda t, r: ["triton", str(r), "--out", str(_write(t / "file", "x") / "repo")],
+        2,
+        "file",
+    ),
     Row("report: no such run", lambda t, r: ["report", str(t / "none")], 2, "no manifest.json"),
     # ---- distill and teacher: configs
     Row(
