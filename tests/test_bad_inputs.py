@@ -675,3 +675,43 @@ def test_retraining_takes_the_exports_out_of_service(run: Path, tmp_path: Path) 
     assert not (tmp_path / "repo").exists()
     assert main(["export", str(run), "--formats", "onnx", "--check-samples", "64"]) == 0
     assert reviewkd("predict", str(run), str(image)).returncode == 0
+
+
+def _disk_full_for(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The disk fills up exactly when `name` is renamed into place."""
+    real_replace = os.replace
+
+    def replace(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+        if Path(target).name == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(source))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_full_disk_during_training_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _disk_full_for(monkeypatch, "last.pt")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["distill", "--out", str(out), *TINY_TRAINING, "train.epochs=1"], capsys)
+    assert code == 2
+    assert err == (
+        f"reviewkd distill: error: {out / 'checkpoints' / 'last.pt'}: cannot write it"
+        " (No space left on device)\n"
+    )
+    assert [p.name for p in (out / "checkpoints").iterdir()] == []
+
+
+def test_a_full_disk_during_export_is_one_line(
+    run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = snapshot(run)
+    _disk_full_for(monkeypatch, "student.onnx")
+    code, _, err = run_cli(["export", str(run), "--formats", "onnx", "--check-samples", "16"], capsys)
+    assert code == 2
+    assert err.splitlines()[-1] == (
+        f"reviewkd export: error: {run / 'export' / 'student.onnx'}: cannot write it"
+        " (No space left on device)"
+    )
+    assert snapshot(run) == before
