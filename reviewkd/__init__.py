@@ -1,7 +1,7 @@
 """ReviewKD distillation: model zoo, feature taps, ABF, HCL and the distiller.
 
-The public names are imported on first use (PEP 562), so `reviewkd.cli` starts without torch:
-the command line parses its arguments, and answers Ctrl-C with one line, before torch loads.
+The names below load on first use (PEP 562): the `reviewkd` command line lives in this package,
+and its serving commands must start without importing torch.
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name's module when the name is first asked for."""
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in _EXPORTS:
         raise AttributeError(f"module 'reviewkd' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
