@@ -44,6 +44,7 @@ from deploy import run_layout
 from deploy.errors import MissingDependencyError, ReviewKDError, UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import read_manifest, verify_artifact
+from deploy.run_lock import locks_run
 from reviewkd.checkpoint import (
     CHECKPOINT_FILE,
     TrainState,
@@ -659,6 +660,7 @@ def _teacher_is_complete(out_dir: Path, config: Config) -> bool:
     return state.epoch >= config.train.epochs and state.step == 0
 
 
+@locks_run("teacher", run_arg="out_dir", create=True)
 def train_teacher(
     config: Config,
     out_dir: str | os.PathLike[str],
@@ -712,6 +714,7 @@ def load_teacher(
     return teacher, record
 
 
+@locks_run("distill", run_arg="out_dir", create=True)
 def distill(config: Config, out_dir: str | os.PathLike[str], *, resume: bool = False) -> Path:
     """Distil config.student.arch from the teacher with config.method; return out_dir/student.safetensors.
 
