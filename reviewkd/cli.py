@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "reviewkd.commands.run",
     "reviewkd.commands.train",
     "reviewkd.commands.export",
+    "reviewkd.commands.quantize",
     "reviewkd.commands.serve",
     "reviewkd.commands.evaluate",
 )
