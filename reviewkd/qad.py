@@ -9,8 +9,11 @@ head starts from the run's own trained head (RUN/checkpoints/last.pt) when the r
 
 The fine-tuning is a training run of its own in RUN/qad/ (config.yaml, metrics.jsonl,
 checkpoints/last.pt, student.safetensors: the best epoch by fake-quantized validation top-1,
-manifest.json), so --resume, SIGINT and SIGKILL behave as for `reviewkd distill`. The run's own
-manifest gets a "qad" block; export.qad_export turns the result into Q/DQ ONNX files.
+manifest.json), so --resume, SIGINT and SIGKILL behave as for `reviewkd distill`; beside it,
+calibrated.safetensors holds the calibrated student before fine-tuning. Whichever of the two scores
+the higher validation top-1 is selected. The run's own manifest gets a "qad" block (calibrated and
+fine-tuned top-1, the selected weights, the quantizer placement); export.qad_export turns the
+selected student into Q/DQ ONNX files.
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ import torch
 from torch import nn
 
 from deploy.errors import UsageError
-from deploy.manifest import read_manifest, verify_artifact, write_manifest
-from reviewkd.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from deploy.fileio import sha256_file
+from deploy.manifest import read_manifest, record_artifact, verify_artifact, write_manifest
+from reviewkd.checkpoint import CHECKPOINT_FILE, cpu_state, load_checkpoint
 from reviewkd.config import Config, load_run_config
 from reviewkd.fake_quant import QuantizationPlan, calibrate, quantize_student
 from reviewkd.models import create_model
-from reviewkd.run_record import STUDENT_FILE, TEACHER_FILE
+from reviewkd.run_record import STUDENT_FILE, TEACHER_FILE, save_weights
 
 QAD_DIR = "qad"
-QAD_STUDENT_FILE = f"{QAD_DIR}/{STUDENT_FILE}"
+CALIBRATED_FILE = "calibrated.safetensors"
 QAD_METHOD = "reviewkd+kd"
 DEFAULT_LR_FACTOR = 0.01  # QAD's learning rate: this fraction of the run's optim.lr
 DEFAULT_CALIB_SAMPLES = 512  # the images export calibrates post-training int8 on, by default
@@ -41,12 +45,11 @@ DEFAULT_CALIB_SAMPLES = 512  # the images export calibrates post-training int8 o
 
 @dataclass
 class QADResult:
-    """What a QAD run produced: its folder, the best weights, and top-1 before and after (percent)."""
+    """What a QAD run produced (top-1 in percent, fake-quantized, on the validation split)."""
 
-    out_dir: Path
-    weights: Path
-    calibrated_top1: float | None  # the calibrated fake-quant student before fine-tuning (PTQ)
-    top1: float  # the best epoch's fake-quant validation top-1
+    weights: Path  # the selected weights: the best fine-tuned epoch, or the calibrated start
+    calibrated_top1: float  # the calibrated fake-quant student before fine-tuning
+    top1: float  # the best fine-tuned epoch
     epoch: int
     plan: QuantizationPlan
 
@@ -110,25 +113,26 @@ def calibration_batches(run: Path, samples: int, batch_size: int = 64) -> list[t
 
 
 def load_qad_student(run: str | os.PathLike[str]) -> tuple[nn.Module, QuantizationPlan]:
-    """The fake-quantized student of RUN/qad/student.safetensors, in eval mode.
+    """The fake-quantized student QAD selected for RUN (the manifest's qad.weights), in eval mode.
 
     Raises:
-        UsageError: no finished QAD run, or weights that differ from what its manifest recorded.
+        UsageError: no finished QAD run, or weights that differ from what the manifest recorded.
     """
     from reviewkd.models import read_state_dict
 
-    qad_dir = Path(run) / QAD_DIR
-    if not (qad_dir / STUDENT_FILE).is_file():
-        raise UsageError(f"{qad_dir / STUDENT_FILE}: no QAD student; run `reviewkd quantize {run}` first")
-    manifest = read_manifest(qad_dir)
-    verify_artifact(qad_dir, manifest, STUDENT_FILE)
+    run = Path(run)
+    manifest = read_manifest(run)
+    block = manifest.get("qad", {})
+    if not block.get("weights"):
+        raise UsageError(f"{run / 'manifest.json'}: no QAD result; run `reviewkd quantize {run}` first")
+    path = verify_artifact(run, manifest, block["weights"])
     student_block = manifest.get("student", {})
     input_shape = manifest.get("input", {}).get("shape")
     if not student_block.get("arch") or not isinstance(input_shape, list):
-        raise UsageError(f"{qad_dir / 'manifest.json'}: lacks the student's arch or the input shape")
+        raise UsageError(f"{run / 'manifest.json'}: lacks the student's arch or the input shape")
     model = create_model(student_block["arch"], int(student_block["num_classes"]))
     quantized, plan = quantize_student(model, input_shape)
-    quantized.load_state_dict(read_state_dict(qad_dir / STUDENT_FILE))
+    quantized.load_state_dict(read_state_dict(path))
     return quantized.eval().requires_grad_(False), plan
 
 
@@ -167,18 +171,24 @@ def quantize_run(
     teacher, teacher_record = load_teacher(config, out, bundle, runtime, resume=False)
     resuming = resume and (out / CHECKPOINT_FILE).is_file()
     plans: list[QuantizationPlan] = []
-    calibrated: dict[str, float] = {}
 
     def prepare(student: nn.Module) -> nn.Module:
         quantized, plan = quantize_student(student, bundle.input_shape)
         plans.append(plan)
         if not resuming:  # on resume the checkpoint holds the ranges
-            calibrate(quantized, calibration_batches(run, calib_samples))
-            calibrated.update(evaluate(quantized.to(runtime.device), bundle, runtime))
-            print(f"qad: calibrated int8 student before fine-tuning: val top1 {calibrated['top1']:.2f}%")
+            samples = calibrate(quantized, calibration_batches(run, calib_samples))
+            scores = evaluate(quantized.to(runtime.device), bundle, runtime)
+            out.mkdir(parents=True, exist_ok=True)
+            save_weights(cpu_state(quantized), out / CALIBRATED_FILE, {"arch": config.student.arch})
+            _update_qad_block(
+                run,
+                calibrated={"top1": scores["top1"], "top5": scores["top5"], "samples": samples},
+                calibrated_sha256=sha256_file(out / CALIBRATED_FILE),
+            )
+            print(f"qad: calibrated int8 student before fine-tuning: val top1 {scores['top1']:.2f}%")
         return quantized
 
-    weights = fit(
+    fit(
         config,
         out,
         teacher=teacher,
@@ -190,24 +200,32 @@ def quantize_run(
         initial_head=None if resuming else _trained_head(run, base),
     )
     best = read_manifest(out)["student"]
-    manifest = read_manifest(run)
-    block = manifest.get("qad", {})
-    if calibrated:
-        block["calibrated_top1"] = calibrated["top1"]
-    block.update(
-        {
-            "dir": QAD_DIR,
-            "method": QAD_METHOD,
-            "epochs": config.train.epochs,
-            "lr": config.optim.lr,
-            "calibration": {"method": "mean of batch max |x|", "samples": calib_samples},
-            "top1": best["top1"],
-            "top5": best["top5"],
-            "epoch": best["epoch"],
-            "weights_sha256": best["sha256"],
-            "quantizers": plans[0].as_dict(),
-        }
+    block = read_manifest(run).get("qad", {})
+    calibrated = block.get("calibrated")
+    if not calibrated or block.get("calibrated_sha256") != sha256_file(out / CALIBRATED_FILE):
+        raise UsageError(f"{out / CALIBRATED_FILE}: missing or changed; remove {out} and run QAD again")
+    # The engine keeps the best epoch by validation top-1; the calibrated start competes on the same
+    # terms, so QAD never hands export a student worse than the one it started from.
+    fine_tuned = best["top1"] >= calibrated["top1"]
+    selected = out / (STUDENT_FILE if fine_tuned else CALIBRATED_FILE)
+    _update_qad_block(
+        run,
+        method=QAD_METHOD,
+        epochs=config.train.epochs,
+        lr=config.optim.lr,
+        fine_tuned={k: best[k] for k in ("top1", "top5", "epoch", "sha256")},
+        selected="fine_tuned" if fine_tuned else "calibrated",
+        weights=selected.relative_to(run).as_posix(),
+        quantizers=plans[0].as_dict(),
     )
-    manifest["qad"] = block
+    return QADResult(selected, calibrated["top1"], best["top1"], best["epoch"], plans[0])
+
+
+def _update_qad_block(run: Path, **values: Any) -> None:
+    """Merge `values` into the run manifest's "qad" block; record the selected weights as an artifact."""
+    manifest = read_manifest(run)
+    block = manifest.setdefault("qad", {})
+    block.update(values)
+    if "weights" in values:
+        record_artifact(run, manifest, values["weights"], "weights", role="qad")
     write_manifest(run, manifest)
-    return QADResult(out, weights, block.get("calibrated_top1"), best["top1"], best["epoch"], plans[0])

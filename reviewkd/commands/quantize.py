@@ -52,8 +52,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=args.device,
     )
-    before = "-" if result.calibrated_top1 is None else f"{result.calibrated_top1:.2f}%"
-    print(f"qad: fake-quant val top1 {before} calibrated -> {result.top1:.2f}% (epoch {result.epoch})")
+    print(
+        f"qad: fake-quant val top1 {result.calibrated_top1:.2f}% calibrated, {result.top1:.2f}% fine-tuned "
+        f"(best epoch {result.epoch}); exporting {result.weights}"
+    )
     summary = export_qad(args.run, check_samples=args.check_samples, log=print)
     summary.raise_for_status()
     return 0
