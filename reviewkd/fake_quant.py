@@ -8,8 +8,9 @@
   weight per output channel, symmetric int8 (zero point 0, scale = max |w| / 127 of the channel);
 - every tensor a convolution or linear layer reads, and every residual-add operand that is not a
   convolution's own output, is quantized per tensor, symmetric int8, at the module that produced it
-  (an `output_quantizer` child with a forward hook), or, where no module produced it (the network's
-  input, a functional flatten), by an `input_quantizer` child of the reading layer. One quantizer
+  (an `output_quantizer` child, run at the end of that module's forward), or, where no module
+  produced it (the network's input, a functional flatten), by an `input_quantizer` child of the
+  reading layer. One quantizer
   per tensor: a block input read by a convolution and by the shortcut add passes one Q/DQ pair,
   which is the pattern TensorRT fuses into an int8 convolution with a fused residual add.
 
@@ -89,28 +90,48 @@ def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_channel_affine(weight, amax / INT8_MAX, zero_point, 0, INT8_MIN, INT8_MAX)
 
 
+def _quantized_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    quantizer = layer._modules.get("input_quantizer")
+    return x if quantizer is None else quantizer(x)
+
+
 class QuantConv2d(nn.Conv2d):
-    """nn.Conv2d whose weight is fake-quantized per output channel on every forward."""
+    """nn.Conv2d whose weight is fake-quantized per output channel on every forward, and whose input
+    is fake-quantized when it has an `input_quantizer` child."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution with the int8-rounded weight (the bias stays float, as TensorRT keeps it)."""
-        return self._conv_forward(x, quantize_weight(self.weight), self.bias)
+        return self._conv_forward(_quantized_input(self, x), quantize_weight(self.weight), self.bias)
 
 
 class QuantLinear(nn.Linear):
-    """nn.Linear whose weight is fake-quantized per output row on every forward."""
+    """nn.Linear whose weight is fake-quantized per output row on every forward, and whose input is
+    fake-quantized when it has an `input_quantizer` child."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The affine map with the int8-rounded weight."""
-        return F.linear(x, quantize_weight(self.weight), self.bias)
+        return F.linear(_quantized_input(self, x), quantize_weight(self.weight), self.bias)
 
 
-def _quantize_output(module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-    return module.get_submodule("output_quantizer")(output)
+_OUTPUT_QUANTIZED: dict[type, type] = {}
 
 
-def _quantize_input(module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    return (module.get_submodule("input_quantizer")(inputs[0]), *inputs[1:])
+def _output_quantized(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of `cls` that passes its forward's output through its `output_quantizer` child.
+
+    The quantizer runs inside the module's own forward (a forward hook would run outside it), so the
+    exported Q/DQ nodes carry the module's path in their names.
+    """
+    if cls not in _OUTPUT_QUANTIZED:
+
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return self.get_submodule("output_quantizer")(cls.forward(self, *args, **kwargs))
+
+        doc = f"{cls.__name__} with its output fake-quantized to int8 (reviewkd.fake_quant)."
+        _OUTPUT_QUANTIZED[cls] = type(
+            f"OutputQuantized{cls.__name__}", (cls,), {"forward": forward, "__doc__": doc}
+        )
+    return _OUTPUT_QUANTIZED[cls]
 
 
 @dataclass
@@ -242,11 +263,9 @@ def quantize_student(model: nn.Module, input_shape: Sequence[int]) -> tuple[nn.M
     for path in plan.outputs:
         module = folded.get_submodule(path)
         module.add_module("output_quantizer", ActivationQuantizer())
-        module.register_forward_hook(_quantize_output)
+        module.__class__ = _output_quantized(type(module))
     for path in plan.inputs:
-        module = folded.get_submodule(path)
-        module.add_module("input_quantizer", ActivationQuantizer())
-        module.register_forward_pre_hook(_quantize_input)
+        folded.get_submodule(path).add_module("input_quantizer", ActivationQuantizer())
     return folded.requires_grad_(True), plan
 
 
