@@ -8,66 +8,17 @@ device needs neither torch nor torchvision.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from deploy.errors import UsageError
+from deploy.manifest import InputSpec
 
-# PIL modes for the channel counts a classifier takes.
+# PIL modes for the channel counts a classifier takes (deploy.manifest.IMAGE_CHANNELS).
 _MODES = {1: "L", 3: "RGB"}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The manifest's "input" block, checked: (C, H, W), per-channel mean/std on 0-1 values,
-    and the shorter side to resize to before the centre crop (None: resize straight to H x W)."""
-
-    shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: int | None
-
-    @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> InputSpec:
-        """Read and check the "input" block of a manifest; UsageError says what is wrong."""
-        block = manifest.get("input") or {}
-        shape = block.get("shape")
-        if (
-            not isinstance(shape, (list, tuple))
-            or len(shape) != 3
-            or not all(isinstance(d, int) and d > 0 for d in shape)
-        ):
-            raise UsageError(f"manifest input.shape: expected [C, H, W] positive integers, got {shape!r}")
-        channels = shape[0]
-        if channels not in _MODES:
-            raise UsageError(f"manifest input.shape: {channels} channels; images can be read as 1 or 3")
-        mean = _channel_values(block, "mean", channels)
-        std = _channel_values(block, "std", channels)
-        if min(std) <= 0:
-            raise UsageError(f"manifest input.std: expected positive numbers, got {list(std)}")
-        resize = block.get("resize")
-        if resize is not None and (not isinstance(resize, int) or resize < min(shape[1:])):
-            raise UsageError(
-                f"manifest input.resize: expected null or an integer >= {min(shape[1:])}, got {resize!r}"
-            )
-        return cls(shape=(shape[0], shape[1], shape[2]), mean=mean, std=std, resize=resize)
-
-
-def _channel_values(block: Mapping[str, Any], key: str, channels: int) -> tuple[float, ...]:
-    """Return the input block's per-channel numbers under `key`, one per channel."""
-    values = block.get(key)
-    if (
-        not isinstance(values, (list, tuple))
-        or len(values) != channels
-        or not all(isinstance(v, (int, float)) for v in values)
-    ):
-        raise UsageError(f"manifest input.{key}: expected {channels} numbers, got {values!r}")
-    return tuple(float(v) for v in values)
 
 
 def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:

@@ -18,7 +18,14 @@ from typing import Any
 
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
-from deploy.manifest import Manifest, artifacts_of_kind, read_manifest, verify_artifact
+from deploy.manifest import (
+    Manifest,
+    artifact_path,
+    artifacts_of_kind,
+    input_spec,
+    read_manifest,
+    verify_artifact,
+)
 from deploy.runners import OnnxRuntimeRunner, select_artifact
 from deploy.trt_sidecar import Sidecar, read_sidecar, sidecar_path
 
@@ -103,13 +110,6 @@ def _model_base_name(manifest: Manifest) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", arch).strip("_") or "student"
 
 
-def _input_dims(manifest: Manifest) -> tuple[int, int, int]:
-    shape = manifest.get("input", {}).get("shape")
-    if not isinstance(shape, list) or len(shape) != 3:
-        raise UsageError(f"manifest input.shape: expected [C, H, W], got {shape!r}")
-    return int(shape[0]), int(shape[1]), int(shape[2])
-
-
 def _num_classes(manifest: Manifest) -> int:
     classes = manifest.get("classes") or []
     count = len(classes) or manifest.get("student", {}).get("num_classes")
@@ -123,7 +123,7 @@ def _plan_sidecar(run_dir: Path, manifest: Manifest, plan: str) -> Sidecar:
     relpath = sidecar_path(plan).as_posix()
     if relpath in manifest.get("artifacts", {}):
         return read_sidecar(verify_artifact(run_dir, manifest, relpath))
-    return read_sidecar(run_dir / relpath)
+    return read_sidecar(artifact_path(run_dir, relpath))
 
 
 def _copy_verified(run_dir: Path, manifest: Manifest, relpath: str, target: Path) -> None:
@@ -157,7 +157,7 @@ def plan_models(
     base = model_name or _model_base_name(manifest)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", base):
         raise UsageError(f"--name: {base!r}; expected letters, digits, '_' or '-'")
-    dims = _input_dims(manifest)
+    dims = input_spec(manifest).shape
     num_classes = _num_classes(manifest)
     labels = bool(manifest.get("classes"))
 

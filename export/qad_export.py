@@ -30,16 +30,16 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
-from deploy.manifest import read_manifest, write_manifest
+from deploy.manifest import input_spec, read_manifest, write_manifest
 from export.check import CheckResult, compare, gate, run_onnx
 from export.onnx_export import DEFAULT_OPSET, _torch_export, optimize_onnx, save_onnx, set_metadata
 from export.pipeline import (
     STUDENT_FILE,
     BatchSource,
     ExportSummary,
-    _input_shape,
     _load_student,
     _Recorder,
     _run_batches,
@@ -48,8 +48,8 @@ from export.pipeline import (
 )
 from export.precision import zero_points_all_zero
 
-QAD_TRT_FILE = "export/student.int8.qad.trt.onnx"
-QAD_CPU_FILE = "export/student.int8.qad.onnx"
+QAD_TRT_FILE = run_layout.onnx_file("int8.qad.trt")
+QAD_CPU_FILE = run_layout.onnx_file("int8.qad")
 
 
 def _description(flavour: str, activation: str, symmetric: bool, qad: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def export_qad(
     qad_block = manifest.get("qad")
     if not qad_block or not qad_block.get("weights"):
         raise UsageError(f"{run / 'manifest.json'}: no qad block; run `reviewkd quantize {run}` first")
-    input_shape = _input_shape(run, manifest)
+    input_shape = input_spec(manifest).shape
     student = _load_student(run, manifest)
     quantized, _plan = load_qad_student(run)
     ensure_writable(run / "export")
@@ -189,7 +189,7 @@ def export_qad(
         recorder.checked(rel, result, "onnx", precision="int8", **desc)
         log(
             f"  {rel}: {result.status} ({result.reason}; vs the fake-quant model: "
-            f"max|diff| {parity['max_abs_diff']:.3g}, agreement {parity['top1_agreement']:.2%})"
+            f"max|diff| {parity['max_abs_diff']:.3g}, agreement {parity['top1_agreement']:.2f}%)"
         )
     write_manifest(run, manifest)
     return summary

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import atomic_output
 
 CHECKPOINT_FORMAT = 1
-CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
+CHECKPOINT_FILE = Path(run_layout.CHECKPOINT)
 
 
 @dataclass

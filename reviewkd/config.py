@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import write_text_atomic
 
@@ -412,7 +413,7 @@ def save_config(config: Config, path: str | Path) -> Path:
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> Config:
     """Read RUN/config.yaml as written by a training run."""
-    path = Path(run_dir) / "config.yaml"
+    path = run_layout.run_path(run_dir, run_layout.CONFIG)
     if not path.is_file():
         raise UsageError(f"{path}: no config.yaml; expected a run directory written by reviewkd distill")
     data = read_yaml(path)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deploy import run_layout
 from deploy.errors import MissingDependencyError, ReviewKDError, UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import read_manifest, verify_artifact
@@ -68,7 +69,7 @@ from reviewkd.run_record import (
     write_run_manifest,
 )
 
-TEACHER_SUBDIR = "teacher"
+TEACHER_SUBDIR = run_layout.TEACHER_DIR
 # Keys a resumed run may change: they alter neither the data nor the model, only how long or where.
 RESUMABLE_CHANGES = (
     "train.epochs",
@@ -561,7 +562,7 @@ def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
 
 
 def _check_resume_config(out_dir: Path, config: Config) -> None:
-    saved_path = out_dir / "config.yaml"
+    saved_path = out_dir / run_layout.CONFIG
     if not saved_path.is_file():
         return
     changed = diff_configs(load_run_config(out_dir), config, ignore=RESUMABLE_CHANGES)
@@ -587,7 +588,7 @@ def _prepare_run_dir(trainer: Trainer, epochs_done: int) -> None:
     """Write config.yaml, cut metrics.jsonl back to the checkpoint, re-derive the best weights."""
     out_dir = trainer.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(trainer.config, out_dir / "config.yaml")
+    save_config(trainer.config, out_dir / run_layout.CONFIG)
     truncate_metrics(out_dir / METRICS_FILE, epochs_done)
     args = (out_dir, trainer.config, trainer.bundle, trainer.role, trainer.teacher_record)
     if trainer.best is not None:
@@ -662,9 +663,8 @@ def fit(
 def _teacher_is_complete(out_dir: Path, config: Config) -> bool:
     """True when out_dir holds a finished teacher run of exactly this config, its weights verified."""
     ckpt_path = out_dir / CHECKPOINT_FILE
-    if not (
-        ckpt_path.is_file() and (out_dir / "config.yaml").is_file() and (out_dir / "manifest.json").is_file()
-    ):
+    required = (ckpt_path, out_dir / run_layout.CONFIG, out_dir / run_layout.MANIFEST)
+    if not all(path.is_file() for path in required):
         return False
     if diff_configs(load_run_config(out_dir), config, ignore=RESUMABLE_CHANGES):
         return False
@@ -719,7 +719,7 @@ def load_teacher(
     teacher = create_model(config.teacher.arch, bundle.num_classes, weights=weights).to(runtime.device)
     teacher.eval()
     record: dict[str, Any] = {"arch": config.teacher.arch, "weights": str(weights), "sha256": digest}
-    previous = read_manifest(out_dir).get("teacher", {}) if (out_dir / "manifest.json").is_file() else {}
+    previous = read_manifest(out_dir).get("teacher", {}) if (out_dir / run_layout.MANIFEST).is_file() else {}
     if previous.get("sha256") == digest and previous.get("top1") is not None:
         record.update(top1=previous["top1"], top5=previous["top5"])
     else:

@@ -27,16 +27,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
-from deploy.manifest import read_manifest, record_artifact, verify_artifact, write_manifest
+from deploy.manifest import (
+    Manifest,
+    input_spec,
+    read_manifest,
+    record_artifact,
+    verify_artifact,
+    write_manifest,
+)
 from reviewkd.checkpoint import CHECKPOINT_FILE, cpu_state, load_checkpoint
 from reviewkd.config import Config, load_run_config
 from reviewkd.fake_quant import QuantizationPlan, calibrate, quantize_student
 from reviewkd.models import create_model
 from reviewkd.run_record import STUDENT_FILE, TEACHER_FILE, save_weights
 
-QAD_DIR = "qad"
+QAD_DIR = run_layout.QAD_DIR
 CALIBRATED_FILE = "calibrated.safetensors"
 QAD_METHOD = "reviewkd+kd"
 DEFAULT_LR_FACTOR = 0.01  # QAD's learning rate: this fraction of the run's optim.lr
@@ -84,7 +92,7 @@ def qad_config(
     )
 
 
-def _teacher_weights(run: Path, manifest: dict[str, Any]) -> Path:
+def _teacher_weights(run: Path, manifest: Manifest) -> Path:
     recorded = manifest.get("teacher", {}).get("weights")
     candidates = [Path(recorded)] if recorded else []
     candidates.append(run / "teacher" / TEACHER_FILE)
@@ -127,11 +135,10 @@ def load_qad_student(run: str | os.PathLike[str]) -> tuple[nn.Module, Quantizati
         raise UsageError(f"{run / 'manifest.json'}: no QAD result; run `reviewkd quantize {run}` first")
     path = verify_artifact(run, manifest, block["weights"])
     student_block = manifest.get("student", {})
-    input_shape = manifest.get("input", {}).get("shape")
-    if not student_block.get("arch") or not isinstance(input_shape, list):
-        raise UsageError(f"{run / 'manifest.json'}: lacks the student's arch or the input shape")
+    if not student_block.get("arch") or not student_block.get("num_classes"):
+        raise UsageError(f"{run / 'manifest.json'}: the student block lacks arch or num_classes")
     model = create_model(student_block["arch"], int(student_block["num_classes"]))
-    quantized, plan = quantize_student(model, input_shape)
+    quantized, plan = quantize_student(model, input_spec(manifest).shape)
     quantized.load_state_dict(read_state_dict(path))
     return quantized.eval().requires_grad_(False), plan
 

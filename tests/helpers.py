@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +28,11 @@ from torch import nn
 from benchmarks.targets import Target
 from deploy.errors import MissingDependencyError
 from deploy.fileio import sha256_file
-from deploy.manifest import new_manifest, record_artifact, write_manifest
+from deploy.gpu import GpuInfo
+from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import METADATA_KEY, OnnxRuntimeRunner
-from deploy.trt_sidecar import GpuInfo, Sidecar, profile_shapes, sidecar_path, write_sidecar
+from deploy.trt_sidecar import Sidecar, host_machine, profile_shapes, sidecar_path, write_sidecar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,6 +152,7 @@ def write_plan(path: Path, precision: str, max_batch: int, min_batch: int = 1) -
         profile=profile_shapes(INPUT_SHAPE, min_batch, min(8, max_batch), max_batch),
         source_onnx=f"student.{precision}.onnx",
         source_onnx_sha256="0" * 64,
+        machine=host_machine(),
     )
     write_sidecar(sidecar_path(path), sidecar)
     return path
@@ -311,3 +315,38 @@ def onnx_target(path: Path, key: str = "onnxruntime/fp32", precision: str = "fp3
 
 def missing_tensorrt() -> Runner:
     raise MissingDependencyError("TensorRT is not installed; pip install 'reviewkd[gpu]' on a GPU machine")
+
+
+# --- the command line as a user runs it ------------------------------------------------------------
+
+
+def run_reviewkd(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `reviewkd ARGS...` as a real process of this interpreter; return its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "reviewkd.cli", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write_class_folders(folder: Path, classes: list[str], per_class: int = 3) -> Path:
+    """An image folder for validation: `per_class` small random images under folder/<class>/."""
+    for index, name in enumerate(classes):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for seed in range(per_class):
+            write_image(folder / name / f"{seed}.png", (12, 10), seed=100 * index + seed)
+    return folder
+
+
+def add_fp16_file(run: Path) -> Path:
+    """Convert the run's export/student.onnx to export/student.fp16.onnx and record it."""
+    from export.precision import convert_fp16
+
+    convert_fp16(run / "export/student.onnx", run / "export/student.fp16.onnx")
+    manifest = read_manifest(run)
+    record_artifact(run, manifest, "export/student.fp16.onnx", "onnx", precision="fp16")
+    write_manifest(run, manifest)
+    return run / "export/student.fp16.onnx"

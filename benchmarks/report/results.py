@@ -8,14 +8,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import write_json_atomic
 from deploy.manifest import forget_artifact, read_manifest, record_artifact, write_manifest
 
-REPORT_DIR = "report"
-VALIDATE_FILE = "validate.json"
-BENCH_FILE = "bench.json"
-METRICS_FILE = "metrics.jsonl"
+REPORT_DIR = run_layout.REPORT_DIR
+VALIDATE_FILE = run_layout.VALIDATE_FILE
+BENCH_FILE = run_layout.BENCH_FILE
+METRICS_FILE = run_layout.METRICS
 
 PathLike = str | os.PathLike[str]
 

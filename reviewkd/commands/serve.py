@@ -14,15 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deploy.errors import UsageError
-from deploy.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_artifact
-from deploy.predict import Prediction, predict
-from deploy.runners import ARTIFACT_KINDS, OnnxRuntimeRunner, Runner, open_runner, select_artifact
+from deploy.predict import DEFAULT_BACKEND, Prediction, open_target, predict
 from deploy.triton import DEFAULT_MAX_BATCH_SIZE, INSTANCE_KINDS, write_triton_repository
-
-DEFAULT_BACKEND = "onnxruntime/fp32"
-# How many folders above a model file to look for the run it belongs to (RUN/export/FILE).
-_RUN_SEARCH_DEPTH = 3
+from reviewkd.student import open_student_runner
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,73 +65,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     triton_parser.set_defaults(handler=run_triton)
 
 
-def _parse_backend(key: str) -> tuple[str, str]:
-    backend, _, precision = key.partition("/")
-    if backend not in (*ARTIFACT_KINDS, "torch") or not precision:
-        raise UsageError(
-            f"--backend {key!r}: expected <backend>/<precision> with backend onnxruntime, tensorrt or torch"
-        )
-    return backend, precision
-
-
-def _torch_runner(run: Path, manifest: Manifest, precision: str, device: str) -> Runner:
-    """Build the run's student with the model zoo and load its hash-checked weights."""
-    from deploy.runners.torch_runner import TorchRunner
-    from reviewkd.models import create_model, load_weights
-
-    weights = verify_artifact(run, manifest, "student.safetensors")
-    student = manifest.get("student", {})
-    model = create_model(student["arch"], student.get("num_classes") or len(manifest["classes"]))
-    load_weights(model, weights)
-    shape = manifest["input"]["shape"]
-    return TorchRunner(model, (shape[0], shape[1], shape[2]), device=device, precision=precision)
-
-
-def _enclosing_run(model_file: Path) -> tuple[Path, Manifest] | None:
-    """The run directory whose manifest lists `model_file`, looking a few folders up."""
-    resolved = model_file.resolve()
-    for parent in list(resolved.parents)[:_RUN_SEARCH_DEPTH]:
-        if (parent / MANIFEST_NAME).is_file():
-            manifest = read_manifest(parent)
-            if resolved.relative_to(parent).as_posix() in manifest.get("artifacts", {}):
-                return parent, manifest
-    return None
-
-
-def open_target(
-    target: Path, backend: str | None, device: str, threads: int | None
-) -> tuple[Runner, Manifest]:
-    """Open what `reviewkd predict` was pointed at; return the runner and the manifest to read."""
-    if target.is_dir():
-        manifest = read_manifest(target)
-        name, precision = _parse_backend(backend or DEFAULT_BACKEND)
-        if name == "torch":
-            return _torch_runner(target, manifest, precision, device), manifest
-        relpath = select_artifact(target, manifest, name, precision)
-        return open_runner(
-            relpath, manifest=manifest, run_dir=target, device=device, threads=threads
-        ), manifest
-    if not target.is_file():
-        raise UsageError(f"{target}: no such run directory or model file")
-    if backend is not None:
-        raise UsageError(
-            "--backend picks a file of a run directory; a model file's suffix decides its backend"
-        )
-    found = _enclosing_run(target)
-    if found is not None:
-        run, manifest = found
-        return open_runner(target, manifest=manifest, run_dir=run, device=device, threads=threads), manifest
-    runner = open_runner(target, device=device, threads=threads)
-    embedded = runner.embedded_manifest() if isinstance(runner, OnnxRuntimeRunner) else None
-    if embedded is None:
-        runner.close()
-        raise UsageError(
-            f"{target}: no run manifest lists it and it carries none in its metadata;"
-            " keep it in its run directory (RUN/export/) or pass the run directory"
-        )
-    return runner, embedded
-
-
 def _table(paths: list[Path], results: list[Prediction], runner_name: str) -> str:
     rows = [("IMAGE", "#", "CLASS", "PROBABILITY")]
     for path, top in zip(paths, results, strict=True):
@@ -153,7 +80,9 @@ def _table(paths: list[Path], results: list[Prediction], runner_name: str) -> st
 
 def run_predict(args: argparse.Namespace) -> int:
     """Handler of `reviewkd predict`."""
-    runner, manifest = open_target(args.target, args.backend, args.device, args.threads)
+    runner, manifest = open_target(
+        args.target, args.backend, device=args.device, threads=args.threads, open_module=open_student_runner
+    )
     with runner:
         results = predict(runner, manifest, args.images, top_k=args.top_k)
         name = runner.name
