@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "teacher": "reviewkd.commands.train",
     "distill": "reviewkd.commands.train",
     "export": "reviewkd.commands.export",
+    "quantize": "reviewkd.commands.quantize",
     "predict": "reviewkd.commands.predict",
     "triton": "reviewkd.commands.triton",
     "validate": "reviewkd.commands.evaluate",

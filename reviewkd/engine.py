@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,14 +359,23 @@ def _build_trainer(
     teacher_record: dict[str, Any],
     runtime: Runtime,
     bundle: DataBundle,
+    prepare_student: Callable[[nn.Module], nn.Module] | None = None,
+    initial_head: dict[str, torch.Tensor] | None = None,
 ) -> Trainer:
-    """Seeded student, distiller, optimizer, scheduler and scaler on the runtime's device."""
+    """Seeded student, distiller, optimizer, scheduler and scaler on the runtime's device.
+
+    `prepare_student` turns the created student into the one that trains (QAD: BatchNorm folded,
+    fake quantizers placed) before the distiller taps it; `initial_head` starts the ABF head from
+    earlier weights instead of its seeded initialisation. A checkpoint, on resume, overrides both.
+    """
     tc = config.train
     # Same initial weights (student and ABF head) for a given seed on every rank.
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed % (1 << 32))
     student = create_model(config.student.arch, bundle.num_classes, weights=config.student.weights)
+    if prepare_student is not None:
+        student = prepare_student(student)
     distiller = build_distiller(
         config.method.name,
         student,
@@ -378,6 +388,8 @@ def _build_trainer(
         teacher_taps=config.method.teacher_taps,
         fuse_teacher=config.train.fuse_teacher,
     )
+    if initial_head is not None:
+        distiller.head.load_state_dict(initial_head)
     distiller.to(runtime.device)
     if runtime.channels_last:
         distiller.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -596,11 +608,14 @@ def fit(
     resume: bool = False,
     runtime: Runtime | None = None,
     bundle: DataBundle | None = None,
+    prepare_student: Callable[[nn.Module], nn.Module] | None = None,
+    initial_head: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Train config.student.arch with config.method (against `teacher`) into `out_dir`.
 
     `role` "teacher" names the result teacher.safetensors and records it as the manifest's teacher.
-    Returns the path of the best weights file.
+    `prepare_student` and `initial_head` adapt the student and the ABF head before training
+    (see _build_trainer; reviewkd.qad uses them). Returns the path of the best weights file.
 
     Raises:
         UsageError: an existing run without resume, an incompatible resume, bad data or models.
@@ -612,7 +627,9 @@ def fit(
     teacher_record = teacher_record or {"arch": None, "sha256": None, "top1": None, "top5": None}
     _check_run_dir(out_dir, config, resume)
     bundle = bundle or build_data(config)
-    trainer = _build_trainer(config, out_dir, role, teacher, teacher_record, runtime, bundle)
+    trainer = _build_trainer(
+        config, out_dir, role, teacher, teacher_record, runtime, bundle, prepare_student, initial_head
+    )
     start_epoch, start_step, aug_state, accum = 0, 0, None, {}
     if resume and trainer.checkpoint_path.is_file():
         state = load_checkpoint(trainer.checkpoint_path)
