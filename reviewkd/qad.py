@@ -161,7 +161,8 @@ def quantize_run(
         KeyboardInterrupt: after SIGINT, once the QAD checkpoint holds the interrupted step.
     """
     from reviewkd.data import build_data
-    from reviewkd.engine import evaluate, fit, load_teacher, setup_runtime
+    from reviewkd.engine import evaluate, fit, load_teacher
+    from reviewkd.runtime import setup_runtime
 
     run = Path(run_dir)
     manifest = read_manifest(run)
