@@ -296,8 +296,8 @@ def debug_run(
 ) -> tuple[LayerwiseReport, dict[str, Path]]:
     """Layer-wise parity of a run's exported `target` ("onnxruntime/int8-trt", or "int8-trt") against
     its fp32 file on the first `count` validation images; the report goes to RUN/report/precision/."""
+    from deploy.formats import ONNX_FORMATS
     from deploy.manifest import read_manifest, verify_artifact
-    from export.pipeline import FP32_FILE, ONNX_FORMATS
     from reviewkd.data import iter_run_batches
 
     run = Path(run_dir)
@@ -308,8 +308,8 @@ def debug_run(
     if count < 1:
         raise UsageError(f"--images must be >= 1, got {count}")
     manifest = read_manifest(run)
-    reference = verify_artifact(run, manifest, FP32_FILE)
-    candidate = verify_artifact(run, manifest, ONNX_FORMATS[fmt][0])
+    reference = verify_artifact(run, manifest, ONNX_FORMATS["onnx"].file)
+    candidate = verify_artifact(run, manifest, ONNX_FORMATS[fmt].file)
     images = layer_images([b[0] for b in iter_run_batches(run, "val", 64, count)], count)
     report = compare_layers(reference, candidate, images)
     title = f"onnxruntime/{fmt}"
