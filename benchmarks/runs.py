@@ -29,6 +29,7 @@ from deploy.errors import MissingDependencyError, UsageError, torch_installed
 from deploy.gates import GateTable
 from deploy.gpu import current_gpu
 from deploy.manifest import Manifest, read_manifest
+from deploy.run_lock import locks_run
 from deploy.runners import onnxruntime_device, open_runner
 from deploy.runners.base import Runner
 
@@ -207,6 +208,7 @@ def validation_batches(
     return folder_batches(run_validation_folder(run), read_manifest(run), batch_size, limit)
 
 
+@locks_run("validate")
 def validate_run(
     run_dir: PathLike,
     *,
@@ -243,6 +245,7 @@ def validate_run(
     return result
 
 
+@locks_run("bench")
 def bench_run(
     run_dir: PathLike,
     *,
@@ -272,6 +275,7 @@ def bench_run(
     return result
 
 
+@locks_run("report")
 def report_run(run_dir: PathLike) -> dict[str, Any]:
     """Write RUN/report/report.json, report.md, report.html and the plots; return the report."""
     return write_report(run_dir)

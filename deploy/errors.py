@@ -1,5 +1,7 @@
 """Errors every layer raises; the CLI maps each to its exit code (docs/METHOD.md section 8)."""
 
+from __future__ import annotations
+
 
 class ReviewKDError(Exception):
     """Base class: a failure the user can act on, reported as one line without a traceback."""
@@ -23,6 +25,30 @@ class MissingDependencyError(ReviewKDError):
     """An optional dependency (TensorRT, a CUDA GPU) is missing for what was asked."""
 
     exit_code = 3
+
+
+class OutputError(UsageError):
+    """An output cannot be written: a read-only folder, a full disk, a file where a folder belongs.
+
+    `salvage` holds what could not be saved (a measurement as JSON), for the command to print
+    so that the work is not lost.
+    """
+
+    def __init__(self, message: str, salvage: str | None = None) -> None:
+        super().__init__(message)
+        self.salvage = salvage
+
+    @classmethod
+    def from_os_error(
+        cls, target: object, exc: OSError, *, aliases: tuple[object, ...] = (), salvage: str | None = None
+    ) -> OutputError:
+        """One line naming `target`, and the path the system complained about when it is another one
+        (not `target` itself nor one of its `aliases`, such as the temporary file written for it)."""
+        reason = exc.strerror or type(exc).__name__
+        same = {str(target), *(str(a) for a in aliases)}
+        if exc.filename is not None and str(exc.filename) not in same:
+            reason = f"{exc.filename}: {reason}"
+        return cls(f"{target}: cannot write it ({reason})", salvage)
 
 
 TRAIN_EXTRA_HINT = "pip install 'reviewkd[train]'"

@@ -17,6 +17,7 @@ import numpy as np
 
 from deploy import run_layout
 from deploy.errors import UsageError
+from deploy.fileio import verify_onnx_content
 from deploy.formats import ALL_BACKENDS, MODULE_BACKENDS
 from deploy.manifest import Manifest, input_spec, read_manifest
 from deploy.preprocess import load_images
@@ -33,8 +34,37 @@ ModuleOpener = Callable[[Path, Manifest, str, str], Runner]
 
 # Images per forward pass when the runner accepts any batch: small enough for any device.
 DEFAULT_BATCH = 32
+# Key of a manifest artifact entry: the sha256 of the student.safetensors export made it from.
+STUDENT_SHA256_KEY = "student_sha256"
 
 Prediction = list[tuple[str, float]]
+
+
+def check_export_is_current(
+    run_dir: str | os.PathLike[str], manifest: Mapping[str, Any], relpath: str
+) -> None:
+    """UsageError when the run's student changed (retraining) after `relpath` was exported from it.
+
+    Export records the student's sha256 with each file; a file recording another student, or
+    none, would serve an old model under the new one's name. A run that records no trained
+    student (a folder laid out by hand) has nothing to compare with.
+    """
+    student = manifest.get("student")
+    current = student.get("sha256") if isinstance(student, Mapping) else None
+    if not current:
+        return
+    entry = (manifest.get("artifacts") or {}).get(relpath)
+    recorded = entry.get(STUDENT_SHA256_KEY) if isinstance(entry, Mapping) else None
+    if recorded == current:
+        return
+    path = Path(run_dir) / relpath
+    if recorded is None:
+        found = "the manifest does not record which student it was exported from"
+    else:
+        found = (
+            f"it was exported from student {str(recorded)[:12]}…, the run's student is now {current[:12]}…"
+        )
+    raise UsageError(f"{path}: {found}; re-export it with `reviewkd export {run_dir}`")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -140,6 +170,7 @@ def open_target(
                 raise UsageError(f"--backend {backend}: this caller cannot run the student in-process")
             return open_module(path, manifest, precision, device), manifest
         relpath = select_artifact(path, manifest, name, precision)
+        check_export_is_current(path, manifest, relpath)
         runner = open_runner(relpath, manifest=manifest, run_dir=path, device=device, threads=threads)
         return runner, manifest
     if not path.is_file():
@@ -151,7 +182,10 @@ def open_target(
     found = _enclosing_run(path)
     if found is not None:
         run, manifest = found
+        check_export_is_current(run, manifest, path.resolve().relative_to(run).as_posix())
         return open_runner(path, manifest=manifest, run_dir=run, device=device, threads=threads), manifest
+    if path.suffix.lower() == ".onnx":
+        verify_onnx_content(path)
     runner = open_runner(path, device=device, threads=threads)
     embedded = runner.embedded_manifest() if isinstance(runner, OnnxRuntimeRunner) else None
     if embedded is None:

@@ -51,6 +51,8 @@ from deploy.manifest import (
     verify_artifact,
     write_manifest,
 )
+from deploy.predict import STUDENT_SHA256_KEY
+from deploy.run_lock import locks_run
 from export.check import UINT8_INPUT as UINT8_CHECK
 from export.check import CheckResult, check_file
 
@@ -189,9 +191,14 @@ class _Recorder:
         self.block: dict[str, Any] = manifest.setdefault("export", {})
         self.block.setdefault("checks", {})
         self.block.setdefault("failed", {})
+        # sha256 of the student.safetensors the files are made from: recorded with each file, so
+        # that deploy can tell an export from an older student after retraining (STUDENT_SHA256_KEY).
+        self.student_sha256: str | None = None
 
     def keep(self, rel: str, kind: str, **meta: Any) -> None:
         self.block["failed"].pop(rel, None)
+        if self.student_sha256 is not None:
+            meta.setdefault(STUDENT_SHA256_KEY, self.student_sha256)
         self.summary.files[rel] = record_artifact(self.run, self.manifest, rel, kind, **meta)
         write_manifest(self.run, self.manifest)
 
@@ -216,6 +223,7 @@ class _Recorder:
         write_manifest(self.run, self.manifest)
 
 
+@locks_run("export")
 def export_run(
     run_dir: str | os.PathLike[str],
     formats: Sequence[str] | None = None,
@@ -259,8 +267,11 @@ def export_run(
     if wanted == [TENSORRT_FORMAT]:
         return export_engines(run, tensorrt, log)
     require_torch("exporting ONNX files (any --formats but tensorrt)")
+    from export.onnx_export import MIN_OPSET
     from export.precision import CALIBRATION_METHODS
 
+    if opset is not None and opset < MIN_OPSET:
+        raise UsageError(f"--opset {opset}: export needs opset {MIN_OPSET} or newer")
     if calib_method not in CALIBRATION_METHODS:
         raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
     for name, value in (
@@ -308,11 +319,12 @@ def export_run(
         {"check_data": summary.check_data, "opset": opset, "formats": wanted, "calibration": None}
     )
 
+    recorder.student_sha256 = sha256_file(run / STUDENT_FILE)
     metadata = {
         "classes": manifest.get("classes", []),
         "input": manifest.get("input", {}),
         "student": {k: manifest.get("student", {}).get(k) for k in ("arch", "num_classes", "sha256")},
-        "source_sha256": sha256_file(run / STUDENT_FILE),
+        "source_sha256": recorder.student_sha256,
     }
     from export.onnx_export import DEFAULT_OPSET, export_fp32
     from export.precision import collect_calibration, convert_fp16, quantize_int8
@@ -461,6 +473,8 @@ def _build_engines(
             precision=precision,
             source=rel,
             tensorrt_version=sidecar.get("tensorrt_version"),
+            # An engine is as current as the ONNX file it was built from, maybe from an earlier export.
+            **{STUDENT_SHA256_KEY: manifest["artifacts"][rel].get(STUDENT_SHA256_KEY)},
         )
         side_rel = sidecar_path(run / plan_rel).relative_to(run).as_posix()
         recorder.keep(side_rel, "sidecar", precision=precision, plan=plan_rel)
@@ -486,6 +500,7 @@ def infer_num_classes(model_name: str, weights: str | os.PathLike[str]) -> int:
     return found.pop()
 
 
+@locks_run("export", run_arg="out_dir", create=True)
 def export_model(
     model_name: str,
     weights: str | os.PathLike[str],

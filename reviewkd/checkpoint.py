@@ -18,6 +18,7 @@ import torch
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import atomic_output
+from reviewkd.models.weights import describe_torch_load_error
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_FILE = Path(run_layout.CHECKPOINT)
@@ -73,6 +74,17 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
+    """Restore a GradScaler from a checkpoint written with train.amp possibly different.
+
+    A disabled scaler (no fp16) saves {}; an enabled one refuses to load that. So a run resumed with
+    train.amp changed to fp16 starts its scaler fresh, and one changed away from fp16 ignores the saved
+    scale.
+    """
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+
+
 def save_checkpoint(path: Path, state: TrainState) -> None:
     """Write `state` to `path` atomically: a kill leaves the previous checkpoint or this one."""
     data = {"format": CHECKPOINT_FORMAT}
@@ -86,7 +98,7 @@ def load_checkpoint(path: Path) -> TrainState:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged pickle or zip
-        raise UsageError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise UsageError(f"{path}: cannot read the checkpoint ({describe_torch_load_error(exc)})") from exc
     names = [f.name for f in dataclasses.fields(TrainState)]
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT or not set(names) <= set(data):
         raise UsageError(f"{path}: not a reviewkd training checkpoint (format {CHECKPOINT_FORMAT})")

@@ -16,7 +16,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from deploy.errors import TRAIN_EXTRA_HINT, ReviewKDError
+from deploy.errors import TRAIN_EXTRA_HINT, OutputError, ReviewKDError, UsageError
 
 # Top-level modules of the `train` extra: a command that reaches one without it installed exits 3.
 TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "onnxscript", "safetensors", "sklearn", "tqdm"})
@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "teacher": "reviewkd.commands.train",
     "distill": "reviewkd.commands.train",
     "export": "reviewkd.commands.export",
+    "quantize": "reviewkd.commands.quantize",
     "predict": "reviewkd.commands.predict",
     "triton": "reviewkd.commands.triton",
     "validate": "reviewkd.commands.evaluate",
@@ -56,25 +57,38 @@ def _command_name(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(_command_name(arguments)).parse_args(arguments)
+    command = "reviewkd"
     try:
+        # Parsing imports the command's package (torch among them): a Ctrl-C there is a start-up
+        # interrupt like any other, one line and no traceback.
+        args = build_parser(_command_name(arguments)).parse_args(arguments)
+        command = f"reviewkd {args.command}"
         return int(args.handler(args) or 0)
+    except OutputError as exc:
+        if exc.salvage is not None:
+            print(exc.salvage)
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ReviewKDError as exc:
-        print(f"reviewkd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
             raise
         print(
-            f"reviewkd {args.command}: error: this command needs {exc.name}, which this installation lacks"
+            f"{command}: error: this command needs {exc.name}, which this installation lacks"
             f" (the edge install has no training stack); install the training extra: {TRAIN_EXTRA_HINT}",
             file=sys.stderr,
         )
         return 3
+    except OSError as exc:
+        # A file the system refused that no stage anticipated: still bad input, still one line.
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"{command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return UsageError.exit_code
     except KeyboardInterrupt:
-        print(f"reviewkd {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -80,6 +80,7 @@ class TeacherConfig:
     weights: str | None = None
     epochs: int | None = 15  # epochs when training the teacher (None: train.epochs)
     lr: float | None = None  # learning rate when training the teacher (None: optim.lr)
+    full_data: bool = False  # train the teacher on every training image, ignoring data.subset/first_per_class
 
 
 @dataclass
@@ -135,11 +136,14 @@ class TrainConfig:
     batch_size: int = 64  # per process
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 where CUDA supports it) | none | bf16 | fp16 (with a GradScaler)
+    amp: str = "auto"  # auto (bf16 on GPUs of compute capability >= 8.0) | none | bf16 | fp16 (GradScaler)
     channels_last: bool = True  # NHWC activations: faster on CUDA and on this project's CPUs too
     fuse_teacher: bool = True  # run the frozen teacher with BatchNorm folded into its convs (exact)
     compile: bool = False  # torch.compile the distiller
     threads: int | None = None  # CPU threads for torch (None: torch's default)
+    eval_every: int = 1  # validate every N epochs (and always after the last); the best is among those
+    sync_batchnorm: bool = False  # DDP on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm)
+    find_unused_parameters: bool = False  # DDP: needed by students with parameters a forward skips
 
 
 @dataclass
@@ -278,6 +282,7 @@ def validate(config: Config) -> Config:
         ("train.epochs", config.train.epochs),
         ("train.batch_size", config.train.batch_size),
         ("train.threads", config.train.threads),
+        ("train.eval_every", config.train.eval_every),
         ("teacher.epochs", config.teacher.epochs),
         ("teacher.lr", config.teacher.lr),
         ("optim.lr", config.optim.lr),
@@ -344,7 +349,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise UsageError(f"override {key}: cannot parse value {raw!r} ({exc})") from exc
+        raise UsageError(f"override {key}: cannot parse value {raw!r} ({yaml_problem(exc)})") from exc
     return key, value
 
 
@@ -356,11 +361,22 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return nested
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where (line, column) and what, without its multi-line excerpt."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = f" ({exc.context})" if exc.context else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem or 'invalid YAML'}{context}"
+    return " ".join(str(exc).split())
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping; unreadable files and non-mappings are UsageErrors naming the path."""
+    """Read a YAML mapping; unreadable files and non-mappings are one-line UsageErrors naming the path."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read the config ({exc})") from exc
     if data is None:
         return {}
@@ -385,8 +401,9 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
     config = Config()
     if source is not None:
         path = resolve_config_path(source)
+        data = read_yaml(path)  # its errors name the path already
         try:
-            _merge(config, read_yaml(path), "")
+            _merge(config, data, "")
         except UsageError as exc:
             raise UsageError(f"{path}: {exc}") from exc
     for text in overrides:

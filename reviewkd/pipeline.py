@@ -19,6 +19,7 @@ from deploy import run_layout
 from deploy.errors import ReviewKDError, UsageError
 from deploy.fileio import sha256_file, write_json_atomic
 from deploy.manifest import read_manifest, write_manifest
+from deploy.run_lock import locks_run
 from reviewkd.config import Config, dump_config
 
 PIPELINE_FILE = run_layout.PIPELINE
@@ -200,6 +201,7 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
 
 
 
+@locks_run("run", run_arg="run", create=True)
 def run_pipeline(config: Config, run: Path, options: PipelineOptions, resume: bool = False) -> dict[str, Any]:
     """Run every stage into `run` (skipping verified ones on resume); return report.json's content.
 

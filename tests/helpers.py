@@ -33,6 +33,7 @@ from deploy.manifest import new_manifest, read_manifest, record_artifact, write_
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import METADATA_KEY, OnnxRuntimeRunner
 from deploy.trt_sidecar import Sidecar, host_machine, profile_shapes, sidecar_path, write_sidecar
+from export.onnx_export import sealed_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +103,7 @@ def export_onnx(
     if metadata is not None:
         proto = onnx.load(str(path))
         proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
-        onnx.save(proto, str(path))
+        path.write_bytes(sealed_bytes(proto))  # as export writes it: with its content hash
     return path
 
 
@@ -169,6 +170,33 @@ def write_image(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int 
     channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
     pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
     Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+    return path
+
+
+def write_png_bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A 60-byte PNG whose header claims `width` x `height` grey pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def write_deep_image(path: Path, pixels: np.ndarray, mode: str) -> Path:
+    """Save 8-bit grey `pixels` as a 16-bit ("I;16") PNG or a float ("F", 0-1) TIFF of the same picture."""
+    if mode == "I;16":
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(path)
+    else:
+        Image.fromarray(pixels.astype(np.float32) / 255.0).save(path)
     return path
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from deploy.errors import UsageError
 from reviewkd.config import load_config, save_config
 from reviewkd.data import augment_batch, build_data, iter_run_batches
+from tests.helpers import write_deep_image, write_png_bomb
 
 
 def _digits(*overrides: str):  # type: ignore[no-untyped-def]
@@ -48,6 +49,18 @@ def test_subset_is_stratified() -> None:
     assert int(torch.bincount(bundle.train.labels).min()) >= 19
     with pytest.raises(UsageError, match=r"data\.subset: 5 is fewer than the 10 classes"):
         _digits("data.subset=5")
+
+
+def test_first_per_class_takes_the_first_images_of_each_class_in_order() -> None:
+    full, bundle = _digits(), _digits("data.first_per_class=5")
+    assert len(bundle.train) == 50 and torch.bincount(bundle.train.labels).tolist() == [5] * 10
+    assert bundle.manifest_data()["first_per_class"] == 5
+    assert full.train.images is not None and bundle.train.images is not None
+    for label in range(10):
+        first = torch.nonzero(full.train.labels == label).flatten()[:5]
+        picked = bundle.train.images[bundle.train.labels == label]
+        assert torch.equal(picked, full.train.images[first])
+    assert torch.equal(bundle.val.labels, full.val.labels)  # validation is never cut
 
 
 def test_train_batches_depend_only_on_seed_and_epoch_and_resume_mid_epoch() -> None:
@@ -110,6 +123,17 @@ def test_imagefolder_files_and_cache_agree(tmp_path: Path) -> None:
     assert torch.equal(from_files, cached.val.images)
     batches = list(files.train_batches(0, 0, 4))
     assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 8, 8)] * 2
+    # The first N files of each class by name, as the reference's CIFAR-10 subset takes them.
+    first = build_data(load_config(None, [*overrides, "data.first_per_class=3"]))
+    assert first.train.files is not None
+    assert [(f.parent.name, f.name) for f in first.train.files] == [
+        ("cat", "0.png"),
+        ("cat", "1.png"),
+        ("cat", "2.png"),
+        ("dog", "0.png"),
+        ("dog", "1.png"),
+        ("dog", "2.png"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -133,6 +157,36 @@ def test_imagefolder_errors_name_the_path(tmp_path: Path, setup: str, message: s
     config = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.cache=true"])
     with pytest.raises(UsageError, match=message):
         build_data(config)
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_imagefolder_rescales_16_bit_and_float_images(tmp_path: Path, cache: str) -> None:
+    root = tmp_path / "data"
+    _write_tree(root, "train", {"cat": 2, "dog": 2})
+    _write_tree(root, "val", {"cat": 1, "dog": 1})
+    eight_bit = np.asarray(Image.open(root / "val" / "cat" / "0.png").convert("L"))
+    overrides = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8", f"data.cache={cache}"]
+    (root / "val" / "cat" / "0.png").unlink()
+    Image.fromarray(eight_bit).save(root / "val" / "cat" / "0.png")
+    reference = torch.cat([x for x, _ in build_data(load_config(None, overrides)).eval_batches("val", 2)])
+    write_deep_image(root / "val" / "cat" / "0.png", eight_bit, "I;16")
+    deep = torch.cat([x for x, _ in build_data(load_config(None, overrides)).eval_batches("val", 2)])
+    assert torch.equal(deep, reference)
+    (root / "val" / "cat" / "0.png").unlink()
+    write_deep_image(root / "val" / "cat" / "0.tiff", eight_bit, "F")
+    floats = torch.cat([x for x, _ in build_data(load_config(None, overrides)).eval_batches("val", 2)])
+    assert torch.equal(floats, reference)
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_imagefolder_refuses_a_decompression_bomb(tmp_path: Path, cache: str) -> None:
+    root = tmp_path / "data"
+    _write_tree(root, "train", {"cat": 2, "dog": 2})
+    _write_tree(root, "val", {"cat": 1, "dog": 1})
+    write_png_bomb(root / "val" / "dog" / "0.png")
+    overrides = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8", f"data.cache={cache}"]
+    with pytest.raises(UsageError, match=r"dog/0\.png: refused, too many pixels to decode safely"):
+        list(build_data(load_config(None, overrides)).eval_batches("val", 2))
 
 
 def test_cifar_pickles_missing_is_a_clear_error(tmp_path: Path) -> None:
