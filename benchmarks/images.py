@@ -79,9 +79,14 @@ def run_validation_folder(run_dir: Path) -> Path:
             " or pip install 'reviewkd[train]'"
         )
     root = Path(data.root)
-    if data.val_dir:
-        return root / data.val_dir
-    return next((root / name for name in ("val", "test") if (root / name).is_dir()), root / "val")
+    names = (data.val_dir,) if data.val_dir else ("val", "test")
+    folder = next((root / name for name in names if (root / name).is_dir()), None)
+    if folder is None:
+        raise UsageError(
+            f"{root}: the run's validation images ({' or '.join(names)}/) are not on this machine;"
+            " pass --data FOLDER (one sub-folder of images per class)"
+        )
+    return folder
 
 
 def folder_batches(

@@ -65,6 +65,7 @@ class Manifest(TypedDict, total=False):
     artifacts: Required[dict[str, ArtifactEntry]]
     export: dict[str, Any]
     baselines: dict[str, Any]
+    qad: dict[str, Any]  # reviewkd quantize: accuracies, the selected weights, the quantizer placement
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ PIPELINE = "pipeline.json"
 TEACHER_DIR = "teacher"
 TEACHER_WEIGHTS = "teacher.safetensors"  # in TEACHER_DIR of a distill run, or a teacher run's own
 BASELINE_DIR = "baseline_ce"
+QAD_DIR = "qad"  # `reviewkd quantize`: the quantization-aware fine-tuning run
 
 EXPORT_DIR = "export"
 FP32_ONNX = f"{EXPORT_DIR}/student.onnx"

@@ -74,6 +74,17 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
+    """Restore a GradScaler from a checkpoint written with train.amp possibly different.
+
+    A disabled scaler (no fp16) saves {}; an enabled one refuses to load that. So a run resumed with
+    train.amp changed to fp16 starts its scaler fresh, and one changed away from fp16 ignores the saved
+    scale.
+    """
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+
+
 def save_checkpoint(path: Path, state: TrainState) -> None:
     """Write `state` to `path` atomically: a kill leaves the previous checkpoint or this one."""
     data = {"format": CHECKPOINT_FORMAT}

@@ -80,6 +80,7 @@ class TeacherConfig:
     weights: str | None = None
     epochs: int | None = 15  # epochs when training the teacher (None: train.epochs)
     lr: float | None = None  # learning rate when training the teacher (None: optim.lr)
+    full_data: bool = False  # train the teacher on every training image, ignoring data.subset/first_per_class
 
 
 @dataclass
@@ -135,11 +136,14 @@ class TrainConfig:
     batch_size: int = 64  # per process
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 where CUDA supports it) | none | bf16 | fp16 (with a GradScaler)
+    amp: str = "auto"  # auto (bf16 on GPUs of compute capability >= 8.0) | none | bf16 | fp16 (GradScaler)
     channels_last: bool = True  # NHWC activations: faster on CUDA and on this project's CPUs too
     fuse_teacher: bool = True  # run the frozen teacher with BatchNorm folded into its convs (exact)
     compile: bool = False  # torch.compile the distiller
     threads: int | None = None  # CPU threads for torch (None: torch's default)
+    eval_every: int = 1  # validate every N epochs (and always after the last); the best is among those
+    sync_batchnorm: bool = False  # DDP on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm)
+    find_unused_parameters: bool = False  # DDP: needed by students with parameters a forward skips
 
 
 @dataclass
@@ -278,6 +282,7 @@ def validate(config: Config) -> Config:
         ("train.epochs", config.train.epochs),
         ("train.batch_size", config.train.batch_size),
         ("train.threads", config.train.threads),
+        ("train.eval_every", config.train.eval_every),
         ("teacher.epochs", config.teacher.epochs),
         ("teacher.lr", config.teacher.lr),
         ("optim.lr", config.optim.lr),

@@ -22,15 +22,14 @@ Accuracies (top1, top5) are percentages, 0-100, everywhere: metrics.jsonl and th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import os
 import random
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deploy import run_layout
-from deploy.errors import MissingDependencyError, ReviewKDError, UsageError
+from deploy.errors import ReviewKDError, UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import read_manifest, verify_artifact
 from deploy.run_lock import locks_run
@@ -51,23 +50,26 @@ from reviewkd.checkpoint import (
     capture_rng_state,
     cpu_state,
     load_checkpoint,
+    load_scaler_state,
     restore_rng_state,
     save_checkpoint,
 )
 from reviewkd.config import Config, config_to_dict, diff_configs, load_run_config, save_config
 from reviewkd.data import DataBundle, build_data
 from reviewkd.distiller import Distiller, build_distiller
-from reviewkd.models import create_model
+from reviewkd.models import check_model_name, create_model
 from reviewkd.optim import distill_scale, lr_factor, make_optimizer
 from reviewkd.run_record import (
     METRICS_FILE,
     TEACHER_FILE,
     append_metrics,
+    read_metrics,
     truncate_metrics,
     weights_file,
     write_best,
     write_run_manifest,
 )
+from reviewkd.runtime import Runtime, all_ranks_finite, runtime_session
 
 TEACHER_SUBDIR = run_layout.TEACHER_DIR
 # Keys a resumed run may change: they alter neither the data nor the model, only how long or where.
@@ -79,6 +81,9 @@ RESUMABLE_CHANGES = (
     "train.threads",
     "train.channels_last",
     "train.fuse_teacher",
+    "train.sync_batchnorm",
+    "train.find_unused_parameters",
+    "train.eval_every",
     "data.cache",
     "data.num_workers",
     "output",
@@ -91,76 +96,18 @@ class TrainingDivergedError(ReviewKDError):
     exit_code = 1
 
 
-@dataclass
-class Runtime:
-    """Where this process trains: device, distributed rank and mixed precision."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        """Only rank 0 writes files and prints."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """True under torchrun with more than one process."""
-        return self.world_size > 1
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """Autocast to the AMP dtype, or a no-op context."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-
-def setup_runtime(config: Config) -> Runtime:
-    """Pick the device and AMP mode from config.train and join torchrun's process group if launched so.
-
-    Raises:
-        MissingDependencyError: train.device=cuda without a usable CUDA GPU.
-        UsageError: train.amp=fp16 without CUDA.
-    """
-    tc = config.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if tc.device == "cuda" and not cuda:
-        raise MissingDependencyError(
-            "train.device=cuda (--device cuda) but no CUDA GPU is usable here; "
-            "use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU"
-        )
-    use_cuda = tc.device == "cuda" or (tc.device == "auto" and cuda)
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    amp = tc.amp
-    if amp == "auto":
-        amp = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "none"
-    if amp == "fp16" and not use_cuda:
-        raise UsageError("config key train.amp: fp16 needs CUDA; use train.amp=bf16 or none on the CPU")
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return Runtime(device, rank, world_size, amp_dtype, channels_last=tc.channels_last)
-
-
 def teacher_training_config(config: Config) -> Config:
     """The config of the teacher's own run: cross-entropy training of teacher.arch.
 
-    teacher.epochs and teacher.lr, where set, replace train.epochs and optim.lr.
+    teacher.epochs and teacher.lr, where set, replace train.epochs and optim.lr; with teacher.full_data
+    the teacher trains on the whole training split, whatever part of it the student sees.
     """
+    data = config.data
+    if config.teacher.full_data:
+        data = dataclasses.replace(data, subset=None, first_per_class=None)
     derived = dataclasses.replace(
         config,
+        data=data,
         student=dataclasses.replace(config.student, arch=config.teacher.arch, weights=None),
         method=dataclasses.replace(config.method, name="ce"),
         train=dataclasses.replace(config.train, epochs=config.teacher.epochs or config.train.epochs),
@@ -345,7 +292,7 @@ class Trainer:
         self.distiller.head.load_state_dict(state.head)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
-        self.scaler.load_state_dict(state.scaler)
+        load_scaler_state(self.scaler, state.scaler)
         restore_rng_state(state.rng)
         self.best = state.best
 
@@ -358,14 +305,23 @@ def _build_trainer(
     teacher_record: dict[str, Any],
     runtime: Runtime,
     bundle: DataBundle,
+    prepare_student: Callable[[nn.Module], nn.Module] | None = None,
+    initial_head: dict[str, torch.Tensor] | None = None,
 ) -> Trainer:
-    """Seeded student, distiller, optimizer, scheduler and scaler on the runtime's device."""
+    """Seeded student, distiller, optimizer, scheduler and scaler on the runtime's device.
+
+    `prepare_student` turns the created student into the one that trains (QAD: BatchNorm folded,
+    fake quantizers placed) before the distiller taps it; `initial_head` starts the ABF head from
+    earlier weights instead of its seeded initialisation. A checkpoint, on resume, overrides both.
+    """
     tc = config.train
     # Same initial weights (student and ABF head) for a given seed on every rank.
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed % (1 << 32))
     student = create_model(config.student.arch, bundle.num_classes, weights=config.student.weights)
+    if prepare_student is not None:
+        student = prepare_student(student)
     distiller = build_distiller(
         config.method.name,
         student,
@@ -378,6 +334,8 @@ def _build_trainer(
         teacher_taps=config.method.teacher_taps,
         fuse_teacher=config.train.fuse_teacher,
     )
+    if initial_head is not None:
+        distiller.head.load_state_dict(initial_head)
     distiller.to(runtime.device)
     if runtime.channels_last:
         distiller.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -403,23 +361,32 @@ def _build_trainer(
 
 def _wrap_model(trainer: Trainer) -> nn.Module:
     """The distiller as the training step calls it: under DDP, compiled when train.compile is set."""
-    runtime = trainer.runtime
+    runtime, tc = trainer.runtime, trainer.config.train
     model: nn.Module = trainer.distiller
     if runtime.distributed:
+        if tc.sync_batchnorm:
+            # In place below the top level: the parameters stay the ones the optimizer holds.
+            nn.SyncBatchNorm.convert_sync_batchnorm(trainer.distiller.student)
+            nn.SyncBatchNorm.convert_sync_batchnorm(trainer.distiller.head)
         model = nn.parallel.DistributedDataParallel(
-            trainer.distiller, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+            trainer.distiller,
+            device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            find_unused_parameters=tc.find_unused_parameters,
         )
-    if trainer.config.train.compile:
+    if tc.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     return model
 
 
-def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int, out_dir: Path) -> None:
-    if all(math.isfinite(v.item()) for v in losses.values()):
+def _check_finite(
+    losses: dict[str, torch.Tensor], runtime: Runtime, epoch: int, step: int, out_dir: Path
+) -> None:
+    """Raise TrainingDivergedError on every rank when a loss is not finite on any rank."""
+    if all_ranks_finite(list(losses.values()), runtime):
         return
     parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
     raise TrainingDivergedError(
-        f"epoch {epoch + 1} step {step + 1}: the loss is not finite ({parts}); "
+        f"epoch {epoch + 1} step {step + 1}: the loss is not finite (rank {runtime.rank}: {parts}); "
         f"{out_dir / CHECKPOINT_FILE} keeps the last completed epoch ({epoch}); "
         "lower optim.lr or the distillation weights"
     )
@@ -440,7 +407,7 @@ def _train_step(
     losses = {k: out[k].detach().float() for k in ("loss", "ce", "hcl", "kd") if k in out}
     check_every = 1 if runtime.device.type == "cpu" else 25  # a host sync per check costs GPU speed
     if step % check_every == 0 or step == spe - 1:
-        _check_finite(losses, epoch, step, trainer.out_dir)
+        _check_finite(losses, runtime, epoch, step, trainer.out_dir)
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.scaler.scale(loss).backward()
     trainer.scaler.step(trainer.optimizer)
@@ -494,8 +461,17 @@ def train_one_epoch(
     return sums
 
 
+def _validates(config: Config, epoch: int) -> bool:
+    """Whether epoch `epoch` (0-based) is scored on the validation split: every train.eval_every-th
+    epoch and always the last."""
+    return (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs
+
+
 def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
-    """Validate, then append the metrics line, save last.pt and re-derive the best weights, in that order."""
+    """Validate, then append the metrics line, save last.pt and re-derive the best weights, in that order.
+
+    An epoch that train.eval_every skips gets no val_* keys and cannot become the best.
+    """
     runtime, distiller, tc = trainer.runtime, trainer.distiller, trainer.config.train
     totals, seen = sums.totals(runtime)
     if runtime.distributed:
@@ -503,49 +479,38 @@ def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
         # are the ones saved, so that validation scores the weights written to disk.
         for buffer in distiller.student.buffers():
             dist.broadcast(buffer, 0)
-    t_val = time.perf_counter()
-    val = evaluate(distiller.student, trainer.bundle, runtime, batch_size=max(tc.batch_size, 256))
-    val_seconds = time.perf_counter() - t_val
     denom = max(seen, 1.0)
     record: dict[str, Any] = {"epoch": epoch + 1}
     record.update({k: totals[k] / denom for k in ("loss", "ce", "hcl", "kd") if k in totals})
+    record["train_top1"] = 100.0 * totals.get("correct", 0.0) / denom
+    val: dict[str, float] | None = None
+    if _validates(trainer.config, epoch):
+        t_val = time.perf_counter()
+        val = evaluate(distiller.student, trainer.bundle, runtime, batch_size=max(tc.batch_size, 256))
+        record.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
+        record["val_time_s"] = time.perf_counter() - t_val
     record.update(
-        train_top1=100.0 * totals.get("correct", 0.0) / denom,
-        val_top1=val["top1"],
-        val_top5=val["top5"],
-        val_loss=val["loss"],
         lr=trainer.optimizer.param_groups[0]["lr"],
         distill_scale=distiller.distill_scale,
         images_per_s=seen / max(sums.seconds, 1e-9),
         epoch_time_s=sums.seconds,
-        val_time_s=val_seconds,
         time=time.time(),
     )
-    improved = trainer.best is None or val["top1"] > trainer.best["top1"]
-    if improved:
-        trainer.best = {
-            "top1": val["top1"],
-            "top5": val["top5"],
-            "epoch": epoch + 1,
-            "state": cpu_state(distiller.student),
-        }
+    improved = val is not None and (trainer.best is None or val["top1"] > trainer.best["top1"])
+    if val is not None and improved:
+        trainer.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1}
+        trainer.best["state"] = cpu_state(distiller.student)
     if runtime.is_main:
         append_metrics(trainer.out_dir / METRICS_FILE, record)
         save_checkpoint(trainer.checkpoint_path, trainer.snapshot(epoch + 1, 0, None, {}))
         if improved:
             assert trainer.best is not None
-            write_best(
-                trainer.out_dir,
-                trainer.config,
-                trainer.bundle,
-                trainer.role,
-                trainer.teacher_record,
-                trainer.best,
-            )
+            args = (trainer.out_dir, trainer.config, trainer.bundle, trainer.role, trainer.teacher_record)
+            write_best(*args, trainer.best)
+    scores = f"val top1 {val['top1']:.2f}% top5 {val['top5']:.2f}% " if val is not None else ""
     _log(
         runtime,
-        f"{trainer.role} epoch {epoch + 1}/{tc.epochs}: loss {record['loss']:.4f} "
-        f"val top1 {val['top1']:.2f}% top5 {val['top5']:.2f}% "
+        f"{trainer.role} epoch {epoch + 1}/{tc.epochs}: loss {record['loss']:.4f} {scores}"
         f"({record['images_per_s']:.0f} img/s, {sums.seconds:.1f}s)",
     )
 
@@ -562,15 +527,36 @@ def _check_resume_config(out_dir: Path, config: Config) -> None:
         )
 
 
-def _check_run_dir(out_dir: Path, config: Config, resume: bool) -> None:
-    """Refuse to start over an existing run without --resume, or to resume with another config."""
-    if (out_dir / CHECKPOINT_FILE).exists() and not resume:
+def _has_trained(out_dir: Path, role: str) -> bool:
+    """True when out_dir holds trained epochs: best weights, or more metrics lines than one kill can leave."""
+    return (out_dir / weights_file(role)).exists() or len(read_metrics(out_dir / METRICS_FILE)) > 1
+
+
+def _check_run_dir(out_dir: Path, config: Config, resume: bool, role: str) -> None:
+    """Refuse to train over an existing run without --resume, to resume a run whose checkpoint is
+    missing (that would retrain from scratch over its finished epochs), or to resume with another config."""
+    checkpoint = out_dir / CHECKPOINT_FILE
+    if not resume and (checkpoint.exists() or _has_trained(out_dir, role)):
+        found = CHECKPOINT_FILE if checkpoint.exists() else weights_file(role)
         raise UsageError(
-            f"{out_dir} already holds a training run ({CHECKPOINT_FILE}); pass --resume to continue it "
-            "or choose another --out"
+            f"{out_dir} already holds a training run ({found}); "
+            "pass --resume to continue it or choose another --out"
+        )
+    if resume and not checkpoint.is_file() and _has_trained(out_dir, role):
+        raise UsageError(
+            f"{checkpoint}: missing, but {out_dir} holds trained epochs ({weights_file(role)}, "
+            f"{METRICS_FILE}); --resume would retrain from scratch over them; restore the checkpoint "
+            "or train into another --out"
         )
     if resume:
         _check_resume_config(out_dir, config)
+
+
+def check_model_names(config: Config, *, teacher: bool) -> None:
+    """Check student.arch, and teacher.arch when `teacher`, before any work (models.check_model_name)."""
+    check_model_name(config.student.arch)
+    if teacher:
+        check_model_name(config.teacher.arch)
 
 
 def _prepare_run_dir(trainer: Trainer, epochs_done: int) -> None:
@@ -596,23 +582,41 @@ def fit(
     resume: bool = False,
     runtime: Runtime | None = None,
     bundle: DataBundle | None = None,
+    prepare_student: Callable[[nn.Module], nn.Module] | None = None,
+    initial_head: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Train config.student.arch with config.method (against `teacher`) into `out_dir`.
 
     `role` "teacher" names the result teacher.safetensors and records it as the manifest's teacher.
-    Returns the path of the best weights file.
+    `prepare_student` and `initial_head` adapt the student and the ABF head before training
+    (see _build_trainer; reviewkd.qad uses them). Returns the path of the best weights file.
 
     Raises:
         UsageError: an existing run without resume, an incompatible resume, bad data or models.
         TrainingDivergedError: a NaN or infinite loss (last.pt keeps the last completed epoch).
         KeyboardInterrupt: after SIGINT, once last.pt holds the state at the interrupted step.
     """
-    runtime = runtime or setup_runtime(config)
+    if runtime is None:
+        with runtime_session(config) as session:
+            return fit(
+                config,
+                out_dir,
+                role=role,
+                teacher=teacher,
+                teacher_record=teacher_record,
+                resume=resume,
+                runtime=session,
+                bundle=bundle,
+                prepare_student=prepare_student,
+                initial_head=initial_head,
+            )
     out_dir = Path(out_dir)
     teacher_record = teacher_record or {"arch": None, "sha256": None, "top1": None, "top5": None}
-    _check_run_dir(out_dir, config, resume)
+    _check_run_dir(out_dir, config, resume, role)
     bundle = bundle or build_data(config)
-    trainer = _build_trainer(config, out_dir, role, teacher, teacher_record, runtime, bundle)
+    trainer = _build_trainer(
+        config, out_dir, role, teacher, teacher_record, runtime, bundle, prepare_student, initial_head
+    )
     start_epoch, start_step, aug_state, accum = 0, 0, None, {}
     if resume and trainer.checkpoint_path.is_file():
         state = load_checkpoint(trainer.checkpoint_path)
@@ -676,10 +680,13 @@ def train_teacher(
     """
     out = Path(out_dir)
     derived = teacher_training_config(config)
+    check_model_names(derived, teacher=False)
     if _teacher_is_complete(out, derived):
         if runtime is None or runtime.is_main:
             print(f"teacher: reusing the finished run in {out}", flush=True)
         return out / TEACHER_FILE
+    if derived.data != config.data:  # teacher.full_data: the student's bundle is a part of the teacher's
+        bundle = None
     return fit(derived, out, role="teacher", resume=resume, runtime=runtime, bundle=bundle)
 
 
@@ -722,19 +729,20 @@ def distill(config: Config, out_dir: str | os.PathLike[str], *, resume: bool = F
     or is trained first into out_dir/teacher/ (reused when that run is already finished).
     """
     out = Path(out_dir)
-    _check_run_dir(out, config, resume)
-    runtime = setup_runtime(config)
-    bundle = build_data(config)
-    teacher, record = None, None
-    if config.method.name != "ce":
-        teacher, record = load_teacher(config, out, bundle, runtime, resume=resume)
-    return fit(
-        config,
-        out,
-        role="student",
-        teacher=teacher,
-        teacher_record=record,
-        resume=resume,
-        runtime=runtime,
-        bundle=bundle,
-    )
+    check_model_names(config, teacher=config.method.name != "ce")
+    _check_run_dir(out, config, resume, "student")
+    with runtime_session(config) as runtime:
+        bundle = build_data(config)
+        teacher, record = None, None
+        if config.method.name != "ce":
+            teacher, record = load_teacher(config, out, bundle, runtime, resume=resume)
+        return fit(
+            config,
+            out,
+            role="student",
+            teacher=teacher,
+            teacher_record=record,
+            resume=resume,
+            runtime=runtime,
+            bundle=bundle,
+        )

@@ -91,7 +91,8 @@ CLI_SCRIPT = BLOCK_TORCH + textwrap.dedent(
 
     # Every library module of benchmarks and every edge command module imports without torch.
     edge_modules = ["reviewkd", "reviewkd.cli", "reviewkd.config", "reviewkd.student", "reviewkd.pipeline"]
-    edge_modules += ["reviewkd.commands." + name for name in ("serve", "evaluate", "export", "run", "train")]
+    import reviewkd.commands
+    edge_modules += [m.name for m in pkgutil.walk_packages(reviewkd.commands.__path__, "reviewkd.commands.")]
     edge_modules += [m.name for m in pkgutil.walk_packages(benchmarks.__path__, "benchmarks.")
                      if not m.name.startswith("benchmarks.scripts")]
     edge_modules += ["export.pipeline", "export.check", "export.tensorrt_engine"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ ACCURACY_SIZE_PLOT = "accuracy_size.png"
 TRAINING_PLOT = "training.png"
 STUDENTS_PLOT = "students.png"
 PLOTS: tuple[str, ...] = (LATENCY_PLOT, ACCURACY_SIZE_PLOT, TRAINING_PLOT, STUDENTS_PLOT)
+NO_MATPLOTLIB = (
+    "not drawn: matplotlib is not installed (the edge install leaves it out);"
+    " pip install 'reviewkd[plots]' to draw them"
+)
 
 
 def _student_curves(run_dir: PathLike, report: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -69,12 +74,16 @@ def write_report(run_dir: PathLike) -> dict[str, Any]:
         run_layout.run_path(run_dir, name)
         for name in (run_layout.REPORT_JSON, run_layout.REPORT_MARKDOWN, run_layout.REPORT_HTML)
     )
-    plots = _draw_plots(run_dir, report, out)
+    # matplotlib and its fonts are a third of the edge install; without it the report has no PNGs.
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    plots = _draw_plots(run_dir, report, out) if has_matplotlib else []
     drawn = {plot.path for plot in plots}
     stale = [out / name for name in PLOTS if out / name not in drawn]
     for path in stale:
         path.unlink(missing_ok=True)
     report["plots"] = [plot.path.name for plot in plots]
+    if not has_matplotlib:
+        report["plots_note"] = NO_MATPLOTLIB
     document = build_document(report, plots)
     write_json_atomic(json_file, report)
     write_text_atomic(markdown_file, render_markdown(document))

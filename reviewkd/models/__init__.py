@@ -7,12 +7,13 @@ Our own networks carry `default_feature_taps`: the module paths of each stage's 
 from .cifar100_nets import CifarResNetB, WideResNet
 from .cifar_resnet import CifarResNet
 from .weights import load_weights, read_state_dict
-from .zoo import create_model, list_models
+from .zoo import check_model_name, create_model, list_models
 
 __all__ = [
     "CifarResNet",
     "CifarResNetB",
     "WideResNet",
+    "check_model_name",
     "create_model",
     "list_models",
     "load_weights",

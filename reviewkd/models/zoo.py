@@ -43,27 +43,40 @@ def _unknown(name: str) -> UsageError:
     )
 
 
-def _torchvision_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    import torchvision.models as tvm
-
-    classifiers = tvm.list_models(module=tvm)
-    if arch not in classifiers:
-        raise UsageError(
-            f"unknown model 'torchvision:{arch}'; torchvision classifiers are: {', '.join(classifiers)}"
-        )
-    return tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-
-
-def _timm_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
+def _import_timm(arch: str) -> Any:
     try:
         import timm
     except ImportError as exc:
         raise MissingDependencyError(
             f"model 'timm:{arch}' needs timm, which is not installed (pip install timm)"
         ) from exc
-    if not timm.is_model(arch):
+    return timm
+
+
+def check_model_name(name: str) -> None:
+    """Raise unless `name` is a model create_model can build; cheap, builds nothing.
+
+    Raises:
+        UsageError: an unknown name (the message lists the known ones).
+        MissingDependencyError: a "timm:" name without timm installed.
+    """
+    prefix = next((p for p in _PREFIXES if name.startswith(p)), None)
+    arch = name[len(prefix) :] if prefix else name
+    if prefix is None:
+        if name not in _ZOO:
+            raise _unknown(name)
+    elif not arch:
+        raise _unknown(name)
+    elif prefix == "torchvision:":
+        import torchvision.models as tvm
+
+        classifiers = tvm.list_models(module=tvm)
+        if arch not in classifiers:
+            raise UsageError(
+                f"unknown model 'torchvision:{arch}'; torchvision classifiers are: {', '.join(classifiers)}"
+            )
+    elif not _import_timm(arch).is_model(arch):
         raise UsageError(f"unknown model 'timm:{arch}'; timm.list_models() shows the names timm knows")
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 def create_model(
@@ -82,17 +95,17 @@ def create_model(
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise UsageError(f"num_classes must be a positive integer, got {num_classes!r} for model {name!r}")
-    prefix = next((p for p in _PREFIXES if name.startswith(p)), None)
-    arch = name[len(prefix) :] if prefix else name
-    if prefix is None and name not in _ZOO:
-        raise _unknown(name)
-    if prefix is not None and not arch:
-        raise _unknown(name)
+    check_model_name(name)
     try:
-        if prefix == "torchvision:":
-            model = _torchvision_model(arch, num_classes, **kwargs)
-        elif prefix == "timm:":
-            model = _timm_model(arch, num_classes, **kwargs)
+        if name.startswith("torchvision:"):
+            import torchvision.models as tvm
+
+            model = tvm.get_model(
+                name.removeprefix("torchvision:"), weights=None, num_classes=num_classes, **kwargs
+            )
+        elif name.startswith("timm:"):
+            arch = name.removeprefix("timm:")
+            model = _import_timm(arch).create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
         else:
             model = _ZOO[name](num_classes, **kwargs)
     except TypeError as exc:

@@ -106,11 +106,31 @@ def test_overrides_are_typed() -> None:
         ("data.val_fraction=1.5", r"data\.val_fraction"),
         ("train=3", r"train: expected a mapping"),
         ("optim.lr", r"expected key=value"),
+        ("schedule.name=linear", r"schedule\.name: 'linear' is not one of step, cosine, onecycle"),
+        ("schedule.warmup_fraction=1.0", r"schedule\.warmup_fraction: must be in \[0, 1\)"),
+        ("schedule.div_factor=0", r"schedule\.div_factor: must be > 0"),
+        ("data.first_per_class=0", r"data\.first_per_class: must be > 0"),
+        ("train.eval_every=0", r"train\.eval_every: must be > 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["schedule.warmup_epochs=1", "schedule.warmup_fraction=0.1"],
+            r"warmup_epochs and schedule\.warmup_fraction",
+        ),
+        (["data.subset=100", "data.first_per_class=10"], r"data\.subset and data\.first_per_class"),
+    ],
+)
+def test_exclusive_keys_are_refused_together(overrides: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        load_config(None, overrides)
 
 
 def test_bad_file_names_the_file_and_key(tmp_path: Path) -> None:

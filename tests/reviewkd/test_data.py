@@ -51,6 +51,18 @@ def test_subset_is_stratified() -> None:
         _digits("data.subset=5")
 
 
+def test_first_per_class_takes_the_first_images_of_each_class_in_order() -> None:
+    full, bundle = _digits(), _digits("data.first_per_class=5")
+    assert len(bundle.train) == 50 and torch.bincount(bundle.train.labels).tolist() == [5] * 10
+    assert bundle.manifest_data()["first_per_class"] == 5
+    assert full.train.images is not None and bundle.train.images is not None
+    for label in range(10):
+        first = torch.nonzero(full.train.labels == label).flatten()[:5]
+        picked = bundle.train.images[bundle.train.labels == label]
+        assert torch.equal(picked, full.train.images[first])
+    assert torch.equal(bundle.val.labels, full.val.labels)  # validation is never cut
+
+
 def test_train_batches_depend_only_on_seed_and_epoch_and_resume_mid_epoch() -> None:
     bundle = _digits("data.subset=300")
 
@@ -111,6 +123,17 @@ def test_imagefolder_files_and_cache_agree(tmp_path: Path) -> None:
     assert torch.equal(from_files, cached.val.images)
     batches = list(files.train_batches(0, 0, 4))
     assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 8, 8)] * 2
+    # The first N files of each class by name, as the reference's CIFAR-10 subset takes them.
+    first = build_data(load_config(None, [*overrides, "data.first_per_class=3"]))
+    assert first.train.files is not None
+    assert [(f.parent.name, f.name) for f in first.train.files] == [
+        ("cat", "0.png"),
+        ("cat", "1.png"),
+        ("cat", "2.png"),
+        ("dog", "0.png"),
+        ("dog", "1.png"),
+        ("dog", "2.png"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -267,3 +267,62 @@ def test_cli_teacher_then_distill_trains_the_teacher_first(
     assert out.index("teacher cifar_resnet20: val top1") < out.index("student epoch 1/1")
     data = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
     assert data["epoch"] == 1
+
+
+def test_resume_with_a_missing_checkpoint_refuses_instead_of_retraining(
+    teacher_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = with_teacher(teacher_file, "train.epochs=1", "method.name=kd")
+    distill(config, tmp_path)
+    student, metrics = (
+        (tmp_path / "student.safetensors").read_bytes(),
+        (tmp_path / "metrics.jsonl").read_text(),
+    )
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(UsageError, match=r"last\.pt: missing, but .* holds trained epochs"):
+        distill(config, tmp_path, resume=True)
+    with pytest.raises(UsageError, match=r"already holds a training run \(student\.safetensors\)"):
+        distill(config, tmp_path)
+    save_config(config, tmp_path / "run.yaml")
+    assert main(["distill", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path), "--resume"]) == 2
+    assert "last.pt: missing" in capsys.readouterr().err
+    # Nothing was retrained or rewritten.
+    assert (tmp_path / "student.safetensors").read_bytes() == student
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    # --resume on a directory that holds no run yet starts it (what `make demo` relies on).
+    assert distill(config, tmp_path / "fresh", resume=True).is_file()
+
+
+@pytest.mark.parametrize(
+    "override", ["student.arch=no_such_net", "teacher.arch=no_such_net", "student.arch=torchvision:nope"]
+)
+def test_unknown_model_names_are_refused_before_any_work(override: str, tmp_path: Path) -> None:
+    # No teacher.weights: without the early check the teacher would be trained into OUT/teacher/ first.
+    config = tiny("teacher.epochs=1", "train.epochs=1", override)
+    with pytest.raises(UsageError, match="unknown model"):
+        distill(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    if override.startswith("teacher."):
+        with pytest.raises(UsageError, match="unknown model 'no_such_net'"):
+            train_teacher(config, tmp_path / "teacher")
+        assert not (tmp_path / "teacher").exists()
+
+
+def test_eval_every_scores_only_some_epochs_and_always_the_last(teacher_file: Path, tmp_path: Path) -> None:
+    distill(with_teacher(teacher_file, "method.name=kd", "train.epochs=3", "train.eval_every=2"), tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert ["val_top1" in r for r in records] == [False, True, True]
+    assert all("loss" in r and "train_top1" in r for r in records)
+    student = read_manifest(tmp_path)["student"]
+    assert student["epoch"] in (2, 3)
+    assert student["top1"] == max(r["val_top1"] for r in records[1:])
+
+
+def test_teacher_full_data_trains_the_teacher_on_every_image(tmp_path: Path) -> None:
+    config = tiny(
+        "data.subset=100", "teacher.full_data=true", "teacher.epochs=1", "train.epochs=1", "method.name=kd"
+    )
+    distill(config, tmp_path)
+    assert read_manifest(tmp_path / "teacher")["data"]["num_train"] == 1437
+    assert read_manifest(tmp_path)["data"]["num_train"] == 100

@@ -1,10 +1,12 @@
-"""`reviewkd predict` and `reviewkd triton`: use a run's deployable files.
+"""`reviewkd predict`: classify image files with a run or one of its model files.
 
 predict TARGET IMAGE...  TARGET is a run directory (its fp32 ONNX file by default, or the file
                          --backend names), or a model file: an .onnx or .plan inside a run (checked
                          against that run's manifest), or a stand-alone .onnx carrying its manifest
                          in its metadata.
-triton RUN --out REPO    a Triton model repository for the run's ONNX file and TensorRT plans.
+
+The path: this module parses, deploy.predict opens the target and classifies, a deploy.runners
+runner infers; this module prints.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from deploy.predict import DEFAULT_BACKEND, Prediction, open_target, predict
-from deploy.triton import DEFAULT_MAX_BATCH_SIZE, INSTANCE_KINDS, write_triton_repository
 from reviewkd.student import open_student_runner
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the predict and triton subcommands."""
+    """Add the predict subcommand."""
     predict_parser = subparsers.add_parser(
         "predict",
         help="classify image files with a run or a model file",
@@ -40,29 +41,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     predict_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
     predict_parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     predict_parser.set_defaults(handler=run_predict)
-
-    triton_parser = subparsers.add_parser(
-        "triton",
-        help="write a Triton Inference Server model repository",
-        description="Write one Triton model per deployable file of the run (ONNX, TensorRT plans).",
-    )
-    triton_parser.add_argument("run", type=Path, metavar="RUN", help="run directory")
-    triton_parser.add_argument("--out", type=Path, required=True, metavar="REPO", help="model repository")
-    triton_parser.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=None,
-        help=f"ONNX: default {DEFAULT_MAX_BATCH_SIZE}; plans: the engine profile's maximum, capped by this",
-    )
-    triton_parser.add_argument(
-        "--instance-kind",
-        choices=tuple(INSTANCE_KINDS),
-        default="cpu",
-        help="ONNX model instances (default cpu)",
-    )
-    triton_parser.add_argument("--count", type=int, default=1, help="instances per model (default 1)")
-    triton_parser.add_argument("--name", default=None, help="model name prefix (default: the student's arch)")
-    triton_parser.set_defaults(handler=run_triton)
 
 
 def _table(paths: list[Path], results: list[Prediction], runner_name: str) -> str:
@@ -98,22 +76,4 @@ def run_predict(args: argparse.Namespace) -> int:
         print(json.dumps(document, indent=2))
     else:
         print(_table(args.images, results, name))
-    return 0
-
-
-def run_triton(args: argparse.Namespace) -> int:
-    """Handler of `reviewkd triton`."""
-    models = write_triton_repository(
-        args.run,
-        args.out,
-        max_batch_size=args.max_batch_size,
-        instance_kind=args.instance_kind,
-        instance_count=args.count,
-        model_name=args.name,
-    )
-    for model in models:
-        print(
-            f"{args.out / model.name}: {model.platform} from {model.source},"
-            f" max_batch_size {model.max_batch_size}, {model.instance_count} x {model.instance_kind}"
-        )
     return 0
