@@ -582,6 +582,22 @@ ROWS: tuple[Row, ...] = (
         one_line=False,
     ),
     Row(
+        "export: --out names a file",
+        lambda t, r: [
+            *_export_model(t, r / "student.safetensors")[:4],
+            str(_write(t / "plain", "a file")),
+            *_export_model(t, r / "student.safetensors")[5:],
+        ],
+        2,
+        "plain: cannot write it",
+    ),
+    Row(
+        "run: --out names a file",
+        lambda t, r: ["run", "--out", str(_write(t / "pipeline", "a file")), *TINY_TRAINING],
+        2,
+        "pipeline: cannot write it",
+    ),
+    Row(
         "export: --opset 9",
         lambda t, r: ["export", str(r), "--opset", "9"],
         2,
