@@ -38,6 +38,7 @@ from deploy.manifest import (
     verify_artifact,
     write_manifest,
 )
+from deploy.run_lock import locks_run
 from reviewkd.checkpoint import CHECKPOINT_FILE, cpu_state, load_checkpoint
 from reviewkd.config import Config, load_run_config
 from reviewkd.fake_quant import QuantizationPlan, calibrate, quantize_student
@@ -143,6 +144,7 @@ def load_qad_student(run: str | os.PathLike[str]) -> tuple[nn.Module, Quantizati
     return quantized.eval().requires_grad_(False), plan
 
 
+@locks_run("quantize")
 def quantize_run(
     run_dir: str | os.PathLike[str],
     epochs: int,
