@@ -32,6 +32,7 @@ from deploy.errors import UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import (
     Manifest,
+    forget_artifact,
     input_spec,
     read_manifest,
     record_artifact,
@@ -237,5 +238,7 @@ def _update_qad_block(run: Path, **values: Any) -> None:
     block = manifest.setdefault("qad", {})
     block.update(values)
     if "weights" in values:
+        for rel in [rel for rel, entry in manifest["artifacts"].items() if entry.get("role") == "qad"]:
+            forget_artifact(manifest, rel)  # an earlier QAD's selection
         record_artifact(run, manifest, values["weights"], "weights", role="qad")
     write_manifest(run, manifest)
