@@ -10,14 +10,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# The demo and the tests train and draw the report's plots, so they install the `train` (torch) and
+# `plots` (matplotlib) extras; `pip install .` alone is the torch-free edge install of the README.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[train,plots]'
 	touch $@
 
 # tensorrt-stubs declares the real TensorRT as a dependency, whose wheel downloads from NVIDIA's
 # host at install time; the stubs alone are all mypy needs, so they install without dependencies.
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[train,plots,dev]'
 	$(BIN)/pip install --quiet --no-deps tensorrt-stubs
 	touch $(VENV)/.installed $@
 
@@ -33,6 +35,7 @@ TRT_MODULES := export/tensorrt_engine.py deploy/runners/tensorrt_runner.py deplo
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check $(SOURCES) tests .ci
+	$(BIN)/lint-imports
 	$(BIN)/mypy $(SOURCES) .ci/trt_stubs.py
 	$(BIN)/python .ci/trt_stubs.py $(TRT_STUBS)
 	MYPYPATH=$(TRT_STUBS) $(BIN)/mypy --cache-dir .mypy_cache/tensorrt $(TRT_MODULES)

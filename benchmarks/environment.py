@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from deploy.gpu import current_gpu
 
 # Distributions whose versions change what a benchmark measures; absent ones are recorded as null.
 LIBRARIES: tuple[str, ...] = (
@@ -53,46 +53,10 @@ def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None
     return versions
 
 
-def _gpu_from_torch() -> dict[str, Any] | None:
-    # Only consult torch when it is already loaded: importing it costs seconds, and a serving
-    # device may not have it at all.
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return None
-    index = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    return {
-        "name": torch.cuda.get_device_name(index),
-        "compute_capability": f"{major}.{minor}",
-        "count": torch.cuda.device_count(),
-        "cuda": torch.version.cuda,
-    }
-
-
-def _gpu_from_nvidia_smi() -> dict[str, Any] | None:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rows = [[field.strip() for field in line.split(",")] for line in out.strip().splitlines() if line.strip()]
-    if not rows:
-        return None
-    first = rows[0] + [""] * 3
-    return {"name": first[0], "compute_capability": first[1] or None, "count": len(rows), "driver": first[2]}
-
-
 def gpu_info() -> dict[str, Any] | None:
-    """Return the GPU in use (name, compute capability, count), or None when there is none."""
-    return _gpu_from_torch() or _gpu_from_nvidia_smi()
+    """Return the GPU in use (name, compute capability, count, driver), or None when there is none."""
+    gpu = current_gpu()
+    return None if gpu is None else gpu.as_dict()
 
 
 def thread_settings(threads: int | None = None) -> dict[str, Any]:

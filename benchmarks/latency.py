@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from benchmarks.environment import collect_environment
-from benchmarks.targets import FAILED, OK, SKIPPED, Target, check_unique, error_reason, open_target
+from benchmarks.targets import Target, check_unique, error_reason, open_target
 from deploy.errors import UsageError
 from deploy.runners.base import Runner
+from deploy.status import Status
 
 BENCH_SCHEMA_VERSION = 1
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
@@ -206,10 +207,10 @@ def _bench_one(
     seed: int,
     timer_factory: Callable[[Runner], Timer],
 ) -> dict[str, Any]:
-    entry: dict[str, Any] = {"status": OK, "reason": None, **target.describe()}
+    entry: dict[str, Any] = {"status": Status.OK, "reason": None, **target.describe()}
     entry.update(device=None, timer=None, cuda_graphs={"used": False, "reason": None})
     entry.update(latency={}, skipped_batches={})
-    runner, status, reason = open_target(target)
+    runner, status, reason, _ = open_target(target)
     if runner is None:
         entry.update(status=status, reason=reason)
         return entry
@@ -232,7 +233,7 @@ def _bench_one(
                 )
             except Exception as exc:
                 # Keep the batch sizes already measured; the format as a whole is failed.
-                entry.update(status=FAILED, reason=f"batch {batch_size}: {error_reason(exc)}")
+                entry.update(status=Status.FAILED, reason=f"batch {batch_size}: {error_reason(exc)}")
                 break
             entry["latency"][str(batch_size)] = latency_stats(samples, batch_size)
         if used:
@@ -241,8 +242,9 @@ def _bench_one(
             if graph_error:
                 entry["cuda_graphs"]["reason"] = f"fell back to eager: {graph_error}"
             entry["cuda_graphs"]["shapes"] = [list(s) for s in getattr(runner, "cuda_graph_shapes", [])]
-    if entry["status"] == OK and not entry["latency"]:
-        entry.update(status=SKIPPED, reason="; ".join(entry["skipped_batches"].values()) or "no batch sizes")
+    if entry["status"] == Status.OK and not entry["latency"]:
+        reason = "; ".join(entry["skipped_batches"].values()) or "no batch sizes"
+        entry.update(status=Status.SKIPPED, reason=reason)
     return entry
 
 

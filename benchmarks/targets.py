@@ -8,21 +8,17 @@ or "failed" (anything else went wrong), instead of each caller guessing.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
+from deploy.formats import BACKEND_OF_KIND, display_order, format_label
 from deploy.runners.base import Runner
-
-OK = "ok"
-FAILED = "failed"
-SKIPPED = "skipped"
-NOT_MEASURED = "not measured"
+from deploy.status import Status
 
 
 @dataclass(frozen=True)
@@ -78,25 +74,31 @@ def error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
-def open_target(target: Target) -> tuple[Runner | None, str, str | None]:
-    """Open a target's runner; return (runner or None, status, reason).
+class Opened(NamedTuple):
+    """A target's runner (None unless status is OK), and why not."""
 
-    A missing runtime or GPU is "skipped"; any other exception is "failed". The harness must
+    runner: Runner | None
+    status: Status
+    reason: str | None
+    bad_input: bool = False  # the file is missing, tampered with or malformed (UsageError)
+
+
+def open_target(target: Target) -> Opened:
+    """Open a target's runner.
+
+    A missing runtime or GPU is "skipped"; any other exception is "failed", and a UsageError
+    (a file missing, tampered with or malformed) is also flagged as bad input. The harness must
     keep measuring the other formats whatever one of them raises, hence the broad catch.
     """
     try:
         runner = target.opener()
     except MissingDependencyError as exc:
-        return None, SKIPPED, error_reason(exc)
+        return Opened(None, Status.SKIPPED, error_reason(exc))
+    except UsageError as exc:
+        return Opened(None, Status.FAILED, error_reason(exc), bad_input=True)
     except Exception as exc:
-        return None, FAILED, error_reason(exc)
-    return runner, OK, None
-
-
-def precision_family(precision: str) -> str:
-    """Return the base precision of a label: "int8" for "int8", "int8-sym" or "int8_qdq"."""
-    head = re.split(r"[^a-z0-9]", precision.lower(), maxsplit=1)[0]
-    return head or precision
+        return Opened(None, Status.FAILED, error_reason(exc))
+    return Opened(runner, Status.OK, None)
 
 
 def infer_in_range(runner: Runner, images: np.ndarray) -> np.ndarray:
@@ -118,37 +120,6 @@ def infer_in_range(runner: Runner, images: np.ndarray) -> np.ndarray:
     return np.concatenate(outputs, axis=0)
 
 
-# Manifest artifact kinds that hold a model, and the backend that runs each.
-BACKEND_OF_KIND: dict[str, str] = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
-
-
-def format_label(relpath: str, precision: str) -> str:
-    """Return the precision part of a file's report key.
-
-    It is the precision, unless the file name carries a more specific tag that starts with it
-    ("student.int8.trt.onnx" -> "int8-trt"), so two files of one precision get distinct keys.
-    """
-    tags = Path(relpath).name.split(".")[1:-1]
-    if tags and tags[0].lower().startswith(precision.lower()):
-        return "-".join(tags)
-    return precision
-
-
-# Reports list formats by backend, then from the widest precision to the narrowest.
-_KIND_ORDER = tuple(BACKEND_OF_KIND)
-_PRECISION_ORDER = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4")
-
-
-def _display_order(relpath: str, entry: Mapping[str, Any]) -> tuple[int, int, str]:
-    kind = str(entry.get("kind"))
-    family = precision_family(str(entry.get("precision") or "fp32"))
-    return (
-        _KIND_ORDER.index(kind) if kind in _KIND_ORDER else len(_KIND_ORDER),
-        _PRECISION_ORDER.index(family) if family in _PRECISION_ORDER else len(_PRECISION_ORDER),
-        relpath,
-    )
-
-
 def artifact_formats(manifest: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Return {report key: (relative path, manifest entry)} for every model file of a manifest
     that takes float32 NCHW batches, the runner contract's input.
@@ -159,7 +130,12 @@ def artifact_formats(manifest: Mapping[str, Any]) -> dict[str, tuple[str, dict[s
     """
     formats: dict[str, tuple[str, dict[str, Any]]] = {}
     artifacts = manifest.get("artifacts", {})
-    for relpath in sorted(artifacts, key=lambda rel: _display_order(rel, artifacts[rel])):
+
+    def order(relpath: str) -> tuple[int, int, str]:
+        entry = artifacts[relpath]
+        return (*display_order(str(entry.get("kind")), str(entry.get("precision") or "fp32")), relpath)
+
+    for relpath in sorted(artifacts, key=order):
         entry = artifacts[relpath]
         backend = BACKEND_OF_KIND.get(str(entry.get("kind")))
         if backend is None or str(entry.get("input_dtype", "float32")) != "float32":

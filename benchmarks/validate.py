@@ -1,24 +1,14 @@
-"""Accuracy, parity against the PyTorch reference, and the gates every exported format must pass.
+"""Accuracy, parity against a reference format, and the gates every exported format must pass.
 
-Every target sees the same validation images in one pass over the data: the reference
-("torch/fp32") runs first on each batch, then each other format, and running tallies keep
-memory flat whatever the size of the validation split.
-
-Gates (docs/METHOD.md section 7) are per precision; a precision label such as "int8-sym" falls back
-to the gates of its family ("int8"). Gate names say their direction:
-
-    max_abs_diff      parity max |logit diff| <= threshold
-    max_mean_abs_diff parity mean |logit diff| <= threshold
-    min_agreement     parity top-1 agreement (%) >= threshold
-    max_top1_drop     reference top-1 minus this top-1 (points) <= threshold
-    min_top1          top-1 (%) >= threshold
-
-Accuracies and agreement are percentages (0-100).
+Every target sees the same validation images in one pass over the data: the reference (the
+PyTorch student "torch/fp32", or the fp32 ONNX file where torch is not installed) runs first on
+each batch, then each other format, and running tallies keep memory flat whatever the size of the
+validation split. The gates are deploy.gates' (docs/METHOD.md section 7): per precision, in
+percent.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,80 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.targets import (
-    FAILED,
-    OK,
-    SKIPPED,
-    Target,
-    check_unique,
-    error_reason,
-    infer_in_range,
-    open_target,
-    precision_family,
-)
+from benchmarks.targets import Target, check_unique, error_reason, infer_in_range, open_target
 from deploy.errors import GateFailedError, UsageError
+from deploy.gates import GateTable, default_gates, describe_check, evaluate_gates, gates_for
 from deploy.runners.base import Runner
+from deploy.status import Status
 
 REFERENCE_KEY = "torch/fp32"
 VALIDATE_SCHEMA_VERSION = 1
-
-# name -> (where the value lives, "<=" upper bound or ">=" lower bound)
-GATE_METRICS: dict[str, tuple[str, str]] = {
-    "max_abs_diff": ("parity.max_abs_diff", "<="),
-    "max_mean_abs_diff": ("parity.mean_abs_diff", "<="),
-    "min_agreement": ("parity.top1_agreement", ">="),
-    "max_top1_drop": ("accuracy.top1_drop", "<="),
-    "min_top1": ("accuracy.top1", ">="),
-}
-
-Gates = dict[str, dict[str, float]]
-
-DEFAULT_GATES: Gates = {
-    "fp32": {"max_abs_diff": 1e-4, "min_agreement": 100.0},
-    "fp16": {"min_agreement": 99.0},
-    "int8": {"max_top1_drop": 1.0},
-}
-
-
-def default_gates() -> Gates:
-    """Return a fresh copy of the default gates (safe to modify)."""
-    return copy.deepcopy(DEFAULT_GATES)
-
-
-def parse_gate(spec: str) -> tuple[str, str, float | None]:
-    """Parse "PRECISION:NAME=VALUE" (VALUE "off" removes the gate) into (precision, name, value)."""
-    precision, sep, rest = spec.partition(":")
-    name, eq, raw = rest.partition("=")
-    precision, name, raw = precision.strip(), name.strip(), raw.strip()
-    if not sep or not eq or not precision or not name or not raw:
-        raise UsageError(f"--gate {spec!r}: expected PRECISION:NAME=VALUE, e.g. fp16:min_agreement=99.5")
-    if name not in GATE_METRICS:
-        raise UsageError(f"--gate {spec!r}: unknown gate {name!r}; expected one of {', '.join(GATE_METRICS)}")
-    if raw.lower() == "off":
-        return precision, name, None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"--gate {spec!r}: {raw!r} is not a number (or 'off')") from None
-    if not math.isfinite(value):
-        raise UsageError(f"--gate {spec!r}: the threshold must be finite")
-    return precision, name, value
-
-
-def apply_gate(gates: Gates, precision: str, name: str, value: float | None) -> Gates:
-    """Set (or, with value None, remove) one gate in `gates` and return it."""
-    if value is None:
-        gates.get(precision, {}).pop(name, None)
-    else:
-        gates.setdefault(precision, {})[name] = value
-    return gates
-
-
-def gates_for(gates: Mapping[str, Mapping[str, float]], precision: str) -> dict[str, float]:
-    """Return the gates of a precision: its own entry, else its family's ("int8" for "int8-sym")."""
-    if precision in gates:
-        return dict(gates[precision])
-    return dict(gates.get(precision_family(precision), {}))
 
 
 @dataclass
@@ -160,31 +84,6 @@ def _check_batch(images: np.ndarray, labels: np.ndarray, index: int) -> None:
         raise UsageError(f"validation batch {index}: expected one integer label per image")
 
 
-def _gate_value(entry: Mapping[str, Any], where: str) -> float | None:
-    section, key = where.split(".")
-    block = entry.get(section)
-    if not isinstance(block, Mapping):
-        return None
-    value = block.get(key)
-    return None if value is None else float(value)
-
-
-def evaluate_gates(entry: dict[str, Any], gates: Mapping[str, float]) -> list[dict[str, Any]]:
-    """Check one result entry against its gates; a value that was not measured fails its gate."""
-    checks = []
-    for name, threshold in gates.items():
-        where, op = GATE_METRICS[name]
-        value = _gate_value(entry, where)
-        if value is None or math.isnan(value):
-            passed = False
-        else:
-            passed = value <= threshold if op == "<=" else value >= threshold
-        check = {"gate": name, "metric": where, "op": op, "threshold": threshold, "value": value}
-        check["passed"] = passed
-        checks.append(check)
-    return checks
-
-
 def validate_runners(
     targets: Sequence[Target],
     batches: Iterable[tuple[np.ndarray, np.ndarray]],
@@ -199,32 +98,36 @@ def validate_runners(
         (MissingDependencyError) or "failed" (anything else), and one that raises while running
         is "failed"; the others carry on.
     batches: (float32 NCHW images, integer labels) pairs, iterated once.
-    gates: per-precision thresholds (default DEFAULT_GATES); the reference is not gated.
+    gates: per-precision thresholds (default deploy.gates.DEFAULT_GATES); the reference is not gated.
 
     Returns the content of validate.json: {"schema_version", "reference", "images", "gates",
-    "results": {key: entry}, "passed", "failures"}, where each entry has "status", "reason",
+    "results": {key: entry}, "passed", "failures", "bad_files"}, where each entry has "status", "reason",
     backend, precision, file, size_bytes, "accuracy" {top1, top5, n, top1_drop}, "parity"
-    {max_abs_diff, mean_abs_diff, top1_agreement, n} and "gates" (one check per gate). It does
-    not raise on a failed gate: call `raise_for_gates` after saving the result.
+    {max_abs_diff, mean_abs_diff, top1_agreement, n} and "gates" (one check per gate);
+    "bad_files" names the formats whose file is missing, tampered with or malformed. It does not
+    raise on a failed gate or a bad file: call `raise_for_gates` after saving the result.
     """
     check_unique(targets)
     keys = [t.key for t in targets]
     if reference not in keys:
         raise UsageError(f"the reference {reference!r} is not among the formats: {', '.join(keys)}")
-    gate_set = default_gates() if gates is None else {p: dict(g) for p, g in gates.items()}
+    gate_set: GateTable = default_gates() if gates is None else {p: dict(g) for p, g in gates.items()}
     # The reference goes first so that every other target can be compared on each batch.
     ordered = sorted(targets, key=lambda t: t.key != reference)
 
     runners: dict[str, Runner] = {}
-    outcome: dict[str, tuple[str, str | None]] = {}
+    outcome: dict[str, tuple[Status, str | None]] = {}
+    bad_files: list[str] = []
     tallies = {t.key: _Tally() for t in ordered}
     images_seen = 0
     try:
         for target in ordered:
-            runner, status, reason = open_target(target)
-            outcome[target.key] = (status, reason)
-            if runner is not None:
-                runners[target.key] = runner
+            opened = open_target(target)
+            outcome[target.key] = (opened.status, opened.reason)
+            if opened.runner is not None:
+                runners[target.key] = opened.runner
+            if opened.bad_input:
+                bad_files.append(f"{target.key}: {opened.reason}")
         for index, (images, labels) in enumerate(batches):
             _check_batch(images, labels, index)
             labels = labels.astype(np.int64, copy=False)
@@ -240,7 +143,7 @@ def validate_runners(
                         raise ValueError(f"logits of shape {logits.shape} for {images.shape[0]} images")
                 except Exception as exc:
                     # One broken format must not stop the others from being measured.
-                    outcome[target.key] = (FAILED, f"batch {index}: {error_reason(exc)}")
+                    outcome[target.key] = (Status.FAILED, f"batch {index}: {error_reason(exc)}")
                     runners.pop(target.key).close()
                     continue
                 tally = tallies[target.key]
@@ -255,7 +158,7 @@ def validate_runners(
     if images_seen == 0:
         raise UsageError("no validation images: the validation split is empty")
 
-    ref_top1 = tallies[reference].accuracy()["top1"] if outcome[reference][0] == OK else None
+    ref_top1 = tallies[reference].accuracy()["top1"] if outcome[reference][0] == Status.OK else None
     results: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
     for target in targets:
@@ -265,7 +168,7 @@ def validate_runners(
         entry["accuracy"] = None
         entry["parity"] = None
         entry["gates"] = []
-        if status == OK:
+        if status == Status.OK:
             accuracy = tally.accuracy()
             accuracy["top1_drop"] = (
                 None if ref_top1 is None or accuracy["top1"] is None else ref_top1 - accuracy["top1"]
@@ -286,29 +189,28 @@ def validate_runners(
         "results": results,
         "passed": not failures,
         "failures": failures,
+        "bad_files": bad_files,
     }
 
 
 def describe_failures(key: str, entry: Mapping[str, Any]) -> list[str]:
     """Return one line per reason this entry fails validation (a failed run or a failed gate)."""
-    if entry["status"] == FAILED:
+    if entry["status"] == Status.FAILED:
         return [f"{key}: failed to run ({entry['reason']})"]
-    if entry["status"] == SKIPPED:
+    if entry["status"] == Status.SKIPPED:
         return []
-    lines = []
-    for check in entry.get("gates", []):
-        if check["passed"]:
-            continue
-        value = "not measured" if check["value"] is None else f"{check['value']:.6g}"
-        lines.append(
-            f"{key}: gate {check['gate']} failed: {check['metric']} = {value}, "
-            f"required {check['op']} {check['threshold']:g}"
-        )
-    return lines
+    return [f"{key}: {describe_check(check)}" for check in entry.get("gates", []) if not check["passed"]]
 
 
 def raise_for_gates(result: Mapping[str, Any]) -> None:
-    """Raise GateFailedError (exit code 1) naming every failing format and gate of a validate result."""
+    """Raise for a validate result that did not pass.
+
+    UsageError (exit 2) when a format's file is missing, tampered with or malformed: that is bad
+    input, not a measurement; else GateFailedError (exit 1) naming every failing format and gate.
+    """
+    bad_files = list(result.get("bad_files", []))
+    if bad_files:
+        raise UsageError("cannot validate: " + "; ".join(bad_files))
     failures = list(result.get("failures", []))
     if failures:
         raise GateFailedError("validation failed: " + "; ".join(failures))

@@ -1,5 +1,7 @@
 """Errors every layer raises; the CLI maps each to its exit code (docs/METHOD.md section 8)."""
 
+from __future__ import annotations
+
 
 class ReviewKDError(Exception):
     """Base class: a failure the user can act on, reported as one line without a traceback."""
@@ -23,3 +25,49 @@ class MissingDependencyError(ReviewKDError):
     """An optional dependency (TensorRT, a CUDA GPU) is missing for what was asked."""
 
     exit_code = 3
+
+
+class OutputError(UsageError):
+    """An output cannot be written: a read-only folder, a full disk, a file where a folder belongs.
+
+    `salvage` holds what could not be saved (a measurement as JSON), for the command to print
+    so that the work is not lost.
+    """
+
+    def __init__(self, message: str, salvage: str | None = None) -> None:
+        super().__init__(message)
+        self.salvage = salvage
+
+    @classmethod
+    def from_os_error(
+        cls, target: object, exc: OSError, *, aliases: tuple[object, ...] = (), salvage: str | None = None
+    ) -> OutputError:
+        """One line naming `target`, and the path the system complained about when it is another one
+        (not `target` itself nor one of its `aliases`, such as the temporary file written for it)."""
+        reason = exc.strerror or type(exc).__name__
+        same = {str(target), *(str(a) for a in aliases)}
+        if exc.filename is not None and str(exc.filename) not in same:
+            reason = f"{exc.filename}: {reason}"
+        return cls(f"{target}: cannot write it ({reason})", salvage)
+
+
+TRAIN_EXTRA_HINT = "pip install 'reviewkd[train]'"
+
+
+def torch_installed() -> bool:
+    """Whether torch can be imported here, found without importing it (that takes seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_torch(action: str) -> None:
+    """Raise MissingDependencyError naming the install when torch is not installed; `action` needs it."""
+    if not torch_installed():
+        raise MissingDependencyError(
+            f"{action} needs PyTorch, which this installation lacks (the edge install serves, validates and"
+            f" benchmarks exported files without it); install the training extra: {TRAIN_EXTRA_HINT}"
+        )

@@ -6,10 +6,13 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from deploy.errors import OutputError, UsageError
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
@@ -21,20 +24,47 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(target: Path) -> int:
+    """The mode a plain open(target, "w") would leave: the old file's, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     Readers never see a half-written file, and a failure leaves any previous file untouched.
+    The file gets the mode a plain write would give it (mkstemp's own 0600 would hide it from
+    other users after a copy to a device or a shared folder). An OSError while creating,
+    writing or renaming (a read-only folder, a full disk, a file where a folder belongs) is an
+    OutputError naming `path`.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        # mkstemp names its own random file in the error; the target says more.
+        temporary = (exc.filename,) if Path(str(exc.filename)).name.startswith(f".{target.name}.") else ()
+        raise OutputError.from_os_error(target, exc, aliases=temporary) from exc
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _final_mode(target))
         os.replace(tmp, target)
+    except OSError as exc:
+        raise OutputError.from_os_error(target, exc, aliases=(tmp,)) from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -48,3 +78,97 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write `data` as indented JSON to `path` atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# --- the content hash a stand-alone ONNX file carries ------------------------------------------------
+
+# metadata_props key of an ONNX file's content hash: the sha256 of every other byte of the file's
+# ModelProto (graph, weights, opsets, the other metadata), so that a copy travelling without its run
+# directory, and so without the manifest's sha256, can still be checked.
+ONNX_CONTENT_HASH_KEY = "reviewkd_content_sha256"
+# Field numbers of onnx.ModelProto.metadata_props and of StringStringEntryProto.key.
+_METADATA_PROPS_FIELD = 14
+_ENTRY_KEY_FIELD = 1
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """Decode a protobuf varint at `pos`; return it and the position after it."""
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """Protobuf wire-format fields of a message: (field number, start, payload start, end)."""
+    pos = 0
+    while pos < len(data):
+        start = pos
+        tag, pos = _varint(data, pos)
+        wire_type = tag & 7
+        if wire_type == 0:
+            _, end = _varint(data, pos)
+        elif wire_type == 1:
+            end = pos + 8
+        elif wire_type == 5:
+            end = pos + 4
+        elif wire_type == 2:
+            length, pos = _varint(data, pos)
+            end = pos + length
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+        if end > len(data):
+            raise ValueError("a field runs past the end of the data")
+        yield tag >> 3, start, pos, end
+        pos = end
+
+
+def _is_content_hash_entry(entry: bytes) -> bool:
+    return any(
+        number == _ENTRY_KEY_FIELD and entry[payload:end] == ONNX_CONTENT_HASH_KEY.encode()
+        for number, _, payload, end in _fields(entry)
+    )
+
+
+def onnx_content_sha256(data: bytes) -> tuple[str, str | None]:
+    """Return (sha256 of an ONNX file's bytes without its content-hash entry, the hash it records).
+
+    Reads the protobuf wire format directly, so it needs neither onnx nor protobuf; the recorded
+    hash is None when the file carries none. ValueError if the bytes are not a protobuf message.
+    """
+    digest = hashlib.sha256()
+    recorded: str | None = None
+    for number, start, payload, end in _fields(data):
+        if number == _METADATA_PROPS_FIELD and _is_content_hash_entry(data[payload:end]):
+            for field, _, value_start, value_end in _fields(data[payload:end]):
+                if field == 2:
+                    recorded = data[payload:end][value_start:value_end].decode("ascii", "replace")
+            continue
+        digest.update(data[start:end])
+    return digest.hexdigest(), recorded
+
+
+def verify_onnx_content(path: str | os.PathLike[str]) -> None:
+    """Check a stand-alone ONNX file against the content hash export stored in it; UsageError if
+    it carries none or its bytes changed since."""
+    file = Path(path)
+    try:
+        actual, recorded = onnx_content_sha256(file.read_bytes())
+    except ValueError as exc:
+        raise UsageError(f"{file}: not an ONNX file ({exc})") from exc
+    if recorded is None:
+        raise UsageError(
+            f"{file}: no run manifest lists it and it carries no content hash ({ONNX_CONTENT_HASH_KEY})"
+            " to check it by; keep it in its run directory (RUN/export/) or pass the run directory"
+        )
+    if actual != recorded:
+        raise UsageError(
+            f"{file}: content sha256 {actual[:12]}… does not match the {recorded[:12]}… recorded at"
+            " export; the graph, weights or metadata changed after export"
+        )

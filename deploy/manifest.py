@@ -14,22 +14,115 @@ Layout (docs/METHOD.md section 5.1); every stage adds to it and rewrites it atom
     artifacts        {relative path: {"sha256", "size_bytes", "kind", ...}} where kind is one of
                      "weights", "onnx", "tensorrt", "sidecar", "report", "checkpoint"; ONNX and
                      TensorRT entries also carry "precision" ("fp32", "fp16", "int8", ...)
+
+`read_manifest` checks this shape once, where the file is read, so no reader meets a KeyError
+later; `input_spec` is the one parser of the input block. Artifact paths are confined to the run:
+a key must be relative without "..", and the file it names, symlinks resolved, must lie inside the
+resolved run directory. Both are checked before any file is opened or hashed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-from typing import Any
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Required, TypedDict, cast
 
+from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file, write_json_atomic
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = run_layout.MANIFEST
 MANIFEST_SCHEMA_VERSION = 1
 
-Manifest = dict[str, Any]
+# Image channel counts the preprocessing can read images as (grey, RGB).
+IMAGE_CHANNELS = (1, 3)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ArtifactEntry(TypedDict, total=False):
+    """One file of the run as the manifest records it; more keys (flavour, source, ...) may follow."""
+
+    sha256: Required[str]
+    size_bytes: Required[int]
+    kind: Required[str]
+    precision: str
+
+
+class Manifest(TypedDict, total=False):
+    """The manifest document. Blocks beyond the typed ones (export, baselines, ...) are free-form."""
+
+    schema_version: Required[int]
+    classes: list[str]
+    input: dict[str, Any]
+    student: dict[str, Any]
+    teacher: dict[str, Any]
+    method: dict[str, Any]
+    data: dict[str, Any]
+    artifacts: Required[dict[str, ArtifactEntry]]
+    export: dict[str, Any]
+    baselines: dict[str, Any]
+    qad: dict[str, Any]  # reviewkd quantize: accuracies, the selected weights, the quantizer placement
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The manifest's "input" block, checked: (C, H, W), per-channel mean/std on 0-1 values,
+    and the shorter side to resize to before the centre crop (None: resize straight to H x W)."""
+
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: int | None
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> InputSpec:
+        """Read and check the "input" block of a manifest; UsageError says what is wrong."""
+        block = manifest.get("input") or {}
+        if not isinstance(block, Mapping):
+            raise UsageError(f"manifest input: expected an object, got {type(block).__name__}")
+        shape = block.get("shape")
+        if (
+            not isinstance(shape, list | tuple)
+            or len(shape) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+        ):
+            raise UsageError(f"manifest input.shape: expected [C, H, W] positive integers, got {shape!r}")
+        channels = shape[0]
+        if channels not in IMAGE_CHANNELS:
+            raise UsageError(f"manifest input.shape: {channels} channels; images can be read as 1 or 3")
+        mean = _channel_values(block, "mean", channels)
+        std = _channel_values(block, "std", channels)
+        if min(std) <= 0:
+            raise UsageError(f"manifest input.std: expected positive numbers, got {list(std)}")
+        resize = block.get("resize")
+        if resize is not None and (
+            not isinstance(resize, int) or isinstance(resize, bool) or resize < min(shape[1:])
+        ):
+            raise UsageError(
+                f"manifest input.resize: expected null or an integer >= {min(shape[1:])}, got {resize!r}"
+            )
+        return cls(shape=(shape[0], shape[1], shape[2]), mean=mean, std=std, resize=resize)
+
+
+def _channel_values(block: Mapping[str, Any], key: str, channels: int) -> tuple[float, ...]:
+    """Return the input block's per-channel numbers under `key`, one per channel."""
+    values = block.get(key)
+    if (
+        not isinstance(values, list | tuple)
+        or len(values) != channels
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    ):
+        raise UsageError(f"manifest input.{key}: expected {channels} numbers, got {values!r}")
+    return tuple(float(v) for v in values)
+
+
+def input_spec(manifest: Mapping[str, Any]) -> InputSpec:
+    """The checked input block of a manifest (the one parser every reader uses)."""
+    return InputSpec.from_manifest(manifest)
 
 
 def new_manifest() -> Manifest:
@@ -48,7 +141,65 @@ def new_manifest() -> Manifest:
 
 def manifest_path(run_dir: str | os.PathLike[str]) -> Path:
     """Return the path of the manifest inside a run directory."""
-    return Path(run_dir) / MANIFEST_NAME
+    return run_layout.run_path(run_dir, MANIFEST_NAME)
+
+
+def check_artifact_key(key: object, source: str = "artifact") -> str:
+    """Return `key` if it is a run-relative POSIX path without "..", else UsageError naming `source`."""
+    if not isinstance(key, str) or not key or "\\" in key or "\0" in key:
+        raise UsageError(f"{source} {key!r}: expected a relative path inside the run directory")
+    path = PurePosixPath(key)
+    if path.is_absolute() or ".." in path.parts or path.as_posix() != key:
+        raise UsageError(
+            f"{source} {key!r}: expected a relative path inside the run directory (no leading /, no ..)"
+        )
+    return key
+
+
+def _check_entry(where: str, entry: object) -> None:
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: expected an object with sha256, size_bytes and kind")
+    sha = entry.get("sha256")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise UsageError(f"{where}.sha256: expected 64 lower-case hex digits, got {sha!r}")
+    size = entry.get("size_bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise UsageError(f"{where}.size_bytes: expected a non-negative integer, got {size!r}")
+    if not isinstance(entry.get("kind"), str):
+        raise UsageError(f"{where}.kind: expected a string, got {entry.get('kind')!r}")
+    precision = entry.get("precision")
+    if precision is not None and not isinstance(precision, str):
+        raise UsageError(f"{where}.precision: expected a string, got {precision!r}")
+
+
+def check_manifest(data: object, source: str) -> Manifest:
+    """Check a manifest document's shape; return it typed, or raise UsageError naming `source` and the key."""
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise UsageError(f"{source}: not a reviewkd manifest (no schema_version)")
+    version = data["schema_version"]
+    if version != MANIFEST_SCHEMA_VERSION:
+        raise UsageError(
+            f"{source}: manifest schema version {version!r}, this reviewkd reads {MANIFEST_SCHEMA_VERSION}"
+        )
+    for block in ("input", "student", "teacher", "method", "data", "export", "baselines"):
+        if block in data and not isinstance(data[block], dict):
+            raise UsageError(f"{source}: {block}: expected an object, got {type(data[block]).__name__}")
+    classes = data.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise UsageError(f"{source}: classes: expected a list of class names")
+    artifacts = data.setdefault("artifacts", {})
+    if not isinstance(artifacts, dict):
+        kind = type(artifacts).__name__
+        raise UsageError(f"{source}: artifacts: expected an object of path -> entry, got a {kind}")
+    for key, entry in artifacts.items():
+        check_artifact_key(key, f"{source}: artifact")
+        _check_entry(f"{source}: artifacts[{key!r}]", entry)
+    if data.get("input"):
+        try:
+            InputSpec.from_manifest(data)
+        except UsageError as exc:
+            raise UsageError(f"{source}: {exc}") from None
+    return cast(Manifest, data)
 
 
 def read_manifest(run_dir: str | os.PathLike[str]) -> Manifest:
@@ -57,18 +208,10 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> Manifest:
     if not path.is_file():
         raise UsageError(f"{path}: no manifest.json; expected a run directory written by reviewkd")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{path}: not a readable JSON manifest ({exc})") from exc
-    if not isinstance(manifest, dict) or "schema_version" not in manifest:
-        raise UsageError(f"{path}: not a reviewkd manifest (no schema_version)")
-    version = manifest["schema_version"]
-    if version != MANIFEST_SCHEMA_VERSION:
-        raise UsageError(
-            f"{path}: manifest schema version {version}, this reviewkd reads {MANIFEST_SCHEMA_VERSION}"
-        )
-    manifest.setdefault("artifacts", {})
-    return manifest
+    return check_manifest(data, str(path))
 
 
 def write_manifest(run_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
@@ -78,14 +221,33 @@ def write_manifest(run_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
     return path
 
 
+def artifact_path(run_dir: str | os.PathLike[str], relpath: str) -> Path:
+    """The file a manifest key names, after proving it lies inside the run directory.
+
+    The key must be relative without ".."; the path, symlinks resolved, must stay inside the
+    resolved run directory. Nothing is opened: callers hash or load the file only after this.
+    """
+    check_artifact_key(relpath)
+    root = Path(run_dir).resolve()
+    path = Path(run_dir) / relpath
+    if not path.resolve().is_relative_to(root):
+        raise UsageError(
+            f"{path}: resolves outside the run directory {root} (a symlink?); the manifest only vouches"
+            " for files inside the run"
+        )
+    return path
+
+
 def record_artifact(
     run_dir: str | os.PathLike[str], manifest: Manifest, relpath: str, kind: str, **meta: Any
-) -> dict[str, Any]:
+) -> ArtifactEntry:
     """Hash a file of the run and record it (path, sha256, size, kind, extra metadata)."""
-    path = Path(run_dir) / relpath
+    path = artifact_path(run_dir, relpath)
     if not path.is_file():
         raise UsageError(f"{path}: cannot record a missing artifact")
-    entry = {"sha256": sha256_file(path), "size_bytes": path.stat().st_size, "kind": kind, **meta}
+    entry = cast(
+        ArtifactEntry, {"sha256": sha256_file(path), "size_bytes": path.stat().st_size, "kind": kind, **meta}
+    )
     manifest.setdefault("artifacts", {})[relpath] = entry
     return entry
 
@@ -96,11 +258,11 @@ def forget_artifact(manifest: Manifest, relpath: str) -> None:
 
 
 def verify_artifact(run_dir: str | os.PathLike[str], manifest: Manifest, relpath: str) -> Path:
-    """Return the artifact's path after checking that its sha256 matches the manifest."""
+    """Return the artifact's path after checking that it lies in the run and its sha256 matches."""
     entry = manifest.get("artifacts", {}).get(relpath)
-    path = Path(run_dir) / relpath
     if entry is None:
-        raise UsageError(f"{path}: not listed in {manifest_path(run_dir)}")
+        raise UsageError(f"{Path(run_dir) / relpath}: not listed in {manifest_path(run_dir)}")
+    path = artifact_path(run_dir, relpath)
     if not path.is_file():
         raise UsageError(f"{path}: listed in the manifest but missing")
     actual = sha256_file(path)
@@ -112,6 +274,6 @@ def verify_artifact(run_dir: str | os.PathLike[str], manifest: Manifest, relpath
     return path
 
 
-def artifacts_of_kind(manifest: Manifest, kind: str) -> dict[str, dict[str, Any]]:
+def artifacts_of_kind(manifest: Manifest, kind: str) -> dict[str, ArtifactEntry]:
     """Return the manifest's artifacts of one kind, keyed by relative path."""
     return {rel: e for rel, e in manifest.get("artifacts", {}).items() if e.get("kind") == kind}

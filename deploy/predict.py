@@ -1,21 +1,70 @@
-"""Classify image files with any runner: the manifest supplies preprocessing and class names."""
+"""Classify image files: open what the user pointed at, then run it; the manifest supplies
+preprocessing and class names.
+
+`open_target` opens a run directory (its fp32 ONNX file, or the file a backend names) or a model
+file (checked against the run that lists it, or carrying its manifest in its metadata); `predict`
+classifies images with the runner.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from deploy import run_layout
 from deploy.errors import UsageError
-from deploy.preprocess import InputSpec, load_images
+from deploy.fileio import verify_onnx_content
+from deploy.formats import ALL_BACKENDS, MODULE_BACKENDS
+from deploy.manifest import Manifest, input_spec, read_manifest
+from deploy.preprocess import load_images
+from deploy.runners import OnnxRuntimeRunner, open_runner, select_artifact
 from deploy.runners.base import Runner
+
+DEFAULT_BACKEND = "onnxruntime/fp32"
+# How many folders above a model file to look for the run it belongs to (RUN/export/FILE).
+RUN_SEARCH_DEPTH = 3
+
+# Opens a run's student in-process: (run directory, manifest, precision, device) -> runner.
+# Supplied by the caller (reviewkd builds the model), because deploy never imports torch.
+ModuleOpener = Callable[[Path, Manifest, str, str], Runner]
 
 # Images per forward pass when the runner accepts any batch: small enough for any device.
 DEFAULT_BATCH = 32
+# Key of a manifest artifact entry: the sha256 of the student.safetensors export made it from.
+STUDENT_SHA256_KEY = "student_sha256"
 
 Prediction = list[tuple[str, float]]
+
+
+def check_export_is_current(
+    run_dir: str | os.PathLike[str], manifest: Mapping[str, Any], relpath: str
+) -> None:
+    """UsageError when the run's student changed (retraining) after `relpath` was exported from it.
+
+    Export records the student's sha256 with each file; a file recording another student, or
+    none, would serve an old model under the new one's name. A run that records no trained
+    student (a folder laid out by hand) has nothing to compare with.
+    """
+    student = manifest.get("student")
+    current = student.get("sha256") if isinstance(student, Mapping) else None
+    if not current:
+        return
+    entry = (manifest.get("artifacts") or {}).get(relpath)
+    recorded = entry.get(STUDENT_SHA256_KEY) if isinstance(entry, Mapping) else None
+    if recorded == current:
+        return
+    path = Path(run_dir) / relpath
+    if recorded is None:
+        found = "the manifest does not record which student it was exported from"
+    else:
+        found = (
+            f"it was exported from student {str(recorded)[:12]}…, the run's student is now {current[:12]}…"
+        )
+    raise UsageError(f"{path}: {found}; re-export it with `reviewkd export {run_dir}`")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -48,7 +97,7 @@ def predict(
     """
     if top_k < 1:
         raise UsageError(f"--top-k: expected a positive number, got {top_k}")
-    spec = InputSpec.from_manifest(manifest)
+    spec = input_spec(manifest)
     if spec.shape != tuple(runner.input_shape):
         raise UsageError(
             f"{runner.name}: the model takes (C, H, W) = {tuple(runner.input_shape)},"
@@ -73,3 +122,76 @@ def _infer_padded(runner: Runner, images: np.ndarray) -> np.ndarray:
         return runner.infer(images)
     padding = np.zeros((runner.min_batch - count, *images.shape[1:]), dtype=images.dtype)
     return runner.infer(np.concatenate([images, padding]))[:count]
+
+
+def parse_backend(key: str) -> tuple[str, str]:
+    """Split "BACKEND/PRECISION" (e.g. "onnxruntime/int8") into its parts; UsageError if malformed."""
+    backend, _, precision = key.partition("/")
+    if backend not in ALL_BACKENDS or not precision:
+        raise UsageError(
+            f"--backend {key!r}: expected <backend>/<precision> with backend {', '.join(ALL_BACKENDS)}"
+        )
+    return backend, precision
+
+
+def _enclosing_run(model_file: Path) -> tuple[Path, Manifest] | None:
+    """The run directory whose manifest lists `model_file`, looking a few folders up."""
+    resolved = model_file.resolve()
+    for parent in list(resolved.parents)[:RUN_SEARCH_DEPTH]:
+        if run_layout.run_path(parent, run_layout.MANIFEST).is_file():
+            manifest = read_manifest(parent)
+            if resolved.relative_to(parent).as_posix() in manifest.get("artifacts", {}):
+                return parent, manifest
+    return None
+
+
+def open_target(
+    target: str | os.PathLike[str],
+    backend: str | None = None,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    open_module: ModuleOpener | None = None,
+) -> tuple[Runner, Mapping[str, Any]]:
+    """Open what `reviewkd predict` was pointed at; return the runner and the manifest to read.
+
+    target: a run directory, whose file for `backend` ("<backend>/<precision>", default
+        DEFAULT_BACKEND) is opened after its hash check; or a model file, checked against the run
+        that lists it, else read with the manifest embedded in its metadata.
+    open_module: opens the run's student for the "torch" backend; None means torch is not
+        available to this caller.
+    """
+    path = Path(target)
+    if path.is_dir():
+        manifest = read_manifest(path)
+        name, precision = parse_backend(backend or DEFAULT_BACKEND)
+        if name in MODULE_BACKENDS:
+            if open_module is None:
+                raise UsageError(f"--backend {backend}: this caller cannot run the student in-process")
+            return open_module(path, manifest, precision, device), manifest
+        relpath = select_artifact(path, manifest, name, precision)
+        check_export_is_current(path, manifest, relpath)
+        runner = open_runner(relpath, manifest=manifest, run_dir=path, device=device, threads=threads)
+        return runner, manifest
+    if not path.is_file():
+        raise UsageError(f"{path}: no such run directory or model file")
+    if backend is not None:
+        raise UsageError(
+            "--backend picks a file of a run directory; a model file's suffix decides its backend"
+        )
+    found = _enclosing_run(path)
+    if found is not None:
+        run, manifest = found
+        check_export_is_current(run, manifest, path.resolve().relative_to(run).as_posix())
+        return open_runner(path, manifest=manifest, run_dir=run, device=device, threads=threads), manifest
+    if path.suffix.lower() == ".onnx":
+        verify_onnx_content(path)
+    runner = open_runner(path, device=device, threads=threads)
+    embedded = runner.embedded_manifest() if isinstance(runner, OnnxRuntimeRunner) else None
+    if embedded is None:
+        runner.close()
+        raise UsageError(
+            f"{path}: no run manifest lists it and it carries none in its metadata;"
+            " keep it in its run directory (RUN/export/) or pass the run directory"
+        )
+    return runner, embedded

@@ -8,66 +8,53 @@ device needs neither torch nor torchvision.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from deploy.errors import UsageError
+from deploy.manifest import InputSpec
 
-# PIL modes for the channel counts a classifier takes.
+# PIL modes for the channel counts a classifier takes (deploy.manifest.IMAGE_CHANNELS).
 _MODES = {1: "L", 3: "RGB"}
+# PIL's modes of one channel wider than 8 bits: 16-bit unsigned ("I;16*"), 32-bit signed ("I"),
+# 32-bit float ("F"). PIL's own convert() clips the integers at 255 and maps float 0-1 to 0-1 of
+# 255, so a 16-bit or float image would reach the model saturated or black.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_UINT16_MAX = 65535
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """The manifest's "input" block, checked: (C, H, W), per-channel mean/std on 0-1 values,
-    and the shorter side to resize to before the centre crop (None: resize straight to H x W)."""
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Return a one-channel image of more than 8 bits as 8-bit "L", rescaled by its bit depth.
 
-    shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: int | None
-
-    @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> InputSpec:
-        """Read and check the "input" block of a manifest; UsageError says what is wrong."""
-        block = manifest.get("input") or {}
-        shape = block.get("shape")
-        if (
-            not isinstance(shape, (list, tuple))
-            or len(shape) != 3
-            or not all(isinstance(d, int) and d > 0 for d in shape)
-        ):
-            raise UsageError(f"manifest input.shape: expected [C, H, W] positive integers, got {shape!r}")
-        channels = shape[0]
-        if channels not in _MODES:
-            raise UsageError(f"manifest input.shape: {channels} channels; images can be read as 1 or 3")
-        mean = _channel_values(block, "mean", channels)
-        std = _channel_values(block, "std", channels)
-        if min(std) <= 0:
-            raise UsageError(f"manifest input.std: expected positive numbers, got {list(std)}")
-        resize = block.get("resize")
-        if resize is not None and (not isinstance(resize, int) or resize < min(shape[1:])):
-            raise UsageError(
-                f"manifest input.resize: expected null or an integer >= {min(shape[1:])}, got {resize!r}"
+    16-bit integers (and 32-bit "I" images holding them, as some readers give 16-bit PNG and
+    TIFF files) are scaled by 255/65535; floats must lie in 0-1 and are scaled by 255. Values a
+    bit depth cannot explain (negative, above 65535, float outside 0-1, NaN) are a ValueError:
+    there is no right way to guess what they mean. Other images are returned unchanged; PIL
+    already reads 16-bit RGB files as 8-bit RGB, scaled.
+    """
+    if image.mode not in (*_SIXTEEN_BIT_MODES, "I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("the image has no pixels")
+    low, high = float(values.min()), float(values.max())
+    if image.mode == "F":
+        if not (np.isfinite(values).all() and low >= 0.0 and high <= 1.0):
+            raise ValueError(
+                f"floating-point pixels span {low:g} to {high:g}; expected values in 0-1"
+                " (or save the image as 8- or 16-bit)"
             )
-        return cls(shape=(shape[0], shape[1], shape[2]), mean=mean, std=std, resize=resize)
-
-
-def _channel_values(block: Mapping[str, Any], key: str, channels: int) -> tuple[float, ...]:
-    """Return the input block's per-channel numbers under `key`, one per channel."""
-    values = block.get(key)
-    if (
-        not isinstance(values, (list, tuple))
-        or len(values) != channels
-        or not all(isinstance(v, (int, float)) for v in values)
-    ):
-        raise UsageError(f"manifest input.{key}: expected {channels} numbers, got {values!r}")
-    return tuple(float(v) for v in values)
+        scale = 255.0
+    else:
+        if low < 0 or high > _UINT16_MAX:
+            raise ValueError(
+                f"32-bit integer pixels span {low:g} to {high:g}; expected 8- or 16-bit values (0-65535)"
+            )
+        scale = 255.0 / _UINT16_MAX
+    return Image.fromarray(np.rint(values * scale).astype(np.uint8), "L")
 
 
 def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -89,7 +76,7 @@ def preprocess_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
     """Return one image as a normalised float32 (C, H, W) array."""
     channels, height, width = spec.shape
     # Grayscale, palette, RGBA and CMYK images all become the model's channel count.
-    image = image.convert(_MODES[channels])
+    image = to_8bit(image).convert(_MODES[channels])
     if spec.resize is None:
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     else:
@@ -110,6 +97,8 @@ def load_image(path: str | os.PathLike[str], spec: InputSpec) -> np.ndarray:
     try:
         with Image.open(file) as image:
             return preprocess_image(image, spec)
+    except Image.DecompressionBombError as exc:
+        raise UsageError(f"{file}: refused, too many pixels to decode safely ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UsageError(f"{file}: cannot read as an image ({exc})") from exc
 

@@ -18,13 +18,23 @@ from typing import Any
 
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
-from deploy.manifest import Manifest, artifacts_of_kind, read_manifest, verify_artifact
+from deploy.manifest import (
+    Manifest,
+    artifact_path,
+    artifacts_of_kind,
+    input_spec,
+    read_manifest,
+    verify_artifact,
+)
+from deploy.predict import check_export_is_current
 from deploy.runners import OnnxRuntimeRunner, select_artifact
 from deploy.trt_sidecar import Sidecar, read_sidecar, sidecar_path
 
 DEFAULT_MAX_BATCH_SIZE = 64
 LABELS_FILENAME = "labels.txt"
 INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+# What a model name (and so its folder in the repository) may hold.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -66,23 +76,60 @@ def _dims(values: Any) -> str:
     return "[ " + ", ".join(str(int(v)) for v in values) + " ]"
 
 
+def _quoted(text: str) -> str:
+    """A protobuf text-format string literal: quotes, backslashes and every byte that is not
+    printable ASCII escaped, so no value can end the string and add fields of its own."""
+    out = []
+    for byte in text.encode("utf-8"):
+        char = chr(byte)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif 0x20 <= byte < 0x7F:
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def _comment(text: str) -> str:
+    """One comment line: line breaks and other unprintable characters shown escaped, never kept,
+    so that text from a run's files (a sidecar's GPU name) cannot start a line of config."""
+    return "# " + "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text) + "\n"
+
+
+def check_labels(classes: Any) -> list[str]:
+    """The manifest's class names for labels.txt, one per line: each must be a non-empty string
+    without line breaks or control characters (they would shift every later label)."""
+    if not isinstance(classes, list):
+        raise UsageError(f"manifest classes: expected a list of names, got {type(classes).__name__}")
+    for index, name in enumerate(classes):
+        if not isinstance(name, str) or not name or not name.isprintable():
+            raise UsageError(
+                f"manifest classes[{index}]: {name!r}; a label must be a non-empty string without"
+                " line breaks or control characters"
+            )
+    return classes
+
+
 def config_pbtxt(model: TritonModel) -> str:
     """Render a model's config.pbtxt in protobuf text format (Triton's ModelConfig)."""
-    label_line = f'    label_filename: "{LABELS_FILENAME}"\n' if model.labels else ""
+    label_line = f"    label_filename: {_quoted(LABELS_FILENAME)}\n" if model.labels else ""
     preferred = preferred_batch_sizes(model.max_batch_size)
     batching = f"  preferred_batch_size: {_dims(preferred)}\n" if preferred else ""
-    header = f"# Written by reviewkd from {model.source}.\n" + (f"# {model.note}\n" if model.note else "")
+    header = _comment(f"Written by reviewkd from {model.source}.")
+    if model.note:
+        header += _comment(model.note)
     return header + (
-        f'name: "{model.name}"\n'
-        f'platform: "{model.platform}"\n'
+        f"name: {_quoted(model.name)}\n"
+        f"platform: {_quoted(model.platform)}\n"
         f"max_batch_size: {model.max_batch_size}\n"
         "input [\n  {\n"
-        f'    name: "{model.input_name}"\n'
+        f"    name: {_quoted(model.input_name)}\n"
         "    data_type: TYPE_FP32\n"
         f"    dims: {_dims(model.input_dims)}\n"
         "  }\n]\n"
         "output [\n  {\n"
-        f'    name: "{model.output_name}"\n'
+        f"    name: {_quoted(model.output_name)}\n"
         "    data_type: TYPE_FP32\n"
         f"    dims: {_dims([model.num_classes])}\n"
         f"{label_line}"
@@ -103,13 +150,6 @@ def _model_base_name(manifest: Manifest) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", arch).strip("_") or "student"
 
 
-def _input_dims(manifest: Manifest) -> tuple[int, int, int]:
-    shape = manifest.get("input", {}).get("shape")
-    if not isinstance(shape, list) or len(shape) != 3:
-        raise UsageError(f"manifest input.shape: expected [C, H, W], got {shape!r}")
-    return int(shape[0]), int(shape[1]), int(shape[2])
-
-
 def _num_classes(manifest: Manifest) -> int:
     classes = manifest.get("classes") or []
     count = len(classes) or manifest.get("student", {}).get("num_classes")
@@ -123,7 +163,7 @@ def _plan_sidecar(run_dir: Path, manifest: Manifest, plan: str) -> Sidecar:
     relpath = sidecar_path(plan).as_posix()
     if relpath in manifest.get("artifacts", {}):
         return read_sidecar(verify_artifact(run_dir, manifest, relpath))
-    return read_sidecar(run_dir / relpath)
+    return read_sidecar(artifact_path(run_dir, relpath))
 
 
 def _copy_verified(run_dir: Path, manifest: Manifest, relpath: str, target: Path) -> None:
@@ -155,13 +195,14 @@ def plan_models(
     if instance_count < 1:
         raise UsageError(f"--count: expected a positive number, got {instance_count}")
     base = model_name or _model_base_name(manifest)
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", base):
+    if not _MODEL_NAME.fullmatch(base):
         raise UsageError(f"--name: {base!r}; expected letters, digits, '_' or '-'")
-    dims = _input_dims(manifest)
+    dims = input_spec(manifest).shape
     num_classes = _num_classes(manifest)
-    labels = bool(manifest.get("classes"))
+    labels = bool(check_labels(manifest.get("classes") or []))
 
     onnx_rel = select_artifact(run, manifest, "onnxruntime", "fp32")
+    check_export_is_current(run, manifest, onnx_rel)
     # Open the file once on the CPU: it proves the file loads and gives the real tensor names.
     probe = OnnxRuntimeRunner(
         verify_artifact(run, manifest, onnx_rel),
@@ -191,6 +232,7 @@ def plan_models(
         )
     ]
     for plan_rel, entry in sorted(artifacts_of_kind(manifest, "tensorrt").items()):
+        check_export_is_current(run, manifest, plan_rel)
         sidecar = _plan_sidecar(run, manifest, plan_rel)
         profile = sidecar.profile
         if profile.min_batch != 1:
@@ -224,6 +266,10 @@ def plan_models(
             )
         )
     names = [m.name for m in models]
+    for name in names:
+        # Precisions come from the manifest and sidecars: a name is also a folder of the repository.
+        if not _MODEL_NAME.fullmatch(name):
+            raise UsageError(f"Triton model name {name!r}: expected letters, digits, '_' or '-'")
     if len(set(names)) != len(names):
         raise UsageError(f"two files would get the same Triton model name: {', '.join(names)}")
     return models

@@ -1,10 +1,11 @@
 """TensorRT-free logic shared by the engine builder (export/) and the TensorRT runner (deploy/).
 
-A TensorRT plan is tied to the TensorRT version and the GPU that built it (docs/METHOD.md section 6),
-so every `<name>.plan` travels with a `<name>.plan.json` sidecar that records both, plus the
-precision, the batch profile and where the plan came from. This module owns that sidecar (schema,
-reading, writing, validation), the batch-profile arithmetic, the rules that decide whether a plan
-may run here, and the probes for TensorRT and a GPU. It never imports tensorrt or torch at module
+A TensorRT plan is tied to the TensorRT version, the GPU and the CPU architecture that built it
+(docs/METHOD.md section 6), so every `<name>.plan` travels with a `<name>.plan.json` sidecar that
+records them, plus the precision, the DLA core it runs on (if any), the batch profile and where the
+plan came from. This module owns that sidecar (schema, reading, writing, validation), the
+batch-profile arithmetic, the rules that decide whether a plan may run here, and the probes for
+TensorRT and a GPU. It never imports tensorrt or torch at module
 level, so it is importable and testable anywhere.
 """
 
@@ -13,17 +14,19 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import platform
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import write_json_atomic
+from deploy.gpu import GpuInfo, probe_gpu
 
 SIDECAR_SCHEMA = "reviewkd.tensorrt-sidecar"
-SIDECAR_SCHEMA_VERSION = 1
+# 2: the CPU architecture ("machine") and the DLA settings ("dla") joined the record.
+SIDECAR_SCHEMA_VERSION = 2
 PRECISIONS = ("fp32", "fp16", "int8")
 COMPATIBILITY_MODES = ("version", "hardware")
 # Hardware-compatible (AMPERE_PLUS) engines run on Ampere and newer GPUs only.
@@ -38,16 +41,21 @@ REBUILD_HINT = "rebuild the engine on this device from its ONNX file (reviewkd e
 
 
 @dataclass(frozen=True)
-class GpuInfo:
-    """The CUDA device an engine was built on, or the one present now."""
+class DlaSettings:
+    """A plan built for a DLA core of a Jetson (or DRIVE) SoC."""
 
-    name: str
-    compute_capability: tuple[int, int]
+    core: int  # the DLA core the engine was built for and runs on
+    gpu_fallback: bool  # layers the DLA cannot run execute on the GPU instead of failing the build
 
-    @property
-    def cc(self) -> str:
-        """Compute capability as "major.minor", the form the sidecar stores."""
-        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+
+# platform.machine() spells one architecture differently per OS (Windows "AMD64", macOS "arm64").
+_MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+
+
+def host_machine(machine: str | None = None) -> str:
+    """The CPU architecture as the sidecar records it: platform.machine(), with OS spellings unified."""
+    name = (machine if machine is not None else platform.machine()).strip().lower()
+    return _MACHINE_ALIASES.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,17 @@ def gpu_mismatch(built: GpuInfo, present: GpuInfo, hardware_compatible: bool) ->
     return None
 
 
+def machine_mismatch(built: str, present: str) -> str | None:
+    """Why a plan built on a `built` CPU architecture cannot run on `present`, or None if it can.
+
+    A plan holds host code for the CPU it was built on: even a hardware-compatible plan from an
+    x86_64 server fails to deserialise on an aarch64 Jetson, with an opaque error.
+    """
+    if host_machine(built) != host_machine(present):
+        return f"it was built on a {built} host, but this host is {present}"
+    return None
+
+
 @dataclass(frozen=True)
 class Sidecar:
     """The JSON record beside a plan (`<plan>.json`)."""
@@ -170,6 +189,8 @@ class Sidecar:
     profile: Profile
     source_onnx: str
     source_onnx_sha256: str
+    machine: str  # the CPU architecture of the host that built the plan, as host_machine() says
+    dla: DlaSettings | None = None  # None: the plan runs on the GPU
     build: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -180,6 +201,10 @@ class Sidecar:
             "plan": {"file": self.plan_file, "sha256": self.plan_sha256},
             "tensorrt_version": self.tensorrt_version,
             "gpu": {"name": self.gpu.name, "compute_capability": self.gpu.cc},
+            "machine": self.machine,
+            "dla": None
+            if self.dla is None
+            else {"core": self.dla.core, "gpu_fallback": self.dla.gpu_fallback},
             "precision": self.precision,
             "compatibility": self.compatibility,
             "strongly_typed": self.strongly_typed,
@@ -252,6 +277,16 @@ class Sidecar:
             profile = profile_shapes(shapes[0][1:], shapes[0][0], shapes[1][0], shapes[2][0])
         except UsageError as exc:
             raise bad(str(exc)) from None
+        machine = get(data, "machine", str)
+        if not machine:
+            raise bad("'machine' is empty")
+        raw_dla = data.get("dla")
+        dla = None
+        if raw_dla is not None:
+            core = get(raw_dla, "core", int, "dla.")
+            if core < 0:
+                raise bad(f"dla.core must be 0 or more, got {core}")
+            dla = DlaSettings(core=core, gpu_fallback=get(raw_dla, "gpu_fallback", bool, "dla."))
         onnx = get(data, "source_onnx", dict)
         return cls(
             plan_file=get(plan, "file", str, "plan."),
@@ -266,6 +301,8 @@ class Sidecar:
             profile=profile,
             source_onnx=get(onnx, "file", str, "source_onnx."),
             source_onnx_sha256=get(onnx, "sha256", str, "source_onnx."),
+            machine=machine,
+            dla=dla,
             build=get(data, "build", dict),
         )
 
@@ -299,11 +336,18 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
 
 
 def check_engine_compatible(
-    sidecar: Sidecar, *, tensorrt_version: str, gpu: GpuInfo, plan_path: str | os.PathLike[str]
+    sidecar: Sidecar,
+    *,
+    tensorrt_version: str,
+    gpu: GpuInfo,
+    plan_path: str | os.PathLike[str],
+    machine: str | None = None,
 ) -> None:
-    """Raise UsageError, saying why and how to rebuild, if the plan cannot run on this TensorRT and GPU."""
+    """Raise UsageError, saying why and how to rebuild, if the plan cannot run on this TensorRT, GPU
+    and CPU architecture (`machine`, this host's when None)."""
     try:
         reasons = [
+            machine_mismatch(sidecar.machine, host_machine(machine)),
             version_mismatch(sidecar.tensorrt_version, tensorrt_version, sidecar.compatibility == "version"),
             gpu_mismatch(sidecar.gpu, gpu, sidecar.compatibility == "hardware"),
         ]
@@ -313,7 +357,8 @@ def check_engine_compatible(
     if found:
         raise UsageError(
             f"{plan_path}: this TensorRT engine cannot run here: {'; and '.join(found)}. "
-            f"Engines are tied to the GPU and TensorRT version that built them: rebuild it on this device "
+            f"Engines are tied to the GPU, CPU architecture and TensorRT version that built them: rebuild it "
+            f"on this device "
             f"from {sidecar.source_onnx} (reviewkd export RUN --formats tensorrt)"
         )
 
@@ -337,94 +382,14 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, f"TensorRT {getattr(trt, '__version__', 'unknown version')}"
 
 
-def import_cudart() -> ModuleType | None:
-    """cuda-python's CUDA runtime bindings (new and old module paths), or None when absent."""
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
-
-
-def _gpu_from_torch() -> GpuInfo | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    index = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    return GpuInfo(torch.cuda.get_device_name(index), (int(major), int(minor)))
-
-
-def _gpu_from_cuda_python() -> GpuInfo | None:
-    cudart = import_cudart()
-    if cudart is None:
-        return None
-    success = cudart.cudaError_t.cudaSuccess
-    err, count = cudart.cudaGetDeviceCount()
-    if err != success or count < 1:
-        return None
-    err, device = cudart.cudaGetDevice()
-    if err != success:
-        return None
-    err, prop = cudart.cudaGetDeviceProperties(device)
-    if err != success:
-        return None
-    name = prop.name
-    if isinstance(name, bytes):
-        name = name.split(b"\0", 1)[0].decode("utf-8", "replace")
-    return GpuInfo(str(name), (int(prop.major), int(prop.minor)))
-
-
-def _gpu_from_nvml() -> GpuInfo | None:
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    pynvml.nvmlInit()
-    try:
-        if pynvml.nvmlDeviceGetCount() < 1:
-            return None
-        # NVML numbers devices physically and ignores CUDA_VISIBLE_DEVICES; it is the last resort.
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-    finally:
-        pynvml.nvmlShutdown()
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "replace")
-    return GpuInfo(str(name), (int(major), int(minor)))
-
-
-def current_gpu() -> GpuInfo | None:
-    """The current CUDA device (name, compute capability), or None if no GPU can be found.
-
-    Asks torch.cuda, then cuda-python, then NVML, so that a serving device without torch still works.
-    """
-    for probe in (_gpu_from_torch, _gpu_from_cuda_python, _gpu_from_nvml):
-        try:
-            info = probe()
-        # A broken driver or CUDA install surfaces as many exception types (RuntimeError, OSError,
-        # library-specific errors); any of them means this probe cannot tell, so try the next one.
-        except Exception:
-            continue
-        if info is not None:
-            return info
-    return None
-
-
 def require_tensorrt_and_gpu(action: str) -> GpuInfo:
     """Return the current GPU, or raise MissingDependencyError saying what is missing and how to get it."""
     ok, reason = tensorrt_available()
     if not ok:
         raise MissingDependencyError(f"{action} needs TensorRT: {reason}")
-    gpu = current_gpu()
-    if gpu is None:
+    probe = probe_gpu()
+    if probe.gpu is None:
         raise MissingDependencyError(
-            f"{action} needs an NVIDIA GPU with a working driver, and none was found "
-            "(asked torch.cuda, cuda-python and NVML)"
+            f"{action} needs an NVIDIA GPU with a working driver: {probe.describe_failure()}"
         )
-    return gpu
+    return probe.gpu

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from deploy.errors import UsageError
-from deploy.fileio import atomic_output
+from deploy.fileio import ONNX_CONTENT_HASH_KEY, atomic_output, onnx_content_sha256
 
 METADATA_KEY = "reviewkd_manifest"
 INPUT_NAME = "images"
@@ -185,11 +185,27 @@ def get_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     return {}
 
 
+def sealed_bytes(model: onnx.ModelProto) -> bytes:
+    """The model's bytes with ONNX_CONTENT_HASH_KEY in its metadata: the sha256 of all its other
+    bytes (deploy.fileio.onnx_content_sha256), which `reviewkd predict` checks on a loose copy."""
+    kept = [p for p in model.metadata_props if p.key != ONNX_CONTENT_HASH_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    digest, _ = onnx_content_sha256(model.SerializeToString())
+    model.metadata_props.add(key=ONNX_CONTENT_HASH_KEY, value=digest)
+    data = model.SerializeToString()
+    if onnx_content_sha256(data) != (digest, digest):
+        raise RuntimeError("protobuf serialised the same model two ways; its content hash would not hold")
+    return data
+
+
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Check `model` fully and write it atomically: a failed check leaves no file behind."""
+    """Check `model` fully and write it, sealed with its content hash, atomically: a failed check
+    leaves no file behind."""
     onnx.checker.check_model(model, full_check=True)
+    data = sealed_bytes(model)
     with atomic_output(path) as tmp:
-        onnx.save(model, str(tmp))
+        tmp.write_bytes(data)
 
 
 def _torch_export(model: nn.Module, input_shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:

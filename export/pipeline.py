@@ -6,13 +6,17 @@ passed in the manifest (sha256, size, kind, precision, flavour). A file that fai
 renamed `<file>.failed` and listed under manifest["export"]["failed"]; the other formats still run.
 `export_model(...)` first lays out a run-like folder for a zoo model trained elsewhere.
 
-Files (relative to the run):
+The formats and their files are deploy.formats' registry:
     export/student.onnx          fp32                       format "onnx"
     export/student.fp16.onnx     fp16, fp32 I/O             format "fp16"
     export/student.int8.onnx     uint8-activation Q/DQ      format "int8"      (fastest on ORT CPU)
     export/student.int8.trt.onnx symmetric int8 Q/DQ        format "int8-trt"  (for TensorRT)
     export/student.uint8.onnx    fp32, uint8 NHWC input     --bake-preprocessing
     export/student.<p>.plan(.json)  TensorRT engines        format "tensorrt"  (fp32, fp16, int8)
+
+`--formats tensorrt` alone builds engines from the run's already checked ONNX files and needs
+neither torch nor the student: that is the path of a serving device (a Jetson) with the edge
+install. Every other format loads the student with torch, which this module imports only then.
 """
 
 from __future__ import annotations
@@ -22,42 +26,41 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from deploy.errors import GateFailedError, MissingDependencyError, UsageError
+from deploy import run_layout
+from deploy.errors import GateFailedError, MissingDependencyError, UsageError, require_torch
 from deploy.fileio import atomic_output, sha256_file
+from deploy.formats import (
+    ALL_EXPORT_FORMATS,
+    ONNX_FORMATS,
+    TENSORRT_FORMAT,
+    TENSORRT_SOURCES,
+    UINT8_INPUT,
+)
 from deploy.manifest import (
+    ArtifactEntry,
     Manifest,
     forget_artifact,
+    input_spec,
     new_manifest,
     read_manifest,
     record_artifact,
     verify_artifact,
     write_manifest,
 )
+from deploy.predict import STUDENT_SHA256_KEY
+from deploy.run_lock import locks_run
+from export.check import UINT8_INPUT as UINT8_CHECK
 from export.check import CheckResult, check_file
-from export.onnx_export import DEFAULT_OPSET, export_fp32, strip_student
-from export.precision import CALIBRATION_METHODS, collect_calibration, convert_fp16, quantize_int8
-from export.preprocessing import bake_preprocessing as bake_uint8_input
-from export.preprocessing import to_uint8_nhwc
 
-STUDENT_FILE = "student.safetensors"
-FP32_FILE = "export/student.onnx"
-UINT8_FILE = "export/student.uint8.onnx"
-# format -> (file, precision)
-ONNX_FORMATS: dict[str, tuple[str, str]] = {
-    "onnx": (FP32_FILE, "fp32"),
-    "fp16": ("export/student.fp16.onnx", "fp16"),
-    "int8": ("export/student.int8.onnx", "int8"),
-    "int8-trt": ("export/student.int8.trt.onnx", "int8"),
-}
-ALL_FORMATS: tuple[str, ...] = (*ONNX_FORMATS, "tensorrt")
-# TensorRT engine precision -> the ONNX format it is built from.
-TENSORRT_SOURCES: dict[str, str] = {"fp32": "onnx", "fp16": "fp16", "int8": "int8-trt"}
-TIMING_CACHE = "export/tensorrt.timing.cache"
+if TYPE_CHECKING:
+    import torch
+
+STUDENT_FILE = run_layout.STUDENT_WEIGHTS
+FP32_FILE = ONNX_FORMATS["onnx"].file
 RANDOM_CHECK_IMAGES = 64
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,6 +79,8 @@ class TensorRTOptions:
     workspace_mib: int = 1024
     optimization_level: int = 3
     compatibility: str | None = None
+    dla_core: int | None = None  # build for this DLA core of a Jetson; None: the GPU
+    gpu_fallback: bool = True  # with dla_core: layers the DLA cannot run go to the GPU
 
 
 @dataclass
@@ -83,7 +88,7 @@ class ExportSummary:
     """What one export did: the files kept, the checks, what failed and what was skipped."""
 
     run_dir: Path
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relpath -> manifest entry
+    files: dict[str, ArtifactEntry] = field(default_factory=dict)  # relpath -> manifest entry
     checks: dict[str, CheckResult] = field(default_factory=dict)  # relpath -> its check
     failed: dict[str, str] = field(default_factory=dict)  # relpath (before .failed) -> reason
     skipped: dict[str, str] = field(default_factory=dict)  # format -> reason
@@ -105,25 +110,29 @@ def parse_formats(text: str | Sequence[str] | None) -> list[str] | None:
     if text is None:
         return None
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    unknown = [n for n in names if n not in ALL_FORMATS]
+    unknown = [n for n in names if n not in ALL_EXPORT_FORMATS]
     if unknown or not names:
         raise UsageError(
-            f"--formats {','.join(names)}: expected a comma-separated subset of {','.join(ALL_FORMATS)}"
+            f"--formats {','.join(names)}: expected a comma-separated subset of"
+            f" {','.join(ALL_EXPORT_FORMATS)}"
         )
     return list(dict.fromkeys(names))
 
 
 def tensorrt_status() -> tuple[bool, str]:
     """Whether TensorRT and a GPU are here to build engines, with the reason when not."""
-    from deploy.trt_sidecar import current_gpu, tensorrt_available
+    from deploy.gpu import probe_gpu
+    from deploy.trt_sidecar import tensorrt_available
 
     ok, reason = tensorrt_available()
     if not ok:
         return False, reason
-    if current_gpu() is None:
+    probe = probe_gpu()
+    if probe.gpu is None:
         return (
             False,
-            "TensorRT is installed but no CUDA GPU is visible; engines must be built on the target GPU",
+            "TensorRT is installed but no CUDA GPU is usable; engines must be built on the target GPU "
+            f"({probe.describe_failure()})",
         )
     return True, reason
 
@@ -139,6 +148,7 @@ def ensure_writable(folder: Path) -> None:
 
 
 def _load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
+    from export.onnx_export import strip_student
     from reviewkd.models import create_model
 
     student_path = run / STUDENT_FILE
@@ -148,20 +158,13 @@ def _load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
         )
     info = manifest.get("student", {})
     if not info.get("arch") or not info.get("num_classes"):
-        raise UsageError(f"{run / 'manifest.json'}: the student block lacks arch or num_classes")
+        raise UsageError(f"{run / run_layout.MANIFEST}: the student block lacks arch or num_classes")
     recorded = info.get("sha256")
     if recorded and recorded != sha256_file(student_path):
         raise UsageError(
             f"{student_path}: sha256 differs from the manifest's; the weights changed after training"
         )
     return strip_student(create_model(info["arch"], int(info["num_classes"]), weights=student_path))
-
-
-def _input_shape(run: Path, manifest: Manifest) -> tuple[int, int, int]:
-    shape = manifest.get("input", {}).get("shape")
-    if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise UsageError(f"{run / 'manifest.json'}: input.shape must be [C, H, W], got {shape!r}")
-    return (shape[0], shape[1], shape[2])
 
 
 def _run_batches(run: Path) -> BatchSource:
@@ -174,6 +177,8 @@ def _run_batches(run: Path) -> BatchSource:
 
 
 def _torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return np.concatenate([model(torch.from_numpy(b)).float().numpy() for b in batches])
 
@@ -186,9 +191,16 @@ class _Recorder:
         self.block: dict[str, Any] = manifest.setdefault("export", {})
         self.block.setdefault("checks", {})
         self.block.setdefault("failed", {})
+        # sha256 of the student.safetensors the files are made from (the loaders check the file
+        # against it): recorded with each file, so that deploy can tell an export from an older
+        # student after retraining (STUDENT_SHA256_KEY).
+        student = manifest.get("student") or {}
+        self.student_sha256: str | None = student.get("sha256")
 
     def keep(self, rel: str, kind: str, **meta: Any) -> None:
         self.block["failed"].pop(rel, None)
+        if self.student_sha256 is not None:
+            meta.setdefault(STUDENT_SHA256_KEY, self.student_sha256)
         self.summary.files[rel] = record_artifact(self.run, self.manifest, rel, kind, **meta)
         write_manifest(self.run, self.manifest)
 
@@ -200,7 +212,7 @@ class _Recorder:
             self.keep(rel, kind, check=result.status, **meta)
             return True
         path = self.run / rel
-        os.replace(path, path.with_name(path.name + ".failed"))
+        os.replace(path, path.with_name(path.name + run_layout.FAILED_SUFFIX))
         forget_artifact(self.manifest, rel)
         self.block["failed"][rel] = result.reason
         self.summary.failed[rel] = result.reason
@@ -213,16 +225,18 @@ class _Recorder:
         write_manifest(self.run, self.manifest)
 
 
+@locks_run("export")
 def export_run(
     run_dir: str | os.PathLike[str],
     formats: Sequence[str] | None = None,
     *,
     calib_samples: int = 512,
-    calib_method: str = "minmax",
+    calib_method: str = "auto",
+    max_top1_drop_int8: float | None = 0.3,
     bake_preprocessing: bool = False,
     check_samples: int = 2000,
     batch_size: int = 64,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     tensorrt: TensorRTOptions | None = None,
     batches: BatchSource | None = None,
     log: Callable[[str], None] = lambda _msg: None,
@@ -234,9 +248,14 @@ def export_run(
         formats: names from ALL_FORMATS; None is every ONNX format, plus "tensorrt" where TensorRT
             and a GPU are available. Any ONNX flavour also writes the fp32 file it is made from.
         calib_samples, calib_method: int8 calibration on this many training images, with this
-            method (one of CALIBRATION_METHODS).
+            method of export.calibration.METHOD_CHOICES ("auto": the best, judged on the next
+            DEFAULT_HELD_OUT training images).
+        max_top1_drop_int8: points of top-1 the int8 files may lose against fp32 on those held-out
+            images before their most sensitive layers stay in float (export.mixed_precision);
+            None quantizes every layer.
         bake_preprocessing: also write export/student.uint8.onnx (uint8 NHWC input).
         check_samples: validation images the checks run on.
+        opset: the ONNX opset (None: export.onnx_export.DEFAULT_OPSET).
         batches: the image source; None reads the run's data with reviewkd.data.iter_run_batches,
             or, for a run without config.yaml (a --model export without --data), checks on random
             inputs and skips int8.
@@ -246,13 +265,22 @@ def export_run(
 
     Raises:
         UsageError: no student, a bad manifest, an unwritable export folder, a bad option.
+        MissingDependencyError: an ONNX format was asked for and torch is not installed.
     """
     run = Path(run_dir)
     wanted = list(formats) if formats is not None else None
     if wanted is not None:
         parse_formats(wanted)
-    if calib_method not in CALIBRATION_METHODS:
-        raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
+    if wanted == [TENSORRT_FORMAT]:
+        return export_engines(run, tensorrt, log)
+    require_torch("exporting ONNX files (any --formats but tensorrt)")
+    from export.calibration import METHOD_CHOICES
+    from export.onnx_export import MIN_OPSET
+
+    if opset is not None and opset < MIN_OPSET:
+        raise UsageError(f"--opset {opset}: export needs opset {MIN_OPSET} or newer")
+    if calib_method not in METHOD_CHOICES:
+        raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(METHOD_CHOICES)}")
     for name, value in (
         ("--calib-samples", calib_samples),
         ("check_samples", check_samples),
@@ -261,9 +289,10 @@ def export_run(
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
     manifest = read_manifest(run)
-    input_shape = _input_shape(run, manifest)
+    spec = input_spec(manifest)
+    input_shape = spec.shape
     model = _load_student(run, manifest)
-    ensure_writable(run / "export")
+    ensure_writable(run / run_layout.EXPORT_DIR)
     summary = ExportSummary(run)
     recorder = _Recorder(run, manifest, summary)
 
@@ -273,10 +302,9 @@ def export_run(
         if not trt_ok:
             recorder.skip("tensorrt", f"not requested by default: {trt_reason}")
 
-    has_data = batches is not None or (run / "config.yaml").is_file()
+    has_data = batches is not None or run_layout.run_path(run, run_layout.CONFIG).is_file()
     source = batches if batches is not None else _run_batches(run)
-    input_block = manifest.get("input", {})
-    mean, std = input_block.get("mean", IMAGENET_MEAN), input_block.get("std", IMAGENET_STD)
+    mean, std = spec.mean, spec.std
 
     # Check images and the student's reference logits, computed once for every file.
     if has_data:
@@ -300,10 +328,15 @@ def export_run(
 
     metadata = {
         "classes": manifest.get("classes", []),
-        "input": input_block,
+        "input": manifest.get("input", {}),
         "student": {k: manifest.get("student", {}).get(k) for k in ("arch", "num_classes", "sha256")},
         "source_sha256": sha256_file(run / STUDENT_FILE),
     }
+    from export.calibration import AUTO, DEFAULT_HELD_OUT, quantize_calibrated, split_training_images
+    from export.onnx_export import DEFAULT_OPSET, export_fp32
+    from export.precision import convert_fp16
+
+    opset = DEFAULT_OPSET if opset is None else opset
     onnx_wanted = [f for f in ONNX_FORMATS if f in wanted]
     fp32_ok = False
     if onnx_wanted or bake_preprocessing:
@@ -323,7 +356,7 @@ def export_run(
 
     fp32_path = run / FP32_FILE
     if "fp16" in wanted and from_fp32("fp16"):
-        rel = ONNX_FORMATS["fp16"][0]
+        rel = ONNX_FORMATS["fp16"].file
         log(f"converting {rel}")
         info = convert_fp16(fp32_path, run / rel)
         result = check_file(run / rel, "fp16", val_images, reference, labels)
@@ -335,21 +368,32 @@ def export_run(
         for fmt in int8_wanted:
             recorder.skip(fmt, "int8 needs calibration and validation images: pass --data IMAGEFOLDER")
     elif int8_wanted and fp32_ok:
+        from reviewkd.data import DATA_SEED
+
+        budget = max_top1_drop_int8
+        held_out = DEFAULT_HELD_OUT if calib_method == AUTO or budget is not None else 0
         log(f"calibrating int8 on up to {calib_samples} training images ({calib_method})")
-        calibration = collect_calibration(
-            (p[0] for p in source("train", batch_size, calib_samples)), calib_samples
+        data = split_training_images(
+            source("train", batch_size, calib_samples + held_out),
+            calib_samples,
+            held_out,
+            seed=DATA_SEED if batches is None else None,
         )
-        recorder.block["calibration"] = {"method": calib_method, "samples": sum(len(c) for c in calibration)}
+        recorder.block["calibration"] = {"method": calib_method, **data.describe()}
         for fmt in int8_wanted:
-            rel = ONNX_FORMATS[fmt][0]
+            rel = ONNX_FORMATS[fmt].file
             log(f"quantizing {rel}")
-            desc = quantize_int8(
+            desc = quantize_calibrated(
                 fp32_path,
                 run / rel,
-                calibration,
-                flavour="cpu" if fmt == "int8" else "trt",
+                data,
+                flavour=ONNX_FORMATS[fmt].flavour,
                 method=calib_method,
+                max_top1_drop=budget,
             )
+            floats = [layer["module"] for layer in desc.get("mixed_precision", {}).get("float_layers", [])]
+            method = desc["calibration"]["method"]
+            log(f"  calibration: {method}; float layers: {', '.join(floats) or 'none'}")
             result = check_file(run / rel, "int8", val_images, reference, labels)
             recorder.checked(rel, result, "onnx", precision="int8", **desc)
             log(f"  {rel}: {result.status} ({result.reason})")
@@ -357,21 +401,53 @@ def export_run(
         for fmt in int8_wanted:
             from_fp32(fmt)
 
-    if bake_preprocessing and from_fp32("uint8"):
-        log(f"baking preprocessing into {UINT8_FILE}")
-        info = bake_uint8_input(fp32_path, run / UINT8_FILE, mean, std)
+    if bake_preprocessing and from_fp32(UINT8_INPUT.name):
+        from export.preprocessing import bake_preprocessing as bake_uint8_input
+        from export.preprocessing import to_uint8_nhwc
+
+        uint8_rel = UINT8_INPUT.file
+        log(f"baking preprocessing into {uint8_rel}")
+        info = bake_uint8_input(fp32_path, run / uint8_rel, mean, std)
         pairs_u8 = [to_uint8_nhwc(b, mean, std) for b in val_images]
         ref_u8 = _torch_logits(model, [p[1] for p in pairs_u8])
-        result = check_file(run / UINT8_FILE, "uint8", [p[0] for p in pairs_u8], ref_u8, labels)
-        recorder.checked(UINT8_FILE, result, "onnx", precision="fp32", flavour="uint8-input", **info)
-        log(f"  {UINT8_FILE}: {result.status} ({result.reason})")
+        result = check_file(run / uint8_rel, UINT8_CHECK, [p[0] for p in pairs_u8], ref_u8, labels)
+        recorder.checked(
+            uint8_rel, result, "onnx", precision=UINT8_INPUT.precision, flavour=UINT8_INPUT.flavour, **info
+        )
+        log(f"  {uint8_rel}: {result.status} ({result.reason})")
 
-    if "tensorrt" in wanted:
+    if TENSORRT_FORMAT in wanted:
         if not trt_ok:
             summary.missing_dependency = f"--formats tensorrt: {trt_reason}"
             recorder.skip("tensorrt", trt_reason)
         else:
             _build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log)
+    write_manifest(run, manifest)
+    return summary
+
+
+def export_engines(
+    run_dir: str | os.PathLike[str],
+    tensorrt: TensorRTOptions | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> ExportSummary:
+    """Build one TensorRT engine per precision from the run's checked ONNX files.
+
+    Needs neither torch nor the student: each ONNX file passed its check against the student when
+    it was exported, and its sha256 is verified against the manifest before the build. Without
+    TensorRT or a GPU the summary carries the missing dependency (exit 3).
+    """
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    summary = ExportSummary(run, check_data="the ONNX files' checks at export (engines are built from them)")
+    recorder = _Recorder(run, manifest, summary)
+    trt_ok, trt_reason = tensorrt_status()
+    if not trt_ok:
+        summary.missing_dependency = f"--formats tensorrt: {trt_reason}"
+        recorder.skip(TENSORRT_FORMAT, trt_reason)
+    else:
+        ensure_writable(run / run_layout.EXPORT_DIR)
+        _build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log)
     write_manifest(run, manifest)
     return summary
 
@@ -384,13 +460,16 @@ def _build_engines(
     from export.tensorrt_engine import build_engine
 
     for precision, fmt in TENSORRT_SOURCES.items():
-        rel = ONNX_FORMATS[fmt][0]
+        rel = ONNX_FORMATS[fmt].file
+        if options.dla_core is not None and precision == "fp32":
+            recorder.skip(f"tensorrt/{precision}", "the DLA computes in fp16 and int8 only")
+            continue
         try:
             source = verify_artifact(run, manifest, rel)
         except UsageError as exc:
             recorder.skip(f"tensorrt/{precision}", f"no checked {rel} to build from ({exc})")
             continue
-        plan_rel = f"export/student.{precision}.plan"
+        plan_rel = run_layout.engine_file(precision)
         log(f"building {plan_rel} from {rel}")
         sidecar = build_engine(
             source,
@@ -399,10 +478,12 @@ def _build_engines(
             opt_batch=options.opt_batch,
             max_batch=options.max_batch,
             workspace_mib=options.workspace_mib,
-            timing_cache=run / TIMING_CACHE,
+            timing_cache=run / run_layout.TIMING_CACHE,
             optimization_level=options.optimization_level,
             compatibility=options.compatibility,
             precision=precision,
+            dla_core=options.dla_core,
+            gpu_fallback=options.gpu_fallback,
         )
         recorder.keep(
             plan_rel,
@@ -410,6 +491,8 @@ def _build_engines(
             precision=precision,
             source=rel,
             tensorrt_version=sidecar.get("tensorrt_version"),
+            # An engine is as current as the ONNX file it was built from, maybe from an earlier export.
+            **{STUDENT_SHA256_KEY: manifest["artifacts"][rel].get(STUDENT_SHA256_KEY)},
         )
         side_rel = sidecar_path(run / plan_rel).relative_to(run).as_posix()
         recorder.keep(side_rel, "sidecar", precision=precision, plan=plan_rel)
@@ -435,6 +518,7 @@ def infer_num_classes(model_name: str, weights: str | os.PathLike[str]) -> int:
     return found.pop()
 
 
+@locks_run("export", run_arg="out_dir", create=True)
 def export_model(
     model_name: str,
     weights: str | os.PathLike[str],
@@ -454,8 +538,11 @@ def export_model(
     checks use those images. Without data the checks run on random inputs and int8 is skipped.
     `export_options` go to export_run.
     """
+    require_torch("exporting a zoo model")
+    import torch
     from safetensors.torch import save_file
 
+    from export.onnx_export import strip_student
     from reviewkd.models import create_model
 
     out = Path(out_dir)
@@ -478,7 +565,7 @@ def export_model(
         )
     else:
         # A config.yaml left by an earlier export with --data would point the checks at stale images.
-        (out / "config.yaml").unlink(missing_ok=True)
+        run_layout.run_path(out, run_layout.CONFIG).unlink(missing_ok=True)
     with atomic_output(out / STUDENT_FILE) as tmp:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     manifest["classes"] = classes
@@ -537,5 +624,5 @@ def _write_data_config(
         ),
         student=ModelConfig(arch=model_name, weights=str(Path(weights).resolve())),
     )
-    save_config(validate(config), out / "config.yaml")
+    save_config(validate(config), run_layout.run_path(out, run_layout.CONFIG))
     return classes

@@ -22,7 +22,9 @@ from deploy.trt_sidecar import (
     AMPERE_COMPUTE_CAPABILITY,
     COMPATIBILITY_MODES,
     PRECISIONS,
+    DlaSettings,
     Sidecar,
+    host_machine,
     parse_version,
     profile_shapes,
     require_tensorrt_and_gpu,
@@ -152,6 +154,68 @@ def weak_typing_flags(precision: str) -> tuple[str, ...]:
     return {"fp32": (), "fp16": ("FP16",), "int8": ("INT8",)}[precision]
 
 
+def apply_builder_flags(
+    config: trt.IBuilderConfig,
+    precision: str,
+    *,
+    strongly_typed: bool,
+    compatibility: str | None,
+    dla: DlaSettings | None = None,
+) -> tuple[list[str], list[str]]:
+    """Set the builder flags for the file's precision, the compatibility mode and the DLA; return the
+    names of the flags set and of those cleared.
+
+    TF32 is on by default in every TensorRT builder and is cleared here for every engine: with it,
+    fp32 convolutions and matrix products round their inputs to 10-bit mantissas and drift about
+    1e-3 from fp32, past the fp32 gate (max |diff| <= 1e-4). The fp32 tensors of an fp16 or int8
+    file stay fp32 for the same reason: the file, not the builder, says what computes in what.
+    A DLA build makes the DLA core the default device for every layer; with GPU fallback, layers the
+    DLA cannot run go to the GPU instead of failing the build.
+    """
+    import tensorrt as trt
+
+    set_flags: list[str] = []
+    cleared: list[str] = []
+    config.clear_flag(trt.BuilderFlag.TF32)
+    cleared.append("TF32")
+    if not strongly_typed:
+        for name in weak_typing_flags(precision):
+            config.set_flag(trt.BuilderFlag.FP16 if name == "FP16" else trt.BuilderFlag.INT8)
+            set_flags.append(name)
+    if compatibility == "version":
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        set_flags.append("VERSION_COMPATIBLE")
+    elif compatibility == "hardware":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    if dla is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = dla.core
+        if dla.gpu_fallback:
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+            set_flags.append("GPU_FALLBACK")
+    return set_flags, cleared
+
+
+def check_dla_request(dla_core: int | None, precision: str, compatibility: str | None) -> None:
+    """UsageError for a DLA request that cannot build, before TensorRT is loaded.
+
+    The DLA computes in fp16 and int8 only (an fp32 file would run wholly on the GPU), and a
+    hardware-compatible plan is a GPU-only form.
+    """
+    if dla_core is None:
+        return
+    if isinstance(dla_core, bool) or not isinstance(dla_core, int) or dla_core < 0:
+        raise UsageError(f"--dla-core: expected a DLA core number (0, 1, ...), got {dla_core!r}")
+    if precision == "fp32":
+        raise UsageError(
+            "--dla-core: the DLA computes in fp16 and int8 only; build it from the fp16 or int8 ONNX file"
+        )
+    if compatibility == "hardware":
+        raise UsageError(
+            "--dla-core: a hardware-compatible plan runs on GPUs only; drop --trt-compat hardware"
+        )
+
+
 def describe_parser_error(error: Any) -> str:
     """One line for a `tensorrt.ParserError`: the failing node (index, name, op) and the description."""
     node = error.node()
@@ -216,6 +280,8 @@ def build_engine(
     optimization_level: int = 3,
     compatibility: str | None = None,
     precision: str | None = None,
+    dla_core: int | None = None,
+    gpu_fallback: bool = True,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Build a TensorRT engine from `onnx_path`, write `plan_path` and its sidecar, return the sidecar.
@@ -231,6 +297,8 @@ def build_engine(
             "hardware" (runs on any Ampere or newer GPU).
         precision: the precision the caller expects; None takes it from the file. A mismatch is a
             UsageError, since the file decides what gets built.
+        dla_core: build for this DLA core of a Jetson (fp16 and int8 files only); None: the GPU.
+        gpu_fallback: with `dla_core`, let layers the DLA cannot run fall back to the GPU.
         verbose: print TensorRT's verbose log.
 
     Raises:
@@ -249,6 +317,7 @@ def build_engine(
     summary = inspect_onnx(onnx_file)
     if precision is not None and precision != summary.precision:
         raise UsageError(f"{onnx_file}: holds a {summary.precision} graph, not {precision}")
+    check_dla_request(dla_core, summary.precision, compatibility)
     profile = profile_shapes(summary.input_chw, min_batch, opt_batch, max_batch)
     if summary.fixed_batch is not None and not min_batch == max_batch == summary.fixed_batch:
         raise UsageError(
@@ -277,16 +346,15 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     config.builder_optimization_level = optimization_level
-    flags: list[str] = []
-    if not strongly_typed:
-        for name in weak_typing_flags(summary.precision):
-            config.set_flag(trt.BuilderFlag.FP16 if name == "FP16" else trt.BuilderFlag.INT8)
-            flags.append(name)
-    if compatibility == "version":
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-        flags.append("VERSION_COMPATIBLE")
-    elif compatibility == "hardware":
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    dla = None if dla_core is None else DlaSettings(core=dla_core, gpu_fallback=gpu_fallback)
+    if dla is not None and dla.core >= builder.num_DLA_cores:
+        raise UsageError(
+            f"--dla-core {dla.core}: this device has {builder.num_DLA_cores} DLA core(s) "
+            "(DLA cores exist on Jetson and DRIVE SoCs, with TensorRT 10)"
+        )
+    flags, cleared = apply_builder_flags(
+        config, summary.precision, strongly_typed=strongly_typed, compatibility=compatibility, dla=dla
+    )
     cache_file = Path(timing_cache) if timing_cache is not None else None
     _load_timing_cache(config, cache_file)
 
@@ -319,10 +387,13 @@ def build_engine(
             profile=profile,
             source_onnx=onnx_file.name,
             source_onnx_sha256=sha256_file(onnx_file),
+            machine=host_machine(),
+            dla=dla,
             build={
                 "workspace_mib": workspace_mib,
                 "optimization_level": optimization_level,
                 "builder_flags": flags,
+                "cleared_flags": cleared,
                 "timing_cache": str(cache_file) if cache_file is not None else None,
                 "built_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             },

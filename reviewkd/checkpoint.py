@@ -15,11 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import atomic_output
+from reviewkd.models.weights import describe_torch_load_error
 
 CHECKPOINT_FORMAT = 1
-CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
+CHECKPOINT_FILE = Path(run_layout.CHECKPOINT)
 
 
 @dataclass
@@ -96,7 +98,7 @@ def load_checkpoint(path: Path) -> TrainState:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged pickle or zip
-        raise UsageError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise UsageError(f"{path}: cannot read the checkpoint ({describe_torch_load_error(exc)})") from exc
     names = [f.name for f in dataclasses.fields(TrainState)]
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT or not set(names) <= set(data):
         raise UsageError(f"{path}: not a reviewkd training checkpoint (format {CHECKPOINT_FORMAT})")

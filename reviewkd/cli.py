@@ -1,9 +1,12 @@
 """The `reviewkd` command line: one entry point over every stage.
 
-Each stage's package owns its subcommands in a module with `register(subparsers)`, which adds
-its parsers and sets `handler=<function(args) -> exit code>` on each. This module only collects
-them and maps errors to exit codes: 0 success, 1 a gate failed, 2 bad input or usage,
-3 an optional dependency (TensorRT, a GPU) is missing.
+Each stage's subcommands live in a module of reviewkd.commands with `register(subparsers)`, which
+adds its parsers and sets `handler=<function(args) -> exit code>` on each. This module only
+collects them and maps errors to exit codes: 0 success, 1 a gate failed, 2 bad input or usage,
+3 an optional dependency (TensorRT, a GPU, torch) is missing.
+
+Only the module of the command being run is imported, so `reviewkd predict` starts without
+loading the training stack (and works where torch is not installed).
 """
 
 from __future__ import annotations
@@ -13,42 +16,80 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from deploy.errors import ReviewKDError
+from deploy.errors import TRAIN_EXTRA_HINT, OutputError, ReviewKDError, UsageError
 
-# Order here is the order `reviewkd --help` lists the commands in.
-COMMAND_MODULES: tuple[str, ...] = (
-    "reviewkd.commands.run",
-    "reviewkd.commands.train",
-    "reviewkd.commands.export",
-    "reviewkd.commands.serve",
-    "reviewkd.commands.evaluate",
-)
+# Top-level modules of the `train` extra: a command that reaches one without it installed exits 3.
+TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "onnxscript", "safetensors", "sklearn", "tqdm"})
+
+# Command -> the module that registers it. Order here is the order `reviewkd --help` lists them in.
+COMMANDS: dict[str, str] = {
+    "run": "reviewkd.commands.run",
+    "teacher": "reviewkd.commands.train",
+    "distill": "reviewkd.commands.train",
+    "export": "reviewkd.commands.export",
+    "quantize": "reviewkd.commands.quantize",
+    "predict": "reviewkd.commands.predict",
+    "triton": "reviewkd.commands.triton",
+    "validate": "reviewkd.commands.evaluate",
+    "bench": "reviewkd.commands.evaluate",
+    "report": "reviewkd.commands.evaluate",
+    "layerwise": "reviewkd.commands.precision",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the top-level parser with every stage's subcommands registered."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Return the top-level parser with the subcommands of `command`'s module, or of every module."""
     parser = argparse.ArgumentParser(
         prog="reviewkd",
         description="Distil a classifier with ReviewKD, export it to ONNX/TensorRT and validate it.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module_name in modules:
         importlib.import_module(module_name).register(subparsers)
     return parser
 
 
+def _command_name(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the first argument that is not an option)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code."""
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command = "reviewkd"
     try:
+        # Parsing imports the command's package (torch among them): a Ctrl-C there is a start-up
+        # interrupt like any other, one line and no traceback.
+        args = build_parser(_command_name(arguments)).parse_args(arguments)
+        command = f"reviewkd {args.command}"
         return int(args.handler(args) or 0)
-    except ReviewKDError as exc:
-        print(f"reviewkd {args.command}: error: {exc}", file=sys.stderr)
+    except OutputError as exc:
+        if exc.salvage is not None:
+            print(exc.salvage)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ReviewKDError as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        print(
+            f"{command}: error: this command needs {exc.name}, which this installation lacks"
+            f" (the edge install has no training stack); install the training extra: {TRAIN_EXTRA_HINT}",
+            file=sys.stderr,
+        )
+        return 3
+    except OSError as exc:
+        # A file the system refused that no stage anticipated: still bad input, still one line.
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"{command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return UsageError.exit_code
     except KeyboardInterrupt:
-        print(f"reviewkd {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import write_text_atomic
 
@@ -350,7 +351,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise UsageError(f"override {key}: cannot parse value {raw!r} ({exc})") from exc
+        raise UsageError(f"override {key}: cannot parse value {raw!r} ({yaml_problem(exc)})") from exc
     return key, value
 
 
@@ -362,11 +363,22 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return nested
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where (line, column) and what, without its multi-line excerpt."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = f" ({exc.context})" if exc.context else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem or 'invalid YAML'}{context}"
+    return " ".join(str(exc).split())
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping; unreadable files and non-mappings are UsageErrors naming the path."""
+    """Read a YAML mapping; unreadable files and non-mappings are one-line UsageErrors naming the path."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read the config ({exc})") from exc
     if data is None:
         return {}
@@ -391,8 +403,9 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
     config = Config()
     if source is not None:
         path = resolve_config_path(source)
+        data = read_yaml(path)  # its errors name the path already
         try:
-            _merge(config, read_yaml(path), "")
+            _merge(config, data, "")
         except UsageError as exc:
             raise UsageError(f"{path}: {exc}") from exc
     for text in overrides:
@@ -419,7 +432,7 @@ def save_config(config: Config, path: str | Path) -> Path:
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> Config:
     """Read RUN/config.yaml as written by a training run."""
-    path = Path(run_dir) / "config.yaml"
+    path = run_layout.run_path(run_dir, run_layout.CONFIG)
     if not path.is_file():
         raise UsageError(f"{path}: no config.yaml; expected a run directory written by reviewkd distill")
     data = read_yaml(path)

@@ -73,12 +73,19 @@ def _generator(*parts: int) -> torch.Generator:
 
 
 def load_image(path: Path) -> Any:
-    """Open an image file as RGB PIL image; an unreadable file is a UsageError naming it."""
+    """Open an image file as RGB PIL image; an unreadable file is a UsageError naming it.
+
+    16-bit and float images are rescaled to 8 bits by their depth, as `reviewkd predict` does.
+    """
     from PIL import Image, UnidentifiedImageError
+
+    from deploy.preprocess import to_8bit
 
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_8bit(img).convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise UsageError(f"{path}: refused, too many pixels to decode safely ({exc})") from exc
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise UsageError(f"{path}: cannot read this image ({exc})") from exc
 

@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deploy import run_layout
 from deploy.errors import ReviewKDError, UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import read_manifest, verify_artifact
+from deploy.run_lock import locks_run
 from reviewkd.checkpoint import (
     CHECKPOINT_FILE,
     TrainState,
@@ -68,7 +71,7 @@ from reviewkd.run_record import (
 )
 from reviewkd.runtime import Runtime, all_ranks_finite, runtime_session
 
-TEACHER_SUBDIR = "teacher"
+TEACHER_SUBDIR = run_layout.TEACHER_DIR
 # Keys a resumed run may change: they alter neither the data nor the model, only how long or where.
 RESUMABLE_CHANGES = (
     "train.epochs",
@@ -302,14 +305,23 @@ def _build_trainer(
     teacher_record: dict[str, Any],
     runtime: Runtime,
     bundle: DataBundle,
+    prepare_student: Callable[[nn.Module], nn.Module] | None = None,
+    initial_head: dict[str, torch.Tensor] | None = None,
 ) -> Trainer:
-    """Seeded student, distiller, optimizer, scheduler and scaler on the runtime's device."""
+    """Seeded student, distiller, optimizer, scheduler and scaler on the runtime's device.
+
+    `prepare_student` turns the created student into the one that trains (QAD: BatchNorm folded,
+    fake quantizers placed) before the distiller taps it; `initial_head` starts the ABF head from
+    earlier weights instead of its seeded initialisation. A checkpoint, on resume, overrides both.
+    """
     tc = config.train
     # Same initial weights (student and ABF head) for a given seed on every rank.
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed % (1 << 32))
     student = create_model(config.student.arch, bundle.num_classes, weights=config.student.weights)
+    if prepare_student is not None:
+        student = prepare_student(student)
     distiller = build_distiller(
         config.method.name,
         student,
@@ -322,6 +334,8 @@ def _build_trainer(
         teacher_taps=config.method.teacher_taps,
         fuse_teacher=config.train.fuse_teacher,
     )
+    if initial_head is not None:
+        distiller.head.load_state_dict(initial_head)
     distiller.to(runtime.device)
     if runtime.channels_last:
         distiller.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -502,7 +516,7 @@ def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
 
 
 def _check_resume_config(out_dir: Path, config: Config) -> None:
-    saved_path = out_dir / "config.yaml"
+    saved_path = out_dir / run_layout.CONFIG
     if not saved_path.is_file():
         return
     changed = diff_configs(load_run_config(out_dir), config, ignore=RESUMABLE_CHANGES)
@@ -549,7 +563,7 @@ def _prepare_run_dir(trainer: Trainer, epochs_done: int) -> None:
     """Write config.yaml, cut metrics.jsonl back to the checkpoint, re-derive the best weights."""
     out_dir = trainer.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(trainer.config, out_dir / "config.yaml")
+    save_config(trainer.config, out_dir / run_layout.CONFIG)
     truncate_metrics(out_dir / METRICS_FILE, epochs_done)
     args = (out_dir, trainer.config, trainer.bundle, trainer.role, trainer.teacher_record)
     if trainer.best is not None:
@@ -568,11 +582,14 @@ def fit(
     resume: bool = False,
     runtime: Runtime | None = None,
     bundle: DataBundle | None = None,
+    prepare_student: Callable[[nn.Module], nn.Module] | None = None,
+    initial_head: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Train config.student.arch with config.method (against `teacher`) into `out_dir`.
 
     `role` "teacher" names the result teacher.safetensors and records it as the manifest's teacher.
-    Returns the path of the best weights file.
+    `prepare_student` and `initial_head` adapt the student and the ABF head before training
+    (see _build_trainer; reviewkd.qad uses them). Returns the path of the best weights file.
 
     Raises:
         UsageError: an existing run without resume, an incompatible resume, bad data or models.
@@ -590,12 +607,16 @@ def fit(
                 resume=resume,
                 runtime=session,
                 bundle=bundle,
+                prepare_student=prepare_student,
+                initial_head=initial_head,
             )
     out_dir = Path(out_dir)
     teacher_record = teacher_record or {"arch": None, "sha256": None, "top1": None, "top5": None}
     _check_run_dir(out_dir, config, resume, role)
     bundle = bundle or build_data(config)
-    trainer = _build_trainer(config, out_dir, role, teacher, teacher_record, runtime, bundle)
+    trainer = _build_trainer(
+        config, out_dir, role, teacher, teacher_record, runtime, bundle, prepare_student, initial_head
+    )
     start_epoch, start_step, aug_state, accum = 0, 0, None, {}
     if resume and trainer.checkpoint_path.is_file():
         state = load_checkpoint(trainer.checkpoint_path)
@@ -630,9 +651,8 @@ def fit(
 def _teacher_is_complete(out_dir: Path, config: Config) -> bool:
     """True when out_dir holds a finished teacher run of exactly this config, its weights verified."""
     ckpt_path = out_dir / CHECKPOINT_FILE
-    if not (
-        ckpt_path.is_file() and (out_dir / "config.yaml").is_file() and (out_dir / "manifest.json").is_file()
-    ):
+    required = (ckpt_path, out_dir / run_layout.CONFIG, out_dir / run_layout.MANIFEST)
+    if not all(path.is_file() for path in required):
         return False
     if diff_configs(load_run_config(out_dir), config, ignore=RESUMABLE_CHANGES):
         return False
@@ -644,6 +664,7 @@ def _teacher_is_complete(out_dir: Path, config: Config) -> bool:
     return state.epoch >= config.train.epochs and state.step == 0
 
 
+@locks_run("teacher", run_arg="out_dir", create=True)
 def train_teacher(
     config: Config,
     out_dir: str | os.PathLike[str],
@@ -690,7 +711,7 @@ def load_teacher(
     teacher = create_model(config.teacher.arch, bundle.num_classes, weights=weights).to(runtime.device)
     teacher.eval()
     record: dict[str, Any] = {"arch": config.teacher.arch, "weights": str(weights), "sha256": digest}
-    previous = read_manifest(out_dir).get("teacher", {}) if (out_dir / "manifest.json").is_file() else {}
+    previous = read_manifest(out_dir).get("teacher", {}) if (out_dir / run_layout.MANIFEST).is_file() else {}
     if previous.get("sha256") == digest and previous.get("top1") is not None:
         record.update(top1=previous["top1"], top5=previous["top5"])
     else:
@@ -700,6 +721,7 @@ def load_teacher(
     return teacher, record
 
 
+@locks_run("distill", run_arg="out_dir", create=True)
 def distill(config: Config, out_dir: str | os.PathLike[str], *, resume: bool = False) -> Path:
     """Distil config.student.arch from the teacher with config.method; return out_dir/student.safetensors.
 

@@ -15,14 +15,15 @@ from typing import Any
 
 import torch
 
+from deploy import run_layout
 from deploy.fileio import atomic_output, write_text_atomic
 from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
 from reviewkd.config import Config
 from reviewkd.data import DataBundle
 
-STUDENT_FILE = "student.safetensors"
-TEACHER_FILE = "teacher.safetensors"
-METRICS_FILE = "metrics.jsonl"
+STUDENT_FILE = run_layout.STUDENT_WEIGHTS
+TEACHER_FILE = run_layout.TEACHER_WEIGHTS
+METRICS_FILE = run_layout.METRICS
 
 
 def weights_file(role: str) -> str:
@@ -92,7 +93,7 @@ def write_run_manifest(
     best: dict[str, Any] | None,
 ) -> None:
     """(Re)write manifest.json from the config, the data and the best model in last.pt."""
-    path = out_dir / "manifest.json"
+    path = out_dir / run_layout.MANIFEST
     manifest = read_manifest(out_dir) if path.is_file() else new_manifest()
     manifest["classes"] = list(bundle.classes)
     manifest["input"] = bundle.manifest_input()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +28,12 @@ from torch import nn
 from benchmarks.targets import Target
 from deploy.errors import MissingDependencyError
 from deploy.fileio import sha256_file
-from deploy.manifest import new_manifest, record_artifact, write_manifest
+from deploy.gpu import GpuInfo
+from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import METADATA_KEY, OnnxRuntimeRunner
-from deploy.trt_sidecar import GpuInfo, Sidecar, profile_shapes, sidecar_path, write_sidecar
+from deploy.trt_sidecar import Sidecar, host_machine, profile_shapes, sidecar_path, write_sidecar
+from export.onnx_export import sealed_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +103,7 @@ def export_onnx(
     if metadata is not None:
         proto = onnx.load(str(path))
         proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
-        onnx.save(proto, str(path))
+        path.write_bytes(sealed_bytes(proto))  # as export writes it: with its content hash
     return path
 
 
@@ -149,6 +153,7 @@ def write_plan(path: Path, precision: str, max_batch: int, min_batch: int = 1) -
         profile=profile_shapes(INPUT_SHAPE, min_batch, min(8, max_batch), max_batch),
         source_onnx=f"student.{precision}.onnx",
         source_onnx_sha256="0" * 64,
+        machine=host_machine(),
     )
     write_sidecar(sidecar_path(path), sidecar)
     return path
@@ -165,6 +170,33 @@ def write_image(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int 
     channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
     pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
     Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+    return path
+
+
+def write_png_bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A 60-byte PNG whose header claims `width` x `height` grey pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def write_deep_image(path: Path, pixels: np.ndarray, mode: str) -> Path:
+    """Save 8-bit grey `pixels` as a 16-bit ("I;16") PNG or a float ("F", 0-1) TIFF of the same picture."""
+    if mode == "I;16":
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(path)
+    else:
+        Image.fromarray(pixels.astype(np.float32) / 255.0).save(path)
     return path
 
 
@@ -311,3 +343,38 @@ def onnx_target(path: Path, key: str = "onnxruntime/fp32", precision: str = "fp3
 
 def missing_tensorrt() -> Runner:
     raise MissingDependencyError("TensorRT is not installed; pip install 'reviewkd[gpu]' on a GPU machine")
+
+
+# --- the command line as a user runs it ------------------------------------------------------------
+
+
+def run_reviewkd(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `reviewkd ARGS...` as a real process of this interpreter; return its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "reviewkd.cli", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write_class_folders(folder: Path, classes: list[str], per_class: int = 3) -> Path:
+    """An image folder for validation: `per_class` small random images under folder/<class>/."""
+    for index, name in enumerate(classes):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for seed in range(per_class):
+            write_image(folder / name / f"{seed}.png", (12, 10), seed=100 * index + seed)
+    return folder
+
+
+def add_fp16_file(run: Path) -> Path:
+    """Convert the run's export/student.onnx to export/student.fp16.onnx and record it."""
+    from export.precision import convert_fp16
+
+    convert_fp16(run / "export/student.onnx", run / "export/student.fp16.onnx")
+    manifest = read_manifest(run)
+    record_artifact(run, manifest, "export/student.fp16.onnx", "onnx", precision="fp16")
+    write_manifest(run, manifest)
+    return run / "export/student.fp16.onnx"

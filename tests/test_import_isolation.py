@@ -1,4 +1,5 @@
-"""`deploy` works on a serving device without torch: checked in a subprocess where torch cannot load."""
+"""The edge side works without torch: `deploy` and every edge command, in a subprocess where torch
+cannot load (an import hook refuses it, as on a device that lacks it)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,37 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import REPO_ROOT, make_run, random_batch, write_image
+from deploy.manifest import read_manifest, record_artifact, write_manifest
+from tests.helpers import (
+    CLASSES,
+    REPO_ROOT,
+    add_fp16_file,
+    make_run,
+    random_batch,
+    write_class_folders,
+    write_image,
+)
 
-# Runs with an import hook that refuses torch (and torchvision), as on a device that lacks it.
-SCRIPT = textwrap.dedent(
+BLOCK_TORCH = textwrap.dedent(
     """
-    import importlib
     import importlib.abc
-    import json
-    import pkgutil
     import sys
 
     class BlockTorch(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in ("torch", "torchvision"):
-                raise ImportError(f"{name} is blocked: this device has no torch")
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
             return None
 
     sys.meta_path.insert(0, BlockTorch())
+    """
+)
+
+DEPLOY_SCRIPT = BLOCK_TORCH + textwrap.dedent(
+    """
+    import importlib
+    import json
+    import pkgutil
 
     import deploy, deploy.manifest, deploy.predict, deploy.preprocess, deploy.runners, deploy.triton
 
@@ -63,30 +77,72 @@ SCRIPT = textwrap.dedent(
     """
 )
 
+# The edge commands through the real command line, each in this process, torch refused throughout.
+CLI_SCRIPT = BLOCK_TORCH + textwrap.dedent(
+    """
+    import contextlib
+    import importlib
+    import io
+    import json
+    import pkgutil
+
+    import benchmarks
+    from reviewkd.cli import main
+
+    # Every library module of benchmarks and every edge command module imports without torch.
+    edge_modules = ["reviewkd", "reviewkd.cli", "reviewkd.config", "reviewkd.student", "reviewkd.pipeline"]
+    import reviewkd.commands
+    edge_modules += [m.name for m in pkgutil.walk_packages(reviewkd.commands.__path__, "reviewkd.commands.")]
+    edge_modules += [m.name for m in pkgutil.walk_packages(benchmarks.__path__, "benchmarks.")
+                     if not m.name.startswith("benchmarks.scripts")]
+    edge_modules += ["export.pipeline", "export.check", "export.tensorrt_engine"]
+    for name in edge_modules:
+        importlib.import_module(name)
+
+    run, image, data, repo = sys.argv[1:5]
+    commands = {
+        "predict": ["predict", run, image, "--json", "--top-k", "2"],
+        "predict_fp16": ["predict", run, image, "--backend", "onnxruntime/fp16"],
+        "validate": ["validate", run, "--data", data, "--device", "cpu"],
+        "bench": ["bench", run, "--device", "cpu", "--batch-sizes", "1,4", "--iters", "3", "--warmup", "1"],
+        "report": ["report", run],
+        "triton": ["triton", run, "--out", repo],
+        "export_tensorrt": ["export", run, "--formats", "tensorrt"],
+        "export_onnx": ["export", run, "--formats", "onnx"],
+        "predict_torch": ["predict", run, image, "--backend", "torch/fp32"],
+        "distill": ["distill", "--out", run + "-distill"],
+    }
+    results = {}
+    for key, argv in commands.items():
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+        results[key] = {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+    results["torch_loaded"] = sorted(n for n in sys.modules if n.split(".")[0] in ("torch", "torchvision"))
+    print(json.dumps(results))
+    """
+)
+
+
+def _run_blocked(script: str, *args: Path | str) -> str:
+    completed = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
 
 def test_deploy_runs_without_torch(tmp_path: Path) -> None:
     run, _ = make_run(tmp_path)
     image = write_image(tmp_path / "picture.png", (20, 16))
     batch = random_batch(3)
     np.save(tmp_path / "batch.npy", batch)
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SCRIPT,
-            str(run),
-            str(image),
-            str(tmp_path / "repo"),
-            str(tmp_path / "batch.npy"),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr
-    result = json.loads(completed.stdout)
+    result = json.loads(_run_blocked(DEPLOY_SCRIPT, run, image, tmp_path / "repo", tmp_path / "batch.npy"))
     assert result["blocked"] is True
     assert result["heavy"] == []
     assert {"deploy.runners.onnxruntime_runner", "deploy.predict", "deploy.triton"} <= set(result["modules"])
@@ -100,3 +156,47 @@ def test_deploy_runs_without_torch(tmp_path: Path) -> None:
     assert len(result["top"]) == 1 and len(result["top"][0]) == 2
     assert result["models"] == ["tiny_net_onnx"]
     assert (tmp_path / "repo" / "tiny_net_onnx" / "1" / "model.onnx").is_file()
+
+
+def test_edge_commands_run_without_torch(tmp_path: Path) -> None:
+    run, _ = make_run(tmp_path)
+    add_fp16_file(run)
+    # The student's weights are part of a run; on the edge they cannot run and are reported skipped.
+    (run / "student.safetensors").write_bytes(b"weights that need torch to load")
+    manifest = read_manifest(run)
+    record_artifact(run, manifest, "student.safetensors", "weights")
+    write_manifest(run, manifest)
+    image = write_image(tmp_path / "picture.png", (20, 16))
+    data = write_class_folders(tmp_path / "val", CLASSES)
+
+    results = json.loads(_run_blocked(CLI_SCRIPT, run, image, data, tmp_path / "repo"))
+
+    assert results["torch_loaded"] == []
+    for key in ("predict", "predict_fp16", "validate", "bench", "report", "triton"):
+        assert results[key]["code"] == 0, (key, results[key]["err"])
+    top = json.loads(results["predict"]["out"])["predictions"][0]["top_k"]
+    assert len(top) == 2 and top[0]["class"] in CLASSES
+    assert "runner: onnxruntime/fp16" in results["predict_fp16"]["out"]
+    # Without torch, parity is against the fp32 ONNX file, and both the output and the file say so.
+    assert "reference: onnxruntime/fp32 (torch is not installed here" in results["validate"]["out"]
+    validate = json.loads((run / "report" / "validate.json").read_text(encoding="utf-8"))
+    assert validate["reference"] == "onnxruntime/fp32"
+    assert "torch is not installed" in validate["reference_note"]
+    assert validate["images"] == 3 * len(CLASSES)
+    assert validate["results"]["torch/fp32"]["status"] == "skipped"
+    assert "pip install 'reviewkd[train]'" in validate["results"]["torch/fp32"]["reason"]
+    fp16 = validate["results"]["onnxruntime/fp16"]
+    assert fp16["status"] == "ok" and fp16["parity"]["n"] == validate["images"]
+    assert [g["gate"] for g in fp16["gates"]] == ["min_agreement"]
+    report = json.loads((run / "report" / "report.json").read_text(encoding="utf-8"))
+    assert report["validation"]["reference"] == "onnxruntime/fp32"
+    assert report["onnxruntime/fp32"]["reference"] is True
+    assert (tmp_path / "repo" / "tiny_net_onnx" / "1" / "model.onnx").is_file()
+    # TensorRT engines need no torch: without TensorRT that is exit 3 naming TensorRT, not torch.
+    assert results["export_tensorrt"]["code"] == 3
+    trt_error = results["export_tensorrt"]["err"]
+    assert "TensorRT" in trt_error and "reviewkd[train]" not in trt_error
+    # What needs torch exits 3 and names the install.
+    for key in ("export_onnx", "predict_torch", "distill"):
+        assert results[key]["code"] == 3, (key, results[key]["err"])
+        assert "pip install 'reviewkd[train]'" in results[key]["err"]

@@ -15,8 +15,10 @@ from typing import Any
 
 from benchmarks.environment import collect_environment
 from benchmarks.report.results import BENCH_FILE, VALIDATE_FILE, PathLike, load_result, read_metrics
-from benchmarks.targets import FAILED, NOT_MEASURED, OK, SKIPPED, artifact_formats
+from benchmarks.targets import artifact_formats
+from deploy import run_layout
 from deploy.manifest import Manifest, read_manifest
+from deploy.status import Status
 
 REPORT_SCHEMA_VERSION = 1
 REFERENCE_KEY = "torch/fp32"
@@ -64,21 +66,21 @@ def _not_measured(stage: str, result: Mapping[str, Any] | None, key: str, manife
 
 def _combine(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, str | None]:
     """Overall status of a format from its stages: any failure fails it; all skipped skips it."""
-    statuses = {name: s["status"] for name, s in stages.items() if s["status"] != NOT_MEASURED}
+    statuses = {name: s["status"] for name, s in stages.items() if s["status"] != Status.NOT_MEASURED}
     # Stages that give the same reason (a missing runtime stops both) are named together.
     by_reason: dict[str, list[str]] = {}
     for name, stage in stages.items():
-        if stage["status"] != OK and stage["reason"]:
+        if stage["status"] != Status.OK and stage["reason"]:
             by_reason.setdefault(stage["reason"], []).append(name)
     reason = "; ".join(f"{', '.join(names)}: {text}" for text, names in by_reason.items()) or None
     if not statuses:
-        return NOT_MEASURED, reason
-    if FAILED in statuses.values():
-        status = FAILED
-    elif all(value == SKIPPED for value in statuses.values()):
-        status = SKIPPED
+        return Status.NOT_MEASURED, reason
+    if Status.FAILED in statuses.values():
+        status = Status.FAILED
+    elif all(value == Status.SKIPPED for value in statuses.values()):
+        status = Status.SKIPPED
     else:
-        status = OK
+        status = Status.OK
     return status, reason
 
 
@@ -108,12 +110,12 @@ def _static_fields(key: str, manifest: Manifest, views: Sequence[Mapping[str, An
             "file": relpath,
             "size_bytes": entry.get("size_bytes"),
         }
-    weights = manifest.get("artifacts", {}).get("student.safetensors", {})
+    weights = manifest.get("artifacts", {}).get(run_layout.STUDENT_WEIGHTS)
     if key.startswith("torch/") and weights:
         return {
             "backend": backend,
             "precision": label,
-            "file": "student.safetensors",
+            "file": run_layout.STUDENT_WEIGHTS,
             "size_bytes": weights.get("size_bytes"),
         }
     return {"backend": backend, "precision": label, "file": None, "size_bytes": None}
@@ -157,13 +159,13 @@ def _distillation(manifest: Manifest) -> dict[str, Any]:
     else:
         return {
             **block,
-            "status": OK,
+            "status": Status.OK,
             "reason": None,
             "baseline_top1": baseline["top1"],
             "baseline_run": baseline.get("run"),
             "gain_points": student_top1 - baseline["top1"],
         }
-    return {**block, "status": NOT_MEASURED, "reason": reason}
+    return {**block, "status": Status.NOT_MEASURED, "reason": reason}
 
 
 def build_report(run_dir: PathLike) -> dict[str, Any]:
@@ -176,6 +178,8 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
     report["generated_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report["run"] = _run_info(run_dir, manifest, metrics)
     report["distillation"] = _distillation(manifest)
+    # Without torch, validate compares with the fp32 ONNX file; the report marks what it compared with.
+    reference = validate.get("reference", REFERENCE_KEY) if validate is not None else REFERENCE_KEY
     for key in _format_keys(manifest, validate, bench):
         v_view = _stage_view("validate", validate, key, manifest)
         b_view = _stage_view("bench", bench, key, manifest)
@@ -183,13 +187,14 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
         stages: dict[str, dict[str, Any]] = {}
         if v_view is None:
             stages["validate"] = {
-                "status": NOT_MEASURED,
+                "status": Status.NOT_MEASURED,
                 "reason": _not_measured("validate", validate, key, manifest),
             }
         else:
             stages["validate"] = {"status": v_view["status"], "reason": v_view.get("reason")}
         if b_view is None:
-            stages["bench"] = {"status": NOT_MEASURED, "reason": _not_measured("bench", bench, key, manifest)}
+            missing = _not_measured("bench", bench, key, manifest)
+            stages["bench"] = {"status": Status.NOT_MEASURED, "reason": missing}
         else:
             stages["bench"] = {
                 "status": b_view["status"],
@@ -204,7 +209,7 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
             "status": status,
             "reason": reason,
             **entry,
-            "reference": key == REFERENCE_KEY,
+            "reference": key == reference,
             "accuracy": v_view.get("accuracy") if v_view else None,
             "parity": v_view.get("parity") if v_view else None,
             "latency": dict(b_view.get("latency", {})) if b_view else {},
@@ -212,14 +217,23 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
             **stages,
         }
     report["validation"] = (
-        {key: validate.get(key) for key in ("reference", "images", "passed", "failures", "gates")}
+        {
+            key: validate.get(key)
+            for key in ("reference", "reference_note", "images", "passed", "failures", "gates")
+        }
         if validate is not None
-        else {"status": NOT_MEASURED, "reason": "report/validate.json is missing (run reviewkd validate)"}
+        else {
+            "status": Status.NOT_MEASURED,
+            "reason": f"{run_layout.VALIDATE_RESULT} is missing (run reviewkd validate)",
+        }
     )
     report["bench"] = (
         {"settings": bench.get("settings", {})}
         if bench is not None
-        else {"status": NOT_MEASURED, "reason": "report/bench.json is missing (run reviewkd bench)"}
+        else {
+            "status": Status.NOT_MEASURED,
+            "reason": f"{run_layout.BENCH_RESULT} is missing (run reviewkd bench)",
+        }
     )
     if bench is not None and bench.get("environment"):
         report["environment"] = {**bench["environment"], "source": "bench"}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from benchmarks.report.assemble import format_entries
-from benchmarks.targets import NOT_MEASURED, OK
+from deploy.status import Status
 
 TITLE = "reviewkd report"
 Align = Literal["left", "right"]
@@ -172,7 +172,7 @@ def _format_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
     notes = [
         f"{key}: {entry['status']}: {entry['reason']}"
         for key, entry in format_entries(report).items()
-        if entry["status"] != OK and entry.get("reason")
+        if entry["status"] != Status.OK and entry.get("reason")
     ]
     validation = report.get("validation", {})
     if validation.get("passed") is False:
@@ -186,7 +186,7 @@ def _format_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
 def headline(report: Mapping[str, Any]) -> str:
     """One line: the student's top-1 gain over the run's cross-entropy student, or why there is none."""
     gain = report.get("distillation") or {}
-    if gain.get("status") != OK:
+    if gain.get("status") != Status.OK:
         reason = gain.get("reason") or "report.json has no distillation block (written by an older version)"
         return f"distillation gain: not measured: {reason}"
     return (
@@ -213,7 +213,7 @@ def _run_lines(report: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _stage_note(report: Mapping[str, Any], block: str) -> str | None:
     value = report.get(block, {})
-    return value.get("reason") if value.get("status") == NOT_MEASURED else None
+    return value.get("reason") if value.get("status") == Status.NOT_MEASURED else None
 
 
 def _accuracy_table(report: Mapping[str, Any]) -> Table:

@@ -8,14 +8,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy.errors import UsageError
+from benchmarks.validate import describe_failures
+from deploy import run_layout
+from deploy.errors import OutputError, UsageError
 from deploy.fileio import write_json_atomic
 from deploy.manifest import forget_artifact, read_manifest, record_artifact, write_manifest
 
-REPORT_DIR = "report"
-VALIDATE_FILE = "validate.json"
-BENCH_FILE = "bench.json"
-METRICS_FILE = "metrics.jsonl"
+REPORT_DIR = run_layout.REPORT_DIR
+VALIDATE_FILE = run_layout.VALIDATE_FILE
+BENCH_FILE = run_layout.BENCH_FILE
+METRICS_FILE = run_layout.METRICS
 
 PathLike = str | os.PathLike[str]
 
@@ -37,11 +39,49 @@ def record_report_files(run_dir: PathLike, paths: Sequence[Path], removed: Seque
     write_manifest(run_dir, manifest)
 
 
+def merge_results(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's new result over its previous one: formats measured now replace their old entries,
+    formats not measured now keep theirs (listed under "kept_from_earlier").
+
+    A run validated or benched for a subset of formats (onnxruntime on a laptop, tensorrt on the
+    GPU host) thus keeps the other formats' numbers; each entry carries the sha256 of the file it
+    measured, so the report still marks an entry whose file changed since. A validate result's
+    "passed" and "failures" are recomputed over every entry kept.
+    """
+    merged = dict(new)
+    if previous is None:
+        return merged
+    kept = [key for key in previous["results"] if key not in new["results"]]
+    merged["results"] = {**previous["results"], **new["results"]}
+    merged["kept_from_earlier"] = kept
+    if "failures" in new:
+        results = merged["results"]
+        failures = [line for key, entry in results.items() for line in describe_failures(key, entry)]
+        merged["failures"], merged["passed"] = failures, not failures
+    return merged
+
+
 def save_result(run_dir: PathLike, name: str, data: Mapping[str, Any]) -> Path:
-    """Write a stage's result (VALIDATE_FILE or BENCH_FILE) to RUN/report atomically and record it."""
+    """Merge a stage's result (VALIDATE_FILE or BENCH_FILE) into RUN/report/<name> atomically and
+    record it (see merge_results).
+
+    An unreadable earlier file is replaced. If the file cannot be written (a read-only run, a full
+    disk), the OutputError carries the new result as JSON, which the command prints: a measurement
+    that took minutes is not lost to a full disk.
+    """
     path = report_dir(run_dir) / name
-    write_json_atomic(path, data)
-    record_report_files(run_dir, [path])
+    try:
+        previous = load_result(run_dir, name)
+    except UsageError:
+        previous = None
+    try:
+        write_json_atomic(path, merge_results(previous, data))
+        record_report_files(run_dir, [path])
+    except OutputError as exc:
+        raise OutputError(
+            f"{exc}; the measurement was printed to stdout as JSON instead",
+            salvage=json.dumps(data, indent=2),
+        ) from exc
     return path
 
 

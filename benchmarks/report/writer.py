@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from benchmarks.report.html import render_html
 from benchmarks.report.markdown import render_markdown
 from benchmarks.report.plots import plot_accuracy_size, plot_latency, plot_students, plot_training
 from benchmarks.report.results import PathLike, read_metrics, record_report_files, report_dir
+from deploy import run_layout
 from deploy.fileio import write_json_atomic, write_text_atomic
 
 LATENCY_PLOT = "latency.png"
@@ -19,6 +21,10 @@ ACCURACY_SIZE_PLOT = "accuracy_size.png"
 TRAINING_PLOT = "training.png"
 STUDENTS_PLOT = "students.png"
 PLOTS: tuple[str, ...] = (LATENCY_PLOT, ACCURACY_SIZE_PLOT, TRAINING_PLOT, STUDENTS_PLOT)
+NO_MATPLOTLIB = (
+    "not drawn: matplotlib is not installed (the edge install leaves it out);"
+    " pip install 'reviewkd[plots]' to draw them"
+)
 
 
 def _student_curves(run_dir: PathLike, report: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -64,16 +70,24 @@ def write_report(run_dir: PathLike) -> dict[str, Any]:
     report = build_report(run_dir)
     out = report_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = _draw_plots(run_dir, report, out)
+    json_file, markdown_file, html_file = (
+        run_layout.run_path(run_dir, name)
+        for name in (run_layout.REPORT_JSON, run_layout.REPORT_MARKDOWN, run_layout.REPORT_HTML)
+    )
+    # matplotlib and its fonts are a third of the edge install; without it the report has no PNGs.
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    plots = _draw_plots(run_dir, report, out) if has_matplotlib else []
     drawn = {plot.path for plot in plots}
     stale = [out / name for name in PLOTS if out / name not in drawn]
     for path in stale:
         path.unlink(missing_ok=True)
     report["plots"] = [plot.path.name for plot in plots]
+    if not has_matplotlib:
+        report["plots_note"] = NO_MATPLOTLIB
     document = build_document(report, plots)
-    write_json_atomic(out / "report.json", report)
-    write_text_atomic(out / "report.md", render_markdown(document))
-    write_text_atomic(out / "report.html", render_html(document))
-    written = [out / "report.json", out / "report.md", out / "report.html", *(plot.path for plot in plots)]
+    write_json_atomic(json_file, report)
+    write_text_atomic(markdown_file, render_markdown(document))
+    write_text_atomic(html_file, render_html(document))
+    written = [json_file, markdown_file, html_file, *(plot.path for plot in plots)]
     record_report_files(run_dir, written, stale)
     return report

@@ -1,8 +1,8 @@
 """Runners: one contract (deploy.runners.base.Runner) over ONNX Runtime, TensorRT and PyTorch.
 
-`open_runner` opens a deployable file by its suffix. The PyTorch runner wraps a module that the
-caller has built; import it from `deploy.runners.torch_runner` (that pulls in torch, which this
-package never does by itself).
+`open_runner` opens a deployable file by its suffix; `select_artifact` picks a run's file by
+backend and precision. The PyTorch runner wraps a module that the caller has built; import it
+from `deploy.runners.torch_runner` (that pulls in torch, which this package never does by itself).
 """
 
 from __future__ import annotations
@@ -10,35 +10,37 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from deploy.errors import MissingDependencyError, UsageError
-from deploy.manifest import Manifest, artifacts_of_kind, verify_artifact
+from deploy.errors import UsageError
+from deploy.formats import KIND_OF_BACKEND, kind_of_file, precision_from_filename, standard_file
+from deploy.gpu import current_gpu
+from deploy.manifest import ArtifactEntry, Manifest, artifacts_of_kind, input_spec, verify_artifact
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import (
+    CUDA_PROVIDER,
     GPU_PROVIDERS,
     OnnxRuntimeRunner,
     available_providers,
-    precision_from_filename,
+    providers_for_device,
 )
 
 __all__ = [
+    "GPU_PROVIDERS",
     "OnnxRuntimeRunner",
     "Runner",
     "artifact_precision",
     "available_providers",
+    "onnxruntime_device",
     "open_runner",
     "precision_from_filename",
+    "providers_for_device",
     "run_relative_path",
     "select_artifact",
 ]
 
-ONNX_SUFFIXES = (".onnx",)
-TENSORRT_SUFFIXES = (".plan", ".engine")
-# The manifest kind of each file backend, and the file name export gives each precision.
-ARTIFACT_KINDS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
-_CANONICAL = {"onnx": "export/student.{}.onnx", "tensorrt": "export/student.{}.plan"}
+DEVICES = ("cpu", "cuda")
 
 
-def artifact_precision(relpath: str, entry: dict[str, object]) -> str:
+def artifact_precision(relpath: str, entry: ArtifactEntry) -> str:
     """An artifact's precision: the manifest entry's, else what its file name says."""
     precision = entry.get("precision")
     return precision if isinstance(precision, str) and precision else precision_from_filename(relpath)
@@ -49,18 +51,15 @@ def select_artifact(run_dir: str | os.PathLike[str], manifest: Manifest, backend
     at `precision`.
 
     Several files may share a precision (export writes two int8 ONNX flavours, and a uint8-input
-    fp32 variant); the one under export's standard name (export/student.onnx for fp32,
-    export/student.<precision>.onnx otherwise, .plan for engines) wins. UsageError if none
-    matches, listing what the run has, or if the choice is still ambiguous.
+    fp32 variant); the one under export's standard name (deploy.formats.standard_file) wins.
+    UsageError if none matches, listing what the run has, or if the choice is still ambiguous.
     """
-    if backend not in ARTIFACT_KINDS:
-        raise UsageError(f"backend {backend!r}: run files exist for {', '.join(ARTIFACT_KINDS)} only")
-    kind = ARTIFACT_KINDS[backend]
+    if backend not in KIND_OF_BACKEND:
+        raise UsageError(f"backend {backend!r}: run files exist for {', '.join(KIND_OF_BACKEND)} only")
+    kind = KIND_OF_BACKEND[backend]
     files = artifacts_of_kind(manifest, kind)
     matches = sorted(rel for rel, entry in files.items() if artifact_precision(rel, entry) == precision)
-    canonical = (
-        "export/student.onnx" if (kind, precision) == ("onnx", "fp32") else _CANONICAL[kind].format(precision)
-    )
+    canonical = standard_file(kind, precision)
     if canonical in matches:
         return canonical
     if len(matches) == 1:
@@ -91,17 +90,12 @@ def run_relative_path(
         ) from None
 
 
-def _onnx_providers(device: str) -> list[str]:
-    """Execution providers for a device: the CPU alone, or the installed GPU ones then the CPU."""
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    gpu = [p for p in available_providers() if p in GPU_PROVIDERS]
-    if not gpu:
-        raise MissingDependencyError(
-            "onnxruntime has no CUDA or TensorRT execution provider; install onnxruntime-gpu"
-            " (pip install 'reviewkd[gpu]') on a machine with an NVIDIA GPU"
-        )
-    return [*gpu, "CPUExecutionProvider"]
+def onnxruntime_device(device: str) -> str:
+    """ONNX Runtime's device for "auto": the GPU where onnxruntime-gpu's CUDA provider and a GPU are both
+    here (onnxruntime-gpu lists its providers even on machines without a GPU or driver)."""
+    if device != "auto":
+        return device
+    return "cuda" if CUDA_PROVIDER in available_providers() and current_gpu() is not None else "cpu"
 
 
 def open_runner(
@@ -114,14 +108,14 @@ def open_runner(
 ) -> Runner:
     """Open a deployable file with the backend its suffix names (.onnx, .plan/.engine).
 
-    With a manifest and its run directory, the file's sha256 is checked against the manifest
-    first, and the precision and input shape come from the manifest. `device` ("cpu" or
-    "cuda") picks ONNX Runtime's execution providers; a TensorRT plan always runs on its GPU.
-    `threads` sets ONNX Runtime's intra-op threads.
+    With a manifest and its run directory, the file must lie inside the run and its sha256 must
+    match the manifest's (checked first), and the precision and input shape come from the
+    manifest. `device` ("cpu" or "cuda") picks ONNX Runtime's execution providers; a TensorRT
+    plan always runs on its GPU. `threads` sets ONNX Runtime's intra-op threads.
     """
     if (manifest is None) != (run_dir is None):
         raise UsageError("open_runner: pass the manifest and its run directory together")
-    if device not in ("cpu", "cuda"):
+    if device not in DEVICES:
         raise UsageError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     file = Path(path)
     precision: str | None = None
@@ -130,24 +124,23 @@ def open_runner(
         relpath = run_relative_path(file, run_dir, manifest)
         file = verify_artifact(run_dir, manifest, relpath)
         precision = manifest["artifacts"][relpath].get("precision")
-        shape = manifest.get("input", {}).get("shape")
-        if shape:
-            input_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
-    suffix = file.suffix.lower()
-    if suffix in ONNX_SUFFIXES:
+        if manifest.get("input"):
+            input_shape = input_spec(manifest).shape
+    kind = kind_of_file(file)
+    if kind == "onnx":
         return OnnxRuntimeRunner(
             file,
-            providers=_onnx_providers(device),
+            providers=providers_for_device(device),
             threads=threads,
             precision=precision,
             input_shape=input_shape,
         )
-    if suffix in TENSORRT_SUFFIXES:
+    if kind == "tensorrt":
         # Imported here: the TensorRT module is only needed, and only importable, on GPU machines.
         from deploy.runners.tensorrt_runner import TensorRTRunner
 
         return TensorRTRunner(file)
     raise UsageError(
-        f"{file}: unknown model file type {suffix or '(none)'!r}; expected .onnx, .plan or .engine"
+        f"{file}: unknown model file type {file.suffix or '(none)'!r}; expected .onnx, .plan or .engine"
         " (PyTorch weights are run through the reviewkd commands, which build the model)"
     )

@@ -1,11 +1,13 @@
 """ONNX Runtime backend: one InferenceSession behind the runner contract.
 
 onnxruntime is imported when a runner is built, not when this module is, so `deploy` imports on
-a device that only has TensorRT.
+a device that only has TensorRT. A GPU session is checked after it is created: a provider asked for
+that did not load is an error (exit 3), never a silent CPU runner.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -14,21 +16,27 @@ from typing import Any
 import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
+from deploy.formats import precision_from_filename
 from deploy.runners.base import Runner
 
-# The order in which execution providers are preferred when the caller names none.
-PREFERRED_PROVIDERS: tuple[str, ...] = (
-    "TensorrtExecutionProvider",
-    "CUDAExecutionProvider",
-    "CPUExecutionProvider",
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+# The order in which installed execution providers are listed.
+PREFERRED_PROVIDERS: tuple[str, ...] = (TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER)
+GPU_PROVIDERS: frozenset[str] = frozenset({TENSORRT_PROVIDER, CUDA_PROVIDER})
+# Options every session passes with each provider, always explicitly. TF32 convolutions and matrix
+# products on Ampere and newer drift ~1e-3 from fp32, past the fp32 parity gate (1e-4).
+PROVIDER_OPTIONS: dict[str, dict[str, str]] = {CUDA_PROVIDER: {"use_tf32": "0"}}
+# The TensorRT libraries ONNX Runtime's TensorRT provider opens (10.x and 11.x, Linux and Windows).
+_LIBNVINFER_NAMES = ("libnvinfer.so.10", "libnvinfer.so.11", "nvinfer_10.dll", "nvinfer_11.dll")
+_CUDA_HINT = (
+    "onnxruntime-gpu needs an NVIDIA driver, the CUDA and cuDNN versions its release names, and a GPU; "
+    "fix that or pass --device cpu"
 )
-GPU_PROVIDERS: frozenset[str] = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 
 # The metadata_props key under which export stores the run's manifest as JSON.
 METADATA_KEY = "reviewkd_manifest"
-
-# Precision tags a file name may carry between its stem and suffix (student.fp16.onnx).
-KNOWN_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int4")
 
 _ORT_INPUT_TYPES: dict[str, type[np.floating[Any]]] = {
     "tensor(float)": np.float32,
@@ -36,25 +44,75 @@ _ORT_INPUT_TYPES: dict[str, type[np.floating[Any]]] = {
 }
 
 
-def precision_from_filename(path: str | os.PathLike[str]) -> str:
-    """Return the precision a file name announces ("student.int8.onnx" -> "int8"); "fp32" if none.
-
-    Tags may carry a flavour after the precision ("student.int8-qdq.onnx" is "int8"); the
-    manifest's own "precision" field, where there is one, takes priority over this guess.
-    """
-    for tag in Path(path).name.lower().split(".")[1:-1]:
-        for precision in KNOWN_PRECISIONS:
-            if tag.startswith(precision):
-                return precision
-    return "fp32"
-
-
 def available_providers() -> list[str]:
-    """Return the installed execution providers we use, most preferred first."""
+    """Return the installed execution providers we use, most preferred first.
+
+    Installed is not loadable: onnxruntime-gpu lists its CUDA and TensorRT providers whether or not
+    the CUDA, cuDNN and TensorRT libraries they open are present.
+    """
     import onnxruntime as ort
 
     installed = set(ort.get_available_providers())
     return [p for p in PREFERRED_PROVIDERS if p in installed]
+
+
+def libnvinfer_loadable() -> bool:
+    """Whether TensorRT's core library, which ONNX Runtime's TensorRT provider opens, loads here."""
+    for name in _LIBNVINFER_NAMES:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
+def providers_for_device(device: str, installed: list[str] | None = None) -> list[str]:
+    """The execution providers for `device`: the CPU alone, or CUDA then the CPU for "cuda".
+
+    ONNX Runtime's TensorRT provider is never chosen for a device: it builds its own engines,
+    without the sidecar checks and TF32 rule of this project's TensorRT backend, and onnxruntime-gpu
+    lists it even where TensorRT is missing. Ask for it by name to use it.
+    MissingDependencyError when "cuda" is asked and the CUDA provider is not installed.
+    """
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    if device != "cuda":
+        raise UsageError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    listed = available_providers() if installed is None else installed
+    if CUDA_PROVIDER not in listed:
+        raise MissingDependencyError(
+            "onnxruntime has no CUDA execution provider; install onnxruntime-gpu"
+            " (pip install 'reviewkd[gpu]') on a machine with an NVIDIA GPU"
+        )
+    return [CUDA_PROVIDER, CPU_PROVIDER]
+
+
+def check_session_providers(
+    path: Path, requested: list[str], loaded: list[str], options: dict[str, dict[str, str]]
+) -> None:
+    """Raise unless the session loaded every GPU provider asked for, with TF32 off on CUDA.
+
+    ONNX Runtime does not fail when a provider cannot load: it logs a warning and runs on what is
+    left (often the CPU alone), and when a provider fails while the session is created it re-creates
+    the session on CUDA and the CPU without the options passed. Either would silently turn a GPU
+    runner into a CPU one, or run CUDA with TF32 on.
+
+    Raises:
+        MissingDependencyError: a GPU provider asked for did not load.
+        RuntimeError: the CUDA provider runs with TF32 on despite the options passed.
+    """
+    missing = [p for p in requested if p in GPU_PROVIDERS and p not in loaded]
+    if missing:
+        tensorrt_hint = (
+            "TensorRT's libnvinfer must be on the library path; " if TENSORRT_PROVIDER in missing else ""
+        )
+        raise MissingDependencyError(
+            f"{path}: onnxruntime could not load {', '.join(missing)} (the session has "
+            f"{', '.join(loaded)}); {tensorrt_hint}{_CUDA_HINT}"
+        )
+    if CUDA_PROVIDER in loaded and options.get(CUDA_PROVIDER, {}).get("use_tf32") != "0":
+        raise RuntimeError(f"{path}: onnxruntime's CUDA provider runs with TF32 on; the fp32 gate would fail")
 
 
 def _static_dim(dim: Any) -> int | None:
@@ -67,7 +125,9 @@ class OnnxRuntimeRunner(Runner):
 
     The input and output names, (C, H, W) and the batch range are read from the model: a
     symbolic batch dimension accepts any batch, a fixed one only that batch. `input_shape`
-    supplies (C, H, W) for models whose spatial dimensions are symbolic.
+    supplies (C, H, W) for models whose spatial dimensions are symbolic. `providers` None means
+    CUDA then the CPU where onnxruntime lists CUDA, else the CPU (see `providers_for_device`);
+    a GPU provider asked for that does not load is a MissingDependencyError.
     """
 
     backend = "onnxruntime"
@@ -89,7 +149,7 @@ class OnnxRuntimeRunner(Runner):
             raise UsageError(f"threads: expected a positive number, got {threads}")
         installed = ort.get_available_providers()
         if providers is None:
-            providers = available_providers()
+            providers = providers_for_device("cuda" if CUDA_PROVIDER in installed else "cpu", installed)
         missing = [p for p in providers if p not in installed]
         if missing:
             raise MissingDependencyError(
@@ -97,16 +157,25 @@ class OnnxRuntimeRunner(Runner):
                 f" (installed: {', '.join(installed)}); for CUDA and TensorRT"
                 " install onnxruntime-gpu (pip install 'reviewkd[gpu]')"
             )
+        if TENSORRT_PROVIDER in providers and not libnvinfer_loadable():
+            raise MissingDependencyError(
+                f"{TENSORRT_PROVIDER} was asked for, but TensorRT's libnvinfer does not load here"
+                f" (tried {', '.join(_LIBNVINFER_NAMES)}); install TensorRT or ask for {CUDA_PROVIDER}"
+            )
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
-        # TF32 convolutions on Ampere and newer drift ~1e-3 from fp32, past the fp32 parity gate.
-        session_providers = [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
         try:
-            session = ort.InferenceSession(str(self.path), sess_options=options, providers=session_providers)
+            session = ort.InferenceSession(
+                str(self.path),
+                sess_options=options,
+                providers=providers,
+                provider_options=[PROVIDER_OPTIONS.get(p, {}) for p in providers],
+            )
         except Exception as exc:  # onnxruntime raises its own exception types, none shared
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"{self.path}: cannot load as an ONNX model ({first_line})") from exc
+        check_session_providers(self.path, providers, session.get_providers(), session.get_provider_options())
         self._session: Any = session
         self.threads = threads
         self.providers: list[str] = list(session.get_providers())

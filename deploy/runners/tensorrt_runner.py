@@ -5,6 +5,9 @@ here, because an engine built elsewhere either fails to load with an opaque erro
 and misbehaves. Device memory and the stream come from torch.cuda when torch is importable and
 from cuda-python otherwise, so a serving device needs neither torch nor training code.
 
+`infer` is thread-safe: calls from several threads run one at a time (they share the device
+buffers and optimisation profile 0). For parallel inference open one runner per thread.
+
 CUDA graphs (`use_cuda_graphs = True`, which the benchmark sets): per batch shape, the first call
 runs normally, the second captures `execute_async_v3` into a graph, and later calls only copy the
 input in, launch the graph and copy the logits out. `CudaGraphCache` holds that per-shape logic
@@ -13,9 +16,11 @@ without touching CUDA, so the torch runner shares it and the tests drive it with
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +30,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
+from deploy.gpu import import_cudart
 from deploy.runners.base import Runner
 from deploy.runners.cuda_graphs import CudaGraphCache, CudaGraphReporting
 from deploy.trt_sidecar import (
     REBUILD_HINT,
     Sidecar,
     check_engine_compatible,
-    import_cudart,
     read_sidecar,
     require_tensorrt_and_gpu,
     sidecar_path,
@@ -66,40 +71,59 @@ class _DeviceMemory(Protocol):
 
 
 class _TorchMemory:
-    """Buffers as CUDA tensors on the current device, and a torch.cuda.Stream."""
+    """Buffers as tensors on `device` (the current CUDA device by default), copied in and out through
+    pinned host staging tensors on a torch.cuda.Stream.
 
-    def __init__(self) -> None:
+    torch's streams are created non-blocking: they never synchronise with the legacy default stream,
+    whose work would otherwise invalidate a graph capture. A copy from pageable host memory is
+    synchronous; from pinned memory it is truly asynchronous. Each staging tensor is reused across
+    calls, which is safe because every call ends with `download`, whose synchronisation finishes the
+    copies that read the staging tensor before the next call rewrites it.
+
+    On a CPU device (tests) there is no stream, no pinning and nothing to synchronise; the buffer,
+    dtype and partial-batch logic is the same.
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
         import torch
 
         self._torch = torch
-        self._device = torch.device("cuda", torch.cuda.current_device())
-        self._stream = torch.cuda.Stream(device=self._device)
+        self._device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        cuda = self._device.type == "cuda"
+        self._stream = torch.cuda.Stream(device=self._device) if cuda else None
+        self._pin = cuda
         self._buffers: dict[str, torch.Tensor] = {}
+        self._staging: dict[str, torch.Tensor] = {}
 
     @property
     def stream_handle(self) -> int:
-        return int(self._stream.cuda_stream)
+        return int(self._stream.cuda_stream) if self._stream is not None else 0
 
     def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
         torch_dtype = self._torch.from_numpy(np.empty(0, dtype=dtype)).dtype
         tensor = self._torch.empty(shape, dtype=torch_dtype, device=self._device)
         self._buffers[name] = tensor
+        self._staging[name] = self._torch.empty(shape, dtype=torch_dtype, pin_memory=self._pin)
         return int(tensor.data_ptr())
 
     def upload(self, name: str, array: np.ndarray) -> None:
-        flat = self._buffers[name].view(-1)[: array.size]
+        staged = self._staging[name].view(-1)[: array.size]
+        staged.copy_(self._torch.from_numpy(array).view(-1))
         with self._torch.cuda.stream(self._stream):
-            flat.copy_(self._torch.from_numpy(array).view(-1))
+            self._buffers[name].view(-1)[: array.size].copy_(staged, non_blocking=True)
 
     def download(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         count = math.prod(shape)
+        staged = self._staging[name].view(-1)[:count]
         with self._torch.cuda.stream(self._stream):
-            host = self._buffers[name].view(-1)[:count].to("cpu")
-        self._stream.synchronize()
-        return host.numpy().reshape(shape)
+            staged.copy_(self._buffers[name].view(-1)[:count], non_blocking=True)
+        self.synchronize()
+        # A copy: the staging tensor is rewritten by the next call.
+        return staged.numpy().reshape(shape).copy()
 
     def synchronize(self) -> None:
-        self._stream.synchronize()
+        if self._stream is not None:
+            self._stream.synchronize()
 
     def capture_graph(self, enqueue: Callable[[], None]) -> torch.cuda.CUDAGraph:
         """Record what `enqueue` queues on this runner's stream (never the default stream) as a graph."""
@@ -115,22 +139,38 @@ class _TorchMemory:
             graph.replay()
 
     def free_graph(self, graph: torch.cuda.CUDAGraph) -> None:
-        self._stream.synchronize()
+        self.synchronize()
         graph.reset()
 
     def close(self) -> None:
-        self._stream.synchronize()
+        self.synchronize()
         self._buffers.clear()
+        self._staging.clear()
+
+
+def _host_view(pointer: int, nbytes: int, dtype: np.dtype[Any]) -> np.ndarray:
+    """A flat numpy array over `nbytes` of host memory at `pointer` (no copy)."""
+    return np.frombuffer(memoryview((ctypes.c_char * nbytes).from_address(pointer)).cast("B"), dtype=dtype)
 
 
 class _CudaPythonMemory:
-    """Buffers from cudaMalloc and a cudaStream, through cuda-python's runtime bindings."""
+    """Buffers from cudaMalloc, pinned staging buffers from cudaHostAlloc and a non-blocking stream,
+    through cuda-python's runtime bindings.
+
+    The stream is non-blocking, as trtexec's: a blocking stream synchronises with the legacy default
+    stream, and work there during a capture invalidates the graph. Copies go through pinned host
+    buffers, one per tensor: from pageable memory cudaMemcpyAsync is synchronous. Each staging buffer
+    is reused across calls, safe because every call ends with `download`, whose synchronisation
+    finishes the copies that read it before the next call rewrites it.
+    """
 
     def __init__(self, cudart: ModuleType) -> None:
         self._rt = cudart
-        self._stream = self._check(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self._buffers: dict[str, tuple[int, np.dtype[Any]]] = {}  # name -> (device pointer, dtype)
-        self._staged: np.ndarray | None = None
+        self._stream = self._check(
+            cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
+        )
+        # name -> (device pointer, pinned host pointer, bytes, dtype)
+        self._buffers: dict[str, tuple[int, int, int, np.dtype[Any]]] = {}
 
     def _check(self, result: Any, what: str) -> Any:
         # cuda-python returns (error, *values) from every call instead of raising.
@@ -144,34 +184,36 @@ class _CudaPythonMemory:
         return int(self._stream)
 
     def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
-        pointer = int(self._check(self._rt.cudaMalloc(math.prod(shape) * dtype.itemsize), "cudaMalloc"))
-        self._buffers[name] = (pointer, dtype)
-        return pointer
+        nbytes = math.prod(shape) * dtype.itemsize
+        device = int(self._check(self._rt.cudaMalloc(nbytes), "cudaMalloc"))
+        host = int(
+            self._check(self._rt.cudaHostAlloc(nbytes, self._rt.cudaHostAllocDefault), "cudaHostAlloc")
+        )
+        self._buffers[name] = (device, host, nbytes, dtype)
+        return device
 
     def upload(self, name: str, array: np.ndarray) -> None:
-        pointer, _ = self._buffers[name]
-        # The host array must outlive the asynchronous copy: keep it until the next synchronisation.
-        self._staged = array
+        device, host, nbytes, dtype = self._buffers[name]
+        _host_view(host, nbytes, dtype)[: array.size] = array.reshape(-1)
         kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         self._check(
-            self._rt.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, kind, self._stream),
-            "cudaMemcpyAsync",
+            self._rt.cudaMemcpyAsync(device, host, array.nbytes, kind, self._stream), "cudaMemcpyAsync"
         )
 
     def download(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        pointer, dtype = self._buffers[name]
-        host = np.empty(shape, dtype=dtype)
+        device, host, nbytes, dtype = self._buffers[name]
+        count = math.prod(shape)
         kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self._check(
-            self._rt.cudaMemcpyAsync(host.ctypes.data, pointer, host.nbytes, kind, self._stream),
+            self._rt.cudaMemcpyAsync(host, device, count * dtype.itemsize, kind, self._stream),
             "cudaMemcpyAsync",
         )
         self.synchronize()
-        return host
+        # A copy: the staging buffer is rewritten by the next call.
+        return _host_view(host, nbytes, dtype)[:count].reshape(shape).copy()
 
     def synchronize(self) -> None:
         self._check(self._rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        self._staged = None
 
     def capture_graph(self, enqueue: Callable[[], None]) -> Any:
         """Record what `enqueue` queues on this stream as an instantiated graph (a cudaGraphExec_t)."""
@@ -204,8 +246,9 @@ class _CudaPythonMemory:
 
     def close(self) -> None:
         self.synchronize()
-        for pointer, _ in self._buffers.values():
-            self._check(self._rt.cudaFree(pointer), "cudaFree")
+        for device, host, _, _ in self._buffers.values():
+            self._check(self._rt.cudaFree(device), "cudaFree")
+            self._check(self._rt.cudaFreeHost(host), "cudaFreeHost")
         self._buffers.clear()
         self._check(self._rt.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
 
@@ -261,16 +304,16 @@ class TensorRTRunner(CudaGraphReporting, Runner):
     backend = "tensorrt"
     device = "cuda"
     supports_cuda_graphs = True
+    _graphs: CudaGraphCache[_TrtGraph]
+    _addresses: dict[str, int]
+    _memory: _DeviceMemory | None
+    _context: trt.IExecutionContext | None
+    _engine: trt.ICudaEngine | None
+    _runtime: trt.Runtime | None
+    _lock: threading.Lock
 
     def __init__(self, plan_path: str | os.PathLike[str], *, sidecar: str | os.PathLike[str] | None = None):
-        # Off until a caller (the benchmark) turns it on; see CudaGraphCache for what it changes.
-        self.use_cuda_graphs = False
-        self._graphs: CudaGraphCache[_TrtGraph] = CudaGraphCache(self._free_graph)
-        self._addresses: dict[str, int] = {}
-        self._memory: _DeviceMemory | None = None
-        self._context: trt.IExecutionContext | None = None
-        self._engine: trt.ICudaEngine | None = None
-        self._runtime: trt.Runtime | None = None
+        self._init_state()
         self.plan_path = Path(plan_path)
         if not self.plan_path.is_file():
             raise UsageError(f"{self.plan_path}: TensorRT plan not found")
@@ -294,6 +337,8 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         if self.sidecar.compatibility == "version":
             # Version-compatible plans embed the lean runtime, host code TensorRT runs only when allowed.
             self._runtime.engine_host_code_allowed = True
+        if self.sidecar.dla is not None:
+            self._select_dla_core(self._runtime, self.sidecar.dla.core)
         engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise UsageError(f"{self.plan_path}: TensorRT could not deserialise the plan: {REBUILD_HINT}")
@@ -303,6 +348,32 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         except BaseException:
             self.close()
             raise
+
+    def _init_state(self) -> None:
+        """What the runner holds before TensorRT is loaded: nothing, and its lock."""
+        # Off until a caller (the benchmark) turns it on; see CudaGraphCache for what it changes.
+        self.use_cuda_graphs = False
+        self._graphs = CudaGraphCache(self._free_graph)
+        self._addresses = {}
+        self._memory = None
+        self._context = None
+        self._engine = None
+        self._runtime = None
+        # One call at a time: every context (the eager one and one per CUDA graph) reads and writes the
+        # same device buffers and staging buffers, and all use optimisation profile 0, which TensorRT
+        # allows only while no two of them run at once.
+        self._lock = threading.Lock()
+
+    def _select_dla_core(self, runtime: trt.Runtime, core: int) -> None:
+        """Point `runtime` at the DLA core the plan was built for, which must exist here."""
+        # tensorrt-stubs omits Runtime.num_DLA_cores, which TensorRT's Python API documents.
+        available = int(getattr(runtime, "num_DLA_cores", 0))
+        if core >= available:
+            raise UsageError(
+                f"{self.plan_path}: the plan was built for DLA core {core}, and this device has "
+                f"{available} DLA core(s); {REBUILD_HINT}"
+            )
+        runtime.DLA_core = core
 
     def _setup(self, engine: trt.ICudaEngine) -> None:
         import tensorrt as trt
@@ -346,17 +417,18 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         return self._memory.stream_handle
 
     def _infer(self, images: np.ndarray) -> np.ndarray:
-        if self._context is None or self._memory is None:
-            raise UsageError(f"{self.name}: the runner is closed")
-        batch = images.astype(self._dtypes[self._input], copy=False)
-        if not self.use_cuda_graphs:
-            return self._run_eager(batch)
-        return self._graphs.run(
-            batch.shape,
-            eager=lambda: self._run_eager(batch),
-            capture=lambda: self._capture(batch.shape),
-            replay=lambda graph: self._replay(graph, batch),
-        )
+        with self._lock:
+            if self._context is None or self._memory is None:
+                raise UsageError(f"{self.name}: the runner is closed")
+            batch = images.astype(self._dtypes[self._input], copy=False)
+            if not self.use_cuda_graphs:
+                return self._run_eager(batch)
+            return self._graphs.run(
+                batch.shape,
+                eager=lambda: self._run_eager(batch),
+                capture=lambda: self._capture(batch.shape),
+                replay=lambda graph: self._replay(graph, batch),
+            )
 
     def _run_eager(self, batch: np.ndarray) -> np.ndarray:
         assert self._context is not None and self._memory is not None  # checked by _infer
@@ -412,15 +484,17 @@ class TensorRTRunner(CudaGraphReporting, Runner):
             self._memory.synchronize()
 
     def close(self) -> None:
-        """Free the execution context, engine, runtime and device buffers. Safe to call twice."""
-        # Graphs go first: they replay work queued into the contexts and buffers freed below.
-        self._graphs.clear()
-        memory, self._memory = self._memory, None
-        if memory is not None:
-            memory.synchronize()
-        # TensorRT objects go before the memory they point into, the context before its engine.
-        self._context = None
-        self._engine = None
-        self._runtime = None
-        if memory is not None:
-            memory.close()
+        """Free the execution context, engine, runtime and device buffers. Safe to call twice, and
+        waits for a call in another thread to finish."""
+        with self._lock:
+            # Graphs go first: they replay work queued into the contexts and buffers freed below.
+            self._graphs.clear()
+            memory, self._memory = self._memory, None
+            if memory is not None:
+                memory.synchronize()
+            # TensorRT objects go before the memory they point into, the context before its engine.
+            self._context = None
+            self._engine = None
+            self._runtime = None
+            if memory is not None:
+                memory.close()

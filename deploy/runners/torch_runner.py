@@ -12,6 +12,7 @@ the per-shape warm-up, capture and replay, and the fallback when a capture fails
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,8 @@ class TorchRunner(CudaGraphReporting, Runner):
 
     The runner keeps its own copy of the module, so casting to fp16 or moving to the GPU never
     changes the caller's model. fp16 casts weights and inputs; logits come back as float32.
+
+    `infer` is thread-safe: calls from several threads run one at a time.
 
     CUDA graphs: on device "cuda", `use_cuda_graphs = True` replays one captured graph per
     batch shape (see `CudaGraphCache`); on the CPU there are none, so `supports_cuda_graphs` is
@@ -76,6 +79,8 @@ class TorchRunner(CudaGraphReporting, Runner):
         self._use_cuda_graphs = False
         self._graphs: CudaGraphCache[_TorchGraph] = CudaGraphCache(_free_graph)
         self._capture_stream: torch.cuda.Stream | None = None
+        # One call at a time: the CUDA graphs of all calls share their static input and output tensors.
+        self._lock = threading.Lock()
 
     @property
     def supports_cuda_graphs(self) -> bool:
@@ -94,6 +99,10 @@ class TorchRunner(CudaGraphReporting, Runner):
         self._use_cuda_graphs = bool(value)
 
     def _infer(self, images: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._infer_locked(images)
+
+    def _infer_locked(self, images: np.ndarray) -> np.ndarray:
         module = self._module
         if module is None:
             raise UsageError(f"{self.name}: used after close()")
@@ -152,13 +161,14 @@ class TorchRunner(CudaGraphReporting, Runner):
 
     def close(self) -> None:
         """Drop the module copy and, on the GPU, return its cached memory to the driver."""
-        if self._module is None:
-            return
-        self._graphs.clear()
-        self._capture_stream = None
-        self._module = None
-        if self.device == "cuda":
-            torch.cuda.empty_cache()
+        with self._lock:
+            if self._module is None:
+                return
+            self._graphs.clear()
+            self._capture_stream = None
+            self._module = None
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
 
 
 def _free_graph(graph: _TorchGraph) -> None:

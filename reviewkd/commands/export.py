@@ -33,8 +33,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the export subcommand."""
-    from export.pipeline import ALL_FORMATS, IMAGENET_MEAN, IMAGENET_STD, ONNX_FORMATS
-    from export.precision import CALIBRATION_METHODS
+    from deploy.formats import ALL_EXPORT_FORMATS, ONNX_FORMATS
+    from export.pipeline import IMAGENET_MEAN, IMAGENET_STD
 
     parser = subparsers.add_parser(
         "export",
@@ -44,20 +44,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "ONNX Runtime CPUs), student.int8.trt.onnx (symmetric Q/DQ for TensorRT) and, with "
             "--formats tensorrt, TensorRT engines; each file is checked against the PyTorch student on "
             "the run's validation images and recorded in the manifest. Exit 1 if a file fails its check "
-            "(it is kept as FILE.failed), 3 if TensorRT was asked for and is missing."
+            "(it is kept as FILE.failed), 3 if TensorRT was asked for and is missing. --formats tensorrt "
+            "alone builds engines from the run's checked ONNX files and needs no PyTorch (the edge install)."
         ),
     )
     parser.add_argument("run", nargs="?", type=Path, metavar="RUN", help="the run directory to export")
     parser.add_argument(
         "--formats",
-        help=f"comma-separated subset of {','.join(ALL_FORMATS)} (default: {','.join(ONNX_FORMATS)}, "
+        help=f"comma-separated subset of {','.join(ALL_EXPORT_FORMATS)} (default: {','.join(ONNX_FORMATS)}, "
         "plus tensorrt where TensorRT and a GPU are available)",
     )
     parser.add_argument(
         "--calib-samples", type=int, default=512, help="int8 calibration images (default 512)"
     )
     parser.add_argument(
-        "--calib-method", choices=CALIBRATION_METHODS, default="minmax", help="int8 calibration"
+        "--calib-method",
+        default="auto",
+        help="int8 calibration: minmax, entropy, percentile, or auto (default: each, the best on held-out "
+        "training images kept)",
+    )
+    parser.add_argument(
+        "--max-top1-drop-int8",
+        type=float,
+        default=0.3,
+        help="top-1 points int8 may lose on held-out training images before its most sensitive layers "
+        "stay in float (default 0.3; a negative value quantizes every layer)",
     )
     parser.add_argument(
         "--check-samples", type=int, default=2000, help="validation images to check on (default 2000)"
@@ -74,6 +85,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     trt.add_argument("--trt-opt-level", type=int, default=3, help="builder optimisation level 0..5")
     trt.add_argument(
         "--trt-compat", choices=("version", "hardware"), help="version or hardware compatibility"
+    )
+    trt.add_argument(
+        "--dla-core",
+        type=int,
+        metavar="N",
+        help="build the fp16 and int8 engines for DLA core N of a Jetson (layers the DLA cannot run fall "
+        "back to the GPU)",
+    )
+    trt.add_argument(
+        "--no-gpu-fallback",
+        dest="gpu_fallback",
+        action="store_false",
+        help="with --dla-core: fail the build instead of running layers the DLA cannot run on the GPU",
     )
     plain = parser.add_argument_group("a zoo model trained elsewhere (instead of RUN)")
     plain.add_argument(
@@ -110,6 +134,7 @@ def run_export(args: argparse.Namespace) -> int:
         "formats": parse_formats(args.formats),
         "calib_samples": args.calib_samples,
         "calib_method": args.calib_method,
+        "max_top1_drop_int8": args.max_top1_drop_int8 if args.max_top1_drop_int8 >= 0 else None,
         "check_samples": args.check_samples,
         "bake_preprocessing": args.bake_preprocessing,
         "opset": args.opset,
@@ -120,6 +145,8 @@ def run_export(args: argparse.Namespace) -> int:
             workspace_mib=args.trt_workspace_mib,
             optimization_level=args.trt_opt_level,
             compatibility=args.trt_compat,
+            dla_core=args.dla_core,
+            gpu_fallback=args.gpu_fallback,
         ),
         "log": log,
     }

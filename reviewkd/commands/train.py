@@ -4,7 +4,8 @@ teacher [--config FILE|NAME] --out DIR [--epochs N] [--device D] [--resume] [key
     trains teacher.arch with cross-entropy; writes DIR/teacher.safetensors, metrics, manifest.
 distill [--config FILE|NAME] --out DIR [--epochs N] [--device D] [--resume] [key=value ...]
     distils student.arch with method.name; without teacher.weights, trains the teacher first
-    into DIR/teacher/. Writes the run directory of docs/METHOD.md section 5.
+    into DIR/teacher/. Writes the run directory of docs/METHOD.md section 5 (deploy.run_layout names
+    its files).
 
 Without --config the embedded default (digits) is used. With --resume and no --config, the run's own
 DIR/config.yaml is the base. Overrides are dotted keys, e.g. `optim.lr=0.05 method.name=kd`.
@@ -16,6 +17,7 @@ import argparse
 import os
 from pathlib import Path
 
+from deploy import run_layout
 from reviewkd.config import DEVICES, Config, load_config, shipped_configs
 
 
@@ -55,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def resolve_cli_config(args: argparse.Namespace, epochs_key: str = "train.epochs") -> Config:
     """The config a training command runs with: file (or the run's own on --resume), overrides, flags."""
     source: str | Path | None = args.config
-    if source is None and args.resume and (args.out / "config.yaml").is_file():
-        source = args.out / "config.yaml"
+    config_file = run_layout.run_path(args.out, run_layout.CONFIG)
+    if source is None and args.resume and config_file.is_file():
+        source = config_file
     overrides = list(args.overrides)
     if args.epochs is not None:
         overrides.append(f"{epochs_key}={args.epochs}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,38 @@ def _is_safetensors(path: Path) -> bool:
         return False
     (header_len,) = struct.unpack("<Q", head[:8])
     return 0 < header_len <= path.stat().st_size - 8
+
+
+# Terminal colour codes torch puts in some of its messages.
+_ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+# The callable torch's weights_only refusal names ("Unsupported global: GLOBAL posix.system ...",
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked").
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# Longest torch message quoted in one of our one-line errors.
+_QUOTE_LIMIT = 200
+
+
+def describe_torch_load_error(exc: BaseException) -> str:
+    """torch.load's failure in one line, for a message that names the file.
+
+    A weights_only refusal says what it refused and that loading it could run arbitrary code,
+    instead of quoting torch's advice to load without weights_only; any other error is its
+    first sentence, without colour codes.
+    """
+    text = _ANSI_CODES.sub("", str(exc))
+    if "Weights only load failed" in text:
+        refused = _REFUSED_GLOBAL.search(text)
+        what = f" (the global {refused.group(1)})" if refused else ""
+        return (
+            f"it holds pickled Python objects besides tensors{what}; unpickling them could run"
+            " arbitrary code, so reviewkd reads checkpoints with weights_only=True only: re-save the"
+            " tensors alone (a state_dict, or safetensors) from a copy you trust"
+        )
+    line = " ".join(text.split())
+    if len(line) > _QUOTE_LIMIT:
+        sentence_end = line.rfind(". ", 0, _QUOTE_LIMIT)
+        line = line[: sentence_end + 1] if sentence_end > 0 else line[:_QUOTE_LIMIT] + "..."
+    return f"{type(exc).__name__}: {line}"
 
 
 def _strip_prefixes(name: str) -> str:
@@ -71,7 +104,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise UsageError(
                 f"weights file {file} is neither a safetensors file nor a torch checkpoint "
-                f"loadable with weights_only=True ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                f"loadable with weights_only=True ({describe_torch_load_error(exc)})"
             ) from exc
     while isinstance(raw, Mapping):
         nested = next((raw[k] for k in _NESTING_KEYS if isinstance(raw.get(k), Mapping)), None)

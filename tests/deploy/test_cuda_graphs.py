@@ -9,12 +9,16 @@ against eager output on a GPU, are marked `gpu` and skip without CUDA.
 
 from __future__ import annotations
 
+import ctypes
+import enum
 import sys
+import threading
+import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pytest
@@ -23,10 +27,11 @@ from torch import nn
 
 from benchmarks.latency import enable_cuda_graphs
 from deploy.errors import UsageError
+from deploy.gpu import import_cudart, probe_gpu
 from deploy.runners.cuda_graphs import CudaGraphCache
-from deploy.runners.tensorrt_runner import TensorRTRunner
+from deploy.runners.tensorrt_runner import TensorRTRunner, _CudaPythonMemory, _TorchMemory
 from deploy.runners.torch_runner import TorchRunner
-from deploy.trt_sidecar import current_gpu, tensorrt_available
+from deploy.trt_sidecar import tensorrt_available
 from tests.helpers import export_onnx
 
 # --------------------------------------------------------------------------- CudaGraphCache with fakes
@@ -207,12 +212,74 @@ def test_cpu_torch_runner_refuses_cuda_graphs_and_the_bench_says_why() -> None:
 INPUT, OUTPUT = "images", "logits"
 CHW = (3, 4, 4)
 MAX_BATCH = 8
-WEIGHTS = np.random.default_rng(7).standard_normal((CHW[0], 10)).astype(np.float32)
+CLASSES_OUT = 10
+WEIGHTS = np.random.default_rng(7).standard_normal((CHW[0], CLASSES_OUT)).astype(np.float32)
 
 
 def reference_logits(x: np.ndarray) -> np.ndarray:
     """What the fake engine computes: channel means times a fixed matrix."""
-    return x.mean(axis=(2, 3)) @ WEIGHTS
+    return x.astype(np.float32).mean(axis=(2, 3)) @ WEIGHTS
+
+
+class FakeDataType(enum.Enum):
+    """tensorrt.DataType members an engine's I/O can have."""
+
+    FLOAT = 0
+    HALF = 1
+    INT8 = 2
+    INT32 = 3
+    BOOL = 4
+
+
+# tensorrt.nptype's mapping; like it, an unmapped type raises TypeError.
+NPTYPES: dict[FakeDataType, type] = {
+    FakeDataType.FLOAT: np.float32,
+    FakeDataType.HALF: np.float16,
+    FakeDataType.INT8: np.int8,
+    FakeDataType.INT32: np.int32,
+    FakeDataType.BOOL: np.bool_,
+}
+
+
+def fake_nptype(dtype: FakeDataType) -> type:
+    if dtype not in NPTYPES:
+        raise TypeError(f"Could not resolve TensorRT datatype to an equivalent numpy datatype: {dtype}")
+    return NPTYPES[dtype]
+
+
+class FakeDims:
+    """tensorrt.Dims: sized and indexable, but not a tuple (it never compares equal to one)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._dims = list(shape)
+
+    def __len__(self) -> int:
+        return len(self._dims)
+
+    def __getitem__(self, index: int) -> int:
+        return self._dims[index]
+
+    def __repr__(self) -> str:
+        return f"Dims({self._dims})"
+
+
+def host_array(address: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """The array at a host address, as an engine reading a buffer by its pointer sees it."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = (ctypes.c_char * nbytes).from_address(address)
+    return np.frombuffer(memoryview(raw).cast("B"), dtype=dtype).reshape(shape)
+
+
+class Launcher(Protocol):
+    def enqueue(self, stream_handle: int, work: Callable[[], None]) -> None: ...
+
+
+class RunAtOnce:
+    """A stream with nothing to capture: work runs when it is queued (torch buffers on the CPU)."""
+
+    def enqueue(self, stream_handle: int, work: Callable[[], None]) -> None:
+        assert stream_handle == 0
+        work()
 
 
 @dataclass
@@ -227,10 +294,12 @@ class FakeMemory:
     stream_handle = 1234
 
     def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
-        self.buffers[name] = np.full(shape, np.nan, dtype)
-        return 0x1000 * (len(self.buffers))
+        assert isinstance(shape, tuple) and all(isinstance(d, int) for d in shape), shape
+        self.buffers[name] = np.zeros(shape, dtype)
+        return int(self.buffers[name].ctypes.data)
 
-    def enqueue(self, work: Callable[[], None]) -> None:
+    def enqueue(self, stream_handle: int, work: Callable[[], None]) -> None:
+        assert stream_handle == self.stream_handle
         if self.recording is not None:
             self.recording.append(work)
         else:
@@ -238,6 +307,7 @@ class FakeMemory:
 
     def upload(self, name: str, array: np.ndarray) -> None:
         assert self.recording is None, "a copy inside the capture would bake this call's input in"
+        assert array.dtype == self.buffers[name].dtype
         self.buffers[name].reshape(-1)[: array.size] = array.reshape(-1)
 
     def download(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -273,48 +343,70 @@ class FakeMemory:
 
 class FakeContext:
     """An execution context: its work reads its *current* shape when it runs, as TensorRT's host state
-    does, so a graph replayed after its context changed shape would compute the wrong batch."""
+    does, so a graph replayed after its context changed shape would compute the wrong batch. The work
+    reads and writes the buffers through the addresses it was given, as TensorRT's kernels do."""
 
-    def __init__(self, memory: FakeMemory) -> None:
-        self.memory = memory
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
         self.shape: tuple[int, ...] = ()
         self.addresses: dict[str, int] = {}
         self.ready = False  # enqueued since the last shape change
 
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+    def set_input_shape(self, name: str, shape: Any) -> bool:
         assert name == INPUT
-        if tuple(shape) != self.shape:
-            self.shape, self.ready = tuple(shape), False
-        return 1 <= shape[0] <= MAX_BATCH
+        dims = tuple(int(shape[i]) for i in range(len(shape)))
+        if dims != self.shape:
+            self.shape, self.ready = dims, False
+        return 1 <= dims[0] <= MAX_BATCH
 
     def set_tensor_address(self, name: str, address: int) -> bool:
+        assert isinstance(address, int) and address != 0
         self.addresses[name] = address
         return True
 
-    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return self.shape if name == INPUT else (self.shape[0], 10)
+    def get_tensor_shape(self, name: str) -> FakeDims:
+        return FakeDims(self.shape if name == INPUT else (self.shape[0], CLASSES_OUT))
 
     def execute_async_v3(self, stream_handle: int) -> bool:
-        assert stream_handle == self.memory.stream_handle
-        if self.memory.recording is not None and not self.ready:
+        engine = self.engine
+        if getattr(engine.launcher, "recording", None) is not None and not self.ready:
             return False  # capturing the first enqueue after a shape change fails in TensorRT
+        if getattr(engine.launcher, "capturing", None) is not None and not self.ready:
+            return False
         assert set(self.addresses) == {INPUT, OUTPUT}
+        addresses, batch = dict(self.addresses), self.shape[0]
 
         def work() -> None:
-            batch = self.shape[0]
-            x = self.memory.buffers[INPUT][:batch]
-            self.memory.buffers[OUTPUT][:batch] = reference_logits(x)
+            # A real kernel takes time: without the runner's lock, another thread's upload or kernel
+            # could write these buffers meanwhile.
+            engine.pause()
+            x = host_array(addresses[INPUT], (MAX_BATCH, *CHW), NPTYPES[engine.io_dtypes[INPUT]])[:batch]
+            out = host_array(addresses[OUTPUT], (MAX_BATCH, CLASSES_OUT), NPTYPES[engine.io_dtypes[OUTPUT]])
+            out[:batch] = reference_logits(x)
+            engine.pause()
 
-        self.memory.enqueue(work)
+        engine.launcher.enqueue(stream_handle, work)
         self.ready = True
         return True
 
 
 class FakeEngine:
-    def __init__(self, memory: FakeMemory) -> None:
-        self.memory = memory
+    def __init__(
+        self,
+        launcher: Launcher,
+        input_dtype: FakeDataType = FakeDataType.FLOAT,
+        output_dtype: FakeDataType = FakeDataType.FLOAT,
+        kernel_seconds: float = 0.0,
+    ) -> None:
+        self.launcher = launcher
+        self.io_dtypes = {INPUT: input_dtype, OUTPUT: output_dtype}
+        self.kernel_seconds = kernel_seconds
         self.contexts: list[FakeContext] = []
         self.num_io_tensors = 2
+
+    def pause(self) -> None:
+        if self.kernel_seconds:
+            time.sleep(self.kernel_seconds)
 
     def get_tensor_name(self, index: int) -> str:
         return (INPUT, OUTPUT)[index]
@@ -322,42 +414,43 @@ class FakeEngine:
     def get_tensor_mode(self, name: str) -> str:
         return "input" if name == INPUT else "output"
 
-    def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[tuple[int, ...], ...]:
-        return (1, *CHW), (4, *CHW), (MAX_BATCH, *CHW)
+    def get_tensor_profile_shape(self, name: str, profile: int) -> list[FakeDims]:
+        assert profile == 0
+        return [FakeDims((1, *CHW)), FakeDims((4, *CHW)), FakeDims((MAX_BATCH, *CHW))]
 
-    def get_tensor_dtype(self, name: str) -> str:
-        return "float"
+    def get_tensor_dtype(self, name: str) -> FakeDataType:
+        return self.io_dtypes[name]
 
     def create_execution_context(self) -> FakeContext:
-        self.contexts.append(FakeContext(self.memory))
+        self.contexts.append(FakeContext(self))
         return self.contexts[-1]
 
 
 def fake_tensorrt_runner(
-    monkeypatch: pytest.MonkeyPatch, memory: FakeMemory
+    monkeypatch: pytest.MonkeyPatch,
+    memory: Any,
+    launcher: Launcher | None = None,
+    **engine_options: Any,
 ) -> tuple[TensorRTRunner, FakeEngine]:
-    """A TensorRTRunner set up by its own `_setup` over a fake engine, memory and `tensorrt` module.
+    """A TensorRTRunner set up by its own `_setup` over a fake engine, `memory` and `tensorrt` module.
 
-    The constructor's file, sidecar and TensorRT/GPU checks are skipped: they need the real thing
-    and are tested in test_tensorrt.py.
+    `launcher` runs the engine's work: the memory itself (FakeMemory, FakeCudart) by default. The
+    constructor's file, sidecar and TensorRT/GPU checks are skipped: they need the real thing and
+    are tested in tests/export/test_tensorrt_engine.py.
     """
     fake_trt = types.ModuleType("tensorrt")
-    fake_trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
-    fake_trt.nptype = lambda dtype: np.float32
+    fake_trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")  # type: ignore[attr-defined]
+    fake_trt.nptype = fake_nptype  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
     monkeypatch.setattr("deploy.runners.tensorrt_runner._device_memory", lambda: memory)
-    engine = FakeEngine(memory)
+    engine = FakeEngine(launcher if launcher is not None else memory, **engine_options)
     runner = TensorRTRunner.__new__(TensorRTRunner)
-    # What the constructor sets before it loads TensorRT.
-    runner.use_cuda_graphs = False
-    runner._graphs = CudaGraphCache(runner._free_graph)
-    runner._addresses = {}
-    runner._memory = runner._context = runner._runtime = None
+    runner._init_state()  # what the constructor sets before it loads TensorRT
     runner.plan_path = Path("fake.plan")
-    runner.sidecar = types.SimpleNamespace(input_names=(INPUT,), output_names=(OUTPUT,))
+    runner.sidecar = types.SimpleNamespace(input_names=(INPUT,), output_names=(OUTPUT,))  # type: ignore[assignment]
     runner.precision = "fp32"
-    runner._engine = engine
-    runner._setup(engine)
+    runner._engine = engine  # type: ignore[assignment]
+    runner._setup(engine)  # type: ignore[arg-type]
     return runner, engine
 
 
@@ -400,6 +493,227 @@ def test_tensorrt_runner_falls_back_when_capture_fails(monkeypatch: pytest.Monke
     runner.close()
 
 
+def test_tensorrt_runner_buffers_take_each_tensors_own_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An engine with fp16 I/O: the input is cast to fp16 on the way in, the logits come back float32.
+    memory = FakeMemory()
+    runner, _ = fake_tensorrt_runner(
+        monkeypatch, memory, input_dtype=FakeDataType.HALF, output_dtype=FakeDataType.HALF
+    )
+    assert memory.buffers[INPUT].dtype == np.float16 and memory.buffers[INPUT].shape == (MAX_BATCH, *CHW)
+    assert memory.buffers[OUTPUT].dtype == np.float16 and memory.buffers[OUTPUT].shape == (MAX_BATCH, 10)
+    assert (runner.min_batch, runner.max_batch, runner.input_shape) == (1, MAX_BATCH, CHW)
+    x = np.random.default_rng(2).standard_normal((3, *CHW)).astype(np.float32)
+    logits = runner.infer(x)
+    assert logits.dtype == np.float32 and logits.shape == (3, 10)
+    expected = reference_logits(x.astype(np.float16)).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(logits, expected)
+    runner.close()
+
+
+def test_an_io_dtype_numpy_cannot_hold_is_an_error_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Bf16(enum.Enum):
+        BF16 = 7
+
+    with pytest.raises(TypeError, match="Could not resolve TensorRT datatype"):
+        fake_tensorrt_runner(monkeypatch, FakeMemory(), output_dtype=Bf16.BF16)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_concurrent_calls_each_get_their_own_logits(monkeypatch: pytest.MonkeyPatch, graphs: bool) -> None:
+    # The fake kernel sleeps before it reads the input buffer and after it writes the output buffer:
+    # without the runner's lock, other threads' uploads and kernels land in between and a caller gets
+    # another's logits.
+    memory = FakeMemory()
+    runner, _ = fake_tensorrt_runner(monkeypatch, memory, kernel_seconds=0.002)
+    runner.use_cuda_graphs = graphs
+    inputs = [np.full((2, *CHW), float(i), np.float32) for i in range(8)]
+    wrong: list[int] = []
+
+    def worker(i: int) -> None:
+        for _ in range(5):
+            if not np.allclose(runner.infer(inputs[i]), reference_logits(inputs[i])):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+    runner.close()
+
+
+# --------------------------------------------------------------------------- the memory classes on the CPU
+
+
+@pytest.mark.parametrize("dtype", [FakeDataType.FLOAT, FakeDataType.HALF])
+def test_torch_memory_runs_the_runner_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, dtype: FakeDataType
+) -> None:
+    memory = _TorchMemory(torch.device("cpu"))
+    assert memory.stream_handle == 0
+    runner, _ = fake_tensorrt_runner(monkeypatch, memory, RunAtOnce(), input_dtype=dtype, output_dtype=dtype)
+    rng = np.random.default_rng(3)
+    first = None
+    for batch in (MAX_BATCH, 3, 1):  # smaller batches use the leading part of the max-size buffers
+        x = rng.standard_normal((batch, *CHW)).astype(np.float32)
+        logits = runner.infer(x)
+        cast = np.dtype(NPTYPES[dtype])
+        expected = reference_logits(x.astype(cast)).astype(cast).astype(np.float32)
+        np.testing.assert_array_equal(logits, expected)
+        first = logits if first is None else first
+    # Results are copies: the staging buffer the next call rewrites does not change them.
+    assert first is not None and first.shape == (MAX_BATCH, 10) and np.isfinite(first).all()
+    runner.close()
+
+
+class FakeCudart:
+    """cuda-python's runtime bindings over host memory: every call returns (error, *values), device
+    memory is host memory that only cudaMemcpyAsync may touch, and work queued on a capturing stream
+    is recorded. It checks what the issue asks of the runner: a non-blocking stream and copies from
+    pinned host memory only."""
+
+    cudaStreamNonBlocking = 1
+    cudaHostAllocDefault = 0
+
+    class cudaError_t(enum.Enum):
+        cudaSuccess = 0
+        cudaErrorMemoryAllocation = 2
+        cudaErrorStreamCaptureInvalidated = 901
+
+    class cudaMemcpyKind(enum.Enum):
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    class cudaStreamCaptureMode(enum.Enum):
+        cudaStreamCaptureModeThreadLocal = 1
+
+    def __init__(self, fail_malloc: bool = False) -> None:
+        self._blocks: dict[int, ctypes.Array[ctypes.c_char]] = {}
+        self.device: set[int] = set()
+        self.pinned: set[int] = set()
+        self.streams: dict[int, int] = {}  # handle -> flags
+        self.capturing: list[Callable[[], None]] | None = None
+        self.log: list[str] = []
+        self.fail_malloc = fail_malloc
+        self.copies = 0
+
+    def _ok(self, *values: Any) -> tuple[Any, ...]:
+        return (self.cudaError_t.cudaSuccess, *values)
+
+    def _block(self, size: int) -> int:
+        block = ctypes.create_string_buffer(size)
+        self._blocks[ctypes.addressof(block)] = block
+        return ctypes.addressof(block)
+
+    def _inside(self, pointer: int, pool: set[int]) -> bool:
+        return any(base <= pointer < base + len(self._blocks[base]) for base in pool)
+
+    def cudaStreamCreateWithFlags(self, flags: int) -> tuple[Any, ...]:
+        handle = 0x5000 + len(self.streams)
+        self.streams[handle] = flags
+        return self._ok(handle)
+
+    def cudaStreamDestroy(self, stream: int) -> tuple[Any, ...]:
+        self.log.append("cudaStreamDestroy")
+        del self.streams[stream]
+        return self._ok()
+
+    def cudaMalloc(self, size: int) -> tuple[Any, ...]:
+        if self.fail_malloc:
+            return (self.cudaError_t.cudaErrorMemoryAllocation, None)
+        pointer = self._block(size)
+        self.device.add(pointer)
+        return self._ok(pointer)
+
+    def cudaHostAlloc(self, size: int, flags: int) -> tuple[Any, ...]:
+        pointer = self._block(size)
+        self.pinned.add(pointer)
+        return self._ok(pointer)
+
+    def cudaFree(self, pointer: int) -> tuple[Any, ...]:
+        self.device.remove(pointer)
+        return self._ok()
+
+    def cudaFreeHost(self, pointer: int) -> tuple[Any, ...]:
+        self.pinned.remove(pointer)
+        return self._ok()
+
+    def enqueue(self, stream: int, work: Callable[[], None]) -> None:
+        assert stream in self.streams
+        if self.capturing is not None:
+            self.capturing.append(work)
+        else:
+            work()
+
+    def cudaMemcpyAsync(self, dst: int, src: int, count: int, kind: Any, stream: int) -> tuple[Any, ...]:
+        host, device = (src, dst) if kind is self.cudaMemcpyKind.cudaMemcpyHostToDevice else (dst, src)
+        assert self._inside(host, self.pinned), "an async copy from pageable memory is synchronous"
+        assert self._inside(device, self.device)
+        assert self.capturing is None, "the runner never captures its copies"
+        self.copies += 1
+        self.enqueue(stream, lambda: ctypes.memmove(dst, src, count))
+        return self._ok()
+
+    def cudaStreamSynchronize(self, stream: int) -> tuple[Any, ...]:
+        assert self.capturing is None
+        return self._ok()
+
+    def cudaStreamBeginCapture(self, stream: int, mode: Any) -> tuple[Any, ...]:
+        assert mode is self.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self.capturing = []
+        return self._ok()
+
+    def cudaStreamEndCapture(self, stream: int) -> tuple[Any, ...]:
+        graph, self.capturing = self.capturing, None
+        return self._ok(graph)
+
+    def cudaGraphInstantiateWithFlags(self, graph: list[Callable[[], None]], flags: int) -> tuple[Any, ...]:
+        self.log.append("instantiate")
+        return self._ok(list(graph))
+
+    def cudaGraphDestroy(self, graph: Any) -> tuple[Any, ...]:
+        return self._ok()
+
+    def cudaGraphLaunch(self, graph: list[Callable[[], None]], stream: int) -> tuple[Any, ...]:
+        self.log.append("launch")
+        for work in graph:
+            self.enqueue(stream, work)
+        return self._ok()
+
+    def cudaGraphExecDestroy(self, graph: Any) -> tuple[Any, ...]:
+        self.log.append("cudaGraphExecDestroy")
+        return self._ok()
+
+
+def test_cuda_python_memory_uses_a_non_blocking_stream_and_pinned_staging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cudart = FakeCudart()
+    memory = _CudaPythonMemory(cudart)  # type: ignore[arg-type]
+    assert list(cudart.streams.values()) == [cudart.cudaStreamNonBlocking]
+    runner, _ = fake_tensorrt_runner(monkeypatch, memory, cudart)
+    # One device buffer and one pinned staging buffer per tensor, both of the max batch.
+    assert len(cudart.device) == len(cudart.pinned) == 2
+    runner.use_cuda_graphs = True
+    rng = np.random.default_rng(4)
+    for batch in (2, 2, 2, 7, 7, 2):
+        x = rng.standard_normal((batch, *CHW)).astype(np.float32)
+        np.testing.assert_allclose(runner.infer(x), reference_logits(x), rtol=1e-6)
+    assert runner.cuda_graph_shapes == [(2, *CHW), (7, *CHW)] and runner.cuda_graph_error is None
+    assert cudart.log.count("instantiate") == 2 and cudart.log.count("launch") == 4
+    assert cudart.copies == 12  # one copy in and one out per call, none inside a graph
+    runner.close()
+    assert cudart.device == set() and cudart.pinned == set() and cudart.streams == {}
+    assert cudart.log[-3:] == ["cudaGraphExecDestroy", "cudaGraphExecDestroy", "cudaStreamDestroy"]
+
+
+def test_cuda_python_errors_name_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = _CudaPythonMemory(FakeCudart(fail_malloc=True))  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match=r"cudaMalloc failed: cudaError_t\.cudaErrorMemoryAllocation"):
+        fake_tensorrt_runner(monkeypatch, memory, RunAtOnce())
+
+
 # --------------------------------------------------------------------------- on a GPU
 
 
@@ -423,11 +737,40 @@ def test_torch_runner_graph_replay_matches_eager(precision: str) -> None:
     assert graphed.cuda_graph_shapes == []  # close() released them
 
 
+def _cuda_python_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    return None if import_cudart() is not None else "needs cuda-python"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_python_reason() is not None, reason=str(_cuda_python_reason()))
+@pytest.mark.parametrize("kind", ["torch", "cuda-python"])
+def test_memory_classes_on_a_gpu_use_a_non_blocking_stream_and_pinned_staging(kind: str) -> None:
+    cudart = import_cudart()
+    assert cudart is not None
+    memory = _TorchMemory() if kind == "torch" else _CudaPythonMemory(cudart)
+    memory.allocate(INPUT, (MAX_BATCH, *CHW), np.dtype(np.float32))
+    err, flags = cudart.cudaStreamGetFlags(memory.stream_handle)
+    assert err == cudart.cudaError_t.cudaSuccess and int(flags) & cudart.cudaStreamNonBlocking
+    if isinstance(memory, _TorchMemory):
+        assert memory._staging[INPUT].is_pinned()
+    else:
+        err, attributes = cudart.cudaPointerGetAttributes(memory._buffers[INPUT][1])
+        assert err == cudart.cudaError_t.cudaSuccess
+        assert attributes.type == cudart.cudaMemoryType.cudaMemoryTypeHost  # page-locked, not pageable
+    x = np.random.default_rng(0).standard_normal((3, *CHW)).astype(np.float32)
+    memory.upload(INPUT, x)
+    np.testing.assert_array_equal(memory.download(INPUT, x.shape), x)
+    memory.close()
+
+
 def _tensorrt_gpu_reason() -> str | None:
     ok, reason = tensorrt_available()
     if not ok:
         return reason
-    return None if current_gpu() is not None else "no NVIDIA GPU found"
+    probe = probe_gpu()
+    return None if probe.gpu is not None else probe.describe_failure()
 
 
 TRT_GPU_MISSING = _tensorrt_gpu_reason()

@@ -16,7 +16,7 @@ from torchvision import transforms
 
 from deploy.errors import UsageError
 from deploy.manifest import record_artifact, write_manifest
-from deploy.predict import class_names, predict, softmax
+from deploy.predict import STUDENT_SHA256_KEY, class_names, predict, softmax
 from deploy.preprocess import InputSpec, load_image, load_images
 from deploy.runners import OnnxRuntimeRunner
 from reviewkd.cli import main
@@ -29,7 +29,9 @@ from tests.helpers import (
     input_block,
     make_run,
     tiny_net,
+    write_deep_image,
     write_image,
+    write_png_bomb,
 )
 
 
@@ -189,6 +191,83 @@ def test_softmax_is_stable_and_class_names_fall_back_to_indices() -> None:
     assert class_names({}, 3) == ["0", "1", "2"]
 
 
+# --- images deeper than 8 bits, and decompression bombs (issue 11 items 5 and 13) ---------------
+
+
+def _digit_three(size: int = 24) -> np.ndarray:
+    """A grey "3" drawn in mid-tones (8-bit values 40..200), so that clipping or blackening shows."""
+    pixels = np.full((size, size), 40, dtype=np.uint8)
+    for row in (3, size // 2, size - 4):
+        pixels[row - 1 : row + 2, 6 : size - 6] = 200
+    pixels[3 : size - 3, size - 8 : size - 5] = 200
+    return pixels
+
+
+@pytest.mark.parametrize(("mode", "suffix"), [("I;16", ".png"), ("F", ".tiff")])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_and_float_images_are_rescaled_by_bit_depth(
+    tmp_path: Path, mode: str, suffix: str, channels: int
+) -> None:
+    pixels = _digit_three()
+    eight_bit = tmp_path / "three.png"
+    Image.fromarray(pixels).save(eight_bit)
+    deep = write_deep_image(tmp_path / f"three_deep{suffix}", pixels, mode)
+    with Image.open(deep) as opened:
+        assert opened.mode == mode  # the file really is deeper than 8 bits
+    shape = (channels, *INPUT_SHAPE[1:])
+    spec = InputSpec.from_manifest({"input": input_block(shape=shape)})
+    np.testing.assert_allclose(load_image(deep, spec), load_image(eight_bit, spec), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "mode", "message"),
+    [
+        (
+            np.full((8, 8), 1.5, dtype=np.float32),
+            "F",
+            r"floating-point pixels span 1\.5 to 1\.5; expected values in 0-1",
+        ),
+        (np.full((8, 8), np.nan, dtype=np.float32), "F", r"floating-point pixels span nan"),
+        (np.full((8, 8), 70000, dtype=np.int32), "I", r"32-bit integer pixels span 70000 to 70000"),
+        (np.full((8, 8), -5, dtype=np.int32), "I", r"32-bit integer pixels span -5 to -5"),
+    ],
+)
+def test_pixel_values_no_bit_depth_explains_are_refused(
+    tmp_path: Path, pixels: np.ndarray, mode: str, message: str
+) -> None:
+    path = tmp_path / "odd.tiff"
+    Image.fromarray(pixels, mode).save(path)
+    spec = InputSpec.from_manifest({"input": input_block()})
+    with pytest.raises(UsageError, match=rf"odd\.tiff: cannot read as an image \({message}"):
+        load_image(path, spec)
+
+
+def test_cli_predicts_a_16_bit_image_as_its_8_bit_twin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = make_run(tmp_path)
+    eight_bit = tmp_path / "three.png"
+    Image.fromarray(_digit_three()).save(eight_bit)
+    deep = write_deep_image(tmp_path / "three16.png", _digit_three(), "I;16")
+    code, out, err = predict_cli(capsys, run, eight_bit, deep, "--json")
+    assert code == 0, err
+    first, second = json.loads(out)["predictions"]
+    assert [t["class"] for t in first["top_k"]] == [t["class"] for t in second["top_k"]]
+    for a, b in zip(first["top_k"], second["top_k"], strict=True):
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
+
+
+def test_cli_refuses_a_decompression_bomb_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = make_run(tmp_path)
+    bomb = write_png_bomb(tmp_path / "bomb.png")
+    code, out, err = predict_cli(capsys, run, bomb)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1
+    assert err.startswith(f"reviewkd predict: error: {bomb}: refused, too many pixels to decode safely")
+
+
 # --- reviewkd predict ----------------------------------------------------------------------------
 
 
@@ -301,3 +380,77 @@ def test_cli_torch_backend_agrees_with_onnx(
     for torch_top, onnx_top in zip(results["torch/fp32"], results["onnxruntime/fp32"], strict=True):
         assert [n for n, _ in torch_top] == [n for n, _ in onnx_top]
         np.testing.assert_allclose([p for _, p in torch_top], [p for _, p in onnx_top], atol=1e-4)
+
+
+# --- stale and altered files (issue 11 items 4 and 6) ---------------------------------------------
+
+
+def test_an_export_from_an_older_student_is_refused(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, manifest = make_run(tmp_path)
+    manifest["student"]["sha256"] = "a" * 64  # the student the run now has (retrained)
+    manifest["artifacts"]["export/student.onnx"][STUDENT_SHA256_KEY] = "b" * 64
+    write_manifest(run, manifest)
+    for target in (run, run / "export" / "student.onnx"):
+        code, out, err = predict_cli(capsys, target, images[0])
+        assert code == 2 and out == ""
+        assert err == (
+            f"reviewkd predict: error: {run / 'export' / 'student.onnx'}: it was exported from student"
+            " bbbbbbbbbbbb…, the run's student is now aaaaaaaaaaaa…;"
+            f" re-export it with `reviewkd export {run}`\n"
+        )
+    del manifest["artifacts"]["export/student.onnx"][STUDENT_SHA256_KEY]
+    write_manifest(run, manifest)
+    code, _, err = predict_cli(capsys, run, images[0])
+    assert code == 2 and "the manifest does not record which student it was exported from" in err
+    manifest["artifacts"]["export/student.onnx"][STUDENT_SHA256_KEY] = "a" * 64
+    write_manifest(run, manifest)
+    assert predict_cli(capsys, run, images[0])[0] == 0
+
+
+def _rewrite_loose_copy(source: Path, target: Path, change: str) -> Path:
+    """Copy a sealed ONNX file and alter it as a careless or hostile hand would (onnx.save, no reseal)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    if change == "weights":
+        weights = model.graph.initializer[0]
+        weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * 1.01, weights.name))
+    elif change == "classes":
+        for prop in model.metadata_props:
+            if prop.key == "reviewkd_manifest":
+                document = json.loads(prop.value)
+                document["classes"] = list(reversed(document["classes"]))
+                prop.value = json.dumps(document)
+    elif change == "graph":
+        model.graph.node[-1].name = "renamed"
+    elif change == "unsealed":
+        kept = [p for p in model.metadata_props if p.key != "reviewkd_content_sha256"]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+    onnx.save(model, str(target))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("weights", "does not match the"),
+        ("classes", "does not match the"),
+        ("graph", "does not match the"),
+        ("unsealed", "carries no content hash (reviewkd_content_sha256)"),
+    ],
+)
+def test_a_loose_onnx_file_is_checked_by_its_content_hash(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str], change: str, message: str
+) -> None:
+    run, _ = make_run(tmp_path)
+    loose = shutil.copyfile(run / "export" / "student.onnx", tmp_path / "shipped.onnx")
+    assert predict_cli(capsys, loose, images[0])[0] == 0
+    altered = _rewrite_loose_copy(loose, tmp_path / "altered.onnx", change)
+    code, out, err = predict_cli(capsys, altered, images[0])
+    assert code == 2 and out == ""
+    assert err.startswith(f"reviewkd predict: error: {altered}: ") and message in err
+    assert err.count("\n") == 1

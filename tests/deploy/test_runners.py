@@ -17,7 +17,15 @@ from torch import nn
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.manifest import record_artifact
-from deploy.runners import OnnxRuntimeRunner, Runner, open_runner, precision_from_filename, select_artifact
+from deploy.runners import (
+    OnnxRuntimeRunner,
+    Runner,
+    open_runner,
+    precision_from_filename,
+    providers_for_device,
+    select_artifact,
+)
+from deploy.runners.onnxruntime_runner import check_session_providers
 from deploy.runners.torch_runner import TorchRunner
 from deploy.trt_sidecar import (
     tensorrt_available,
@@ -179,6 +187,104 @@ def test_cuda_without_a_gpu_provider_is_a_missing_dependency(onnx_file: Path) ->
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(MissingDependencyError, match="onnxruntime-gpu"):
         open_runner(onnx_file, device="cuda")
+
+
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
+def test_providers_for_a_device_never_put_tensorrt_first() -> None:
+    assert providers_for_device("cpu", [TRT, CUDA, CPU]) == [CPU]
+    # onnxruntime-gpu lists TensorRT's provider with or without TensorRT: a device never picks it.
+    assert providers_for_device("cuda", [TRT, CUDA, CPU]) == [CUDA, CPU]
+    with pytest.raises(MissingDependencyError, match="no CUDA execution provider") as info:
+        providers_for_device("cuda", [TRT, CPU])
+    assert info.value.exit_code == 3
+    with pytest.raises(UsageError, match="device"):
+        providers_for_device("gpu", [CPU])
+
+
+@pytest.mark.parametrize(
+    ("requested", "loaded", "options", "error"),
+    [
+        ([CPU], [CPU], {CPU: {}}, None),
+        ([CUDA, CPU], [CUDA, CPU], {CUDA: {"use_tf32": "0"}, CPU: {}}, None),
+        # The CUDA provider did not load (no driver, cuDNN or GPU): onnxruntime ran on the CPU.
+        ([CUDA, CPU], [CPU], {CPU: {}}, r"could not load CUDAExecutionProvider \(the session has CPU"),
+        # TensorRT's provider failed while the session was made: onnxruntime re-created it without options.
+        (
+            [TRT, CUDA, CPU],
+            [CUDA, CPU],
+            {CUDA: {"use_tf32": "1"}},
+            "could not load TensorrtExecutionProvider",
+        ),
+        ([CUDA, CPU], [CUDA, CPU], {CUDA: {"use_tf32": "1"}}, "TF32 on"),
+    ],
+    ids=["cpu", "cuda", "cuda-fell-back-to-cpu", "tensorrt-fell-back", "tf32-on"],
+)
+def test_a_gpu_session_must_have_what_was_asked(
+    requested: list[str], loaded: list[str], options: dict[str, dict[str, str]], error: str | None
+) -> None:
+    if error is None:
+        check_session_providers(Path("m.onnx"), requested, loaded, options)
+        return
+    kind = RuntimeError if "TF32" in error else MissingDependencyError
+    with pytest.raises(kind, match=error) as info:
+        check_session_providers(Path("m.onnx"), requested, loaded, options)
+    assert str(info.value).startswith("m.onnx: ")
+    if kind is MissingDependencyError:
+        assert info.value.exit_code == 3 and "--device cpu" in str(info.value)
+
+
+def test_cuda_provider_that_cannot_load_is_an_error_not_a_cpu_runner(
+    onnx_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime as ort
+
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA; the check needs one whose CUDA provider cannot load")
+    # What onnxruntime-gpu does on a machine whose CUDA libraries or driver are missing: it lists the
+    # CUDA provider, and the real session below, asked for it, quietly runs on the CPU.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    with pytest.raises(MissingDependencyError, match="could not load CUDAExecutionProvider") as info:
+        open_runner(onnx_file, device="cuda")
+    assert info.value.exit_code == 3
+    with pytest.raises(MissingDependencyError, match="could not load CUDAExecutionProvider"):
+        OnnxRuntimeRunner(onnx_file)  # no providers named: CUDA is chosen because it is listed
+    with open_runner(onnx_file, device="cpu") as runner:
+        assert runner.providers == [CPU] and runner.device == "cpu"
+
+
+def test_tensorrt_provider_needs_a_loadable_libnvinfer(
+    onnx_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime as ort
+
+    from deploy.runners import onnxruntime_runner
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+    monkeypatch.setattr(onnxruntime_runner, "libnvinfer_loadable", lambda: False)
+    with pytest.raises(MissingDependencyError, match="libnvinfer does not load") as info:
+        OnnxRuntimeRunner(onnx_file, providers=[TRT, CUDA, CPU])
+    assert info.value.exit_code == 3
+
+
+def test_libnvinfer_probe_tries_each_tensorrt_major(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+
+    from deploy.runners.onnxruntime_runner import libnvinfer_loadable
+
+    tried: list[str] = []
+
+    def fake_cdll(name: str) -> object:
+        tried.append(name)
+        if name != "libnvinfer.so.11":
+            raise OSError(f"{name}: cannot open shared object file")
+        return object()
+
+    monkeypatch.setattr(ctypes, "CDLL", fake_cdll)
+    assert libnvinfer_loadable() is True and tried == ["libnvinfer.so.10", "libnvinfer.so.11"]
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    assert libnvinfer_loadable() is False
 
 
 # --- PyTorch -------------------------------------------------------------------------------------

@@ -190,3 +190,97 @@ def test_bad_options(tmp_path: Path, options: dict[str, Any], message: str) -> N
 )
 def test_preferred_batch_sizes(maximum: int, sizes: list[int]) -> None:
     assert preferred_batch_sizes(maximum) == sizes
+
+
+# --- hostile runs: nothing from a run's files may add to config.pbtxt or labels.txt (issue 11 item 2) ---
+
+INJECTION = '\nparameters { key: "injected" value { string_value: "yes" } }\n'
+
+
+def _write_hostile_sidecar(run: Path, manifest: dict[str, Any], **changes: Any) -> None:
+    """Rewrite the fp16 plan's sidecar with `changes` and record it in the manifest."""
+    import dataclasses
+
+    from deploy.trt_sidecar import read_sidecar, write_sidecar
+
+    path = sidecar_path(run / "export" / "student.fp16.plan")
+    write_sidecar(path, dataclasses.replace(read_sidecar(path), **changes))
+    record_artifact(run, manifest, path.relative_to(run).as_posix(), "sidecar")
+    write_manifest(run, manifest)
+
+
+def test_a_gpu_name_cannot_add_fields_to_the_config(tmp_path: Path) -> None:
+    from deploy.trt_sidecar import GpuInfo
+
+    run, manifest = make_run_with_plan(tmp_path)
+    _write_hostile_sidecar(run, manifest, gpu=GpuInfo("NVIDIA H100" + INJECTION + "#", (9, 0)))
+    repo = tmp_path / "repo"
+    write_triton_repository(run, repo)
+    text = (repo / "tiny_net_tensorrt_fp16" / "config.pbtxt").read_text(encoding="utf-8")
+    config = read_config(repo / "tiny_net_tensorrt_fp16")
+    assert not config.parameters
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    assert len(comments) == 2 and "NVIDIA H100\\nparameters {" in comments[1]
+
+
+def test_tensor_names_are_escaped_not_spliced(tmp_path: Path) -> None:
+    run, manifest = make_run_with_plan(tmp_path)
+    hostile = 'images"\n}\n]\nparameters { key: "x" value { string_value: "y" } }\ninput [ { name: "z'
+    _write_hostile_sidecar(run, manifest, input_names=(hostile,))
+    repo = tmp_path / "repo"
+    write_triton_repository(run, repo)
+    config = read_config(repo / "tiny_net_tensorrt_fp16")
+    assert not config.parameters
+    assert [i.name for i in config.input] == [hostile]
+
+
+def test_an_artifact_key_cannot_add_fields_to_the_config(tmp_path: Path) -> None:
+    run, manifest = make_run(tmp_path)
+    key = "export/student" + INJECTION.replace("/", "_") + ".fp16.plan"
+    write_plan(run / key, "fp16", max_batch=16)
+    record_artifact(run, manifest, key, "tensorrt", precision="fp16")
+    write_manifest(run, manifest)
+    repo = tmp_path / "repo"
+    try:
+        write_triton_repository(run, repo)
+    except UsageError:
+        assert not any(repo.rglob("config.pbtxt"))  # refused outright: nothing half-written
+        return
+    config = read_config(repo / "tiny_net_tensorrt_fp16")
+    assert not config.parameters
+
+
+@pytest.mark.parametrize("name", ["dog\ncat", "dog\r", "tab\there", "", "nul\x00"])
+def test_class_names_that_would_break_labels_txt_are_refused(tmp_path: Path, name: str) -> None:
+    run, manifest = make_run(tmp_path)
+    manifest["classes"] = ["cat", name, "ship", "frog"]
+    write_manifest(run, manifest)
+    repo = tmp_path / "repo"
+    with pytest.raises(UsageError, match=r"classes\[1\]: .*without line breaks or control characters"):
+        write_triton_repository(run, repo)
+    assert not any(repo.rglob("*"))
+
+
+def test_a_precision_cannot_name_a_folder_outside_the_repository(tmp_path: Path) -> None:
+    run, manifest = make_run_with_plan(tmp_path)
+    manifest["artifacts"]["export/student.fp16.plan"]["precision"] = "../../escaped"
+    write_manifest(run, manifest)
+    repo = tmp_path / "repo"
+    with pytest.raises(UsageError, match=r"Triton model name 'tiny_net_tensorrt_\.\./\.\./escaped'"):
+        write_triton_repository(run, repo)
+    assert not any(tmp_path.rglob("escaped*"))
+
+
+@pytest.mark.parametrize("stale", ["export/student.onnx", "export/student.fp16.plan"])
+def test_files_from_an_older_student_are_not_served(tmp_path: Path, stale: str) -> None:
+    from deploy.predict import STUDENT_SHA256_KEY
+
+    run, manifest = make_run_with_plan(tmp_path)
+    manifest["student"]["sha256"] = "c" * 64
+    for rel in ("export/student.onnx", "export/student.fp16.plan"):
+        manifest["artifacts"][rel][STUDENT_SHA256_KEY] = "d" * 64 if rel == stale else "c" * 64
+    write_manifest(run, manifest)
+    repo = tmp_path / "repo"
+    with pytest.raises(UsageError, match=rf"{stale}: it was exported from student dddddddddddd…"):
+        write_triton_repository(run, repo)
+    assert not any(repo.rglob("*"))

@@ -12,6 +12,7 @@ from PIL import Image
 from deploy.errors import UsageError
 from reviewkd.config import load_config, save_config
 from reviewkd.data import augment_batch, build_data, iter_run_batches
+from tests.helpers import write_deep_image, write_png_bomb
 
 
 def _digits(*overrides: str):  # type: ignore[no-untyped-def]
@@ -158,6 +159,36 @@ def test_imagefolder_errors_name_the_path(tmp_path: Path, setup: str, message: s
     config = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.cache=true"])
     with pytest.raises(UsageError, match=message):
         build_data(config)
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_imagefolder_rescales_16_bit_and_float_images(tmp_path: Path, cache: str) -> None:
+    root = tmp_path / "data"
+    _write_tree(root, "train", {"cat": 2, "dog": 2})
+    _write_tree(root, "val", {"cat": 1, "dog": 1})
+    eight_bit = np.asarray(Image.open(root / "val" / "cat" / "0.png").convert("L"))
+    overrides = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8", f"data.cache={cache}"]
+    (root / "val" / "cat" / "0.png").unlink()
+    Image.fromarray(eight_bit).save(root / "val" / "cat" / "0.png")
+    reference = torch.cat([x for x, _ in build_data(load_config(None, overrides)).eval_batches("val", 2)])
+    write_deep_image(root / "val" / "cat" / "0.png", eight_bit, "I;16")
+    deep = torch.cat([x for x, _ in build_data(load_config(None, overrides)).eval_batches("val", 2)])
+    assert torch.equal(deep, reference)
+    (root / "val" / "cat" / "0.png").unlink()
+    write_deep_image(root / "val" / "cat" / "0.tiff", eight_bit, "F")
+    floats = torch.cat([x for x, _ in build_data(load_config(None, overrides)).eval_batches("val", 2)])
+    assert torch.equal(floats, reference)
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_imagefolder_refuses_a_decompression_bomb(tmp_path: Path, cache: str) -> None:
+    root = tmp_path / "data"
+    _write_tree(root, "train", {"cat": 2, "dog": 2})
+    _write_tree(root, "val", {"cat": 1, "dog": 1})
+    write_png_bomb(root / "val" / "dog" / "0.png")
+    overrides = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8", f"data.cache={cache}"]
+    with pytest.raises(UsageError, match=r"dog/0\.png: refused, too many pixels to decode safely"):
+        list(build_data(load_config(None, overrides)).eval_batches("val", 2))
 
 
 def test_cifar_pickles_missing_is_a_clear_error(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from reviewkd.cli import build_parser, main
-from reviewkd.commands.run import PIPELINE_FILE, STAGES
+from reviewkd.pipeline import PIPELINE_FILE, STAGES
 from tests.helpers import REPO_ROOT
 
 TINY = [

@@ -1,0 +1,281 @@
+"""Validate, bench and report a run directory: the formats of a run and the stages over them.
+
+`run_targets` lists a run's formats (the PyTorch student, then each model file of the manifest);
+`validate_run`, `bench_run` and `report_run` measure them and save RUN/report/*.json. The
+`reviewkd validate|bench|report` commands and the `reviewkd run` pipeline call these.
+
+Without torch (the edge install), or in a run without student weights (a folder of exported files),
+the student cannot run: parity is measured against the fp32 ONNX file instead, which validate.json
+records ("reference", "reference_note") and the command prints.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.environment import collect_environment
+from benchmarks.latency import DEFAULT_BATCH_SIZES, DEFAULT_WARMUP, benchmark_runners
+from benchmarks.report import save_result, write_report
+from benchmarks.targets import Target, artifact_formats
+from benchmarks.validate import REFERENCE_KEY, validate_runners
+from deploy import run_layout
+from deploy.errors import MissingDependencyError, UsageError, torch_installed
+from deploy.gates import GateTable
+from deploy.gpu import current_gpu
+from deploy.manifest import Manifest, read_manifest
+from deploy.run_lock import locks_run
+from deploy.runners import onnxruntime_device, open_runner
+from deploy.runners.base import Runner
+
+PathLike = str | os.PathLike[str]
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_VALIDATE_BATCH = 64
+# The reference where the student cannot run: the fp32 ONNX file, checked against it at export.
+ONNX_REFERENCE_KEY = "onnxruntime/fp32"
+
+
+def resolve_device(device: str) -> str:
+    """Return "cpu" or "cuda" for a --device value; "cuda" without a GPU is MissingDependencyError.
+
+    Where torch is installed its view decides (the student runs on it); elsewhere the GPU probe.
+    """
+    if device not in DEVICES:
+        raise UsageError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
+    if torch_installed():
+        import torch
+
+        has_gpu = bool(torch.cuda.is_available())
+        where = f"torch {torch.__version__} sees no CUDA GPU"
+    else:
+        has_gpu = current_gpu() is not None
+        where = "no NVIDIA GPU was found"
+    if device == "cuda" and not has_gpu:
+        raise MissingDependencyError(
+            f"--device cuda: {where}; run on a machine with an NVIDIA GPU, or use --device cpu"
+        )
+    if device == "auto":
+        return "cuda" if has_gpu else "cpu"
+    return device
+
+
+def _open_student(run: Path, manifest: Manifest, precision: str, device: str) -> Runner:
+    # Imported when a target opens: reviewkd.student raises MissingDependencyError without torch.
+    from reviewkd.student import open_student_runner
+
+    return open_student_runner(run, manifest, precision, device)
+
+
+def _open_file(run: Path, manifest: Manifest, relpath: str, device: str, threads: int | None) -> Runner:
+    return open_runner(relpath, manifest=manifest, run_dir=run, device=device, threads=threads)
+
+
+def _selected(key: str, backends: Sequence[str] | None) -> bool:
+    return backends is None or any(key == b or key.split("/", 1)[0] == b for b in backends)
+
+
+def has_student(run: Path, manifest: Manifest) -> bool:
+    """Whether the run holds its student's weights (listed in the manifest, or at least on disk)."""
+    return run_layout.STUDENT_WEIGHTS in manifest.get("artifacts", {}) or (
+        run_layout.run_path(run, run_layout.STUDENT_WEIGHTS).is_file()
+    )
+
+
+def choose_reference(run: Path, manifest: Manifest) -> tuple[str, str | None]:
+    """The format every other is compared with, and a note when it is not the PyTorch student.
+
+    The student (torch/fp32) where torch is installed and the run has its weights; else the fp32
+    ONNX file, which export checked against the student.
+    """
+    if not torch_installed():
+        why = "torch is not installed here"
+    elif not has_student(run, manifest):
+        why = f"the run has no {run_layout.STUDENT_WEIGHTS}"
+    else:
+        return REFERENCE_KEY, None
+    return ONNX_REFERENCE_KEY, (
+        f"{why}: parity is measured against the fp32 ONNX file on the CPU ({ONNX_REFERENCE_KEY}),"
+        " which export checked against the PyTorch student"
+    )
+
+
+def run_targets(
+    run_dir: PathLike,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    backends: Sequence[str] | None = None,
+    with_reference: bool = False,
+) -> list[Target]:
+    """Return the formats of a run: torch/fp32 and torch/fp16 (the student, where the run has its
+    weights), then each model file.
+
+    backends: keep only these keys ("onnxruntime/int8") or backends ("onnxruntime"); None keeps
+        all. `with_reference` keeps the reference (`choose_reference`) whatever the filter.
+    Files whose input is not float NCHW (export's uint8-input variant) are left out (see
+    `benchmarks.targets.artifact_formats`). Nothing is opened here; each target's opener verifies
+    its file's sha256 against the manifest when called.
+    """
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    resolved = resolve_device(device)
+    ort_device = onnxruntime_device("auto" if device == "auto" else resolved)
+    reference = choose_reference(run, manifest)[0] if with_reference else None
+    weights = manifest.get("artifacts", {}).get(run_layout.STUDENT_WEIGHTS)
+    weights_file = run_layout.run_path(run, run_layout.STUDENT_WEIGHTS)
+    weights_size = weights["size_bytes"] if weights else None
+    if weights_size is None and weights_file.is_file():
+        weights_size = weights_file.stat().st_size
+    targets: list[Target] = []
+    student_formats = ["torch/fp32", "torch/fp16"] if has_student(run, manifest) else []
+    for key in student_formats:
+        precision = key.split("/", 1)[1]
+        if _selected(key, backends) or key == reference:
+            targets.append(
+                Target(
+                    key,
+                    precision,
+                    functools.partial(_open_student, run, manifest, precision, resolved),
+                    file=run_layout.STUDENT_WEIGHTS,
+                    size_bytes=weights_size,
+                    sha256=weights["sha256"] if weights else None,
+                )
+            )
+    for key, (relpath, entry) in artifact_formats(manifest).items():
+        if not _selected(key, backends) and key != reference:
+            continue
+        backend_device = ort_device if key.startswith("onnxruntime/") else resolved
+        if key == reference == ONNX_REFERENCE_KEY:
+            # The stand-in reference runs where it is exact and always available: ONNX Runtime's CPU
+            # provider (a Jetson has no onnxruntime-gpu wheel on PyPI).
+            backend_device = "cpu"
+        targets.append(
+            Target(
+                key,
+                str(entry.get("precision") or "fp32"),
+                functools.partial(_open_file, run, manifest, relpath, backend_device, threads),
+                file=relpath,
+                size_bytes=entry.get("size_bytes"),
+                sha256=entry.get("sha256"),
+            )
+        )
+    if backends is not None:
+        known = [*student_formats, *artifact_formats(manifest)]
+        unknown = [b for b in backends if not any(_selected(k, [b]) for k in known)]
+        if unknown:
+            raise UsageError(f"--backends {','.join(unknown)}: not in this run; it has {', '.join(known)}")
+    return targets
+
+
+def parse_backends(text: str | None) -> list[str] | None:
+    """Parse --backends "onnxruntime,torch/fp32" into a list; None or "all" keeps every format."""
+    if text is None or text.strip() in ("", "all"):
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _apply_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    if torch_installed():
+        import torch
+
+        # The torch student runs in this process: its intra-op pool gets the same budget as ONNX Runtime.
+        torch.set_num_threads(threads)
+
+
+def validation_batches(
+    run_dir: PathLike, batch_size: int, limit: int | None, data: PathLike | None = None
+) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """The validation images of a run: `data` (an image folder per class) when given, else the run's
+    own validation split (read with torch where installed, else from its ImageFolder tree)."""
+    from benchmarks.images import folder_batches, run_validation_folder
+
+    run = Path(run_dir)
+    if data is not None:
+        return folder_batches(Path(data), read_manifest(run), batch_size, limit)
+    if torch_installed():
+        from reviewkd.data import iter_run_batches
+
+        return iter_run_batches(run, "val", batch_size, limit)
+    return folder_batches(run_validation_folder(run), read_manifest(run), batch_size, limit)
+
+
+@locks_run("validate")
+def validate_run(
+    run_dir: PathLike,
+    *,
+    backends: Sequence[str] | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    batch_size: int = DEFAULT_VALIDATE_BATCH,
+    limit: int | None = None,
+    gates: GateTable | None = None,
+    data: PathLike | None = None,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict[str, Any]:
+    """Validate every format of a run and save RUN/report/validate.json; return its content.
+
+    data: a folder of validation images, one sub-folder per class; batches: the images themselves;
+    both None read the run's validation split (`validation_batches`). Does not raise on a failed
+    gate: the caller decides (`benchmarks.validate.raise_for_gates(result)`).
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {limit}")
+    _apply_threads(threads)
+    targets = run_targets(run_dir, device=device, threads=threads, backends=backends, with_reference=True)
+    if batches is None:
+        batches = validation_batches(run_dir, batch_size, limit, data)
+    reference, note = choose_reference(Path(run_dir), read_manifest(run_dir))
+    result = validate_runners(targets, batches, reference=reference, gates=gates)
+    if note is not None:
+        result["reference_note"] = note
+    result["settings"] = {"device": device, "threads": threads, "batch_size": batch_size, "limit": limit}
+    result["environment"] = collect_environment(threads)
+    save_result(run_dir, run_layout.VALIDATE_FILE, result)
+    return result
+
+
+@locks_run("bench")
+def bench_run(
+    run_dir: PathLike,
+    *,
+    backends: Sequence[str] | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    warmup: int = DEFAULT_WARMUP,
+    iters: int | None = None,
+    seconds: float | None = None,
+    cuda_graphs: bool = True,
+) -> dict[str, Any]:
+    """Time every format of a run and save RUN/report/bench.json; return its content."""
+    _apply_threads(threads)
+    targets = run_targets(run_dir, device=device, threads=threads, backends=backends)
+    result = benchmark_runners(
+        targets,
+        batch_sizes=batch_sizes,
+        warmup=warmup,
+        iters=iters,
+        seconds=seconds,
+        threads=threads,
+        cuda_graphs=cuda_graphs,
+    )
+    result["settings"]["device"] = device
+    save_result(run_dir, run_layout.BENCH_FILE, result)
+    return result
+
+
+@locks_run("report")
+def report_run(run_dir: PathLike) -> dict[str, Any]:
+    """Write RUN/report/report.json, report.md, report.html and the plots; return the report."""
+    return write_report(run_dir)

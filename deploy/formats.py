@@ -1,0 +1,106 @@
+"""The format registry: which backend runs which file kind, the precisions, and export's formats.
+
+One table for every layer: export writes the files named here, the runners open them by suffix,
+validate/bench/report key their results "<backend>/<label>" from them, and predict picks a run's
+file by backend and precision.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy import run_layout
+
+# Manifest artifact kind of a model file -> the backend that runs it, in report order.
+BACKEND_OF_KIND: dict[str, str] = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
+KIND_OF_BACKEND: dict[str, str] = {backend: kind for kind, backend in BACKEND_OF_KIND.items()}
+# Backends that run a module in-process rather than a file (the student's weights).
+MODULE_BACKENDS: tuple[str, ...] = ("torch",)
+ALL_BACKENDS: tuple[str, ...] = (*MODULE_BACKENDS, *BACKEND_OF_KIND.values())
+# File suffix -> manifest kind.
+KIND_OF_SUFFIX: dict[str, str] = {".onnx": "onnx", ".plan": "tensorrt", ".engine": "tensorrt"}
+
+# Precisions from the widest to the narrowest: the order reports list formats in.
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One format `reviewkd export --formats` names: the file it writes and what that file holds."""
+
+    name: str
+    kind: str  # manifest kind: "onnx" or "tensorrt"
+    precision: str
+    file: str  # run-relative path ("tensorrt" writes one engine per precision instead)
+    flavour: str
+
+
+# ONNX formats, in the order export writes them (each one after fp32 is made from the fp32 file).
+ONNX_FORMATS: dict[str, ExportFormat] = {
+    "onnx": ExportFormat("onnx", "onnx", "fp32", run_layout.onnx_file("fp32"), "fp32"),
+    "fp16": ExportFormat("fp16", "onnx", "fp16", run_layout.onnx_file("fp16"), "fp16"),
+    # uint8-activation Q/DQ: the fastest int8 on ONNX Runtime CPUs.
+    "int8": ExportFormat("int8", "onnx", "int8", run_layout.onnx_file("int8"), "cpu"),
+    # symmetric Q/DQ (zero points 0, per-channel weights): what TensorRT builds int8 engines from.
+    "int8-trt": ExportFormat("int8-trt", "onnx", "int8", run_layout.onnx_file("int8.trt"), "trt"),
+}
+# fp32 with preprocessing baked in (uint8 NHWC input), written with --bake-preprocessing.
+UINT8_INPUT = ExportFormat("uint8", "onnx", "fp32", run_layout.onnx_file("uint8"), "uint8-input")
+TENSORRT_FORMAT = "tensorrt"
+ALL_EXPORT_FORMATS: tuple[str, ...] = (*ONNX_FORMATS, TENSORRT_FORMAT)
+# TensorRT engine precision -> the ONNX format it is built from.
+TENSORRT_SOURCES: dict[str, str] = {"fp32": "onnx", "fp16": "fp16", "int8": "int8-trt"}
+
+
+def standard_file(kind: str, precision: str) -> str:
+    """The file export writes for a kind at a precision (export/student.onnx for fp32 ONNX)."""
+    return run_layout.onnx_file(precision) if kind == "onnx" else run_layout.engine_file(precision)
+
+
+def kind_of_file(path: str | os.PathLike[str]) -> str | None:
+    """The manifest kind a file's suffix announces ("onnx", "tensorrt"), or None."""
+    return KIND_OF_SUFFIX.get(Path(path).suffix.lower())
+
+
+def precision_family(precision: str) -> str:
+    """Return the base precision of a label: "int8" for "int8", "int8-trt" or "int8_qdq"."""
+    head = re.split(r"[^a-z0-9]", precision.lower(), maxsplit=1)[0]
+    return head or precision
+
+
+def precision_from_filename(path: str | os.PathLike[str]) -> str:
+    """Return the precision a file name announces ("student.int8.onnx" -> "int8"); "fp32" if none.
+
+    Tags may carry a flavour after the precision ("student.int8-qdq.onnx" is "int8"); the
+    manifest's own "precision" field, where there is one, takes priority over this guess.
+    """
+    for tag in Path(path).name.lower().split(".")[1:-1]:
+        for precision in PRECISIONS:
+            if tag.startswith(precision):
+                return precision
+    return "fp32"
+
+
+def format_label(relpath: str, precision: str) -> str:
+    """Return the precision part of a file's report key.
+
+    It is the precision, unless the file name carries a more specific tag that starts with it
+    ("student.int8.trt.onnx" -> "int8-trt"), so two files of one precision get distinct keys.
+    """
+    tags = Path(relpath).name.split(".")[1:-1]
+    if tags and tags[0].lower().startswith(precision.lower()):
+        return "-".join(tags)
+    return precision
+
+
+def display_order(kind: str, precision: str) -> tuple[int, int]:
+    """Sort key of a model file in reports: by backend, then from the widest precision to the narrowest."""
+    kinds = tuple(BACKEND_OF_KIND)
+    family = precision_family(precision)
+    return (
+        kinds.index(kind) if kind in kinds else len(kinds),
+        PRECISIONS.index(family) if family in PRECISIONS else len(PRECISIONS),
+    )

@@ -1,0 +1,176 @@
+"""The validation gates: one table, one parser and one gate function, in percent everywhere.
+
+Both `reviewkd export` (each file against the PyTorch student it came from) and `reviewkd
+validate` (every format against the reference) hold their measurements to these gates. Gates are
+per precision; a label such as "int8-trt" falls back to the gates of its family ("int8"). Gate
+names say their direction:
+
+    max_abs_diff      parity max |logit diff| <= threshold              (>= 0)
+    max_mean_abs_diff parity mean |logit diff| <= threshold             (>= 0)
+    min_agreement     parity top-1 agreement (%) >= threshold           (0..100)
+    max_top1_drop     reference top-1 minus this top-1 (points) <= threshold  (0..100)
+    min_top1          top-1 (%) >= threshold                            (0..100)
+
+A measurement is a mapping {"parity": {...}, "accuracy": {...}} with the fields above; accuracies
+and agreement are percentages.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from deploy.errors import UsageError
+from deploy.formats import PRECISIONS, precision_family
+
+GateTable = dict[str, dict[str, float]]  # precision -> gate name -> threshold
+
+
+@dataclass(frozen=True)
+class GateMetric:
+    """What a gate reads ("section.field" of a measurement), its direction and its sensible range."""
+
+    metric: str
+    op: str  # "<=": the value may not exceed the threshold; ">=": it may not fall below it
+    lowest: float
+    highest: float
+
+
+GATE_METRICS: dict[str, GateMetric] = {
+    "max_abs_diff": GateMetric("parity.max_abs_diff", "<=", 0.0, math.inf),
+    "max_mean_abs_diff": GateMetric("parity.mean_abs_diff", "<=", 0.0, math.inf),
+    "min_agreement": GateMetric("parity.top1_agreement", ">=", 0.0, 100.0),
+    "max_top1_drop": GateMetric("accuracy.top1_drop", "<=", 0.0, 100.0),
+    "min_top1": GateMetric("accuracy.top1", ">=", 0.0, 100.0),
+}
+
+DEFAULT_GATES: GateTable = {
+    "fp32": {"max_abs_diff": 1e-4, "min_agreement": 100.0},
+    "fp16": {"min_agreement": 99.0},
+    "int8": {"max_top1_drop": 1.0},
+}
+
+_LABEL = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+def default_gates() -> GateTable:
+    """Return a fresh copy of the default gates (safe to modify)."""
+    return copy.deepcopy(DEFAULT_GATES)
+
+
+def check_precision(precision: str, source: str) -> str:
+    """Return `precision` if gates can apply to it, else UsageError naming `source` (the option).
+
+    Known: a precision of the format registry ("int8") or a lower-case flavour of one ("int8-trt").
+    A typo such as "in8" or "INT8" would otherwise be a gate that silently never applies.
+    """
+    if not _LABEL.fullmatch(precision) or precision_family(precision) not in PRECISIONS:
+        raise UsageError(
+            f"{source}: unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}"
+            " or a flavour of one such as int8-trt"
+        )
+    return precision
+
+
+def check_threshold(name: str, value: float, source: str) -> float:
+    """Return `value` if it is a possible threshold of gate `name`, else UsageError naming `source`."""
+    if name not in GATE_METRICS:
+        raise UsageError(f"{source}: unknown gate {name!r}; expected one of {', '.join(GATE_METRICS)}")
+    metric = GATE_METRICS[name]
+    if not math.isfinite(value):
+        raise UsageError(f"{source}: the threshold must be a finite number, got {value}")
+    if not metric.lowest <= value <= metric.highest:
+        upper = "" if math.isinf(metric.highest) else f" and <= {metric.highest:g}"
+        raise UsageError(
+            f"{source}: {name} = {value:g} can never be met; expected >= {metric.lowest:g}{upper}"
+        )
+    return value
+
+
+def parse_gate(spec: str) -> tuple[str, str, float | None]:
+    """Parse "PRECISION:NAME=VALUE" (VALUE "off" removes the gate) into (precision, name, value).
+
+    UsageError for a malformed spec, an unknown precision or gate, or an impossible threshold.
+    """
+    source = f"--gate {spec!r}"
+    precision, sep, rest = spec.partition(":")
+    name, eq, raw = rest.partition("=")
+    precision, name, raw = precision.strip(), name.strip(), raw.strip()
+    if not sep or not eq or not precision or not name or not raw:
+        raise UsageError(f"{source}: expected PRECISION:NAME=VALUE, e.g. fp16:min_agreement=99.5")
+    check_precision(precision, source)
+    if name not in GATE_METRICS:
+        raise UsageError(f"{source}: unknown gate {name!r}; expected one of {', '.join(GATE_METRICS)}")
+    if raw.lower() == "off":
+        return precision, name, None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{source}: {raw!r} is not a number (or 'off')") from None
+    return precision, name, check_threshold(name, value, source)
+
+
+def set_gate(gates: GateTable, precision: str, name: str, value: float | None, source: str) -> GateTable:
+    """Set (or, with value None, remove) one gate in `gates` after checking it; return `gates`."""
+    check_precision(precision, source)
+    if value is None:
+        if name not in GATE_METRICS:
+            raise UsageError(f"{source}: unknown gate {name!r}; expected one of {', '.join(GATE_METRICS)}")
+        gates.get(precision, {}).pop(name, None)
+    else:
+        gates.setdefault(precision, {})[name] = check_threshold(name, value, source)
+    return gates
+
+
+def gates_for(gates: Mapping[str, Mapping[str, float]], precision: str) -> dict[str, float]:
+    """Return the gates of a precision: its own entry, else its family's ("int8" for "int8-trt")."""
+    if precision in gates:
+        return dict(gates[precision])
+    return dict(gates.get(precision_family(precision), {}))
+
+
+def _measured(measurement: Mapping[str, Any], metric: str) -> float | None:
+    section, key = metric.split(".")
+    block = measurement.get(section)
+    if not isinstance(block, Mapping):
+        return None
+    value = block.get(key)
+    return None if value is None else float(value)
+
+
+def evaluate_gates(measurement: Mapping[str, Any], gates: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Check a measurement against gates; one record per gate. A value not measured (or NaN) fails."""
+    checks = []
+    for name, threshold in gates.items():
+        metric = GATE_METRICS[name]
+        value = _measured(measurement, metric.metric)
+        if value is None or math.isnan(value):
+            passed = False
+        else:
+            passed = value <= threshold if metric.op == "<=" else value >= threshold
+        checks.append(
+            {
+                "gate": name,
+                "metric": metric.metric,
+                "op": metric.op,
+                "threshold": threshold,
+                "value": value,
+                "passed": passed,
+            }
+        )
+    return checks
+
+
+def describe_check(check: Mapping[str, Any]) -> str:
+    """One line for a gate record, e.g. "gate min_agreement failed: parity.top1_agreement = 98.5,
+    required >= 99"."""
+    value = "not measured" if check["value"] is None else f"{check['value']:.6g}"
+    verdict = "passed" if check["passed"] else "failed"
+    return (
+        f"gate {check['gate']} {verdict}: {check['metric']} = {value},"
+        f" required {check['op']} {check['threshold']:g}"
+    )

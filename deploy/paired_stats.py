@@ -1,0 +1,185 @@
+"""Paired accuracy comparison of two formats of one model on the same images, with an interval.
+
+Two files run on the same N labelled images; each image is a pair (reference right?, candidate
+right?). Only the discordant pairs carry information about the difference: `losses` (reference
+right, candidate wrong) and `gains` (the other way round). The top-1 drop is (losses - gains) / N.
+
+Interval: the Agresti-Min adjusted Wald interval for a difference of paired proportions (Agresti
+and Min, Biometrics 2005): add 0.5 to each of the four cells of the 2x2 table, then
+
+    drop = (b - c) / (N + 2),   var = ((b + c + 1) - (b - c)**2 / (N + 2)) / (N + 2)**2
+
+with b = losses, c = gains. Unlike the plain McNemar/Wald interval it does not collapse to a
+width of zero when no pair is discordant, so 50 images that agree are not proof of a 0.0-point loss.
+
+A gate with a budget of B points asks whether the drop is within B:
+- "failed": the whole interval lies above B (the loss is significantly worse than the budget);
+- "ok": the whole interval lies at or below B;
+- "inconclusive": the interval straddles B; the verdict says how many images would resolve it
+  at the observed rates. Whether inconclusive passes is the caller's choice.
+
+Pure numpy and the standard library: validate runs on edge devices without torch or scipy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from deploy.errors import UsageError
+
+DEFAULT_CONFIDENCE = 0.95
+STATUSES = ("ok", "failed", "inconclusive")
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Accuracy of a candidate against a reference on the same images; rates are fractions."""
+
+    n: int
+    reference_correct: int
+    candidate_correct: int
+    losses: int  # reference right, candidate wrong
+    gains: int  # reference wrong, candidate right
+    confidence: float = DEFAULT_CONFIDENCE
+
+    @property
+    def reference_top1(self) -> float:
+        """Top-1 of the reference."""
+        return self.reference_correct / self.n
+
+    @property
+    def candidate_top1(self) -> float:
+        """Top-1 of the candidate."""
+        return self.candidate_correct / self.n
+
+    @property
+    def drop(self) -> float:
+        """Observed top-1 drop of the candidate (reference minus candidate); negative is a gain."""
+        return (self.losses - self.gains) / self.n
+
+    @property
+    def z(self) -> float:
+        """The two-sided normal quantile of `confidence`."""
+        return NormalDist().inv_cdf(0.5 + self.confidence / 2)
+
+    def _adjusted(self) -> tuple[float, float]:
+        """(centre, standard error) of the drop after Agresti-Min's half-count per cell."""
+        size = self.n + 2
+        centre = (self.losses - self.gains) / size
+        discordant = (self.losses + self.gains + 1) / size
+        return centre, math.sqrt(max(discordant - centre**2, 0.0) / size)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The `confidence` interval of the drop, clipped to [-1, 1]."""
+        centre, error = self._adjusted()
+        half = self.z * error
+        return max(centre - half, -1.0), min(centre + half, 1.0)
+
+    def images_to_resolve(self, budget: float) -> int | None:
+        """Images whose interval would exclude `budget` (a fraction) at the observed rates.
+
+        None when the observed drop equals the budget: no sample size separates them.
+        """
+        size = self.n + 2
+        centre = (self.losses - self.gains) / size
+        gap = abs(budget - centre)
+        if gap < 1e-12:
+            return None
+        variance = max((self.losses + self.gains + 1) / size - centre**2, 0.0)
+        return max(math.ceil(self.z**2 * variance / gap**2) - 2, self.n + 1)
+
+    def as_dict(self) -> dict[str, float | int]:
+        """A JSON-ready form (rates as fractions, the interval as drop_low/drop_high)."""
+        low, high = self.interval
+        return {
+            "n": self.n,
+            "reference_top1": self.reference_top1,
+            "candidate_top1": self.candidate_top1,
+            "losses": self.losses,
+            "gains": self.gains,
+            "drop": self.drop,
+            "drop_low": low,
+            "drop_high": high,
+            "confidence": self.confidence,
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A gate's answer: status in STATUSES, a one-line reason, and the images that would resolve it."""
+
+    status: str
+    reason: str
+    images_needed: int | None = None
+
+
+def compare_correct(
+    reference_correct: np.ndarray, candidate_correct: np.ndarray, confidence: float = DEFAULT_CONFIDENCE
+) -> PairedComparison:
+    """Pair two per-image correctness vectors (booleans, same images, same order)."""
+    ref = np.asarray(reference_correct, dtype=bool).ravel()
+    cand = np.asarray(candidate_correct, dtype=bool).ravel()
+    if ref.shape != cand.shape:
+        raise UsageError(f"paired comparison needs the same images: {ref.size} vs {cand.size} results")
+    if ref.size == 0:
+        raise UsageError("paired comparison needs at least one image")
+    if not 0.0 < confidence < 1.0:
+        raise UsageError(f"confidence {confidence}: expected a number between 0 and 1")
+    return PairedComparison(
+        n=int(ref.size),
+        reference_correct=int(ref.sum()),
+        candidate_correct=int(cand.sum()),
+        losses=int(np.sum(ref & ~cand)),
+        gains=int(np.sum(~ref & cand)),
+        confidence=confidence,
+    )
+
+
+def compare_predictions(
+    labels: np.ndarray,
+    reference_predictions: np.ndarray,
+    candidate_predictions: np.ndarray,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> PairedComparison:
+    """Pair the top-1 class predictions of two formats against the same labels."""
+    labels = np.asarray(labels).ravel()
+    return compare_correct(
+        np.asarray(reference_predictions).ravel() == labels,
+        np.asarray(candidate_predictions).ravel() == labels,
+        confidence,
+    )
+
+
+def describe_drop(comparison: PairedComparison) -> str:
+    """'drop 0.28 points (95% CI -0.10 to 0.66, 1,000 paired images)'."""
+    low, high = comparison.interval
+    return (
+        f"drop {100 * comparison.drop:.2f} points ({comparison.confidence:.0%} CI {100 * low:.2f}"
+        f" to {100 * high:.2f}, {comparison.n:,} paired images)"
+    )
+
+
+def judge_drop(comparison: PairedComparison, budget_points: float) -> Verdict:
+    """Hold the comparison's top-1 drop against a budget of `budget_points` percentage points."""
+    if budget_points < 0:
+        raise UsageError(f"top-1 drop budget {budget_points}: expected >= 0 points")
+    budget = budget_points / 100
+    low, high = comparison.interval
+    observed = describe_drop(comparison)
+    if low > budget:
+        return Verdict("failed", f"{observed}: significantly more than the {budget_points:g}-point budget")
+    if high <= budget:
+        return Verdict("ok", f"{observed}: within the {budget_points:g}-point budget")
+    needed = comparison.images_to_resolve(budget)
+    more = f"about {needed:,} would at these rates" if needed else "no sample size would: the drop equals it"
+    return Verdict(
+        "inconclusive",
+        f"inconclusive: {comparison.n:,} images cannot resolve a {budget_points:g}-point budget"
+        f" ({observed}); {more}",
+        needed,
+    )

@@ -1,0 +1,117 @@
+"""One writer per run directory: an exclusive, non-blocking lock on RUN/.lock.
+
+Two `reviewkd distill --out SAME` processes would otherwise both train, both append every epoch
+to metrics.jsonl and overwrite each other's checkpoints. Each writing command holds the lock while
+it runs; a second one fails at once with "RUN is busy: another reviewkd <cmd> (pid N) is writing
+it" (exit 2). The lock is an flock(2) on RUN/.lock, so the kernel drops it when its holder exits,
+even after kill -9; the file itself stays (deleting it would let two processes lock two different
+files). Within one process the lock is re-entrant: `reviewkd run` holds it and calls export,
+validate, bench and report, which take it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import inspect
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from deploy.errors import OutputError, UsageError
+
+LOCK_NAME = ".lock"
+
+# Run directories this process holds (resolved path -> [file descriptor, depth]).
+_held: dict[Path, list[int]] = {}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class RunBusyError(UsageError):
+    """Another process holds the run directory's lock."""
+
+
+def _holder(lock_file: Path) -> str:
+    """'reviewkd CMD (pid N)' as the holder wrote it, or a plain description if unreadable."""
+    try:
+        pid, _, command = lock_file.read_text(encoding="utf-8").strip().partition(" ")
+    except (OSError, UnicodeDecodeError):
+        return "another reviewkd process"
+    if not pid.isdigit() or not command:
+        return "another reviewkd process"
+    return f"another reviewkd {command} (pid {pid})"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike[str], command: str, *, create: bool = False) -> Iterator[None]:
+    """Hold RUN/.lock exclusively while the block runs; RunBusyError (exit 2) if another process has it.
+
+    create: make the run directory first (training and export write a new one). Without it, a
+        missing directory is not locked: the command itself reports it.
+    In a torchrun launch only rank 0 writes files, so only rank 0 locks.
+    """
+    run = Path(run_dir)
+    if os.environ.get("RANK", "0") != "0" or (not create and not run.is_dir()):
+        yield
+        return
+    created = not run.exists()
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os_error(run, exc) from exc
+    key = run.resolve()
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    lock_file = key / LOCK_NAME
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise OutputError.from_os_error(run, exc) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunBusyError(f"{run} is busy: {_holder(lock_file)} is writing it") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {command}\n".encode())
+        _held[key] = [fd, 1]
+        yield
+    except BaseException:
+        # A command that fails before writing anything leaves no run directory behind that it made.
+        if created and os.listdir(key) == [LOCK_NAME]:
+            lock_file.unlink()
+            key.rmdir()
+        raise
+    finally:
+        _held.pop(key, None)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def locks_run(
+    command: str, *, run_arg: str = "run_dir", create: bool = False
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: the function holds run_lock(<its argument `run_arg`>, command) while it runs."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+            run_dir = signature.bind(*args, **kwargs).arguments[run_arg]
+            with run_lock(run_dir, command, create=create):
+                return function(*args, **kwargs)
+
+        return locked
+
+    return decorate

@@ -1,0 +1,209 @@
+"""int8 calibration measured, not guessed: each method is tried and the best kept, on training images.
+
+The training images the export reads (a fixed-seed shuffle of the training split) are cut in two
+disjoint parts: the first calibrates, the next is held out to judge. With method "auto", every
+method of CALIBRATION_METHODS quantizes the file and the one whose predictions agree most with the
+fp32 file on the held-out part wins (ties: the smaller relative L2 error of the logits, then the
+order of CALIBRATION_METHODS). Agreement with fp32, not accuracy against labels, is the score:
+a student is often near 100% on its own training images, where labels cannot tell methods apart,
+while every disagreement with fp32 is quantization damage. The validation split is never used, so
+the checks that follow judge a choice they did not make.
+
+The manifest records the method, the image counts, the seed of the shuffle and a sha256 of each
+image list (of the float32 pixels in order, shape included), so a calibration can be reproduced
+and two exports compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.errors import UsageError
+from export.check import run_onnx
+from export.precision import CALIBRATION_METHODS, Int8Quantizer
+
+AUTO = "auto"
+METHOD_CHOICES: tuple[str, ...] = (AUTO, *CALIBRATION_METHODS)
+DEFAULT_HELD_OUT = 1000
+
+
+def images_sha256(batches: Sequence[np.ndarray]) -> str:
+    """sha256 of a list of image batches: each image's shape and float32 bytes, in order."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for image in np.asarray(batch, dtype=np.float32):
+            digest.update(repr(image.shape).encode())
+            digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Training images for int8: `calibration` to set the ranges, `held_out` to choose a method."""
+
+    calibration: list[np.ndarray]
+    held_out: list[np.ndarray]
+    held_out_labels: np.ndarray
+    seed: int | None  # the seed of the training-image shuffle, where known
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's record of the images."""
+        return {
+            "split": "train",
+            "images": sum(len(b) for b in self.calibration),
+            "images_sha256": images_sha256(self.calibration),
+            "held_out_images": sum(len(b) for b in self.held_out),
+            "held_out_sha256": images_sha256(self.held_out) if self.held_out else None,
+            "seed": self.seed,
+        }
+
+
+def split_training_images(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    calib_samples: int,
+    held_out_samples: int,
+    *,
+    seed: int | None,
+) -> CalibrationData:
+    """Cut the first calib_samples + held_out_samples (image, label) pairs of `batches` in two.
+
+    With fewer images than asked, the held-out part gets at most half of them and calibration
+    the rest, so both parts are non-empty whenever a held-out part was asked for and two images exist.
+    """
+    if calib_samples < 1 or held_out_samples < 0:
+        raise UsageError(
+            f"calibration needs >= 1 image and >= 0 held out, got {calib_samples}, {held_out_samples}"
+        )
+    wanted = calib_samples + held_out_samples
+    taken: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    count = 0
+    for images_batch, labels_batch in batches:
+        if count >= wanted:
+            break
+        part = np.asarray(images_batch, dtype=np.float32)[: wanted - count]
+        taken.append(part)
+        labels.append(np.asarray(labels_batch, dtype=np.int64)[: len(part)])
+        count += len(part)
+    if count == 0:
+        raise UsageError("int8 calibration found no training images")
+    images, all_labels = np.concatenate(taken), np.concatenate(labels)
+    held = held_out_samples if count >= wanted else min(held_out_samples, count // 2)
+    calibrate = min(calib_samples, count - held)
+    return CalibrationData(
+        calibration=_batched(images[:calibrate], len(taken[0])),
+        held_out=_batched(images[calibrate : calibrate + held], len(taken[0])),
+        held_out_labels=all_labels[calibrate : calibrate + held],
+        seed=seed,
+    )
+
+
+def _batched(images: np.ndarray, size: int) -> list[np.ndarray]:
+    return [images[i : i + size] for i in range(0, len(images), size)]
+
+
+@dataclass(frozen=True)
+class MethodScore:
+    """How a calibration method's int8 file did against fp32 on the held-out training images."""
+
+    method: str
+    agreement: float  # top-1 agreement with the fp32 file
+    logit_rel_l2: float  # ||int8 - fp32|| / ||fp32|| of the logits
+
+    def as_dict(self) -> dict[str, float]:
+        """A JSON-ready form for the manifest."""
+        return {"top1_agreement": self.agreement, "logit_rel_l2": self.logit_rel_l2}
+
+
+def score(
+    path: str | os.PathLike[str], reference: np.ndarray, held_out: Sequence[np.ndarray], method: str
+) -> MethodScore:
+    """Score the int8 file at `path` against the fp32 `reference` logits of `held_out`."""
+    logits = run_onnx(path, held_out).astype(np.float64)
+    ref = reference.astype(np.float64)
+    return MethodScore(
+        method,
+        float(np.mean(logits.argmax(1) == ref.argmax(1))),
+        float(np.linalg.norm(logits - ref)) / max(float(np.linalg.norm(ref)), 1e-12),
+    )
+
+
+def quantize_calibrated(
+    fp32_path: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    data: CalibrationData,
+    *,
+    flavour: str,
+    method: str = AUTO,
+    max_top1_drop: float | None = None,
+) -> dict[str, Any]:
+    """Write the int8 `flavour` of `fp32_path` to `dst`, with `method` or, for "auto", the best one.
+
+    With `max_top1_drop` (points), the most sensitive layers stay in float until the drop on the
+    held-out training images is within it (export.mixed_precision). Returns the manifest's
+    description of the file, with the candidates' scores under calibration.selection when the
+    method was chosen and the search under mixed_precision.
+    """
+    from export.mixed_precision import fit_budget
+
+    if method not in METHOD_CHOICES:
+        raise UsageError(f"--calib-method {method!r}: expected one of {', '.join(METHOD_CHOICES)}")
+    if (method == AUTO or max_top1_drop is not None) and not data.held_out:
+        raise UsageError(
+            "--calib-method auto and --max-top1-drop-int8 need held-out training images; none were left"
+        )
+    record = data.describe()
+    with contextlib.ExitStack() as stack:
+        if method == AUTO:
+            quantizer = _best_quantizer(stack, fp32_path, data, flavour, record)
+        else:
+            quantizer = stack.enter_context(
+                Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=method)
+            )
+        if max_top1_drop is None:
+            return quantizer.write(dst, calibration_record=record)
+        description, _ = fit_budget(
+            quantizer,
+            fp32_path,
+            dst,
+            data.held_out,
+            data.held_out_labels,
+            budget=max_top1_drop,
+            calibration_record=record,
+        )
+        return description
+
+
+def _best_quantizer(
+    stack: contextlib.ExitStack[Any],
+    fp32_path: str | os.PathLike[str],
+    data: CalibrationData,
+    flavour: str,
+    record: dict[str, Any],
+) -> Int8Quantizer:
+    """Quantize with every method, score each on the held-out images, record the scores in
+    `record`, and return the best method's quantizer (kept open on `stack`)."""
+    reference = run_onnx(fp32_path, data.held_out)
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reviewkd-calib-")))
+    quantizers: dict[str, Int8Quantizer] = {}
+    scores: list[MethodScore] = []
+    for candidate in CALIBRATION_METHODS:
+        quantizer = stack.enter_context(
+            Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=candidate)
+        )
+        quantizers[candidate] = quantizer
+        quantizer.write(tmp / f"{candidate}.onnx")
+        scores.append(score(tmp / f"{candidate}.onnx", reference, data.held_out, candidate))
+    best = max(scores, key=lambda s: (s.agreement, -s.logit_rel_l2, -CALIBRATION_METHODS.index(s.method)))
+    record["selected_by"] = "top-1 agreement with fp32 on the held-out training images"
+    record["selection"] = {s.method: s.as_dict() for s in scores}
+    return quantizers[best.method]

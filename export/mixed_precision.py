@@ -1,0 +1,196 @@
+"""Sensitivity-driven mixed precision: the fewest, most sensitive layers stay in float.
+
+Sensitivity of a layer: the top-1 it costs when it is the only one quantized (its Q/DQ inputs,
+weights and output), on the held-out training images (never validation). Layers are ranked by
+that cost, ties broken by the disagreement with fp32 and then by the logits' relative L2 error,
+which still separate layers whose cost on a few images is zero. Then the top-ranked layers are
+left in float one more at a time until the int8 file's top-1 drop against fp32 on the same
+images is within the budget (`--max-top1-drop-int8`, 0.3 points by default).
+
+Float means fp32 in the ONNX file. ONNX Runtime runs those nodes in fp32; TensorRT's strongly
+typed builder does too (a weakly typed build with the fp16 flag may pick fp16 for them).
+
+Each kept layer's latency cost is measured on the files of the search: the file with k float
+layers against the one with k - 1, at batch 32 on one thread, the median of a few runs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from deploy.errors import UsageError
+from export.check import run_onnx
+from export.layerwise import module_path
+from export.precision import Int8Quantizer
+
+DEFAULT_MAX_TOP1_DROP = 0.3  # points
+# Node types ONNX Runtime quantizes that do arithmetic (Relu and Clip fold into their producer's Q/DQ;
+# shape ops only pass quantized tensors through).
+LAYER_OPS = frozenset(
+    {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat"}
+)
+TIMING_ROUNDS = 10
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """What quantizing one layer alone costs against fp32 on the held-out images."""
+
+    node: str
+    op_type: str
+    module: str
+    top1_cost: float  # points of top-1 lost
+    disagreement: float  # fraction of images whose top-1 class changes
+    logit_rel_l2: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class MixedPrecision:
+    """The search's outcome: the float layers, the drop reached, each step's cost."""
+
+    budget: float  # points
+    full_int8_drop: float  # points, every layer quantized
+    drop: float  # points, the file written
+    float_layers: list[Sensitivity] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)  # batch 32: full int8, then each added float layer
+    ranking: list[Sensitivity] = field(default_factory=list)
+    met: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        """The manifest's record."""
+        costs = [b - a for a, b in zip(self.latency_ms, self.latency_ms[1:], strict=False)]
+        return {
+            "budget_points": self.budget,
+            "held_out_drop_points": {"all_int8": self.full_int8_drop, "written": self.drop},
+            "met": self.met,
+            "float_layers": [
+                {**layer.as_dict(), "latency_ms_batch32": cost}
+                for layer, cost in zip(self.float_layers, costs, strict=False)
+            ],
+            "latency_ms_batch32": {
+                "all_int8": self.latency_ms[0] if self.latency_ms else None,
+                "written": self.latency_ms[-1] if self.latency_ms else None,
+            },
+            "ranking": [layer.as_dict() for layer in self.ranking[:10]],
+        }
+
+
+def _top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(logits.argmax(1) == labels))
+
+
+def _rel_l2(logits: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(logits - reference)) / max(float(np.linalg.norm(reference)), 1e-12)
+
+
+def rank_layers(
+    quantizer: Int8Quantizer,
+    images: Sequence[np.ndarray],
+    labels: np.ndarray,
+    reference: np.ndarray,
+    workdir: Path,
+) -> list[Sensitivity]:
+    """Quantize each layer of `quantizer.prepared` alone and rank them, most sensitive first."""
+    graph = onnx.load(str(quantizer.prepared)).graph
+    reference_top1 = _top1(reference, labels)
+    ranked: list[Sensitivity] = []
+    for node in graph.node:
+        if node.op_type not in LAYER_OPS:
+            continue
+        path = workdir / "alone.onnx"
+        quantizer.write(path, only_nodes=[node.name])
+        logits = run_onnx(path, images)
+        ranked.append(
+            Sensitivity(
+                node.name,
+                node.op_type,
+                module_path(node.name),
+                100 * (reference_top1 - _top1(logits, labels)),
+                float(np.mean(logits.argmax(1) != reference.argmax(1))),
+                _rel_l2(logits, reference),
+            )
+        )
+    ranked.sort(key=lambda s: (s.top1_cost, s.disagreement, s.logit_rel_l2), reverse=True)
+    return ranked
+
+
+def _batch32_ms(path: Path, images: Sequence[np.ndarray]) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    batch = np.concatenate(list(images))[:32]
+    session.run(None, {session.get_inputs()[0].name: batch})
+    times = []
+    for _ in range(TIMING_ROUNDS):
+        start = time.perf_counter()
+        session.run(None, {session.get_inputs()[0].name: batch})
+        times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def fit_budget(
+    quantizer: Int8Quantizer,
+    fp32_path: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    images: Sequence[np.ndarray],
+    labels: np.ndarray,
+    *,
+    budget: float = DEFAULT_MAX_TOP1_DROP,
+    calibration_record: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], MixedPrecision]:
+    """Write `quantizer`'s int8 file to `dst` with the fewest float layers that meet `budget` points.
+
+    `images` and `labels` are the held-out training images the drop is judged on. When no number
+    of float layers meets the budget, the file with every ranked layer in float is written and
+    the result says `met=False`. Returns (the file's description, the search).
+    """
+    if budget < 0:
+        raise UsageError(f"--max-top1-drop-int8 {budget}: expected >= 0 points")
+    if not len(labels):
+        raise UsageError("mixed precision needs held-out labelled training images; none were given")
+    reference = run_onnx(fp32_path, images)
+    reference_top1 = _top1(reference, labels)
+    with tempfile.TemporaryDirectory(prefix="reviewkd-mixed-") as tmp:
+        work = Path(tmp)
+
+        def drop_with(excluded: list[str]) -> tuple[float, Path]:
+            path = work / f"float{len(excluded)}.onnx"
+            quantizer.write(path, exclude_nodes=excluded)
+            return 100 * (reference_top1 - _top1(run_onnx(path, images), labels)), path
+
+        full_drop, full_path = drop_with([])
+        result = MixedPrecision(budget, full_drop, full_drop, latency_ms=[_batch32_ms(full_path, images)])
+        excluded: list[str] = []
+        if full_drop > budget:
+            result.ranking = rank_layers(quantizer, images, labels, reference, work)
+            result.met = False
+            for layer in result.ranking:
+                excluded.append(layer.node)
+                result.float_layers.append(layer)
+                result.drop, path = drop_with(excluded)
+                result.latency_ms.append(_batch32_ms(path, images))
+                if result.drop <= budget:
+                    result.met = True
+                    break
+    description = quantizer.write(
+        dst,
+        exclude_nodes=excluded,
+        calibration_record=calibration_record,
+        record={"mixed_precision": result.as_dict()},
+    )
+    return description, result

@@ -1,0 +1,51 @@
+"""Precision commands: where a lower-precision file departs from fp32, layer by layer.
+
+layerwise RUN --format onnxruntime/int8-trt [--images N]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the layerwise subcommand."""
+    parser = subparsers.add_parser(
+        "layerwise",
+        help="layer-wise parity of an exported int8/fp16 file against fp32, mapped to module paths",
+        description=(
+            "Run RUN/export/student.onnx and the chosen lower-precision file with every intermediate "
+            "tensor exposed, on the run's first validation images; report each layer's cosine "
+            "similarity and relative L2 error against fp32 in graph order, with the student's module "
+            "path, and mark the layer where the error jumps. Writes RUN/report/precision/FORMAT.md, "
+            ".json and .png."
+        ),
+    )
+    parser.add_argument("run", type=Path, metavar="RUN", help="an exported run directory")
+    parser.add_argument(
+        "--format",
+        default="onnxruntime/int8-trt",
+        help="onnxruntime/int8, onnxruntime/int8-trt or onnxruntime/fp16 (default onnxruntime/int8-trt)",
+    )
+    parser.add_argument("--images", type=int, default=64, help="validation images to compare on (default 64)")
+    parser.set_defaults(handler=_layerwise)
+
+
+def _layerwise(args: argparse.Namespace) -> int:
+    from export.layerwise import debug_run
+
+    report, paths = debug_run(args.run, args.format, args.images)
+    worst = report.worst_jump
+    print(f"{len(report.layers)} layers compared on {report.images} images")
+    if worst is not None:
+        print(
+            f"error jumps at {worst.module} ({worst.node}): relative L2 {worst.rel_l2:.4f},"
+            f" +{worst.jump:.4f} over its inputs"
+        )
+    print(
+        f"logits relative L2: {report.marked_logits_rel_l2:.4f} (Q/DQ semantics),"
+        f" {report.deployed_logits_rel_l2:.4f} (as deployed)"
+    )
+    print(f"report: {paths['md']}")
+    return 0

@@ -1,0 +1,79 @@
+"""`reviewkd predict`: classify image files with a run or one of its model files.
+
+predict TARGET IMAGE...  TARGET is a run directory (its fp32 ONNX file by default, or the file
+                         --backend names), or a model file: an .onnx or .plan inside a run (checked
+                         against that run's manifest), or a stand-alone .onnx carrying its manifest
+                         in its metadata.
+
+The path: this module parses, deploy.predict opens the target and classifies, a deploy.runners
+runner infers; this module prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from deploy.predict import DEFAULT_BACKEND, Prediction, open_target, predict
+from reviewkd.student import open_student_runner
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the predict subcommand."""
+    predict_parser = subparsers.add_parser(
+        "predict",
+        help="classify image files with a run or a model file",
+        description="Print the top-k classes of each image, preprocessed as the run's manifest says.",
+    )
+    predict_parser.add_argument("target", type=Path, metavar="RUN|MODEL", help="run directory or .onnx/.plan")
+    predict_parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files")
+    predict_parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    predict_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict_parser.add_argument(
+        "--backend",
+        default=None,
+        metavar="BACKEND/PRECISION",
+        help=f"which of a run's formats to use, e.g. onnxruntime/int8, tensorrt/fp16, torch/fp32"
+        f" (default {DEFAULT_BACKEND}); not for a model file, whose suffix decides",
+    )
+    predict_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    predict_parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    predict_parser.set_defaults(handler=run_predict)
+
+
+def _table(paths: list[Path], results: list[Prediction], runner_name: str) -> str:
+    rows = [("IMAGE", "#", "CLASS", "PROBABILITY")]
+    for path, top in zip(paths, results, strict=True):
+        for rank, (name, probability) in enumerate(top, start=1):
+            rows.append((str(path) if rank == 1 else "", str(rank), name, f"{probability:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}".rstrip()
+        for row in rows
+    ]
+    return "\n".join([f"runner: {runner_name}", *lines])
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Handler of `reviewkd predict`."""
+    runner, manifest = open_target(
+        args.target, args.backend, device=args.device, threads=args.threads, open_module=open_student_runner
+    )
+    with runner:
+        results = predict(runner, manifest, args.images, top_k=args.top_k)
+        name = runner.name
+    if args.json:
+        document: dict[str, Any] = {
+            "target": str(args.target),
+            "runner": name,
+            "predictions": [
+                {"image": str(path), "top_k": [{"class": c, "probability": p} for c, p in top]}
+                for path, top in zip(args.images, results, strict=True)
+            ],
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(_table(args.images, results, name))
+    return 0

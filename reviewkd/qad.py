@@ -1,0 +1,245 @@
+"""Quantization-aware ReviewKD (QAD): fine-tune a run's distilled student under int8 fake quantization.
+
+The student of RUN (RUN/student.safetensors) gets BatchNorm folded and int8 fake quantizers placed
+as TensorRT's explicit quantization wants them (reviewkd.fake_quant), its activation ranges are
+calibrated on the same training images post-training int8 export calibrates on, and it is then
+trained by the ordinary engine (reviewkd.engine.fit) against the run's teacher with method
+"reviewkd+kd": HCL on the ABF-reviewed features plus KD on the logits, plus cross-entropy. The ABF
+head starts from the run's own trained head (RUN/checkpoints/last.pt) when the run was a ReviewKD run.
+
+The fine-tuning is a training run of its own in RUN/qad/ (config.yaml, metrics.jsonl,
+checkpoints/last.pt, student.safetensors: the best epoch by fake-quantized validation top-1,
+manifest.json), so --resume, SIGINT and SIGKILL behave as for `reviewkd distill`; beside it,
+calibrated.safetensors holds the calibrated student before fine-tuning. Whichever of the two scores
+the higher validation top-1 is selected. The run's own manifest gets a "qad" block (calibrated and
+fine-tuned top-1, the selected weights, the quantizer placement); export.qad_export turns the
+selected student into Q/DQ ONNX files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deploy import run_layout
+from deploy.errors import UsageError
+from deploy.fileio import sha256_file
+from deploy.manifest import (
+    Manifest,
+    forget_artifact,
+    input_spec,
+    read_manifest,
+    record_artifact,
+    verify_artifact,
+    write_manifest,
+)
+from deploy.run_lock import locks_run
+from reviewkd.checkpoint import CHECKPOINT_FILE, cpu_state, load_checkpoint
+from reviewkd.config import Config, load_run_config
+from reviewkd.fake_quant import QuantizationPlan, calibrate, quantize_student
+from reviewkd.models import create_model
+from reviewkd.run_record import STUDENT_FILE, TEACHER_FILE, save_weights
+
+QAD_DIR = run_layout.QAD_DIR
+CALIBRATED_FILE = "calibrated.safetensors"
+QAD_METHOD = "reviewkd+kd"
+DEFAULT_LR_FACTOR = 0.01  # QAD's learning rate: this fraction of the run's optim.lr
+DEFAULT_CALIB_SAMPLES = 512  # the images export calibrates post-training int8 on, by default
+
+
+@dataclass
+class QADResult:
+    """What a QAD run produced (top-1 in percent, fake-quantized, on the validation split)."""
+
+    weights: Path  # the selected weights: the best fine-tuned epoch, or the calibrated start
+    calibrated_top1: float  # the calibrated fake-quant student before fine-tuning
+    top1: float  # the best fine-tuned epoch
+    epoch: int
+    plan: QuantizationPlan
+
+
+def qad_config(
+    config: Config, run: Path, epochs: int, lr: float | None, teacher_weights: Path, device: str | None
+) -> Config:
+    """The QAD run's config: the run's data, student and teacher, method reviewkd+kd, a short cosine
+    schedule without warm-up from `lr` (default DEFAULT_LR_FACTOR x the run's learning rate), in fp32."""
+    if epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {epochs}")
+    if lr is not None and not lr > 0:
+        raise UsageError(f"--lr must be > 0, got {lr}")
+    return dataclasses.replace(
+        config,
+        student=dataclasses.replace(config.student, weights=str(run / STUDENT_FILE)),
+        teacher=dataclasses.replace(config.teacher, weights=str(teacher_weights)),
+        method=dataclasses.replace(config.method, name=QAD_METHOD, warmup_epochs=0.0),
+        optim=dataclasses.replace(
+            config.optim, lr=lr if lr is not None else config.optim.lr * DEFAULT_LR_FACTOR
+        ),
+        schedule=dataclasses.replace(
+            config.schedule, name="cosine", min_lr=0.0, warmup_epochs=0.0, warmup_fraction=0.0
+        ),
+        train=dataclasses.replace(
+            config.train,
+            epochs=epochs,
+            device=device or config.train.device,
+            amp="none",  # fake quantization rounds at fp32 scales; bf16/fp16 activations would blur them
+            compile=False,  # the quantizers' range updates stay eager
+        ),
+        output=dataclasses.replace(config.output, dir=str(run / QAD_DIR)),
+    )
+
+
+def _teacher_weights(run: Path, manifest: Manifest) -> Path:
+    recorded = manifest.get("teacher", {}).get("weights")
+    candidates = [Path(recorded)] if recorded else []
+    candidates.append(run / "teacher" / TEACHER_FILE)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UsageError(
+        f"{run / 'manifest.json'}: QAD needs the run's teacher; none of "
+        f"{', '.join(str(p) for p in candidates)} exists"
+    )
+
+
+def _trained_head(run: Path, config: Config) -> dict[str, torch.Tensor] | None:
+    """The ABF head of the run's last checkpoint, when the run trained one."""
+    if config.method.name not in ("reviewkd", "reviewkd+kd") or not (run / CHECKPOINT_FILE).is_file():
+        return None
+    head = load_checkpoint(run / CHECKPOINT_FILE).head
+    return head or None
+
+
+def calibration_batches(run: Path, samples: int, batch_size: int = 64) -> list[torch.Tensor]:
+    """The run's first `samples` shuffled training images, preprocessed: those export calibrates on."""
+    from reviewkd.data import iter_run_batches
+
+    return [torch.from_numpy(images) for images, _ in iter_run_batches(run, "train", batch_size, samples)]
+
+
+def load_qad_student(run: str | os.PathLike[str]) -> tuple[nn.Module, QuantizationPlan]:
+    """The fake-quantized student QAD selected for RUN (the manifest's qad.weights), in eval mode.
+
+    Raises:
+        UsageError: no finished QAD run, or weights that differ from what the manifest recorded.
+    """
+    from reviewkd.models import read_state_dict
+
+    run = Path(run)
+    manifest = read_manifest(run)
+    block = manifest.get("qad", {})
+    if not block.get("weights"):
+        raise UsageError(f"{run / 'manifest.json'}: no QAD result; run `reviewkd quantize {run}` first")
+    path = verify_artifact(run, manifest, block["weights"])
+    student_block = manifest.get("student", {})
+    if not student_block.get("arch") or not student_block.get("num_classes"):
+        raise UsageError(f"{run / 'manifest.json'}: the student block lacks arch or num_classes")
+    model = create_model(student_block["arch"], int(student_block["num_classes"]))
+    quantized, plan = quantize_student(model, input_spec(manifest).shape)
+    quantized.load_state_dict(read_state_dict(path))
+    return quantized.eval().requires_grad_(False), plan
+
+
+@locks_run("quantize")
+def quantize_run(
+    run_dir: str | os.PathLike[str],
+    epochs: int,
+    *,
+    lr: float | None = None,
+    calib_samples: int = DEFAULT_CALIB_SAMPLES,
+    resume: bool = False,
+    device: str | None = None,
+) -> QADResult:
+    """Fine-tune RUN's student under int8 fake quantization for `epochs` epochs into RUN/qad/.
+
+    Raises:
+        UsageError: not a finished distillation run, no teacher, an existing QAD run without
+            `resume` or one resumed with other settings, bad options.
+        TrainingDivergedError: a non-finite loss (RUN/qad/checkpoints/last.pt keeps the last epoch).
+        KeyboardInterrupt: after SIGINT, once the QAD checkpoint holds the interrupted step.
+    """
+    from reviewkd.data import build_data
+    from reviewkd.engine import evaluate, fit, load_teacher
+    from reviewkd.runtime import setup_runtime
+
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    verify_artifact(run, manifest, STUDENT_FILE)
+    if calib_samples < 1:
+        raise UsageError(f"--calib-samples must be >= 1, got {calib_samples}")
+    base = load_run_config(run)
+    config = qad_config(base, run, epochs, lr, _teacher_weights(run, manifest), device)
+    out = run / QAD_DIR
+    if (out / CHECKPOINT_FILE).is_file() and not resume:
+        raise UsageError(f"{out} already holds a QAD run; pass --resume to continue it or remove {out}")
+    runtime = setup_runtime(config)
+    bundle = build_data(config)
+    teacher, teacher_record = load_teacher(config, out, bundle, runtime, resume=False)
+    resuming = resume and (out / CHECKPOINT_FILE).is_file()
+    plans: list[QuantizationPlan] = []
+
+    def prepare(student: nn.Module) -> nn.Module:
+        quantized, plan = quantize_student(student, bundle.input_shape)
+        plans.append(plan)
+        if not resuming:  # on resume the checkpoint holds the ranges
+            samples = calibrate(quantized, calibration_batches(run, calib_samples))
+            scores = evaluate(quantized.to(runtime.device), bundle, runtime)
+            out.mkdir(parents=True, exist_ok=True)
+            save_weights(cpu_state(quantized), out / CALIBRATED_FILE, {"arch": config.student.arch})
+            _update_qad_block(
+                run,
+                calibrated={"top1": scores["top1"], "top5": scores["top5"], "samples": samples},
+                calibrated_sha256=sha256_file(out / CALIBRATED_FILE),
+            )
+            print(f"qad: calibrated int8 student before fine-tuning: val top1 {scores['top1']:.2f}%")
+        return quantized
+
+    fit(
+        config,
+        out,
+        teacher=teacher,
+        teacher_record=teacher_record,
+        resume=resume,
+        runtime=runtime,
+        bundle=bundle,
+        prepare_student=prepare,
+        initial_head=None if resuming else _trained_head(run, base),
+    )
+    best = read_manifest(out)["student"]
+    block = read_manifest(run).get("qad", {})
+    calibrated = block.get("calibrated")
+    if not calibrated or block.get("calibrated_sha256") != sha256_file(out / CALIBRATED_FILE):
+        raise UsageError(f"{out / CALIBRATED_FILE}: missing or changed; remove {out} and run QAD again")
+    # The engine keeps the best epoch by validation top-1; the calibrated start competes on the same
+    # terms, so QAD never hands export a student worse than the one it started from.
+    fine_tuned = best["top1"] >= calibrated["top1"]
+    selected = out / (STUDENT_FILE if fine_tuned else CALIBRATED_FILE)
+    _update_qad_block(
+        run,
+        method=QAD_METHOD,
+        epochs=config.train.epochs,
+        lr=config.optim.lr,
+        fine_tuned={k: best[k] for k in ("top1", "top5", "epoch", "sha256")},
+        selected="fine_tuned" if fine_tuned else "calibrated",
+        weights=selected.relative_to(run).as_posix(),
+        quantizers=plans[0].as_dict(),
+    )
+    return QADResult(selected, calibrated["top1"], best["top1"], best["epoch"], plans[0])
+
+
+def _update_qad_block(run: Path, **values: Any) -> None:
+    """Merge `values` into the run manifest's "qad" block; record the selected weights as an artifact."""
+    manifest = read_manifest(run)
+    block = manifest.setdefault("qad", {})
+    block.update(values)
+    if "weights" in values:
+        for rel in [rel for rel, entry in manifest["artifacts"].items() if entry.get("role") == "qad"]:
+            forget_artifact(manifest, rel)  # an earlier QAD's selection
+        record_artifact(run, manifest, values["weights"], "weights", role="qad")
+    write_manifest(run, manifest)

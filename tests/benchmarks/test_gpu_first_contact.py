@@ -1,0 +1,101 @@
+"""The GPU first-contact script on the CPU: its no-GPU exit, its step recorder, and the steps that run here.
+
+The steps themselves need a CUDA GPU; here the script must refuse with exit 3 and one line that says
+why, and the parts that need no GPU (the recorder, the ONNX Runtime step's error path) run for real.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.scripts import gpu_first_contact as script
+from tests.helpers import REPO_ROOT
+
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the path taken without a GPU")
+def test_without_a_gpu_it_exits_3_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scripts.gpu_first_contact", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 3
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_first_contact: no usable CUDA GPU: ")
+    # The probes' own reasons, not a bare "no GPU": torch's words and what cuda-python returned.
+    assert "torch" in lines[0] and "cuda-python" in lines[0]
+    assert not out.exists()
+
+
+def test_recorder_keeps_every_step_in_one_file(tmp_path: Path) -> None:
+    path = tmp_path / script.RESULT_FILE
+    recorder = script.Recorder(path, budget_s=60)
+
+    def broken() -> dict[str, object]:
+        raise RuntimeError("cudaErrorLaunchFailure")
+
+    recorder.step("first", lambda: {"value": 1})
+    assert json.loads(path.read_text())["steps"]["first"]["status"] == "ok"  # written after each step
+    recorder.step("second", broken)
+    recorder.step("third", lambda: {"value": 3}, needs_s=3600)
+    steps = json.loads(path.read_text())["steps"]
+    assert steps["first"]["value"] == 1 and steps["first"]["seconds"] >= 0
+    assert steps["second"]["status"] == "error"
+    assert steps["second"]["error"] == "RuntimeError: cudaErrorLaunchFailure"
+    assert any("cudaErrorLaunchFailure" in line for line in steps["second"]["traceback"])
+    assert steps["third"] == {"status": "skipped", "reason": "under 3600 s of budget left"}
+
+
+def test_onnxruntime_step_reports_a_cuda_provider_that_cannot_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    assert "no CUDA provider" in script.onnxruntime_cuda(tmp_path)["status_detail"]
+    # onnxruntime-gpu on a machine whose CUDA cannot load: listed, then a CPU session. The step
+    # exports the small CNN with the project's exporter and records the exit-3 error.
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    result = script.onnxruntime_cuda(tmp_path)
+    assert result["cuda_provider_loads"] is False
+    assert "could not load CUDAExecutionProvider" in result["error_exit_3"]
+    assert (tmp_path / "small_cnn.onnx").is_file()
+
+
+def test_tf32_switch_restores_torch_settings() -> None:
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    with script.tf32(not before[0]):
+        assert torch.backends.cudnn.allow_tf32 is (not before[0])
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_a_failed_or_timed_out_command_is_an_error_step(tmp_path: Path) -> None:
+    recorder = script.Recorder(tmp_path / script.RESULT_FILE, budget_s=60)
+    fails = [sys.executable, "-c", "import sys; print('loss is nan'); sys.exit(2)"]
+    recorder.step("fails", lambda: script.run_command(fails, timeout_s=60))
+    recorder.step(
+        "hangs",
+        lambda: script.run_command([sys.executable, "-c", "import time; time.sleep(30)"], timeout_s=0.5),
+    )
+    recorder.step("passes", lambda: script.run_command([sys.executable, "-c", "print('ok')"], timeout_s=60))
+    steps = json.loads(recorder.path.read_text())["steps"]
+    assert steps["fails"]["status"] == "error" and steps["fails"]["error"] == "exited with 2"
+    assert "loss is nan" in steps["fails"]["tail"]  # the output stays beside the error
+    assert steps["hangs"]["status"] == "error" and steps["hangs"]["error"] == "timed out after 0 s"
+    assert steps["passes"]["status"] == "ok" and steps["passes"]["exit_code"] == 0

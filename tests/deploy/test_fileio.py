@@ -1,0 +1,72 @@
+"""Atomic writes: readable modes, nothing half-written, one-line errors for outputs that cannot be written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from deploy.errors import OutputError
+from deploy.fileio import atomic_output, write_json_atomic, write_text_atomic
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_new_files_get_the_mode_the_umask_gives(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "report" / "validate.json", {"results": {}})
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")  # what an ordinary write gives, for comparison
+    finally:
+        os.umask(previous)
+    assert _mode(tmp_path / "report" / "validate.json") == 0o666 & ~umask == _mode(plain)
+
+
+def test_a_rewrite_keeps_the_mode_the_file_had(tmp_path: Path) -> None:
+    target = tmp_path / "manifest.json"
+    target.write_text("{}")
+    target.chmod(0o640)
+    write_text_atomic(target, "{}\n")
+    assert _mode(target) == 0o640
+    assert target.read_text() == "{}\n"
+
+
+def test_out_naming_a_file_is_an_output_error_naming_the_target(tmp_path: Path) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(OutputError, match=r"taken/validate\.json: cannot write it") as caught:
+        write_json_atomic(blocker / "validate.json", {})
+    assert "\n" not in str(caught.value)
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_a_full_disk_leaves_the_previous_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "bench.json"
+    target.write_text("previous")
+
+    def full_disk(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        with open(self, "w") as handle:
+            handle.write(data[: len(data) // 2])  # half the bytes made it, then the disk filled
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OutputError, match=r"bench\.json: cannot write it \(No space left on device\)"):
+        write_json_atomic(target, {"results": {"x": 1}})
+    monkeypatch.undo()
+    assert target.read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+
+
+def test_an_error_that_is_not_about_writing_passes_through(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not an OSError"), atomic_output(tmp_path / "x.json"):
+        raise ValueError("not an OSError")
+    assert list(tmp_path.iterdir()) == []

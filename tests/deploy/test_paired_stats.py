@@ -1,0 +1,90 @@
+"""The paired top-1 interval against hand computations, and the gate's three verdicts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from deploy.errors import UsageError
+from deploy.paired_stats import compare_correct, compare_predictions, judge_drop
+
+
+def _pairs(both: int, losses: int, gains: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+    """Correctness vectors with a known 2x2 table, shuffled so that order cannot matter."""
+    ref = [True] * both + [True] * losses + [False] * gains + [False] * neither
+    cand = [True] * both + [False] * losses + [True] * gains + [False] * neither
+    order = np.random.default_rng(0).permutation(len(ref))
+    return np.array(ref)[order], np.array(cand)[order]
+
+
+def test_interval_matches_a_hand_computation() -> None:
+    # b = 10 losses, c = 4 gains of n = 1000. Agresti-Min: drop (10 - 4) / 1002 = 0.005988;
+    # variance (15 / 1002 - 0.005988**2) / 1002 = 1.49044e-5, standard error 0.0038606;
+    # 1.95996 * 0.0038606 = 0.0075666 either side: [-0.0015787, 0.0135547].
+    comparison = compare_correct(*_pairs(880, 10, 4, 106))
+    assert (comparison.n, comparison.losses, comparison.gains) == (1000, 10, 4)
+    assert comparison.reference_top1 == pytest.approx(0.890)
+    assert comparison.candidate_top1 == pytest.approx(0.884)
+    assert comparison.drop == pytest.approx(0.006)
+    low, high = comparison.interval
+    assert low == pytest.approx(-0.0015787, abs=1e-6)
+    assert high == pytest.approx(0.0135547, abs=1e-6)
+
+
+def test_only_discordant_pairs_move_the_interval() -> None:
+    a = compare_correct(*_pairs(500, 10, 4, 486))
+    b = compare_correct(*_pairs(900, 10, 4, 86))
+    assert a.interval == b.interval
+
+
+def test_no_discordant_pair_still_has_width() -> None:
+    comparison = compare_correct(*_pairs(50, 0, 0, 10))
+    low, high = comparison.interval
+    # 60 images, none discordant: centre 0, variance (1 / 62) / 62, standard error 1 / 62.
+    assert high == pytest.approx(1.959964 / 62, abs=1e-6) and low == pytest.approx(-high)
+
+
+def test_gate_passes_fails_and_is_inconclusive() -> None:
+    ok = judge_drop(compare_correct(*_pairs(9000, 5, 5, 990)), 0.3)
+    assert ok.status == "ok" and "within the 0.3-point budget" in ok.reason
+    failed = judge_drop(compare_correct(*_pairs(9000, 200, 10, 790)), 1.0)
+    assert failed.status == "failed" and "significantly more than the 1-point budget" in failed.reason
+
+
+def test_small_sample_is_inconclusive_and_says_how_many_images_would_resolve_it() -> None:
+    # 360 images, 3 losses, 1 gain, budget 0.3 points: centre 2 / 362 = 0.5525 points, interval
+    # [-0.657, 1.762] points straddles 0.3. Images needed: 1.95996**2 * (5/362 - (2/362)**2)
+    # / (0.003 - 2/362)**2 - 2, rounded up = 8303.
+    verdict = judge_drop(compare_correct(*_pairs(320, 3, 1, 36)), 0.3)
+    assert verdict.status == "inconclusive"
+    assert verdict.reason.startswith("inconclusive: 360 images cannot resolve a 0.3-point budget")
+    assert verdict.images_needed == 8303
+    assert "about 8,303 would" in verdict.reason
+
+
+def test_images_needed_does_resolve_the_budget() -> None:
+    small = compare_correct(*_pairs(900, 8, 2, 90))
+    needed = small.images_to_resolve(0.01)
+    assert needed is not None
+    scale = needed / small.n
+    big = compare_correct(
+        *_pairs(math.ceil(900 * scale), math.ceil(8 * scale), math.ceil(2 * scale), math.ceil(90 * scale))
+    )
+    assert judge_drop(big, 1.0).status != "inconclusive"
+
+
+def test_predictions_are_paired_against_labels() -> None:
+    labels = np.array([0, 1, 2, 3])
+    comparison = compare_predictions(labels, np.array([0, 1, 2, 0]), np.array([0, 1, 0, 3]))
+    assert (comparison.losses, comparison.gains, comparison.n) == (1, 1, 4)
+
+
+def test_bad_input_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="same images"):
+        compare_correct(np.ones(3, bool), np.ones(4, bool))
+    with pytest.raises(UsageError, match="at least one image"):
+        compare_correct(np.ones(0, bool), np.ones(0, bool))
+    with pytest.raises(UsageError, match="budget"):
+        judge_drop(compare_correct(np.ones(3, bool), np.ones(3, bool)), -1)

@@ -1,0 +1,87 @@
+"""Layer-wise parity: every layer compared in graph order, named by its PyTorch module path."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deploy.errors import UsageError
+from export.layerwise import TOP_LEVEL, compare_layers, module_path, write_report
+from export.onnx_export import export_fp32
+from export.precision import quantize_int8
+from reviewkd.cli import main
+
+SHAPE = (3, 8, 8)
+
+
+class Nested(nn.Module):
+    """Modules two levels deep, as a real student has them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = OrderedDict(conv=nn.Conv2d(8, 8, 3, padding=1), act=nn.ReLU())
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer1 = nn.Sequential(nn.Sequential(block), nn.Sequential(OrderedDict(conv=nn.Conv2d(8, 8, 1))))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer1(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("/layer1/layer1.0/conv1/Conv", "layer1.0.conv1"),
+        ("/layer1/layer1.0/Add", "layer1.0"),
+        ("/conv1/Conv", "conv1"),
+        ("/fc/Gemm", "fc"),
+        ("node_Reshape_2", TOP_LEVEL),
+        ("/features/features.3/block/block.0/block.0.0/Conv", "features.3.block.0.0"),
+    ],
+)
+def test_module_path_from_exporter_scopes(name: str, path: str) -> None:
+    assert module_path(name) == path
+
+
+def test_report_names_module_paths_and_marks_the_jump(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Nested().eval()
+    fp32 = tmp_path / "fp32.onnx"
+    export_fp32(model, fp32, SHAPE, {})
+    images = np.random.default_rng(0).standard_normal((32, *SHAPE)).astype(np.float32)
+    int8 = tmp_path / "int8.onnx"
+    quantize_int8(fp32, int8, [images[:16]], flavour="trt")
+    report = compare_layers(fp32, int8, images)
+    modules = [layer.module for layer in report.layers]
+    assert {"stem", "layer1.0.conv", "layer1.1.conv", "fc"} <= set(modules)
+    assert [layer.index for layer in report.layers] == sorted(layer.index for layer in report.layers)
+    assert all(0.9 < layer.cosine <= 1.0 + 1e-9 and layer.rel_l2 > 0 for layer in report.layers)
+    worst = report.worst_jump
+    assert worst is not None and worst.jump == max(layer.jump for layer in report.layers)
+    paths = write_report(report, tmp_path / "report", "int8-trt", "onnxruntime/int8-trt")
+    text = paths["md"].read_text()
+    assert "| layer1.0.conv |" in text and "**<- jump**" in text and f"**{worst.module}**" in text
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(paths["json"].read_text())["jump"]["module"] == worst.module
+    identical = compare_layers(fp32, fp32, images)
+    assert all(layer.rel_l2 == 0.0 and layer.cosine == pytest.approx(1.0) for layer in identical.layers)
+
+
+def test_unrelated_files_and_bad_formats_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.helpers import tiny_net
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    export_fp32(Nested().eval(), a, SHAPE, {})
+    export_fp32(tiny_net(in_channels=3).eval(), b, SHAPE, {})
+    with pytest.raises(UsageError):
+        compare_layers(a, b, np.zeros((2, *SHAPE), np.float32))
+    assert main(["layerwise", str(tmp_path), "--format", "onnxruntime/int4"]) == 2
+    assert "--format onnxruntime/int4: expected one of" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""The command line's own contract: Ctrl-C at any moment is one line and exit 130, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+# Sends a real SIGINT to itself when the named module starts to import, then runs the CLI as
+# `python -m reviewkd.cli` would: a Ctrl-C that lands during start-up, deterministically.
+INTERRUPT_AT_IMPORT = textwrap.dedent(
+    """
+    import importlib.abc, os, runpy, signal, sys
+
+    MODULE = sys.argv[1]
+
+    class InterruptAt(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == MODULE:
+                sys.meta_path.remove(self)
+                os.kill(os.getpid(), signal.SIGINT)
+            return None
+
+    sys.meta_path.insert(0, InterruptAt())
+    sys.argv = ["reviewkd", *sys.argv[2:]]
+    runpy.run_module("reviewkd.cli", run_name="__main__")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "who"),
+    [
+        ("yaml", ["teacher", "--out", "{tmp}/run"], "reviewkd"),  # while the parser imports the command
+        ("torch", ["distill", "--out", "{tmp}/run"], "reviewkd distill"),  # the command's first import
+    ],
+)
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(
+    tmp_path: Path, module: str, argv: list[str], who: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_AT_IMPORT, module, *(a.format(tmp=tmp_path) for a in argv)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == f"{who}: interrupted\n"
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,965 @@
+"""Hostile and careless input, table-driven: every row is a real run directory or file made bad in
+one way, a real `reviewkd` command, the exit code it must give, a fragment its one-line error must
+hold, and the check that nothing was half-written (every file under the test folder is byte-for-byte
+what it was, apart from the run's lock file).
+
+The rows run through `reviewkd.cli.main`, the function the `reviewkd` script calls, so the exit code
+is the one the process would return; `test_exit_codes_are_the_same_in_a_real_process` runs one row of
+each command as a real subprocess to hold that to account. Alongside the table: the faults a table
+cannot express (a full disk, a retrained run, a formats subset merged into earlier results).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deploy.manifest import read_manifest, write_manifest
+from deploy.run_lock import LOCK_NAME
+from reviewkd.cli import main
+from tests.helpers import REPO_ROOT, write_png_bomb
+
+# A ReviewKD-free run that trains in seconds: cross-entropy student, 160 digits of 8x8, one epoch.
+TINY_TRAINING = [
+    "data.image_size=8",
+    "data.subset=160",
+    "train.batch_size=32",
+    "train.threads=1",
+    "train.device=cpu",
+    "method.name=ce",
+]
+MARKER = "pickle-ran-code"
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that leaves MARKER in the working directory."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {MARKER}",))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real run for the module: `reviewkd distill` (1 epoch) and `reviewkd export --formats onnx`."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["distill", "--out", str(run), *TINY_TRAINING, "train.epochs=1"]) == 0
+    assert main(["export", str(run), "--formats", "onnx", "--check-samples", "64"]) == 0
+    return run
+
+
+@pytest.fixture
+def run(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run, free to be damaged."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (the lock file aside: taking it is not writing the run)."""
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != LOCK_NAME
+    }
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`reviewkd ARGV` in this process: the exit code, stdout and stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- ways to make an input bad; each returns the argv to run ------------------------------------------
+
+Setup = Callable[[Path, Path], list[str]]
+VALIDATE_RECORDS = ("run/report/validate.json", "run/manifest.json")
+
+
+def _image(tmp: Path, name: str = "img.png") -> Path:
+    path = tmp / name
+    Image.fromarray(np.full((9, 9, 3), 90, dtype=np.uint8)).save(path)
+    return path
+
+
+def _edit_manifest(run: Path, change: Callable[[dict[str, object]], None]) -> None:
+    manifest = read_manifest(run)
+    change(manifest)
+    write_manifest(run, manifest)
+
+
+def _write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        path.write_text(data, encoding="utf-8")
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def _pickle_running_code(path: Path) -> Path:
+    torch.save({"conv.weight": torch.zeros(1), "payload": RunsCode()}, path)
+    return path
+
+
+def _predict(run: Path, *images: Path | str, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["predict", str(run), *(str(i) for i in images), *extra]
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _loose_unsealed_onnx(tmp: Path, run: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(run / "export" / "student.onnx"))
+    kept = [p for p in model.metadata_props if p.key != "reviewkd_content_sha256"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp / "loose.onnx"))
+    return ["predict", str(tmp / "loose.onnx"), str(_image(tmp))]
+
+
+def _loose_altered_onnx(tmp: Path, run: Path) -> list[str]:
+    shutil.copyfile(run / "export" / "student.onnx", tmp / "loose.onnx")
+    _flip_a_byte(tmp / "loose.onnx")
+    return ["predict", str(tmp / "loose.onnx"), str(_image(tmp))]
+
+
+def _retrained_elsewhere(tmp: Path, run: Path) -> list[str]:
+    _edit_manifest(run, lambda m: m["student"].update(sha256="f" * 64))  # type: ignore[attr-defined]
+    return _predict(run, _image(tmp))
+
+
+def _resume_from(tmp: Path, run: Path, checkpoint: Callable[[Path], object]) -> list[str]:
+    checkpoint(run / "checkpoints" / "last.pt")
+    return ["distill", "--out", str(run), "--resume", "train.epochs=2"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One bad input: how to make it, the exit code and a fragment of the one-line error."""
+
+    name: str
+    setup: Setup
+    code: int
+    fragment: str
+    one_line: bool = True  # argparse's own usage errors print the usage line first
+    # Files the command writes whole even so: validate records the failure it found in
+    # report/validate.json (and lists that file in the manifest) before it exits.
+    records: tuple[str, ...] = ()
+
+
+ROWS: tuple[Row, ...] = (
+    # ---- predict: images
+    Row(
+        "predict: missing image", lambda t, r: _predict(r, t / "none.png"), 2, "none.png: no such image file"
+    ),
+    Row("predict: a folder as image", lambda t, r: _predict(r, t), 2, "no such image file"),
+    Row(
+        "predict: empty image file",
+        lambda t, r: _predict(r, _write(t / "e.png", b"")),
+        2,
+        "e.png: cannot read",
+    ),
+    Row("predict: text named .png", lambda t, r: _predict(r, _write(t / "t.png", "hello")), 2, "cannot read"),
+    Row(
+        "predict: truncated PNG",
+        lambda t, r: _predict(r, _write(t / "cut.png", _image(t).read_bytes()[:40])),
+        2,
+        "cut.png: cannot read as an image",
+    ),
+    Row(
+        "predict: decompression bomb",
+        lambda t, r: _predict(r, write_png_bomb(t / "bomb.png")),
+        2,
+        "bomb.png: refused, too many pixels",
+    ),
+    Row(
+        "predict: float pixels outside 0-1",
+        lambda t, r: _predict(r, _save(t / "f.tiff", np.full((8, 8), 3.0, np.float32), "F")),
+        2,
+        "floating-point pixels span 3 to 3",
+    ),
+    Row(
+        "predict: 32-bit pixels above 16 bits",
+        lambda t, r: _predict(r, _save(t / "i.tiff", np.full((8, 8), 1 << 20, np.int32), "I")),
+        2,
+        "32-bit integer pixels span",
+    ),
+    # ---- predict: options and targets
+    Row("predict: --top-k 0", lambda t, r: _predict(r, _image(t), extra=("--top-k", "0")), 2, "--top-k"),
+    Row(
+        "predict: --backend of a format the run lacks",
+        lambda t, r: _predict(r, _image(t), extra=("--backend", "onnxruntime/int4")),
+        2,
+        "no onnxruntime/int4 file in the manifest",
+    ),
+    Row(
+        "predict: --backend without precision",
+        lambda t, r: _predict(r, _image(t), extra=("--backend", "onnxruntime")),
+        2,
+        "expected <backend>/<precision>",
+    ),
+    Row(
+        "predict: no such target", lambda t, r: _predict(t / "nothing", _image(t)), 2, "no such run directory"
+    ),
+    Row("predict: folder without manifest", lambda t, r: _predict(t, _image(t)), 2, "no manifest.json"),
+    Row(
+        "predict: manifest not JSON",
+        lambda t, r: _predict(_parent(_write(t / "m" / "manifest.json", "{oops")), _image(t)),
+        2,
+        "not a readable JSON manifest",
+    ),
+    Row(
+        "predict: manifest a JSON list",
+        lambda t, r: _predict(_parent(_write(t / "m" / "manifest.json", "[1, 2]")), _image(t)),
+        2,
+        "not a reviewkd manifest",
+    ),
+    Row(
+        "predict: manifest from the future",
+        lambda t, r: _predict(
+            _parent(_write(t / "m" / "manifest.json", '{"schema_version": 99}')), _image(t)
+        ),
+        2,
+        "manifest schema version 99",
+    ),
+    Row(
+        "predict: ONNX file changed after export",
+        lambda t, r: _then(_flip_a_byte(r / "export" / "student.onnx"), _predict(r, _image(t))),
+        2,
+        "does not match the manifest",
+    ),
+    Row(
+        "predict: ONNX file removed",
+        lambda t, r: _then((r / "export" / "student.onnx").unlink(), _predict(r, _image(t))),
+        2,
+        "listed in the manifest but missing",
+    ),
+    Row(
+        "predict: export from an older student", _retrained_elsewhere, 2, "re-export it with `reviewkd export"
+    ),
+    Row("predict: loose ONNX without content hash", _loose_unsealed_onnx, 2, "carries no content hash"),
+    Row("predict: loose ONNX altered", _loose_altered_onnx, 2, "loose.onnx: "),
+    Row(
+        "predict: loose random bytes",
+        lambda t, r: ["predict", str(_write(t / "x.onnx", os.urandom(256))), str(_image(t))],
+        2,
+        "x.onnx: ",
+    ),
+    Row(
+        "predict: loose file of unknown type",
+        lambda t, r: ["predict", str(_write(t / "x.tflite", b"TFL3")), str(_image(t))],
+        2,
+        "unknown model file type '.tflite'",
+    ),
+    # ---- manifests made hostile (issue 11 items 1 and 11)
+    Row(
+        "predict: artifact key with ..",
+        lambda t, r: _then(_add_artifact(t, r, "../outside.onnx"), _predict(r, _image(t))),
+        2,
+        "'../outside.onnx': expected a relative path inside the run directory",
+    ),
+    Row(
+        "predict: absolute artifact key",
+        lambda t, r: _then(_add_artifact(t, r, str(t / "outside.onnx")), _predict(r, _image(t))),
+        2,
+        "expected a relative path inside the run directory",
+    ),
+    Row(
+        "triton: artifact key with ..",
+        lambda t, r: _then(
+            _add_artifact(t, r, "export/../../outside.plan"), ["triton", str(r), "--out", str(t / "repo")]
+        ),
+        2,
+        "expected a relative path inside the run directory",
+    ),
+    Row(
+        "predict: artifacts a list",
+        lambda t, r: _then(_raw_manifest(r, artifacts=[]), _predict(r, _image(t))),
+        2,
+        "artifacts: expected an object",
+    ),
+    Row(
+        "predict: artifact entry without sha256",
+        lambda t, r: _then(_raw_manifest(r, drop_sha=True), _predict(r, _image(t))),
+        2,
+        "sha256: expected 64 lower-case hex digits, got None",
+    ),
+    Row(
+        "predict: artifact entry a string",
+        lambda t, r: _then(_raw_manifest(r, entry="export/student.onnx"), _predict(r, _image(t))),
+        2,
+        "expected an object with sha256, size_bytes and kind",
+    ),
+    Row(
+        "predict: input shape of two numbers",
+        lambda t, r: _then(_raw_manifest(r, shape=[8, 8]), _predict(r, _image(t))),
+        2,
+        "input.shape",
+    ),
+    Row(
+        "triton: classes not a list",
+        lambda t, r: _then(_raw_manifest(r, classes="cat,dog"), ["triton", str(r), "--out", str(t / "repo")]),
+        2,
+        "classes: expected a list of class names",
+    ),
+    Row(
+        "report: artifacts a list",
+        lambda t, r: _then(_raw_manifest(r, artifacts=[]), ["report", str(r)]),
+        2,
+        "artifacts: expected an object",
+    ),
+    # ---- gates (issue 11 items 3 and 16) and validate's exit code for bad files (item 15)
+    Row(
+        "validate: gate of a mistyped precision",
+        lambda t, r: ["validate", str(r), "--gate", "in8:max_top1_drop=0"],
+        2,
+        "in8",
+    ),
+    Row(
+        "validate: gate of an upper-case precision",
+        lambda t, r: ["validate", str(r), "--gate", "INT8:max_top1_drop=0"],
+        2,
+        "INT8",
+    ),
+    Row(
+        "validate: negative threshold",
+        lambda t, r: ["validate", str(r), "--max-abs-diff-fp32", "-1"],
+        2,
+        "-1",
+    ),
+    Row(
+        "validate: nan threshold",
+        lambda t, r: ["validate", str(r), "--max-abs-diff-fp32", "nan"],
+        2,
+        "finite",
+    ),
+    Row(
+        "validate: agreement above 100%",
+        lambda t, r: ["validate", str(r), "--gate", "fp16:min_agreement=150"],
+        2,
+        "150",
+    ),
+    Row(
+        "validate: top-1 above 100%",
+        lambda t, r: ["validate", str(r), "--gate", "fp32:min_top1=200"],
+        2,
+        "200",
+    ),
+    Row(
+        "validate: ONNX file changed after export",
+        lambda t, r: _then(
+            _flip_a_byte(r / "export" / "student.onnx"), ["validate", str(r), "--device", "cpu"]
+        ),
+        2,
+        "does not match the manifest",
+        records=VALIDATE_RECORDS,
+    ),
+    Row(
+        "validate: ONNX file removed",
+        lambda t, r: _then((r / "export" / "student.onnx").unlink(), ["validate", str(r), "--device", "cpu"]),
+        2,
+        "listed in the manifest but missing",
+        records=VALIDATE_RECORDS,
+    ),
+    # ---- triton
+    Row(
+        "triton: class name with a line break",
+        lambda t, r: _then(
+            _edit_manifest(r, lambda m: m["classes"].__setitem__(0, "zero\nmax_batch_size: 0")),  # type: ignore[attr-defined]
+            ["triton", str(r), "--out", str(t / "repo")],
+        ),
+        2,
+        "classes[0]",
+    ),
+    Row(
+        "triton: --out names a file",
+        lambda t, r: ["triton", str(r), "--out", str(_write(t / "repo", "a file"))],
+        2,
+        "exists and is not a directory",
+    ),
+    Row(
+        "triton: --name with a path",
+        lambda t, r: ["triton", str(r), "--out", str(t / "repo"), "--name", "../up"],
+        2,
+        "--name",
+    ),
+    Row(
+        "triton: export from an older student",
+        lambda t, r: _then(_retrained_elsewhere(t, r), ["triton", str(r), "--out", str(t / "repo")]),
+        2,
+        "re-export it",
+    ),
+    # ---- validate, bench, report
+    Row(
+        "validate: --batch-size 0", lambda t, r: ["validate", str(r), "--batch-size", "0"], 2, "--batch-size"
+    ),
+    Row(
+        "validate: --backends of a format the run lacks",
+        lambda t, r: ["validate", str(r), "--backends", "tensorflow"],
+        2,
+        "--backends tensorflow: not in this run",
+    ),
+    Row("validate: --threads 0", lambda t, r: ["validate", str(r), "--threads", "0"], 2, "--threads"),
+    Row("validate: no such run", lambda t, r: ["validate", str(t / "none")], 2, "no manifest.json"),
+    Row("bench: --batch-sizes 0", lambda t, r: ["bench", str(r), "--batch-sizes", "0"], 2, "--batch-sizes"),
+    Row(
+        "bench: --batch-sizes 1,x", lambda t, r: ["bench", str(r), "--batch-sizes", "1,x"], 2, "--batch-sizes"
+    ),
+    Row(
+        "report: earlier validate.json not JSON",
+        lambda t, r: ["report", str(_parent(_parent(_write(r / "report" / "validate.json", "{"))))],
+        2,
+        "validate.json: not readable JSON",
+    ),
+    Row(
+        "validate: report/ is a file",
+        lambda t, r: [
+            "validate",
+            str(_parent(_write(r / "report", "a file"))),
+            "--device",
+            "cpu",
+            "--limit",
+            "32",
+        ],
+        2,
+        "report/validate.json: cannot write it",
+    ),
+    Row(
+        "bench: report/ is a file",
+        lambda t, r: [
+            "bench",
+            str(_parent(_write(r / "report", "a file"))),
+            "--device",
+            "cpu",
+            "--batch-sizes",
+            "1",
+            "--iters",
+            "1",
+        ],
+        2,
+        "report/bench.json: cannot write it",
+    ),
+    Row(
+        "report: report/ is a file",
+        lambda t, r: ["report", str(_parent(_write(r / "report", "a file")))],
+        2,
+        "report",
+    ),
+    Row(
+        "triton: --out inside a file",
+        lambda t, r: ["triton", str(r), "--out", str(_write(t / "file", "x") / "repo")],
+        2,
+        "file",
+    ),
+    Row("report: no such run", lambda t, r: ["report", str(t / "none")], 2, "no manifest.json"),
+    # ---- distill and teacher: configs
+    Row(
+        "distill: --config missing",
+        lambda t, r: ["distill", "--config", "nope", "--out", str(t / "o")],
+        2,
+        "--config nope",
+    ),
+    Row(
+        "distill: YAML syntax error",
+        lambda t, r: [
+            "distill",
+            "--config",
+            str(_write(t / "c.yaml", "train:\n  epochs: 1\n x: [\n")),
+            "--out",
+            str(t / "o"),
+        ],
+        2,
+        "c.yaml: not valid YAML: line 3, column 2",
+    ),
+    Row(
+        "distill: YAML python tag",
+        lambda t, r: [
+            "distill",
+            "--config",
+            str(_write(t / "c.yaml", "a: !!python/object/apply:os.system [ls]\n")),
+            "--out",
+            str(t / "o"),
+        ],
+        2,
+        "could not determine a constructor",
+    ),
+    Row(
+        "distill: YAML not a mapping",
+        lambda t, r: ["distill", "--config", str(_write(t / "c.yaml", "- 1\n- 2\n")), "--out", str(t / "o")],
+        2,
+        "a config must be a YAML mapping",
+    ),
+    Row(
+        "distill: unknown key",
+        lambda t, r: ["distill", "--out", str(t / "o"), "train.epoch=3"],
+        2,
+        "train.epoch",
+    ),
+    Row(
+        "distill: unparsable override",
+        lambda t, r: ["distill", "--out", str(t / "o"), "train.epochs=[1"],
+        2,
+        "override train.epochs: cannot parse value '[1' (line 1, column 3",
+    ),
+    Row(
+        "distill: --out names a file",
+        lambda t, r: ["distill", "--out", str(_write(t / "o", "a file")), *TINY_TRAINING],
+        2,
+        "cannot write it",
+    ),
+    Row(
+        "distill: again into a finished run without --resume",
+        lambda t, r: ["distill", "--out", str(r), *TINY_TRAINING],
+        2,
+        "already holds a training run",
+    ),
+    Row(
+        "distill: resume from a corrupt checkpoint",
+        lambda t, r: _resume_from(t, r, lambda p: _write(p, b"PK\x03\x04 not a zip")),
+        2,
+        "last.pt: cannot read the checkpoint",
+    ),
+    Row(
+        "distill: resume from a checkpoint that runs code",
+        lambda t, r: _resume_from(t, r, _pickle_running_code),
+        2,
+        "unpickling them could run arbitrary code",
+    ),
+    Row(
+        "distill: teacher weights that run code",
+        lambda t, r: [
+            "distill",
+            "--out",
+            str(t / "o"),
+            *TINY_TRAINING[:-1],
+            "method.name=kd",
+            f"teacher.weights={_pickle_running_code(t / 'teacher.pt')}",
+        ],
+        2,
+        "unpickling them could run arbitrary code",
+    ),
+    # ---- export
+    Row(
+        "export: weights that run code",
+        lambda t, r: _export_model(t, _pickle_running_code(t / "w.pt")),
+        2,
+        "besides tensors (the global posix.system); unpickling them could run arbitrary code",
+    ),
+    Row(
+        "export: truncated checkpoint",
+        lambda t, r: _export_model(t, _write(t / "w.pt", b"PK\x03\x04\x14\x00")),
+        2,
+        "w.pt is neither a safetensors file nor a torch checkpoint",
+    ),
+    Row("export: missing weights", lambda t, r: _export_model(t, t / "none.pt"), 2, "none.pt not found"),
+    Row(
+        "export: --input-shape of two numbers",
+        lambda t, r: [*_export_model(t, t / "w.pt")[:-2], "--input-shape", "3,32"],
+        2,
+        "expected C,H,W",
+        one_line=False,
+    ),
+    Row(
+        "export: --out names a file",
+        lambda t, r: [
+            *_export_model(t, r / "student.safetensors")[:4],
+            str(_write(t / "plain", "a file")),
+            *_export_model(t, r / "student.safetensors")[5:],
+        ],
+        2,
+        "plain: cannot write it",
+    ),
+    Row(
+        "run: --out names a file",
+        lambda t, r: ["run", "--out", str(_write(t / "pipeline", "a file")), *TINY_TRAINING],
+        2,
+        "pipeline: cannot write it",
+    ),
+    Row(
+        "export: --opset 9",
+        lambda t, r: ["export", str(r), "--opset", "9"],
+        2,
+        "--opset 9: export needs opset 18 or newer",
+    ),
+    Row("export: unknown format", lambda t, r: ["export", str(r), "--formats", "int4"], 2, "--formats"),
+    Row(
+        "export: student changed after training",
+        lambda t, r: _then(_flip_a_byte(r / "student.safetensors"), ["export", str(r), "--formats", "onnx"]),
+        2,
+        "student.safetensors",
+    ),
+    Row(
+        "export: export/ is a file",
+        lambda t, r: _then(
+            shutil.rmtree(r / "export"),
+            _write(r / "export", "a file"),
+            ["export", str(r), "--formats", "onnx"],
+        ),
+        2,
+        "cannot write",
+    ),
+)
+
+
+def _add_artifact(tmp: Path, run: Path, key: str) -> None:
+    """List a file outside the run under `key`, with its true sha256, as the fp32 ONNX file."""
+    outside = shutil.copyfile(run / "export" / "student.onnx", tmp / Path(key).name)
+    raw = json.loads((run / "manifest.json").read_text())
+    entry = dict(raw["artifacts"].pop("export/student.onnx"))
+    entry["sha256"] = hashlib.sha256(outside.read_bytes()).hexdigest()
+    raw["artifacts"][key] = entry
+    (run / "manifest.json").write_text(json.dumps(raw))
+
+
+def _raw_manifest(
+    run: Path,
+    *,
+    artifacts: object = None,
+    drop_sha: bool = False,
+    entry: object = None,
+    shape: object = None,
+    classes: object = None,
+) -> None:
+    """Rewrite manifest.json by hand (valid JSON, wrong shape), as no reviewkd stage would."""
+    raw = json.loads((run / "manifest.json").read_text())
+    if artifacts is not None:
+        raw["artifacts"] = artifacts
+    if drop_sha:
+        del raw["artifacts"]["export/student.onnx"]["sha256"]
+    if entry is not None:
+        raw["artifacts"]["export/student.onnx"] = entry
+    if shape is not None:
+        raw["input"]["shape"] = shape
+    if classes is not None:
+        raw["classes"] = classes
+    (run / "manifest.json").write_text(json.dumps(raw))
+
+
+def _then(*steps: object) -> list[str]:
+    """Run side effects in order (as arguments), then return the last one: the argv."""
+    argv = steps[-1]
+    assert isinstance(argv, list)
+    return argv
+
+
+def _parent(path: Path) -> Path:
+    return path.parent
+
+
+def _save(path: Path, pixels: np.ndarray, mode: str) -> Path:
+    Image.fromarray(pixels, mode).save(path)
+    return path
+
+
+def _export_model(tmp: Path, weights: Path) -> list[str]:
+    return [
+        "export",
+        "--model",
+        "cifar_resnet20",
+        "--out",
+        str(tmp / "plain"),
+        "--input-shape",
+        "3,8,8",
+        "--weights",
+        str(weights),
+    ]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
+def test_bad_input(
+    row: Row, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where a pickle that runs code would leave MARKER
+    argv = row.setup(tmp_path, run)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(argv, capsys)
+    assert code == row.code, err
+    assert row.fragment in err
+    assert "Traceback" not in err and "Traceback" not in out
+    if row.one_line:
+        assert err.count("\n") == 1 and err.startswith(f"reviewkd {argv[0]}: error: "), err
+    after = snapshot(tmp_path)
+    for rel in row.records:
+        json.loads((tmp_path / rel).read_text())  # written whole
+        before.pop(rel, None)
+        after.pop(rel, None)
+    assert after == before, "a failed command changed files"
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_the_table_holds_enough_rows() -> None:
+    assert len(ROWS) >= 70
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "predict: decompression bomb",
+        "triton: class name with a line break",
+        "distill: YAML syntax error",
+        "export: weights that run code",
+        "report: earlier validate.json not JSON",
+    ],
+)
+def test_exit_codes_are_the_same_in_a_real_process(
+    name: str, run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (row,) = [r for r in ROWS if r.name == name]
+    monkeypatch.chdir(tmp_path)
+    argv = row.setup(tmp_path, run)
+    before = snapshot(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "reviewkd.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=300,
+    )
+    assert done.returncode == row.code, done.stderr
+    assert row.fragment in done.stderr and done.stderr.count("\n") == 1
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / MARKER).exists()
+
+
+# --- what a table cannot express ---------------------------------------------------------------------
+
+
+def test_files_written_by_the_commands_follow_the_umask(trained_run: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    for rel in ("manifest.json", "config.yaml", "student.safetensors", "export/student.onnx"):
+        assert stat.S_IMODE((trained_run / rel).stat().st_mode) == expected, rel
+
+
+@pytest.mark.parametrize("stage", ["validate", "bench"])
+def test_a_full_disk_keeps_the_measurement(
+    stage: str, run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = [stage, str(run), "--device", "cpu", "--backends", "onnxruntime"]
+    if stage == "bench":
+        argv += ["--batch-sizes", "1", "--iters", "2", "--warmup", "1"]
+    before = snapshot(run)
+    real_replace = os.replace
+
+    def disk_full(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+        if Path(target).name == f"{stage}.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(source))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2
+    assert err == (
+        f"reviewkd {stage}: error: {run / 'report' / f'{stage}.json'}: cannot write it (No space left on"
+        " device); the measurement was printed to stdout as JSON instead\n"
+    )
+    salvaged = json.loads(out)
+    assert "onnxruntime/fp32" in salvaged["results"]
+    assert snapshot(run) == before
+
+
+def test_a_read_only_output_is_one_line(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chmod cannot stop root, who runs some CI: the system's answer for a read-only folder instead.
+    def read_only(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(run / "report"))
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(["report", str(run)], capsys)
+    assert code == 2
+    assert err.startswith("reviewkd report: error: ") and "Read-only file system" in err
+    assert err.count("\n") == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_a_subset_of_formats_merges_into_earlier_results(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--device", "cpu", "--limit", "64"]
+    assert run_cli(["validate", str(run), *common], capsys)[0] == 0
+    assert run_cli(["validate", str(run), *common, "--backends", "torch/fp32"], capsys)[0] == 0
+    validated = json.loads((run / "report" / "validate.json").read_text())
+    assert {"torch/fp32", "onnxruntime/fp32"} <= set(validated["results"])
+    assert "onnxruntime/fp32" in validated["kept_from_earlier"]
+
+    bench = ["--device", "cpu", "--batch-sizes", "1", "--iters", "2", "--warmup", "1"]
+    assert run_cli(["bench", str(run), *bench, "--backends", "onnxruntime"], capsys)[0] == 0
+    assert run_cli(["bench", str(run), *bench, "--backends", "torch/fp32"], capsys)[0] == 0
+    benched = json.loads((run / "report" / "bench.json").read_text())
+    assert {"torch/fp32", "onnxruntime/fp32"} <= set(benched["results"])
+    assert benched["results"]["onnxruntime/fp32"]["status"] == "ok"
+    assert run_cli(["report", str(run)], capsys)[0] == 0
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["onnxruntime/fp32"]["latency"] and report["onnxruntime/fp32"]["accuracy"]
+
+
+def test_retraining_takes_the_exports_out_of_service(run: Path, tmp_path: Path) -> None:
+    image = _image(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    def reviewkd(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "reviewkd.cli", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+
+    assert reviewkd("predict", str(run), str(image)).returncode == 0
+    before = read_manifest(run)["student"]["sha256"]
+    assert main(["distill", "--out", str(run), "--resume", "train.epochs=3"]) == 0
+    assert read_manifest(run)["student"]["sha256"] != before, "precondition: retraining changed the student"
+    for argv in (("predict", str(run), str(image)), ("triton", str(run), "--out", str(tmp_path / "repo"))):
+        done = reviewkd(*argv)
+        assert done.returncode == 2, done.stderr
+        assert "export/student.onnx: it was exported from student" in done.stderr
+        assert done.stderr.count("\n") == 1
+    assert not (tmp_path / "repo").exists()
+    assert main(["export", str(run), "--formats", "onnx", "--check-samples", "64"]) == 0
+    assert reviewkd("predict", str(run), str(image)).returncode == 0
+
+
+def _disk_full_for(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The disk fills up exactly when `name` is renamed into place."""
+    real_replace = os.replace
+
+    def replace(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+        if Path(target).name == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(source))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_full_disk_during_training_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _disk_full_for(monkeypatch, "last.pt")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["distill", "--out", str(out), *TINY_TRAINING, "train.epochs=1"], capsys)
+    assert code == 2
+    assert err == (
+        f"reviewkd distill: error: {out / 'checkpoints' / 'last.pt'}: cannot write it"
+        " (No space left on device)\n"
+    )
+    assert [p.name for p in (out / "checkpoints").iterdir()] == []
+
+
+def test_a_full_disk_during_export_is_one_line(
+    run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = snapshot(run)
+    _disk_full_for(monkeypatch, "student.onnx")
+    code, _, err = run_cli(["export", str(run), "--formats", "onnx", "--check-samples", "16"], capsys)
+    assert code == 2
+    assert err.splitlines()[-1] == (
+        f"reviewkd export: error: {run / 'export' / 'student.onnx'}: cannot write it"
+        " (No space left on device)"
+    )
+    assert snapshot(run) == before
+
+
+# --- the edge install: no torch (a serving device); bad input is still exit 2, one line -------------
+
+WITHOUT_TORCH = """
+import importlib.abc, runpy, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+sys.argv = ["reviewkd", *sys.argv[1:]]
+runpy.run_module("reviewkd.cli", run_name="__main__")
+"""
+
+EDGE_ROWS: tuple[Row, ...] = (
+    Row("edge: distill", lambda t, r: ["distill", "--out", str(t / "o")], 3, "install the training extra"),
+    Row("edge: export to ONNX", lambda t, r: ["export", str(r), "--formats", "onnx"], 3, "reviewkd[train]"),
+    Row("edge: predict a bomb", lambda t, r: _predict(r, write_png_bomb(t / "b.png")), 2, "too many pixels"),
+    Row("edge: predict from an older student", _retrained_elsewhere, 2, "re-export it"),
+    Row("edge: predict a loose unsealed file", _loose_unsealed_onnx, 2, "carries no content hash"),
+    Row(
+        "edge: triton with a hostile class name",
+        lambda t, r: _then(
+            _edit_manifest(r, lambda m: m["classes"].__setitem__(1, "one\ntwo")),  # type: ignore[attr-defined]
+            ["triton", str(r), "--out", str(t / "repo")],
+        ),
+        2,
+        "classes[1]",
+    ),
+    Row("edge: mistyped gate", lambda t, r: ["validate", str(r), "--gate", "in8:max_top1_drop=0"], 2, "in8"),
+    Row(
+        "edge: validate a digits run (its images are read with torch)",
+        lambda t, r: ["validate", str(r), "--device", "cpu"],
+        3,
+        "pass --data FOLDER",
+    ),
+)
+
+
+@pytest.mark.parametrize("row", EDGE_ROWS, ids=[row.name for row in EDGE_ROWS])
+def test_bad_input_on_the_edge_install(row: Row, run: Path, tmp_path: Path) -> None:
+    argv = row.setup(tmp_path, run)
+    before = snapshot(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=300,
+    )
+    assert done.returncode == row.code, done.stderr
+    assert row.fragment in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"reviewkd {argv[0]}: error: ")
+    after = snapshot(tmp_path)
+    for rel in row.records:
+        json.loads((tmp_path / rel).read_text())
+        before.pop(rel, None)
+        after.pop(rel, None)
+    assert after == before
+
+
+def test_the_edge_install_serves_a_16_bit_image(run: Path, tmp_path: Path) -> None:
+    from tests.helpers import write_deep_image
+
+    image = write_deep_image(tmp_path / "deep.png", np.full((9, 9), 120, dtype=np.uint8), "I;16")
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, "predict", str(run), str(image), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["predictions"]) == 1
