@@ -33,6 +33,7 @@ TINY = [
     "teacher.arch=cifar_resnet20",
     "teacher.epochs=1",
     "train.epochs=3",
+    "data.subset=null",  # every training image for teacher and student, not the demo's 50
 ]
 
 
