@@ -119,6 +119,17 @@ def _top1(entry: Mapping[str, Any]) -> str:
     return number_text((entry.get("accuracy") or {}).get("top1"))
 
 
+def _drop_interval(entry: Mapping[str, Any]) -> str:
+    """The top-1 drop against the reference with its paired 95% interval, in points."""
+    accuracy = entry.get("accuracy") or {}
+    if entry.get("reference") and accuracy:
+        return "ref"
+    interval = accuracy.get("top1_drop_ci")
+    if not interval or accuracy.get("top1_drop") is None:
+        return "-"
+    return f"{accuracy['top1_drop']:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def _agreement(entry: Mapping[str, Any]) -> str:
     if entry.get("reference") and entry.get("accuracy"):
         return "ref"
@@ -146,6 +157,7 @@ FINAL_TABLE_COLUMNS: tuple[Column, ...] = (
     Column("status", "left", lambda key, entry, batch: str(entry["status"])),
     Column("size MB", "right", lambda key, entry, batch: _size_mb(entry)),
     Column("top-1 %", "right", lambda key, entry, batch: _top1(entry)),
+    Column("drop [95% CI]", "right", lambda key, entry, batch: _drop_interval(entry)),
     Column("agree %", "right", lambda key, entry, batch: _agreement(entry)),
     Column("p50 ms @1", "right", lambda key, entry, batch: _p50_at_one(entry)),
     Column("img/s @{batch}", "right", lambda key, entry, batch: _throughput_at(entry, batch)),
@@ -217,17 +229,31 @@ def _stage_note(report: Mapping[str, Any], block: str) -> str | None:
 
 
 def _accuracy_table(report: Mapping[str, Any]) -> Table:
-    header = ("format", "top-1 %", "top-5 %", "n", "max |diff|", "mean |diff|", "agree %", "gates")
+    header = (
+        "format",
+        "top-1 %",
+        "drop [95% CI]",
+        "top-5 %",
+        "n",
+        "max |diff|",
+        "mean |diff|",
+        "agree %",
+        "gates",
+    )
     rows = []
     for key, entry in format_entries(report).items():
         acc = entry.get("accuracy") or {}
         par = entry.get("parity") or {}
         gates = entry.get("gates", [])
-        gate_text = ", ".join(f"{g['gate']} {'pass' if g['passed'] else 'FAIL'}" for g in gates) or "-"
+        gate_text = (
+            ", ".join(f"{g['gate']} {g.get('verdict') or ('pass' if g['passed'] else 'FAIL')}" for g in gates)
+            or "-"
+        )
         rows.append(
             (
                 key,
                 number_text(acc.get("top1")),
+                _drop_interval(entry),
                 number_text(acc.get("top5")),
                 str(acc.get("n", "-")),
                 "-" if par.get("max_abs_diff") is None else f"{par['max_abs_diff']:.3g}",
@@ -236,7 +262,7 @@ def _accuracy_table(report: Mapping[str, Any]) -> Table:
                 gate_text,
             )
         )
-    return Table(header, tuple(rows), ("left", "right", "right", "right", "right", "right", "right", "left"))
+    return Table(header, tuple(rows), ("left", *(RIGHT for _ in header[1:-1]), "left"))
 
 
 def _latency_table(report: Mapping[str, Any]) -> Table:
