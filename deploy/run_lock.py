@@ -58,6 +58,7 @@ def run_lock(run_dir: str | os.PathLike[str], command: str, *, create: bool = Fa
     if os.environ.get("RANK", "0") != "0" or (not create and not run.is_dir()):
         yield
         return
+    created = not run.exists()
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -85,6 +86,12 @@ def run_lock(run_dir: str | os.PathLike[str], command: str, *, create: bool = Fa
         os.write(fd, f"{os.getpid()} {command}\n".encode())
         _held[key] = [fd, 1]
         yield
+    except BaseException:
+        # A command that fails before writing anything leaves no run directory behind that it made.
+        if created and os.listdir(key) == [LOCK_NAME]:
+            lock_file.unlink()
+            key.rmdir()
+        raise
     finally:
         _held.pop(key, None)
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -191,9 +191,11 @@ class _Recorder:
         self.block: dict[str, Any] = manifest.setdefault("export", {})
         self.block.setdefault("checks", {})
         self.block.setdefault("failed", {})
-        # sha256 of the student.safetensors the files are made from: recorded with each file, so
-        # that deploy can tell an export from an older student after retraining (STUDENT_SHA256_KEY).
-        self.student_sha256: str | None = None
+        # sha256 of the student.safetensors the files are made from (the loaders check the file
+        # against it): recorded with each file, so that deploy can tell an export from an older
+        # student after retraining (STUDENT_SHA256_KEY).
+        student = manifest.get("student") or {}
+        self.student_sha256: str | None = student.get("sha256")
 
     def keep(self, rel: str, kind: str, **meta: Any) -> None:
         self.block["failed"].pop(rel, None)
@@ -325,12 +327,11 @@ def export_run(
         {"check_data": summary.check_data, "opset": opset, "formats": wanted, "calibration": None}
     )
 
-    recorder.student_sha256 = sha256_file(run / STUDENT_FILE)
     metadata = {
         "classes": manifest.get("classes", []),
         "input": manifest.get("input", {}),
         "student": {k: manifest.get("student", {}).get(k) for k in ("arch", "num_classes", "sha256")},
-        "source_sha256": recorder.student_sha256,
+        "source_sha256": sha256_file(run / STUDENT_FILE),
     }
     from export.calibration import AUTO, DEFAULT_HELD_OUT, quantize_calibrated, split_training_images
     from export.onnx_export import DEFAULT_OPSET, export_fp32

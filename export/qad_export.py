@@ -34,6 +34,7 @@ from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import input_spec, read_manifest, write_manifest
+from deploy.run_lock import locks_run
 from export.check import CheckResult, compare, gate, run_onnx
 from export.onnx_export import DEFAULT_OPSET, _torch_export, optimize_onnx, save_onnx, set_metadata
 from export.pipeline import (
@@ -116,6 +117,7 @@ def samples_within(logits: np.ndarray, reference: np.ndarray, tolerance: float) 
     return float(np.mean(np.abs(logits - reference).max(axis=1) <= tolerance))
 
 
+@locks_run("export")
 def export_qad(
     run_dir: str | os.PathLike[str],
     *,

@@ -32,12 +32,14 @@ from deploy.errors import UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import (
     Manifest,
+    forget_artifact,
     input_spec,
     read_manifest,
     record_artifact,
     verify_artifact,
     write_manifest,
 )
+from deploy.run_lock import locks_run
 from reviewkd.checkpoint import CHECKPOINT_FILE, cpu_state, load_checkpoint
 from reviewkd.config import Config, load_run_config
 from reviewkd.fake_quant import QuantizationPlan, calibrate, quantize_student
@@ -143,6 +145,7 @@ def load_qad_student(run: str | os.PathLike[str]) -> tuple[nn.Module, Quantizati
     return quantized.eval().requires_grad_(False), plan
 
 
+@locks_run("quantize")
 def quantize_run(
     run_dir: str | os.PathLike[str],
     epochs: int,
@@ -235,5 +238,7 @@ def _update_qad_block(run: Path, **values: Any) -> None:
     block = manifest.setdefault("qad", {})
     block.update(values)
     if "weights" in values:
+        for rel in [rel for rel, entry in manifest["artifacts"].items() if entry.get("role") == "qad"]:
+            forget_artifact(manifest, rel)  # an earlier QAD's selection
         record_artifact(run, manifest, values["weights"], "weights", role="qad")
     write_manifest(run, manifest)

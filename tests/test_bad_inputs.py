@@ -89,6 +89,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 # --- ways to make an input bad; each returns the argv to run ------------------------------------------
 
 Setup = Callable[[Path, Path], list[str]]
+VALIDATE_RECORDS = ("run/report/validate.json", "run/manifest.json")
 
 
 def _image(tmp: Path, name: str = "img.png") -> Path:
@@ -163,6 +164,9 @@ class Row:
     code: int
     fragment: str
     one_line: bool = True  # argparse's own usage errors print the usage line first
+    # Files the command writes whole even so: validate records the failure it found in
+    # report/validate.json (and lists that file in the manifest) before it exits.
+    records: tuple[str, ...] = ()
 
 
 ROWS: tuple[Row, ...] = (
@@ -268,6 +272,116 @@ ROWS: tuple[Row, ...] = (
         lambda t, r: ["predict", str(_write(t / "x.tflite", b"TFL3")), str(_image(t))],
         2,
         "unknown model file type '.tflite'",
+    ),
+    # ---- manifests made hostile (issue 11 items 1 and 11)
+    Row(
+        "predict: artifact key with ..",
+        lambda t, r: _then(_add_artifact(t, r, "../outside.onnx"), _predict(r, _image(t))),
+        2,
+        "'../outside.onnx': expected a relative path inside the run directory",
+    ),
+    Row(
+        "predict: absolute artifact key",
+        lambda t, r: _then(_add_artifact(t, r, str(t / "outside.onnx")), _predict(r, _image(t))),
+        2,
+        "expected a relative path inside the run directory",
+    ),
+    Row(
+        "triton: artifact key with ..",
+        lambda t, r: _then(
+            _add_artifact(t, r, "export/../../outside.plan"), ["triton", str(r), "--out", str(t / "repo")]
+        ),
+        2,
+        "expected a relative path inside the run directory",
+    ),
+    Row(
+        "predict: artifacts a list",
+        lambda t, r: _then(_raw_manifest(r, artifacts=[]), _predict(r, _image(t))),
+        2,
+        "artifacts: expected an object",
+    ),
+    Row(
+        "predict: artifact entry without sha256",
+        lambda t, r: _then(_raw_manifest(r, drop_sha=True), _predict(r, _image(t))),
+        2,
+        "sha256: expected 64 lower-case hex digits, got None",
+    ),
+    Row(
+        "predict: artifact entry a string",
+        lambda t, r: _then(_raw_manifest(r, entry="export/student.onnx"), _predict(r, _image(t))),
+        2,
+        "expected an object with sha256, size_bytes and kind",
+    ),
+    Row(
+        "predict: input shape of two numbers",
+        lambda t, r: _then(_raw_manifest(r, shape=[8, 8]), _predict(r, _image(t))),
+        2,
+        "input.shape",
+    ),
+    Row(
+        "triton: classes not a list",
+        lambda t, r: _then(_raw_manifest(r, classes="cat,dog"), ["triton", str(r), "--out", str(t / "repo")]),
+        2,
+        "classes: expected a list of class names",
+    ),
+    Row(
+        "report: artifacts a list",
+        lambda t, r: _then(_raw_manifest(r, artifacts=[]), ["report", str(r)]),
+        2,
+        "artifacts: expected an object",
+    ),
+    # ---- gates (issue 11 items 3 and 16) and validate's exit code for bad files (item 15)
+    Row(
+        "validate: gate of a mistyped precision",
+        lambda t, r: ["validate", str(r), "--gate", "in8:max_top1_drop=0"],
+        2,
+        "in8",
+    ),
+    Row(
+        "validate: gate of an upper-case precision",
+        lambda t, r: ["validate", str(r), "--gate", "INT8:max_top1_drop=0"],
+        2,
+        "INT8",
+    ),
+    Row(
+        "validate: negative threshold",
+        lambda t, r: ["validate", str(r), "--max-abs-diff-fp32", "-1"],
+        2,
+        "-1",
+    ),
+    Row(
+        "validate: nan threshold",
+        lambda t, r: ["validate", str(r), "--max-abs-diff-fp32", "nan"],
+        2,
+        "finite",
+    ),
+    Row(
+        "validate: agreement above 100%",
+        lambda t, r: ["validate", str(r), "--gate", "fp16:min_agreement=150"],
+        2,
+        "150",
+    ),
+    Row(
+        "validate: top-1 above 100%",
+        lambda t, r: ["validate", str(r), "--gate", "fp32:min_top1=200"],
+        2,
+        "200",
+    ),
+    Row(
+        "validate: ONNX file changed after export",
+        lambda t, r: _then(
+            _flip_a_byte(r / "export" / "student.onnx"), ["validate", str(r), "--device", "cpu"]
+        ),
+        2,
+        "does not match the manifest",
+        records=VALIDATE_RECORDS,
+    ),
+    Row(
+        "validate: ONNX file removed",
+        lambda t, r: _then((r / "export" / "student.onnx").unlink(), ["validate", str(r), "--device", "cpu"]),
+        2,
+        "listed in the manifest but missing",
+        records=VALIDATE_RECORDS,
     ),
     # ---- triton
     Row(
@@ -468,6 +582,22 @@ ROWS: tuple[Row, ...] = (
         one_line=False,
     ),
     Row(
+        "export: --out names a file",
+        lambda t, r: [
+            *_export_model(t, r / "student.safetensors")[:4],
+            str(_write(t / "plain", "a file")),
+            *_export_model(t, r / "student.safetensors")[5:],
+        ],
+        2,
+        "plain: cannot write it",
+    ),
+    Row(
+        "run: --out names a file",
+        lambda t, r: ["run", "--out", str(_write(t / "pipeline", "a file")), *TINY_TRAINING],
+        2,
+        "pipeline: cannot write it",
+    ),
+    Row(
         "export: --opset 9",
         lambda t, r: ["export", str(r), "--opset", "9"],
         2,
@@ -491,6 +621,40 @@ ROWS: tuple[Row, ...] = (
         "cannot write",
     ),
 )
+
+
+def _add_artifact(tmp: Path, run: Path, key: str) -> None:
+    """List a file outside the run under `key`, with its true sha256, as the fp32 ONNX file."""
+    outside = shutil.copyfile(run / "export" / "student.onnx", tmp / Path(key).name)
+    raw = json.loads((run / "manifest.json").read_text())
+    entry = dict(raw["artifacts"].pop("export/student.onnx"))
+    entry["sha256"] = hashlib.sha256(outside.read_bytes()).hexdigest()
+    raw["artifacts"][key] = entry
+    (run / "manifest.json").write_text(json.dumps(raw))
+
+
+def _raw_manifest(
+    run: Path,
+    *,
+    artifacts: object = None,
+    drop_sha: bool = False,
+    entry: object = None,
+    shape: object = None,
+    classes: object = None,
+) -> None:
+    """Rewrite manifest.json by hand (valid JSON, wrong shape), as no reviewkd stage would."""
+    raw = json.loads((run / "manifest.json").read_text())
+    if artifacts is not None:
+        raw["artifacts"] = artifacts
+    if drop_sha:
+        del raw["artifacts"]["export/student.onnx"]["sha256"]
+    if entry is not None:
+        raw["artifacts"]["export/student.onnx"] = entry
+    if shape is not None:
+        raw["input"]["shape"] = shape
+    if classes is not None:
+        raw["classes"] = classes
+    (run / "manifest.json").write_text(json.dumps(raw))
 
 
 def _then(*steps: object) -> list[str]:
@@ -536,12 +700,17 @@ def test_bad_input(
     assert "Traceback" not in err and "Traceback" not in out
     if row.one_line:
         assert err.count("\n") == 1 and err.startswith(f"reviewkd {argv[0]}: error: "), err
-    assert snapshot(tmp_path) == before, "a failed command changed files"
+    after = snapshot(tmp_path)
+    for rel in row.records:
+        json.loads((tmp_path / rel).read_text())  # written whole
+        before.pop(rel, None)
+        after.pop(rel, None)
+    assert after == before, "a failed command changed files"
     assert not (tmp_path / MARKER).exists()
 
 
 def test_the_table_holds_enough_rows() -> None:
-    assert len(ROWS) >= 50
+    assert len(ROWS) >= 70
 
 
 @pytest.mark.parametrize(
@@ -715,3 +884,82 @@ def test_a_full_disk_during_export_is_one_line(
         " (No space left on device)"
     )
     assert snapshot(run) == before
+
+
+# --- the edge install: no torch (a serving device); bad input is still exit 2, one line -------------
+
+WITHOUT_TORCH = """
+import importlib.abc, runpy, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+sys.argv = ["reviewkd", *sys.argv[1:]]
+runpy.run_module("reviewkd.cli", run_name="__main__")
+"""
+
+EDGE_ROWS: tuple[Row, ...] = (
+    Row("edge: distill", lambda t, r: ["distill", "--out", str(t / "o")], 3, "install the training extra"),
+    Row("edge: export to ONNX", lambda t, r: ["export", str(r), "--formats", "onnx"], 3, "reviewkd[train]"),
+    Row("edge: predict a bomb", lambda t, r: _predict(r, write_png_bomb(t / "b.png")), 2, "too many pixels"),
+    Row("edge: predict from an older student", _retrained_elsewhere, 2, "re-export it"),
+    Row("edge: predict a loose unsealed file", _loose_unsealed_onnx, 2, "carries no content hash"),
+    Row(
+        "edge: triton with a hostile class name",
+        lambda t, r: _then(
+            _edit_manifest(r, lambda m: m["classes"].__setitem__(1, "one\ntwo")),  # type: ignore[attr-defined]
+            ["triton", str(r), "--out", str(t / "repo")],
+        ),
+        2,
+        "classes[1]",
+    ),
+    Row("edge: mistyped gate", lambda t, r: ["validate", str(r), "--gate", "in8:max_top1_drop=0"], 2, "in8"),
+    Row(
+        "edge: validate a digits run (its images are read with torch)",
+        lambda t, r: ["validate", str(r), "--device", "cpu"],
+        3,
+        "pass --data FOLDER",
+    ),
+)
+
+
+@pytest.mark.parametrize("row", EDGE_ROWS, ids=[row.name for row in EDGE_ROWS])
+def test_bad_input_on_the_edge_install(row: Row, run: Path, tmp_path: Path) -> None:
+    argv = row.setup(tmp_path, run)
+    before = snapshot(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=300,
+    )
+    assert done.returncode == row.code, done.stderr
+    assert row.fragment in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"reviewkd {argv[0]}: error: ")
+    after = snapshot(tmp_path)
+    for rel in row.records:
+        json.loads((tmp_path / rel).read_text())
+        before.pop(rel, None)
+        after.pop(rel, None)
+    assert after == before
+
+
+def test_the_edge_install_serves_a_16_bit_image(run: Path, tmp_path: Path) -> None:
+    from tests.helpers import write_deep_image
+
+    image = write_deep_image(tmp_path / "deep.png", np.full((9, 9), 120, dtype=np.uint8), "I;16")
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, "predict", str(run), str(image), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["predictions"]) == 1

@@ -573,7 +573,7 @@ def amp_auto() -> dict[str, Any]:
     except TypeError:
         facts["is_bf16_supported_without_emulation"] = "this torch has no including_emulation argument"
     from reviewkd.config import load_config
-    from reviewkd.engine import setup_runtime
+    from reviewkd.runtime import setup_runtime
 
     runtime = setup_runtime(load_config(None, ["train.amp=auto", "train.device=cuda"]))
     return {"amp_auto_picks": str(runtime.amp_dtype), **facts}
