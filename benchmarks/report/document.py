@@ -67,12 +67,14 @@ class ReportDocument:
     latency: Section
     plots: Section
     environment: Section
+    layerwise: Section | None = None  # present when `reviewkd layerwise` left reports in the run
 
     @property
     def sections(self) -> tuple[Section, ...]:
         """The sections in reading order."""
         formats = Section("Formats", table=self.final_table, bullets=self.format_notes)
-        return (formats, self.accuracy, self.latency, self.plots, self.environment)
+        layerwise = () if self.layerwise is None else (self.layerwise,)
+        return (formats, self.accuracy, *layerwise, self.latency, self.plots, self.environment)
 
 
 # ----------------------------------------------------------------------------- numbers as text
@@ -291,6 +293,35 @@ def _environment_lines(report: Mapping[str, Any]) -> tuple[str, ...]:
     )
 
 
+def _layerwise_section(report: Mapping[str, Any], plots: Sequence[Plot]) -> Section | None:
+    """Where each lower-precision file's error jumps, from `reviewkd layerwise`, with its plots."""
+    found = report.get("layerwise") or {}
+    if not found:
+        return None
+    header = ("format", "jump at module", "node", "rel. L2", "jump", "logits rel. L2 Q/DQ", "as deployed")
+    rows = []
+    for fmt, entry in found.items():
+        jump = entry.get("jump") or {}
+        rows.append(
+            (
+                f"onnxruntime/{fmt}",
+                str(jump.get("module", "-")),
+                str(jump.get("node", "-")),
+                number_text(jump.get("rel_l2"), 4),
+                number_text(jump.get("jump"), 4),
+                number_text(entry.get("marked_logits_rel_l2"), 4),
+                number_text(entry.get("deployed_logits_rel_l2"), 4),
+            )
+        )
+    names = {entry.get("plot") for entry in found.values()}
+    return Section(
+        "Layer-wise parity (reviewkd layerwise)",
+        note="Each layer's output against fp32, in graph order; the full tables are report/layerwise_*.md.",
+        table=Table(header, tuple(rows), ("left", "left", "left", RIGHT, RIGHT, RIGHT, RIGHT)),
+        plots=tuple(plot for plot in plots if plot.path.name in names),
+    )
+
+
 def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> ReportDocument:
     """The document of report.json's content `report`, showing `plots` (already drawn)."""
     accuracy_note = _stage_note(report, "validation")
@@ -298,6 +329,8 @@ def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> Rep
     latency = _latency_table(report)
     if latency_note is None and not latency.rows:
         latency_note = "No format was timed."
+    layerwise_plots = {entry.get("plot") for entry in (report.get("layerwise") or {}).values()}
+    general = tuple(plot for plot in plots if plot.path.name not in layerwise_plots)
     return ReportDocument(
         title=TITLE,
         headline=headline(report),
@@ -312,8 +345,9 @@ def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> Rep
         latency=Section("Latency", note=latency_note, table=None if latency_note else latency),
         plots=Section(
             "Plots",
-            note=None if plots else "Nothing to plot: no timings, accuracies or training records.",
-            plots=tuple(plots),
+            note=None if general else "Nothing to plot: no timings, accuracies or training records.",
+            plots=general,
         ),
         environment=Section("Environment", bullets=_environment_lines(report)),
+        layerwise=_layerwise_section(report, plots),
     )
