@@ -13,6 +13,7 @@ own and do not move with train.seed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -553,8 +554,10 @@ def iter_run_batches(
     """Batches of a run's data with its evaluation preprocessing, for calibration and validation.
 
     Reads RUN/config.yaml. Yields (float32 NCHW normalised images, int64 labels) as numpy arrays.
-    split "val": the validation split in order. split "train": the training images (the run's subset
-    when it had one) in a fixed-seed shuffled order, without augmentation. `limit` caps the images.
+    split "val": the validation split in order. split "train": the images the run trained on (its
+    subset when it had one; with teacher.full_data, the whole training split its teacher saw, so
+    that int8 calibration does not rest on a student's few images) in a fixed-seed shuffled order,
+    without augmentation. `limit` caps the images.
 
     Raises:
         UsageError: an unknown split, a bad batch size or limit, or data that cannot be read.
@@ -565,7 +568,12 @@ def iter_run_batches(
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise UsageError(f"limit must be >= 1, got {limit}")
-    bundle = build_data(load_run_config(run_dir), cache=False)
+    config = load_run_config(run_dir)
+    if split == "train" and config.teacher.full_data:
+        config = dataclasses.replace(
+            config, data=dataclasses.replace(config.data, subset=None, first_per_class=None)
+        )
+    bundle = build_data(config, cache=False)
     data = bundle.val if split == "val" else bundle.train
     order = (
         torch.arange(len(data))

@@ -68,7 +68,7 @@ def qad_config(
     config: Config, run: Path, epochs: int, lr: float | None, teacher_weights: Path, device: str | None
 ) -> Config:
     """The QAD run's config: the run's data, student and teacher, method reviewkd+kd, a short cosine
-    schedule without warm-up from `lr` (default DEFAULT_LR_FACTOR x the run's learning rate)."""
+    schedule without warm-up from `lr` (default DEFAULT_LR_FACTOR x the run's learning rate), in fp32."""
     if epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {epochs}")
     if lr is not None and not lr > 0:
@@ -88,7 +88,8 @@ def qad_config(
             config.train,
             epochs=epochs,
             device=device or config.train.device,
-            compile=False,  # the quantizers' forward hooks and range updates stay eager
+            amp="none",  # fake quantization rounds at fp32 scales; bf16/fp16 activations would blur them
+            compile=False,  # the quantizers' range updates stay eager
         ),
         output=dataclasses.replace(config.output, dir=str(run / QAD_DIR)),
     )

@@ -90,6 +90,7 @@ class Preset:
             f"optim.lr={self.lr}",
             f"schedule.name={self.schedule}",
             f"schedule.milestones={json.dumps(self.milestones)}",
+            "schedule.warmup_epochs=0",
             f"schedule.warmup_fraction={self.lr_warmup_fraction}",
             f"method.warmup_epochs={self.warmup_epochs}",
             f"method.hcl_weight={self.hcl_weight}",

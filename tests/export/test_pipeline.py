@@ -57,7 +57,9 @@ def trained_state(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     """A cifar_resnet20 trained for two epochs on 8x8 digits (~96% val): int8 gates need a real model."""
     run = tmp_path_factory.mktemp("digits")
     save_config(
-        Config(data=DataConfig(dataset="digits", image_size=SIZE), student=ModelConfig(arch=ARCH)),
+        Config(
+            data=DataConfig(dataset="digits", image_size=SIZE, subset=None), student=ModelConfig(arch=ARCH)
+        ),
         run / "config.yaml",
     )
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ from tests.helpers import write_deep_image, write_png_bomb
 
 
 def _digits(*overrides: str):  # type: ignore[no-untyped-def]
-    return build_data(load_config(None, list(overrides)))
+    # The embedded default trains students on 50 images; these tests start from the whole split.
+    return build_data(load_config(None, ["data.subset=null", *overrides]))
 
 
 def test_digits_split_is_stratified_fixed_and_upsampled() -> None:
@@ -112,6 +113,7 @@ def test_imagefolder_files_and_cache_agree(tmp_path: Path) -> None:
     _write_tree(tmp_path, "train", {"cat": 5, "dog": 4})
     _write_tree(tmp_path, "test", {"cat": 2, "dog": 3})
     overrides = ["data.dataset=imagefolder", f"data.root={tmp_path}", "data.image_size=8", "data.resize=10"]
+    overrides.append("data.subset=null")
     files = build_data(load_config(None, overrides))
     assert files.classes == ["cat", "dog"] and files.val_name == "test"
     assert (len(files.train), len(files.val)) == (9, 5)
@@ -211,3 +213,13 @@ def test_iter_run_batches_reads_the_run_config(tmp_path: Path) -> None:
         next(iter_run_batches(tmp_path, "test", 8))
     with pytest.raises(UsageError, match=r"no config\.yaml"):
         next(iter_run_batches(tmp_path / "nothing", "val", 8))
+
+
+@pytest.mark.parametrize(("full_data", "expected"), [("true", 1437), ("false", 100)])
+def test_run_train_images_are_the_teachers_with_full_data(
+    tmp_path: Path, full_data: str, expected: int
+) -> None:
+    # int8 calibration reads these: with teacher.full_data, every image the run's teacher saw.
+    overrides = ["data.image_size=8", "data.subset=100", f"teacher.full_data={full_data}"]
+    save_config(load_config(None, overrides), tmp_path / "config.yaml")
+    assert sum(len(y) for _, y in iter_run_batches(tmp_path, "train", 512)) == expected

@@ -33,6 +33,7 @@ TINY = [
     "train.threads=1",
     "train.device=cpu",
     "teacher.arch=cifar_resnet20",
+    "teacher.full_data=false",
     "optim.lr=0.05",
 ]
 

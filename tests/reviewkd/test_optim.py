@@ -13,6 +13,7 @@ from reviewkd.config import load_config
 from reviewkd.optim import distill_scale, lr_factor, make_optimizer
 
 STEPS_PER_EPOCH = 7
+NO_WARMUP = "schedule.warmup_epochs=0"  # the embedded default warms up for one epoch
 
 
 @pytest.mark.parametrize(
@@ -20,7 +21,9 @@ STEPS_PER_EPOCH = 7
     [("schedule.warmup_fraction=0.15", 0.15), ("schedule.warmup_epochs=2", 2 / 10), ("train.seed=0", 0.3)],
 )
 def test_onecycle_is_torch_onecyclelr(warmup: str, pct_start: float) -> None:
-    config = load_config(None, ["schedule.name=onecycle", warmup, "optim.lr=0.1", "train.epochs=10"])
+    config = load_config(
+        None, [NO_WARMUP, "schedule.name=onecycle", warmup, "optim.lr=0.1", "train.epochs=10"]
+    )
     total = 10 * STEPS_PER_EPOCH
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
@@ -46,7 +49,7 @@ def test_cosine_with_a_linear_warmup() -> None:
     assert all(a >= b for a, b in itertools.pairwise(after))  # then only down
     assert lr_factor(config, 4 * STEPS_PER_EPOCH, STEPS_PER_EPOCH) == pytest.approx(0.001 / config.optim.lr)
     # Without a warm-up, cosine starts at the full rate, as before.
-    plain = load_config(None, ["schedule.name=cosine", "train.epochs=4"])
+    plain = load_config(None, [NO_WARMUP, "schedule.name=cosine", "train.epochs=4"])
     assert lr_factor(plain, 0, STEPS_PER_EPOCH) == 1.0
     assert lr_factor(plain, 2 * STEPS_PER_EPOCH, STEPS_PER_EPOCH) == pytest.approx(0.5)
 
@@ -54,7 +57,13 @@ def test_cosine_with_a_linear_warmup() -> None:
 def test_step_schedule_with_a_warmup_fraction() -> None:
     config = load_config(
         None,
-        ["schedule.name=step", "schedule.milestones=[2]", "schedule.warmup_fraction=0.25", "train.epochs=4"],
+        [
+            NO_WARMUP,
+            "schedule.name=step",
+            "schedule.milestones=[2]",
+            "schedule.warmup_fraction=0.25",
+            "train.epochs=4",
+        ],
     )
     warmup = 0.25 * 4 * STEPS_PER_EPOCH  # 7 steps
     assert lr_factor(config, 0, STEPS_PER_EPOCH) == pytest.approx(1 / warmup)

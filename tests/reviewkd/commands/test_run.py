@@ -15,6 +15,7 @@ from tests.helpers import REPO_ROOT
 TINY = [
     "--threads", "1", "--bench-seconds", "0.05", "--batch-sizes", "1,4",
     "train.epochs=3", "teacher.epochs=1", "train.threads=1", "teacher.arch=cifar_resnet20",
+    "data.subset=null", "teacher.full_data=false",
 ]  # fmt: skip
 
 
