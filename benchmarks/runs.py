@@ -220,8 +220,11 @@ def validate_run(
     gates: GateTable | None = None,
     data: PathLike | None = None,
     batches: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
+    inconclusive_passes: bool = True,
 ) -> dict[str, Any]:
     """Validate every format of a run and save RUN/report/validate.json; return its content.
+
+    inconclusive_passes: whether a top-1 drop gate the images cannot resolve passes (see deploy.gates).
 
     data: a folder of validation images, one sub-folder per class; batches: the images themselves;
     both None read the run's validation split (`validation_batches`). Does not raise on a failed
@@ -236,7 +239,9 @@ def validate_run(
     if batches is None:
         batches = validation_batches(run_dir, batch_size, limit, data)
     reference, note = choose_reference(Path(run_dir), read_manifest(run_dir))
-    result = validate_runners(targets, batches, reference=reference, gates=gates)
+    result = validate_runners(
+        targets, batches, reference=reference, gates=gates, inconclusive_passes=inconclusive_passes
+    )
     if note is not None:
         result["reference_note"] = note
     result["settings"] = {"device": device, "threads": threads, "batch_size": batch_size, "limit": limit}

@@ -19,6 +19,7 @@ import numpy as np
 from benchmarks.targets import Target, check_unique, error_reason, infer_in_range, open_target
 from deploy.errors import GateFailedError, UsageError
 from deploy.gates import GateTable, default_gates, describe_check, evaluate_gates, gates_for
+from deploy.paired_stats import PairedComparison
 from deploy.runners.base import Runner
 from deploy.status import Status
 
@@ -40,6 +41,8 @@ class _Tally:
     elements: int = 0
     topk: int = 5
     errors: list[str] = field(default_factory=list)
+    # Paired with the reference on the same images: both right, reference only, this only, neither.
+    paired: np.ndarray = field(default_factory=lambda: np.zeros((2, 2), dtype=np.int64))
 
     def add_accuracy(self, logits: np.ndarray, labels: np.ndarray) -> None:
         k = min(self.topk, logits.shape[1])
@@ -57,6 +60,19 @@ class _Tally:
         self.elements += int(diff.size)
         self.agree += int(np.sum(np.argmax(logits, axis=1) == np.argmax(reference, axis=1)))
         self.compared += int(logits.shape[0])
+
+    def add_paired(self, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> None:
+        ref_right = np.argmax(reference, axis=1) == labels
+        right = np.argmax(logits, axis=1) == labels
+        np.add.at(self.paired, (1 - ref_right.astype(int), 1 - right.astype(int)), 1)
+
+    def paired_comparison(self) -> PairedComparison | None:
+        n = int(self.paired.sum())
+        if not n:
+            return None
+        ref_correct = int(self.paired[0].sum())
+        losses, gains = int(self.paired[0, 1]), int(self.paired[1, 0])
+        return PairedComparison(n, ref_correct, ref_correct - losses + gains, losses, gains)
 
     def accuracy(self) -> dict[str, Any]:
         return {
@@ -90,6 +106,7 @@ def validate_runners(
     *,
     reference: str = REFERENCE_KEY,
     gates: Mapping[str, Mapping[str, float]] | None = None,
+    inconclusive_passes: bool = True,
 ) -> dict[str, Any]:
     """Measure accuracy and parity of every target on the same batches and check the gates.
 
@@ -99,6 +116,8 @@ def validate_runners(
         is "failed"; the others carry on.
     batches: (float32 NCHW images, integer labels) pairs, iterated once.
     gates: per-precision thresholds (default deploy.gates.DEFAULT_GATES); the reference is not gated.
+        max_top1_drop is judged on the paired 95% interval of the drop against the reference;
+        `inconclusive_passes` says whether a gate the sample cannot resolve passes.
 
     Returns the content of validate.json: {"schema_version", "reference", "images", "gates",
     "results": {key: entry}, "passed", "failures", "bad_files"}, where each entry has "status", "reason",
@@ -152,6 +171,7 @@ def validate_runners(
                     ref_logits = logits
                 elif ref_logits is not None:
                     tally.add_parity(logits, ref_logits)
+                    tally.add_paired(logits, ref_logits, labels)
     finally:
         for runner in runners.values():
             runner.close()
@@ -173,12 +193,18 @@ def validate_runners(
             accuracy["top1_drop"] = (
                 None if ref_top1 is None or accuracy["top1"] is None else ref_top1 - accuracy["top1"]
             )
+            paired = tally.paired_comparison()
+            if paired is not None:
+                accuracy["paired"] = paired.counts()
+                accuracy["top1_drop_ci"] = [100 * bound for bound in paired.interval]
             entry["accuracy"] = accuracy
             if target.key != reference:
                 entry["parity"] = tally.parity()
                 if entry["parity"] is None:
                     entry["reason"] = f"parity not measured: the reference {reference} did not run"
-                entry["gates"] = evaluate_gates(entry, gates_for(gate_set, target.precision))
+                entry["gates"] = evaluate_gates(
+                    entry, gates_for(gate_set, target.precision), inconclusive_passes=inconclusive_passes
+                )
         results[target.key] = entry
         failures.extend(describe_failures(target.key, entry))
     return {

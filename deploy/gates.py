@@ -13,6 +13,12 @@ names say their direction:
 
 A measurement is a mapping {"parity": {...}, "accuracy": {...}} with the fields above; accuracies
 and agreement are percentages.
+
+max_top1_drop is judged on an interval where the measurement has one: accuracy.paired holds the
+counts of the two formats' paired results on the same images (deploy.paired_stats), and the gate
+fails only when the whole 95% interval of the drop lies above the threshold, passes when it lies
+at or below it, and is "inconclusive" otherwise (the sample cannot resolve the budget); whether
+an inconclusive gate passes is the caller's `inconclusive_passes`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 from deploy.errors import UsageError
 from deploy.formats import PRECISIONS, precision_family
+from deploy.paired_stats import PairedComparison, judge_drop
 
 GateTable = dict[str, dict[str, float]]  # precision -> gate name -> threshold
 
@@ -142,16 +149,32 @@ def _measured(measurement: Mapping[str, Any], metric: str) -> float | None:
     return None if value is None else float(value)
 
 
-def evaluate_gates(measurement: Mapping[str, Any], gates: Mapping[str, float]) -> list[dict[str, Any]]:
-    """Check a measurement against gates; one record per gate. A value not measured (or NaN) fails."""
+def evaluate_gates(
+    measurement: Mapping[str, Any], gates: Mapping[str, float], *, inconclusive_passes: bool = True
+) -> list[dict[str, Any]]:
+    """Check a measurement against gates; one record per gate. A value not measured (or NaN) fails.
+
+    A max_top1_drop gate on a measurement with paired counts (accuracy.paired) is judged on the
+    drop's 95% interval; its record adds "verdict" ("ok", "failed", "inconclusive"), "interval"
+    (points) and, when inconclusive, "images_needed" and the "reason".
+    """
     checks = []
     for name, threshold in gates.items():
         metric = GATE_METRICS[name]
         value = _measured(measurement, metric.metric)
+        extra: dict[str, Any] = {}
         if value is None or math.isnan(value):
             passed = False
         else:
             passed = value <= threshold if metric.op == "<=" else value >= threshold
+        paired = _paired(measurement) if name == "max_top1_drop" and value is not None else None
+        if paired is not None:
+            verdict = judge_drop(paired, threshold)
+            low, high = paired.interval
+            extra = {"verdict": verdict.status, "interval": [100 * low, 100 * high], "reason": verdict.reason}
+            if verdict.images_needed is not None:
+                extra["images_needed"] = verdict.images_needed
+            passed = verdict.status == "ok" or (verdict.status == "inconclusive" and inconclusive_passes)
         checks.append(
             {
                 "gate": name,
@@ -160,15 +183,25 @@ def evaluate_gates(measurement: Mapping[str, Any], gates: Mapping[str, float]) -
                 "threshold": threshold,
                 "value": value,
                 "passed": passed,
+                **extra,
             }
         )
     return checks
 
 
+def _paired(measurement: Mapping[str, Any]) -> PairedComparison | None:
+    accuracy = measurement.get("accuracy")
+    counts = accuracy.get("paired") if isinstance(accuracy, Mapping) else None
+    return PairedComparison.from_counts(counts) if isinstance(counts, Mapping) else None
+
+
 def describe_check(check: Mapping[str, Any]) -> str:
     """One line for a gate record, e.g. "gate min_agreement failed: parity.top1_agreement = 98.5,
-    required >= 99"."""
+    required >= 99"; an interval-judged gate says its verdict and interval."""
     value = "not measured" if check["value"] is None else f"{check['value']:.6g}"
+    if "verdict" in check:
+        said = check["reason"].startswith(check["verdict"])  # "inconclusive: 360 images cannot ..."
+        return f"gate {check['gate']}{'' if said else ' ' + check['verdict']}: {check['reason']}"
     verdict = "passed" if check["passed"] else "failed"
     return (
         f"gate {check['gate']} {verdict}: {check['metric']} = {value},"

@@ -24,8 +24,10 @@ Pure numpy and the standard library: validate runs on edge devices without torch
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -92,6 +94,32 @@ class PairedComparison:
             return None
         variance = max((self.losses + self.gains + 1) / size - centre**2, 0.0)
         return max(math.ceil(self.z**2 * variance / gap**2) - 2, self.n + 1)
+
+    def counts(self) -> dict[str, int]:
+        """The 2x2 table's counts, which `from_counts` reads back (for a measurement's JSON)."""
+        return {
+            "n": self.n,
+            "reference_correct": self.reference_correct,
+            "candidate_correct": self.candidate_correct,
+            "losses": self.losses,
+            "gains": self.gains,
+        }
+
+    @classmethod
+    def from_counts(
+        cls, counts: Mapping[str, Any], confidence: float = DEFAULT_CONFIDENCE
+    ) -> PairedComparison:
+        """The comparison of a `counts()` mapping; UsageError when a count is missing or impossible."""
+        try:
+            n, losses, gains = int(counts["n"]), int(counts["losses"]), int(counts["gains"])
+            ref, cand = int(counts["reference_correct"]), int(counts["candidate_correct"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(
+                f"paired counts {dict(counts)!r}: expected n, losses, gains and correct counts"
+            ) from exc
+        if n < 1 or min(losses, gains, ref, cand) < 0 or losses + gains > n or ref - losses + gains != cand:
+            raise UsageError(f"paired counts {dict(counts)!r} are inconsistent")
+        return cls(n, ref, cand, losses, gains, confidence)
 
     def as_dict(self) -> dict[str, float | int]:
         """A JSON-ready form (rates as fractions, the interval as drop_low/drop_high)."""

@@ -2,7 +2,8 @@
 
 The gates are deploy.gates' (the same table `reviewkd validate` applies), in percent: by default
 fp32 max |diff| of logits <= 1e-4 and 100% top-1 agreement; fp16 top-1 agreement >= 99%; int8
-top-1 accuracy at most 1 point under the student's. The uint8-input variant with baked-in
+top-1 accuracy at most 1 point under the student's, judged on the paired 95% interval of the drop
+over the check images (deploy.paired_stats). The uint8-input variant with baked-in
 preprocessing is an fp32 model and is held to the fp32 gates.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from deploy.errors import UsageError
 from deploy.gates import DEFAULT_GATES, GATE_METRICS, describe_check, evaluate_gates, gates_for
+from deploy.paired_stats import compare_predictions
 from deploy.status import Status
 
 # The precision label of the uint8-input variant, and the gates it is held to.
@@ -75,6 +77,9 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None
     if labels is not None:
         metrics["top1"] = percent(logits.argmax(1) == labels)
         metrics["reference_top1"] = percent(reference.argmax(1) == labels)
+        paired = compare_predictions(labels, reference.argmax(1), logits.argmax(1))
+        metrics["paired"] = paired.counts()
+        metrics["top1_drop_ci"] = [100 * bound for bound in paired.interval]
     return metrics
 
 
@@ -97,6 +102,7 @@ def gate(
         "accuracy": {
             "top1": top1,
             "top1_drop": None if top1 is None or reference_top1 is None else reference_top1 - top1,
+            "paired": metrics.get("paired"),
         },
     }
     checks = evaluate_gates(measurement, precision_gates)

@@ -288,14 +288,15 @@ def layer_images(batches: Sequence[np.ndarray], count: int) -> np.ndarray:
     return images
 
 
-LAYERWISE_DIR = "report/precision"
+LAYERWISE_PREFIX = "layerwise_"  # RUN/report/layerwise_<format>.{md,json,png}, which the report shows
 
 
 def debug_run(
     run_dir: str | os.PathLike[str], target: str, count: int = 64
 ) -> tuple[LayerwiseReport, dict[str, Path]]:
     """Layer-wise parity of a run's exported `target` ("onnxruntime/int8-trt", or "int8-trt") against
-    its fp32 file on the first `count` validation images; the report goes to RUN/report/precision/."""
+    its fp32 file on the first `count` validation images; written to RUN/report/layerwise_<format>.*,
+    where `reviewkd report` picks it up."""
     from deploy.formats import ONNX_FORMATS
     from deploy.manifest import read_manifest, verify_artifact
     from reviewkd.data import iter_run_batches
@@ -313,4 +314,4 @@ def debug_run(
     images = layer_images([b[0] for b in iter_run_batches(run, "val", 64, count)], count)
     report = compare_layers(reference, candidate, images)
     title = f"onnxruntime/{fmt}"
-    return report, write_report(report, run / LAYERWISE_DIR, fmt, title)
+    return report, write_report(report, run / "report", LAYERWISE_PREFIX + fmt, title)

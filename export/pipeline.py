@@ -234,7 +234,7 @@ def export_run(
     calib_method: str = "auto",
     max_top1_drop_int8: float | None = 0.3,
     bake_preprocessing: bool = False,
-    check_samples: int = 2000,
+    check_samples: int = 10_000,
     batch_size: int = 64,
     opset: int | None = None,
     tensorrt: TensorRTOptions | None = None,
@@ -254,7 +254,8 @@ def export_run(
             images before their most sensitive layers stay in float (export.mixed_precision);
             None quantizes every layer.
         bake_preprocessing: also write export/student.uint8.onnx (uint8 NHWC input).
-        check_samples: validation images the checks run on.
+        check_samples: validation images the checks run on (default 10,000: all of a CIFAR test set;
+            the int8 gate judges the paired interval of the drop, which needs images).
         opset: the ONNX opset (None: export.onnx_export.DEFAULT_OPSET).
         batches: the image source; None reads the run's data with reviewkd.data.iter_run_batches,
             or, for a run without config.yaml (a --model export without --data), checks on random

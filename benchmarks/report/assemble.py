@@ -168,6 +168,32 @@ def _distillation(manifest: Manifest) -> dict[str, Any]:
     return {**block, "status": Status.NOT_MEASURED, "reason": reason}
 
 
+LAYERWISE_GLOB = "layerwise_*.json"
+
+
+def _layerwise(run_dir: PathLike) -> dict[str, Any]:
+    """{format: summary} of the layer-wise parity reports `reviewkd layerwise` left in RUN/report."""
+    import json
+
+    found: dict[str, Any] = {}
+    for path in sorted(run_layout.run_path(run_dir, run_layout.REPORT_DIR).glob(LAYERWISE_GLOB)):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged side report must not stop the main one
+        if not isinstance(data, dict):
+            continue
+        found[path.stem.removeprefix("layerwise_")] = {
+            "images": data.get("images"),
+            "jump": data.get("jump"),
+            "marked_logits_rel_l2": data.get("marked_logits_rel_l2"),
+            "deployed_logits_rel_l2": data.get("deployed_logits_rel_l2"),
+            "layers": len(data.get("layers", [])),
+            "plot": path.with_suffix(".png").name,
+        }
+    return found
+
+
 def build_report(run_dir: PathLike) -> dict[str, Any]:
     """Assemble report.json's content from the run's manifest, validate.json, bench.json and metrics."""
     manifest = read_manifest(run_dir)
@@ -178,6 +204,7 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
     report["generated_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report["run"] = _run_info(run_dir, manifest, metrics)
     report["distillation"] = _distillation(manifest)
+    report["layerwise"] = _layerwise(run_dir)
     # Without torch, validate compares with the fp32 ONNX file; the report marks what it compared with.
     reference = validate.get("reference", REFERENCE_KEY) if validate is not None else REFERENCE_KEY
     for key in _format_keys(manifest, validate, bench):

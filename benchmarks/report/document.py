@@ -67,12 +67,14 @@ class ReportDocument:
     latency: Section
     plots: Section
     environment: Section
+    layerwise: Section | None = None  # present when `reviewkd layerwise` left reports in the run
 
     @property
     def sections(self) -> tuple[Section, ...]:
         """The sections in reading order."""
         formats = Section("Formats", table=self.final_table, bullets=self.format_notes)
-        return (formats, self.accuracy, self.latency, self.plots, self.environment)
+        layerwise = () if self.layerwise is None else (self.layerwise,)
+        return (formats, self.accuracy, *layerwise, self.latency, self.plots, self.environment)
 
 
 # ----------------------------------------------------------------------------- numbers as text
@@ -119,6 +121,17 @@ def _top1(entry: Mapping[str, Any]) -> str:
     return number_text((entry.get("accuracy") or {}).get("top1"))
 
 
+def _drop_interval(entry: Mapping[str, Any]) -> str:
+    """The top-1 drop against the reference with its paired 95% interval, in points."""
+    accuracy = entry.get("accuracy") or {}
+    if entry.get("reference") and accuracy:
+        return "ref"
+    interval = accuracy.get("top1_drop_ci")
+    if not interval or accuracy.get("top1_drop") is None:
+        return "-"
+    return f"{accuracy['top1_drop']:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def _agreement(entry: Mapping[str, Any]) -> str:
     if entry.get("reference") and entry.get("accuracy"):
         return "ref"
@@ -146,6 +159,7 @@ FINAL_TABLE_COLUMNS: tuple[Column, ...] = (
     Column("status", "left", lambda key, entry, batch: str(entry["status"])),
     Column("size MB", "right", lambda key, entry, batch: _size_mb(entry)),
     Column("top-1 %", "right", lambda key, entry, batch: _top1(entry)),
+    Column("drop [95% CI]", "right", lambda key, entry, batch: _drop_interval(entry)),
     Column("agree %", "right", lambda key, entry, batch: _agreement(entry)),
     Column("p50 ms @1", "right", lambda key, entry, batch: _p50_at_one(entry)),
     Column("img/s @{batch}", "right", lambda key, entry, batch: _throughput_at(entry, batch)),
@@ -217,17 +231,31 @@ def _stage_note(report: Mapping[str, Any], block: str) -> str | None:
 
 
 def _accuracy_table(report: Mapping[str, Any]) -> Table:
-    header = ("format", "top-1 %", "top-5 %", "n", "max |diff|", "mean |diff|", "agree %", "gates")
+    header = (
+        "format",
+        "top-1 %",
+        "drop [95% CI]",
+        "top-5 %",
+        "n",
+        "max |diff|",
+        "mean |diff|",
+        "agree %",
+        "gates",
+    )
     rows = []
     for key, entry in format_entries(report).items():
         acc = entry.get("accuracy") or {}
         par = entry.get("parity") or {}
         gates = entry.get("gates", [])
-        gate_text = ", ".join(f"{g['gate']} {'pass' if g['passed'] else 'FAIL'}" for g in gates) or "-"
+        gate_text = (
+            ", ".join(f"{g['gate']} {g.get('verdict') or ('pass' if g['passed'] else 'FAIL')}" for g in gates)
+            or "-"
+        )
         rows.append(
             (
                 key,
                 number_text(acc.get("top1")),
+                _drop_interval(entry),
                 number_text(acc.get("top5")),
                 str(acc.get("n", "-")),
                 "-" if par.get("max_abs_diff") is None else f"{par['max_abs_diff']:.3g}",
@@ -236,7 +264,7 @@ def _accuracy_table(report: Mapping[str, Any]) -> Table:
                 gate_text,
             )
         )
-    return Table(header, tuple(rows), ("left", "right", "right", "right", "right", "right", "right", "left"))
+    return Table(header, tuple(rows), ("left", *(RIGHT for _ in header[1:-1]), "left"))
 
 
 def _latency_table(report: Mapping[str, Any]) -> Table:
@@ -265,6 +293,35 @@ def _environment_lines(report: Mapping[str, Any]) -> tuple[str, ...]:
     )
 
 
+def _layerwise_section(report: Mapping[str, Any], plots: Sequence[Plot]) -> Section | None:
+    """Where each lower-precision file's error jumps, from `reviewkd layerwise`, with its plots."""
+    found = report.get("layerwise") or {}
+    if not found:
+        return None
+    header = ("format", "jump at module", "node", "rel. L2", "jump", "logits rel. L2 Q/DQ", "as deployed")
+    rows = []
+    for fmt, entry in found.items():
+        jump = entry.get("jump") or {}
+        rows.append(
+            (
+                f"onnxruntime/{fmt}",
+                str(jump.get("module", "-")),
+                str(jump.get("node", "-")),
+                number_text(jump.get("rel_l2"), 4),
+                number_text(jump.get("jump"), 4),
+                number_text(entry.get("marked_logits_rel_l2"), 4),
+                number_text(entry.get("deployed_logits_rel_l2"), 4),
+            )
+        )
+    names = {entry.get("plot") for entry in found.values()}
+    return Section(
+        "Layer-wise parity (reviewkd layerwise)",
+        note="Each layer's output against fp32, in graph order; the full tables are report/layerwise_*.md.",
+        table=Table(header, tuple(rows), ("left", "left", "left", RIGHT, RIGHT, RIGHT, RIGHT)),
+        plots=tuple(plot for plot in plots if plot.path.name in names),
+    )
+
+
 def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> ReportDocument:
     """The document of report.json's content `report`, showing `plots` (already drawn)."""
     accuracy_note = _stage_note(report, "validation")
@@ -272,6 +329,8 @@ def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> Rep
     latency = _latency_table(report)
     if latency_note is None and not latency.rows:
         latency_note = "No format was timed."
+    layerwise_plots = {entry.get("plot") for entry in (report.get("layerwise") or {}).values()}
+    general = tuple(plot for plot in plots if plot.path.name not in layerwise_plots)
     return ReportDocument(
         title=TITLE,
         headline=headline(report),
@@ -286,8 +345,9 @@ def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> Rep
         latency=Section("Latency", note=latency_note, table=None if latency_note else latency),
         plots=Section(
             "Plots",
-            note=None if plots else "Nothing to plot: no timings, accuracies or training records.",
-            plots=tuple(plots),
+            note=None if general else "Nothing to plot: no timings, accuracies or training records.",
+            plots=general,
         ),
         environment=Section("Environment", bullets=_environment_lines(report)),
+        layerwise=_layerwise_section(report, plots),
     )

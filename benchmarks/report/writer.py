@@ -84,7 +84,12 @@ def write_report(run_dir: PathLike) -> dict[str, Any]:
     report["plots"] = [plot.path.name for plot in plots]
     if not has_matplotlib:
         report["plots_note"] = NO_MATPLOTLIB
-    document = build_document(report, plots)
+    layerwise = [
+        Plot(f"Layer-wise parity: onnxruntime/{fmt}", out / entry["plot"])
+        for fmt, entry in report.get("layerwise", {}).items()
+        if (out / entry["plot"]).is_file()
+    ]
+    document = build_document(report, [*plots, *layerwise])
     write_json_atomic(json_file, report)
     write_text_atomic(markdown_file, render_markdown(document))
     write_text_atomic(html_file, render_html(document))

@@ -97,6 +97,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             flag, type=float, default=None, metavar="X", help=f"same as --gate {precision}:{name}=X"
         )
     validate.add_argument(
+        "--fail-inconclusive",
+        action="store_true",
+        help="fail a top-1 drop gate whose 95%% interval straddles the budget (default: it passes, marked"
+        " inconclusive with the images that would resolve it)",
+    )
+    validate.add_argument(
         "--gate",
         action="append",
         metavar="PRECISION:NAME=VALUE",
@@ -149,9 +155,17 @@ def _validate_lines(result: Mapping[str, Any]) -> list[str]:
         parity = entry.get("parity")
         if parity:
             text += f"  max|diff| {parity['max_abs_diff']:.3g}  agreement {parity['top1_agreement']:.2f}%"
+        if acc.get("top1_drop_ci"):
+            low, high = acc["top1_drop_ci"]
+            text += f"  drop {acc['top1_drop']:.2f} (95% CI {low:.2f} to {high:.2f})"
         if entry["gates"]:
             text += "  gates " + ("pass" if all(g["passed"] for g in entry["gates"]) else "FAIL")
         lines.append(text)
+        lines += [
+            f"{'':<24} {check['reason']}"
+            for check in entry["gates"]
+            if check.get("verdict") == "inconclusive"
+        ]
     return lines
 
 
@@ -167,6 +181,7 @@ def run_validate_command(args: argparse.Namespace) -> int:
         limit=args.limit,
         gates=gates,
         data=args.data,
+        inconclusive_passes=not args.fail_inconclusive,
     )
     note = result.get("reference_note")
     print(f"reference: {result['reference']}" + (f" ({note})" if note else ""))

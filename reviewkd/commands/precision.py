@@ -18,8 +18,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Run RUN/export/student.onnx and the chosen lower-precision file with every intermediate "
             "tensor exposed, on the run's first validation images; report each layer's cosine "
             "similarity and relative L2 error against fp32 in graph order, with the student's module "
-            "path, and mark the layer where the error jumps. Writes RUN/report/precision/FORMAT.md, "
-            ".json and .png."
+            "path, and mark the layer where the error jumps. Writes RUN/report/layerwise_FORMAT.md, "
+            ".json and .png, which `reviewkd report` shows."
         ),
     )
     parser.add_argument("run", type=Path, metavar="RUN", help="an exported run directory")

@@ -196,13 +196,15 @@ def test_final_table_lists_every_format_in_aligned_columns(measured_run: Path) -
     rule = table[1]
     assert set(rule) == {"-", " "} and "   " not in rule  # dashes two spaces apart
     cells = _columns(table)
-    assert cells[0] == ["format", "status", "size MB", "top-1 %", "agree %", "p50 ms @1", "img/s @4"]
+    assert cells[0] == [
+        "format", "status", "size MB", "top-1 %", "drop [95% CI]", "agree %", "p50 ms @1", "img/s @4"
+    ]  # fmt: skip
     rows = {row[0]: row for row in cells[2:]}
     assert set(rows) == set(FORMATS)
     assert rows["onnxruntime/fp32"][1:2] == ["ok"]
-    assert rows["onnxruntime/fp32"][4:] == ["100.00", "1.500", str(round(4 * 1000 / 1.5))]
-    assert rows["torch/fp32"][4] == "ref"
-    assert rows["tensorrt/fp16"][1:] == ["skipped", "-", "-", "-", "-", "-"]
+    assert rows["onnxruntime/fp32"][5:] == ["100.00", "1.500", str(round(4 * 1000 / 1.5))]
+    assert rows["torch/fp32"][4:6] == ["ref", "ref"]
+    assert rows["tensorrt/fp16"][1:] == ["skipped", "-", "-", "-", "-", "-", "-"]
     # Names and statuses flush left, numbers flush right, each column as wide as its widest cell.
     for line in table[2:]:
         for index, (start, end) in enumerate(m.span() for m in re.finditer(r"-+", rule)):
@@ -297,7 +299,7 @@ def test_a_run_without_measurements_says_not_measured(tmp_path: Path) -> None:
     table = format_final_table(report)
     row = next(line.split() for line in table.splitlines() if line.startswith("onnxruntime/fp32"))
     assert row[1:3] == ["not", "measured"]
-    assert row[4:] == ["-", "-", "-", "-"]
+    assert row[4:] == ["-", "-", "-", "-", "-"]
     # Only the training curves can be drawn.
     assert report["plots"] == ["accuracy_size.png", "training.png"]
     page = (run / "report" / "report.html").read_text()

@@ -224,17 +224,30 @@ def test_fp16_agreement_gate_and_its_override() -> None:
     assert validate_runners(_agreement_targets("fp16", 1), batches, gates=gates)["passed"]
 
 
-def test_int8_top1_drop_gate_counts_points_below_the_reference() -> None:
+def test_int8_top1_drop_gate_judges_the_paired_interval() -> None:
     batches = _labelled_by_reference()
-    # One flip per batch of 50 costs 2 points of top-1 against a reference that is 100% right.
+    # One flip per batch of 50 costs 2 points of top-1 against a reference that is 100% right,
+    # but 2 losses in 100 paired images cannot tell a 2-point drop from a 0-point one.
     result = validate_runners(_agreement_targets("int8", 1), batches)
     entry = result["results"]["onnxruntime/int8"]
     assert entry["accuracy"]["top1"] == pytest.approx(98.0)
     assert entry["accuracy"]["top1_drop"] == pytest.approx(2.0)
-    assert not result["passed"]
-    gates = set_gate(default_gates(), "int8", "max_top1_drop", 2.5, "--max-top1-drop-int8")
-    assert validate_runners(_agreement_targets("int8", 1), batches, gates=gates)["passed"]
-    # No flips: no drop, gate passes with the defaults.
+    assert entry["accuracy"]["paired"]["losses"] == 2 and entry["accuracy"]["paired"]["gains"] == 0
+    low, high = entry["accuracy"]["top1_drop_ci"]
+    assert low < 1.0 < high
+    (gate,) = entry["gates"]
+    assert (
+        gate["verdict"] == "inconclusive" and "100 images cannot resolve a 1-point budget" in gate["reason"]
+    )
+    assert result["passed"]
+    strict = validate_runners(_agreement_targets("int8", 1), batches, inconclusive_passes=False)
+    assert not strict["passed"] and "inconclusive" in strict["failures"][0]
+    # Ten flips per batch: a 20-point drop that the interval resolves.
+    failed = validate_runners(_agreement_targets("int8", 10), batches)
+    assert not failed["passed"] and failed["results"]["onnxruntime/int8"]["gates"][0]["verdict"] == "failed"
+    gates = set_gate(default_gates(), "int8", "max_top1_drop", 50.0, "--max-top1-drop-int8")
+    assert validate_runners(_agreement_targets("int8", 10), batches, gates=gates)["passed"]
+    # No flips: no drop, and 100 agreeing images put the interval under 1 point.
     assert validate_runners(_agreement_targets("int8", 0), batches)["passed"]
 
 

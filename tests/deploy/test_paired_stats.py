@@ -88,3 +88,37 @@ def test_bad_input_is_a_usage_error() -> None:
         compare_correct(np.ones(0, bool), np.ones(0, bool))
     with pytest.raises(UsageError, match="budget"):
         judge_drop(compare_correct(np.ones(3, bool), np.ones(3, bool)), -1)
+
+
+def _measurement(both: int, losses: int, gains: int, neither: int) -> dict[str, object]:
+    comparison = compare_correct(*_pairs(both, losses, gains, neither))
+    return {"accuracy": {"top1_drop": 100 * comparison.drop, "paired": comparison.counts()}}
+
+
+def test_the_top1_drop_gate_judges_the_interval() -> None:
+    from deploy.gates import describe_check, evaluate_gates
+
+    gate = {"max_top1_drop": 1.0}
+    # 0.8-point drop on 360 images: under the budget as a point estimate, but not resolved.
+    (small,) = evaluate_gates(_measurement(320, 4, 1, 35), gate)
+    assert small["verdict"] == "inconclusive" and small["passed"]
+    assert describe_check(small).startswith("gate max_top1_drop: inconclusive: 360 images cannot resolve")
+    (strict,) = evaluate_gates(_measurement(320, 4, 1, 35), gate, inconclusive_passes=False)
+    assert not strict["passed"] and strict["images_needed"] > 360
+    # 1.2-point drop on 20,000 images: above the budget, and the interval says so.
+    (large,) = evaluate_gates(_measurement(18000, 300, 60, 1640), gate)
+    assert large["verdict"] == "failed" and not large["passed"] and large["interval"][0] > 1.0
+    # A 1.5-point point estimate on 40 images fails nothing it cannot show.
+    (tiny,) = evaluate_gates(_measurement(36, 1, 0, 3), gate)
+    assert tiny["verdict"] == "inconclusive"
+    (unpaired,) = evaluate_gates({"accuracy": {"top1_drop": 1.5}}, gate)
+    assert "verdict" not in unpaired and not unpaired["passed"]
+
+
+def test_counts_round_trip_and_inconsistent_counts_are_refused() -> None:
+    from deploy.paired_stats import PairedComparison
+
+    comparison = compare_correct(*_pairs(880, 10, 4, 106))
+    assert PairedComparison.from_counts(comparison.counts()) == comparison
+    with pytest.raises(UsageError, match="inconsistent"):
+        PairedComparison.from_counts({**comparison.counts(), "candidate_correct": 1})

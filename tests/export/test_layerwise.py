@@ -85,3 +85,24 @@ def test_unrelated_files_and_bad_formats_are_usage_errors(
         compare_layers(a, b, np.zeros((2, *SHAPE), np.float32))
     assert main(["layerwise", str(tmp_path), "--format", "onnxruntime/int4"]) == 2
     assert "--format onnxruntime/int4: expected one of" in capsys.readouterr().err
+
+
+def test_the_run_report_shows_the_layerwise_table_and_plot(tmp_path: Path) -> None:
+    from benchmarks.report.writer import write_report as write_run_report
+    from export.layerwise import LAYERWISE_PREFIX
+    from tests.helpers import INPUT_SHAPE, make_run
+
+    run, _ = make_run(tmp_path)
+    fp32 = run / "export" / "student.onnx"
+    images = np.random.default_rng(1).standard_normal((16, *INPUT_SHAPE)).astype(np.float32)
+    int8 = tmp_path / "int8.onnx"
+    quantize_int8(fp32, int8, [images], flavour="cpu")
+    report = compare_layers(fp32, int8, images)
+    write_report(report, run / "report", LAYERWISE_PREFIX + "int8", "onnxruntime/int8")
+    written = write_run_report(run)
+    assert written["layerwise"]["int8"]["jump"]["module"] == report.worst_jump.module  # type: ignore[union-attr]
+    markdown = (run / "report" / "report.md").read_text()
+    assert "## Layer-wise parity (reviewkd layerwise)" in markdown
+    assert f"| onnxruntime/int8 | {report.worst_jump.module}" in markdown  # type: ignore[union-attr]
+    assert "![Layer-wise parity: onnxruntime/int8](layerwise_int8.png)" in markdown
+    assert "data:image/png;base64" in (run / "report" / "report.html").read_text()

@@ -51,7 +51,7 @@ def test_the_checked_names_are_the_installed_top_level_packages() -> None:
 
 
 def _installed_copy(site: Path) -> None:
-    """A wheel's layout in `site`: the four packages and a dist-info whose RECORD hashes them."""
+    """A wheel's layout in `site`: the four packages and a dist-info whose RECORD lists them."""
     files = {
         "reviewkd/__init__.py": b"",
         "reviewkd/sibling_packages.py": (REPO_ROOT / "reviewkd" / "sibling_packages.py").read_bytes(),
