@@ -58,7 +58,9 @@ class DataConfig:
     mean: list[float] | None = None  # None: the dataset's usual values
     std: list[float] | None = None
     val_fraction: float = 0.2  # digits: the stratified share held out for validation
-    subset: int | None = 50  # train on N training images (stratified, fixed seed); None: all
+    # The digits default (configs/digits.yaml) sets 50; a config of one's own trains on every image
+    # unless it asks for fewer.
+    subset: int | None = None  # train on N training images (stratified, fixed seed); None: all
     first_per_class: int | None = None  # train on the first N images of each class (file order); None: all
     cache: bool = False  # imagefolder: decode every image once into memory (uint8)
     num_workers: int = 0  # imagefolder without cache: DataLoader workers
@@ -80,7 +82,7 @@ class TeacherConfig:
     weights: str | None = None
     epochs: int | None = 15  # epochs when training the teacher (None: train.epochs)
     lr: float | None = None  # learning rate when training the teacher (None: optim.lr)
-    full_data: bool = True  # train the teacher on every training image, ignoring data.subset/first_per_class
+    full_data: bool = False  # train the teacher on every training image, ignoring data.subset/first_per_class
 
 
 @dataclass
@@ -395,19 +397,19 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
 
 def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Resolve a config: defaults, then the file or shipped name `source`, then `key=value` overrides.
+    """Resolve a config: defaults, then the file or shipped name `source` (the embedded digits default
+    when None), then `key=value` overrides.
 
     Raises:
         UsageError: a missing or unreadable file, an unknown key, a bad value; the message names it.
     """
     config = Config()
-    if source is not None:
-        path = resolve_config_path(source)
-        data = read_yaml(path)  # its errors name the path already
-        try:
-            _merge(config, data, "")
-        except UsageError as exc:
-            raise UsageError(f"{path}: {exc}") from exc
+    path = resolve_config_path(DEFAULT_CONFIG_NAME if source is None else source)
+    data = read_yaml(path)  # its errors name the path already
+    try:
+        _merge(config, data, "")
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from exc
     for text in overrides:
         key, value = parse_override(text)
         _merge(config, _nest(key, value), "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,16 @@ CIFAR100_PAIRS = {
 
 
 def test_shipped_digits_config_is_the_embedded_default() -> None:
-    assert load_config("digits") == Config()
-    assert load_config(None) == Config()
+    assert load_config(None) == load_config("digits")
+    # The demo's few-image students are the digits config's, not defaults a config of one's own inherits.
+    digits = load_config("digits")
+    assert (digits.data.subset, digits.teacher.full_data) == (50, True)
+    assert (Config().data.subset, Config().teacher.full_data) == (None, False)
+    assert dataclasses.replace(
+        digits,
+        data=dataclasses.replace(digits.data, subset=None),
+        teacher=dataclasses.replace(digits.teacher, full_data=False),
+    ) == Config()
 
 
 @pytest.mark.parametrize("name", shipped_configs())
