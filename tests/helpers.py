@@ -34,6 +34,7 @@ from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import METADATA_KEY, OnnxRuntimeRunner
 from deploy.trt_sidecar import Sidecar, host_machine, profile_shapes, sidecar_path, write_sidecar
 from export.onnx_export import sealed_bytes
+from export.pipeline import tensorrt_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -378,3 +379,9 @@ def add_fp16_file(run: Path) -> Path:
     record_artifact(run, manifest, "export/student.fp16.onnx", "onnx", precision="fp16")
     write_manifest(run, manifest)
     return run / "export/student.fp16.onnx"
+
+
+def tensorrt_gpu_missing() -> str | None:
+    """Why TensorRT engines cannot be built and run here, or None where TensorRT and a GPU are present."""
+    ok, reason = tensorrt_status()
+    return None if ok else reason

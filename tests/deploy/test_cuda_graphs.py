@@ -27,12 +27,11 @@ from torch import nn
 
 from benchmarks.latency import enable_cuda_graphs
 from deploy.errors import UsageError
-from deploy.gpu import import_cudart, probe_gpu
+from deploy.gpu import import_cudart
 from deploy.runners.cuda_graphs import CudaGraphCache
 from deploy.runners.tensorrt_runner import TensorRTRunner, _CudaPythonMemory, _TorchMemory
 from deploy.runners.torch_runner import TorchRunner
-from deploy.trt_sidecar import tensorrt_available
-from tests.helpers import export_onnx
+from tests.helpers import export_onnx, tensorrt_gpu_missing
 
 # --------------------------------------------------------------------------- CudaGraphCache with fakes
 
@@ -765,15 +764,7 @@ def test_memory_classes_on_a_gpu_use_a_non_blocking_stream_and_pinned_staging(ki
     memory.close()
 
 
-def _tensorrt_gpu_reason() -> str | None:
-    ok, reason = tensorrt_available()
-    if not ok:
-        return reason
-    probe = probe_gpu()
-    return None if probe.gpu is not None else probe.describe_failure()
-
-
-TRT_GPU_MISSING = _tensorrt_gpu_reason()
+TRT_GPU_MISSING = tensorrt_gpu_missing()
 
 
 @pytest.mark.tensorrt

@@ -48,7 +48,7 @@ from export.tensorrt_engine import (
     inspect_onnx,
     weak_typing_flags,
 )
-from tests.helpers import REPO_ROOT, export_onnx
+from tests.helpers import REPO_ROOT, export_onnx, tensorrt_gpu_missing
 
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0))
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
@@ -56,15 +56,7 @@ ORIN = GpuInfo("Orin", (8, 7))
 T4 = GpuInfo("Tesla T4", (7, 5))
 
 
-def _tensorrt_gpu_reason() -> str | None:
-    ok, reason = tensorrt_available()
-    if not ok:
-        return reason
-    probe = probe_gpu()
-    return None if probe.gpu is not None else probe.describe_failure()
-
-
-TRT_GPU_MISSING = _tensorrt_gpu_reason()
+TRT_GPU_MISSING = tensorrt_gpu_missing()
 
 
 # --------------------------------------------------------------------------- tiny ONNX files
