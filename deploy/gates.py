@@ -33,6 +33,7 @@ from typing import Any
 from deploy.errors import UsageError
 from deploy.formats import PRECISIONS, precision_family
 from deploy.paired_stats import PairedComparison, judge_drop
+from deploy.status import Status
 
 GateTable = dict[str, dict[str, float]]  # precision -> gate name -> threshold
 
@@ -174,7 +175,8 @@ def evaluate_gates(
             extra = {"verdict": verdict.status, "interval": [100 * low, 100 * high], "reason": verdict.reason}
             if verdict.images_needed is not None:
                 extra["images_needed"] = verdict.images_needed
-            passed = verdict.status == "ok" or (verdict.status == "inconclusive" and inconclusive_passes)
+            inconclusive = verdict.status == Status.INCONCLUSIVE
+            passed = verdict.status == Status.OK or (inconclusive and inconclusive_passes)
         checks.append(
             {
                 "gate": name,

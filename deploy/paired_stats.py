@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from deploy.errors import UsageError
+from deploy.status import Status
 
 DEFAULT_CONFIDENCE = 0.95
-STATUSES = ("ok", "failed", "inconclusive")
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,9 @@ class PairedComparison:
 
 @dataclass(frozen=True)
 class Verdict:
-    """A gate's answer: status in STATUSES, a one-line reason, and the images that would resolve it."""
+    """A gate's answer (ok, failed or inconclusive), a one-line reason, the images that would resolve it."""
 
-    status: str
+    status: Status
     reason: str
     images_needed: int | None = None
 
@@ -200,13 +200,14 @@ def judge_drop(comparison: PairedComparison, budget_points: float) -> Verdict:
     low, high = comparison.interval
     observed = describe_drop(comparison)
     if low > budget:
-        return Verdict("failed", f"{observed}: significantly more than the {budget_points:g}-point budget")
+        reason = f"{observed}: significantly more than the {budget_points:g}-point budget"
+        return Verdict(Status.FAILED, reason)
     if high <= budget:
-        return Verdict("ok", f"{observed}: within the {budget_points:g}-point budget")
+        return Verdict(Status.OK, f"{observed}: within the {budget_points:g}-point budget")
     needed = comparison.images_to_resolve(budget)
     more = f"about {needed:,} would at these rates" if needed else "no sample size would: the drop equals it"
     return Verdict(
-        "inconclusive",
+        Status.INCONCLUSIVE,
         f"inconclusive: {comparison.n:,} images cannot resolve a {budget_points:g}-point budget"
         f" ({observed}); {more}",
         needed,

@@ -12,6 +12,7 @@ class Status(str, Enum):
     FAILED = "failed"  # it ran and failed a gate, or it broke
     SKIPPED = "skipped"  # it cannot run on this machine (no TensorRT, no GPU, no torch)
     NOT_MEASURED = "not measured"  # nobody asked for it yet
+    INCONCLUSIVE = "inconclusive"  # a gate whose sample cannot resolve its budget (deploy.paired_stats)
 
     def __str__(self) -> str:
         return self.value

@@ -208,7 +208,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
         tmp.write_bytes(data)
 
 
-def _torch_export(model: nn.Module, input_shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
+def torch_export(model: nn.Module, input_shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
     """Trace `model` to an ONNX ModelProto with a symbolic batch dimension.
 
     We use the TorchScript exporter (dynamo=False). It exists with the same arguments on every
@@ -271,7 +271,7 @@ def export_fp32(
         raise UsageError(f"opset {opset}: export needs opset {MIN_OPSET} or newer")
     student = strip_student(model)
     params, expected, folded, unfolded = count_weights(student, input_shape)
-    traced = _torch_export(student, input_shape, opset)
+    traced = torch_export(student, input_shape, opset)
     # Counted before optimisation: the optimiser may legitimately drop an all-zero bias.
     counts = WeightCount(params, expected, onnx_weight_count(traced), folded, unfolded)
     proto = optimize_onnx(traced)

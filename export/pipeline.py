@@ -147,7 +147,7 @@ def ensure_writable(folder: Path) -> None:
         raise UsageError(f"{folder}: cannot write the exported files there ({exc.strerror or exc})") from exc
 
 
-def _load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
+def load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
     from export.onnx_export import strip_student
     from reviewkd.models import create_model
 
@@ -167,7 +167,7 @@ def _load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
     return strip_student(create_model(info["arch"], int(info["num_classes"]), weights=student_path))
 
 
-def _run_batches(run: Path) -> BatchSource:
+def run_batches(run: Path) -> BatchSource:
     def source(split: str, batch_size: int, limit: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
         from reviewkd.data import iter_run_batches
 
@@ -176,14 +176,14 @@ def _run_batches(run: Path) -> BatchSource:
     return source
 
 
-def _torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.ndarray:
+def torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.ndarray:
     import torch
 
     with torch.no_grad():
         return np.concatenate([model(torch.from_numpy(b)).float().numpy() for b in batches])
 
 
-class _Recorder:
+class ExportRecorder:
     """Keeps the manifest and the summary in step; the manifest is rewritten after every file."""
 
     def __init__(self, run: Path, manifest: Manifest, summary: ExportSummary) -> None:
@@ -292,10 +292,10 @@ def export_run(
     manifest = read_manifest(run)
     spec = input_spec(manifest)
     input_shape = spec.shape
-    model = _load_student(run, manifest)
+    model = load_student(run, manifest)
     ensure_writable(run / run_layout.EXPORT_DIR)
     summary = ExportSummary(run)
-    recorder = _Recorder(run, manifest, summary)
+    recorder = ExportRecorder(run, manifest, summary)
 
     trt_ok, trt_reason = tensorrt_status() if wanted is None or "tensorrt" in wanted else (False, "")
     if wanted is None:
@@ -304,7 +304,7 @@ def export_run(
             recorder.skip("tensorrt", f"not requested by default: {trt_reason}")
 
     has_data = batches is not None or run_layout.run_path(run, run_layout.CONFIG).is_file()
-    source = batches if batches is not None else _run_batches(run)
+    source = batches if batches is not None else run_batches(run)
     mean, std = spec.mean, spec.std
 
     # Check images and the student's reference logits, computed once for every file.
@@ -322,7 +322,7 @@ def export_run(
         val_images = [rng.standard_normal((count, *input_shape), dtype=np.float32)]
         labels = None
         summary.check_data = f"{count} random inputs (no image data: int8 skipped, accuracy not measured)"
-    reference = _torch_logits(model, val_images)
+    reference = torch_logits(model, val_images)
     recorder.block.update(
         {"check_data": summary.check_data, "opset": opset, "formats": wanted, "calibration": None}
     )
@@ -410,7 +410,7 @@ def export_run(
         log(f"baking preprocessing into {uint8_rel}")
         info = bake_uint8_input(fp32_path, run / uint8_rel, mean, std)
         pairs_u8 = [to_uint8_nhwc(b, mean, std) for b in val_images]
-        ref_u8 = _torch_logits(model, [p[1] for p in pairs_u8])
+        ref_u8 = torch_logits(model, [p[1] for p in pairs_u8])
         result = check_file(run / uint8_rel, UINT8_CHECK, [p[0] for p in pairs_u8], ref_u8, labels)
         recorder.checked(
             uint8_rel, result, "onnx", precision=UINT8_INPUT.precision, flavour=UINT8_INPUT.flavour, **info
@@ -441,7 +441,7 @@ def export_engines(
     run = Path(run_dir)
     manifest = read_manifest(run)
     summary = ExportSummary(run, check_data="the ONNX files' checks at export (engines are built from them)")
-    recorder = _Recorder(run, manifest, summary)
+    recorder = ExportRecorder(run, manifest, summary)
     trt_ok, trt_reason = tensorrt_status()
     if not trt_ok:
         summary.missing_dependency = f"--formats tensorrt: {trt_reason}"
@@ -454,7 +454,11 @@ def export_engines(
 
 
 def _build_engines(
-    run: Path, manifest: Manifest, recorder: _Recorder, options: TensorRTOptions, log: Callable[[str], None]
+    run: Path,
+    manifest: Manifest,
+    recorder: ExportRecorder,
+    options: TensorRTOptions,
+    log: Callable[[str], None],
 ) -> None:
     """Build one engine per precision from the ONNX files that passed (this export or an earlier one)."""
     from deploy.trt_sidecar import sidecar_path

@@ -38,16 +38,16 @@ from deploy.fileio import sha256_file
 from deploy.manifest import input_spec, read_manifest, write_manifest
 from deploy.run_lock import locks_run
 from export.check import CheckResult, compare, gate, run_onnx
-from export.onnx_export import DEFAULT_OPSET, _torch_export, optimize_onnx, save_onnx, set_metadata
+from export.onnx_export import DEFAULT_OPSET, optimize_onnx, save_onnx, set_metadata, torch_export
 from export.pipeline import (
     STUDENT_FILE,
     BatchSource,
+    ExportRecorder,
     ExportSummary,
-    _load_student,
-    _Recorder,
-    _run_batches,
-    _torch_logits,
     ensure_writable,
+    load_student,
+    run_batches,
+    torch_logits,
 )
 from export.precision import zero_points_all_zero
 
@@ -107,7 +107,7 @@ def activations_to_uint8(model: onnx.ModelProto) -> int:
 def qdq_model(quantized: torch.nn.Module, input_shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
     """The fake-quantized model traced to ONNX: each fake-quantize op a QuantizeLinear/DequantizeLinear
     pair, the scale arithmetic folded into constants. Raises UsageError on a non-zero zero point."""
-    proto = optimize_onnx(_torch_export(quantized.eval(), input_shape, opset))
+    proto = optimize_onnx(torch_export(quantized.eval(), input_shape, opset))
     proto.producer_name = "reviewkd"
     if not zero_points_all_zero(proto):
         raise UsageError("the exported Q/DQ graph has a non-zero zero point; expected symmetric int8")
@@ -147,20 +147,20 @@ def export_qad(
     if not qad_block or not qad_block.get("weights"):
         raise UsageError(f"{run / 'manifest.json'}: no qad block; run `reviewkd quantize {run}` first")
     input_shape = input_spec(manifest).shape
-    student = _load_student(run, manifest)
+    student = load_student(run, manifest)
     quantized, _plan = load_qad_student(run)
     ensure_writable(run / "export")
     summary = ExportSummary(run)
-    recorder = _Recorder(run, manifest, summary)
-    source = batches if batches is not None else _run_batches(run)
+    recorder = ExportRecorder(run, manifest, summary)
+    source = batches if batches is not None else run_batches(run)
     pairs = list(source("val", batch_size, check_samples))
     if not pairs:
         raise UsageError(f"{run}: the validation split has no images to check the QAD files on")
     images = [p[0].astype(np.float32) for p in pairs]
     labels = np.concatenate([p[1] for p in pairs])
     summary.check_data = f"{len(labels)} validation images of the run"
-    reference = _torch_logits(student, images)
-    qad_logits = _torch_logits(quantized, images)
+    reference = torch_logits(student, images)
+    qad_logits = torch_logits(quantized, images)
 
     metadata = {
         "classes": manifest.get("classes", []),

@@ -398,7 +398,7 @@ def test_dla_engines_are_built_from_the_fp16_and_int8_files_only(
     monkeypatch.setattr(export.tensorrt_engine, "build_engine", fake_build_engine)
     summary = ExportSummary(run)
     options = pipeline.TensorRTOptions(dla_core=1, gpu_fallback=False)
-    recorder = pipeline._Recorder(run, manifest, summary)
+    recorder = pipeline.ExportRecorder(run, manifest, summary)
     pipeline._build_engines(run, manifest, recorder, options, lambda message: None)
     assert [(c["source"], c["plan"], c["dla_core"], c["gpu_fallback"]) for c in calls] == [
         ("student.fp16.onnx", "student.fp16.plan", 1, False)
