@@ -20,7 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from deploy.errors import UsageError
 from reviewkd.abf import ReviewChain
 from reviewkd.hcl import hcl_loss
-from reviewkd.taps import FeatureTaps, default_taps, model_label
+from reviewkd.taps import FeatureTaps, default_taps, model_label, pair_default_taps
 
 METHODS = ("ce", "kd", "reviewkd", "reviewkd+kd")
 
@@ -190,7 +190,8 @@ class ReviewKD(Distiller):
             and spatial size, so none are written by hand and non-square inputs work.
         hcl_weight: lambda, the weight of HCL in the loss.
         student_taps, teacher_taps: module paths of the levels, shallow to deep; default
-            `taps.default_taps` (stage outputs plus the pooled feature).
+            `taps.default_taps` (stage outputs plus the pooled feature); when both are defaults
+            and their level counts differ, the deepest levels pair (`taps.pair_default_taps`).
         mid_channels: width of the review chain; default min(512, channels of the deepest student level).
         kd_weight, temperature: when kd_weight > 0, Hinton KD on logits is added (reviewkd+kd).
         fuse_teacher: run the teacher's forward on `fold_batchnorm`'s copy (BatchNorm folded into
@@ -218,10 +219,13 @@ class ReviewKD(Distiller):
         self.temperature = temperature
         s_taps = list(student_taps) if student_taps else default_taps(student, input_shape)
         t_taps = list(teacher_taps) if teacher_taps else default_taps(teacher, input_shape)
+        if not student_taps and not teacher_taps:
+            s_taps, t_taps = pair_default_taps(s_taps, t_taps)
         if len(s_taps) != len(t_taps):
             raise UsageError(
                 f"cannot pair student {model_label(student)} taps {s_taps} with teacher "
-                f"{model_label(teacher)} taps {t_taps}: {len(s_taps)} levels vs {len(t_taps)}"
+                f"{model_label(teacher)} taps {t_taps}: {len(s_taps)} levels vs {len(t_taps)}; "
+                "set method.student_taps and method.teacher_taps to lists of equal length"
             )
         self.student_taps = FeatureTaps(student, s_taps, input_shape)
         # A submodule, so .to(device / memory_format) moves it along with the teacher.

@@ -124,6 +124,18 @@ def default_taps(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     return stages
 
 
+def pair_default_taps(student_taps: list[str], teacher_taps: list[str]) -> tuple[list[str], list[str]]:
+    """Default taps of a student and a teacher with different numbers of levels, paired deepest first.
+
+    A MobileNet on a 32x32 input shows more resolutions than a CIFAR ResNet (16, 8, 4, 2 against 32,
+    16, 8): the longer list loses its shallowest levels, so the pooled features pair with each other
+    and each remaining stage with the stage at the same distance from the output. Both lists end in
+    their pooled feature when both models have one, as `default_taps` gives them.
+    """
+    levels = min(len(student_taps), len(teacher_taps))
+    return student_taps[len(student_taps) - levels :], teacher_taps[len(teacher_taps) - levels :]
+
+
 class FeatureTaps:
     """Wrap a model so that one call returns its logits and the features at `taps`.
 

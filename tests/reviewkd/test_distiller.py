@@ -132,13 +132,28 @@ def test_unknown_tap_names_model_and_tap() -> None:
         )
 
 
-def test_level_count_mismatch_names_both_models() -> None:
-    with pytest.raises(UsageError, match=r"cannot pair student .* teacher .*4 levels vs 5"):
+def test_explicit_taps_of_unequal_length_name_both_models_and_the_keys() -> None:
+    with pytest.raises(UsageError, match=r"cannot pair student .* teacher .*2 levels vs 3; set method"):
         ReviewKD(
             create_model("resnet8x4", 10),
             torchvision.models.resnet18(num_classes=10),
             input_shape=(3, 32, 32),
+            student_taps=["layer3", "avgpool"],
+            teacher_taps=["layer3", "layer4", "avgpool"],
         )
+
+
+def test_default_taps_of_unequal_length_pair_the_deepest_levels() -> None:
+    # mobilenet_v3_small on 32x32 shows 16, 8, 4 and 2 px stages; the CIFAR ResNet 32, 16 and 8 px
+    distiller = ReviewKD(
+        create_model("torchvision:mobilenet_v3_small", 10),
+        create_model("cifar_resnet20", 10),
+        input_shape=(3, 32, 32),
+    )
+    assert [i.path for i in distiller.student_taps.info] == ["features.1", "features.3", "features.8", "avgpool"]
+    assert [i.path for i in distiller.teacher_taps.info] == ["layer1", "layer2", "layer3", "avgpool"]
+    out = _one_step(distiller, (3, 32, 32))
+    assert torch.isfinite(out["loss"]) and out["hcl"] > 0
 
 
 @pytest.mark.parametrize("method", ["ce", "kd", "reviewkd", "reviewkd+kd"])
