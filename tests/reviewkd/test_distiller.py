@@ -150,7 +150,12 @@ def test_default_taps_of_unequal_length_pair_the_deepest_levels() -> None:
         create_model("cifar_resnet20", 10),
         input_shape=(3, 32, 32),
     )
-    assert [i.path for i in distiller.student_taps.info] == ["features.1", "features.3", "features.8", "avgpool"]
+    assert [i.path for i in distiller.student_taps.info] == [
+        "features.1",
+        "features.3",
+        "features.8",
+        "avgpool",
+    ]
     assert [i.path for i in distiller.teacher_taps.info] == ["layer1", "layer2", "layer3", "avgpool"]
     out = _one_step(distiller, (3, 32, 32))
     assert torch.isfinite(out["loss"]) and out["hcl"] > 0
