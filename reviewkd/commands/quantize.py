@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from deploy.errors import UsageError
 from reviewkd.config import DEVICES
 
 
@@ -44,6 +45,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     from export.qad_export import export_qad
     from reviewkd.qad import quantize_run
 
+    if args.check_samples < 1:  # export's own check would come only after the fine-tuning
+        raise UsageError(f"--check-samples must be >= 1, got {args.check_samples}")
     result = quantize_run(
         args.run,
         args.epochs,
