@@ -107,8 +107,8 @@ def _teacher_weights(run: Path, manifest: Manifest) -> Path:
     the manifest's teacher sha256 (a teacher changed since would supervise QAD unnoticed)."""
     teacher = manifest.get("teacher", {})
     recorded, digest = teacher.get("weights"), teacher.get("sha256")
-    candidates = [Path(recorded)] if recorded else []
-    candidates.append(run / "teacher" / TEACHER_FILE)
+    own = run / "teacher" / TEACHER_FILE
+    candidates = list(dict.fromkeys([Path(recorded), own] if recorded else [own]))
     present = [path for path in candidates if path.is_file()]
     for path in present:
         if not digest or sha256_file(path) == digest:
