@@ -1183,6 +1183,41 @@ def test_layerwise_without_matplotlib_is_exit_3_before_any_work(
     assert snapshot(tmp_path) == before
 
 
+HOLD_THE_LOCK = """
+import sys, time
+from deploy.run_lock import run_lock
+with run_lock(sys.argv[1], "validate"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("command", ["layerwise", "quantize"])
+def test_a_busy_run_is_refused_before_any_work(
+    command: str, int8_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = Path(shutil.copytree(int8_run, tmp_path / "run"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(run)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = snapshot(tmp_path)
+        code, _, err = run_cli(_layerwise(run) if command == "layerwise" else _quantize(run), capsys)
+        assert code == 2
+        assert err == (
+            f"reviewkd {command}: error: {run} is busy: another reviewkd validate (pid {holder.pid})"
+            " is writing it\n"
+        )
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # --- the edge install: no torch (a serving device); bad input is still exit 2, one line -------------
 
 WITHOUT_TORCH = """
