@@ -208,6 +208,14 @@ def _own_teacher(run: Path) -> Path:
     return teacher
 
 
+def _rewrite_artifact(run: Path, rel: str, data: bytes) -> None:
+    """Replace a listed file and give the manifest its new sha256 and size, as a hostile editor would."""
+    _write(run / rel, data)
+    raw = json.loads((run / "manifest.json").read_text())
+    raw["artifacts"][rel].update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+    (run / "manifest.json").write_text(json.dumps(raw))
+
+
 @dataclass(frozen=True)
 class Row:
     """One bad input: how to make it, the exit code and a fragment of the one-line error."""
@@ -674,6 +682,12 @@ ROWS: tuple[Row, ...] = (
         2,
         "cannot write",
     ),
+    Row(
+        "export: --max-top1-drop-int8 nan",
+        lambda t, r: ["export", str(r), "--formats", "int8", "--max-top1-drop-int8", "nan"],
+        2,
+        "--max-top1-drop-int8 nan: expected a number of top-1 points",
+    ),
     # ---- layerwise: formats, options, runs
     Row(
         "layerwise: a format the run lacks",
@@ -743,6 +757,15 @@ ROWS: tuple[Row, ...] = (
         lambda t, r: _then((r / "export" / "student.onnx").unlink(), _layerwise(r)),
         2,
         "student.onnx: listed in the manifest but missing",
+        base="int8",
+    ),
+    Row(
+        "layerwise: int8 file not ONNX, the manifest re-hashed",
+        lambda t, r: _then(
+            _rewrite_artifact(r, "export/student.int8.onnx", b"\x08\x07" + os.urandom(254)), _layerwise(r)
+        ),
+        2,
+        "student.int8.onnx: not a readable ONNX file",
         base="int8",
     ),
     Row(
