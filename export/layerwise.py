@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from deploy.errors import MissingDependencyError, UsageError
+from deploy.errors import MissingDependencyError, OutputError, UsageError
 from deploy.manifest import Manifest
 from deploy.run_lock import locks_run
 from export.check import run_onnx
@@ -313,8 +313,6 @@ def _exported_file(run: Path, manifest: Manifest, fmt: str, export_formats: str)
 
 def _writable_folder(folder: Path) -> None:
     """Create `folder`, else an OutputError naming it: checked before the comparison, not after."""
-    from deploy.errors import OutputError
-
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
