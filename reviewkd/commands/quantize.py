@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("run", type=Path, metavar="RUN", help="a run directory written by reviewkd distill")
     parser.add_argument("--epochs", type=int, required=True, metavar="N", help="fine-tuning epochs")
     parser.add_argument(
-        "--lr", type=float, metavar="LR", help="peak learning rate (default: 0.01 x the run's)"
+        "--lr", type=float, metavar="LR", help="peak learning rate (default: 0.001 x the run's)"
     )
     parser.add_argument(
         "--calib-samples", type=int, default=512, metavar="N", help="training images the ranges start from"
