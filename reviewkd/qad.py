@@ -68,15 +68,28 @@ class QADResult:
 
 
 def qad_config(
-    config: Config, run: Path, epochs: int, lr: float | None, teacher_weights: Path, device: str | None
+    config: Config,
+    run: Path,
+    epochs: int,
+    lr: float | None,
+    teacher_weights: Path,
+    device: str | None,
+    kd_weight: float | None = None,
 ) -> Config:
-    """The QAD run's config: the run's data, student and teacher, method reviewkd+kd, a short cosine
-    schedule without warm-up from `lr` (default DEFAULT_LR_FACTOR x the run's learning rate), in fp32."""
+    """The QAD run's config: the run's data, student and teacher, method reviewkd+kd (KD weighted by
+    `kd_weight`, default the run's method.kd_weight), a short cosine schedule without warm-up from
+    `lr` (default DEFAULT_LR_FACTOR x the run's learning rate), in fp32."""
+    method = dataclasses.replace(
+        config.method,
+        name=QAD_METHOD,
+        warmup_epochs=0.0,
+        kd_weight=config.method.kd_weight if kd_weight is None else kd_weight,
+    )
     return dataclasses.replace(
         config,
         student=dataclasses.replace(config.student, weights=str(run / STUDENT_FILE)),
         teacher=dataclasses.replace(config.teacher, weights=str(teacher_weights)),
-        method=dataclasses.replace(config.method, name=QAD_METHOD, warmup_epochs=0.0),
+        method=method,
         optim=dataclasses.replace(
             config.optim, lr=lr if lr is not None else config.optim.lr * DEFAULT_LR_FACTOR
         ),
@@ -94,8 +107,16 @@ def qad_config(
     )
 
 
-def check_qad_options(epochs: int, lr: float | None, calib_samples: int = DEFAULT_CALIB_SAMPLES) -> None:
-    """UsageError naming the option when `epochs`, `lr` or `calib_samples` cannot make a QAD run."""
+def check_qad_options(
+    epochs: int,
+    lr: float | None,
+    calib_samples: int = DEFAULT_CALIB_SAMPLES,
+    kd_weight: float | None = None,
+) -> None:
+    """UsageError naming the option when `epochs`, `lr`, `calib_samples` or `kd_weight` cannot make a
+    QAD run."""
+    if kd_weight is not None and not (math.isfinite(kd_weight) and kd_weight >= 0):
+        raise UsageError(f"--kd-weight must be a finite number >= 0, got {kd_weight}")
     if epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {epochs}")
     if lr is not None and not (math.isfinite(lr) and lr > 0):  # nan and inf diverge on the first step
@@ -204,6 +225,7 @@ def quantize_run(
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
     resume: bool = False,
     device: str | None = None,
+    kd_weight: float | None = None,
 ) -> QADResult:
     """Fine-tune RUN's student under int8 fake quantization for `epochs` epochs into RUN/qad/.
 
@@ -219,14 +241,14 @@ def quantize_run(
     from reviewkd.runtime import setup_runtime
 
     run = Path(run_dir)
-    check_qad_options(epochs, lr, calib_samples)
+    check_qad_options(epochs, lr, calib_samples, kd_weight)
     manifest = read_manifest(run)
     verify_artifact(run, manifest, STUDENT_FILE)
     _check_qad_state(run, manifest, resume)
     for folder in (run / QAD_DIR, run / run_layout.EXPORT_DIR):  # export_qad writes the second after QAD
         _check_writable(folder)
     base = load_run_config(run)
-    config = qad_config(base, run, epochs, lr, _teacher_weights(run, manifest), device)
+    config = qad_config(base, run, epochs, lr, _teacher_weights(run, manifest), device, kd_weight)
     out = run / QAD_DIR
     runtime = setup_runtime(config)
     bundle = build_data(config)
@@ -277,6 +299,7 @@ def quantize_run(
     _update_qad_block(
         run,
         method=QAD_METHOD,
+        kd_weight=config.method.kd_weight,
         epochs=config.train.epochs,
         lr=config.optim.lr,
         fine_tuned={k: best[k] for k in ("top1", "top5", "epoch", "sha256")},

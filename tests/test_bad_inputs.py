@@ -809,6 +809,20 @@ ROWS: tuple[Row, ...] = (
     Row("quantize: --lr nan", lambda t, r: _quantize(r, "--lr", "nan"), 2, "got nan"),
     Row("quantize: --lr inf", lambda t, r: _quantize(r, "--lr", "inf"), 2, "got inf", base="distilled"),
     Row(
+        "quantize: negative --kd-weight",
+        lambda t, r: _quantize(r, "--kd-weight", "-1"),
+        2,
+        "--kd-weight must be a finite number >= 0, got -1.0",
+        base="distilled",
+    ),
+    Row(
+        "quantize: --kd-weight nan",
+        lambda t, r: _quantize(r, "--kd-weight", "nan"),
+        2,
+        "--kd-weight",
+        base="distilled",
+    ),
+    Row(
         "quantize: --calib-samples 0",
         lambda t, r: _quantize(r, "--calib-samples", "0"),
         2,

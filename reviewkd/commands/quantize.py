@@ -1,6 +1,7 @@
 """`reviewkd quantize`: quantization-aware ReviewKD (QAD) of a run's student, then its Q/DQ ONNX files.
 
-quantize RUN --epochs N [--lr LR] [--calib-samples N] [--check-samples N] [--device D] [--resume]
+quantize RUN --epochs N [--lr LR] [--kd-weight W] [--calib-samples N] [--check-samples N] [--device D]
+    [--resume]
     fine-tunes RUN's student under int8 fake quantization against the run's teacher (reviewkd.qad)
     into RUN/qad/, then writes export/student.int8.qad.trt.onnx (TensorRT) and
     export/student.int8.qad.onnx (ONNX Runtime), checks them and records them in RUN/manifest.json.
@@ -30,10 +31,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--lr", type=float, metavar="LR", help="peak learning rate (default: 0.001 x the run's)"
     )
     parser.add_argument(
+        "--kd-weight",
+        type=float,
+        metavar="W",
+        help="weight of KD on the logits, 0 for HCL and cross-entropy alone (default: the run's "
+        "method.kd_weight)",
+    )
+    parser.add_argument(
         "--calib-samples", type=int, default=512, metavar="N", help="training images the ranges start from"
     )
     parser.add_argument(
-        "--check-samples", type=int, default=2000, metavar="N", help="validation images the checks run on"
+        "--check-samples",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="validation images the checks run on (default 10000, as export's)",
     )
     parser.add_argument("--device", choices=DEVICES, help="override train.device (default: the run's)")
     parser.add_argument("--resume", action="store_true", help="continue RUN/qad from its checkpoint")
@@ -54,6 +66,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples,
         resume=args.resume,
         device=args.device,
+        kd_weight=args.kd_weight,
     )
     print(
         f"qad: fake-quant val top1 {result.calibrated_top1:.2f}% calibrated, {result.top1:.2f}% fine-tuned "
