@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from deploy.errors import UsageError
+from deploy.runners.onnxruntime_runner import file_manifest, session_options
 from export.check import run_onnx
 from export.layerwise import module_path
 from export.precision import Int8Quantizer
@@ -130,8 +131,7 @@ def rank_layers(
 def _batch32_ms(path: Path, images: Sequence[np.ndarray]) -> float:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options = session_options(file_manifest(path), threads=1)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     batch = np.concatenate(list(images))[:32]
     session.run(None, {session.get_inputs()[0].name: batch})

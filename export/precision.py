@@ -11,13 +11,20 @@ int8 comes from ONNX Runtime's static quantization, calibrated on images the cal
 - "trt" (student.int8.trt.onnx): symmetric Q/DQ for TensorRT: int8 activations and weights,
   every zero point 0, per-channel weights. ONNX Runtime runs it too, just slower on CPUs.
 
-Both flavours keep weights in 7 bits ([-64, 64], ONNX Runtime's `reduce_range`). ONNX Runtime's
-x86 int8 kernels on CPUs without VNNI (AVX2) multiply uint8 activations by int8 weights with
-vpmaddubsw, which adds two products into a saturating int16: 255 * 127 * 2 overflows it, 255 * 64 * 2
-does not. With full 8-bit weights a ResNet-20 on such a CPU (AMD EPYC, AVX2) lost 1.9 points
-(cpu flavour) and 14 points (trt flavour, whose int8 activations are shifted to uint8) against the
-same file run unfused (Q/DQ semantics, 91.4% and 92.2% for a 91.7% student). A file must hold its
-accuracy on whatever CPU runs it, so the 7-bit range is the default for both.
+Weights: 7 bits for "cpu", 8 for "trt". ONNX Runtime's x86 int8 kernels on CPUs without VNNI
+(AVX2) multiply uint8 activations by int8 weights with vpmaddubsw, which adds two products into a
+saturating int16: 255 * 127 * 2 overflows it, 255 * 64 * 2 does not. With full 8-bit weights a
+ResNet-20 on such a CPU (AMD EPYC, AVX2) lost 1.9 points (cpu flavour) and 14 points (trt flavour,
+whose int8 activations are shifted to uint8) against the same file run unfused (Q/DQ semantics,
+91.4% and 92.2% for a 91.7% student). So:
+- the cpu file, made to run in those fused kernels, keeps its weights in [-64, 64] (ONNX Runtime's
+  `reduce_range`), and holds its accuracy on whatever CPU runs it;
+- the trt file keeps full 8-bit weights ([-127, 127]): TensorRT accumulates in int32 and does not
+  saturate, and the 7-bit range cost it 0.3 points on the pretrained CIFAR ResNet-56
+  (benchmarks/RESULTS.md). Its description sets deploy's UNFUSED_QDQ_KEY, so every ONNX Runtime
+  session this project opens on it (export's checks, calibration and mixed-precision scoring,
+  layer-wise parity, predict/validate/bench) runs its Q/DQ pairs as float operations: the file's
+  semantics, which TensorRT computes, not the fused kernels'.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import numpy as np
 import onnx
 
 from deploy.errors import UsageError
+from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY
 from export.onnx_export import INPUT_NAME, get_metadata, load_onnx, save_onnx, set_metadata
 
 CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
@@ -48,8 +56,14 @@ class Int8Flavour:
     activation: str  # "uint8" or "int8"
     symmetric_activations: bool
     quantize_bias: bool
+    weight_bits: int  # 7 or 8; see the module docstring
     per_channel: bool = True
-    weight_bits: int = 7  # see the module docstring: 8-bit weights saturate ORT's AVX2 kernels
+
+    @property
+    def runs_unfused(self) -> bool:
+        """Whether ONNX Runtime must run the file's Q/DQ pairs as float operations: 8-bit weights
+        saturate its fused int8 kernels on CPUs without VNNI (module docstring)."""
+        return self.weight_bits == 8
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record of this flavour."""
@@ -63,14 +77,19 @@ class Int8Flavour:
             "per_channel_weights": self.per_channel,
             "weight_bits": self.weight_bits,
             "bias": "int32" if self.quantize_bias else "float",
+            UNFUSED_QDQ_KEY: self.runs_unfused,
         }
 
 
 INT8_FLAVOURS: dict[str, Int8Flavour] = {
-    "cpu": Int8Flavour("cpu", activation="uint8", symmetric_activations=False, quantize_bias=True),
+    "cpu": Int8Flavour(
+        "cpu", activation="uint8", symmetric_activations=False, quantize_bias=True, weight_bits=7
+    ),
     # TensorRT's Q/DQ layers take 8-bit (and fp8/int4) tensors only, so biases stay float, as in
     # NVIDIA's own Q/DQ recipes; TensorRT fuses the float bias into its int8 convolution.
-    "trt": Int8Flavour("trt", activation="int8", symmetric_activations=True, quantize_bias=False),
+    "trt": Int8Flavour(
+        "trt", activation="int8", symmetric_activations=True, quantize_bias=False, weight_bits=8
+    ),
 }
 
 
