@@ -25,6 +25,13 @@ whose int8 activations are shifted to uint8) against the same file run unfused (
   session this project opens on it (export's checks, calibration and mixed-precision scoring,
   layer-wise parity, predict/validate/bench) runs its Q/DQ pairs as float operations: the file's
   semantics, which TensorRT computes, not the fused kernels'.
+
+Mixed precision (export/mixed_precision.py) keeps the most sensitive layers out of int8: in fp32
+in the cpu file, which ONNX Runtime runs; in fp16 in the trt file (`compute_in_fp16`: Casts around
+those layers, their weights stored in fp16), because TensorRT 10.12+ and 11 build strongly typed
+networks whose precision is the ONNX file's tensor types, so the file itself must say fp16. Every
+quantized layer keeps its DequantizeLinear inputs right before it, and its Q/DQ scales stay
+float32, so TensorRT's explicit-quantization fusions are unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +64,7 @@ class Int8Flavour:
     symmetric_activations: bool
     quantize_bias: bool
     weight_bits: int  # 7 or 8; see the module docstring
+    float_layers: str  # what the layers mixed precision keeps out of int8 compute in: "fp32" or "fp16"
     per_channel: bool = True
 
     @property
@@ -83,12 +91,23 @@ class Int8Flavour:
 
 INT8_FLAVOURS: dict[str, Int8Flavour] = {
     "cpu": Int8Flavour(
-        "cpu", activation="uint8", symmetric_activations=False, quantize_bias=True, weight_bits=7
+        "cpu",
+        activation="uint8",
+        symmetric_activations=False,
+        quantize_bias=True,
+        weight_bits=7,
+        float_layers="fp32",
     ),
     # TensorRT's Q/DQ layers take 8-bit (and fp8/int4) tensors only, so biases stay float, as in
-    # NVIDIA's own Q/DQ recipes; TensorRT fuses the float bias into its int8 convolution.
+    # NVIDIA's own Q/DQ recipes; TensorRT fuses the float bias into its int8 convolution. Layers kept
+    # out of int8 compute in fp16 (module docstring, "Mixed precision").
     "trt": Int8Flavour(
-        "trt", activation="int8", symmetric_activations=True, quantize_bias=False, weight_bits=8
+        "trt",
+        activation="int8",
+        symmetric_activations=True,
+        quantize_bias=False,
+        weight_bits=8,
+        float_layers="fp16",
     ),
 }
 
@@ -122,6 +141,73 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
         pending = [n for n in pending if all(n is not r for r in ready)]
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def compute_in_fp16(model: onnx.ModelProto, names: Collection[str]) -> None:
+    """Make the nodes of `model` named in `names` compute in float16, in place; the rest is untouched.
+
+    Each such node reads fp16: its float32 initializers become fp16 copies, and each float32 tensor
+    it reads is cast to fp16 once (or taken as fp16 straight from another such node). Each float32
+    output is produced in fp16 under a new name and cast back to float32 under its own name, so
+    every other consumer, and the graph's outputs, see what they saw before; a tensor one such node
+    makes and another reads stays fp16 between them (ONNX lists producers before consumers, so the
+    producer's fp16 name is known first). Quantized nodes keep their DequantizeLinear inputs, so
+    TensorRT still fuses them into int8 layers.
+    UsageError when a name is not a node of the model.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    wanted = set(names)
+    missing = wanted - {node.name for node in graph.node}
+    if missing:
+        raise UsageError(f"no node named {', '.join(sorted(missing))} in the quantized graph")
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    float32 = {
+        info.name
+        for info in [*inferred.input, *inferred.value_info, *inferred.output]
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT
+    }
+    initializers = {init.name: init for init in graph.initializer}
+    half_of: dict[str, str] = {}  # float32 tensor -> its fp16 counterpart
+    casts: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        for i, name in enumerate(node.input):
+            init = initializers.get(name)
+            if init is not None and init.data_type == TensorProto.FLOAT:
+                if name not in half_of:
+                    half = numpy_helper.from_array(
+                        numpy_helper.to_array(init).astype(np.float16), f"{name}_fp16"
+                    )
+                    graph.initializer.append(half)
+                    half_of[name] = half.name
+            elif name in float32 and name not in half_of:
+                half_of[name] = f"{name}_fp16"
+                casts.append(
+                    helper.make_node(
+                        "Cast", [name], [half_of[name]], f"{name}/to_fp16", to=TensorProto.FLOAT16
+                    )
+                )
+            if name in half_of:
+                node.input[i] = half_of[name]
+        for i, name in enumerate(node.output):
+            if name in float32:
+                half_of[name] = f"{name}_fp16"
+                node.output[i] = half_of[name]
+                casts.append(
+                    helper.make_node("Cast", [half_of[name]], [name], f"{name}/to_fp32", to=TensorProto.FLOAT)
+                )
+    # Only the float32 copies something still reads: a tensor that passes between two fp16 nodes
+    # alone needs none.
+    read = {name for node in [*graph.node, *casts] for name in node.input} | {o.name for o in graph.output}
+    graph.node.extend(cast for cast in casts if cast.output[0] in read)
+    _sort_topologically(graph)
+    # The float32 weights that only these nodes read now exist in fp16 alone.
+    unread = [init for init in graph.initializer if init.name in half_of and init.name not in read]
+    for init in unread:
+        graph.initializer.remove(init)
 
 
 class ArrayCalibrationReader:
@@ -296,6 +382,8 @@ class Int8Quantizer:
             **({"calibration_cache_path": str(cache)} if cache else {}),
         )
         model = onnx.load(str(quantized))
+        if exclude_nodes and spec.float_layers == "fp16":
+            compute_in_fp16(model, exclude_nodes)
         description = {
             **spec.describe(),
             "calibration": {
@@ -307,6 +395,7 @@ class Int8Quantizer:
         }
         if exclude_nodes:
             description["float_nodes"] = sorted(exclude_nodes)
+            description["float_precision"] = spec.float_layers
         description.update(record or {})
         set_metadata(model, {**self.metadata, "precision": "int8", "int8": description})
         save_onnx(model, dst)

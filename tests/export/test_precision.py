@@ -146,6 +146,47 @@ def test_the_trt_files_8th_weight_bit_brings_it_closer_to_fp32(
     assert eight < 0.8 * seven, (eight, seven)
 
 
+def test_compute_in_fp16_converts_only_the_named_nodes(tmp_path: Path) -> None:
+    from deploy.errors import UsageError
+    from export.precision import compute_in_fp16
+
+    torch.manual_seed(2)
+    net = nn.Sequential(
+        nn.Conv2d(SHAPE[0], 8, 3, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * SHAPE[1] * SHAPE[2], 5),
+    ).eval()
+    fp32 = export_onnx(net, tmp_path / "fp32.onnx", SHAPE)
+    model = onnx.load(str(fp32))
+    with pytest.raises(UsageError, match="no node named /9/Conv"):
+        compute_in_fp16(model, ["/9/Conv"])
+    # Two nodes in a row, and the node that makes the graph's output.
+    compute_in_fp16(model, ["/0/Conv", "/1/Conv", "/4/Gemm"])
+    onnx.checker.check_model(model, full_check=True)
+    nodes = {n.name: n for n in model.graph.node}
+    fp16 = onnx.TensorProto.FLOAT16
+    halves = {i.name for i in model.graph.initializer if i.data_type == fp16}
+    assert {i for name in ("/0/Conv", "/1/Conv", "/4/Gemm") for i in nodes[name].input[1:]} == halves
+    assert not {i.name for i in model.graph.initializer} & {"0.weight", "1.weight", "4.weight"}
+    assert nodes["/1/Conv"].input[0] == nodes["/0/Conv"].output[0]  # fp16 straight through
+    casts = [(n.input[0], n.attribute[0].i) for n in model.graph.node if n.op_type == "Cast"]
+    # In: the image and the flattened features to fp16. Out: the conv's output for the fp32 Relu, and
+    # the logits.
+    assert sorted(to for _, to in casts) == [onnx.TensorProto.FLOAT] * 2 + [fp16] * 2
+    assert [o.name for o in model.graph.output] == ["logits"]
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    images = np.random.default_rng(3).standard_normal((8, *SHAPE)).astype(np.float32)
+    half = tmp_path / "half.onnx"
+    onnx.save(model, str(half))
+    expected = run_onnx(fp32, [images])
+    logits = run_onnx(half, [images])
+    assert logits.dtype == np.float32
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
+    assert not np.array_equal(logits, expected)  # the weights, at least, were rounded to fp16
+
+
 @pytest.mark.parametrize("kind", ["relu", "normal", "outlier", "heavy_tail"])
 def test_entropy_threshold_equals_onnxruntimes_search(kind: str) -> None:
     import contextlib
