@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from deploy.errors import UsageError
+from deploy.errors import MissingDependencyError, OutputError, UsageError
+from deploy.manifest import Manifest
+from deploy.run_lock import locks_run
 from deploy.runners.onnxruntime_runner import session_options
 from export.check import run_onnx
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, get_metadata, load_onnx
@@ -292,16 +294,51 @@ def layer_images(batches: Sequence[np.ndarray], count: int) -> np.ndarray:
 
 
 LAYERWISE_PREFIX = "layerwise_"  # RUN/report/layerwise_<format>.{md,json,png}, which the report shows
+PLOTS_EXTRA_HINT = "pip install 'reviewkd[plots]'"
 
 
+def _exported_file(run: Path, manifest: Manifest, fmt: str, export_formats: str) -> Path:
+    """The run's file of ONNX format `fmt`, verified and exported from the run's current student."""
+    from deploy.formats import ONNX_FORMATS
+    from deploy.manifest import verify_artifact
+    from deploy.predict import check_export_is_current
+
+    rel = ONNX_FORMATS[fmt].file
+    if rel not in manifest.get("artifacts", {}):
+        raise UsageError(
+            f"{run / rel}: not in the run's manifest (never exported, or it failed its check);"
+            f" expected an exported run: `reviewkd export {run} --formats {export_formats}`"
+        )
+    path = verify_artifact(run, manifest, rel)
+    check_export_is_current(run, manifest, rel)
+    return path
+
+
+def _writable_folder(folder: Path) -> None:
+    """Create `folder`, else an OutputError naming it: checked before the comparison, not after."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os_error(folder, exc) from exc
+
+
+@locks_run("layerwise")
 def debug_run(
     run_dir: str | os.PathLike[str], target: str, count: int = 64
 ) -> tuple[LayerwiseReport, dict[str, Path]]:
     """Layer-wise parity of a run's exported `target` ("onnxruntime/int8-trt", or "int8-trt") against
     its fp32 file on the first `count` validation images; written to RUN/report/layerwise_<format>.*,
-    where `reviewkd report` picks it up."""
+    where `reviewkd report` picks it up.
+
+    Raises:
+        UsageError: a bad format or count; a run without both files, with a file changed after
+            export or exported from an older student; an unwritable report folder.
+        MissingDependencyError: matplotlib (the plots extra) is not installed.
+    """
+    import importlib.util
+
     from deploy.formats import ONNX_FORMATS
-    from deploy.manifest import read_manifest, verify_artifact
+    from deploy.manifest import read_manifest
     from reviewkd.data import iter_run_batches
 
     run = Path(run_dir)
@@ -311,10 +348,15 @@ def debug_run(
         raise UsageError(f"--format {target}: expected one of {', '.join(choices)}")
     if count < 1:
         raise UsageError(f"--images must be >= 1, got {count}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingDependencyError(
+            f"layerwise draws its plot with matplotlib; install it: {PLOTS_EXTRA_HINT}"
+        )
     manifest = read_manifest(run)
-    reference = verify_artifact(run, manifest, ONNX_FORMATS["onnx"].file)
-    candidate = verify_artifact(run, manifest, ONNX_FORMATS[fmt].file)
+    reference = _exported_file(run, manifest, "onnx", f"onnx,{fmt}")
+    candidate = _exported_file(run, manifest, fmt, fmt)
     images = layer_images([b[0] for b in iter_run_batches(run, "val", 64, count)], count)
+    _writable_folder(run / "report")
     report = compare_layers(reference, candidate, images)
     title = f"onnxruntime/{fmt}"
     return report, write_report(report, run / "report", LAYERWISE_PREFIX + fmt, title)

@@ -91,5 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
+
 if __name__ == "__main__":
     sys.exit(main())

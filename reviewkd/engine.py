@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -515,15 +515,16 @@ def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
     )
 
 
-def _check_resume_config(out_dir: Path, config: Config) -> None:
+def _check_resume_config(out_dir: Path, config: Config, resumable: Sequence[str]) -> None:
     saved_path = out_dir / run_layout.CONFIG
     if not saved_path.is_file():
         return
-    changed = diff_configs(load_run_config(out_dir), config, ignore=RESUMABLE_CHANGES)
+    allowed = (*RESUMABLE_CHANGES, *resumable)
+    changed = diff_configs(load_run_config(out_dir), config, ignore=allowed)
     if changed:
         raise UsageError(
             f"{saved_path}: --resume with a different config ({', '.join(changed)} changed); "
-            f"only {', '.join(RESUMABLE_CHANGES)} may change on resume"
+            f"only {', '.join(allowed)} may change on resume"
         )
 
 
@@ -532,7 +533,9 @@ def _has_trained(out_dir: Path, role: str) -> bool:
     return (out_dir / weights_file(role)).exists() or len(read_metrics(out_dir / METRICS_FILE)) > 1
 
 
-def _check_run_dir(out_dir: Path, config: Config, resume: bool, role: str) -> None:
+def _check_run_dir(
+    out_dir: Path, config: Config, resume: bool, role: str, resumable: Sequence[str] = ()
+) -> None:
     """Refuse to train over an existing run without --resume, to resume a run whose checkpoint is
     missing (that would retrain from scratch over its finished epochs), or to resume with another config."""
     checkpoint = out_dir / CHECKPOINT_FILE
@@ -549,7 +552,7 @@ def _check_run_dir(out_dir: Path, config: Config, resume: bool, role: str) -> No
             "or train into another --out"
         )
     if resume:
-        _check_resume_config(out_dir, config)
+        _check_resume_config(out_dir, config, resumable)
 
 
 def check_model_names(config: Config, *, teacher: bool) -> None:
@@ -584,12 +587,15 @@ def fit(
     bundle: DataBundle | None = None,
     prepare_student: Callable[[nn.Module], nn.Module] | None = None,
     initial_head: dict[str, torch.Tensor] | None = None,
+    resumable: Sequence[str] = (),
 ) -> Path:
     """Train config.student.arch with config.method (against `teacher`) into `out_dir`.
 
     `role` "teacher" names the result teacher.safetensors and records it as the manifest's teacher.
     `prepare_student` and `initial_head` adapt the student and the ABF head before training
-    (see _build_trainer; reviewkd.qad uses them). Returns the path of the best weights file.
+    (see _build_trainer; reviewkd.qad uses them). `resumable` names config keys, besides
+    RESUMABLE_CHANGES, that may differ on resume (a caller that checks those files itself).
+    Returns the path of the best weights file.
 
     Raises:
         UsageError: an existing run without resume, an incompatible resume, bad data or models.
@@ -609,10 +615,11 @@ def fit(
                 bundle=bundle,
                 prepare_student=prepare_student,
                 initial_head=initial_head,
+                resumable=resumable,
             )
     out_dir = Path(out_dir)
     teacher_record = teacher_record or {"arch": None, "sha256": None, "top1": None, "top5": None}
-    _check_run_dir(out_dir, config, resume, role)
+    _check_run_dir(out_dir, config, resume, role, resumable)
     bundle = bundle or build_data(config)
     trainer = _build_trainer(
         config, out_dir, role, teacher, teacher_record, runtime, bundle, prepare_student, initial_head

@@ -199,8 +199,6 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
     return stages
 
 
-
-
 @locks_run("run", run_arg="run", create=True)
 def run_pipeline(config: Config, run: Path, options: PipelineOptions, resume: bool = False) -> dict[str, Any]:
     """Run every stage into `run` (skipping verified ones on resume); return report.json's content.

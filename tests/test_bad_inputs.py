@@ -61,6 +61,44 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def int8_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained run with its ONNX Runtime int8 file too (min-max calibration, every layer int8: fast)."""
+    run = Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("int8") / "run"))
+    fast_int8 = ["--calib-method", "minmax", "--max-top1-drop-int8", "-1", "--calib-samples", "64"]
+    assert main(["export", str(run), "--formats", "int8", *fast_int8, "--check-samples", "64"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def distilled_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run distilled from a teacher (KD, its teacher trained first for one epoch): what QAD needs.
+    Never exported."""
+    run = tmp_path_factory.mktemp("distilled") / "run"
+    teacher = ["method.name=kd", "teacher.arch=cifar_resnet20", "teacher.epochs=1"]
+    assert main(["distill", "--out", str(run), *TINY_TRAINING[:-1], *teacher, "train.epochs=1"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def qad_run(distilled_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The distilled run after one epoch of QAD (RUN/qad/; not exported: the rows need no more)."""
+    from reviewkd.qad import quantize_run
+
+    run = Path(shutil.copytree(distilled_run, tmp_path_factory.mktemp("qad") / "run"))
+    quantize_run(run, 1, calib_samples=32)
+    return run
+
+
+# Row.base -> the module fixture whose run the row copies and damages.
+BASE_RUNS = {"trained": "trained_run", "int8": "int8_run", "distilled": "distilled_run", "qad": "qad_run"}
+
+
+def private_copy(request: pytest.FixtureRequest, base: str, tmp_path: Path) -> Path:
+    """A private copy of one of the module's runs, free to be damaged."""
+    return Path(shutil.copytree(request.getfixturevalue(BASE_RUNS[base]), tmp_path / "run"))
+
+
 @pytest.fixture
 def run(trained_run: Path, tmp_path: Path) -> Path:
     """A private copy of the trained run, free to be damaged."""
@@ -155,6 +193,29 @@ def _resume_from(tmp: Path, run: Path, checkpoint: Callable[[Path], object]) -> 
     return ["distill", "--out", str(run), "--resume", "train.epochs=2"]
 
 
+def _layerwise(run: Path, *extra: str, fmt: str = "onnxruntime/int8") -> list[str]:
+    return ["layerwise", str(run), "--format", fmt, *extra]
+
+
+def _quantize(run: Path, *extra: str, epochs: str = "1") -> list[str]:
+    return ["quantize", str(run), "--epochs", epochs, *extra]
+
+
+def _own_teacher(run: Path) -> Path:
+    """Point the run's manifest at its own RUN/teacher/ (a copy records the original's); return that file."""
+    teacher = run / "teacher" / "teacher.safetensors"
+    _edit_manifest(run, lambda m: m["teacher"].update(weights=str(teacher)))  # type: ignore[attr-defined]
+    return teacher
+
+
+def _rewrite_artifact(run: Path, rel: str, data: bytes) -> None:
+    """Replace a listed file and give the manifest its new sha256 and size, as a hostile editor would."""
+    _write(run / rel, data)
+    raw = json.loads((run / "manifest.json").read_text())
+    raw["artifacts"][rel].update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+    (run / "manifest.json").write_text(json.dumps(raw))
+
+
 @dataclass(frozen=True)
 class Row:
     """One bad input: how to make it, the exit code and a fragment of the one-line error."""
@@ -167,6 +228,7 @@ class Row:
     # Files the command writes whole even so: validate records the failure it found in
     # report/validate.json (and lists that file in the manifest) before it exits.
     records: tuple[str, ...] = ()
+    base: str = "trained"  # the run the row damages a copy of: a key of BASE_RUNS
 
 
 ROWS: tuple[Row, ...] = (
@@ -620,6 +682,240 @@ ROWS: tuple[Row, ...] = (
         2,
         "cannot write",
     ),
+    Row(
+        "export: --max-top1-drop-int8 nan",
+        lambda t, r: ["export", str(r), "--formats", "int8", "--max-top1-drop-int8", "nan"],
+        2,
+        "--max-top1-drop-int8 nan: expected a number of top-1 points",
+    ),
+    # ---- layerwise: formats, options, runs
+    Row(
+        "layerwise: a format the run lacks",
+        lambda t, r: _layerwise(r, fmt="onnxruntime/int8-trt"),
+        2,
+        "student.int8.trt.onnx: not in the run's manifest",
+        base="int8",
+    ),
+    Row(
+        "layerwise: unknown format",
+        lambda t, r: _layerwise(r, fmt="onnxruntime/int4"),
+        2,
+        "--format onnxruntime/int4: expected one of onnxruntime/fp16, onnxruntime/int8",
+    ),
+    Row(
+        "layerwise: --format of another backend",
+        lambda t, r: _layerwise(r, fmt="tensorrt/int8"),
+        2,
+        "--format tensorrt/int8: expected one of",
+    ),
+    Row(
+        "layerwise: --format of the fp32 file itself",
+        lambda t, r: _layerwise(r, fmt="onnxruntime/fp32"),
+        2,
+        "--format onnxruntime/fp32: expected one of",
+    ),
+    Row(
+        "layerwise: --format a list",
+        lambda t, r: _layerwise(r, fmt="int8,fp16"),
+        2,
+        "--format int8,fp16: expected one of",
+    ),
+    Row("layerwise: --images 0", lambda t, r: _layerwise(r, "--images", "0"), 2, "--images must be >= 1"),
+    Row(
+        "layerwise: --images not a number",
+        lambda t, r: _layerwise(r, "--images", "all"),
+        2,
+        "argument --images: invalid int value: 'all'",
+        one_line=False,
+    ),
+    Row(
+        "layerwise: a run never exported",
+        lambda t, r: _layerwise(r),
+        2,
+        "student.onnx: not in the run's manifest (never exported, or it failed its check); expected an"
+        " exported run: `reviewkd export",
+        base="distilled",
+    ),
+    Row("layerwise: no such run", lambda t, r: _layerwise(t / "none"), 2, "no manifest.json"),
+    Row("layerwise: a folder that is no run", lambda t, r: _layerwise(t), 2, "no manifest.json"),
+    Row(
+        "layerwise: int8 file changed after export",
+        lambda t, r: _then(_flip_a_byte(r / "export" / "student.int8.onnx"), _layerwise(r)),
+        2,
+        "student.int8.onnx: sha256",
+        base="int8",
+    ),
+    Row(
+        "layerwise: int8 file removed",
+        lambda t, r: _then((r / "export" / "student.int8.onnx").unlink(), _layerwise(r)),
+        2,
+        "student.int8.onnx: listed in the manifest but missing",
+        base="int8",
+    ),
+    Row(
+        "layerwise: fp32 file removed",
+        lambda t, r: _then((r / "export" / "student.onnx").unlink(), _layerwise(r)),
+        2,
+        "student.onnx: listed in the manifest but missing",
+        base="int8",
+    ),
+    Row(
+        "layerwise: int8 file not ONNX, the manifest re-hashed",
+        lambda t, r: _then(
+            _rewrite_artifact(r, "export/student.int8.onnx", b"\x08\x07" + os.urandom(254)), _layerwise(r)
+        ),
+        2,
+        "student.int8.onnx: not a readable ONNX file",
+        base="int8",
+    ),
+    Row(
+        "layerwise: export from an older student",
+        lambda t, r: _then(_retrained_elsewhere(t, r), _layerwise(r)),
+        2,
+        "it was exported from student",
+        base="int8",
+    ),
+    Row(
+        "layerwise: report/ is a file",
+        lambda t, r: _then(_write(r / "report", "a file"), _layerwise(r)),
+        2,
+        "report: cannot write it",
+        base="int8",
+    ),
+    Row(
+        "layerwise: run without config.yaml (its images)",
+        lambda t, r: _then((r / "config.yaml").unlink(), _layerwise(r)),
+        2,
+        "config.yaml",
+        base="int8",
+    ),
+    # ---- quantize: options (all checked before the run is read, so before any training)
+    Row("quantize: --epochs 0", lambda t, r: _quantize(r, epochs="0"), 2, "--epochs must be >= 1, got 0"),
+    Row("quantize: negative --epochs", lambda t, r: _quantize(r, epochs="-3"), 2, "--epochs must be >= 1"),
+    Row(
+        "quantize: --epochs not an integer",
+        lambda t, r: _quantize(r, epochs="1.5"),
+        2,
+        "argument --epochs: invalid int value: '1.5'",
+        one_line=False,
+    ),
+    Row(
+        "quantize: --lr 0",
+        lambda t, r: _quantize(r, "--lr", "0"),
+        2,
+        "--lr must be a finite number > 0, got 0.0",
+    ),
+    Row("quantize: negative --lr", lambda t, r: _quantize(r, "--lr", "-0.1"), 2, "--lr must be a finite"),
+    Row("quantize: --lr nan", lambda t, r: _quantize(r, "--lr", "nan"), 2, "got nan"),
+    Row("quantize: --lr inf", lambda t, r: _quantize(r, "--lr", "inf"), 2, "got inf", base="distilled"),
+    Row(
+        "quantize: --calib-samples 0",
+        lambda t, r: _quantize(r, "--calib-samples", "0"),
+        2,
+        "--calib-samples must be >= 1, got 0",
+        base="distilled",
+    ),
+    Row(
+        "quantize: --check-samples 0",
+        lambda t, r: _quantize(r, "--check-samples", "0"),
+        2,
+        "--check-samples must be >= 1, got 0",
+        base="distilled",
+    ),
+    Row(
+        "quantize: unknown --device",
+        lambda t, r: _quantize(r, "--device", "tpu"),
+        2,
+        "argument --device: invalid choice: 'tpu'",
+        one_line=False,
+    ),
+    # ---- quantize: runs
+    Row("quantize: no such run", lambda t, r: _quantize(t / "none"), 2, "none/manifest.json: no manifest"),
+    Row("quantize: a folder that is no run", lambda t, r: _quantize(t), 2, "no manifest.json"),
+    Row(
+        "quantize: a run without a teacher",
+        lambda t, r: _quantize(r),
+        2,
+        "QAD needs the run's teacher; none of",
+    ),
+    Row(
+        "quantize: teacher weights gone",
+        lambda t, r: _then(_own_teacher(r).unlink(), _quantize(r)),
+        2,
+        "teacher/teacher.safetensors exists",
+        base="distilled",
+    ),
+    Row(
+        "quantize: teacher weights changed",
+        lambda t, r: _then(_flip_a_byte(_own_teacher(r)), _quantize(r)),
+        2,
+        "teacher.safetensors: sha256 does not match the teacher the run was distilled with",
+        base="distilled",
+    ),
+    Row(
+        "quantize: student changed after training",
+        lambda t, r: _then(_flip_a_byte(r / "student.safetensors"), _quantize(r)),
+        2,
+        "student.safetensors: sha256",
+        base="distilled",
+    ),
+    Row(
+        "quantize: student removed",
+        lambda t, r: _then((r / "student.safetensors").unlink(), _quantize(r)),
+        2,
+        "student.safetensors: listed in the manifest but missing",
+        base="distilled",
+    ),
+    Row(
+        "quantize: run without config.yaml",
+        lambda t, r: _then((r / "config.yaml").unlink(), _quantize(r)),
+        2,
+        "config.yaml",
+        base="distilled",
+    ),
+    Row(
+        "quantize: qad/ is a file",
+        lambda t, r: _then(_write(r / "qad", "a file"), _quantize(r)),
+        2,
+        "qad: cannot write it (not a directory)",
+        base="distilled",
+    ),
+    Row(
+        "quantize: export/ is a file",
+        lambda t, r: _then(_write(r / "export", "a file"), _quantize(r)),
+        2,
+        "export: cannot write it (not a directory)",
+        base="distilled",
+    ),
+    # ---- quantize: an existing QAD run
+    Row(
+        "quantize: twice without --resume",
+        lambda t, r: _quantize(r),
+        2,
+        "already holds a QAD run; pass --resume",
+        base="qad",
+    ),
+    Row(
+        "quantize: --resume with another --lr",
+        lambda t, r: _quantize(r, "--resume", "--lr", "0.5", epochs="2"),
+        2,
+        "optim.lr changed)",
+        base="qad",
+    ),
+    Row(
+        "quantize: --resume without the calibrated start",
+        lambda t, r: _then((r / "qad" / "calibrated.safetensors").unlink(), _quantize(r, "--resume")),
+        2,
+        "calibrated.safetensors: missing or changed",
+        base="qad",
+    ),
+    Row(
+        "quantize: --resume after the student was retrained",
+        lambda t, r: _then(_retrained_elsewhere(t, r), _quantize(r, "--resume", epochs="2")),
+        2,
+        "but the run's student is now ffffffffffff",
+        base="qad",
+    ),
 )
 
 
@@ -689,10 +985,16 @@ def _export_model(tmp: Path, weights: Path) -> list[str]:
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
 def test_bad_input(
-    row: Row, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    row: Row,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    run = private_copy(request, row.base, tmp_path)
     monkeypatch.chdir(tmp_path)  # where a pickle that runs code would leave MARKER
     argv = row.setup(tmp_path, run)
+    capsys.readouterr()  # what a module fixture made on first use printed
     before = snapshot(tmp_path)
     code, out, err = run_cli(argv, capsys)
     assert code == row.code, err
@@ -710,7 +1012,7 @@ def test_bad_input(
 
 
 def test_the_table_holds_enough_rows() -> None:
-    assert len(ROWS) >= 70
+    assert len(ROWS) >= 110
 
 
 @pytest.mark.parametrize(
@@ -721,12 +1023,15 @@ def test_the_table_holds_enough_rows() -> None:
         "distill: YAML syntax error",
         "export: weights that run code",
         "report: earlier validate.json not JSON",
+        "layerwise: export from an older student",
+        "quantize: --lr inf",
     ],
 )
 def test_exit_codes_are_the_same_in_a_real_process(
-    name: str, run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (row,) = [r for r in ROWS if r.name == name]
+    run = private_copy(request, row.base, tmp_path)
     monkeypatch.chdir(tmp_path)
     argv = row.setup(tmp_path, run)
     before = snapshot(tmp_path)
@@ -886,6 +1191,56 @@ def test_a_full_disk_during_export_is_one_line(
     assert snapshot(run) == before
 
 
+def test_layerwise_without_matplotlib_is_exit_3_before_any_work(
+    int8_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = Path(shutil.copytree(int8_run, tmp_path / "run"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # how Python marks a module it cannot import
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(_layerwise(run), capsys)
+    assert code == 3
+    assert err == (
+        "reviewkd layerwise: error: layerwise draws its plot with matplotlib; install it:"
+        " pip install 'reviewkd[plots]'\n"
+    )
+    assert snapshot(tmp_path) == before
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from deploy.run_lock import run_lock
+with run_lock(sys.argv[1], "validate"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("command", ["layerwise", "quantize"])
+def test_a_busy_run_is_refused_before_any_work(
+    command: str, int8_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = Path(shutil.copytree(int8_run, tmp_path / "run"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(run)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = snapshot(tmp_path)
+        code, _, err = run_cli(_layerwise(run) if command == "layerwise" else _quantize(run), capsys)
+        assert code == 2
+        assert err == (
+            f"reviewkd {command}: error: {run} is busy: another reviewkd validate (pid {holder.pid})"
+            " is writing it\n"
+        )
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # --- the edge install: no torch (a serving device); bad input is still exit 2, one line -------------
 
 WITHOUT_TORCH = """
@@ -918,6 +1273,12 @@ EDGE_ROWS: tuple[Row, ...] = (
         "classes[1]",
     ),
     Row("edge: mistyped gate", lambda t, r: ["validate", str(r), "--gate", "in8:max_top1_drop=0"], 2, "in8"),
+    Row(
+        "edge: layerwise (the run's images are read with torch)",
+        lambda t, r: _layerwise(r),
+        3,
+        "install the training extra",
+    ),
     Row(
         "edge: validate a digits run (its images are read with torch)",
         lambda t, r: ["validate", str(r), "--device", "cpu"],

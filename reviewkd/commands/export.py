@@ -8,6 +8,7 @@ export --model NAME --weights FILE --input-shape C,H,W --out DIR [--data IMAGEFO
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -134,6 +135,8 @@ def run_export(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if math.isnan(args.max_top1_drop_int8):  # `>= 0` below would read it as "quantize every layer"
+        raise UsageError("--max-top1-drop-int8 nan: expected a number of top-1 points")
     options = {
         "formats": parse_formats(args.formats),
         "calib_samples": args.calib_samples,

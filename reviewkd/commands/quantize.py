@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from deploy.errors import UsageError
 from reviewkd.config import DEVICES
 
 
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("run", type=Path, metavar="RUN", help="a run directory written by reviewkd distill")
     parser.add_argument("--epochs", type=int, required=True, metavar="N", help="fine-tuning epochs")
     parser.add_argument(
-        "--lr", type=float, metavar="LR", help="peak learning rate (default: 0.01 x the run's)"
+        "--lr", type=float, metavar="LR", help="peak learning rate (default: 0.001 x the run's)"
     )
     parser.add_argument(
         "--calib-samples", type=int, default=512, metavar="N", help="training images the ranges start from"
@@ -44,6 +45,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     from export.qad_export import export_qad
     from reviewkd.qad import quantize_run
 
+    if args.check_samples < 1:  # export's own check would come only after the fine-tuning
+        raise UsageError(f"--check-samples must be >= 1, got {args.check_samples}")
     result = quantize_run(
         args.run,
         args.epochs,

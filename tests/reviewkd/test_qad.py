@@ -91,7 +91,7 @@ def _wait_for_epoch(proc: subprocess.Popen[bytes], qad_dir: Path, timeout: float
         time.sleep(0.05)
 
 
-def test_qad_resumes_after_sigkill_to_the_uninterrupted_result(
+def test_qad_resumes_after_sigkill_and_a_move_to_the_uninterrupted_result(
     distilled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     reference = _copy(distilled, tmp_path / "reference")
@@ -103,6 +103,8 @@ def test_qad_resumes_after_sigkill_to_the_uninterrupted_result(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(read_metrics(run / "qad" / "metrics.jsonl")) < 3
+    # Resumed from another place: the QAD config spells its student and teacher paths from RUN.
+    run = Path(shutil.move(run, tmp_path / "moved"))
     code = main(["quantize", str(run), "--epochs", "3", "--resume"])
     assert "resuming" in capsys.readouterr().out
     failed = read_manifest(run)["export"]["failed"]
