@@ -16,9 +16,10 @@ as much code as driving Polygraphy, without a new dependency on every machine th
 Caveat, and why the as-deployed logits are reported too: marking intermediate tensors as outputs
 stops ONNX Runtime fusing Q/DQ pairs into its int8 kernels, so the layer-wise numbers follow the
 file's Q/DQ semantics (what TensorRT implements), not ORT's fused CPU kernels. The report compares
-the final logits of the unmarked file (as deployed) with the marked one; a large gap means the
-runtime's kernels, not the quantization, lose the accuracy (the saturation described in
-export/precision.py was found that way).
+the final logits of the unmarked file, run as deployed (deploy's session options: fused kernels for
+the cpu flavour, Q/DQ as float operations for the trt flavour, which must run unfused), with the
+marked one; a large gap means the runtime's kernels, not the quantization, lose the accuracy (the
+saturation described in export/precision.py was found that way).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ import onnx
 from deploy.errors import MissingDependencyError, OutputError, UsageError
 from deploy.manifest import Manifest
 from deploy.run_lock import locks_run
+from deploy.runners.onnxruntime_runner import session_options
 from export.check import run_onnx
-from export.onnx_export import INPUT_NAME, OUTPUT_NAME, load_onnx
+from export.onnx_export import INPUT_NAME, OUTPUT_NAME, get_metadata, load_onnx
 
 TOP_LEVEL = "(top level)"
 
@@ -118,7 +120,8 @@ def _all_outputs(
             if name and name not in marked:
                 model.graph.output.append(onnx.ValueInfoProto(name=name))
                 marked.add(name)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = session_options(get_metadata(model))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return model, dict(zip(names, session.run(None, {INPUT_NAME: images}), strict=True))
 
@@ -222,7 +225,7 @@ def markdown(report: LayerwiseReport, title: str) -> str:
         if worst
         else "- no layer compared",
         f"- logits relative L2: {report.marked_logits_rel_l2:.4f} with Q/DQ semantics (every tensor marked),"
-        f" {report.deployed_logits_rel_l2:.4f} as deployed (ONNX Runtime's fused kernels)",
+        f" {report.deployed_logits_rel_l2:.4f} as deployed (ONNX Runtime with the file's session options)",
     ]
     if report.deployed_logits_rel_l2 > 2 * report.marked_logits_rel_l2 + 1e-3:
         lines.append(

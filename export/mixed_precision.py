@@ -7,8 +7,13 @@ which still separate layers whose cost on a few images is zero. Then the top-ran
 left in float one more at a time until the int8 file's top-1 drop against fp32 on the same
 images is within the budget (`--max-top1-drop-int8`, 0.3 points by default).
 
-Float means fp32 in the ONNX file. ONNX Runtime runs those nodes in fp32; TensorRT's strongly
-typed builder does too (a weakly typed build with the fp16 flag may pick fp16 for them).
+Float is the flavour's `float_layers`: fp32 for the cpu file (ONNX Runtime), fp16 for the trt file
+(TensorRT; export/precision.py's `compute_in_fp16`). The search judges the file in ONNX Runtime on
+the CPU, which only approximates TensorRT's fp16 there: onnxruntime 1.32 on x86 has no fp16 kernels
+for these nodes, so it computes them in fp32 from the fp16 weights and drops the casts that would
+round their activations to fp16 (seen in its optimised graph). TensorRT's strongly typed builder
+(10.12+, 11) runs them in fp16; a weakly typed build (older 10.x) sets only the INT8 flag for a
+Q/DQ file and may run them in fp32.
 
 Each kept layer's latency cost is measured on the files of the search: the file with k float
 layers against the one with k - 1, at batch 32 on one thread, the median of a few runs.
@@ -28,6 +33,7 @@ import numpy as np
 import onnx
 
 from deploy.errors import UsageError
+from deploy.runners.onnxruntime_runner import file_manifest, session_options
 from export.check import run_onnx
 from export.layerwise import module_path
 from export.precision import Int8Quantizer
@@ -130,8 +136,7 @@ def rank_layers(
 def _batch32_ms(path: Path, images: Sequence[np.ndarray]) -> float:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options = session_options(file_manifest(path), threads=1)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     batch = np.concatenate(list(images))[:32]
     session.run(None, {session.get_inputs()[0].name: batch})

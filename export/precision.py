@@ -11,13 +11,27 @@ int8 comes from ONNX Runtime's static quantization, calibrated on images the cal
 - "trt" (student.int8.trt.onnx): symmetric Q/DQ for TensorRT: int8 activations and weights,
   every zero point 0, per-channel weights. ONNX Runtime runs it too, just slower on CPUs.
 
-Both flavours keep weights in 7 bits ([-64, 64], ONNX Runtime's `reduce_range`). ONNX Runtime's
-x86 int8 kernels on CPUs without VNNI (AVX2) multiply uint8 activations by int8 weights with
-vpmaddubsw, which adds two products into a saturating int16: 255 * 127 * 2 overflows it, 255 * 64 * 2
-does not. With full 8-bit weights a ResNet-20 on such a CPU (AMD EPYC, AVX2) lost 1.9 points
-(cpu flavour) and 14 points (trt flavour, whose int8 activations are shifted to uint8) against the
-same file run unfused (Q/DQ semantics, 91.4% and 92.2% for a 91.7% student). A file must hold its
-accuracy on whatever CPU runs it, so the 7-bit range is the default for both.
+Weights: 7 bits for "cpu", 8 for "trt". ONNX Runtime's x86 int8 kernels on CPUs without VNNI
+(AVX2) multiply uint8 activations by int8 weights with vpmaddubsw, which adds two products into a
+saturating int16: 255 * 127 * 2 overflows it, 255 * 64 * 2 does not. With full 8-bit weights a
+ResNet-20 on such a CPU (AMD EPYC, AVX2) lost 1.9 points (cpu flavour) and 14 points (trt flavour,
+whose int8 activations are shifted to uint8) against the same file run unfused (Q/DQ semantics,
+91.4% and 92.2% for a 91.7% student). So:
+- the cpu file, made to run in those fused kernels, keeps its weights in [-64, 64] (ONNX Runtime's
+  `reduce_range`), and holds its accuracy on whatever CPU runs it;
+- the trt file keeps full 8-bit weights ([-127, 127]): TensorRT accumulates in int32 and does not
+  saturate, and the 7-bit range cost it 0.3 points on the pretrained CIFAR ResNet-56
+  (benchmarks/RESULTS.md). Its description sets deploy's UNFUSED_QDQ_KEY, so every ONNX Runtime
+  session this project opens on it (export's checks, calibration and mixed-precision scoring,
+  layer-wise parity, predict/validate/bench) runs its Q/DQ pairs as float operations: the file's
+  semantics, which TensorRT computes, not the fused kernels'.
+
+Mixed precision (export/mixed_precision.py) keeps the most sensitive layers out of int8: in fp32
+in the cpu file, which ONNX Runtime runs; in fp16 in the trt file (`compute_in_fp16`: Casts around
+those layers, their weights stored in fp16), because TensorRT 10.12+ and 11 build strongly typed
+networks whose precision is the ONNX file's tensor types, so the file itself must say fp16. Every
+quantized layer keeps its DequantizeLinear inputs right before it, and its Q/DQ scales stay
+float32, so TensorRT's explicit-quantization fusions are unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +49,7 @@ import numpy as np
 import onnx
 
 from deploy.errors import UsageError
+from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY
 from export.onnx_export import INPUT_NAME, get_metadata, load_onnx, save_onnx, set_metadata
 
 CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
@@ -48,8 +63,15 @@ class Int8Flavour:
     activation: str  # "uint8" or "int8"
     symmetric_activations: bool
     quantize_bias: bool
+    weight_bits: int  # 7 or 8; see the module docstring
+    float_layers: str  # what the layers mixed precision keeps out of int8 compute in: "fp32" or "fp16"
     per_channel: bool = True
-    weight_bits: int = 7  # see the module docstring: 8-bit weights saturate ORT's AVX2 kernels
+
+    @property
+    def runs_unfused(self) -> bool:
+        """Whether ONNX Runtime must run the file's Q/DQ pairs as float operations: 8-bit weights
+        saturate its fused int8 kernels on CPUs without VNNI (module docstring)."""
+        return self.weight_bits == 8
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record of this flavour."""
@@ -63,14 +85,30 @@ class Int8Flavour:
             "per_channel_weights": self.per_channel,
             "weight_bits": self.weight_bits,
             "bias": "int32" if self.quantize_bias else "float",
+            UNFUSED_QDQ_KEY: self.runs_unfused,
         }
 
 
 INT8_FLAVOURS: dict[str, Int8Flavour] = {
-    "cpu": Int8Flavour("cpu", activation="uint8", symmetric_activations=False, quantize_bias=True),
+    "cpu": Int8Flavour(
+        "cpu",
+        activation="uint8",
+        symmetric_activations=False,
+        quantize_bias=True,
+        weight_bits=7,
+        float_layers="fp32",
+    ),
     # TensorRT's Q/DQ layers take 8-bit (and fp8/int4) tensors only, so biases stay float, as in
-    # NVIDIA's own Q/DQ recipes; TensorRT fuses the float bias into its int8 convolution.
-    "trt": Int8Flavour("trt", activation="int8", symmetric_activations=True, quantize_bias=False),
+    # NVIDIA's own Q/DQ recipes; TensorRT fuses the float bias into its int8 convolution. Layers kept
+    # out of int8 compute in fp16 (module docstring, "Mixed precision").
+    "trt": Int8Flavour(
+        "trt",
+        activation="int8",
+        symmetric_activations=True,
+        quantize_bias=False,
+        weight_bits=8,
+        float_layers="fp16",
+    ),
 }
 
 
@@ -103,6 +141,73 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
         pending = [n for n in pending if all(n is not r for r in ready)]
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def compute_in_fp16(model: onnx.ModelProto, names: Collection[str]) -> None:
+    """Make the nodes of `model` named in `names` compute in float16, in place; the rest is untouched.
+
+    Each such node reads fp16: its float32 initializers become fp16 copies, and each float32 tensor
+    it reads is cast to fp16 once (or taken as fp16 straight from another such node). Each float32
+    output is produced in fp16 under a new name and cast back to float32 under its own name, so
+    every other consumer, and the graph's outputs, see what they saw before; a tensor one such node
+    makes and another reads stays fp16 between them (ONNX lists producers before consumers, so the
+    producer's fp16 name is known first). Quantized nodes keep their DequantizeLinear inputs, so
+    TensorRT still fuses them into int8 layers.
+    UsageError when a name is not a node of the model.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    wanted = set(names)
+    missing = wanted - {node.name for node in graph.node}
+    if missing:
+        raise UsageError(f"no node named {', '.join(sorted(missing))} in the quantized graph")
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    float32 = {
+        info.name
+        for info in [*inferred.input, *inferred.value_info, *inferred.output]
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT
+    }
+    initializers = {init.name: init for init in graph.initializer}
+    half_of: dict[str, str] = {}  # float32 tensor -> its fp16 counterpart
+    casts: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        for i, name in enumerate(node.input):
+            init = initializers.get(name)
+            if init is not None and init.data_type == TensorProto.FLOAT:
+                if name not in half_of:
+                    half = numpy_helper.from_array(
+                        numpy_helper.to_array(init).astype(np.float16), f"{name}_fp16"
+                    )
+                    graph.initializer.append(half)
+                    half_of[name] = half.name
+            elif name in float32 and name not in half_of:
+                half_of[name] = f"{name}_fp16"
+                casts.append(
+                    helper.make_node(
+                        "Cast", [name], [half_of[name]], f"{name}/to_fp16", to=TensorProto.FLOAT16
+                    )
+                )
+            if name in half_of:
+                node.input[i] = half_of[name]
+        for i, name in enumerate(node.output):
+            if name in float32:
+                half_of[name] = f"{name}_fp16"
+                node.output[i] = half_of[name]
+                casts.append(
+                    helper.make_node("Cast", [half_of[name]], [name], f"{name}/to_fp32", to=TensorProto.FLOAT)
+                )
+    # Only the float32 copies something still reads: a tensor that passes between two fp16 nodes
+    # alone needs none.
+    read = {name for node in [*graph.node, *casts] for name in node.input} | {o.name for o in graph.output}
+    graph.node.extend(cast for cast in casts if cast.output[0] in read)
+    _sort_topologically(graph)
+    # The float32 weights that only these nodes read now exist in fp16 alone.
+    unread = [init for init in graph.initializer if init.name in half_of and init.name not in read]
+    for init in unread:
+        graph.initializer.remove(init)
 
 
 class ArrayCalibrationReader:
@@ -277,6 +382,8 @@ class Int8Quantizer:
             **({"calibration_cache_path": str(cache)} if cache else {}),
         )
         model = onnx.load(str(quantized))
+        if exclude_nodes and spec.float_layers == "fp16":
+            compute_in_fp16(model, exclude_nodes)
         description = {
             **spec.describe(),
             "calibration": {
@@ -288,6 +395,7 @@ class Int8Quantizer:
         }
         if exclude_nodes:
             description["float_nodes"] = sorted(exclude_nodes)
+            description["float_precision"] = spec.float_layers
         description.update(record or {})
         set_metadata(model, {**self.metadata, "precision": "int8", "int8": description})
         save_onnx(model, dst)

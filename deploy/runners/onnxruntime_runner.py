@@ -3,6 +3,17 @@
 onnxruntime is imported when a runner is built, not when this module is, so `deploy` imports on
 a device that only has TensorRT. A GPU session is checked after it is created: a provider asked for
 that did not load is an error (exit 3), never a silent CPU runner.
+
+Every session this project opens on an ONNX file takes its options from `session_options`, which
+reads the file's embedded manifest: an int8 file whose description sets UNFUSED_QDQ_KEY (export's
+TensorRT flavour, with full 8-bit weights) runs its QuantizeLinear/DequantizeLinear pairs as the
+float operations the file spells out, which is what TensorRT computes. ONNX Runtime would otherwise
+fuse them into its integer kernels, which on x86 CPUs without VNNI (AVX2) add pairs of uint8 x int8
+products into saturating int16s and lose accuracy with 8-bit weights (export/precision.py).
+Measured with onnxruntime 1.32: `session.disable_quant_qdq` at ORT_ENABLE_ALL gives the same
+logits, bit for bit, as ORT_DISABLE_ALL and keeps the float fusions (NCHWc convolutions);
+ORT_ENABLE_BASIC does not: its level-1 rewrites already quantize float biases to int32 and give a
+Relu's Q/DQ its producer's scale.
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +49,11 @@ _CUDA_HINT = (
 
 # The metadata_props key under which export stores the run's manifest as JSON.
 METADATA_KEY = "reviewkd_manifest"
+# In the embedded manifest's "int8" description: true when ONNX Runtime must run the file's Q/DQ
+# pairs unfused (as float operations), never through its integer kernels. Export's flavours set it.
+UNFUSED_QDQ_KEY = "onnxruntime_unfused_qdq"
+# ONNX Runtime's session option that turns off its Q/DQ fusions (and only those).
+_DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
 
 _ORT_INPUT_TYPES: dict[str, type[np.floating[Any]]] = {
     "tensor(float)": np.float32,
@@ -115,6 +132,66 @@ def check_session_providers(
         raise RuntimeError(f"{path}: onnxruntime's CUDA provider runs with TF32 on; the fp32 gate would fail")
 
 
+def parse_embedded_manifest(
+    metadata: Mapping[str, str], path: str | os.PathLike[str]
+) -> dict[str, Any] | None:
+    """The manifest export stored under METADATA_KEY in a model's metadata_props, or None if absent.
+
+    UsageError naming `path` when the value is not a JSON object.
+    """
+    text = metadata.get(METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{path}: metadata {METADATA_KEY!r} is not a JSON object")
+    return manifest
+
+
+def file_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The embedded manifest of the ONNX file at `path`, read without ONNX Runtime (to choose the
+    session's options before the session exists); None when the file has none or does not parse
+    as ONNX (the session that follows then says why it cannot load it)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError, OSError: the session reports the file's problem
+        return None
+    return parse_embedded_manifest({p.key: p.value for p in model.metadata_props}, path)
+
+
+def runs_unfused(manifest: Mapping[str, Any] | None) -> bool:
+    """Whether a file with this embedded manifest must run its Q/DQ pairs unfused (UNFUSED_QDQ_KEY)."""
+    int8 = manifest.get("int8") if manifest else None
+    return isinstance(int8, Mapping) and int8.get(UNFUSED_QDQ_KEY) is True
+
+
+def session_options(manifest: Mapping[str, Any] | None, threads: int | None = None) -> Any:
+    """ONNX Runtime SessionOptions for a file with this embedded manifest: Q/DQ fusion off where
+    `runs_unfused` says so, every other optimisation at its default; `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if runs_unfused(manifest):
+        options.add_session_config_entry(_DISABLE_QDQ_FUSION, "1")
+    return options
+
+
+def qdq_fusion_disabled(session: Any) -> bool:
+    """Whether the ONNX Runtime `session` runs with its Q/DQ fusions turned off."""
+    try:
+        value = session.get_session_options().get_session_config_entry(_DISABLE_QDQ_FUSION)
+    except Exception:  # onnxruntime raises its own Fail type when the entry was never set
+        return False
+    return bool(value == "1")
+
+
 def _static_dim(dim: Any) -> int | None:
     """Return a fixed ONNX dimension as an int, or None for a symbolic or unknown one."""
     return dim if isinstance(dim, int) and dim > 0 else None
@@ -162,9 +239,7 @@ class OnnxRuntimeRunner(Runner):
                 f"{TENSORRT_PROVIDER} was asked for, but TensorRT's libnvinfer does not load here"
                 f" (tried {', '.join(_LIBNVINFER_NAMES)}); install TensorRT or ask for {CUDA_PROVIDER}"
             )
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
+        options = session_options(file_manifest(self.path), threads)
         try:
             session = ort.InferenceSession(
                 str(self.path),
@@ -178,6 +253,8 @@ class OnnxRuntimeRunner(Runner):
         check_session_providers(self.path, providers, session.get_providers(), session.get_provider_options())
         self._session: Any = session
         self.threads = threads
+        # True for a file that must run its Q/DQ pairs as float operations (UNFUSED_QDQ_KEY).
+        self.unfused_qdq = qdq_fusion_disabled(session)
         self.providers: list[str] = list(session.get_providers())
         self.device = "cuda" if self.providers and self.providers[0] in GPU_PROVIDERS else "cpu"
         self.precision = precision or self._embedded_precision() or precision_from_filename(self.path)
@@ -232,16 +309,7 @@ class OnnxRuntimeRunner(Runner):
 
     def embedded_manifest(self) -> dict[str, Any] | None:
         """Return the manifest export stored in the model's metadata, or None if there is none."""
-        text = self.custom_metadata.get(METADATA_KEY)
-        if text is None:
-            return None
-        try:
-            manifest = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{self.path}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from exc
-        if not isinstance(manifest, dict):
-            raise UsageError(f"{self.path}: metadata {METADATA_KEY!r} is not a JSON object")
-        return manifest
+        return parse_embedded_manifest(self.custom_metadata, self.path)
 
     def _embedded_precision(self) -> str | None:
         manifest = self.embedded_manifest()

@@ -25,7 +25,12 @@ from deploy.runners import (
     providers_for_device,
     select_artifact,
 )
-from deploy.runners.onnxruntime_runner import check_session_providers
+from deploy.runners.onnxruntime_runner import (
+    METADATA_KEY,
+    UNFUSED_QDQ_KEY,
+    check_session_providers,
+    runs_unfused,
+)
 from deploy.runners.torch_runner import TorchRunner
 from deploy.trt_sidecar import (
     tensorrt_available,
@@ -157,6 +162,93 @@ def test_precision_comes_from_the_file_name_or_the_embedded_manifest(onnx_file: 
         assert runner.embedded_manifest() == {"precision": "fp16", "classes": CLASSES}
     with OnnxRuntimeRunner(tagged, precision="int8-qdq") as runner:
         assert runner.name == "onnxruntime/int8-qdq"
+
+
+def _qdq_conv_file(path: Path, unfused: bool | None) -> Path:
+    """A symmetric Q/DQ conv (int8 activations, 8-bit weights all at +-127, as TensorRT takes them)
+    whose embedded manifest sets UNFUSED_QDQ_KEY to `unfused` (None: no int8 description)."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    channels, height, width = INPUT_SHAPE
+    weights = (np.sign(rng.standard_normal((8, channels, 3, 3))) * 127).astype(np.int8)
+    inits = [
+        numpy_helper.from_array(weights, "w_q"),
+        numpy_helper.from_array(np.full(8, 0.05 / 127, np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(8, np.int8), "w_zero"),
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero"),
+        numpy_helper.from_array(np.array(1.35 / 127, np.float32), "y_scale"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["images", "x_scale", "zero"], ["x_q"]),
+        helper.make_node("DequantizeLinear", ["x_q", "x_scale", "zero"], ["x_dq"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"], axis=0),
+        helper.make_node("Conv", ["x_dq", "w_dq"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["y", "y_scale", "zero"], ["y_q"]),
+        helper.make_node("DequantizeLinear", ["y_q", "y_scale", "zero"], ["y_dq"]),
+        helper.make_node("Flatten", ["y_dq"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq_conv",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", channels, height, width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 8 * height * width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    manifest: dict[str, Any] = {"precision": "int8"}
+    if unfused is not None:
+        manifest["int8"] = {"flavour": "trt", "weight_bits": 8, UNFUSED_QDQ_KEY: unfused}
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(manifest))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _disable_all(path: Path, images: np.ndarray) -> np.ndarray:
+    """The file with no graph optimisation at all: Q/DQ as the float operations the file spells out."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"images": images})[0])
+
+
+@pytest.mark.parametrize("unfused", [True, False, None])
+def test_a_file_that_must_run_unfused_runs_its_qdq_as_float_operations(
+    tmp_path: Path, unfused: bool | None
+) -> None:
+    path = _qdq_conv_file(tmp_path / "student.int8.trt.onnx", unfused)
+    images = np.random.default_rng(1).integers(0, 2, (4, *INPUT_SHAPE)).astype(np.float32)
+    with OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"]) as runner:
+        assert runner.unfused_qdq is bool(unfused)
+        logits = runner.infer(images)
+    if unfused:
+        np.testing.assert_array_equal(logits, _disable_all(path, images))
+
+
+def test_open_runner_runs_a_runs_unfused_file_unfused(tmp_path: Path) -> None:
+    run, manifest = make_run(tmp_path)
+    _qdq_conv_file(run / "export" / "student.int8.trt.onnx", unfused=True)
+    record_artifact(run, manifest, "export/student.int8.trt.onnx", "onnx", precision="int8")
+    with open_runner("export/student.int8.trt.onnx", manifest=manifest, run_dir=run) as runner:
+        assert isinstance(runner, OnnxRuntimeRunner) and runner.unfused_qdq
+    with open_runner("export/student.onnx", manifest=manifest, run_dir=run) as runner:
+        assert isinstance(runner, OnnxRuntimeRunner) and not runner.unfused_qdq
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [None, {}, {"int8": None}, {"int8": "yes"}, {"int8": {UNFUSED_QDQ_KEY: "true"}}, {"int8": {}}],
+)
+def test_only_a_true_unfused_flag_turns_qdq_fusion_off(manifest: dict[str, Any] | None) -> None:
+    assert not runs_unfused(manifest)
+    assert runs_unfused({"int8": {UNFUSED_QDQ_KEY: True}})
 
 
 def test_corrupt_onnx_file_is_a_usage_error_naming_it(tmp_path: Path) -> None:

@@ -52,15 +52,16 @@ def test_sha256_sees_order_and_content() -> None:
 
 
 @pytest.mark.parametrize("flavour", ["cpu", "trt"])
-def test_auto_tries_every_method_and_keeps_the_most_faithful(tmp_path: Path, flavour: str) -> None:
+def test_auto_tries_every_method_and_keeps_the_closest_logits(tmp_path: Path, flavour: str) -> None:
     fp32 = export_onnx(tiny_net(), tmp_path / "fp32.onnx")
     data = split_training_images(iter(_batches(96)), 32, 64, seed=0)
     description = quantize_calibrated(fp32, tmp_path / "int8.onnx", data, flavour=flavour)
     calibration = description["calibration"]
     scores = calibration["selection"]
     assert set(scores) == set(CALIBRATION_METHODS)
-    best = max(scores.values(), key=lambda s: (s["top1_agreement"], -s["logit_rel_l2"]))
+    best = min(scores.values(), key=lambda s: (s["logit_rel_l2"], -s["top1_agreement"]))
     assert scores[calibration["method"]] == best
+    assert len({s["logit_rel_l2"] for s in scores.values()}) == len(scores)  # the L2 error decided
     assert calibration["images"] == 32 and calibration["held_out_images"] == 64
     assert calibration["images_sha256"] == images_sha256(data.calibration)
     stored = get_metadata(onnx.load(str(tmp_path / "int8.onnx")))["int8"]

@@ -107,11 +107,24 @@ def test_ranking_names_the_fragile_layer_and_keeps_only_it_in_float(
     assert search.full_int8_drop > 20 and search.met and search.drop <= 0.3
     assert [layer.module for layer in search.float_layers] == ["fragile"]
     assert description["float_nodes"] == ["/fragile/Conv"]
+    # fp16 for TensorRT, fp32 for ONNX Runtime, as the flavour says.
+    float_type = {"cpu": onnx.TensorProto.FLOAT, "trt": onnx.TensorProto.FLOAT16}[flavour]
+    assert description["float_precision"] == {"cpu": "fp32", "trt": "fp16"}[flavour]
     assert len(search.latency_ms) == 2 and all(ms > 0 for ms in search.latency_ms)
     graph = onnx.load(str(tmp_path / "mixed.onnx")).graph
     quantized_inputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     fragile = next(n for n in graph.node if n.name == "/fragile/Conv")
-    assert not set(fragile.input) & quantized_inputs  # fp32 in, fp32 weights
+    assert not set(fragile.input) & quantized_inputs  # float in, float weights
+    weights = {i.name: i.data_type for i in graph.initializer}
+    assert [weights[name] for name in fragile.input[1:]] == [float_type, float_type]
+    cast_to = {n.output[0]: n.attribute[0].i for n in graph.node if n.op_type == "Cast"}
+    if flavour == "trt":  # a Cast to fp16 in, a Cast back to fp32 for the int8 layer that reads it
+        assert cast_to[fragile.input[0]] == onnx.TensorProto.FLOAT16
+        assert [cast_to[n.output[0]] for n in graph.node if fragile.output[0] in n.input] == [
+            onnx.TensorProto.FLOAT
+        ]
+    else:
+        assert not cast_to
     head = next(n for n in graph.node if n.name == "/head/Conv")
     assert set(head.input) & quantized_inputs  # the rest stays int8
     mixed = run_onnx(tmp_path / "mixed.onnx", images)
