@@ -9,15 +9,19 @@ images) and recorded in the run's manifest:
                                       biases: TensorRT's explicit-quantization form ("int8-qad-trt")
     export/student.int8.qad.onnx      the same quantization with each activation pair re-expressed as
                                       uint8 with zero point 128 (identical values), the activation type
-                                      of ONNX Runtime's fast CPU int8 kernels ("int8-qad")
+                                      of ONNX Runtime's CPU int8 kernels ("int8-qad")
+
+Both files carry 8-bit weights, as QAD trained them, and are marked to run unfused in ONNX Runtime
+(deploy's UNFUSED_QDQ_KEY): its fused AVX2 kernels saturate on 8-bit weights (export.precision).
 
 Each check also records the file's parity with the fake-quantized PyTorch model it came from:
 `qad_max_abs_diff`, `qad_top1_agreement` and `qad_samples_within_1e4` (the share of samples whose
 logits all agree to 1e-4). Parity is close, not exact: torch multiplies by 1/scale where
 QuantizeLinear divides, and ONNX Runtime's integer kernels (QLinearConv) requantize in their own
 rounding, so a value near a rounding boundary lands one int8 step apart and that step travels on.
-Evaluated node by node (ONNX Runtime's QDQ fusions off) most samples agree to 1e-4; with the integer
-kernels most logits move a little (on the digits student: max 0.39 on logits up to 8) and top-1 agrees.
+Evaluated node by node (ONNX Runtime's QDQ fusions off, as the files now run) most samples agree to
+1e-4; with the integer kernels most logits moved a little (on the digits student: max 0.39 on logits
+up to 8).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from deploy.errors import UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import input_spec, read_manifest, write_manifest
 from deploy.run_lock import locks_run
+from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY
 from export.check import CheckResult, compare, gate, run_onnx
 from export.onnx_export import DEFAULT_OPSET, optimize_onnx, save_onnx, set_metadata, torch_export
 from export.pipeline import (
@@ -64,6 +69,10 @@ def _description(flavour: str, activation: str, symmetric: bool, qad: dict[str, 
         "symmetric_activations": symmetric,
         "symmetric_weights": True,
         "per_channel_weights": True,
+        "weight_bits": 8,
+        # QAD trained full 8-bit weights, which ONNX Runtime's fused AVX2 kernels saturate on (see
+        # export.precision); both files keep the Q/DQ semantics QAD trained for.
+        UNFUSED_QDQ_KEY: True,
         "bias": "float",
         "calibration": {
             "method": "qad",
