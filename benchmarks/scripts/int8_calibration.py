@@ -7,8 +7,10 @@
 For a zoo model trained elsewhere it lays out a run with the export stage's own `export_model`
 (fp32 only), then, for both int8 flavours and every calibration method: quantizes on the first
 512 shuffled training images, scores the file on the next 1,000 (what `--calib-method auto`
-chooses by), and runs it on every validation image twice: as deployed (ONNX Runtime's fused
-kernels) and with its Q/DQ semantics (graph optimisations at BASIC, no fusion). Each top-1 drop
+chooses by, with export's own rule, export.calibration.best_method), and runs it on every
+validation image twice: as deployed (deploy's session options: ONNX Runtime's fused int8 kernels,
+except for files marked to run unfused, as the TensorRT flavour is) and with its Q/DQ semantics
+(Q/DQ fusion off). Each top-1 drop
 against the fp32 file comes with its paired 95% interval (deploy.paired_stats). Last, the speed of
 the fp32 and cpu-flavour int8 files at batch 32, one thread, timed alternately.
 
@@ -29,25 +31,28 @@ from typing import Any
 import numpy as np
 
 
-def _session(path: Path, fused: bool, threads: int = 0) -> Any:
+def _session(path: Path, mode: str, threads: int | None = None) -> Any:
+    """A CPU session running `path` as it deploys ("deployed": deploy's options for the file, which
+    turn Q/DQ fusion off where the file asks) or with its Q/DQ semantics ("qdq": fusion always off)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    level = ort.GraphOptimizationLevel
-    options.graph_optimization_level = level.ORT_ENABLE_ALL if fused else level.ORT_ENABLE_BASIC
-    if threads:
-        options.intra_op_num_threads = threads
+    from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY, file_manifest, session_options
+
+    manifest = file_manifest(path)
+    if mode == "qdq":
+        manifest = {**(manifest or {}), "int8": {UNFUSED_QDQ_KEY: True}}
+    options = session_options(manifest, threads)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _predict(path: Path, batches: list[np.ndarray], fused: bool) -> np.ndarray:
-    session = _session(path, fused)
+def _predict(path: Path, batches: list[np.ndarray], mode: str) -> np.ndarray:
+    session = _session(path, mode)
     return np.concatenate([session.run(None, {"images": b})[0].argmax(1) for b in batches])
 
 
 def _speed(paths: dict[str, Path], batch: np.ndarray, rounds: int) -> dict[str, float]:
     """Median ms per batch of each file, one thread, the files timed call by call in turn."""
-    sessions = {name: _session(path, True, threads=1) for name, path in paths.items()}
+    sessions = {name: _session(path, "deployed", threads=1) for name, path in paths.items()}
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(3):
         for session in sessions.values():
@@ -66,7 +71,7 @@ def main() -> None:
     import torch
 
     from deploy.paired_stats import compare_predictions, describe_drop
-    from export.calibration import score, split_training_images
+    from export.calibration import best_method, score, split_training_images
     from export.check import run_onnx
     from export.pipeline import FP32_FILE, export_model
     from export.precision import CALIBRATION_METHODS, INT8_FLAVOURS, Int8Quantizer
@@ -99,7 +104,7 @@ def main() -> None:
         pairs = list(iter_run_batches(run, "val", 500))
         val = [p[0] for p in pairs]
         labels = np.concatenate([p[1] for p in pairs])
-        fp32_pred = _predict(fp32, val, fused=True)
+        fp32_pred = _predict(fp32, val, "deployed")
         data = split_training_images(
             iter_run_batches(run, "train", 256, args.calib_samples + args.held_out),
             args.calib_samples,
@@ -122,23 +127,17 @@ def main() -> None:
                     "quantize_seconds": round(seconds, 1),
                     "held_out": held.as_dict(),
                 }
-                for mode, fused in (("deployed", True), ("qdq", False)):
-                    comparison = compare_predictions(labels, fp32_pred, _predict(path, val, fused))
+                row["held_out_score"] = held
+                for mode in ("deployed", "qdq"):
+                    comparison = compare_predictions(labels, fp32_pred, _predict(path, val, mode))
                     row[mode] = {**comparison.as_dict(), "text": describe_drop(comparison)}
                 rows.append(row)
                 deployed, qdq = row["deployed"]["text"], row["qdq"]["text"]
                 print(f"{flavour} {method}: {deployed} (Q/DQ: {qdq})", flush=True)
         for flavour in INT8_FLAVOURS:
             candidates = [r for r in rows if r["flavour"] == flavour]
-            best = max(
-                candidates,
-                key=lambda r: (
-                    r["held_out"]["top1_agreement"],
-                    -r["held_out"]["logit_rel_l2"],
-                    -CALIBRATION_METHODS.index(r["method"]),
-                ),
-            )
-            best["auto_choice"] = True
+            chosen = best_method([r.pop("held_out_score") for r in candidates])
+            next(r for r in candidates if r["method"] == chosen.method)["auto_choice"] = True
         auto_cpu = next(r for r in rows if r["flavour"] == "cpu" and r.get("auto_choice"))
         speed = _speed(
             {"fp32": fp32, "int8": tmp / f"cpu.{auto_cpu['method']}.onnx"},
