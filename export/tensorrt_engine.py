@@ -51,6 +51,7 @@ class OnnxSummary:
     fixed_batch: int | None  # the batch dimension when the file fixes it; None when dynamic
     output_names: tuple[str, ...]
     precision: str
+    fp16_layers: bool = False  # an int8 file whose layers kept out of int8 compute in fp16
 
 
 def onnx_precision(model: onnx.ModelProto, source: str = "model") -> str:
@@ -91,14 +92,19 @@ def onnx_precision(model: onnx.ModelProto, source: str = "model") -> str:
                     "TensorRT needs symmetric int8 Q/DQ"
                 )
         return "int8"
+    return "fp16" if computes_in_fp16(model) else "fp32"
+
+
+def computes_in_fp16(model: onnx.ModelProto) -> bool:
+    """Whether some of the graph computes in fp16: a Cast to float16 or a float16 initializer."""
+    import onnx
+
     fp16 = onnx.TensorProto.FLOAT16
     casts_to_fp16 = any(
         node.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in node.attribute)
-        for node in graph.node
+        for node in model.graph.node
     )
-    if casts_to_fp16 or any(init.data_type == fp16 for init in graph.initializer):
-        return "fp16"
-    return "fp32"
+    return casts_to_fp16 or any(init.data_type == fp16 for init in model.graph.initializer)
 
 
 def inspect_onnx(onnx_path: str | os.PathLike[str]) -> OnnxSummary:
@@ -145,13 +151,16 @@ def inspect_onnx(onnx_path: str | os.PathLike[str]) -> OnnxSummary:
         input_chw=(int(chw[0]), int(chw[1]), int(chw[2])),
         fixed_batch=fixed_batch,
         output_names=outputs,
-        precision=onnx_precision(model, str(path)),
+        precision=(precision := onnx_precision(model, str(path))),
+        fp16_layers=precision == "int8" and computes_in_fp16(model),
     )
 
 
-def weak_typing_flags(precision: str) -> tuple[str, ...]:
-    """BuilderFlag names a weakly typed build (TensorRT < 10.12) needs for an ONNX file's precision."""
-    return {"fp32": (), "fp16": ("FP16",), "int8": ("INT8",)}[precision]
+def weak_typing_flags(precision: str, fp16_layers: bool = False) -> tuple[str, ...]:
+    """BuilderFlag names a weakly typed build (TensorRT < 10.12) needs for an ONNX file's precision;
+    an int8 file whose float layers are fp16 (mixed precision's TensorRT file) also needs FP16."""
+    flags = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8",)}[precision]
+    return (*flags, "FP16") if precision == "int8" and fp16_layers else flags
 
 
 def apply_builder_flags(
@@ -161,9 +170,10 @@ def apply_builder_flags(
     strongly_typed: bool,
     compatibility: str | None,
     dla: DlaSettings | None = None,
+    fp16_layers: bool = False,
 ) -> tuple[list[str], list[str]]:
-    """Set the builder flags for the file's precision, the compatibility mode and the DLA; return the
-    names of the flags set and of those cleared.
+    """Set the builder flags for the file's precision (and `fp16_layers`, see weak_typing_flags), the
+    compatibility mode and the DLA; return the names of the flags set and of those cleared.
 
     TF32 is on by default in every TensorRT builder and is cleared here for every engine: with it,
     fp32 convolutions and matrix products round their inputs to 10-bit mantissas and drift about
@@ -179,7 +189,7 @@ def apply_builder_flags(
     config.clear_flag(trt.BuilderFlag.TF32)
     cleared.append("TF32")
     if not strongly_typed:
-        for name in weak_typing_flags(precision):
+        for name in weak_typing_flags(precision, fp16_layers):
             config.set_flag(trt.BuilderFlag.FP16 if name == "FP16" else trt.BuilderFlag.INT8)
             set_flags.append(name)
     if compatibility == "version":
@@ -353,7 +363,12 @@ def build_engine(
             "(DLA cores exist on Jetson and DRIVE SoCs, with TensorRT 10)"
         )
     flags, cleared = apply_builder_flags(
-        config, summary.precision, strongly_typed=strongly_typed, compatibility=compatibility, dla=dla
+        config,
+        summary.precision,
+        strongly_typed=strongly_typed,
+        compatibility=compatibility,
+        dla=dla,
+        fp16_layers=summary.fp16_layers,
     )
     cache_file = Path(timing_cache) if timing_cache is not None else None
     _load_timing_cache(config, cache_file)

@@ -280,6 +280,9 @@ def test_weak_typing_flags_follow_the_file() -> None:
     assert weak_typing_flags("fp32") == ()
     assert weak_typing_flags("fp16") == ("FP16",)
     assert weak_typing_flags("int8") == ("INT8",)
+    # mixed precision's TensorRT file: the layers kept out of int8 are fp16 in the file
+    assert weak_typing_flags("int8", fp16_layers=True) == ("INT8", "FP16")
+    assert weak_typing_flags("fp32", fp16_layers=True) == ()
 
 
 @pytest.mark.parametrize(
@@ -627,9 +630,24 @@ def test_inspect_fp32_and_fp16(tmp_path: Path) -> None:
 
 def test_inspect_int8_qdq(tmp_path: Path) -> None:
     summary = inspect_onnx(_quantized(tmp_path, "int8"))
-    assert summary.precision == "int8"
+    assert summary.precision == "int8" and not summary.fp16_layers
     with pytest.raises(UsageError, match=r"UINT8.*symmetric int8"):
         inspect_onnx(_quantized(tmp_path, "uint8"))
+
+
+def test_inspect_int8_file_with_a_layer_in_fp16(tmp_path: Path) -> None:
+    import onnx
+
+    from export.precision import compute_in_fp16
+
+    model = onnx.load(str(_quantized(tmp_path, "int8")))
+    float_nodes = [
+        n.name for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+    ]
+    compute_in_fp16(model, float_nodes[-1:])
+    onnx.save(model, str(tmp_path / "mixed.onnx"))
+    summary = inspect_onnx(tmp_path / "mixed.onnx")
+    assert summary.precision == "int8" and summary.fp16_layers
 
 
 def test_inspect_rejects_unfit_files(tmp_path: Path) -> None:
