@@ -18,6 +18,7 @@ from deploy import run_layout
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.manifest import InputSpec, Manifest, input_spec
 from deploy.preprocess import load_images
+from deploy.sampling import spread_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -54,8 +55,8 @@ def iter_folder_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(float32 NCHW images, int64 labels) batches of an ImageFolder split, preprocessed per `spec`."""
     files, labels = scan_image_folder(folder, classes)
-    if limit is not None:
-        files, labels = files[:limit], labels[:limit]
+    chosen = spread_indices(len(files), limit)  # the images reviewkd.data reads for the same limit
+    files, labels = [files[i] for i in chosen], [labels[i] for i in chosen]
     for start in range(0, len(files), batch_size):
         yield (
             load_images(files[start : start + batch_size], spec),

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from deploy.errors import UsageError
+from deploy.sampling import spread_indices
 from reviewkd.config import Config, DataConfig, load_run_config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -554,7 +555,8 @@ def iter_run_batches(
     """Batches of a run's data with its evaluation preprocessing, for calibration and validation.
 
     Reads RUN/config.yaml. Yields (float32 NCHW normalised images, int64 labels) as numpy arrays.
-    split "val": the validation split in order. split "train": the images the run trained on (its
+    split "val": the validation split in order (with `limit`, that many images spread evenly over
+    it: deploy.sampling). split "train": the images the run trained on (its
     subset when it had one; with teacher.full_data, the whole training split its teacher saw, so
     that int8 calibration does not rest on a student's few images) in a fixed-seed shuffled order,
     without augmentation. `limit` caps the images.
@@ -575,12 +577,9 @@ def iter_run_batches(
         )
     bundle = build_data(config, cache=False)
     data = bundle.val if split == "val" else bundle.train
-    order = (
-        torch.arange(len(data))
-        if split == "val"
-        else torch.randperm(len(data), generator=_generator(DATA_SEED))
-    )
-    if limit is not None:
-        order = order[:limit]
+    if split == "val":
+        order = torch.tensor(spread_indices(len(data), limit), dtype=torch.long)
+    else:
+        order = torch.randperm(len(data), generator=_generator(DATA_SEED))[:limit]
     for images, labels in _ordered_batches(data.take(order), batch_size, bundle, 0):
         yield bundle.normalize(images).numpy(), labels.numpy().astype(np.int64)
