@@ -283,3 +283,11 @@ def test_pretrained_cifar_resnet56_accuracy(cifar_weights_dir: Path, cifar10_dir
         for images, labels in DataLoader(subset, batch_size=250, num_workers=0):
             correct += int((model(images).argmax(1) == labels).sum())
     assert correct / len(subset) >= 0.82
+
+
+def test_torchvision_batchnorm_momentum_is_torch_default() -> None:
+    # torchvision's MobileNetV3 ships 0.01: over a short run the eval-mode statistics trail the weights
+    assert torch.nn.BatchNorm2d(4).momentum == 0.1
+    model = create_model("torchvision:mobilenet_v3_small", num_classes=10)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == 0.1 for m in norms)
