@@ -210,6 +210,31 @@ def compute_in_fp16(model: onnx.ModelProto, names: Collection[str]) -> None:
         graph.initializer.remove(init)
 
 
+def name_unnamed_nodes(graph: onnx.GraphProto) -> int:
+    """Give every nameless node of `graph` a unique name in its module's scope; return how many.
+
+    ONNX Runtime's pre-processing inlines function ops (HardSwish into HardSigmoid and Mul, as in
+    MobileNetV3) without naming the new nodes. Mixed precision and layer-wise parity address nodes by
+    name and map names to module paths, so each gets "<scope>/<op type>", the scope taken from its
+    output ("/features/features.0/features.0.2/HardSwish_output_0") or else its first input.
+    """
+    taken = {node.name for node in graph.node if node.name}
+    named = 0
+    for node in graph.node:
+        if node.name:
+            continue
+        scoped = [t for t in (*node.output, *node.input) if t.startswith("/") and "/" in t[1:]]
+        scope = scoped[0].rsplit("/", 1)[0] if scoped else ""
+        name, suffix = f"{scope}/{node.op_type}", 1
+        while name in taken:
+            suffix += 1
+            name = f"{scope}/{node.op_type}_{suffix}"
+        node.name = name
+        taken.add(name)
+        named += 1
+    return named
+
+
 class ArrayCalibrationReader:
     """Feeds fixed calibration batches to ONNX Runtime's calibrator (a CalibrationDataReader).
 
@@ -289,6 +314,9 @@ class Int8Quantizer:
 
             self._prepared = Path(self._tmp.name) / "prepared.onnx"
             quant_pre_process(str(self.src), str(self._prepared), skip_symbolic_shape=True)
+            model = onnx.load(str(self._prepared))
+            if name_unnamed_nodes(model.graph):
+                onnx.save(model, str(self._prepared))
         return self._prepared
 
     def _calibration_cache(self) -> Path | None:

@@ -210,3 +210,33 @@ def test_entropy_threshold_equals_onnxruntimes_search(kind: str) -> None:
     ours = entropy_threshold(histogram, 256)
     theirs = collector.get_entropy_threshold(histogram, 256)
     assert [float(v) for v in ours] == [float(v) for v in theirs]
+
+
+def test_nodes_onnxruntime_inlines_get_unique_names_in_their_module_scope(tmp_path: Path) -> None:
+    # MobileNetV3's Hardswish: ORT's pre-processing inlines it into HardSigmoid and Mul without names,
+    # and mixed precision addresses (and excludes) nodes by name
+    import onnx
+    import torch
+
+    from export.layerwise import module_path
+    from export.onnx_export import torch_export
+    from export.precision import Int8Quantizer
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.act = torch.nn.Hardswish()
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(self.act(self.conv(x))).flatten(1))
+
+    source = tmp_path / "net.onnx"
+    onnx.save(torch_export(Net().eval(), (3, 8, 8), 18), str(source))
+    batches = [np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)]
+    with Int8Quantizer(source, batches, flavour="trt", method="minmax") as quantizer:
+        names = [node.name for node in onnx.load(str(quantizer.prepared)).graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    assert any(name.endswith("/Mul") and module_path(name) == "act" for name in names), names
