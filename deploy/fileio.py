@@ -69,6 +69,23 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def ensure_writable_dir(folder: str | os.PathLike[str]) -> None:
+    """Create `folder` and prove a file can be written in it, else an OutputError naming it.
+
+    Commands call it before long work (an export, a fine-tuning, a comparison), so an unwritable
+    output fails at once instead of after the work.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: cannot write it (not a directory)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".reviewkd-write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError.from_os_error(folder, exc) from exc
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_output(path) as tmp:

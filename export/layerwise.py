@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from deploy.errors import MissingDependencyError, OutputError, UsageError
+from deploy.errors import MissingDependencyError, UsageError
+from deploy.fileio import ensure_writable_dir
 from deploy.manifest import Manifest
 from deploy.run_lock import locks_run
 from deploy.runners.onnxruntime_runner import session_options
@@ -314,14 +315,6 @@ def _exported_file(run: Path, manifest: Manifest, fmt: str, export_formats: str)
     return path
 
 
-def _writable_folder(folder: Path) -> None:
-    """Create `folder`, else an OutputError naming it: checked before the comparison, not after."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError.from_os_error(folder, exc) from exc
-
-
 @locks_run("layerwise")
 def debug_run(
     run_dir: str | os.PathLike[str], target: str, count: int = 64
@@ -356,7 +349,7 @@ def debug_run(
     reference = _exported_file(run, manifest, "onnx", f"onnx,{fmt}")
     candidate = _exported_file(run, manifest, fmt, fmt)
     images = layer_images([b[0] for b in iter_run_batches(run, "val", 64, count)], count)
-    _writable_folder(run / "report")
+    ensure_writable_dir(run / "report")
     report = compare_layers(reference, candidate, images)
     title = f"onnxruntime/{fmt}"
     return report, write_report(report, run / "report", LAYERWISE_PREFIX + fmt, title)

@@ -12,8 +12,8 @@ Float is the flavour's `float_layers`: fp32 for the cpu file (ONNX Runtime), fp1
 the CPU, which only approximates TensorRT's fp16 there: onnxruntime 1.32 on x86 has no fp16 kernels
 for these nodes, so it computes them in fp32 from the fp16 weights and drops the casts that would
 round their activations to fp16 (seen in its optimised graph). TensorRT's strongly typed builder
-(10.12+, 11) runs them in fp16; a weakly typed build (older 10.x) sets only the INT8 flag for a
-Q/DQ file and may run them in fp32.
+(10.12+, 11) runs them in fp16; a weakly typed build (older 10.x) gets the FP16 flag besides INT8
+for such a file (export/tensorrt_engine.py's `weak_typing_flags`).
 
 Each kept layer's latency cost is measured on the files of the search: the file with k float
 layers against the one with k - 1, at batch 32 on one thread, the median of a few runs.

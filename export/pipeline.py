@@ -22,7 +22,6 @@ install. Every other format loads the student with torch, which this module impo
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 
 from deploy import run_layout
 from deploy.errors import GateFailedError, MissingDependencyError, UsageError, require_torch
-from deploy.fileio import atomic_output, sha256_file
+from deploy.fileio import atomic_output, ensure_writable_dir, sha256_file
 from deploy.formats import (
     ALL_EXPORT_FORMATS,
     ONNX_FORMATS,
@@ -135,16 +134,6 @@ def tensorrt_status() -> tuple[bool, str]:
             f"({probe.describe_failure()})",
         )
     return True, reason
-
-
-def ensure_writable(folder: Path) -> None:
-    """Create `folder` and prove a file can be written there, else a UsageError naming it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".reviewkd-write-test-"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{folder}: cannot write the exported files there ({exc.strerror or exc})") from exc
 
 
 def load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
@@ -293,7 +282,7 @@ def export_run(
     spec = input_spec(manifest)
     input_shape = spec.shape
     model = load_student(run, manifest)
-    ensure_writable(run / run_layout.EXPORT_DIR)
+    ensure_writable_dir(run / run_layout.EXPORT_DIR)
     summary = ExportSummary(run)
     recorder = ExportRecorder(run, manifest, summary)
 
@@ -447,7 +436,7 @@ def export_engines(
         summary.missing_dependency = f"--formats tensorrt: {trt_reason}"
         recorder.skip(TENSORRT_FORMAT, trt_reason)
     else:
-        ensure_writable(run / run_layout.EXPORT_DIR)
+        ensure_writable_dir(run / run_layout.EXPORT_DIR)
         _build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log)
     write_manifest(run, manifest)
     return summary
@@ -553,7 +542,7 @@ def export_model(
     out = Path(out_dir)
     if len(input_shape) != 3 or any(d < 1 for d in input_shape):
         raise UsageError(f"--input-shape {input_shape}: expected C,H,W with positive sizes")
-    ensure_writable(out)
+    ensure_writable_dir(out)
     classes_n = num_classes if num_classes is not None else infer_num_classes(model_name, weights)
     model = strip_student(create_model(model_name, classes_n, weights=weights))
     try:

@@ -26,6 +26,7 @@ up to 8).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +39,9 @@ from onnx import numpy_helper
 
 from deploy import run_layout
 from deploy.errors import UsageError
-from deploy.fileio import sha256_file
+from deploy.fileio import ensure_writable_dir, sha256_file
 from deploy.manifest import input_spec, read_manifest, write_manifest
 from deploy.run_lock import locks_run
-from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY
 from export.check import CheckResult, compare, gate, run_onnx
 from export.onnx_export import DEFAULT_OPSET, optimize_onnx, save_onnx, set_metadata, torch_export
 from export.pipeline import (
@@ -49,31 +49,34 @@ from export.pipeline import (
     BatchSource,
     ExportRecorder,
     ExportSummary,
-    ensure_writable,
     load_student,
     run_batches,
     torch_logits,
 )
-from export.precision import zero_points_all_zero
+from export.precision import Int8Flavour, zero_points_all_zero
 
 QAD_TRT_FILE = run_layout.onnx_file("int8.qad.trt")
 QAD_CPU_FILE = run_layout.onnx_file("int8.qad")
 
 
-def _description(flavour: str, activation: str, symmetric: bool, qad: dict[str, Any]) -> dict[str, Any]:
+# QAD trained full 8-bit weights, so both files run unfused in ONNX Runtime (Int8Flavour.runs_unfused);
+# biases stay float as TensorRT takes them; QAD quantizes every layer, so no layer is left in float.
+QAD_TRT_FLAVOUR = Int8Flavour(
+    "qad-trt",
+    activation="int8",
+    symmetric_activations=True,
+    quantize_bias=False,
+    weight_bits=8,
+    float_layers="fp32",
+)
+QAD_CPU_FLAVOUR = dataclasses.replace(
+    QAD_TRT_FLAVOUR, name="qad-cpu", activation="uint8", symmetric_activations=False
+)
+
+
+def _description(flavour: Int8Flavour, qad: dict[str, Any]) -> dict[str, Any]:
     return {
-        "flavour": flavour,
-        "format": "QDQ",
-        "activations": activation,
-        "weights": "int8",
-        "symmetric_activations": symmetric,
-        "symmetric_weights": True,
-        "per_channel_weights": True,
-        "weight_bits": 8,
-        # QAD trained full 8-bit weights, which ONNX Runtime's fused AVX2 kernels saturate on (see
-        # export.precision); both files keep the Q/DQ semantics QAD trained for.
-        UNFUSED_QDQ_KEY: True,
-        "bias": "float",
+        **flavour.describe(),
         "calibration": {
             "method": "qad",
             "selected": qad.get("selected"),
@@ -158,7 +161,7 @@ def export_qad(
     input_shape = input_spec(manifest).shape
     student = load_student(run, manifest)
     quantized, _plan = load_qad_student(run)
-    ensure_writable(run / "export")
+    ensure_writable_dir(run / "export")
     summary = ExportSummary(run)
     recorder = ExportRecorder(run, manifest, summary)
     source = batches if batches is not None else run_batches(run)
@@ -180,10 +183,10 @@ def export_qad(
     }
     log(f"exporting {QAD_TRT_FILE}")
     proto = qdq_model(quantized, input_shape, opset)
-    trt_desc = _description("qad-trt", "int8", True, qad_block)
+    trt_desc = _description(QAD_TRT_FLAVOUR, qad_block)
     set_metadata(proto, {**metadata, "precision": "int8", "int8": trt_desc})
     save_onnx(proto, run / QAD_TRT_FILE)
-    cpu_desc = _description("qad-cpu", "uint8", False, qad_block)
+    cpu_desc = _description(QAD_CPU_FLAVOUR, qad_block)
     cpu_desc["uint8_activation_pairs"] = activations_to_uint8(proto)
     set_metadata(proto, {**metadata, "precision": "int8", "int8": cpu_desc})
     save_onnx(proto, run / QAD_CPU_FILE)

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from deploy import run_layout
-from deploy.errors import OutputError, UsageError
-from deploy.fileio import sha256_file
+from deploy.errors import UsageError
+from deploy.fileio import ensure_writable_dir, sha256_file
 from deploy.manifest import (
     Manifest,
     forget_artifact,
@@ -167,17 +167,6 @@ def _check_qad_state(run: Path, manifest: Manifest, resume: bool) -> None:
         )
 
 
-def _check_writable(folder: Path) -> None:
-    """OutputError naming `folder` when it cannot be written: found before the fine-tuning, not after."""
-    if folder.exists() and not folder.is_dir():
-        reason = "not a directory"
-    elif not os.access(folder if folder.exists() else folder.parent, os.W_OK):
-        reason = "permission denied"
-    else:
-        return
-    raise OutputError(f"{folder}: cannot write it ({reason})")
-
-
 def _trained_head(run: Path, config: Config) -> dict[str, torch.Tensor] | None:
     """The ABF head of the run's last checkpoint, when the run trained one."""
     if config.method.name not in ("reviewkd", "reviewkd+kd") or not (run / CHECKPOINT_FILE).is_file():
@@ -245,10 +234,11 @@ def quantize_run(
     manifest = read_manifest(run)
     verify_artifact(run, manifest, STUDENT_FILE)
     _check_qad_state(run, manifest, resume)
+    teacher_weights = _teacher_weights(run, manifest)
     for folder in (run / QAD_DIR, run / run_layout.EXPORT_DIR):  # export_qad writes the second after QAD
-        _check_writable(folder)
+        ensure_writable_dir(folder)
     base = load_run_config(run)
-    config = qad_config(base, run, epochs, lr, _teacher_weights(run, manifest), device, kd_weight)
+    config = qad_config(base, run, epochs, lr, teacher_weights, device, kd_weight)
     out = run / QAD_DIR
     runtime = setup_runtime(config)
     bundle = build_data(config)
