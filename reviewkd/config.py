@@ -96,6 +96,8 @@ class MethodConfig:
     warmup_epochs: float = 1.0  # the distillation weight rises linearly from 0 to 1 over these epochs
     student_taps: list[str] | None = None  # None: the model's default taps
     teacher_taps: list[str] | None = None
+    # The teacher's default stage taps read before the ReLU that ends them, as the reference does.
+    teacher_pre_activation: bool = True
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from deploy.errors import UsageError
 from reviewkd.abf import ReviewChain
 from reviewkd.hcl import hcl_loss
-from reviewkd.taps import FeatureTaps, default_taps, model_label, pair_default_taps
+from reviewkd.taps import FeatureTaps, default_taps, model_label, pair_default_taps, pre_activation_taps
 
 METHODS = ("ce", "kd", "reviewkd", "reviewkd+kd")
 
@@ -192,6 +192,9 @@ class ReviewKD(Distiller):
         student_taps, teacher_taps: module paths of the levels, shallow to deep; default
             `taps.default_taps` (stage outputs plus the pooled feature); when both are defaults
             and their level counts differ, the deepest levels pair (`taps.pair_default_taps`).
+        teacher_pre_activation: read the teacher's default stage taps before the ReLU that ends
+            them, as the reference code does (`taps.pre_activation_taps`); named taps are taken
+            as written (a path ending in `:input` reads a module's input).
         mid_channels: width of the review chain; default min(512, channels of the deepest student level).
         kd_weight, temperature: when kd_weight > 0, Hinton KD on logits is added (reviewkd+kd).
         fuse_teacher: run the teacher's forward on `fold_batchnorm`'s copy (BatchNorm folded into
@@ -208,6 +211,7 @@ class ReviewKD(Distiller):
         hcl_weight: float = 1.0,
         student_taps: Sequence[str] | None = None,
         teacher_taps: Sequence[str] | None = None,
+        teacher_pre_activation: bool = True,
         mid_channels: int | None = None,
         kd_weight: float = 0.0,
         temperature: float = 4.0,
@@ -227,6 +231,8 @@ class ReviewKD(Distiller):
                 f"{model_label(teacher)} taps {t_taps}: {len(s_taps)} levels vs {len(t_taps)}; "
                 "set method.student_taps and method.teacher_taps to lists of equal length"
             )
+        if teacher_pre_activation and not teacher_taps:
+            t_taps = pre_activation_taps(teacher, t_taps, input_shape)
         self.student_taps = FeatureTaps(student, s_taps, input_shape)
         # A submodule, so .to(device / memory_format) moves it along with the teacher.
         self.teacher_fused = fold_batchnorm(teacher, input_shape) if fuse_teacher else None
@@ -273,8 +279,8 @@ def build_distiller(
     """Build the distiller for `method` ("ce", "kd", "reviewkd" or "reviewkd+kd").
 
     `params` are the method's hyper-parameters: hcl_weight, kd_weight, temperature,
-    student_taps, teacher_taps, mid_channels, and the speed option fuse_teacher (see ReviewKD);
-    those a method does not use are ignored.
+    student_taps, teacher_taps, teacher_pre_activation, mid_channels, and the speed option
+    fuse_teacher (see ReviewKD); those a method does not use are ignored.
     """
     if method not in METHODS:
         raise UsageError(f"method '{method}' is unknown; expected one of {', '.join(METHODS)}")
@@ -296,6 +302,7 @@ def build_distiller(
         hcl_weight=params.get("hcl_weight", 1.0),
         student_taps=params.get("student_taps"),
         teacher_taps=params.get("teacher_taps"),
+        teacher_pre_activation=params.get("teacher_pre_activation", True),
         mid_channels=params.get("mid_channels"),
         kd_weight=params.get("kd_weight", 1.0) if method == "reviewkd+kd" else 0.0,
         temperature=params.get("temperature", 4.0),

@@ -332,6 +332,7 @@ def _build_trainer(
         temperature=config.method.temperature,
         student_taps=config.method.student_taps,
         teacher_taps=config.method.teacher_taps,
+        teacher_pre_activation=config.method.teacher_pre_activation,
         fuse_teacher=config.train.fuse_teacher,
     )
     if initial_head is not None:

@@ -80,7 +80,12 @@ def method_params(config: Config) -> dict[str, Any]:
     if m.name in ("kd", "reviewkd+kd"):
         params.update(kd_weight=m.kd_weight, temperature=m.temperature)
     if m.name in ("reviewkd", "reviewkd+kd"):
-        params.update(hcl_weight=m.hcl_weight, student_taps=m.student_taps, teacher_taps=m.teacher_taps)
+        params.update(
+            hcl_weight=m.hcl_weight,
+            student_taps=m.student_taps,
+            teacher_taps=m.teacher_taps,
+            teacher_pre_activation=m.teacher_pre_activation,
+        )
     return params
 
 

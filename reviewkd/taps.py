@@ -3,6 +3,10 @@
 Forward hooks work on every model (eager code, torchvision, timm) without editing it; the
 hooks only record while a `FeatureTaps` call is running, so the model behaves normally (and
 exports cleanly) outside it.
+
+A tap is a module path, whose output is recorded, or a module path followed by `:input`, whose
+input is recorded instead: `layer1.2.relu2:input` is the pre-activation that the reference code
+takes from its teachers (docs/METHOD.md section 2).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from deploy.errors import UsageError
 
 MAX_SPATIAL_LEVELS = 4
+INPUT_SUFFIX = ":input"
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,13 @@ class TapInfo:
 def model_label(model: nn.Module) -> str:
     """A readable name for error messages: the zoo name when known, else the class name."""
     return str(getattr(model, "zoo_name", type(model).__name__))
+
+
+def split_tap(tap: str) -> tuple[str, bool]:
+    """A tap's module path, and whether the module's input (rather than its output) is recorded."""
+    if tap.endswith(INPUT_SUFFIX):
+        return tap[: -len(INPUT_SUFFIX)], True
+    return tap, False
 
 
 def _as_map(output: Any, path: str, model: nn.Module) -> torch.Tensor:
@@ -136,6 +148,60 @@ def pair_default_taps(student_taps: list[str], teacher_taps: list[str]) -> tuple
     return student_taps[len(student_taps) - levels :], teacher_taps[len(teacher_taps) - levels :]
 
 
+def pre_activation_taps(model: nn.Module, taps: Sequence[str], input_shape: Sequence[int]) -> list[str]:
+    """`taps` with every stage that ends in a ReLU read before that ReLU (`<relu path>:input`).
+
+    The reference ReviewKD code compares the review chain's outputs with the teacher's
+    pre-activations (its models' `preact=True`): the sum of a residual block before its last ReLU,
+    negative values included, which a ReLU would clip to zero. A probe finds, for each tap, the
+    last `nn.ReLU` to run inside that module and checks that its output is the module's output;
+    taps whose module does not end in a ReLU (a pooled feature, a pre-activation or linear
+    bottleneck block) and taps already reading an input stay as they are.
+    """
+    modules = dict(model.named_modules())
+    plain = [tap for tap in taps if not split_tap(tap)[1] and tap in modules]
+    tap_outputs: dict[str, torch.Tensor] = {}
+    relu_calls: list[tuple[str, torch.Tensor]] = []
+
+    def record_tap(path: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                tap_outputs[path] = output.clone()
+
+        return hook
+
+    def record_relu(path: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            relu_calls.append((path, output.clone()))
+
+        return hook
+
+    handles = [modules[tap].register_forward_hook(record_tap(tap)) for tap in plain]
+    handles += [m.register_forward_hook(record_relu(p)) for p, m in modules.items() if isinstance(m, nn.ReLU)]
+    probe = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0))
+    probe = probe.to(_probe_input(model, input_shape).device)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(probe)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+    result = list(taps)
+    for index, tap in enumerate(taps):
+        output = tap_outputs.get(tap)
+        inside = [(path, out) for path, out in relu_calls if path == tap or path.startswith(tap + ".")]
+        if output is None or not inside:
+            continue
+        relu_path, relu_output = inside[-1]
+        if relu_output.shape == output.shape and torch.equal(relu_output, output):
+            result[index] = relu_path + INPUT_SUFFIX
+    return result
+
+
 class FeatureTaps:
     """Wrap a model so that one call returns its logits and the features at `taps`.
 
@@ -145,7 +211,8 @@ class FeatureTaps:
     Args:
         model: any classifier; it is not modified beyond forward hooks that record only
             while this wrapper is being called.
-        taps: module paths (as in `named_modules()`), shallow to deep.
+        taps: module paths (as in `named_modules()`), shallow to deep; a path ending in
+            `:input` records the module's input instead of its output.
         input_shape: (C, H, W) of one input, for the probe that fills `info`.
     """
 
@@ -153,23 +220,34 @@ class FeatureTaps:
         self.model = model
         self.taps = list(taps)
         modules = dict(model.named_modules())
-        missing = [tap for tap in self.taps if tap not in modules]
+        missing = [tap for tap in self.taps if split_tap(tap)[0] not in modules]
         if missing:
             known = ", ".join(p for p in modules if p and "." not in p)
             raise UsageError(
-                f"{model_label(model)} has no module '{missing[0]}' to tap; its top-level modules: {known}"
+                f"{model_label(model)} has no module '{split_tap(missing[0])[0]}' to tap "
+                f"(tap '{missing[0]}'); its top-level modules: {known}"
             )
         self._recording = False
         self._features: dict[str, Any] = {}
-        self._handles = [modules[tap].register_forward_hook(self._recorder(tap)) for tap in self.taps]
+        self._handles = [self._attach(modules[split_tap(tap)[0]], tap) for tap in self.taps]
         self.info = self._probe(input_shape)
 
-    def _recorder(self, tap: str) -> Any:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+    def _attach(self, module: nn.Module, tap: str) -> Any:
+        if split_tap(tap)[1]:
+
+            def input_hook(_module: nn.Module, inputs: Any) -> None:
+                # A copy: an in-place module (ReLU(inplace=True)) overwrites its input. A module
+                # run several times (a shared ReLU) keeps its last call.
+                if self._recording and inputs:
+                    self._features[tap] = inputs[0].clone()
+
+            return module.register_forward_pre_hook(input_hook)
+
+        def output_hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if self._recording:
                 self._features[tap] = output
 
-        return hook
+        return module.register_forward_hook(output_hook)
 
     def _probe(self, input_shape: Sequence[int]) -> list[TapInfo]:
         was_training = self.model.training

@@ -3,8 +3,9 @@
 It follows github.com/dvlab-research/ReviewKD: its ABF interpolates the residual at every fusing
 level and concatenates it with the projected student feature; its `hcl` pools the student and the
 teacher map separately at every pyramid level; the student's features are reversed and the ABF
-chain runs deepest first. Our models have no `is_feat` switch, so its features come from forward
-hooks on the same taps as ours.
+chain runs deepest first; the teacher's stage features are its pre-activations (`preact=True`:
+a residual stage's last block before its final ReLU). Our models have no `is_feat` switch, so its
+features come from forward hooks on the same modules as ours.
 
 Used by benchmarks/scripts/train_step_speed.py (the step it times) and by
 tests/benchmarks/scripts/test_reference_reviewkd.py (ours computes the same losses).
@@ -73,19 +74,34 @@ def official_hcl(fstudent: Sequence[torch.Tensor], fteacher: Sequence[torch.Tens
 
 
 class HookedFeatures:
-    """Logits plus the outputs of `taps`, recorded by forward hooks (the stand-in for is_feat)."""
+    """Logits plus the outputs of `taps`, recorded by forward hooks (the stand-in for is_feat).
 
-    def __init__(self, model: nn.Module, taps: Sequence[str]) -> None:
+    With `preact`, a tap on a stage of CIFAR ResNet blocks records the sum its last block hands to
+    that block's final ReLU (the block's `relu2`), as the reference models' `preact=True` returns.
+    """
+
+    def __init__(self, model: nn.Module, taps: Sequence[str], preact: bool = False) -> None:
         self.model = model
         self.taps = list(taps)
         self.features: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
         for tap in self.taps:
-            modules[tap].register_forward_hook(self._hook(tap))
+            stage = modules[tap]
+            last_relu = getattr(stage[-1], "relu2", None) if isinstance(stage, nn.Sequential) else None
+            if preact and isinstance(last_relu, nn.ReLU):
+                last_relu.register_forward_pre_hook(self._pre_hook(tap))
+            else:
+                stage.register_forward_hook(self._hook(tap))
 
     def _hook(self, tap: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
             self.features[tap] = output
+
+        return hook
+
+    def _pre_hook(self, tap: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            self.features[tap] = inputs[0].clone()  # the ReLU runs in place
 
         return hook
 
@@ -150,7 +166,7 @@ class OfficialDistillation:
     ) -> None:
         taps_s = default_taps(student, input_shape)
         taps_t = default_taps(teacher, input_shape)
-        self.teacher = HookedFeatures(teacher.eval().requires_grad_(False), taps_t)
+        self.teacher = HookedFeatures(teacher.eval().requires_grad_(False), taps_t, preact=True)
         self.hcl_weight = hcl_weight
         probe = torch.zeros(2, *input_shape)
         with torch.no_grad():

@@ -156,7 +156,12 @@ def test_default_taps_of_unequal_length_pair_the_deepest_levels() -> None:
         "features.8",
         "avgpool",
     ]
-    assert [i.path for i in distiller.teacher_taps.info] == ["layer1", "layer2", "layer3", "avgpool"]
+    assert [i.path for i in distiller.teacher_taps.info] == [
+        "layer1.2.relu2:input",
+        "layer2.2.relu2:input",
+        "layer3.2.relu2:input",
+        "avgpool",
+    ]
     out = _one_step(distiller, (3, 32, 32))
     assert torch.isfinite(out["loss"]) and out["hcl"] > 0
 
