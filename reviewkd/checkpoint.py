@@ -32,6 +32,8 @@ class TrainState:
     epoch boundary), with `aug_state` the augmentation generator's state after them and `accum`
     that partial epoch's running sums (EpochSums.to_accum). `best` is the best epoch so far:
     {"top1", "top5", "epoch", "state"} with the student's weights, or None before the first epoch.
+    `ema` is the moving average of the student's weights (WeightAverage.state_dict) when
+    train.ema_decay is on; a checkpoint written before it existed has none.
     """
 
     epoch: int
@@ -46,6 +48,7 @@ class TrainState:
     rng: dict[str, Any]
     best: dict[str, Any] | None
     config: dict[str, Any]
+    ema: dict[str, Any] | None = None
 
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,7 +102,8 @@ def load_checkpoint(path: Path) -> TrainState:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged pickle or zip
         raise UsageError(f"{path}: cannot read the checkpoint ({describe_torch_load_error(exc)})") from exc
-    names = [f.name for f in dataclasses.fields(TrainState)]
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT or not set(names) <= set(data):
+    fields = dataclasses.fields(TrainState)
+    required = {f.name for f in fields if f.default is dataclasses.MISSING}
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT or not required <= set(data):
         raise UsageError(f"{path}: not a reviewkd training checkpoint (format {CHECKPOINT_FORMAT})")
-    return TrainState(**{name: data[name] for name in names})
+    return TrainState(**{f.name: data[f.name] for f in fields if f.name in data})

@@ -148,6 +148,9 @@ class TrainConfig:
     # machine a preempted second thread stalls every parallel op (digits teacher: 6 vs ~170 images/s).
     threads: int | None = 1
     eval_every: int = 1  # validate every N epochs (and always after the last); the best is among those
+    # > 0: validate, keep and export an exponential moving average of the student's weights with this
+    # decay (reviewkd/ema.py); the live weights' top-1 is logged beside it. 0: off.
+    ema_decay: float = 0.0
     sync_batchnorm: bool = False  # DDP on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm)
     find_unused_parameters: bool = False  # DDP: needed by students with parameters a forward skips
 
@@ -281,6 +284,10 @@ def validate(config: Config) -> Config:
     _check_choice("schedule.name", config.schedule.name, SCHEDULES)
     _check_choice("train.device", config.train.device, DEVICES)
     _check_choice("train.amp", config.train.amp, AMP_MODES)
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise UsageError(
+            f"config key train.ema_decay: must be 0 (off) or in (0, 1), got {config.train.ema_decay!r}"
+        )
     for key, value in (
         ("data.image_size", config.data.image_size),
         ("data.resize", config.data.resize),

@@ -5,7 +5,8 @@ A run directory (docs/METHOD.md section 5) is written only by rank 0:
     config.yaml            the resolved config
     metrics.jsonl          one JSON object per completed epoch, epochs numbered from 1
     checkpoints/last.pt    a TrainState (reviewkd.checkpoint): everything needed to continue
-    student.safetensors    the best student by validation top-1 (teacher runs: teacher.safetensors)
+    student.safetensors    the best student by validation top-1 (teacher runs: teacher.safetensors);
+                           with train.ema_decay, the moving average of its weights (reviewkd/ema.py)
     manifest.json          classes, input, student, teacher, method, data, artifacts
 
 Ordering makes a SIGKILL at any moment recoverable: an epoch's metrics line is appended first, then
@@ -57,6 +58,7 @@ from reviewkd.checkpoint import (
 from reviewkd.config import Config, config_to_dict, diff_configs, load_run_config, save_config
 from reviewkd.data import DataBundle, build_data
 from reviewkd.distiller import Distiller, build_distiller
+from reviewkd.ema import WeightAverage
 from reviewkd.models import check_model_name, create_model
 from reviewkd.optim import distill_scale, lr_factor, make_optimizer
 from reviewkd.run_record import (
@@ -261,6 +263,7 @@ class Trainer:
     teacher_record: dict[str, Any]
     best: dict[str, Any] | None = None
     model: nn.Module | None = None  # the distiller as the step runs it: wrapped for DDP, compiled
+    ema: WeightAverage | None = None  # train.ema_decay: the average that is validated and kept
 
     @property
     def checkpoint_path(self) -> Path:
@@ -284,6 +287,7 @@ class Trainer:
             rng=capture_rng_state(),
             best=self.best,
             config=config_to_dict(self.config),
+            ema=self.ema.state_dict() if self.ema is not None else None,
         )
 
     def restore(self, state: TrainState) -> None:
@@ -295,6 +299,11 @@ class Trainer:
         load_scaler_state(self.scaler, state.scaler)
         restore_rng_state(state.rng)
         self.best = state.best
+        if self.ema is not None:
+            if state.ema is not None:
+                self.ema.load_state_dict(state.ema)
+            else:  # a run that had no average yet starts one from the restored weights
+                self.ema = WeightAverage(self.distiller.student, self.ema.decay)
 
 
 def _build_trainer(
@@ -357,6 +366,7 @@ def _build_trainer(
         out_dir,
         role,
         teacher_record,
+        ema=WeightAverage(distiller.student, tc.ema_decay) if tc.ema_decay > 0 else None,
     )
 
 
@@ -414,6 +424,8 @@ def _train_step(
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
     trainer.scheduler.step()
+    if trainer.ema is not None:
+        trainer.ema.update(distiller.student)
     n = y.numel()
     for k, v in losses.items():
         sums.add(k, v * n)
@@ -480,6 +492,9 @@ def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
         # are the ones saved, so that validation scores the weights written to disk.
         for buffer in distiller.student.buffers():
             dist.broadcast(buffer, 0)
+        if trainer.ema is not None:
+            for averaged in trainer.ema.weights.values():
+                dist.broadcast(averaged, 0)
     denom = max(seen, 1.0)
     record: dict[str, Any] = {"epoch": epoch + 1}
     record.update({k: totals[k] / denom for k in ("loss", "ce", "hcl", "kd") if k in totals})
@@ -487,7 +502,14 @@ def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
     val: dict[str, float] | None = None
     if _validates(trainer.config, epoch):
         t_val = time.perf_counter()
-        val = evaluate(distiller.student, trainer.bundle, runtime, batch_size=max(tc.batch_size, 256))
+        batch_size = max(tc.batch_size, 256)
+        if trainer.ema is not None:
+            live = evaluate(distiller.student, trainer.bundle, runtime, batch_size=batch_size)
+            record.update(live_val_top1=live["top1"], live_val_top5=live["top5"])
+            with trainer.ema.applied(distiller.student):
+                val = evaluate(distiller.student, trainer.bundle, runtime, batch_size=batch_size)
+        else:
+            val = evaluate(distiller.student, trainer.bundle, runtime, batch_size=batch_size)
         record.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
         record["val_time_s"] = time.perf_counter() - t_val
     record.update(
@@ -500,7 +522,10 @@ def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
     improved = val is not None and (trainer.best is None or val["top1"] > trainer.best["top1"])
     if val is not None and improved:
         trainer.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1}
-        trainer.best["state"] = cpu_state(distiller.student)
+        if trainer.ema is not None:
+            trainer.best["state"] = trainer.ema.state_dict()["weights"]
+        else:
+            trainer.best["state"] = cpu_state(distiller.student)
     if runtime.is_main:
         append_metrics(trainer.out_dir / METRICS_FILE, record)
         save_checkpoint(trainer.checkpoint_path, trainer.snapshot(epoch + 1, 0, None, {}))
@@ -509,6 +534,8 @@ def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
             args = (trainer.out_dir, trainer.config, trainer.bundle, trainer.role, trainer.teacher_record)
             write_best(*args, trainer.best)
     scores = f"val top1 {val['top1']:.2f}% top5 {val['top5']:.2f}% " if val is not None else ""
+    if "live_val_top1" in record:
+        scores += f"(EMA; live weights {record['live_val_top1']:.2f}%) "
     _log(
         runtime,
         f"{trainer.role} epoch {epoch + 1}/{tc.epochs}: loss {record['loss']:.4f} {scores}"

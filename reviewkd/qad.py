@@ -78,7 +78,7 @@ def qad_config(
 ) -> Config:
     """The QAD run's config: the run's data, student and teacher, method reviewkd+kd (KD weighted by
     `kd_weight`, default the run's method.kd_weight), a short cosine schedule without warm-up from
-    `lr` (default DEFAULT_LR_FACTOR x the run's learning rate), in fp32."""
+    `lr` (default DEFAULT_LR_FACTOR x the run's learning rate), in fp32, without a weight average."""
     method = dataclasses.replace(
         config.method,
         name=QAD_METHOD,
@@ -102,6 +102,9 @@ def qad_config(
             device=device or config.train.device,
             amp="none",  # fake quantization rounds at fp32 scales; bf16/fp16 activations would blur them
             compile=False,  # the quantizers' range updates stay eager
+            # QAD keeps the better of its calibrated start and its fine-tuned student; an average of
+            # weights trained under moving quantizer ranges would be a third, unchecked student.
+            ema_decay=0.0,
         ),
         output=dataclasses.replace(config.output, dir=str(run / QAD_DIR)),
     )

@@ -184,6 +184,8 @@ def summarize_run(run_dir: Path, epochs: int) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "top1_last": last["val_top1"],
         "top5_last": last["val_top5"],
+        # With train.ema_decay, top1_last scores the weight average; this scores the live weights.
+        "live_top1_last": last.get("live_val_top1"),
         "top1_best": manifest["student"]["top1"],
         "best_epoch": manifest["student"]["epoch"],
         "num_val": manifest["data"]["num_val"],

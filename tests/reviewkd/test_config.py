@@ -122,6 +122,8 @@ def test_overrides_are_typed() -> None:
         ("schedule.div_factor=0", r"schedule\.div_factor: must be > 0"),
         ("data.first_per_class=0", r"data\.first_per_class: must be > 0"),
         ("train.eval_every=0", r"train\.eval_every: must be > 0"),
+        ("train.ema_decay=1.0", r"train\.ema_decay: must be 0 \(off\) or in \(0, 1\), got 1\.0"),
+        ("train.ema_decay=-0.1", r"train\.ema_decay: must be 0 \(off\) or in \(0, 1\)"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:

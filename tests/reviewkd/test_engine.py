@@ -178,6 +178,12 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert all(torch.equal(got[k], want[k]) for k in want), (
         "resumed weights differ from the uninterrupted run"
     )
+    got_ema = load_checkpoint(run / "checkpoints" / "last.pt").ema
+    want_ema = load_checkpoint(reference / "checkpoints" / "last.pt").ema
+    assert got_ema is not None and want_ema is not None and got_ema["updates"] == want_ema["updates"]
+    assert all(torch.equal(got_ema["weights"][k], want_ema["weights"][k]) for k in want_ema["weights"]), (
+        "the resumed weight average differs from the uninterrupted run's"
+    )
     best, best_reference = (
         load_file(run / "student.safetensors"),
         load_file(reference / "student.safetensors"),
@@ -187,11 +193,17 @@ def _assert_same_run(run: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def resume_setup(teacher_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A 3-epoch config file and its uninterrupted run."""
+    """A 3-epoch config file and its uninterrupted run, with a weight average to resume as well."""
     base = tmp_path_factory.mktemp("resume")
     config_file = base / "tiny.yaml"
     save_config(
-        with_teacher(teacher_file, "train.epochs=3", "data.subset=320", "method.name=reviewkd+kd"),
+        with_teacher(
+            teacher_file,
+            "train.epochs=3",
+            "data.subset=320",
+            "method.name=reviewkd+kd",
+            "train.ema_decay=0.9",
+        ),
         config_file,
     )
     reference = base / "reference"
@@ -233,6 +245,23 @@ def test_sigint_saves_mid_epoch_and_resume_is_exact(resume_setup: tuple[Path, Pa
     assert ckpt.epoch >= 1
     assert main(["distill", "--config", str(config_file), "--out", str(run), "--resume"]) == 0
     _assert_same_run(run, reference)
+
+
+def test_the_weight_average_is_validated_and_kept_and_the_live_weights_logged(
+    teacher_file: Path, tmp_path: Path
+) -> None:
+    config = with_teacher(teacher_file, "train.epochs=2", "train.eval_every=2", "train.ema_decay=0.8")
+    distill(config, tmp_path)
+    first, last = read_metrics(tmp_path / "metrics.jsonl")
+    assert "val_top1" not in first and {"val_top1", "live_val_top1", "live_val_top5"} <= set(last)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert checkpoint.ema is not None
+    kept = load_file(tmp_path / "student.safetensors")
+    averaged = checkpoint.ema["weights"]
+    # The file holds the average (its only validated epoch), not the live weights.
+    assert all(torch.equal(kept[k], averaged[k]) for k in kept)
+    assert any(not torch.equal(kept[k], checkpoint.student[k]) for k in kept)
+    assert read_manifest(tmp_path)["student"]["top1"] == pytest.approx(last["val_top1"])
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(teacher_file: Path, tmp_path: Path) -> None:
