@@ -115,7 +115,13 @@ def test_run_directory_and_manifest_are_complete(teacher_file: Path, tmp_path: P
     assert teacher["sha256"] == sha256_file(teacher_file)
     assert m["method"] == {
         "name": "reviewkd",
-        "params": {"warmup_epochs": 1.0, "hcl_weight": 0.6, "student_taps": None, "teacher_taps": None},
+        "params": {
+            "warmup_epochs": 1.0,
+            "hcl_weight": 0.6,
+            "student_taps": None,
+            "teacher_taps": None,
+            "teacher_pre_activation": True,
+        },
     }
     assert m["data"]["dataset"] == "digits" and m["data"]["num_train"] == 160 and m["data"]["num_val"] == 360
     assert m["artifacts"]["student.safetensors"]["kind"] == "weights"
