@@ -298,17 +298,32 @@ LAYERWISE_PREFIX = "layerwise_"  # RUN/report/layerwise_<format>.{md,json,png}, 
 PLOTS_EXTRA_HINT = "pip install 'reviewkd[plots]'"
 
 
-def _exported_file(run: Path, manifest: Manifest, fmt: str, export_formats: str) -> Path:
-    """The run's file of ONNX format `fmt`, verified and exported from the run's current student."""
+def comparable_files() -> dict[str, tuple[str, str]]:
+    """Format label -> (run-relative file, the command that writes it) for every file layerwise
+    compares with fp32: export's fp16 and int8 files and the QAD files of `reviewkd quantize`."""
     from deploy.formats import ONNX_FORMATS
+    from export.qad_export import QAD_CPU_FILE, QAD_TRT_FILE
+
+    files = {
+        name: (fmt.file, f"reviewkd export RUN --formats onnx,{name}")
+        for name, fmt in ONNX_FORMATS.items()
+        if name != "onnx"
+    }
+    quantize = "reviewkd quantize RUN --epochs N"
+    files["int8-qad"] = (QAD_CPU_FILE, quantize)
+    files["int8-qad-trt"] = (QAD_TRT_FILE, quantize)
+    return files
+
+
+def _exported_file(run: Path, manifest: Manifest, rel: str, command: str) -> Path:
+    """The run's file `rel`, verified and exported from the run's current student."""
     from deploy.manifest import verify_artifact
     from deploy.predict import check_export_is_current
 
-    rel = ONNX_FORMATS[fmt].file
     if rel not in manifest.get("artifacts", {}):
         raise UsageError(
             f"{run / rel}: not in the run's manifest (never exported, or it failed its check);"
-            f" expected an exported run: `reviewkd export {run} --formats {export_formats}`"
+            f" expected a run that went through `{command.replace('RUN', str(run))}`"
         )
     path = verify_artifact(run, manifest, rel)
     check_export_is_current(run, manifest, rel)
@@ -319,9 +334,10 @@ def _exported_file(run: Path, manifest: Manifest, fmt: str, export_formats: str)
 def debug_run(
     run_dir: str | os.PathLike[str], target: str, count: int = 64
 ) -> tuple[LayerwiseReport, dict[str, Path]]:
-    """Layer-wise parity of a run's exported `target` ("onnxruntime/int8-trt", or "int8-trt") against
-    its fp32 file on the first `count` validation images; written to RUN/report/layerwise_<format>.*,
-    where `reviewkd report` picks it up.
+    """Layer-wise parity of a run's exported `target` ("onnxruntime/int8-trt", or "int8-trt"; any
+    label of `comparable_files`, QAD's "int8-qad" and "int8-qad-trt" included) against its fp32
+    file on the first `count` validation images; written to RUN/report/layerwise_<format>.*, where
+    `reviewkd report` picks it up.
 
     Raises:
         UsageError: a bad format or count; a run without both files, with a file changed after
@@ -336,9 +352,10 @@ def debug_run(
 
     run = Path(run_dir)
     fmt = target.removeprefix("onnxruntime/")
-    choices = [f"onnxruntime/{f}" for f in ONNX_FORMATS if f != "onnx"]
-    if fmt not in ONNX_FORMATS or fmt == "onnx":
-        raise UsageError(f"--format {target}: expected one of {', '.join(choices)}")
+    files = comparable_files()
+    if fmt not in files:
+        choices = ", ".join(f"onnxruntime/{f}" for f in files)
+        raise UsageError(f"--format {target}: expected one of {choices}")
     if count < 1:
         raise UsageError(f"--images must be >= 1, got {count}")
     if importlib.util.find_spec("matplotlib") is None:
@@ -346,8 +363,9 @@ def debug_run(
             f"layerwise draws its plot with matplotlib; install it: {PLOTS_EXTRA_HINT}"
         )
     manifest = read_manifest(run)
-    reference = _exported_file(run, manifest, "onnx", f"onnx,{fmt}")
-    candidate = _exported_file(run, manifest, fmt, fmt)
+    export_fp32 = files[fmt][1] if fmt in ONNX_FORMATS else "reviewkd export RUN --formats onnx"
+    reference = _exported_file(run, manifest, ONNX_FORMATS["onnx"].file, export_fp32)
+    candidate = _exported_file(run, manifest, *files[fmt])
     images = layer_images([b[0] for b in iter_run_batches(run, "val", 64, count)], count)
     ensure_writable_dir(run / "report")
     report = compare_layers(reference, candidate, images)

@@ -700,7 +700,8 @@ ROWS: tuple[Row, ...] = (
         "layerwise: unknown format",
         lambda t, r: _layerwise(r, fmt="onnxruntime/int4"),
         2,
-        "--format onnxruntime/int4: expected one of onnxruntime/fp16, onnxruntime/int8",
+        "--format onnxruntime/int4: expected one of onnxruntime/fp16, onnxruntime/int8, "
+        "onnxruntime/int8-trt, onnxruntime/int8-qad, onnxruntime/int8-qad-trt",
     ),
     Row(
         "layerwise: --format of another backend",
@@ -732,9 +733,17 @@ ROWS: tuple[Row, ...] = (
         "layerwise: a run never exported",
         lambda t, r: _layerwise(r),
         2,
-        "student.onnx: not in the run's manifest (never exported, or it failed its check); expected an"
-        " exported run: `reviewkd export",
+        "student.onnx: not in the run's manifest (never exported, or it failed its check); expected a"
+        " run that went through `reviewkd export",
         base="distilled",
+    ),
+    Row(
+        "layerwise: QAD files of a run never quantized",
+        lambda t, r: _layerwise(r, fmt="onnxruntime/int8-qad-trt"),
+        2,
+        "student.int8.qad.trt.onnx: not in the run's manifest (never exported, or it failed its check);"
+        " expected a run that went through `reviewkd quantize",
+        base="int8",
     ),
     Row("layerwise: no such run", lambda t, r: _layerwise(t / "none"), 2, "no manifest.json"),
     Row("layerwise: a folder that is no run", lambda t, r: _layerwise(t), 2, "no manifest.json"),

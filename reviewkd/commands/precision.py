@@ -26,7 +26,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--format",
         default="onnxruntime/int8-trt",
-        help="onnxruntime/int8, onnxruntime/int8-trt or onnxruntime/fp16 (default onnxruntime/int8-trt)",
+        help=(
+            "onnxruntime/int8, onnxruntime/int8-trt, onnxruntime/fp16, or the QAD files of `reviewkd "
+            "quantize`: onnxruntime/int8-qad, onnxruntime/int8-qad-trt (default onnxruntime/int8-trt)"
+        ),
     )
     parser.add_argument("--images", type=int, default=64, help="validation images to compare on (default 64)")
     parser.set_defaults(handler=_layerwise)

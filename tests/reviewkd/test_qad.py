@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from deploy.manifest import read_manifest, verify_artifact
+from export.layerwise import debug_run
 from export.pipeline import export_run
 from export.qad_export import QAD_CPU_FILE, QAD_TRT_FILE, export_qad
 from reviewkd.checkpoint import load_checkpoint
@@ -82,6 +83,11 @@ def test_qad_files_reproduce_the_selected_student_and_pass_the_int8_gate(
     assert result.top1 == qad["fine_tuned"]["top1"]
     assert qad["quantizers"]["residual_adds"] == 9
     assert [r["epoch"] for r in read_metrics(run / "qad" / "metrics.jsonl")] == [1]
+    # Layer-wise parity reads the QAD files too, with the student's module paths.
+    for label in ("int8-qad-trt", "int8-qad"):
+        report, paths = debug_run(run, f"onnxruntime/{label}", 8)
+        assert {"layer1.0.conv1", "layer3.2.conv2"} <= {layer.module for layer in report.layers}
+        assert paths["md"].name == f"layerwise_{label}.md" and paths["md"].is_file()
 
 
 def _wait_for_epoch(proc: subprocess.Popen[bytes], qad_dir: Path, timeout: float = 180) -> None:
