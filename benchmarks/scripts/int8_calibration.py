@@ -36,12 +36,9 @@ def _session(path: Path, mode: str, threads: int | None = None) -> Any:
     turn Q/DQ fusion off where the file asks) or with its Q/DQ semantics ("qdq": fusion always off)."""
     import onnxruntime as ort
 
-    from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY, file_manifest, session_options
+    from deploy.runners.onnxruntime_runner import file_manifest, session_options
 
-    manifest = file_manifest(path)
-    if mode == "qdq":
-        manifest = {**(manifest or {}), "int8": {UNFUSED_QDQ_KEY: True}}
-    options = session_options(manifest, threads)
+    options = session_options(file_manifest(path), threads, unfused=True if mode == "qdq" else None)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -170,15 +170,19 @@ def runs_unfused(manifest: Mapping[str, Any] | None) -> bool:
     return isinstance(int8, Mapping) and int8.get(UNFUSED_QDQ_KEY) is True
 
 
-def session_options(manifest: Mapping[str, Any] | None, threads: int | None = None) -> Any:
+def session_options(
+    manifest: Mapping[str, Any] | None, threads: int | None = None, *, unfused: bool | None = None
+) -> Any:
     """ONNX Runtime SessionOptions for a file with this embedded manifest: Q/DQ fusion off where
-    `runs_unfused` says so, every other optimisation at its default; `threads` intra-op threads."""
+    `runs_unfused` says so, every other optimisation at its default; `threads` intra-op threads.
+    `unfused` overrides the manifest (True: run any file with its Q/DQ semantics, as a measurement
+    of what the quantization alone costs)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
-    if runs_unfused(manifest):
+    if runs_unfused(manifest) if unfused is None else unfused:
         options.add_session_config_entry(_DISABLE_QDQ_FUSION, "1")
     return options
 

@@ -29,7 +29,9 @@ from deploy.runners.onnxruntime_runner import (
     METADATA_KEY,
     UNFUSED_QDQ_KEY,
     check_session_providers,
+    qdq_fusion_disabled,
     runs_unfused,
+    session_options,
 )
 from deploy.runners.torch_runner import TorchRunner
 from deploy.trt_sidecar import (
@@ -249,6 +251,23 @@ def test_open_runner_runs_a_runs_unfused_file_unfused(tmp_path: Path) -> None:
 def test_only_a_true_unfused_flag_turns_qdq_fusion_off(manifest: dict[str, Any] | None) -> None:
     assert not runs_unfused(manifest)
     assert runs_unfused({"int8": {UNFUSED_QDQ_KEY: True}})
+
+
+def test_session_options_follow_the_flag_unless_told_otherwise(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    path = tmp_path / "qdq.onnx"
+    _qdq_conv_file(path, unfused=False)
+    flagged = {"int8": {UNFUSED_QDQ_KEY: True}}
+    for manifest, unfused, expected in (
+        (None, None, False),
+        (flagged, None, True),
+        (None, True, True),  # a measurement of the Q/DQ semantics of any file
+        (flagged, False, False),
+    ):
+        options = session_options(manifest, 1, unfused=unfused)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        assert qdq_fusion_disabled(session) is expected, (manifest, unfused)
 
 
 def test_corrupt_onnx_file_is_a_usage_error_naming_it(tmp_path: Path) -> None:
