@@ -34,10 +34,13 @@ def test_shipped_digits_config_is_the_embedded_default() -> None:
     digits = load_config("digits")
     assert (digits.data.subset, digits.teacher.full_data) == (50, True)
     assert (Config().data.subset, Config().teacher.full_data) == (None, False)
+    # ... and so is its teacher's post-ReLU feature (measured better for these students).
+    assert digits.method.teacher_pre_activation is False and Config().method.teacher_pre_activation
     assert dataclasses.replace(
         digits,
         data=dataclasses.replace(digits.data, subset=None),
         teacher=dataclasses.replace(digits.teacher, full_data=False),
+        method=dataclasses.replace(digits.method, teacher_pre_activation=True),
     ) == Config()
 
 
