@@ -299,11 +299,8 @@ class Trainer:
         load_scaler_state(self.scaler, state.scaler)
         restore_rng_state(state.rng)
         self.best = state.best
-        if self.ema is not None:
-            if state.ema is not None:
-                self.ema.load_state_dict(state.ema)
-            else:  # a run that had no average yet starts one from the restored weights
-                self.ema = WeightAverage(self.distiller.student, self.ema.decay)
+        if self.ema is not None and state.ema is not None:  # train.ema_decay cannot change on resume
+            self.ema.load_state_dict(state.ema)
 
 
 def _build_trainer(
