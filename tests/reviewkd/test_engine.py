@@ -120,7 +120,7 @@ def test_run_directory_and_manifest_are_complete(teacher_file: Path, tmp_path: P
             "hcl_weight": 0.6,
             "student_taps": None,
             "teacher_taps": None,
-            "teacher_pre_activation": True,
+            "teacher_pre_activation": False,  # the digits default's choice
         },
     }
     assert m["data"]["dataset"] == "digits" and m["data"]["num_train"] == 160 and m["data"]["num_val"] == 360
