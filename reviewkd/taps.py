@@ -57,9 +57,14 @@ def _as_map(output: Any, path: str, model: nn.Module) -> torch.Tensor:
     )
 
 
-def _probe_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+def _probe_input(model: nn.Module, input_shape: Sequence[int], *, random: bool = False) -> torch.Tensor:
+    """A batch of two probe images on the model's device: zeros, or seeded normal noise when the
+    probe must tell values apart (zeros make many maps constant)."""
     parameter = next(iter(model.parameters()), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
+    if random:
+        noise = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0))
+        return noise.to(device)
     return torch.zeros((2, *input_shape), device=device)
 
 
@@ -178,8 +183,7 @@ def pre_activation_taps(model: nn.Module, taps: Sequence[str], input_shape: Sequ
 
     handles = [modules[tap].register_forward_hook(record_tap(tap)) for tap in plain]
     handles += [m.register_forward_hook(record_relu(p)) for p, m in modules.items() if isinstance(m, nn.ReLU)]
-    probe = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0))
-    probe = probe.to(_probe_input(model, input_shape).device)
+    probe = _probe_input(model, input_shape, random=True)
     was_training = model.training
     try:
         model.eval()
