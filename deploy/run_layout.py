@@ -41,6 +41,11 @@ def onnx_file(tag: str) -> str:
     return FP32_ONNX if tag == "fp32" else f"{EXPORT_DIR}/student.{tag}.onnx"
 
 
+# `reviewkd quantize`'s Q/DQ files: the TensorRT flavour (symmetric) and the ONNX Runtime one (uint8).
+QAD_TRT_ONNX = onnx_file("int8.qad.trt")
+QAD_CPU_ONNX = onnx_file("int8.qad")
+
+
 def engine_file(precision: str) -> str:
     """The TensorRT engine built at `precision`: export/student.<precision>.plan."""
     return f"{EXPORT_DIR}/student.{precision}.plan"

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from deploy import run_layout
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import ensure_writable_dir
 from deploy.manifest import Manifest
@@ -302,7 +303,6 @@ def comparable_files() -> dict[str, tuple[str, str]]:
     """Format label -> (run-relative file, the command that writes it) for every file layerwise
     compares with fp32: export's fp16 and int8 files and the QAD files of `reviewkd quantize`."""
     from deploy.formats import ONNX_FORMATS
-    from export.qad_export import QAD_CPU_FILE, QAD_TRT_FILE
 
     files = {
         name: (fmt.file, f"reviewkd export RUN --formats onnx,{name}")
@@ -310,8 +310,8 @@ def comparable_files() -> dict[str, tuple[str, str]]:
         if name != "onnx"
     }
     quantize = "reviewkd quantize RUN --epochs N"
-    files["int8-qad"] = (QAD_CPU_FILE, quantize)
-    files["int8-qad-trt"] = (QAD_TRT_FILE, quantize)
+    files["int8-qad"] = (run_layout.QAD_CPU_ONNX, quantize)
+    files["int8-qad-trt"] = (run_layout.QAD_TRT_ONNX, quantize)
     return files
 
 

@@ -55,10 +55,6 @@ from export.pipeline import (
 )
 from export.precision import Int8Flavour, zero_points_all_zero
 
-QAD_TRT_FILE = run_layout.onnx_file("int8.qad.trt")
-QAD_CPU_FILE = run_layout.onnx_file("int8.qad")
-
-
 # QAD trained full 8-bit weights, so both files run unfused in ONNX Runtime (Int8Flavour.runs_unfused);
 # biases stay float as TensorRT takes them; QAD quantizes every layer, so no layer is left in float.
 QAD_TRT_FLAVOUR = Int8Flavour(
@@ -181,17 +177,17 @@ def export_qad(
         "source_sha256": sha256_file(run / STUDENT_FILE),
         "qad_weights_sha256": manifest["artifacts"][qad_block["weights"]]["sha256"],
     }
-    log(f"exporting {QAD_TRT_FILE}")
+    log(f"exporting {run_layout.QAD_TRT_ONNX}")
     proto = qdq_model(quantized, input_shape, opset)
     trt_desc = _description(QAD_TRT_FLAVOUR, qad_block)
     set_metadata(proto, {**metadata, "precision": "int8", "int8": trt_desc})
-    save_onnx(proto, run / QAD_TRT_FILE)
+    save_onnx(proto, run / run_layout.QAD_TRT_ONNX)
     cpu_desc = _description(QAD_CPU_FLAVOUR, qad_block)
     cpu_desc["uint8_activation_pairs"] = activations_to_uint8(proto)
     set_metadata(proto, {**metadata, "precision": "int8", "int8": cpu_desc})
-    save_onnx(proto, run / QAD_CPU_FILE)
+    save_onnx(proto, run / run_layout.QAD_CPU_ONNX)
 
-    for rel, desc in ((QAD_TRT_FILE, trt_desc), (QAD_CPU_FILE, cpu_desc)):
+    for rel, desc in ((run_layout.QAD_TRT_ONNX, trt_desc), (run_layout.QAD_CPU_ONNX, cpu_desc)):
         logits = run_onnx(run / rel, images)
         metrics = compare(logits, reference, labels)
         parity = compare(logits, qad_logits, None)

@@ -352,7 +352,7 @@ def missing_tensorrt() -> Runner:
 def run_reviewkd(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run `reviewkd ARGS...` as a real process of this interpreter; return its exit code and output."""
     return subprocess.run(
-        [sys.executable, "-m", "reviewkd.cli", *map(str, args)],
+        [sys.executable, "-m", "reviewkd.app.cli", *map(str, args)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

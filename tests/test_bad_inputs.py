@@ -3,7 +3,7 @@ one way, a real `reviewkd` command, the exit code it must give, a fragment its o
 hold, and the check that nothing was half-written (every file under the test folder is byte-for-byte
 what it was, apart from the run's lock file).
 
-The rows run through `reviewkd.cli.main`, the function the `reviewkd` script calls, so the exit code
+The rows run through `reviewkd.app.cli.main`, the function the `reviewkd` script calls, so the exit code
 is the one the process would return; `test_exit_codes_are_the_same_in_a_real_process` runs one row of
 each command as a real subprocess to hold that to account. Alongside the table: the faults a table
 cannot express (a full disk, a retrained run, a formats subset merged into earlier results).
@@ -30,7 +30,7 @@ from PIL import Image
 
 from deploy.manifest import read_manifest, write_manifest
 from deploy.run_lock import LOCK_NAME
-from reviewkd.cli import main
+from reviewkd.app.cli import main
 from tests.helpers import REPO_ROOT, write_png_bomb
 
 # A ReviewKD-free run that trains in seconds: cross-entropy student, 160 digits of 8x8, one epoch.
@@ -1059,7 +1059,7 @@ def test_exit_codes_are_the_same_in_a_real_process(
     argv = row.setup(tmp_path, run)
     before = snapshot(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "reviewkd.cli", *argv],
+        [sys.executable, "-m", "reviewkd.app.cli", *argv],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -1153,7 +1153,7 @@ def test_retraining_takes_the_exports_out_of_service(run: Path, tmp_path: Path) 
 
     def reviewkd(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "reviewkd.cli", *argv],
+            [sys.executable, "-m", "reviewkd.app.cli", *argv],
             capture_output=True,
             text=True,
             env=env,
@@ -1277,7 +1277,7 @@ class NoTorch(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoTorch())
 sys.argv = ["reviewkd", *sys.argv[1:]]
-runpy.run_module("reviewkd.cli", run_name="__main__")
+runpy.run_module("reviewkd.app.cli", run_name="__main__")
 """
 
 EDGE_ROWS: tuple[Row, ...] = (

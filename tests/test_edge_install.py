@@ -85,7 +85,7 @@ def full_env_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run = root / "run"
     exported = _run(
         [
-            sys.executable, "-m", "reviewkd.cli", "export", "--model", ARCH, "--weights", weights,
+            sys.executable, "-m", "reviewkd.app.cli", "export", "--model", ARCH, "--weights", weights,
             "--input-shape", f"3,{SIZE},{SIZE}", "--out", run, "--data", root / "digits",
             "--formats", "onnx,fp16", "--check-samples", "60",
         ],
@@ -111,7 +111,8 @@ def test_the_edge_install_serves_validates_and_reports_a_run_without_torch(
     edge = _run([reviewkd, "predict", run, image, "--json", "--top-k", "3"], cwd=tmp_path)
     assert edge.returncode == 0, edge.stderr
     full = _run(
-        [sys.executable, "-m", "reviewkd.cli", "predict", run, image, "--json", "--top-k", "3"], cwd=REPO_ROOT
+        [sys.executable, "-m", "reviewkd.app.cli", "predict", run, image, "--json", "--top-k", "3"],
+        cwd=REPO_ROOT,
     )
     assert full.returncode == 0, full.stderr
     edge_top = json.loads(edge.stdout)["predictions"][0]["top_k"]

@@ -87,12 +87,12 @@ CLI_SCRIPT = BLOCK_TORCH + textwrap.dedent(
     import pkgutil
 
     import benchmarks
-    from reviewkd.cli import main
+    from reviewkd.app.cli import main
 
     # Every library module of benchmarks and every edge command module imports without torch.
-    edge_modules = ["reviewkd", "reviewkd.cli", "reviewkd.config", "reviewkd.student", "reviewkd.pipeline"]
-    import reviewkd.commands
-    edge_modules += [m.name for m in pkgutil.walk_packages(reviewkd.commands.__path__, "reviewkd.commands.")]
+    edge_modules = ["reviewkd", "reviewkd.config", "reviewkd.student"]
+    import reviewkd.app
+    edge_modules += [m.name for m in pkgutil.walk_packages(reviewkd.app.__path__, "reviewkd.app.")]
     edge_modules += [m.name for m in pkgutil.walk_packages(benchmarks.__path__, "benchmarks.")
                      if not m.name.startswith("benchmarks.scripts")]
     edge_modules += ["export.pipeline", "export.check", "export.tensorrt_engine"]

@@ -100,7 +100,7 @@ def make_run(work: Path) -> tuple[Path, Path]:
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     subprocess.run(
-        [sys.executable, "-m", "reviewkd.cli", "export", "--model", "cifar_resnet20",
+        [sys.executable, "-m", "reviewkd.app.cli", "export", "--model", "cifar_resnet20",
          "--weights", str(weights), "--input-shape", f"3,{SIZE},{SIZE}", "--out", str(run),
          "--data", str(data), "--formats", "onnx", "--check-samples", "40"],
         cwd=REPO, env=_env(REPO), check=True, capture_output=True,
@@ -157,9 +157,9 @@ def main() -> None:
     predict = ["predict", str(run), str(image)]
     commands = {
         "edge (pip install .)": ([str(venv / "bin" / "reviewkd"), *predict], _env(None)),
-        "full env, this checkout": ([sys.executable, "-m", "reviewkd.cli", *predict], _env(REPO)),
+        "full env, this checkout": ([sys.executable, "-m", "reviewkd.app.cli", *predict], _env(REPO)),
         f"full env, before ({args.baseline_commit})": (
-            [sys.executable, "-m", "reviewkd.cli", *predict],
+            [sys.executable, "-m", "reviewkd.app.cli", *predict],
             _env(before),
         ),
     }

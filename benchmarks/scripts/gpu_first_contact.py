@@ -535,7 +535,7 @@ def distill(run_dir: Path, args: list[str], timeout_s: float) -> dict[str, Any]:
     import json
 
     result = run_command(
-        [sys.executable, "-m", "reviewkd.cli", "distill", "--out", str(run_dir), *args], timeout_s
+        [sys.executable, "-m", "reviewkd.app.cli", "distill", "--out", str(run_dir), *args], timeout_s
     )
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.is_file():

@@ -153,7 +153,7 @@ def distill_command(
     command = [
         sys.executable,
         "-m",
-        "reviewkd.cli",
+        "reviewkd.app.cli",
         "distill",
         "--config",
         CONFIG,

@@ -325,7 +325,7 @@ def test_validate_bench_report_commands_and_their_exit_codes(
     import json
 
     from deploy.manifest import read_manifest, record_artifact, write_manifest
-    from reviewkd.cli import main
+    from reviewkd.app.cli import main
 
     run = _make_digits_run(tmp_path / "run")
     common = ["--limit", "48", "--batch-size", "16", "--device", "cpu", "--threads", "1"]

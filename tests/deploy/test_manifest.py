@@ -20,7 +20,7 @@ import pytest
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import artifact_path, check_manifest, read_manifest, verify_artifact
-from reviewkd.cli import main
+from reviewkd.app.cli import main
 from tests.helpers import (
     CLASSES,
     export_onnx,

@@ -19,7 +19,7 @@ from deploy.manifest import record_artifact, write_manifest
 from deploy.predict import STUDENT_SHA256_KEY, class_names, predict, softmax
 from deploy.preprocess import InputSpec, load_image, load_images
 from deploy.runners import OnnxRuntimeRunner
-from reviewkd.cli import main
+from reviewkd.app.cli import main
 from tests.helpers import (
     CLASSES,
     INPUT_SHAPE,

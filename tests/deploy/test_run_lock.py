@@ -62,7 +62,7 @@ def test_distill_into_a_busy_run_exits_2_before_any_work(
     run, holder = held_by_another_process
     before = sorted(p.name for p in run.iterdir())
     done = subprocess.run(
-        [sys.executable, "-m", "reviewkd.cli", "distill", "--out", str(run), "train.epochs=1"],
+        [sys.executable, "-m", "reviewkd.app.cli", "distill", "--out", str(run), "train.epochs=1"],
         capture_output=True,
         text=True,
         env=_env(),

@@ -15,7 +15,7 @@ from deploy.manifest import forget_artifact, record_artifact, write_manifest
 from deploy.runners import OnnxRuntimeRunner
 from deploy.triton import preferred_batch_sizes, write_triton_repository
 from deploy.trt_sidecar import sidecar_path
-from reviewkd.cli import main
+from reviewkd.app.cli import main
 from tests.helpers import CLASSES, INPUT_SHAPE, export_onnx, make_run, random_batch, tiny_net, write_plan
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")

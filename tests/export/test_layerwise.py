@@ -15,7 +15,7 @@ from deploy.errors import UsageError
 from export.layerwise import TOP_LEVEL, compare_layers, module_path, write_report
 from export.onnx_export import export_fp32
 from export.precision import quantize_int8
-from reviewkd.cli import main
+from reviewkd.app.cli import main
 
 SHAPE = (3, 8, 8)
 

@@ -21,7 +21,7 @@ from export.check import gate, run_onnx
 from export.onnx_export import METADATA_KEY, count_weights, load_onnx, onnx_weight_count
 from export.pipeline import ExportSummary, export_model, export_run
 from export.precision import zero_points_all_zero
-from reviewkd.cli import main
+from reviewkd.app.cli import main
 from reviewkd.config import Config, DataConfig, ModelConfig, save_config
 from reviewkd.data import DATASET_STATS, iter_run_batches
 from reviewkd.models import create_model

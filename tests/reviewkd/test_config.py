@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from deploy.errors import UsageError
-from reviewkd.cli import main
+from reviewkd.app.cli import main
 from reviewkd.config import (
     Config,
     diff_configs,

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from deploy.errors import UsageError
 from deploy.manifest import read_manifest, verify_artifact
+from reviewkd.app.cli import main
 from reviewkd.checkpoint import load_checkpoint
-from reviewkd.cli import main
 from reviewkd.config import Config, load_config, save_config
 from reviewkd.engine import TrainingDivergedError, distill, train_teacher
 from reviewkd.models import create_model
@@ -154,7 +154,7 @@ def _cli(out: Path, config_file: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "reviewkd.cli",
+        "reviewkd.app.cli",
         "distill",
         "--config",
         str(config_file),

@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deploy import run_layout
 from deploy.manifest import read_manifest, verify_artifact
 from export.layerwise import debug_run
 from export.pipeline import export_run
-from export.qad_export import QAD_CPU_FILE, QAD_TRT_FILE, export_qad
+from export.qad_export import export_qad
+from reviewkd.app.cli import main
 from reviewkd.checkpoint import load_checkpoint
-from reviewkd.cli import main
 from reviewkd.config import load_config
 from reviewkd.engine import distill
 from reviewkd.qad import quantize_run
@@ -65,7 +66,7 @@ def test_qad_files_reproduce_the_selected_student_and_pass_the_int8_gate(
     checks = manifest["export"]["checks"]
     qad = manifest["qad"]
     selected_top1 = max(qad["calibrated"]["top1"], qad["fine_tuned"]["top1"])
-    for rel in (QAD_TRT_FILE, QAD_CPU_FILE):
+    for rel in (run_layout.QAD_TRT_ONNX, run_layout.QAD_CPU_ONNX):
         assert checks[rel]["n"] == checks["export/student.int8.trt.onnx"]["n"]
         assert rel not in summary.failed, checks[rel]["reason"]
         # Unfused Q/DQ (as the files run) compute the fake-quantized student up to rounding ties.
@@ -104,7 +105,7 @@ def test_qad_resumes_after_sigkill_and_a_move_to_the_uninterrupted_result(
     reference = _copy(distilled, tmp_path / "reference")
     quantize_run(reference, 3)
     run = _copy(distilled, tmp_path / "run")
-    cli = [sys.executable, "-m", "reviewkd.cli", "quantize", str(run), "--epochs", "3"]
+    cli = [sys.executable, "-m", "reviewkd.app.cli", "quantize", str(run), "--epochs", "3"]
     proc = subprocess.Popen(cli, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_for_epoch(proc, run / "qad")
     proc.send_signal(signal.SIGKILL)

@@ -117,7 +117,7 @@ def _launch_ranks(out: Path, overrides: list[str]) -> list[subprocess.CompletedP
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
         }
-        command = [sys.executable, "-m", "reviewkd.cli", "distill", "--out", str(out), *overrides]
+        command = [sys.executable, "-m", "reviewkd.app.cli", "distill", "--out", str(out), *overrides]
         procs.append(
             subprocess.Popen(
                 command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

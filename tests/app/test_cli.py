@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import REPO_ROOT
 
 # Sends a real SIGINT to itself when the named module starts to import, then runs the CLI as
-# `python -m reviewkd.cli` would: a Ctrl-C that lands during start-up, deterministically.
+# `python -m reviewkd.app.cli` would: a Ctrl-C that lands during start-up, deterministically.
 INTERRUPT_AT_IMPORT = textwrap.dedent(
     """
     import importlib.abc, os, runpy, signal, sys
@@ -29,7 +29,7 @@ INTERRUPT_AT_IMPORT = textwrap.dedent(
 
     sys.meta_path.insert(0, InterruptAt())
     sys.argv = ["reviewkd", *sys.argv[2:]]
-    runpy.run_module("reviewkd.cli", run_name="__main__")
+    runpy.run_module("reviewkd.app.cli", run_name="__main__")
     """
 )
 

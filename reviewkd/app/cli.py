@@ -1,6 +1,6 @@
 """The `reviewkd` command line: one entry point over every stage.
 
-Each stage's subcommands live in a module of reviewkd.commands with `register(subparsers)`, which
+Each stage's subcommands live in a module of reviewkd.app.commands with `register(subparsers)`, which
 adds its parsers and sets `handler=<function(args) -> exit code>` on each. This module only
 collects them and maps errors to exit codes: 0 success, 1 a gate failed, 2 bad input or usage,
 3 an optional dependency (TensorRT, a GPU, torch) is missing.
@@ -23,17 +23,17 @@ TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "onnxscript", "safetens
 
 # Command -> the module that registers it. Order here is the order `reviewkd --help` lists them in.
 COMMANDS: dict[str, str] = {
-    "run": "reviewkd.commands.run",
-    "teacher": "reviewkd.commands.train",
-    "distill": "reviewkd.commands.train",
-    "export": "reviewkd.commands.export",
-    "quantize": "reviewkd.commands.quantize",
-    "predict": "reviewkd.commands.predict",
-    "triton": "reviewkd.commands.triton",
-    "validate": "reviewkd.commands.evaluate",
-    "bench": "reviewkd.commands.evaluate",
-    "report": "reviewkd.commands.evaluate",
-    "layerwise": "reviewkd.commands.precision",
+    "run": "reviewkd.app.commands.run",
+    "teacher": "reviewkd.app.commands.train",
+    "distill": "reviewkd.app.commands.train",
+    "export": "reviewkd.app.commands.export",
+    "quantize": "reviewkd.app.commands.quantize",
+    "predict": "reviewkd.app.commands.predict",
+    "triton": "reviewkd.app.commands.triton",
+    "validate": "reviewkd.app.commands.evaluate",
+    "bench": "reviewkd.app.commands.evaluate",
+    "report": "reviewkd.app.commands.evaluate",
+    "layerwise": "reviewkd.app.commands.precision",
 }
 
 

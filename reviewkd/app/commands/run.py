@@ -1,7 +1,7 @@
 """`reviewkd run`: teacher, distill, export, validate, bench and report in one command.
 
 Each stage records what it read and wrote (paths and sha256) in RUN/pipeline.json; with --resume a
-stage whose outputs still verify is skipped. The stages are reviewkd.pipeline's.
+stage whose outputs still verify is skipped. The stages are reviewkd.app.pipeline's.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 from benchmarks.latency import parse_batch_sizes
 from benchmarks.report import format_final_table
 from deploy import run_layout
+from reviewkd.app.pipeline import PipelineOptions, run_pipeline
 from reviewkd.config import load_config, shipped_configs
-from reviewkd.pipeline import PipelineOptions, run_pipeline
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

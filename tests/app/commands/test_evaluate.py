@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reviewkd.cli import main
+from reviewkd.app.cli import main
 from tests.helpers import CLASSES, add_fp16_file, make_run, run_reviewkd, write_class_folders
 
 

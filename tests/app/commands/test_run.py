@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from reviewkd.cli import build_parser, main
-from reviewkd.pipeline import PIPELINE_FILE, STAGES
+from reviewkd.app.cli import build_parser, main
+from reviewkd.app.pipeline import PIPELINE_FILE, STAGES
 from tests.helpers import REPO_ROOT
 
 TINY = [
