@@ -1,0 +1,1 @@
+"""Detection's torch-free core: dataset descriptions (COCO JSON, YOLO txt) and the COCO metric."""
