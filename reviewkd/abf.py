@@ -95,11 +95,18 @@ class ReviewChain(nn.Module):
         self.teacher_sizes = [tuple(size) for size in teacher_sizes]
         self.mid_channels = mid
 
-    def forward(self, student_feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Map student features (shallow to deep) to teacher-shaped features (shallow to deep)."""
+    def forward(
+        self, student_feats: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[torch.Tensor]:
+        """Map student features (shallow to deep) to teacher-shaped features (shallow to deep).
+
+        `sizes`, when given, replaces `teacher_sizes` for this call: a detector's maps follow each
+        batch's padded image size, so its teacher's sizes are only known per batch.
+        """
+        out_sizes = self.teacher_sizes if sizes is None else sizes
         outputs: list[torch.Tensor] = [torch.empty(0)] * len(self.abfs)
         residual: torch.Tensor | None = None
         for level in range(len(self.abfs) - 1, -1, -1):
-            height, width = self.teacher_sizes[level]
+            height, width = out_sizes[level]
             outputs[level], residual = self.abfs[level](student_feats[level], residual, (height, width))
         return outputs
