@@ -169,3 +169,34 @@ def test_bad_names_are_one_line(name: str, classes: int, fragment: str) -> None:
     with pytest.raises(UsageError) as caught:
         build_detector(name, classes)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _favour(bias: torch.Tensor, raw_class: int) -> None:
+    """Make a classifier's bias put `raw_class` (the torchvision model's own numbering) far above the rest."""
+    with torch.no_grad():
+        bias.fill_(-20.0)
+        bias[raw_class] = 20.0
+
+
+def test_fcos_outputs_its_raw_class_0_as_an_object() -> None:
+    detector = build_detector("fcos_small_student", NUM_CLASSES, image_size=IMAGE_SIZE).eval()
+    _favour(detector.model.head.classification_head.cls_logits.bias, 0)
+    with torch.no_grad():
+        found = detector([torch.rand(3, *IMAGE_SIZE)])[0]
+    assert len(found["labels"]) > 0 and set(found["labels"].tolist()) == {0}
+
+
+def test_faster_rcnn_never_outputs_its_raw_class_0() -> None:
+    detector = build_detector(
+        "torchvision:fasterrcnn_mobilenet_v3_large_fpn", NUM_CLASSES, min_size=96, max_size=128
+    )
+    detector.eval()
+    bias = detector.model.roi_heads.box_predictor.cls_score.bias
+    image = [torch.rand(3, 96, 128)]
+    _favour(bias, 0)  # every proposal is background
+    with torch.no_grad():
+        assert len(detector(image)[0]["labels"]) == 0
+    _favour(bias, 1)  # every proposal is the first class, index 0 to the caller
+    with torch.no_grad():
+        found = detector(image)[0]
+    assert len(found["labels"]) > 0 and set(found["labels"].tolist()) == {0}
