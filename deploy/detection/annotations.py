@@ -34,8 +34,10 @@ from deploy.fileio import write_json_atomic
 
 # Image files a YOLO images/ folder may hold (what Ultralytics and the labelling tools write).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-# Class-name files a YOLO dataset may carry, looked for in this order in the dataset's root.
+# Class-name files a YOLO dataset may carry, looked for in this order in the dataset's root, then
+# CLASSES_TXT in the labels folder, where LabelImg writes it.
 YOLO_CLASS_FILES = ("data.yaml", "classes.txt")
+CLASSES_TXT = "classes.txt"
 _YOLO_FIELDS = 5
 
 
@@ -378,7 +380,8 @@ def read_yolo(
     layout: root/images/train and root/labels/train, or root/images and root/labels). Each label
     line is `class cx cy w h`, the box normalised by the image's size; an image without a label file,
     or with an empty one, has no boxes. Class names come from `classes_file`, else from the first of
-    root/data.yaml (`names:`) and root/classes.txt that exists. Image ids are 1.. in file name order;
+    root/data.yaml (`names:`), root/classes.txt and the labels folder's classes.txt (LabelImg's
+    place) that exists. Image ids are 1.. in file name order;
     sizes are read from the image files' headers.
 
     Raises:
@@ -393,7 +396,7 @@ def read_yolo(
         raise UsageError(f"YOLO labels folder {labels_dir} not found (beside images folder {folder})")
     if classes_file is None:
         root = _yolo_root(folder)
-        candidates = [root / name for name in YOLO_CLASS_FILES]
+        candidates = [root / name for name in YOLO_CLASS_FILES] + [labels_dir / CLASSES_TXT]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             raise UsageError(
@@ -410,7 +413,7 @@ def read_yolo(
         raise UsageError(
             f"YOLO images folder {folder} holds two images of the same name with different suffixes"
         )
-    orphans = sorted(p for p in labels_dir.glob("*.txt") if p.stem not in stems)
+    orphans = sorted(p for p in labels_dir.glob("*.txt") if p.stem not in stems and p.name != CLASSES_TXT)
     if orphans:
         raise UsageError(f"YOLO label file {orphans[0]} has no image in {folder}")
 

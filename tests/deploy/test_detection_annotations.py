@@ -133,6 +133,9 @@ def test_yolo_class_names_from_classes_txt_and_a_names_list(tmp_path: Path) -> N
     (tmp_path / "data.yaml").unlink()
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
     assert read_yolo(images).class_names == ("cat", "dog")
+    (tmp_path / "classes.txt").unlink()
+    (tmp_path / "labels" / "train" / "classes.txt").write_text("cat\ndog\n")  # where LabelImg writes it
+    assert read_yolo(images).class_names == ("cat", "dog")
     (tmp_path / "names.yaml").write_text("names: [a, b, c]\n")
     assert read_yolo(images, tmp_path / "names.yaml").class_names == ("a", "b", "c")
 
