@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from deploy.detection.annotations import DetectionDataset, ImageAnnotation, write_coco
-from deploy.errors import UsageError
+from deploy.errors import OutputError, UsageError
 from deploy.fileio import sha256_file, write_json_atomic
 
 SPLITS = ("train", "val")
@@ -215,8 +215,11 @@ def ensure_digits_detection(
     digits, labels = np.asarray(bundled.images), np.asarray(bundled.target)
     is_val = np.arange(len(digits)) % VAL_EVERY == 0
     rng = np.random.default_rng(spec.seed)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    except OSError as exc:
+        raise OutputError.from_os_error(folder, exc) from exc
     try:
         for split, count, chosen in (("train", spec.train_images, ~is_val), ("val", spec.val_images, is_val)):
             _write_split(staging / split, rng, spec, count, digits[chosen], labels[chosen])
@@ -229,6 +232,8 @@ def ensure_digits_detection(
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
+    except OSError as exc:  # a full disk, a read-only folder: one line naming the data set's folder
+        raise OutputError.from_os_error(folder, exc) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return paths

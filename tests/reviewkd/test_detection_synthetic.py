@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from deploy.detection.annotations import read_coco
-from deploy.errors import UsageError
+from deploy.errors import OutputError, UsageError
 from reviewkd.detection import synthetic
 from reviewkd.detection.synthetic import (
     CATEGORY_IDS,
@@ -95,3 +95,11 @@ def test_a_folder_it_did_not_write_is_refused_untouched(tmp_path: Path) -> None:
 def test_an_impossible_spec_is_one_line() -> None:
     with pytest.raises(UsageError, match="max_size <= 64"):
         DigitsDetectionSpec(max_size=80)
+
+
+def test_an_unwritable_place_is_one_line_naming_the_folder(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder belongs")
+    with pytest.raises(OutputError, match=f"{blocker / 'set'}: cannot write it"):
+        ensure_digits_detection(blocker / "set", TINY)
+    assert blocker.read_text() == "a file where a folder belongs"
