@@ -50,8 +50,9 @@ def import_cudart() -> ModuleType | None:
 # What the CUDA runtime's commonest errors mean for someone looking for their GPU.
 _CUDA_ERROR_HINTS = {
     "cudaErrorInsufficientDriver": (
-        "the NVIDIA driver is missing, or older than the CUDA version these bindings were built for: "
-        "cuda-python 13 needs a CUDA 13 driver, so with a CUDA 12 driver install cuda-python<13"
+        "the NVIDIA driver is missing, or older than the CUDA major these bindings were built for: "
+        "cuda-bindings 13 needs a CUDA 13 driver (>= 580); with a CUDA 12 driver install the CUDA 12 "
+        "target, pip install 'reviewkd[cuda12]'; `reviewkd doctor` checks every package against the driver"
     ),
     "cudaErrorNoDevice": "no CUDA device is visible: check CUDA_VISIBLE_DEVICES or the container's GPUs",
     "cudaErrorDevicesUnavailable": "every CUDA device is busy or in exclusive-process mode",

@@ -23,6 +23,7 @@ from typing import Any
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import write_json_atomic
 from deploy.gpu import GpuInfo, probe_gpu
+from deploy.install_targets import GPU_INSTALL_HINT
 
 SIDECAR_SCHEMA = "reviewkd.tensorrt-sidecar"
 # 2: the CPU architecture ("machine") and the DLA settings ("dla") joined the record.
@@ -33,10 +34,7 @@ COMPATIBILITY_MODES = ("version", "hardware")
 AMPERE_COMPUTE_CAPABILITY = (8, 0)
 # TensorRT 10.12 deprecated weak typing (BuilderFlag.FP16/INT8); from there on we build strongly typed.
 STRONG_TYPING_SINCE = (10, 12)
-INSTALL_HINT = (
-    "install it with pip install 'reviewkd[gpu]' (on a Jetson, TensorRT comes with JetPack); "
-    "TensorRT needs an NVIDIA GPU and driver"
-)
+INSTALL_HINT = f"install it with {GPU_INSTALL_HINT}; TensorRT needs an NVIDIA GPU and driver"
 REBUILD_HINT = "rebuild the engine on this device from its ONNX file (reviewkd export RUN --formats tensorrt)"
 
 

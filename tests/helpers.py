@@ -343,7 +343,7 @@ def onnx_target(path: Path, key: str = "onnxruntime/fp32", precision: str = "fp3
 
 
 def missing_tensorrt() -> Runner:
-    raise MissingDependencyError("TensorRT is not installed; pip install 'reviewkd[gpu]' on a GPU machine")
+    raise MissingDependencyError("TensorRT is not installed; pip install 'reviewkd[cuda13]' on a GPU machine")
 
 
 # --- the command line as a user runs it ------------------------------------------------------------

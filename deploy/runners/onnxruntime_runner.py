@@ -29,6 +29,7 @@ import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.formats import precision_from_filename
+from deploy.install_targets import GPU_INSTALL_HINT
 from deploy.runners.base import Runner
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -99,8 +100,8 @@ def providers_for_device(device: str, installed: list[str] | None = None) -> lis
     listed = available_providers() if installed is None else installed
     if CUDA_PROVIDER not in listed:
         raise MissingDependencyError(
-            "onnxruntime has no CUDA execution provider; install onnxruntime-gpu"
-            " (pip install 'reviewkd[gpu]') on a machine with an NVIDIA GPU"
+            "onnxruntime has no CUDA execution provider; install onnxruntime-gpu on a machine with an NVIDIA"
+            f" GPU: {GPU_INSTALL_HINT}"
         )
     return [CUDA_PROVIDER, CPU_PROVIDER]
 
@@ -236,7 +237,7 @@ class OnnxRuntimeRunner(Runner):
             raise MissingDependencyError(
                 f"onnxruntime {ort.__version__} lacks {', '.join(missing)}"
                 f" (installed: {', '.join(installed)}); for CUDA and TensorRT"
-                " install onnxruntime-gpu (pip install 'reviewkd[gpu]')"
+                f" install onnxruntime-gpu: {GPU_INSTALL_HINT}"
             )
         if TENSORRT_PROVIDER in providers and not libnvinfer_loadable():
             raise MissingDependencyError(
