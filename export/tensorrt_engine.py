@@ -25,10 +25,12 @@ from deploy.trt_sidecar import (
     DlaSettings,
     Sidecar,
     host_machine,
+    host_os,
     parse_version,
     profile_shapes,
     require_tensorrt_and_gpu,
     sidecar_path,
+    start_tensorrt,
     uses_strong_typing,
     write_sidecar,
 )
@@ -346,7 +348,7 @@ def build_engine(
     version = trt.__version__
     strongly_typed = uses_strong_typing(version)
     logger, errors = _collecting_logger(verbose)
-    builder = trt.Builder(logger)
+    builder = start_tensorrt(trt.Builder, logger, "trt.Builder", version)
     network = builder.create_network(_network_flags(version))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_file)):
@@ -403,6 +405,7 @@ def build_engine(
             source_onnx=onnx_file.name,
             source_onnx_sha256=sha256_file(onnx_file),
             machine=host_machine(),
+            os=host_os(),
             dla=dla,
             build={
                 "workspace_mib": workspace_mib,

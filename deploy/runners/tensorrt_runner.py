@@ -40,6 +40,7 @@ from deploy.trt_sidecar import (
     read_sidecar,
     require_tensorrt_and_gpu,
     sidecar_path,
+    start_tensorrt,
 )
 
 if TYPE_CHECKING:
@@ -333,7 +334,7 @@ class TensorRTRunner(CudaGraphReporting, Runner):
                 f"the two do not belong together: {REBUILD_HINT}"
             )
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = start_tensorrt(trt.Runtime, self._logger, "trt.Runtime", trt.__version__)
         if self.sidecar.compatibility == "version":
             # Version-compatible plans embed the lean runtime, host code TensorRT runs only when allowed.
             self._runtime.engine_host_code_allowed = True

@@ -57,12 +57,13 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(
     assert not (tmp_path / "run").exists()
 
 
-def test_no_onnx_runtime_is_exit_3_naming_each_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_onnx_runtime_is_exit_3_naming_each_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The core requires no ONNX Runtime (its CPU and GPU builds cannot share an environment): a command
     that needs one, where none is installed, names the install per target instead of a traceback."""
-    from tests.helpers import make_run, write_image
-
     from reviewkd.app.cli import main
+    from tests.helpers import make_run, write_image
 
     run, _ = make_run(tmp_path)
     image = write_image(tmp_path / "cat.png", (16, 16))

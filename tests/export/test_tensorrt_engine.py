@@ -29,12 +29,14 @@ from deploy.trt_sidecar import (
     check_engine_compatible,
     gpu_mismatch,
     host_machine,
+    host_os,
     machine_mismatch,
     parse_version,
     profile_shapes,
     read_sidecar,
     require_tensorrt_and_gpu,
     sidecar_path,
+    start_tensorrt,
     tensorrt_available,
     uses_strong_typing,
     version_mismatch,
@@ -152,6 +154,7 @@ def _sidecar(**changes: object) -> Sidecar:
         source_onnx="student.fp16.onnx",
         source_onnx_sha256="cd" * 32,
         machine="x86_64",
+        os="linux",
         build={"workspace_mib": 1024, "optimization_level": 3},
     )
     fields.update(changes)
@@ -198,7 +201,8 @@ def test_sidecar_round_trip(tmp_path: Path) -> None:
     assert read_sidecar(path) == sidecar
     data = json.loads(path.read_text())
     assert data["gpu"] == {"name": A100.name, "compute_capability": "8.0"}
-    assert data["machine"] == "x86_64" and data["dla"] is None and data["schema_version"] == 2
+    assert data["machine"] == "x86_64" and data["os"] == "linux" and data["dla"] is None
+    assert data["schema_version"] == 3
     assert data["profile"]["max"] == [32, 3, 32, 32]
     assert data["tensorrt_version"] == "10.13.0.35"
 
@@ -289,7 +293,9 @@ def test_weak_typing_flags_follow_the_file() -> None:
     ("built", "installed", "version_compatible", "ok"),
     [
         ("10.13.0.35", "10.13.0.35", False, True),
-        ("10.13.0.35", "10.13.0.99", False, True),  # the build number is not part of the rule
+        # TensorRT refuses a plan of another build (opaquely): so does the sidecar check, in words.
+        ("10.13.0.35", "10.13.0.99", False, False),
+        ("10.13.3.9", "10.13.3.9.post1", False, True),  # a wheel's re-release, the same TensorRT build
         ("10.13.0.35", "10.13.1.0", False, False),
         ("10.13.0.35", "10.12.0.36", False, False),
         ("10.13.0.35", "11.0.0.1", False, False),
@@ -350,10 +356,51 @@ def test_a_plan_built_on_another_cpu_architecture_is_refused() -> None:
     message = str(info.value)
     assert message.startswith("e.plan: this TensorRT engine cannot run here: it was built on a x86_64 host")
     assert "rebuild it on this device from student.fp16.onnx" in message
-    # Without `machine`, the host's own architecture is compared.
+    # Without `machine` and `system`, the host's own architecture and OS are compared.
+    here = _sidecar(machine=host_machine(), os=host_os())
+    check_engine_compatible(here, tensorrt_version="10.13.0.35", gpu=A100, plan_path="e.plan")
+
+
+def test_a_plan_built_on_another_os_is_refused_though_the_cpu_matches() -> None:
+    """Windows' AMD64 is Linux's x86_64, but a plan's host code belongs to one OS."""
+    windows_plan = _sidecar(machine=host_machine("AMD64"), os=host_os("Windows"))
+    with pytest.raises(UsageError, match="it was built on windows, but this host runs linux"):
+        check_engine_compatible(
+            windows_plan, tensorrt_version="10.13.0.35", gpu=A100, plan_path="e.plan", system="Linux"
+        )
     check_engine_compatible(
-        _sidecar(machine=host_machine()), tensorrt_version="10.13.0.35", gpu=A100, plan_path="e.plan"
+        windows_plan, tensorrt_version="10.13.0.35", gpu=A100, plan_path="e.plan", system="Windows"
     )
+
+
+def test_a_tensorrt_that_cannot_start_cuda_is_exit_3_naming_the_mismatch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """trt.Builder/trt.Runtime raise pybind11's nullptr TypeError when TensorRT cannot initialise CUDA
+    (a CUDA 13 TensorRT on a CUDA 12 driver): one line, exit 3, with doctor's finding and fix."""
+    import deploy.trt_sidecar as sidecar_module
+    from tests.deploy.test_doctor import BINDINGS_13, ORT_GPU_CU13, TRT_CU13, snapshot
+
+    def failing_builder(logger: object) -> object:
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    monkeypatch.setattr(
+        sidecar_module, "collect", lambda: snapshot(ORT_GPU_CU13, TRT_CU13, BINDINGS_13, driver=(12, 4))
+    )
+    with pytest.raises(MissingDependencyError) as info:
+        start_tensorrt(failing_builder, None, "trt.Builder", "11.4.0.106")
+    message = str(info.value)
+    assert info.value.exit_code == 3 and "\n" not in message
+    assert message.startswith("TensorRT 11.4.0.106 could not initialise CUDA (trt.Builder): the driver runs")
+    assert "tensorrt-cu13 11.4.0.106 (CUDA 13)" in message and "pip install 'reviewkd[cuda12]'" in message
+    # Any other TypeError is a bug to see, not a missing dependency.
+    def broken(logger: object) -> object:
+        raise TypeError("an unrelated bug")
+
+    with pytest.raises(TypeError, match="unrelated"):
+        start_tensorrt(broken, None, "trt.Runtime", "11.4.0.106")
+    made = start_tensorrt(lambda logger: ("runtime", logger), "log", "trt.Runtime", "11.4.0.106")
+    assert made == ("runtime", "log")
 
 
 def test_incompatible_engine_says_how_to_rebuild() -> None:
