@@ -604,11 +604,19 @@ def test_dla_requests_that_cannot_build_are_usage_errors(
     dla_core: Any, precision: str, compatibility: str | None, needle: str | None
 ) -> None:
     if needle is None:
-        check_dla_request(dla_core, precision, compatibility)
+        check_dla_request(dla_core, precision, compatibility, (8, 8, 8))
         return
     with pytest.raises(UsageError, match=needle) as info:
-        check_dla_request(dla_core, precision, compatibility)
+        check_dla_request(dla_core, precision, compatibility, (8, 8, 8))
     assert info.value.exit_code == 2 and str(info.value).startswith("--dla-core")
+
+
+def test_a_dla_build_needs_one_static_batch_size() -> None:
+    """The DLA has no dynamic shapes: the default profile 1,8,32 is refused with the static form."""
+    with pytest.raises(UsageError, match=r"not the profile 1,8,32; give one, e.g. --trt-batch 8,8,8"):
+        check_dla_request(0, "fp16", None, (1, 8, 32))
+    check_dla_request(0, "int8", None, (4, 4, 4))
+    check_dla_request(None, "fp16", None, (1, 8, 32))  # the GPU takes any profile
 
 
 def test_build_engine_checks_the_dla_request_before_dependencies(tmp_path: Path) -> None:
