@@ -284,6 +284,55 @@ class _TrtGraph:
     output_shape: tuple[int, ...]
 
 
+# How each TensorRT I/O type is held in a numpy buffer (by trt.DataType name). trt.nptype raises for
+# the types numpy lacks; BF16 is carried as its raw 16 bits and converted here. FP8 and the packed
+# 4-bit types have no conversion here: a plan with such I/O is refused by name.
+_STORAGE_DTYPES: dict[str, type[np.generic]] = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "BF16": np.uint16,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+}
+
+
+def storage_dtype(type_name: str, tensor: str, plan_path: object) -> np.dtype[Any]:
+    """The numpy dtype that holds a TensorRT I/O tensor of type `type_name` (a trt.DataType name);
+    UsageError naming the tensor for a type this runner cannot convert (FP8, INT4, FP4, ...)."""
+    if type_name not in _STORAGE_DTYPES:
+        raise UsageError(
+            f"{plan_path}: the plan's tensor {tensor!r} is {type_name}, which this runner cannot feed or read"
+            f" (it handles {', '.join(_STORAGE_DTYPES)}); rebuild the engine with float32 or float16 I/O"
+        )
+    return np.dtype(_STORAGE_DTYPES[type_name])
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values as bfloat16 bit patterns (uint16), rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    rounded = np.where(np.isnan(values), bits | np.uint32(0x00400000), bits + rounding)  # NaN stays NaN
+    return (rounded >> 16).astype(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) as float32 values (exact)."""
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_input(images: np.ndarray, type_name: str, dtype: np.dtype[Any]) -> np.ndarray:
+    """A float32 batch as the input tensor's storage."""
+    return to_bfloat16_bits(images) if type_name == "BF16" else images.astype(dtype, copy=False)
+
+
+def decode_output(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """An output tensor's storage as float32."""
+    return from_bfloat16_bits(raw) if type_name == "BF16" else raw.astype(np.float32, copy=False)
+
+
 def _dims(dims: Any) -> tuple[int, ...]:
     """A TensorRT Dims as a tuple of ints (Dims indexes like a tuple but is not one)."""
     return tuple(int(dims[i]) for i in range(len(dims)))
@@ -312,6 +361,8 @@ class TensorRTRunner(CudaGraphReporting, Runner):
     _engine: trt.ICudaEngine | None
     _runtime: trt.Runtime | None
     _lock: threading.Lock
+    _types: dict[str, str]  # I/O tensor -> its trt.DataType name
+    _dtypes: dict[str, np.dtype[Any]]  # I/O tensor -> the numpy dtype of its buffer
 
     def __init__(self, plan_path: str | os.PathLike[str], *, sidecar: str | os.PathLike[str] | None = None):
         self._init_state()
@@ -392,7 +443,8 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         low, _, high = (_dims(d) for d in engine.get_tensor_profile_shape(self._input, 0))
         self.min_batch, self.max_batch = low[0], high[0]
         self.input_shape = (high[1], high[2], high[3])
-        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        self._types = {n: engine.get_tensor_dtype(n).name for n in names}
+        self._dtypes = {n: storage_dtype(self._types[n], n, self.plan_path) for n in names}
 
         context = engine.create_execution_context()
         if context is None:
@@ -421,7 +473,7 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         with self._lock:
             if self._context is None or self._memory is None:
                 raise UsageError(f"{self.name}: the runner is closed")
-            batch = images.astype(self._dtypes[self._input], copy=False)
+            batch = encode_input(images, self._types[self._input], self._dtypes[self._input])
             if not self.use_cuda_graphs:
                 return self._run_eager(batch)
             return self._graphs.run(
@@ -439,7 +491,7 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         if not self._context.execute_async_v3(self._memory.stream_handle):
             raise RuntimeError(f"{self.plan_path}: TensorRT execution failed")
         logits = self._memory.download(self._output, _dims(self._context.get_tensor_shape(self._output)))
-        return logits.astype(np.float32, copy=False)
+        return decode_output(logits, self._types[self._output])
 
     def _capture(self, shape: tuple[int, ...]) -> _TrtGraph:
         """Capture one `execute_async_v3` at `shape` on a new context bound to the shared buffers."""
@@ -473,7 +525,7 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         self._memory.upload(self._input, batch)
         self._memory.launch_graph(graph.graph)
         logits = self._memory.download(self._output, graph.output_shape)
-        return logits.astype(np.float32, copy=False)
+        return decode_output(logits, self._types[self._output])
 
     def _free_graph(self, graph: _TrtGraph) -> None:
         if self._memory is not None:
