@@ -487,7 +487,7 @@ def timing() -> dict[str, Any]:
                 stats = latency_stats(samples, batch)
                 row[timer.name] = {key: float(stats[key]) for key in ("p50_ms", "mean_ms", "p99_ms")}
             row["mean_ratio_event_over_perf_counter"] = (
-                row["cuda_event"]["mean_ms"] / row["perf_counter"]["mean_ms"]
+                row[CudaEventTimer.name]["mean_ms"] / row["perf_counter"]["mean_ms"]
             )
             results[f"batch_{batch}"] = row
     return results
