@@ -442,12 +442,13 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, f"TensorRT {getattr(trt, '__version__', 'unknown version')}"
 
 
-def require_tensorrt_and_gpu(action: str) -> GpuInfo:
-    """Return the current GPU, or raise MissingDependencyError saying what is missing and how to get it."""
+def require_tensorrt_and_gpu(action: str, device_index: int = 0) -> GpuInfo:
+    """Return CUDA device `device_index`, or raise MissingDependencyError saying what is missing and how
+    to get it."""
     ok, reason = tensorrt_available()
     if not ok:
         raise MissingDependencyError(f"{action} needs TensorRT: {reason}")
-    probe = probe_gpu()
+    probe = probe_gpu(device_index)
     if probe.gpu is None:
         raise MissingDependencyError(
             f"{action} needs an NVIDIA GPU with a working driver: {probe.describe_failure()}"

@@ -165,8 +165,11 @@ class _CudaPythonMemory:
     finishes the copies that read it before the next call rewrites it.
     """
 
-    def __init__(self, cudart: ModuleType) -> None:
+    def __init__(self, cudart: ModuleType, device_index: int = 0) -> None:
         self._rt = cudart
+        # The runtime API works on the calling thread's current device: buffers, stream and the engine
+        # (created after this) all land on `device_index`.
+        self._check(cudart.cudaSetDevice(device_index), "cudaSetDevice")
         self._stream = self._check(
             cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
         )
@@ -254,18 +257,37 @@ class _CudaPythonMemory:
         self._check(self._rt.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
 
 
-def _device_memory() -> _DeviceMemory:
-    """torch.cuda when torch with CUDA imports, else cuda-python; MissingDependencyError if neither."""
+def _use_device(device_index: int) -> None:
+    """Make CUDA device `device_index` current on this thread before TensorRT deserialises the plan:
+    the engine's memory lands on the current device (torch's where torch has CUDA, else cuda-python's)."""
     try:
         import torch
 
         if torch.cuda.is_available():
-            return _TorchMemory()
+            torch.cuda.set_device(device_index)
+            return
     except ImportError:
         pass
     cudart = import_cudart()
     if cudart is not None:
-        return _CudaPythonMemory(cudart)
+        (err,) = cudart.cudaSetDevice(device_index)
+        if err != cudart.cudaError_t.cudaSuccess:
+            raise MissingDependencyError(f"cudaSetDevice({device_index}) failed: {err}")
+
+
+def _device_memory(device_index: int = 0) -> _DeviceMemory:
+    """Buffers and a stream on CUDA device `device_index`: torch.cuda when torch with CUDA imports, else
+    cuda-python; MissingDependencyError if neither."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return _TorchMemory(torch.device("cuda", device_index))
+    except ImportError:
+        pass
+    cudart = import_cudart()
+    if cudart is not None:
+        return _CudaPythonMemory(cudart, device_index)
     raise MissingDependencyError(
         "the TensorRT runner needs torch with CUDA or cuda-python for GPU buffers: pip install cuda-python"
     )
@@ -344,6 +366,8 @@ class TensorRTRunner(CudaGraphReporting, Runner):
     Args:
         plan_path: the plain serialized engine.
         sidecar: its sidecar; `<plan_path>.json` when None.
+        device_index: the CUDA device to run on, counted among the visible devices (as
+            CUDA_VISIBLE_DEVICES leaves them); the sidecar's GPU is checked against that one.
 
     Raises:
         UsageError: the plan or sidecar is missing or malformed, does not belong together, or was
@@ -364,14 +388,21 @@ class TensorRTRunner(CudaGraphReporting, Runner):
     _types: dict[str, str]  # I/O tensor -> its trt.DataType name
     _dtypes: dict[str, np.dtype[Any]]  # I/O tensor -> the numpy dtype of its buffer
 
-    def __init__(self, plan_path: str | os.PathLike[str], *, sidecar: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        plan_path: str | os.PathLike[str],
+        *,
+        sidecar: str | os.PathLike[str] | None = None,
+        device_index: int = 0,
+    ):
         self._init_state()
+        self.device_index = device_index
         self.plan_path = Path(plan_path)
         if not self.plan_path.is_file():
             raise UsageError(f"{self.plan_path}: TensorRT plan not found")
         self.sidecar: Sidecar = read_sidecar(sidecar if sidecar is not None else sidecar_path(self.plan_path))
         self.precision = self.sidecar.precision
-        gpu = require_tensorrt_and_gpu("running a TensorRT engine")
+        gpu = require_tensorrt_and_gpu("running a TensorRT engine", device_index)
 
         import tensorrt as trt
 
@@ -385,6 +416,7 @@ class TensorRTRunner(CudaGraphReporting, Runner):
                 f"the two do not belong together: {REBUILD_HINT}"
             )
         self._logger = trt.Logger(trt.Logger.WARNING)
+        _use_device(device_index)
         self._runtime = start_tensorrt(trt.Runtime, self._logger, "trt.Runtime", trt.__version__)
         if self.sidecar.compatibility == "version":
             # Version-compatible plans embed the lean runtime, host code TensorRT runs only when allowed.
@@ -450,7 +482,7 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         if context is None:
             raise RuntimeError(f"{self.plan_path}: TensorRT could not create an execution context")
         self._context = context
-        memory = _device_memory()
+        memory = _device_memory(self.device_index)
         self._memory = memory
         # Buffers sized for the largest batch, allocated once: a smaller batch uses their leading part,
         # so tensor addresses never change between calls.

@@ -455,10 +455,11 @@ def fake_tensorrt_runner(
     fake_trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")  # type: ignore[attr-defined]
     fake_trt.nptype = fake_nptype  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
-    monkeypatch.setattr("deploy.runners.tensorrt_runner._device_memory", lambda: memory)
+    monkeypatch.setattr("deploy.runners.tensorrt_runner._device_memory", lambda device_index: memory)
     engine = FakeEngine(launcher if launcher is not None else memory, **engine_options)
     runner = TensorRTRunner.__new__(TensorRTRunner)
     runner._init_state()  # what the constructor sets before it loads TensorRT
+    runner.device_index = 0
     runner.plan_path = Path("fake.plan")
     runner.sidecar = types.SimpleNamespace(input_names=(INPUT,), output_names=(OUTPUT,))  # type: ignore[assignment]
     runner.precision = "fp32"
@@ -633,6 +634,11 @@ class FakeCudart:
         self.log: list[str] = []
         self.fail_malloc = fail_malloc
         self.copies = 0
+        self.current_device: int | None = None
+
+    def cudaSetDevice(self, device: int) -> tuple[Any, ...]:
+        self.current_device = device
+        return self._ok()
 
     def _ok(self, *values: Any) -> tuple[Any, ...]:
         return (self.cudaError_t.cudaSuccess, *values)
@@ -726,8 +732,9 @@ def test_cuda_python_memory_uses_a_non_blocking_stream_and_pinned_staging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cudart = FakeCudart()
-    memory = _CudaPythonMemory(cudart)  # type: ignore[arg-type]
+    memory = _CudaPythonMemory(cudart, device_index=1)  # type: ignore[arg-type]
     assert list(cudart.streams.values()) == [cudart.cudaStreamNonBlocking]
+    assert cudart.current_device == 1  # the stream and the buffers belong to the device asked for
     runner, _ = fake_tensorrt_runner(monkeypatch, memory, cudart)
     # One device buffer and one pinned staging buffer per tensor, both of the max batch.
     assert len(cudart.device) == len(cudart.pinned) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -478,7 +479,7 @@ def test_gpu_probe_reports_the_cuda_error(
 ) -> None:
     import deploy.gpu as gpu_module
 
-    def torch_without_driver() -> GpuInfo:
+    def torch_without_driver(index: int) -> GpuInfo:
         raise RuntimeError("Found no NVIDIA driver on your system.\nPlease check ...")
 
     monkeypatch.setattr(gpu_module, "import_cudart", lambda: fake_cudart(error, count))
@@ -506,6 +507,56 @@ def test_gpu_probe_finds_a_device_through_cuda_python(monkeypatch: pytest.Monkey
     monkeypatch.setattr(gpu_module, "import_cudart", lambda: fake_cudart(FakeCudaError.cudaSuccess, 1))
     monkeypatch.setattr(gpu_module, "_PROBES", (("cuda-python", gpu_module._from_cuda_python),))
     assert probe_gpu() == GpuProbe(ORIN, ())
+    # Device 1 of a machine that shows one: named, not device 0 instead.
+    missing = probe_gpu(1)
+    assert missing.gpu is None and "found 1 device(s), so no device 1" in missing.reasons[0]
+
+
+@pytest.mark.parametrize(
+    ("visible", "index", "physical"),
+    [
+        (None, 0, 0),
+        (None, 1, 1),
+        ("2,0", 0, 2),  # CUDA device 0 is physical GPU 2
+        ("2,0", 1, 0),
+        ("GPU-8f6b2c1e-aaaa-bbbb-cccc-0123456789ab", 0, "GPU-8f6b2c1e-aaaa-bbbb-cccc-0123456789ab"),
+        ("1,foo,3", 0, 1),  # CUDA stops reading at the first invalid entry
+    ],
+)
+def test_nvml_and_nvidia_smi_map_cuda_devices_through_cuda_visible_devices(
+    visible: str | None, index: int, physical: int | str
+) -> None:
+    from deploy.gpu import visible_device
+
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert visible_device(index, environ) == physical
+
+
+@pytest.mark.parametrize(
+    ("visible", "index", "reason"),
+    [
+        ("", 0, "leaves 0 device(s) visible"),
+        ("-1", 0, "leaves 0 device(s) visible"),
+        ("1,foo,3", 1, "leaves 1 device(s) visible, so no CUDA device 1"),
+        ("MIG-1234", 0, "MIG instance"),
+    ],
+)
+def test_cuda_visible_devices_that_hide_the_device_are_named(visible: str, index: int, reason: str) -> None:
+    from deploy.gpu import GpuProbeError, visible_device
+
+    with pytest.raises(GpuProbeError, match=re.escape(reason)):
+        visible_device(index, {"CUDA_VISIBLE_DEVICES": visible})
+
+
+def test_nvidia_smi_rows_are_picked_by_physical_index_or_uuid() -> None:
+    from deploy.gpu import parse_nvidia_smi_gpus
+
+    out = (
+        "0, GPU-aaaa, NVIDIA A100-SXM4-80GB, 8.0, 550.54.15\n"
+        "1, GPU-bbbb, NVIDIA H100 80GB HBM3, 9.0, 550.54.15\n"
+    )
+    assert parse_nvidia_smi_gpus(out, 1).name == "NVIDIA H100 80GB HBM3"
+    assert parse_nvidia_smi_gpus(out, "GPU-aaaa").compute_capability == (8, 0)
 
 
 def test_describe_parser_error_names_the_node() -> None:
