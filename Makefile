@@ -11,15 +11,16 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # The demo and the tests train and draw the report's plots, so they install the `train` (torch) and
-# `plots` (matplotlib) extras; `pip install .` alone is the torch-free edge install of the README.
+# `plots` (matplotlib) extras, with the CPU ONNX Runtime; `pip install '.[cpu]'` alone is the torch-free edge
+# install of the README.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[train,plots]'
+	$(BIN)/pip install --quiet -e '.[cpu,train,plots]'
 	touch $@
 
 # tensorrt-stubs declares the real TensorRT as a dependency, whose wheel downloads from NVIDIA's
 # host at install time; the stubs alone are all mypy needs, so they install without dependencies.
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[train,plots,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,train,plots,dev]'
 	$(BIN)/pip install --quiet --no-deps tensorrt-stubs
 	touch $(VENV)/.installed $@
 

@@ -1,10 +1,12 @@
 """Latency and throughput per format and batch size, after a warm-up.
 
-Each call is timed on its own: on a CUDA runner with CUDA events (when torch is installed), on
-the CPU with the monotonic `time.perf_counter_ns`, and in both cases with the runner's
-`synchronize()` before and after, so queued device work is neither missed nor charged to the
-next call. Because runners return host arrays, a sample covers the whole `infer` call: input
-check, host-to-device copy, execution and the copy back, which is what a caller waits for.
+Each call is timed on its own: on a CUDA runner with a pair of CUDA events recorded on the
+runner's stream (when torch is installed), on the CPU with the monotonic `time.perf_counter_ns`,
+and in both cases with the runner's `synchronize()` before, so queued device work is not charged to
+the next call. Because runners return host arrays, a sample covers the whole `infer` call: input
+check, host-to-device copy, execution and the copy back, which is what a caller waits for. The
+events do not isolate GPU compute: the call waits on the host for its results, so the end event is
+recorded after the host work too; they measure the call on the GPU's clock (`cuda_event_call`).
 
 CUDA graphs: a runner that can replay its work as a CUDA graph says so with a class attribute
 `supports_cuda_graphs = True` and turns the feature on when the harness sets
@@ -65,23 +67,29 @@ class PerfCounterTimer:
 
 
 class CudaEventTimer:
-    """GPU-side timing with a pair of torch CUDA events on the current stream."""
+    """The whole call on the GPU's clock: torch CUDA events recorded on the runner's stream (its
+    `stream_handle` where it has one, else torch's current stream) just before and just after it.
 
-    name = "cuda_event"
+    Not GPU compute time: a runner's call returns host arrays, so the end event is queued after the
+    call's copies, kernels and the host work between them, and the span includes all of that.
+    """
 
-    def __init__(self) -> None:
+    name = "cuda_event_call"
+
+    def __init__(self, stream_handle: int | None = None) -> None:
         import torch
 
         self._start = torch.cuda.Event(enable_timing=True)
         self._end = torch.cuda.Event(enable_timing=True)
+        # The runner's own stream, wrapped; None records on torch's current stream (the torch runner's).
+        self._stream = None if stream_handle is None else torch.cuda.ExternalStream(stream_handle)
 
     def measure(self, call: Callable[[], object], synchronize: Callable[[], None]) -> float:
-        """Time `call` between two events; the runner's own streams are synchronised inside."""
+        """Time `call` between two events on the runner's stream."""
         synchronize()
-        self._start.record()
+        self._start.record(self._stream)
         call()
-        synchronize()
-        self._end.record()
+        self._end.record(self._stream)
         self._end.synchronize()
         return float(self._start.elapsed_time(self._end))
 
@@ -98,7 +106,7 @@ def cuda_events_available() -> bool:
 def choose_timer(runner: Runner) -> Timer:
     """Return CUDA events for a CUDA runner where torch can provide them, else the CPU clock."""
     if str(runner.device).startswith("cuda") and cuda_events_available():
-        return CudaEventTimer()
+        return CudaEventTimer(getattr(runner, "stream_handle", None))
     return PerfCounterTimer()
 
 

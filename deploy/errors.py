@@ -52,6 +52,13 @@ class OutputError(UsageError):
 
 
 TRAIN_EXTRA_HINT = "pip install 'reviewkd[train]'"
+# The core requires no ONNX Runtime (its CPU and GPU distributions cannot be installed together):
+# each install target's extra brings one (deploy/install_targets.py).
+RUNTIME_MISSING = (
+    "no ONNX Runtime is installed; install the one for this machine: pip install 'reviewkd[cpu]',"
+    " 'reviewkd[cuda12]' or 'reviewkd[cuda13]' (a Jetson: NVIDIA's onnxruntime-gpu wheel), or run"
+    " `reviewkd doctor`"
+)
 
 
 def torch_installed() -> bool:

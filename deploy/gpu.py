@@ -4,11 +4,16 @@ Engines are tied to the GPU that built them, reports record the GPU a number was
 and `--device auto` picks it: all of them ask `current_gpu`. It asks, in order, torch (only when
 the process has already imported it: importing torch costs seconds, and a serving device may not
 have it), cuda-python's runtime, NVML, then nvidia-smi.
+
+Device indices are CUDA's: the index among the devices `CUDA_VISIBLE_DEVICES` leaves visible, as
+torch, the CUDA runtime and ONNX Runtime count them. NVML and nvidia-smi number the physical GPUs
+and ignore that variable, so their probes map the index through it first (by index or GPU UUID).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -50,8 +55,9 @@ def import_cudart() -> ModuleType | None:
 # What the CUDA runtime's commonest errors mean for someone looking for their GPU.
 _CUDA_ERROR_HINTS = {
     "cudaErrorInsufficientDriver": (
-        "the NVIDIA driver is missing, or older than the CUDA version these bindings were built for: "
-        "cuda-python 13 needs a CUDA 13 driver, so with a CUDA 12 driver install cuda-python<13"
+        "the NVIDIA driver is missing, or older than the CUDA major these bindings were built for: "
+        "cuda-bindings 13 needs a CUDA 13 driver (>= 580); with a CUDA 12 driver install the CUDA 12 "
+        "target, pip install 'reviewkd[cuda12]'; `reviewkd doctor` checks every package against the driver"
     ),
     "cudaErrorNoDevice": "no CUDA device is visible: check CUDA_VISIBLE_DEVICES or the container's GPUs",
     "cudaErrorDevicesUnavailable": "every CUDA device is busy or in exclusive-process mode",
@@ -60,6 +66,34 @@ _CUDA_ERROR_HINTS = {
 
 class GpuProbeError(Exception):
     """One probe's reason for finding no GPU, e.g. the CUDA error code it got."""
+
+
+def visible_device(index: int, environ: dict[str, str] | None = None) -> int | str:
+    """The physical GPU (an NVML/nvidia-smi index, or a "GPU-..." UUID) behind CUDA device `index`.
+
+    GpuProbeError when CUDA_VISIBLE_DEVICES hides every device, has fewer than index + 1 entries, or
+    names a MIG instance (which NVML and nvidia-smi do not list as a GPU).
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return index
+    # CUDA reads the list up to the first invalid entry; "-1" or "" hide every device.
+    entries: list[int | str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if item.isdigit():
+            entries.append(int(item))
+        elif item.startswith("GPU-"):
+            entries.append(item)
+        elif item.startswith("MIG-"):
+            raise GpuProbeError(f"CUDA_VISIBLE_DEVICES names a MIG instance ({item}), not a whole GPU")
+        else:
+            break
+    if index >= len(entries):
+        raise GpuProbeError(
+            f"CUDA_VISIBLE_DEVICES={raw!r} leaves {len(entries)} device(s) visible, so no CUDA device {index}"
+        )
+    return entries[index]
 
 
 @dataclass(frozen=True)
@@ -85,7 +119,7 @@ def _text(name: str | bytes) -> str:
     return name.split(b"\0", 1)[0].decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
 
-def _from_torch() -> GpuInfo:
+def _from_torch(index: int) -> GpuInfo:
     torch = sys.modules.get("torch")
     if torch is None:
         # Importing torch costs seconds and a serving device may not have it: ask it only when loaded.
@@ -98,12 +132,13 @@ def _from_torch() -> GpuInfo:
         except Exception as exc:
             raise GpuProbeError(f"torch {torch.__version__}: {str(exc).splitlines()[0]}") from None
         raise GpuProbeError(f"torch {torch.__version__} sees no CUDA device")
-    index = torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise GpuProbeError(f"torch sees {torch.cuda.device_count()} CUDA device(s), so no device {index}")
     major, minor = torch.cuda.get_device_capability(index)
     return GpuInfo(torch.cuda.get_device_name(index), (int(major), int(minor)), torch.cuda.device_count())
 
 
-def _from_cuda_python() -> GpuInfo:
+def _from_cuda_python(index: int) -> GpuInfo:
     cudart = import_cudart()
     if cudart is None:
         raise GpuProbeError("cuda-python is not installed")
@@ -113,16 +148,16 @@ def _from_cuda_python() -> GpuInfo:
         raise GpuProbeError(f"cuda-python: {cuda_error_reason('cudaGetDeviceCount', err)}")
     if count < 1:
         raise GpuProbeError("cuda-python: cudaGetDeviceCount found 0 devices")
-    err, device = cudart.cudaGetDevice()
-    if err != success:
-        raise GpuProbeError(f"cuda-python: {cuda_error_reason('cudaGetDevice', err)}")
-    err, prop = cudart.cudaGetDeviceProperties(device)
+    if index >= count:
+        raise GpuProbeError(f"cuda-python: cudaGetDeviceCount found {count} device(s), so no device {index}")
+    err, prop = cudart.cudaGetDeviceProperties(index)
     if err != success:
         raise GpuProbeError(f"cuda-python: {cuda_error_reason('cudaGetDeviceProperties', err)}")
     return GpuInfo(_text(prop.name), (int(prop.major), int(prop.minor)), int(count))
 
 
-def _from_nvml() -> GpuInfo:
+def _from_nvml(index: int) -> GpuInfo:
+    physical = visible_device(index)
     try:
         import pynvml
     except ImportError:
@@ -132,8 +167,13 @@ def _from_nvml() -> GpuInfo:
         count = pynvml.nvmlDeviceGetCount()
         if count < 1:
             raise GpuProbeError("NVML found 0 devices")
-        # NVML numbers devices physically and ignores CUDA_VISIBLE_DEVICES, hence after cuda-python.
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        # NVML numbers devices physically and ignores CUDA_VISIBLE_DEVICES: visible_device mapped it.
+        if isinstance(physical, str):
+            handle = pynvml.nvmlDeviceGetHandleByUUID(physical)
+        elif physical < count:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(physical)
+        else:
+            raise GpuProbeError(f"NVML found {count} device(s), so no physical GPU {physical}")
         name = pynvml.nvmlDeviceGetName(handle)
         major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
         driver = pynvml.nvmlSystemGetDriverVersion()
@@ -142,26 +182,38 @@ def _from_nvml() -> GpuInfo:
     return GpuInfo(_text(name), (int(major), int(minor)), int(count), _text(driver))
 
 
-def _from_nvidia_smi() -> GpuInfo:
+def _from_nvidia_smi(index: int) -> GpuInfo:
+    physical = visible_device(index)
     exe = shutil.which("nvidia-smi")
     if exe is None:
         raise GpuProbeError("nvidia-smi is not on PATH")
     out = subprocess.run(
-        [exe, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+        [exe, "--query-gpu=index,uuid,name,compute_cap,driver_version", "--format=csv,noheader"],
         capture_output=True,
         text=True,
         timeout=10,
         check=True,
     ).stdout
+    return parse_nvidia_smi_gpus(out, physical)
+
+
+def parse_nvidia_smi_gpus(out: str, physical: int | str) -> GpuInfo:
+    """The row of `nvidia-smi --query-gpu=index,uuid,name,compute_cap,driver_version` for the physical
+    GPU `physical` (its index, or its UUID)."""
     rows = [[part.strip() for part in line.split(",")] for line in out.strip().splitlines() if line.strip()]
-    if not rows or len(rows[0]) < 3:
+    rows = [row for row in rows if len(row) >= 5]
+    if not rows:
         raise GpuProbeError("nvidia-smi listed no GPU")
-    name, capability, driver = rows[0][:3]
+    key = 1 if isinstance(physical, str) else 0
+    found = [row for row in rows if row[key] == str(physical)]
+    if not found:
+        raise GpuProbeError(f"nvidia-smi lists {len(rows)} GPU(s), none of them physical GPU {physical}")
+    name, capability, driver = found[0][2:5]
     major, _, minor = capability.partition(".")
     return GpuInfo(name, (int(major), int(minor or 0)), len(rows), driver)
 
 
-_PROBES: tuple[tuple[str, Callable[[], GpuInfo]], ...] = (
+_PROBES: tuple[tuple[str, Callable[[int], GpuInfo]], ...] = (
     ("torch", _from_torch),
     ("cuda-python", _from_cuda_python),
     ("NVML", _from_nvml),
@@ -169,13 +221,13 @@ _PROBES: tuple[tuple[str, Callable[[], GpuInfo]], ...] = (
 )
 
 
-def probe_gpu() -> GpuProbe:
-    """The current CUDA device, or each probe's reason for finding none (a CUDA error code where one
-    was returned)."""
+def probe_gpu(index: int = 0) -> GpuProbe:
+    """CUDA device `index` (counted among the visible devices), or each probe's reason for finding
+    none (a CUDA error code where one was returned)."""
     reasons: list[str] = []
     for label, probe in _PROBES:
         try:
-            return GpuProbe(probe(), tuple(reasons))
+            return GpuProbe(probe(index), tuple(reasons))
         except GpuProbeError as exc:
             reasons.append(str(exc))
         # A broken driver or CUDA install surfaces as many exception types (RuntimeError, OSError,
@@ -186,6 +238,6 @@ def probe_gpu() -> GpuProbe:
     return GpuProbe(None, tuple(reasons))
 
 
-def current_gpu() -> GpuInfo | None:
-    """The current CUDA device, or None if no probe finds one."""
-    return probe_gpu().gpu
+def current_gpu(index: int = 0) -> GpuInfo | None:
+    """CUDA device `index`, or None if no probe finds one."""
+    return probe_gpu(index).gpu

@@ -16,27 +16,28 @@ import json
 import os
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from deploy.doctor import ERROR, collect, diagnose
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import write_json_atomic
 from deploy.gpu import GpuInfo, probe_gpu
+from deploy.install_targets import GPU_INSTALL_HINT
 
 SIDECAR_SCHEMA = "reviewkd.tensorrt-sidecar"
 # 2: the CPU architecture ("machine") and the DLA settings ("dla") joined the record.
-SIDECAR_SCHEMA_VERSION = 2
+# 3: the operating system ("os"); plans built by a different TensorRT build number are refused.
+SIDECAR_SCHEMA_VERSION = 3
 PRECISIONS = ("fp32", "fp16", "int8")
 COMPATIBILITY_MODES = ("version", "hardware")
 # Hardware-compatible (AMPERE_PLUS) engines run on Ampere and newer GPUs only.
 AMPERE_COMPUTE_CAPABILITY = (8, 0)
 # TensorRT 10.12 deprecated weak typing (BuilderFlag.FP16/INT8); from there on we build strongly typed.
 STRONG_TYPING_SINCE = (10, 12)
-INSTALL_HINT = (
-    "install it with pip install 'reviewkd[gpu]' (on a Jetson, TensorRT comes with JetPack); "
-    "TensorRT needs an NVIDIA GPU and driver"
-)
+INSTALL_HINT = f"install it with {GPU_INSTALL_HINT}; TensorRT needs an NVIDIA GPU and driver"
 REBUILD_HINT = "rebuild the engine on this device from its ONNX file (reviewkd export RUN --formats tensorrt)"
 
 
@@ -56,6 +57,11 @@ def host_machine(machine: str | None = None) -> str:
     """The CPU architecture as the sidecar records it: platform.machine(), with OS spellings unified."""
     name = (machine if machine is not None else platform.machine()).strip().lower()
     return _MACHINE_ALIASES.get(name, name)
+
+
+def host_os(system: str | None = None) -> str:
+    """The operating system as the sidecar records it: platform.system() in lower case ("linux")."""
+    return (system if system is not None else platform.system()).strip().lower()
 
 
 @dataclass(frozen=True)
@@ -117,10 +123,18 @@ def uses_strong_typing(tensorrt_version: str) -> bool:
     return parse_version(tensorrt_version)[:2] >= STRONG_TYPING_SINCE
 
 
+def _full_version(text: str) -> tuple[int, ...]:
+    """Every numeric part of a TensorRT version, build number included ("10.13.3.9" -> (10, 13, 3, 9))."""
+    parse_version(text)  # ValueError for what is not a version at all
+    leading = re.match(r"\d+(?:\.\d+)*", text.strip())
+    return tuple(int(part) for part in leading.group(0).split(".")) if leading else ()
+
+
 def version_mismatch(built: str, installed: str, version_compatible: bool) -> str | None:
     """Why a plan built with TensorRT `built` cannot run on `installed`, or None if it can.
 
-    A plain plan needs the same major.minor.patch. A version-compatible plan runs on the same
+    A plain plan needs the same version down to the build number (TensorRT refuses a plan from
+    another build, with an opaque deserialisation error). A version-compatible plan runs on the same
     major version at or after the one that built it.
     """
     b, i = parse_version(built), parse_version(installed)
@@ -133,10 +147,10 @@ def version_mismatch(built: str, installed: str, version_compatible: bool) -> st
         if i < b:
             return f"it was built with TensorRT {built}, newer than the installed TensorRT {installed}"
         return None
-    if i != b:
+    if _full_version(built) != _full_version(installed):
         return (
             f"it was built with TensorRT {built} but TensorRT {installed} is installed "
-            "(a plan runs only on the TensorRT version that built it unless built version-compatible)"
+            "(a plan runs only on the TensorRT version and build that made it, unless version-compatible)"
         )
     return None
 
@@ -173,6 +187,14 @@ def machine_mismatch(built: str, present: str) -> str | None:
     return None
 
 
+def os_mismatch(built: str, present: str) -> str | None:
+    """Why a plan built on one operating system cannot run on `present`'s, or None if it can: a plan
+    holds host code for the OS that built it (a Windows plan does not load on Linux, x86_64 on both)."""
+    if host_os(built) != host_os(present):
+        return f"it was built on {built}, but this host runs {present}"
+    return None
+
+
 @dataclass(frozen=True)
 class Sidecar:
     """The JSON record beside a plan (`<plan>.json`)."""
@@ -190,6 +212,7 @@ class Sidecar:
     source_onnx: str
     source_onnx_sha256: str
     machine: str  # the CPU architecture of the host that built the plan, as host_machine() says
+    os: str  # the operating system of the host that built the plan, as host_os() says
     dla: DlaSettings | None = None  # None: the plan runs on the GPU
     build: dict[str, Any] = field(default_factory=dict)
 
@@ -202,6 +225,7 @@ class Sidecar:
             "tensorrt_version": self.tensorrt_version,
             "gpu": {"name": self.gpu.name, "compute_capability": self.gpu.cc},
             "machine": self.machine,
+            "os": self.os,
             "dla": None
             if self.dla is None
             else {"core": self.dla.core, "gpu_fallback": self.dla.gpu_fallback},
@@ -280,6 +304,9 @@ class Sidecar:
         machine = get(data, "machine", str)
         if not machine:
             raise bad("'machine' is empty")
+        system = get(data, "os", str)
+        if not system:
+            raise bad("'os' is empty")
         raw_dla = data.get("dla")
         dla = None
         if raw_dla is not None:
@@ -302,6 +329,7 @@ class Sidecar:
             source_onnx=get(onnx, "file", str, "source_onnx."),
             source_onnx_sha256=get(onnx, "sha256", str, "source_onnx."),
             machine=machine,
+            os=system,
             dla=dla,
             build=get(data, "build", dict),
         )
@@ -342,11 +370,13 @@ def check_engine_compatible(
     gpu: GpuInfo,
     plan_path: str | os.PathLike[str],
     machine: str | None = None,
+    system: str | None = None,
 ) -> None:
-    """Raise UsageError, saying why and how to rebuild, if the plan cannot run on this TensorRT, GPU
-    and CPU architecture (`machine`, this host's when None)."""
+    """Raise UsageError, saying why and how to rebuild, if the plan cannot run on this TensorRT, GPU,
+    CPU architecture and operating system (`machine` and `system`, this host's when None)."""
     try:
         reasons = [
+            os_mismatch(sidecar.os, host_os(system)),
             machine_mismatch(sidecar.machine, host_machine(machine)),
             version_mismatch(sidecar.tensorrt_version, tensorrt_version, sidecar.compatibility == "version"),
             gpu_mismatch(sidecar.gpu, gpu, sidecar.compatibility == "hardware"),
@@ -357,10 +387,40 @@ def check_engine_compatible(
     if found:
         raise UsageError(
             f"{plan_path}: this TensorRT engine cannot run here: {'; and '.join(found)}. "
-            f"Engines are tied to the GPU, CPU architecture and TensorRT version that built them: rebuild it "
+            f"Engines are tied to the GPU, OS, CPU architecture and TensorRT build that made them: rebuild it"
+            " "
             f"on this device "
             f"from {sidecar.source_onnx} (reviewkd export RUN --formats tensorrt)"
         )
+
+
+_T = TypeVar("_T")
+
+
+def start_tensorrt(factory: Callable[[Any], _T], logger: Any, what: str, tensorrt_version: str) -> _T:
+    """`factory(logger)` (trt.Builder or trt.Runtime), or MissingDependencyError naming why TensorRT could
+    not start.
+
+    When TensorRT cannot initialise CUDA (typically a CUDA 13 TensorRT on a CUDA 12 driver) these
+    constructors fail inside pybind11 with "TypeError: ... factory function returned nullptr", after
+    every pre-flight probe passed. `reviewkd doctor`'s findings say which package and driver disagree.
+    """
+    try:
+        made = factory(logger)
+    except TypeError as exc:
+        if "nullptr" not in str(exc):
+            raise
+        made = None
+    if made is not None:
+        return made
+    problems = [f for f in diagnose(collect()).findings if f.status == ERROR]
+    cause = (
+        "; ".join(f"{f.detail} (fix: {f.fix})" for f in problems)
+        if problems
+        else "the NVIDIA driver is missing or older than the CUDA major this TensorRT was built for"
+        " (tensorrt-cu13 needs a CUDA 13 driver, >= 580); `reviewkd doctor` checks the install"
+    )
+    raise MissingDependencyError(f"TensorRT {tensorrt_version} could not initialise CUDA ({what}): {cause}")
 
 
 def tensorrt_available() -> tuple[bool, str]:
@@ -382,12 +442,13 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, f"TensorRT {getattr(trt, '__version__', 'unknown version')}"
 
 
-def require_tensorrt_and_gpu(action: str) -> GpuInfo:
-    """Return the current GPU, or raise MissingDependencyError saying what is missing and how to get it."""
+def require_tensorrt_and_gpu(action: str, device_index: int = 0) -> GpuInfo:
+    """Return CUDA device `device_index`, or raise MissingDependencyError saying what is missing and how
+    to get it."""
     ok, reason = tensorrt_available()
     if not ok:
         raise MissingDependencyError(f"{action} needs TensorRT: {reason}")
-    probe = probe_gpu()
+    probe = probe_gpu(device_index)
     if probe.gpu is None:
         raise MissingDependencyError(
             f"{action} needs an NVIDIA GPU with a working driver: {probe.describe_failure()}"

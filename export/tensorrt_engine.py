@@ -25,10 +25,12 @@ from deploy.trt_sidecar import (
     DlaSettings,
     Sidecar,
     host_machine,
+    host_os,
     parse_version,
     profile_shapes,
     require_tensorrt_and_gpu,
     sidecar_path,
+    start_tensorrt,
     uses_strong_typing,
     write_sidecar,
 )
@@ -206,11 +208,15 @@ def apply_builder_flags(
     return set_flags, cleared
 
 
-def check_dla_request(dla_core: int | None, precision: str, compatibility: str | None) -> None:
+def check_dla_request(
+    dla_core: int | None, precision: str, compatibility: str | None, batches: tuple[int, int, int] = (1, 1, 1)
+) -> None:
     """UsageError for a DLA request that cannot build, before TensorRT is loaded.
 
-    The DLA computes in fp16 and int8 only (an fp32 file would run wholly on the GPU), and a
-    hardware-compatible plan is a GPU-only form.
+    The DLA computes in fp16 and int8 only (an fp32 file would run wholly on the GPU), a
+    hardware-compatible plan is a GPU-only form, and the DLA runs static shapes only: the batch
+    profile (`batches`: min, opt, max) must be one size, which the sidecar then records. A dynamic
+    profile would put every layer on the GPU (with fallback) while the sidecar said DLA, or fail.
     """
     if dla_core is None:
         return
@@ -223,6 +229,12 @@ def check_dla_request(dla_core: int | None, precision: str, compatibility: str |
     if compatibility == "hardware":
         raise UsageError(
             "--dla-core: a hardware-compatible plan runs on GPUs only; drop --trt-compat hardware"
+        )
+    if len(set(batches)) != 1:
+        size = batches[1]
+        raise UsageError(
+            f"--dla-core: the DLA runs one static batch size, not the profile {','.join(map(str, batches))};"
+            f" give one, e.g. --trt-batch {size},{size},{size}"
         )
 
 
@@ -327,7 +339,7 @@ def build_engine(
     summary = inspect_onnx(onnx_file)
     if precision is not None and precision != summary.precision:
         raise UsageError(f"{onnx_file}: holds a {summary.precision} graph, not {precision}")
-    check_dla_request(dla_core, summary.precision, compatibility)
+    check_dla_request(dla_core, summary.precision, compatibility, (min_batch, opt_batch, max_batch))
     profile = profile_shapes(summary.input_chw, min_batch, opt_batch, max_batch)
     if summary.fixed_batch is not None and not min_batch == max_batch == summary.fixed_batch:
         raise UsageError(
@@ -346,7 +358,7 @@ def build_engine(
     version = trt.__version__
     strongly_typed = uses_strong_typing(version)
     logger, errors = _collecting_logger(verbose)
-    builder = trt.Builder(logger)
+    builder = start_tensorrt(trt.Builder, logger, "trt.Builder", version)
     network = builder.create_network(_network_flags(version))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_file)):
@@ -403,6 +415,7 @@ def build_engine(
             source_onnx=onnx_file.name,
             source_onnx_sha256=sha256_file(onnx_file),
             machine=host_machine(),
+            os=host_os(),
             dla=dla,
             build={
                 "workspace_mib": workspace_mib,

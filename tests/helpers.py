@@ -32,7 +32,7 @@ from deploy.gpu import GpuInfo
 from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import METADATA_KEY, OnnxRuntimeRunner
-from deploy.trt_sidecar import Sidecar, host_machine, profile_shapes, sidecar_path, write_sidecar
+from deploy.trt_sidecar import Sidecar, host_machine, host_os, profile_shapes, sidecar_path, write_sidecar
 from export.onnx_export import sealed_bytes
 from export.pipeline import tensorrt_status
 
@@ -155,6 +155,7 @@ def write_plan(path: Path, precision: str, max_batch: int, min_batch: int = 1) -
         source_onnx=f"student.{precision}.onnx",
         source_onnx_sha256="0" * 64,
         machine=host_machine(),
+        os=host_os(),
     )
     write_sidecar(sidecar_path(path), sidecar)
     return path
@@ -343,7 +344,7 @@ def onnx_target(path: Path, key: str = "onnxruntime/fp32", precision: str = "fp3
 
 
 def missing_tensorrt() -> Runner:
-    raise MissingDependencyError("TensorRT is not installed; pip install 'reviewkd[gpu]' on a GPU machine")
+    raise MissingDependencyError("TensorRT is not installed; pip install 'reviewkd[cuda13]' on a GPU machine")
 
 
 # --- the command line as a user runs it ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The edge install, for real: `pip install .` into a fresh virtual environment without torch.
+"""The edge install, for real: `pip install '.[cpu]'` into a fresh virtual environment without torch.
 
 A run directory is made by the full environment (`reviewkd export --model` of a CIFAR ResNet on an
 ImageFolder of digits), then the edge environment's own `reviewkd` serves, validates, benchmarks,
@@ -46,7 +46,7 @@ def _run(argv: list[str | Path], cwd: Path, timeout: float = 300) -> subprocess.
 
 @pytest.fixture(scope="module")
 def edge_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A virtual environment holding `pip install .` of this checkout and nothing else."""
+    """A virtual environment holding `pip install '.[cpu]'` of this checkout and nothing else."""
     root = tmp_path_factory.mktemp("edge")
     source = root / "source"
     for name in PACKAGE_SOURCES:
@@ -60,7 +60,7 @@ def edge_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     created = _run([sys.executable, "-m", "venv", venv], cwd=root)
     assert created.returncode == 0, created.stderr
     installed = _run(
-        [venv / "bin" / "python", "-m", "pip", "install", "--quiet", source], cwd=root, timeout=900
+        [venv / "bin" / "python", "-m", "pip", "install", "--quiet", f"{source}[cpu]"], cwd=root, timeout=900
     )
     assert installed.returncode == 0, installed.stderr[-3000:]
     return venv

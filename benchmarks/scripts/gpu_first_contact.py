@@ -7,13 +7,15 @@ are not needed). It takes under 9 minutes on one H100/H200. Each step runs in it
 one failure never hides the others, and DIR/gpu_first_contact.json is rewritten after every step
 (a kill keeps what ran). The steps:
 
+ 0. doctor: `reviewkd doctor`'s findings (ONNX Runtimes installed, each package's CUDA major against
+    the driver's, the GPU paths), read from package metadata before anything imports torch;
  1. environment: versions, driver, GPU, ONNX Runtime's providers, the GPU probe;
  2. tf32_drift: a small CNN in fp32 with TF32 on and off, against the CPU and the 1e-4 fp32 gate;
  3. memory_torch / memory_cuda_python: the TensorRT runner's two device-memory classes: upload,
     download, stream flags, pinned staging, and capture + replay of stand-in kernels on their stream;
  4. tensorrt_runner_fake_engine: the TensorRT runner's buffer, CUDA-graph and locking logic over a
     stand-in engine whose enqueue launches real kernels (TensorRT itself is not needed);
- 5. pytest_gpu: `pytest -m gpu`;
+ 5. pytest_gpu: `pytest -m gpu` (skipped, saying so, where pytest is not installed);
  6. timing: CUDA-event against perf_counter timing of the same runner;
  7. onnxruntime_cuda: ONNX Runtime's CUDA provider against its CPU one, if the provider exists;
  8. distill_*: `reviewkd distill` on digits on CUDA with bf16 and channels_last, resumed with fp16
@@ -21,14 +23,17 @@ one failure never hides the others, and DIR/gpu_first_contact.json is rewritten 
  9. distill_compile: a time-boxed epoch with train.compile=true;
 10. amp_auto: what train.amp=auto picks on this GPU, with the facts it depends on.
 
-Without a usable CUDA GPU it prints one line saying why (with the CUDA error code where there is
-one) and exits with 3, before doing anything. Steps that run the training engine go through the
-`reviewkd` CLI, so this script does not depend on the engine's internals; nothing imports it.
+Without a usable CUDA GPU it records the doctor's findings and the reason in the JSON file, prints
+one line saying why (with the CUDA error code where there is one) and exits with 3: a first run on a
+machine whose driver is too old for its packages still says which package and which fix. Steps
+that run the training engine go through the `reviewkd` CLI, so this script does not depend on the
+engine's internals; nothing imports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import subprocess
@@ -463,7 +468,10 @@ def run_command(command: list[str], timeout_s: float, env: dict[str, str] | None
 
 
 def pytest_gpu(timeout_s: float) -> dict[str, Any]:
-    """`pytest -m gpu`: the project's own GPU tests."""
+    """`pytest -m gpu`: the project's own GPU tests, skipped with the reason where pytest is missing
+    (the `train` extra has none)."""
+    if importlib.util.find_spec("pytest") is None:
+        return {"status": "skipped", "reason": "pytest is not installed here: pip install pytest to run it"}
     return run_command(
         [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], timeout_s
     )
@@ -487,7 +495,7 @@ def timing() -> dict[str, Any]:
                 stats = latency_stats(samples, batch)
                 row[timer.name] = {key: float(stats[key]) for key in ("p50_ms", "mean_ms", "p99_ms")}
             row["mean_ratio_event_over_perf_counter"] = (
-                row["cuda_event"]["mean_ms"] / row["perf_counter"]["mean_ms"]
+                row[CudaEventTimer.name]["mean_ms"] / row["perf_counter"]["mean_ms"]
             )
             results[f"batch_{batch}"] = row
     return results
@@ -596,16 +604,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def doctor() -> dict[str, Any]:
+    """`reviewkd doctor`'s snapshot and findings (no torch import: package metadata and the driver)."""
+    from deploy.doctor import collect, diagnose
+
+    snapshot = collect()
+    return {"machine": snapshot.machine, "gpu": snapshot.gpu, **diagnose(snapshot).as_dict()}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Check for a GPU (exit 3 without one), run every step, write the JSON file; 0 unless a step erred."""
+    """Record the doctor's findings, check for a GPU (exit 3 without one, with the reason in the JSON
+    file too), run every step, write the JSON file; 0 unless a step erred."""
     args = parse_args(argv)
-    reason = no_gpu_reason()
-    if reason is not None:
-        print(f"gpu_first_contact: {reason}", file=sys.stderr)
-        return 3
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     recorder = Recorder(out / RESULT_FILE, args.budget_s)
+    recorder.step("doctor", doctor)
+    reason = no_gpu_reason()
+    if reason is not None:
+        recorder.results["no_gpu"] = reason
+        recorder.save()
+        print(f"gpu_first_contact: {reason} (findings in {recorder.path})", file=sys.stderr)
+        return 3
     recorder.step("environment", environment)
     recorder.step("tf32_drift", tf32_drift)
     recorder.step("memory_torch", memory_torch)

@@ -29,6 +29,7 @@ import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.formats import precision_from_filename
+from deploy.install_targets import GPU_INSTALL_HINT
 from deploy.runners.base import Runner
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -99,10 +100,18 @@ def providers_for_device(device: str, installed: list[str] | None = None) -> lis
     listed = available_providers() if installed is None else installed
     if CUDA_PROVIDER not in listed:
         raise MissingDependencyError(
-            "onnxruntime has no CUDA execution provider; install onnxruntime-gpu"
-            " (pip install 'reviewkd[gpu]') on a machine with an NVIDIA GPU"
+            "onnxruntime has no CUDA execution provider; install onnxruntime-gpu on a machine with an NVIDIA"
+            f" GPU: {GPU_INSTALL_HINT}"
         )
     return [CUDA_PROVIDER, CPU_PROVIDER]
+
+
+def provider_options(provider: str, device_index: int = 0) -> dict[str, str]:
+    """The options a session passes with `provider`: PROVIDER_OPTIONS, and the device for GPU providers."""
+    options = dict(PROVIDER_OPTIONS.get(provider, {}))
+    if provider in GPU_PROVIDERS:
+        options["device_id"] = str(device_index)
+    return options
 
 
 def check_session_providers(
@@ -208,7 +217,8 @@ class OnnxRuntimeRunner(Runner):
     symbolic batch dimension accepts any batch, a fixed one only that batch. `input_shape`
     supplies (C, H, W) for models whose spatial dimensions are symbolic. `providers` None means
     CUDA then the CPU where onnxruntime lists CUDA, else the CPU (see `providers_for_device`);
-    a GPU provider asked for that does not load is a MissingDependencyError.
+    a GPU provider asked for that does not load is a MissingDependencyError. `device_index` is the
+    CUDA device the GPU providers run on, counted among the visible devices.
     """
 
     backend = "onnxruntime"
@@ -220,6 +230,7 @@ class OnnxRuntimeRunner(Runner):
         threads: int | None = None,
         precision: str | None = None,
         input_shape: tuple[int, int, int] | None = None,
+        device_index: int = 0,
     ) -> None:
         import onnxruntime as ort
 
@@ -236,7 +247,7 @@ class OnnxRuntimeRunner(Runner):
             raise MissingDependencyError(
                 f"onnxruntime {ort.__version__} lacks {', '.join(missing)}"
                 f" (installed: {', '.join(installed)}); for CUDA and TensorRT"
-                " install onnxruntime-gpu (pip install 'reviewkd[gpu]')"
+                f" install onnxruntime-gpu: {GPU_INSTALL_HINT}"
             )
         if TENSORRT_PROVIDER in providers and not libnvinfer_loadable():
             raise MissingDependencyError(
@@ -249,7 +260,7 @@ class OnnxRuntimeRunner(Runner):
                 str(self.path),
                 sess_options=options,
                 providers=providers,
-                provider_options=[PROVIDER_OPTIONS.get(p, {}) for p in providers],
+                provider_options=[provider_options(p, device_index) for p in providers],
             )
         except Exception as exc:  # onnxruntime raises its own exception types, none shared
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -40,6 +40,7 @@ from deploy.trt_sidecar import (
     read_sidecar,
     require_tensorrt_and_gpu,
     sidecar_path,
+    start_tensorrt,
 )
 
 if TYPE_CHECKING:
@@ -164,8 +165,11 @@ class _CudaPythonMemory:
     finishes the copies that read it before the next call rewrites it.
     """
 
-    def __init__(self, cudart: ModuleType) -> None:
+    def __init__(self, cudart: ModuleType, device_index: int = 0) -> None:
         self._rt = cudart
+        # The runtime API works on the calling thread's current device: buffers, stream and the engine
+        # (created after this) all land on `device_index`.
+        self._check(cudart.cudaSetDevice(device_index), "cudaSetDevice")
         self._stream = self._check(
             cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
         )
@@ -253,18 +257,37 @@ class _CudaPythonMemory:
         self._check(self._rt.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
 
 
-def _device_memory() -> _DeviceMemory:
-    """torch.cuda when torch with CUDA imports, else cuda-python; MissingDependencyError if neither."""
+def _use_device(device_index: int) -> None:
+    """Make CUDA device `device_index` current on this thread before TensorRT deserialises the plan:
+    the engine's memory lands on the current device (torch's where torch has CUDA, else cuda-python's)."""
     try:
         import torch
 
         if torch.cuda.is_available():
-            return _TorchMemory()
+            torch.cuda.set_device(device_index)
+            return
     except ImportError:
         pass
     cudart = import_cudart()
     if cudart is not None:
-        return _CudaPythonMemory(cudart)
+        (err,) = cudart.cudaSetDevice(device_index)
+        if err != cudart.cudaError_t.cudaSuccess:
+            raise MissingDependencyError(f"cudaSetDevice({device_index}) failed: {err}")
+
+
+def _device_memory(device_index: int = 0) -> _DeviceMemory:
+    """Buffers and a stream on CUDA device `device_index`: torch.cuda when torch with CUDA imports, else
+    cuda-python; MissingDependencyError if neither."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return _TorchMemory(torch.device("cuda", device_index))
+    except ImportError:
+        pass
+    cudart = import_cudart()
+    if cudart is not None:
+        return _CudaPythonMemory(cudart, device_index)
     raise MissingDependencyError(
         "the TensorRT runner needs torch with CUDA or cuda-python for GPU buffers: pip install cuda-python"
     )
@@ -283,6 +306,55 @@ class _TrtGraph:
     output_shape: tuple[int, ...]
 
 
+# How each TensorRT I/O type is held in a numpy buffer (by trt.DataType name). trt.nptype raises for
+# the types numpy lacks; BF16 is carried as its raw 16 bits and converted here. FP8 and the packed
+# 4-bit types have no conversion here: a plan with such I/O is refused by name.
+_STORAGE_DTYPES: dict[str, type[np.generic]] = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "BF16": np.uint16,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+}
+
+
+def storage_dtype(type_name: str, tensor: str, plan_path: object) -> np.dtype[Any]:
+    """The numpy dtype that holds a TensorRT I/O tensor of type `type_name` (a trt.DataType name);
+    UsageError naming the tensor for a type this runner cannot convert (FP8, INT4, FP4, ...)."""
+    if type_name not in _STORAGE_DTYPES:
+        raise UsageError(
+            f"{plan_path}: the plan's tensor {tensor!r} is {type_name}, which this runner cannot feed or read"
+            f" (it handles {', '.join(_STORAGE_DTYPES)}); rebuild the engine with float32 or float16 I/O"
+        )
+    return np.dtype(_STORAGE_DTYPES[type_name])
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values as bfloat16 bit patterns (uint16), rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    rounded = np.where(np.isnan(values), bits | np.uint32(0x00400000), bits + rounding)  # NaN stays NaN
+    return (rounded >> 16).astype(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) as float32 values (exact)."""
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_input(images: np.ndarray, type_name: str, dtype: np.dtype[Any]) -> np.ndarray:
+    """A float32 batch as the input tensor's storage."""
+    return to_bfloat16_bits(images) if type_name == "BF16" else images.astype(dtype, copy=False)
+
+
+def decode_output(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """An output tensor's storage as float32."""
+    return from_bfloat16_bits(raw) if type_name == "BF16" else raw.astype(np.float32, copy=False)
+
+
 def _dims(dims: Any) -> tuple[int, ...]:
     """A TensorRT Dims as a tuple of ints (Dims indexes like a tuple but is not one)."""
     return tuple(int(dims[i]) for i in range(len(dims)))
@@ -294,6 +366,8 @@ class TensorRTRunner(CudaGraphReporting, Runner):
     Args:
         plan_path: the plain serialized engine.
         sidecar: its sidecar; `<plan_path>.json` when None.
+        device_index: the CUDA device to run on, counted among the visible devices (as
+            CUDA_VISIBLE_DEVICES leaves them); the sidecar's GPU is checked against that one.
 
     Raises:
         UsageError: the plan or sidecar is missing or malformed, does not belong together, or was
@@ -311,15 +385,24 @@ class TensorRTRunner(CudaGraphReporting, Runner):
     _engine: trt.ICudaEngine | None
     _runtime: trt.Runtime | None
     _lock: threading.Lock
+    _types: dict[str, str]  # I/O tensor -> its trt.DataType name
+    _dtypes: dict[str, np.dtype[Any]]  # I/O tensor -> the numpy dtype of its buffer
 
-    def __init__(self, plan_path: str | os.PathLike[str], *, sidecar: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        plan_path: str | os.PathLike[str],
+        *,
+        sidecar: str | os.PathLike[str] | None = None,
+        device_index: int = 0,
+    ):
         self._init_state()
+        self.device_index = device_index
         self.plan_path = Path(plan_path)
         if not self.plan_path.is_file():
             raise UsageError(f"{self.plan_path}: TensorRT plan not found")
         self.sidecar: Sidecar = read_sidecar(sidecar if sidecar is not None else sidecar_path(self.plan_path))
         self.precision = self.sidecar.precision
-        gpu = require_tensorrt_and_gpu("running a TensorRT engine")
+        gpu = require_tensorrt_and_gpu("running a TensorRT engine", device_index)
 
         import tensorrt as trt
 
@@ -333,7 +416,8 @@ class TensorRTRunner(CudaGraphReporting, Runner):
                 f"the two do not belong together: {REBUILD_HINT}"
             )
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        _use_device(device_index)
+        self._runtime = start_tensorrt(trt.Runtime, self._logger, "trt.Runtime", trt.__version__)
         if self.sidecar.compatibility == "version":
             # Version-compatible plans embed the lean runtime, host code TensorRT runs only when allowed.
             self._runtime.engine_host_code_allowed = True
@@ -391,13 +475,14 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         low, _, high = (_dims(d) for d in engine.get_tensor_profile_shape(self._input, 0))
         self.min_batch, self.max_batch = low[0], high[0]
         self.input_shape = (high[1], high[2], high[3])
-        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        self._types = {n: engine.get_tensor_dtype(n).name for n in names}
+        self._dtypes = {n: storage_dtype(self._types[n], n, self.plan_path) for n in names}
 
         context = engine.create_execution_context()
         if context is None:
             raise RuntimeError(f"{self.plan_path}: TensorRT could not create an execution context")
         self._context = context
-        memory = _device_memory()
+        memory = _device_memory(self.device_index)
         self._memory = memory
         # Buffers sized for the largest batch, allocated once: a smaller batch uses their leading part,
         # so tensor addresses never change between calls.
@@ -420,7 +505,7 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         with self._lock:
             if self._context is None or self._memory is None:
                 raise UsageError(f"{self.name}: the runner is closed")
-            batch = images.astype(self._dtypes[self._input], copy=False)
+            batch = encode_input(images, self._types[self._input], self._dtypes[self._input])
             if not self.use_cuda_graphs:
                 return self._run_eager(batch)
             return self._graphs.run(
@@ -438,7 +523,7 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         if not self._context.execute_async_v3(self._memory.stream_handle):
             raise RuntimeError(f"{self.plan_path}: TensorRT execution failed")
         logits = self._memory.download(self._output, _dims(self._context.get_tensor_shape(self._output)))
-        return logits.astype(np.float32, copy=False)
+        return decode_output(logits, self._types[self._output])
 
     def _capture(self, shape: tuple[int, ...]) -> _TrtGraph:
         """Capture one `execute_async_v3` at `shape` on a new context bound to the shared buffers."""
@@ -472,7 +557,7 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         self._memory.upload(self._input, batch)
         self._memory.launch_graph(graph.graph)
         logits = self._memory.download(self._output, graph.output_shape)
-        return logits.astype(np.float32, copy=False)
+        return decode_output(logits, self._types[self._output])
 
     def _free_graph(self, graph: _TrtGraph) -> None:
         if self._memory is not None:

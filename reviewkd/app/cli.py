@@ -16,7 +16,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from deploy.errors import TRAIN_EXTRA_HINT, OutputError, ReviewKDError, UsageError
+from deploy.errors import RUNTIME_MISSING, TRAIN_EXTRA_HINT, OutputError, ReviewKDError, UsageError
 
 # Top-level modules of the `train` extra: a command that reaches one without it installed exits 3.
 TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "onnxscript", "safetensors", "sklearn", "tqdm"})
@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "bench": "reviewkd.app.commands.evaluate",
     "report": "reviewkd.app.commands.evaluate",
     "layerwise": "reviewkd.app.commands.precision",
+    "doctor": "reviewkd.app.commands.doctor",
 }
 
 
@@ -74,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] == "onnxruntime":
+            print(f"{command}: error: {RUNTIME_MISSING}", file=sys.stderr)
+            return 3
         if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
             raise
         print(

@@ -55,3 +55,22 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(
     assert done.returncode == 130, done.stderr
     assert done.stderr == f"{who}: interrupted\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_no_onnx_runtime_is_exit_3_naming_each_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The core requires no ONNX Runtime (its CPU and GPU builds cannot share an environment): a command
+    that needs one, where none is installed, names the install per target instead of a traceback."""
+    from reviewkd.app.cli import main
+    from tests.helpers import make_run, write_image
+
+    run, _ = make_run(tmp_path)
+    image = write_image(tmp_path / "cat.png", (16, 16))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "onnxruntime", None)  # import fails as for an absent package
+        code = main(["predict", str(run), str(image)])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert err.startswith("reviewkd predict: error: no ONNX Runtime is installed") and err.count("\n") == 1
+    assert all(f"reviewkd[{extra}]" in err for extra in ("cpu", "cuda12", "cuda13"))

@@ -21,7 +21,7 @@ NO_GPU = not torch.cuda.is_available()
 
 
 @pytest.mark.skipif(not NO_GPU, reason="checks the path taken without a GPU")
-def test_without_a_gpu_it_exits_3_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
+def test_without_a_gpu_it_exits_3_with_one_line_and_the_findings_in_its_json(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.scripts.gpu_first_contact", "--out", str(out)],
@@ -32,12 +32,30 @@ def test_without_a_gpu_it_exits_3_with_one_line_and_writes_nothing(tmp_path: Pat
         check=False,
     )
     assert done.returncode == 3
-    assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu_first_contact: no usable CUDA GPU: ")
     # The probes' own reasons, not a bare "no GPU": torch's words and what cuda-python returned.
     assert "torch" in lines[0] and "cuda-python" in lines[0]
-    assert not out.exists()
+    # What a first run on a machine without a usable GPU still learns: the install's findings.
+    record = json.loads((out / script.RESULT_FILE).read_text())
+    assert record["no_gpu"].startswith("no usable CUDA GPU: ")
+    assert list(record["steps"]) == ["doctor"] and record["steps"]["doctor"]["status"] == "ok"
+    assert record["steps"]["doctor"]["findings"][0]["component"] == "onnxruntime"
+
+
+def test_the_pytest_step_is_skipped_with_the_reason_where_pytest_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "pytest" else real_find_spec(name, *a)
+    )
+    recorder = script.Recorder(tmp_path / script.RESULT_FILE, budget_s=60)
+    recorder.step("pytest_gpu", lambda: script.pytest_gpu(30))
+    entry = json.loads(recorder.path.read_text())["steps"]["pytest_gpu"]
+    assert entry["status"] == "skipped" and "pytest is not installed" in entry["reason"]
 
 
 def test_recorder_keeps_every_step_in_one_file(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ a fake clock, and real ONNX Runtime timings only for their shape and sanity.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +215,49 @@ def test_cuda_graphs_are_enabled_only_where_supported() -> None:
 
 def test_cpu_runners_use_the_monotonic_clock() -> None:
     assert isinstance(choose_timer(NumpyRunner(lambda x: x)), PerfCounterTimer)
+
+
+def test_cuda_events_are_recorded_on_the_runners_own_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The events bracket the call on the stream the runner queues its work on (TensorRT's own
+    stream), not torch's default stream; the timer's name says it times the whole call."""
+    import types
+
+    import benchmarks.latency as latency
+
+    log: list[tuple[str, object]] = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+            self.stream: object = "unrecorded"
+
+        def record(self, stream: object = None) -> None:
+            self.stream = stream
+            log.append(("record", stream))
+
+        def synchronize(self) -> None:
+            log.append(("synchronize", None))
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return 2.5
+
+    class FakeExternalStream:
+        def __init__(self, handle: int) -> None:
+            self.handle = handle
+
+    fake_cuda = types.SimpleNamespace(Event=FakeEvent, ExternalStream=FakeExternalStream)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=fake_cuda))
+    monkeypatch.setattr(latency, "cuda_events_available", lambda: True)
+
+    class StreamRunner(NumpyRunner):
+        stream_handle = 77
+
+    timer = choose_timer(StreamRunner(lambda x: x, device="cuda"))
+    assert timer.name == "cuda_event_call"
+    assert timer.measure(lambda: log.append(("call", None)), lambda: log.append(("sync", None))) == 2.5
+    assert [entry[0] for entry in log] == ["sync", "record", "call", "record", "synchronize"]
+    streams = [entry[1] for entry in log if entry[0] == "record"]
+    assert all(isinstance(s, FakeExternalStream) and s.handle == 77 for s in streams)
 
 
 def test_parse_batch_sizes() -> None:

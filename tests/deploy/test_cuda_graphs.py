@@ -29,7 +29,13 @@ from benchmarks.latency import enable_cuda_graphs
 from deploy.errors import UsageError
 from deploy.gpu import import_cudart
 from deploy.runners.cuda_graphs import CudaGraphCache
-from deploy.runners.tensorrt_runner import TensorRTRunner, _CudaPythonMemory, _TorchMemory
+from deploy.runners.tensorrt_runner import (
+    TensorRTRunner,
+    _CudaPythonMemory,
+    _TorchMemory,
+    from_bfloat16_bits,
+    to_bfloat16_bits,
+)
 from deploy.runners.torch_runner import TorchRunner
 from tests.helpers import export_onnx, tensorrt_gpu_missing
 
@@ -228,9 +234,11 @@ class FakeDataType(enum.Enum):
     INT8 = 2
     INT32 = 3
     BOOL = 4
+    BF16 = 7
+    FP8 = 6
 
 
-# tensorrt.nptype's mapping; like it, an unmapped type raises TypeError.
+# tensorrt.nptype's mapping; like it, an unmapped type (BF16, FP8) raises TypeError.
 NPTYPES: dict[FakeDataType, type] = {
     FakeDataType.FLOAT: np.float32,
     FakeDataType.HALF: np.float16,
@@ -238,6 +246,8 @@ NPTYPES: dict[FakeDataType, type] = {
     FakeDataType.INT32: np.int32,
     FakeDataType.BOOL: np.bool_,
 }
+# How the fake kernel holds each type in device memory: BF16 as its raw 16 bits, as TensorRT does.
+DEVICE_TYPES: dict[FakeDataType, type] = {**NPTYPES, FakeDataType.BF16: np.uint16}
 
 
 def fake_nptype(dtype: FakeDataType) -> type:
@@ -379,9 +389,13 @@ class FakeContext:
             # A real kernel takes time: without the runner's lock, another thread's upload or kernel
             # could write these buffers meanwhile.
             engine.pause()
-            x = host_array(addresses[INPUT], (MAX_BATCH, *CHW), NPTYPES[engine.io_dtypes[INPUT]])[:batch]
-            out = host_array(addresses[OUTPUT], (MAX_BATCH, CLASSES_OUT), NPTYPES[engine.io_dtypes[OUTPUT]])
-            out[:batch] = reference_logits(x)
+            types = engine.io_dtypes
+            x = host_array(addresses[INPUT], (MAX_BATCH, *CHW), DEVICE_TYPES[types[INPUT]])[:batch]
+            out = host_array(addresses[OUTPUT], (MAX_BATCH, CLASSES_OUT), DEVICE_TYPES[types[OUTPUT]])
+            if types[INPUT] == FakeDataType.BF16:
+                x = from_bfloat16_bits(x)
+            logits = reference_logits(x)
+            out[:batch] = to_bfloat16_bits(logits) if types[OUTPUT] == FakeDataType.BF16 else logits
             engine.pause()
 
         engine.launcher.enqueue(stream_handle, work)
@@ -441,10 +455,11 @@ def fake_tensorrt_runner(
     fake_trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")  # type: ignore[attr-defined]
     fake_trt.nptype = fake_nptype  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
-    monkeypatch.setattr("deploy.runners.tensorrt_runner._device_memory", lambda: memory)
+    monkeypatch.setattr("deploy.runners.tensorrt_runner._device_memory", lambda device_index: memory)
     engine = FakeEngine(launcher if launcher is not None else memory, **engine_options)
     runner = TensorRTRunner.__new__(TensorRTRunner)
     runner._init_state()  # what the constructor sets before it loads TensorRT
+    runner.device_index = 0
     runner.plan_path = Path("fake.plan")
     runner.sidecar = types.SimpleNamespace(input_names=(INPUT,), output_names=(OUTPUT,))  # type: ignore[assignment]
     runner.precision = "fp32"
@@ -509,12 +524,35 @@ def test_tensorrt_runner_buffers_take_each_tensors_own_dtype(monkeypatch: pytest
     runner.close()
 
 
-def test_an_io_dtype_numpy_cannot_hold_is_an_error_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Bf16(enum.Enum):
-        BF16 = 7
+def test_a_plan_with_bf16_io_runs_through_its_raw_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trt.nptype raises for BF16 (numpy has no bfloat16); a plan built elsewhere with BF16 I/O ran
+    into that at load. Its buffers hold the raw 16 bits, converted on the way in and out."""
+    memory = FakeMemory()
+    runner, _ = fake_tensorrt_runner(
+        monkeypatch, memory, input_dtype=FakeDataType.BF16, output_dtype=FakeDataType.BF16
+    )
+    assert memory.buffers[INPUT].dtype == np.uint16 and memory.buffers[OUTPUT].dtype == np.uint16
+    x = np.random.default_rng(3).standard_normal((2, *CHW)).astype(np.float32)
+    logits = runner.infer(x)
+    expected = from_bfloat16_bits(to_bfloat16_bits(reference_logits(from_bfloat16_bits(to_bfloat16_bits(x)))))
+    assert logits.dtype == np.float32
+    np.testing.assert_array_equal(logits, expected)
+    runner.close()
 
-    with pytest.raises(TypeError, match="Could not resolve TensorRT datatype"):
-        fake_tensorrt_runner(monkeypatch, FakeMemory(), output_dtype=Bf16.BF16)  # type: ignore[arg-type]
+
+def test_an_io_type_the_runner_cannot_convert_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UsageError, match=r"the plan's tensor 'logits' is FP8, which this runner cannot"):
+        fake_tensorrt_runner(monkeypatch, FakeMemory(), output_dtype=FakeDataType.FP8)
+
+
+def test_bfloat16_conversion_rounds_to_nearest_even() -> None:
+    values = np.array([1.0, -2.5, 1 + 2**-7, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-9, np.inf, 3.0e38], np.float32)
+    back = from_bfloat16_bits(to_bfloat16_bits(values))
+    # bfloat16 keeps 7 fraction bits: 1 + 2^-7 is one; 1 + 2^-8 is a tie, to even (1.0); 1 + 3*2^-8 is a
+    # tie, to even (1 + 2^-6); 1 + 2^-9 rounds down.
+    np.testing.assert_array_equal(back[:6], [1.0, -2.5, 1 + 2**-7, 1.0, 1 + 2**-6, 1.0])
+    assert np.isposinf(back[6]) and np.isfinite(back[7])
+    assert np.isnan(from_bfloat16_bits(to_bfloat16_bits(np.array([np.nan], np.float32))))[0]
 
 
 @pytest.mark.parametrize("graphs", [False, True])
@@ -596,6 +634,11 @@ class FakeCudart:
         self.log: list[str] = []
         self.fail_malloc = fail_malloc
         self.copies = 0
+        self.current_device: int | None = None
+
+    def cudaSetDevice(self, device: int) -> tuple[Any, ...]:
+        self.current_device = device
+        return self._ok()
 
     def _ok(self, *values: Any) -> tuple[Any, ...]:
         return (self.cudaError_t.cudaSuccess, *values)
@@ -689,8 +732,9 @@ def test_cuda_python_memory_uses_a_non_blocking_stream_and_pinned_staging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cudart = FakeCudart()
-    memory = _CudaPythonMemory(cudart)  # type: ignore[arg-type]
+    memory = _CudaPythonMemory(cudart, device_index=1)  # type: ignore[arg-type]
     assert list(cudart.streams.values()) == [cudart.cudaStreamNonBlocking]
+    assert cudart.current_device == 1  # the stream and the buffers belong to the device asked for
     runner, _ = fake_tensorrt_runner(monkeypatch, memory, cudart)
     # One device buffer and one pinned staging buffer per tensor, both of the max batch.
     assert len(cudart.device) == len(cudart.pinned) == 2

@@ -29,6 +29,7 @@ from deploy.runners.onnxruntime_runner import (
     METADATA_KEY,
     UNFUSED_QDQ_KEY,
     check_session_providers,
+    provider_options,
     qdq_fusion_disabled,
     runs_unfused,
     session_options,
@@ -527,3 +528,11 @@ def test_select_artifact_prefers_the_standard_file_name(tmp_path: Path) -> None:
         select_artifact(run, manifest, "onnxruntime", "fp16")
     with pytest.raises(UsageError, match="backend 'torch'"):
         select_artifact(run, manifest, "torch", "fp32")
+
+
+def test_gpu_providers_run_on_the_device_index_asked_for() -> None:
+    """ONNX Runtime's GPU providers default to CUDA device 0: the runner passes its device index, and
+    keeps TF32 off on CUDA."""
+    assert provider_options("CUDAExecutionProvider", 2) == {"use_tf32": "0", "device_id": "2"}
+    assert provider_options("TensorrtExecutionProvider", 1) == {"device_id": "1"}
+    assert provider_options("CPUExecutionProvider", 3) == {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -29,12 +30,14 @@ from deploy.trt_sidecar import (
     check_engine_compatible,
     gpu_mismatch,
     host_machine,
+    host_os,
     machine_mismatch,
     parse_version,
     profile_shapes,
     read_sidecar,
     require_tensorrt_and_gpu,
     sidecar_path,
+    start_tensorrt,
     tensorrt_available,
     uses_strong_typing,
     version_mismatch,
@@ -48,7 +51,7 @@ from export.tensorrt_engine import (
     inspect_onnx,
     weak_typing_flags,
 )
-from tests.helpers import REPO_ROOT, export_onnx, tensorrt_gpu_missing
+from tests.helpers import export_onnx, tensorrt_gpu_missing
 
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0))
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
@@ -152,6 +155,7 @@ def _sidecar(**changes: object) -> Sidecar:
         source_onnx="student.fp16.onnx",
         source_onnx_sha256="cd" * 32,
         machine="x86_64",
+        os="linux",
         build={"workspace_mib": 1024, "optimization_level": 3},
     )
     fields.update(changes)
@@ -198,7 +202,8 @@ def test_sidecar_round_trip(tmp_path: Path) -> None:
     assert read_sidecar(path) == sidecar
     data = json.loads(path.read_text())
     assert data["gpu"] == {"name": A100.name, "compute_capability": "8.0"}
-    assert data["machine"] == "x86_64" and data["dla"] is None and data["schema_version"] == 2
+    assert data["machine"] == "x86_64" and data["os"] == "linux" and data["dla"] is None
+    assert data["schema_version"] == 3
     assert data["profile"]["max"] == [32, 3, 32, 32]
     assert data["tensorrt_version"] == "10.13.0.35"
 
@@ -289,7 +294,9 @@ def test_weak_typing_flags_follow_the_file() -> None:
     ("built", "installed", "version_compatible", "ok"),
     [
         ("10.13.0.35", "10.13.0.35", False, True),
-        ("10.13.0.35", "10.13.0.99", False, True),  # the build number is not part of the rule
+        # TensorRT refuses a plan of another build (opaquely): so does the sidecar check, in words.
+        ("10.13.0.35", "10.13.0.99", False, False),
+        ("10.13.3.9", "10.13.3.9.post1", False, True),  # a wheel's re-release, the same TensorRT build
         ("10.13.0.35", "10.13.1.0", False, False),
         ("10.13.0.35", "10.12.0.36", False, False),
         ("10.13.0.35", "11.0.0.1", False, False),
@@ -350,10 +357,51 @@ def test_a_plan_built_on_another_cpu_architecture_is_refused() -> None:
     message = str(info.value)
     assert message.startswith("e.plan: this TensorRT engine cannot run here: it was built on a x86_64 host")
     assert "rebuild it on this device from student.fp16.onnx" in message
-    # Without `machine`, the host's own architecture is compared.
+    # Without `machine` and `system`, the host's own architecture and OS are compared.
+    here = _sidecar(machine=host_machine(), os=host_os())
+    check_engine_compatible(here, tensorrt_version="10.13.0.35", gpu=A100, plan_path="e.plan")
+
+
+def test_a_plan_built_on_another_os_is_refused_though_the_cpu_matches() -> None:
+    """Windows' AMD64 is Linux's x86_64, but a plan's host code belongs to one OS."""
+    windows_plan = _sidecar(machine=host_machine("AMD64"), os=host_os("Windows"))
+    with pytest.raises(UsageError, match="it was built on windows, but this host runs linux"):
+        check_engine_compatible(
+            windows_plan, tensorrt_version="10.13.0.35", gpu=A100, plan_path="e.plan", system="Linux"
+        )
     check_engine_compatible(
-        _sidecar(machine=host_machine()), tensorrt_version="10.13.0.35", gpu=A100, plan_path="e.plan"
+        windows_plan, tensorrt_version="10.13.0.35", gpu=A100, plan_path="e.plan", system="Windows"
     )
+
+
+def test_a_tensorrt_that_cannot_start_cuda_is_exit_3_naming_the_mismatch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """trt.Builder/trt.Runtime raise pybind11's nullptr TypeError when TensorRT cannot initialise CUDA
+    (a CUDA 13 TensorRT on a CUDA 12 driver): one line, exit 3, with doctor's finding and fix."""
+    import deploy.trt_sidecar as sidecar_module
+    from tests.deploy.test_doctor import BINDINGS_13, ORT_GPU_CU13, TRT_CU13, snapshot
+
+    def failing_builder(logger: object) -> object:
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    monkeypatch.setattr(
+        sidecar_module, "collect", lambda: snapshot(ORT_GPU_CU13, TRT_CU13, BINDINGS_13, driver=(12, 4))
+    )
+    with pytest.raises(MissingDependencyError) as info:
+        start_tensorrt(failing_builder, None, "trt.Builder", "11.4.0.106")
+    message = str(info.value)
+    assert info.value.exit_code == 3 and "\n" not in message
+    assert message.startswith("TensorRT 11.4.0.106 could not initialise CUDA (trt.Builder): the driver runs")
+    assert "tensorrt-cu13 11.4.0.106 (CUDA 13)" in message and "pip install 'reviewkd[cuda12]'" in message
+    # Any other TypeError is a bug to see, not a missing dependency.
+    def broken(logger: object) -> object:
+        raise TypeError("an unrelated bug")
+
+    with pytest.raises(TypeError, match="unrelated"):
+        start_tensorrt(broken, None, "trt.Runtime", "11.4.0.106")
+    made = start_tensorrt(lambda logger: ("runtime", logger), "log", "trt.Runtime", "11.4.0.106")
+    assert made == ("runtime", "log")
 
 
 def test_incompatible_engine_says_how_to_rebuild() -> None:
@@ -379,7 +427,7 @@ def test_tensorrt_available_tells_stubs_from_tensorrt(monkeypatch: pytest.Monkey
     # None in sys.modules makes the import fail as for an absent package.
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     ok, reason = tensorrt_available()
-    assert not ok and "not installed" in reason and "reviewkd[gpu]" in reason and "JetPack" in reason
+    assert not ok and "not installed" in reason and "reviewkd[cuda13]" in reason and "JetPack" in reason
 
     # What `import tensorrt` gives when only tensorrt-stubs is installed: a namespace without classes.
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
@@ -431,7 +479,7 @@ def test_gpu_probe_reports_the_cuda_error(
 ) -> None:
     import deploy.gpu as gpu_module
 
-    def torch_without_driver() -> GpuInfo:
+    def torch_without_driver(index: int) -> GpuInfo:
         raise RuntimeError("Found no NVIDIA driver on your system.\nPlease check ...")
 
     monkeypatch.setattr(gpu_module, "import_cudart", lambda: fake_cudart(error, count))
@@ -459,40 +507,56 @@ def test_gpu_probe_finds_a_device_through_cuda_python(monkeypatch: pytest.Monkey
     monkeypatch.setattr(gpu_module, "import_cudart", lambda: fake_cudart(FakeCudaError.cudaSuccess, 1))
     monkeypatch.setattr(gpu_module, "_PROBES", (("cuda-python", gpu_module._from_cuda_python),))
     assert probe_gpu() == GpuProbe(ORIN, ())
+    # Device 1 of a machine that shows one: named, not device 0 instead.
+    missing = probe_gpu(1)
+    assert missing.gpu is None and "found 1 device(s), so no device 1" in missing.reasons[0]
 
 
 @pytest.mark.parametrize(
-    ("machine", "allowed", "refused"),
+    ("visible", "index", "physical"),
     [
-        # A Jetson: JetPack 6's TensorRT 10.3 and CUDA 12; TensorRT 11 does not run on JetPack.
-        ("aarch64", {"tensorrt": "10.3.0", "onnxruntime-gpu": "1.20.0", "cuda-python": "12.6.0"},
-         {"tensorrt": "11.0.0", "onnxruntime-gpu": "1.27.0", "cuda-python": "13.0.0"}),
-        # A server: TensorRT 10 or 11, with an ONNX Runtime that runs TensorRT 11.
-        ("x86_64", {"tensorrt": "11.4.0", "onnxruntime-gpu": "1.27.0", "cuda-python": "12.9.0"},
-         {"tensorrt": "12.0.0", "onnxruntime-gpu": "1.26.0", "cuda-python": "13.0.0"}),
-        ("AMD64", {"tensorrt": "10.13.0"}, {"tensorrt": "9.3.0"}),
+        (None, 0, 0),
+        (None, 1, 1),
+        ("2,0", 0, 2),  # CUDA device 0 is physical GPU 2
+        ("2,0", 1, 0),
+        ("GPU-8f6b2c1e-aaaa-bbbb-cccc-0123456789ab", 0, "GPU-8f6b2c1e-aaaa-bbbb-cccc-0123456789ab"),
+        ("1,foo,3", 0, 1),  # CUDA stops reading at the first invalid entry
     ],
-)  # fmt: skip
-def test_gpu_extra_is_bounded_per_architecture(
-    machine: str, allowed: dict[str, str], refused: dict[str, str]
+)
+def test_nvml_and_nvidia_smi_map_cuda_devices_through_cuda_visible_devices(
+    visible: str | None, index: int, physical: int | str
 ) -> None:
-    tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
-    from packaging.requirements import Requirement
+    from deploy.gpu import visible_device
 
-    extra = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][
-        "gpu"
-    ]
-    requirements = [Requirement(line) for line in extra]
-    here = {
-        r.name: r.specifier
-        for r in requirements
-        if r.marker is None or r.marker.evaluate({"platform_machine": machine})
-    }
-    assert sorted(here) == ["cuda-python", "onnxruntime-gpu", "tensorrt"]  # one rule per package here
-    for name, version in allowed.items():
-        assert here[name].contains(version), (machine, name, version)
-    for name, version in refused.items():
-        assert not here[name].contains(version), (machine, name, version)
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert visible_device(index, environ) == physical
+
+
+@pytest.mark.parametrize(
+    ("visible", "index", "reason"),
+    [
+        ("", 0, "leaves 0 device(s) visible"),
+        ("-1", 0, "leaves 0 device(s) visible"),
+        ("1,foo,3", 1, "leaves 1 device(s) visible, so no CUDA device 1"),
+        ("MIG-1234", 0, "MIG instance"),
+    ],
+)
+def test_cuda_visible_devices_that_hide_the_device_are_named(visible: str, index: int, reason: str) -> None:
+    from deploy.gpu import GpuProbeError, visible_device
+
+    with pytest.raises(GpuProbeError, match=re.escape(reason)):
+        visible_device(index, {"CUDA_VISIBLE_DEVICES": visible})
+
+
+def test_nvidia_smi_rows_are_picked_by_physical_index_or_uuid() -> None:
+    from deploy.gpu import parse_nvidia_smi_gpus
+
+    out = (
+        "0, GPU-aaaa, NVIDIA A100-SXM4-80GB, 8.0, 550.54.15\n"
+        "1, GPU-bbbb, NVIDIA H100 80GB HBM3, 9.0, 550.54.15\n"
+    )
+    assert parse_nvidia_smi_gpus(out, 1).name == "NVIDIA H100 80GB HBM3"
+    assert parse_nvidia_smi_gpus(out, "GPU-aaaa").compute_capability == (8, 0)
 
 
 def test_describe_parser_error_names_the_node() -> None:
@@ -591,11 +655,19 @@ def test_dla_requests_that_cannot_build_are_usage_errors(
     dla_core: Any, precision: str, compatibility: str | None, needle: str | None
 ) -> None:
     if needle is None:
-        check_dla_request(dla_core, precision, compatibility)
+        check_dla_request(dla_core, precision, compatibility, (8, 8, 8))
         return
     with pytest.raises(UsageError, match=needle) as info:
-        check_dla_request(dla_core, precision, compatibility)
+        check_dla_request(dla_core, precision, compatibility, (8, 8, 8))
     assert info.value.exit_code == 2 and str(info.value).startswith("--dla-core")
+
+
+def test_a_dla_build_needs_one_static_batch_size() -> None:
+    """The DLA has no dynamic shapes: the default profile 1,8,32 is refused with the static form."""
+    with pytest.raises(UsageError, match=r"not the profile 1,8,32; give one, e.g. --trt-batch 8,8,8"):
+        check_dla_request(0, "fp16", None, (1, 8, 32))
+    check_dla_request(0, "int8", None, (4, 4, 4))
+    check_dla_request(None, "fp16", None, (1, 8, 32))  # the GPU takes any profile
 
 
 def test_build_engine_checks_the_dla_request_before_dependencies(tmp_path: Path) -> None:
@@ -679,7 +751,7 @@ def test_build_engine_without_tensorrt_exits_3_and_writes_nothing(tmp_path: Path
     with pytest.raises(MissingDependencyError) as info:
         build_engine(onnx_file, old_plan, timing_cache=out / "timing.cache")
     assert info.value.exit_code == 3
-    assert "reviewkd[gpu]" in str(info.value) or "GPU" in str(info.value)
+    assert "reviewkd[cuda13]" in str(info.value) or "GPU" in str(info.value)
     assert old_plan.read_bytes() == b"previous engine"
     assert sorted(p.name for p in out.iterdir()) == ["student.fp32.plan"]
     with pytest.raises(MissingDependencyError):
