@@ -30,6 +30,7 @@ from deploy.errors import MissingDependencyError, UsageError, torch_installed
 from deploy.gates import GateTable
 from deploy.gpu import current_gpu
 from deploy.manifest import Manifest, read_manifest
+from deploy.predict import check_export_is_current
 from deploy.run_lock import locks_run
 from deploy.runners import onnxruntime_device, open_runner
 from deploy.runners.base import Runner
@@ -73,6 +74,9 @@ def _open_student(run: Path, manifest: Manifest, precision: str, device: str) ->
 
 
 def _open_file(run: Path, manifest: Manifest, relpath: str, device: str, threads: int | None) -> Runner:
+    # A file exported from an earlier student is refused here as predict and triton refuse it:
+    # its numbers would otherwise stand for the current student's.
+    check_export_is_current(run, manifest, relpath)
     return open_runner(relpath, manifest=manifest, run_dir=run, device=device, threads=threads)
 
 
@@ -120,7 +124,8 @@ def run_targets(
         all. `with_reference` keeps the reference (`choose_reference`) whatever the filter.
     Files whose input is not float NCHW (export's uint8-input variant) are left out (see
     `benchmarks.targets.artifact_formats`). Nothing is opened here; each target's opener verifies
-    its file's sha256 against the manifest when called.
+    its file's sha256 against the manifest, and that it was exported from the run's current
+    student (`deploy.predict.check_export_is_current`), when called.
     """
     run = Path(run_dir)
     manifest = read_manifest(run)

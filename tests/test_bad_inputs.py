@@ -1395,3 +1395,28 @@ def test_validating_on_the_device_keeps_the_training_machines_results(
     [device] = report["validation"]["other_measurements"]
     assert device["reference"] == "onnxruntime/fp32" and str(val.resolve()) in device["source_text"]
 
+
+def test_validate_bench_and_report_refuse_exports_of_another_student(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 22 item 7: after retraining, the old exports showed "ok, drop 0.00" and passed the gates.
+    common = ["--device", "cpu", "--limit", "32"]
+    assert run_cli(["validate", str(run), *common], capsys)[0] == 0
+    _edit_manifest(run, lambda m: m["student"].update(sha256="0" * 64))  # what retraining records
+    code, out, err = run_cli(["validate", str(run), *common], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "onnxruntime/fp32: " in err and "export/student.onnx: it was exported from student" in err
+    assert "note: dropped the measurement on the run's validation split" in out
+
+    bench = ["--device", "cpu", "--batch-sizes", "1", "--iters", "2", "--warmup", "1"]
+    assert run_cli(["bench", str(run), *bench], capsys)[0] == 0
+    benched = json.loads((run / "report" / "bench.json").read_text())
+    assert benched["results"]["torch/fp32"]["status"] == "ok"
+    stale = benched["results"]["onnxruntime/fp32"]
+    assert stale["status"] == "failed" and "it was exported from student" in stale["reason"]
+
+    assert run_cli(["report", str(run)], capsys)[0] == 0
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["onnxruntime/fp32"]["status"] == "failed"
+    assert report["onnxruntime/fp32"]["reason"].startswith("stale: ")
+    assert report["onnxruntime/fp32"]["accuracy"] is None and report["onnxruntime/fp32"]["latency"] == {}

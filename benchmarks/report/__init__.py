@@ -15,7 +15,8 @@ report.json holds one entry per format keyed "<backend>/<precision>" (keys with 
 blocks "schema_version", "run", "distillation", "validation", "bench", "environment" and "plots".
 Each format entry:
 
-    status        "ok", "failed", "skipped" or "not measured"; reason (None when ok)
+    status        "ok", "failed", "skipped" or "not measured"; reason (None when ok); a file
+                  exported from an earlier student is "failed", its reason starting "stale: "
     backend, precision, file, size_bytes, reference (whether it is the one compared with)
     accuracy      {top1, top5, n, top1_drop} in % (None: not measured); top1_drop is None, with
                   "drop_refused", where the format and the reference saw different image counts

@@ -3,7 +3,8 @@ information, and the distillation gain over the run's cross-entropy baseline.
 
 A missing input is reported as "not measured"; no number is made up. Results whose file changed
 after they were measured (its sha256 differs from the manifest's) are "not measured" too, with the
-reason, and so are results measured on another student than the run's.
+reason, and so are results measured on another student than the run's. A file exported from
+another student (retraining since) is "failed" as stale, as predict and triton refuse it.
 
 A stage file can hold several measurements (benchmarks.measured: other images, another
 reference). The format entries show one, the primary: the most images, then the PyTorch
@@ -32,10 +33,12 @@ from benchmarks.report.results import (
 )
 from benchmarks.targets import artifact_formats
 from deploy import run_layout
+from deploy.errors import UsageError
 from deploy.manifest import Manifest, read_manifest
+from deploy.predict import check_export_is_current
 from deploy.status import Status
 
-# 2: "validation" names its source and other measurements.
+# 2: "validation" names its source and other measurements; stale exports are failed.
 REPORT_SCHEMA_VERSION = 2
 REFERENCE_KEY = "torch/fp32"
 BASELINE_METHOD = "ce"
@@ -133,6 +136,17 @@ def _stage_result(
         key=lambda i: (usable[i].get("images") or 0, usable[i].get("reference") == REFERENCE_KEY, i),
     )
     return usable[order[-1]], [usable[i] for i in reversed(order[:-1])], None
+
+
+def _export_stale_reason(run_dir: PathLike, manifest: Manifest, file: str | None) -> str | None:
+    """Why a format's file may not stand for the run's student (exported from another), or None."""
+    if not file or file not in manifest.get("artifacts", {}) or file == run_layout.STUDENT_WEIGHTS:
+        return None
+    try:
+        check_export_is_current(run_dir, manifest, file)
+    except UsageError as exc:
+        return f"stale: {exc}"
+    return None
 
 
 def _measurement_summary(result: Mapping[str, Any], manifest: Manifest) -> dict[str, Any]:
@@ -322,6 +336,10 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
                 "skipped_batches": b_view.get("skipped_batches", {}),
             }
         status, reason = _combine(stages)
+        stale = _export_stale_reason(run_dir, manifest, entry.get("file"))
+        if stale is not None:
+            # Whatever was measured of it, the file serves an older student: no numbers stand for this one.
+            status, reason, v_view, b_view = Status.FAILED, stale, None, None
         report[key] = {
             "status": status,
             "reason": reason,
