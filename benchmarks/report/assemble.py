@@ -121,7 +121,7 @@ def _stage_result(
         return None, [], f"report/{name} is missing (run reviewkd {stage})"
     outdated = outdated_reason(data, name)
     if outdated is not None:
-        return None, [], outdated
+        return None, [], f"{outdated}; run reviewkd {stage} again"
     found = measurements(data)
     current = manifest_student_sha256(manifest)
     usable = [m for m in found if student_of(m) == current]

@@ -56,17 +56,16 @@ def outdated_reason(result: Mapping[str, Any], name: str) -> str | None:
     """Why a stage file cannot be read as this version writes it, or None when it can.
 
     Files of an older schema did not record what they measured (the images, the reference, the
-    student), so their numbers cannot be matched with anything: they are measured again.
+    student), so their numbers cannot be matched with anything: the stage measures them again
+    (the report says so, validate and bench replace the file).
     """
     version = result.get("schema_version")
     current = STAGE_SCHEMA_VERSIONS[name]
     if version == current:
         return None
-    stage = name.removesuffix(".json")
     return (
         f"{REPORT_DIR}/{name} has schema version {version}, this reviewkd reads {current}"
-        " (results that record which images, reference and student they measured);"
-        f" run reviewkd {stage} again"
+        " (results that record which images, reference and student they measured)"
     )
 
 
@@ -110,7 +109,7 @@ def merge_results(previous: Mapping[str, Any] | None, new: Mapping[str, Any], na
     discarded: list[str] = []
     outdated = None if previous is None else outdated_reason(previous, name)
     if outdated is not None:
-        discarded.append(f"replaced: {outdated}")
+        discarded.append(f"replaced the earlier results: {outdated}")
     elif previous is not None:
         key, student = measurement_key(new), student_of(new)
         for earlier in measurements(previous):
