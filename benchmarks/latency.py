@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from benchmarks.environment import collect_environment
+from benchmarks.environment import collect_environment, machine_text
 from benchmarks.measured import SOURCE_RANDOM, measured_block
 from benchmarks.targets import Target, check_unique, error_reason, open_target
 from deploy.errors import UsageError
@@ -284,7 +284,7 @@ def benchmark_runners(
     Returns the content of bench.json: {"schema_version", "settings", "environment",
     "results": {key: {"status", "reason", backend, precision, file, size_bytes, "device",
     "timer", "cuda_graphs": {"used", "reason"}, "latency": {"<batch>": stats},
-    "skipped_batches": {"<batch>": reason}}}, "measured"}, stats as `latency_stats` returns them.
+    "skipped_batches": {"<batch>": reason}, "machine"}}, "measured"}, stats as `latency_stats` returns them.
     """
     check_unique(targets)
     check_settings(warmup, iters, seconds)
@@ -306,6 +306,11 @@ def benchmark_runners(
         )
         for target in targets
     }
+    # Collected after the runs, so that the thread pools the runtimes created are visible.
+    environment = collect_environment(threads)
+    for entry in results.values():
+        # Each entry names its machine: merged with another machine's results, it stays told apart.
+        entry["machine"] = machine_text(environment)
     return {
         "schema_version": BENCH_SCHEMA_VERSION,
         "settings": {
@@ -317,8 +322,7 @@ def benchmark_runners(
             "cuda_graphs": cuda_graphs,
             "seed": seed,
         },
-        # Collected after the runs, so that the thread pools the runtimes created are visible.
-        "environment": collect_environment(threads),
+        "environment": environment,
         "results": results,
         "measured": measured_block(
             {"kind": SOURCE_RANDOM, "seed": seed, "images": None}, None, student_sha256

@@ -334,6 +334,7 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
                 "timer": b_view.get("timer"),
                 "cuda_graphs": b_view.get("cuda_graphs"),
                 "skipped_batches": b_view.get("skipped_batches", {}),
+                "machine": b_view.get("machine"),
             }
         status, reason = _combine(stages)
         stale = _export_stale_reason(run_dir, manifest, entry.get("file"))

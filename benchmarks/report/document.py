@@ -195,6 +195,13 @@ def _format_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
         refused = (entry.get("accuracy") or {}).get("drop_refused")
         if refused:
             notes.append(f"{key}: {refused}")
+    machines: dict[str, list[str]] = {}
+    for key, entry in format_entries(report).items():
+        if entry.get("latency"):
+            machines.setdefault(_machine(entry), []).append(key)
+    if len(machines) > 1:
+        timed = "; ".join(f"{', '.join(keys)} on {machine}" for machine, keys in machines.items())
+        notes.append(f"latency timed on different machines: {timed}")
     if validation.get("passed") is False:
         notes.append("validation FAILED: " + "; ".join(validation.get("failures", [])))
     return tuple(notes)
@@ -292,15 +299,20 @@ def _accuracy_table(report: Mapping[str, Any]) -> Table:
     return Table(header, tuple(rows), ("left", "left", *(RIGHT for _ in header[2:-1]), "left"))
 
 
+def _machine(entry: Mapping[str, Any]) -> str:
+    """The machine a format was timed on, as bench recorded it."""
+    return str((entry.get("bench") or {}).get("machine") or "-")
+
+
 def _latency_table(report: Mapping[str, Any]) -> Table:
-    header = ("format", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s")
+    header = ("format", "machine", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s")
     rows = []
     for key, entry in format_entries(report).items():
         for batch in sorted(entry.get("latency", {}), key=int):
             stats = entry["latency"][batch]
             timings = (number_text(stats[f], 3) for f in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms"))
-            rows.append((key, batch, *timings, number_text(stats["throughput_ips"], 1)))
-    return Table(header, tuple(rows), ("left", *(RIGHT for _ in header[1:])))
+            rows.append((key, _machine(entry), batch, *timings, number_text(stats["throughput_ips"], 1)))
+    return Table(header, tuple(rows), ("left", "left", *(RIGHT for _ in header[2:])))
 
 
 def _environment_lines(report: Mapping[str, Any]) -> tuple[str, ...]:

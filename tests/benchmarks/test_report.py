@@ -450,3 +450,31 @@ def test_without_matplotlib_the_plots_section_names_the_missing_extra(
     plots = markdown.split("## Plots", 1)[1].split("## ", 1)[0]
     assert "matplotlib is not installed" in plots and "pip install 'reviewkd[plots]'" in plots
     assert "Nothing to plot" not in plots
+
+
+def test_latencies_from_another_machine_are_labelled_with_it(
+    measured_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bench on the device keeps the training machine's torch/fp32 timings: the report names both.
+    import benchmarks.latency
+
+    here = load_result(measured_run, BENCH_FILE)
+    assert here is not None
+    device = {**here["environment"], "host": "jetson", "cpu": {"model": "ARMv8 Processor rev 1 (v8l)"}}
+    monkeypatch.setattr(benchmarks.latency, "collect_environment", lambda threads=None: device)
+    run_dir = measured_run
+    onnx = [t for t in run_targets(run_dir, tiny_module()) if t.key == "onnxruntime/fp32"]
+    saved = save_result(run_dir, BENCH_FILE, benchmark_runners(onnx, batch_sizes=(1,), warmup=1, iters=2))
+    assert saved["results"]["onnxruntime/fp32"]["machine"] == "jetson: ARMv8 Processor rev 1 (v8l)"
+    assert "torch/fp32" in saved["kept_from_earlier"]
+
+    report = write_report(run_dir)
+    table = format_final_table(report)
+    training = saved["results"]["torch/fp32"]["machine"]
+    assert training != "jetson: ARMv8 Processor rev 1 (v8l)"
+    assert (
+        f"latency timed on different machines: torch/fp32 on {training};"
+        " onnxruntime/fp32 on jetson: ARMv8 Processor rev 1 (v8l)"
+    ) in table
+    markdown = (run_dir / "report" / "report.md").read_text()
+    assert re.search(r"^\| onnxruntime/fp32 +\| jetson: ARMv8", markdown, flags=re.MULTILINE)
