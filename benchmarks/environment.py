@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,11 @@ def collect_environment(threads: int | None = None) -> dict[str, Any]:
         "libraries": library_versions(),
         "threads": thread_settings(threads),
     }
+
+
+def machine_text(environment: Mapping[str, Any]) -> str:
+    """One line naming the machine of an environment block: host, CPU model and GPU, if any."""
+    cpu = environment.get("cpu") or {}
+    gpu = environment.get("gpu")
+    text = f"{environment.get('host') or '-'}: {cpu.get('model') or '-'}"
+    return text + (f", {gpu['name']}" if isinstance(gpu, Mapping) and gpu.get("name") else "")

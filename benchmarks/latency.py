@@ -23,13 +23,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from benchmarks.environment import collect_environment
+from benchmarks.environment import collect_environment, machine_text
+from benchmarks.measured import SOURCE_RANDOM, measured_block
 from benchmarks.targets import Target, check_unique, error_reason, open_target
 from deploy.errors import UsageError
 from deploy.runners.base import Runner
 from deploy.status import Status
 
-BENCH_SCHEMA_VERSION = 1
+# 2: results record what they measured ("measured"); see benchmarks.measured.
+BENCH_SCHEMA_VERSION = 2
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 DEFAULT_WARMUP = 10
 DEFAULT_SECONDS = 1.0
@@ -278,17 +280,19 @@ def benchmark_runners(
     cuda_graphs: bool = True,
     seed: int = 0,
     timer_factory: Callable[[Runner], Timer] = choose_timer,
+    student_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Time every target at every batch size, one target open at a time.
 
     Inputs are seeded random float32 batches of each runner's input shape. `threads` is only
     recorded (the openers apply it). A target that cannot open is "skipped" or "failed" as in
     validation; a batch size outside a runner's range is listed under "skipped_batches".
+    `student_sha256` (the run's student) is recorded in "measured" with the inputs' seed.
 
     Returns the content of bench.json: {"schema_version", "settings", "environment",
     "results": {key: {"status", "reason", backend, precision, file, size_bytes, "device",
     "timer", "cuda_graphs": {"used", "reason"}, "latency": {"<batch>": stats},
-    "skipped_batches": {"<batch>": reason}}}}, stats as `latency_stats` returns them.
+    "skipped_batches": {"<batch>": reason}, "machine"}}, "measured"}, stats as `latency_stats` returns them.
     """
     check_unique(targets)
     check_settings(warmup, iters, seconds)
@@ -310,6 +314,11 @@ def benchmark_runners(
         )
         for target in targets
     }
+    # Collected after the runs, so that the thread pools the runtimes created are visible.
+    environment = collect_environment(threads)
+    for entry in results.values():
+        # Each entry names its machine: merged with another machine's results, it stays told apart.
+        entry["machine"] = machine_text(environment)
     return {
         "schema_version": BENCH_SCHEMA_VERSION,
         "settings": {
@@ -321,7 +330,9 @@ def benchmark_runners(
             "cuda_graphs": cuda_graphs,
             "seed": seed,
         },
-        # Collected after the runs, so that the thread pools the runtimes created are visible.
-        "environment": collect_environment(threads),
+        "environment": environment,
         "results": results,
+        "measured": measured_block(
+            {"kind": SOURCE_RANDOM, "seed": seed, "images": None}, None, student_sha256
+        ),
     }

@@ -21,6 +21,7 @@ import numpy as np
 
 from benchmarks.environment import collect_environment
 from benchmarks.latency import DEFAULT_BATCH_SIZES, DEFAULT_WARMUP, benchmark_runners
+from benchmarks.measured import SOURCE_FOLDER, SOURCE_RUN_SPLIT, manifest_student_sha256
 from benchmarks.report import save_result, write_report
 from benchmarks.targets import Target, artifact_formats
 from benchmarks.validate import REFERENCE_KEY, validate_runners
@@ -29,6 +30,7 @@ from deploy.errors import MissingDependencyError, UsageError, torch_installed
 from deploy.gates import GateTable
 from deploy.gpu import current_gpu
 from deploy.manifest import Manifest, read_manifest
+from deploy.predict import check_export_is_current
 from deploy.run_lock import locks_run
 from deploy.runners import onnxruntime_device, open_runner
 from deploy.runners.base import Runner
@@ -72,6 +74,9 @@ def _open_student(run: Path, manifest: Manifest, precision: str, device: str) ->
 
 
 def _open_file(run: Path, manifest: Manifest, relpath: str, device: str, threads: int | None) -> Runner:
+    # A file exported from an earlier student is refused here as predict and triton refuse it:
+    # its numbers would otherwise stand for the current student's.
+    check_export_is_current(run, manifest, relpath)
     return open_runner(relpath, manifest=manifest, run_dir=run, device=device, threads=threads)
 
 
@@ -119,7 +124,8 @@ def run_targets(
         all. `with_reference` keeps the reference (`choose_reference`) whatever the filter.
     Files whose input is not float NCHW (export's uint8-input variant) are left out (see
     `benchmarks.targets.artifact_formats`). Nothing is opened here; each target's opener verifies
-    its file's sha256 against the manifest when called.
+    its file's sha256 against the manifest, and that it was exported from the run's current
+    student (`deploy.predict.check_export_is_current`), when called.
     """
     run = Path(run_dir)
     manifest = read_manifest(run)
@@ -208,6 +214,18 @@ def validation_batches(
     return folder_batches(run_validation_folder(run), read_manifest(run), batch_size, limit)
 
 
+def validation_source(run_dir: PathLike, limit: int | None, data: PathLike | None) -> dict[str, Any]:
+    """What `validation_batches` reads, for the result's "measured" block (benchmarks.measured):
+    the --data folder by its absolute path, else the run's own split named by RUN/config.yaml."""
+    if data is not None:
+        return {"kind": SOURCE_FOLDER, "path": str(Path(data).resolve()), "limit": limit}
+    from reviewkd.config import load_run_config
+
+    config = load_run_config(run_dir).data
+    root = str(Path(config.root).resolve()) if config.root else None
+    return {"kind": SOURCE_RUN_SPLIT, "dataset": config.dataset, "path": root, "limit": limit}
+
+
 @locks_run("validate")
 def validate_run(
     run_dir: PathLike,
@@ -236,18 +254,38 @@ def validate_run(
         raise UsageError(f"--limit must be >= 1, got {limit}")
     _apply_threads(threads)
     targets = run_targets(run_dir, device=device, threads=threads, backends=backends, with_reference=True)
+    source = None
     if batches is None:
         batches = validation_batches(run_dir, batch_size, limit, data)
-    reference, note = choose_reference(Path(run_dir), read_manifest(run_dir))
+        source = validation_source(run_dir, limit, data)
+    manifest = read_manifest(run_dir)
+    reference, note = choose_reference(Path(run_dir), manifest)
     result = validate_runners(
-        targets, batches, reference=reference, gates=gates, inconclusive_passes=inconclusive_passes
+        targets,
+        batches,
+        reference=reference,
+        gates=gates,
+        inconclusive_passes=inconclusive_passes,
+        source=source,
+        student_sha256=manifest_student_sha256(manifest),
     )
     if note is not None:
         result["reference_note"] = note
-    result["settings"] = {"device": device, "threads": threads, "batch_size": batch_size, "limit": limit}
+    result["settings"] = {
+        "device": device,
+        "threads": threads,
+        "batch_size": batch_size,
+        "limit": limit,
+        "data": None if data is None else str(Path(data).resolve()),
+    }
     result["environment"] = collect_environment(threads)
-    save_result(run_dir, run_layout.VALIDATE_FILE, result)
-    return result
+    return _saved(run_dir, run_layout.VALIDATE_FILE, result)
+
+
+def _saved(run_dir: PathLike, name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Save a stage's result and return it with what the merge kept and dropped (for the command)."""
+    merged = save_result(run_dir, name, result)
+    return {**result, **{k: merged[k] for k in ("kept_from_earlier", "discarded", "other_measurements")}}
 
 
 @locks_run("bench")
@@ -274,10 +312,10 @@ def bench_run(
         seconds=seconds,
         threads=threads,
         cuda_graphs=cuda_graphs,
+        student_sha256=manifest_student_sha256(read_manifest(run_dir)),
     )
     result["settings"]["device"] = device
-    save_result(run_dir, run_layout.BENCH_FILE, result)
-    return result
+    return _saved(run_dir, run_layout.BENCH_FILE, result)
 
 
 @locks_run("report")

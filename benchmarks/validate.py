@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.measured import SOURCE_GIVEN, measured_block
 from benchmarks.targets import Target, check_unique, error_reason, infer_in_range, open_target
 from deploy.errors import GateFailedError, UsageError
 from deploy.gates import GateTable, default_gates, describe_check, evaluate_gates, gates_for
@@ -24,7 +25,8 @@ from deploy.runners.base import Runner
 from deploy.status import Status
 
 REFERENCE_KEY = "torch/fp32"
-VALIDATE_SCHEMA_VERSION = 1
+# 2: results record what they measured ("measured") and keep other kinds ("other_measurements").
+VALIDATE_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -107,6 +109,8 @@ def validate_runners(
     reference: str = REFERENCE_KEY,
     gates: Mapping[str, Mapping[str, float]] | None = None,
     inconclusive_passes: bool = True,
+    source: Mapping[str, Any] | None = None,
+    student_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Measure accuracy and parity of every target on the same batches and check the gates.
 
@@ -118,10 +122,12 @@ def validate_runners(
     gates: per-precision thresholds (default deploy.gates.DEFAULT_GATES); the reference is not gated.
         max_top1_drop is judged on the paired 95% interval of the drop against the reference;
         `inconclusive_passes` says whether a gate the sample cannot resolve passes.
+    source, student_sha256: where the batches came from (benchmarks.measured; default: given by
+        the caller) and the run's student, recorded with the image count in "measured".
 
     Returns the content of validate.json: {"schema_version", "reference", "images", "gates",
-    "results": {key: entry}, "passed", "failures", "bad_files"}, where each entry has "status", "reason",
-    backend, precision, file, size_bytes, "accuracy" {top1, top5, n, top1_drop}, "parity"
+    "results": {key: entry}, "passed", "failures", "bad_files", "measured"}, where each entry has
+    "status", "reason", backend, precision, file, size_bytes, "accuracy" {top1, top5, n, top1_drop}, "parity"
     {max_abs_diff, mean_abs_diff, top1_agreement, n} and "gates" (one check per gate);
     "bad_files" names the formats whose file is missing, tampered with or malformed. It does not
     raise on a failed gate or a bad file: call `raise_for_gates` after saving the result.
@@ -216,6 +222,11 @@ def validate_runners(
         "passed": not failures,
         "failures": failures,
         "bad_files": bad_files,
+        "measured": measured_block(
+            {"kind": SOURCE_GIVEN, "path": None, **(source or {}), "images": images_seen},
+            reference,
+            student_sha256,
+        ),
     }
 
 

@@ -1347,3 +1347,76 @@ def test_the_edge_install_serves_a_16_bit_image(run: Path, tmp_path: Path) -> No
     )
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["predictions"]) == 1
+
+
+def test_validating_on_the_device_keeps_the_training_machines_results(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 22 item 12: `validate --data val/` on the edge turned torch/fp32 from ok into skipped,
+    # and bench did the same.
+    bench = ["--device", "cpu", "--batch-sizes", "1", "--iters", "2", "--warmup", "1"]
+    assert run_cli(["validate", str(run), "--device", "cpu", "--limit", "64"], capsys)[0] == 0
+    assert run_cli(["bench", str(run), *bench], capsys)[0] == 0
+    val = tmp_path / "val"
+    for index, name in enumerate(read_manifest(run)["classes"]):
+        (val / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 20 * index, dtype=np.uint8)).save(val / name / "a.png")
+
+    def on_the_edge(*argv: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", WITHOUT_TORCH, *argv],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    done = on_the_edge("validate", str(run), "--device", "cpu", "--data", str(val))
+    assert "kept beside it: 1 measurement(s)" in done.stdout
+    validated = json.loads((run / "report" / "validate.json").read_text())
+    assert validated["settings"]["data"] == str(val.resolve())
+    assert validated["measured"]["source"]["path"] == str(val.resolve())
+    assert validated["measured"]["reference"] == "onnxruntime/fp32"
+    [training] = validated["other_measurements"]
+    assert training["measured"]["source"]["kind"] == "run-split" and training["images"] == 64
+    assert training["results"]["torch/fp32"]["status"] == "ok"
+
+    on_the_edge("bench", str(run), *bench)
+    benched = json.loads((run / "report" / "bench.json").read_text())
+    assert benched["results"]["torch/fp32"]["status"] == "ok"
+    assert "torch/fp32" in benched["kept_from_earlier"]
+
+    assert run_cli(["report", str(run)], capsys)[0] == 0
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["torch/fp32"]["status"] == "ok" and report["torch/fp32"]["accuracy"]["n"] == 64
+    [device] = report["validation"]["other_measurements"]
+    assert device["reference"] == "onnxruntime/fp32" and str(val.resolve()) in device["source_text"]
+
+
+def test_validate_bench_and_report_refuse_exports_of_another_student(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 22 item 7: after retraining, the old exports showed "ok, drop 0.00" and passed the gates.
+    common = ["--device", "cpu", "--limit", "32"]
+    assert run_cli(["validate", str(run), *common], capsys)[0] == 0
+    _edit_manifest(run, lambda m: m["student"].update(sha256="0" * 64))  # what retraining records
+    code, out, err = run_cli(["validate", str(run), *common], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "onnxruntime/fp32: " in err and "export/student.onnx: it was exported from student" in err
+    assert "note: dropped the measurement on the run's validation split" in out
+
+    bench = ["--device", "cpu", "--batch-sizes", "1", "--iters", "2", "--warmup", "1"]
+    assert run_cli(["bench", str(run), *bench], capsys)[0] == 0
+    benched = json.loads((run / "report" / "bench.json").read_text())
+    assert benched["results"]["torch/fp32"]["status"] == "ok"
+    stale = benched["results"]["onnxruntime/fp32"]
+    assert stale["status"] == "failed" and "it was exported from student" in stale["reason"]
+
+    assert run_cli(["report", str(run)], capsys)[0] == 0
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["onnxruntime/fp32"]["status"] == "failed"
+    assert report["onnxruntime/fp32"]["reason"].startswith("stale: ")
+    assert report["onnxruntime/fp32"]["accuracy"] is None and report["onnxruntime/fp32"]["latency"] == {}

@@ -15,10 +15,12 @@ report.json holds one entry per format keyed "<backend>/<precision>" (keys with 
 blocks "schema_version", "run", "distillation", "validation", "bench", "environment" and "plots".
 Each format entry:
 
-    status        "ok", "failed", "skipped" or "not measured"; reason (None when ok)
-    backend, precision, file, size_bytes
-    accuracy      {top1, top5, n, top1_drop} in % (None: not measured)
-    parity        {max_abs_diff, mean_abs_diff, top1_agreement, n} against torch/fp32
+    status        "ok", "failed", "skipped" or "not measured"; reason (None when ok); a file
+                  exported from an earlier student is "failed", its reason starting "stale: "
+    backend, precision, file, size_bytes, reference (whether it is the one compared with)
+    accuracy      {top1, top5, n, top1_drop} in % (None: not measured); top1_drop is None, with
+                  "drop_refused", where the format and the reference saw different image counts
+    parity        {max_abs_diff, mean_abs_diff, top1_agreement, n} against the reference
     latency       {"<batch>": {p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms, iters,
                    throughput_ips}}
     gates         the validation gate checks
@@ -27,6 +29,11 @@ Each format entry:
 
 "distillation": {status, reason, method, student_top1, baseline ("ce"), baseline_top1,
 baseline_run, gain_points}: the student's top-1 minus the cross-entropy student's, in points.
+
+"validation": the measurement the entries show (benchmarks.report.assemble picks it): reference,
+reference_note, images, passed, failures, gates, source and source_text (what it measured), and
+"other_measurements": the other measurements of the run's student, each {source, source_text,
+reference, reference_note, images, passed, results: {key: {status, reason, accuracy, parity}}}.
 """
 
 from benchmarks.report.assemble import REFERENCE_KEY, REPORT_SCHEMA_VERSION, build_report, format_entries

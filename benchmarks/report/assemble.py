@@ -3,7 +3,14 @@ information, and the distillation gain over the run's cross-entropy baseline.
 
 A missing input is reported as "not measured"; no number is made up. Results whose file changed
 after they were measured (its sha256 differs from the manifest's) are "not measured" too, with the
-reason.
+reason, and so are results measured on another student than the run's. A file exported from
+another student (retraining since) is "failed" as stale, as predict and triton refuse it.
+
+A stage file can hold several measurements (benchmarks.measured: other images, another
+reference). The format entries show one, the primary: the most images, then the PyTorch
+reference, then the latest; the others are listed under "validation"."other_measurements", each
+with its source. A drop is only shown where the format and the reference were measured on the
+same number of images.
 """
 
 from __future__ import annotations
@@ -14,13 +21,25 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.environment import collect_environment
-from benchmarks.report.results import BENCH_FILE, VALIDATE_FILE, PathLike, load_result, read_metrics
+from benchmarks.measured import manifest_student_sha256, short_sha, source_text, student_of
+from benchmarks.report.results import (
+    BENCH_FILE,
+    VALIDATE_FILE,
+    PathLike,
+    load_result,
+    measurements,
+    outdated_reason,
+    read_metrics,
+)
 from benchmarks.targets import artifact_formats
 from deploy import run_layout
+from deploy.errors import UsageError
 from deploy.manifest import Manifest, read_manifest
+from deploy.predict import check_export_is_current
 from deploy.status import Status
 
-REPORT_SCHEMA_VERSION = 1
+# 2: "validation" names its source and other measurements; stale exports are failed.
+REPORT_SCHEMA_VERSION = 2
 REFERENCE_KEY = "torch/fp32"
 BASELINE_METHOD = "ce"
 
@@ -42,6 +61,28 @@ def _stale_reason(stage: str, entry: Mapping[str, Any], manifest: Manifest) -> s
     return None
 
 
+def _checked_drop(entry: dict[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry, without a top-1 drop unless it and the result's reference saw as many images.
+
+    validate computes every drop on one pass over the same images; an entry whose image count
+    differs from its reference's came from another set, and a drop across sets means nothing.
+    """
+    accuracy = entry.get("accuracy")
+    reference = result["results"].get(result.get("reference"))
+    if not isinstance(accuracy, Mapping) or accuracy.get("top1_drop") is None:
+        return entry
+    reference_n = (reference or {}).get("accuracy", {}) or {}
+    if reference_n.get("n") == accuracy.get("n"):
+        return entry
+    checked = {k: v for k, v in accuracy.items() if k not in ("top1_drop", "top1_drop_ci", "paired")}
+    checked["top1_drop"] = None
+    checked["drop_refused"] = (
+        f"no drop: measured on {accuracy.get('n')} images, the reference {result.get('reference')}"
+        f" on {reference_n.get('n', 'no')} images"
+    )
+    return {**entry, "accuracy": checked}
+
+
 def _stage_view(
     stage: str, result: Mapping[str, Any] | None, key: str, manifest: Manifest
 ) -> dict[str, Any] | None:
@@ -51,17 +92,80 @@ def _stage_view(
     entry = result["results"].get(key)
     if entry is None or _stale_reason(stage, entry, manifest) is not None:
         return None
-    return dict(entry)
+    return _checked_drop(dict(entry), result)
 
 
-def _not_measured(stage: str, result: Mapping[str, Any] | None, key: str, manifest: Manifest) -> str:
+def _not_measured(
+    stage: str, result: Mapping[str, Any] | None, key: str, manifest: Manifest, missing: str | None
+) -> str:
     if result is None:
-        return f"not measured: report/{stage}.json is missing (run reviewkd {stage})"
+        return f"not measured: {missing}"
     entry = result["results"].get(key)
     if entry is None:
         return f"not measured: reviewkd {stage} did not include {key}"
     stale = _stale_reason(stage, entry, manifest)
     return f"not measured: {stale}"
+
+
+def _stage_result(
+    run_dir: PathLike, name: str, manifest: Manifest
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], str | None]:
+    """A stage file's primary measurement, its other measurements, and why there is none.
+
+    Only measurements of the run's current student count; the primary is the one with the most
+    images, then the one against the PyTorch student, then the latest.
+    """
+    stage = name.removesuffix(".json")
+    data = load_result(run_dir, name)
+    if data is None:
+        return None, [], f"report/{name} is missing (run reviewkd {stage})"
+    outdated = outdated_reason(data, name)
+    if outdated is not None:
+        return None, [], f"{outdated}; run reviewkd {stage} again"
+    found = measurements(data)
+    current = manifest_student_sha256(manifest)
+    usable = [m for m in found if student_of(m) == current]
+    if not usable:
+        measured = student_of(found[-1]) if found else None
+        return None, [], (
+            f"report/{name} measured student {short_sha(measured)}, the run's student is now"
+            f" {short_sha(current)}; run reviewkd {stage} again"
+        )
+    order = sorted(
+        range(len(usable)),
+        key=lambda i: (usable[i].get("images") or 0, usable[i].get("reference") == REFERENCE_KEY, i),
+    )
+    return usable[order[-1]], [usable[i] for i in reversed(order[:-1])], None
+
+
+def _export_stale_reason(run_dir: PathLike, manifest: Manifest, file: str | None) -> str | None:
+    """Why a format's file may not stand for the run's student (exported from another), or None."""
+    if not file or file not in manifest.get("artifacts", {}) or file == run_layout.STUDENT_WEIGHTS:
+        return None
+    try:
+        check_export_is_current(run_dir, manifest, file)
+    except UsageError as exc:
+        return f"stale: {exc}"
+    return None
+
+
+def _measurement_summary(result: Mapping[str, Any], manifest: Manifest) -> dict[str, Any]:
+    """A validate measurement other than the primary, as the report lists it: its source, its
+    reference and each format's status and accuracy (files changed since are left out)."""
+    results = {}
+    for key in result["results"]:
+        view = _stage_view("validate", result, key, manifest)
+        if view is not None:
+            results[key] = {name: view.get(name) for name in ("status", "reason", "accuracy", "parity")}
+    return {
+        "source": (result.get("measured") or {}).get("source"),
+        "source_text": source_text(result),
+        "reference": result.get("reference"),
+        "reference_note": result.get("reference_note"),
+        "images": result.get("images"),
+        "passed": result.get("passed"),
+        "results": results,
+    }
 
 
 def _combine(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, str | None]:
@@ -197,8 +301,8 @@ def _layerwise(run_dir: PathLike) -> dict[str, Any]:
 def build_report(run_dir: PathLike) -> dict[str, Any]:
     """Assemble report.json's content from the run's manifest, validate.json, bench.json and metrics."""
     manifest = read_manifest(run_dir)
-    validate = load_result(run_dir, VALIDATE_FILE)
-    bench = load_result(run_dir, BENCH_FILE)
+    validate, other_validations, validate_missing = _stage_result(run_dir, VALIDATE_FILE, manifest)
+    bench, _, bench_missing = _stage_result(run_dir, BENCH_FILE, manifest)
     metrics = read_metrics(run_dir)
     report: dict[str, Any] = {"schema_version": REPORT_SCHEMA_VERSION}
     report["generated_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -215,12 +319,12 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
         if v_view is None:
             stages["validate"] = {
                 "status": Status.NOT_MEASURED,
-                "reason": _not_measured("validate", validate, key, manifest),
+                "reason": _not_measured("validate", validate, key, manifest, validate_missing),
             }
         else:
             stages["validate"] = {"status": v_view["status"], "reason": v_view.get("reason")}
         if b_view is None:
-            missing = _not_measured("bench", bench, key, manifest)
+            missing = _not_measured("bench", bench, key, manifest, bench_missing)
             stages["bench"] = {"status": Status.NOT_MEASURED, "reason": missing}
         else:
             stages["bench"] = {
@@ -230,8 +334,13 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
                 "timer": b_view.get("timer"),
                 "cuda_graphs": b_view.get("cuda_graphs"),
                 "skipped_batches": b_view.get("skipped_batches", {}),
+                "machine": b_view.get("machine"),
             }
         status, reason = _combine(stages)
+        stale = _export_stale_reason(run_dir, manifest, entry.get("file"))
+        if stale is not None:
+            # Whatever was measured of it, the file serves an older student: no numbers stand for this one.
+            status, reason, v_view, b_view = Status.FAILED, stale, None, None
         report[key] = {
             "status": status,
             "reason": reason,
@@ -245,22 +354,21 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
         }
     report["validation"] = (
         {
-            key: validate.get(key)
-            for key in ("reference", "reference_note", "images", "passed", "failures", "gates")
+            **{
+                key: validate.get(key)
+                for key in ("reference", "reference_note", "images", "passed", "failures", "gates")
+            },
+            "source": (validate.get("measured") or {}).get("source"),
+            "source_text": source_text(validate),
+            "other_measurements": [_measurement_summary(m, manifest) for m in other_validations],
         }
         if validate is not None
-        else {
-            "status": Status.NOT_MEASURED,
-            "reason": f"{run_layout.VALIDATE_RESULT} is missing (run reviewkd validate)",
-        }
+        else {"status": Status.NOT_MEASURED, "reason": validate_missing}
     )
     report["bench"] = (
-        {"settings": bench.get("settings", {})}
+        {"settings": bench.get("settings", {}), "source_text": source_text(bench)}
         if bench is not None
-        else {
-            "status": Status.NOT_MEASURED,
-            "reason": f"{run_layout.BENCH_RESULT} is missing (run reviewkd bench)",
-        }
+        else {"status": Status.NOT_MEASURED, "reason": bench_missing}
     )
     if bench is not None and bench.get("environment"):
         report["environment"] = {**bench["environment"], "source": "bench"}

@@ -182,13 +182,26 @@ def final_table(report: Mapping[str, Any]) -> Table:
 
 
 def _format_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
-    """Why each format that is not ok is not, and the failed gates."""
-    notes = [
-        f"{key}: {entry['status']}: {entry['reason']}"
-        for key, entry in format_entries(report).items()
-        if entry["status"] != Status.OK and entry.get("reason")
-    ]
+    """What the accuracy columns were measured on, why each format that is not ok is not, drops
+    that were refused, and the failed gates."""
     validation = report.get("validation", {})
+    notes = []
+    if validation.get("source_text"):
+        source, reference = validation["source_text"], validation.get("reference")
+        notes.append(f"accuracy measured on {source}, against {reference}")
+    for key, entry in format_entries(report).items():
+        if entry["status"] != Status.OK and entry.get("reason"):
+            notes.append(f"{key}: {entry['status']}: {entry['reason']}")
+        refused = (entry.get("accuracy") or {}).get("drop_refused")
+        if refused:
+            notes.append(f"{key}: {refused}")
+    machines: dict[str, list[str]] = {}
+    for key, entry in format_entries(report).items():
+        if entry.get("latency"):
+            machines.setdefault(_machine(entry), []).append(key)
+    if len(machines) > 1:
+        timed = "; ".join(f"{', '.join(keys)} on {machine}" for machine, keys in machines.items())
+        notes.append(f"latency timed on different machines: {timed}")
     if validation.get("passed") is False:
         notes.append("validation FAILED: " + "; ".join(validation.get("failures", [])))
     return tuple(notes)
@@ -230,9 +243,27 @@ def _stage_note(report: Mapping[str, Any], block: str) -> str | None:
     return value.get("reason") if value.get("status") == Status.NOT_MEASURED else None
 
 
+def _accuracy_rows(report: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """(format, what it was measured on, entry) for the primary measurement's formats, then for each
+    other measurement's (its drops are against its own reference, on its own images). A format
+    with no accuracy was measured on nothing: its source is "-"."""
+    validation = report.get("validation", {})
+
+    def row(key: str, source: object, entry: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any]]:
+        return key, str(source) if entry.get("accuracy") and source else "-", entry
+
+    rows = [row(key, validation.get("source_text"), entry) for key, entry in format_entries(report).items()]
+    for other in validation.get("other_measurements") or []:
+        source, reference = other.get("source_text"), other.get("reference")
+        for key, entry in other.get("results", {}).items():
+            rows.append(row(key, source, {**entry, "reference": key == reference}))
+    return rows
+
+
 def _accuracy_table(report: Mapping[str, Any]) -> Table:
     header = (
         "format",
+        "measured on",
         "top-1 %",
         "drop [95% CI]",
         "top-5 %",
@@ -243,7 +274,7 @@ def _accuracy_table(report: Mapping[str, Any]) -> Table:
         "gates",
     )
     rows = []
-    for key, entry in format_entries(report).items():
+    for key, source, entry in _accuracy_rows(report):
         acc = entry.get("accuracy") or {}
         par = entry.get("parity") or {}
         gates = entry.get("gates", [])
@@ -254,6 +285,7 @@ def _accuracy_table(report: Mapping[str, Any]) -> Table:
         rows.append(
             (
                 key,
+                source,
                 number_text(acc.get("top1")),
                 _drop_interval(entry),
                 number_text(acc.get("top5")),
@@ -264,18 +296,23 @@ def _accuracy_table(report: Mapping[str, Any]) -> Table:
                 gate_text,
             )
         )
-    return Table(header, tuple(rows), ("left", *(RIGHT for _ in header[1:-1]), "left"))
+    return Table(header, tuple(rows), ("left", "left", *(RIGHT for _ in header[2:-1]), "left"))
+
+
+def _machine(entry: Mapping[str, Any]) -> str:
+    """The machine a format was timed on, as bench recorded it."""
+    return str((entry.get("bench") or {}).get("machine") or "-")
 
 
 def _latency_table(report: Mapping[str, Any]) -> Table:
-    header = ("format", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s")
+    header = ("format", "machine", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s")
     rows = []
     for key, entry in format_entries(report).items():
         for batch in sorted(entry.get("latency", {}), key=int):
             stats = entry["latency"][batch]
             timings = (number_text(stats[f], 3) for f in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms"))
-            rows.append((key, batch, *timings, number_text(stats["throughput_ips"], 1)))
-    return Table(header, tuple(rows), ("left", *(RIGHT for _ in header[1:])))
+            rows.append((key, _machine(entry), batch, *timings, number_text(stats["throughput_ips"], 1)))
+    return Table(header, tuple(rows), ("left", "left", *(RIGHT for _ in header[2:])))
 
 
 def _environment_lines(report: Mapping[str, Any]) -> tuple[str, ...]:
@@ -322,9 +359,31 @@ def _layerwise_section(report: Mapping[str, Any], plots: Sequence[Plot]) -> Sect
     )
 
 
+def _accuracy_section(report: Mapping[str, Any]) -> Section:
+    """The accuracy table, titled with the reference it was measured against, and a note saying
+    why that reference (without torch: the fp32 ONNX file) and on which images."""
+    missing = _stage_note(report, "validation")
+    if missing is not None:
+        return Section("Accuracy and parity", note=missing)
+    validation = report.get("validation", {})
+    reference = validation.get("reference") or "-"
+    lines = [f"Measured on {validation.get('source_text') or 'inputs not recorded'}."]
+    if validation.get("reference_note"):
+        lines.append(f"Reference: {validation['reference_note']}.")
+    if validation.get("other_measurements"):
+        lines.append("Rows of other measurements compare with their own reference, on their own images.")
+    title = f"Accuracy and parity against {reference}"
+    return Section(title, note=" ".join(lines), table=_accuracy_table(report))
+
+
+def _plots_note(report: Mapping[str, Any], plots: Sequence[Plot]) -> str | None:
+    if plots:
+        return None
+    return report.get("plots_note") or "Nothing to plot: no timings, accuracies or training records."
+
+
 def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> ReportDocument:
     """The document of report.json's content `report`, showing `plots` (already drawn)."""
-    accuracy_note = _stage_note(report, "validation")
     latency_note = _stage_note(report, "bench")
     latency = _latency_table(report)
     if latency_note is None and not latency.rows:
@@ -337,17 +396,9 @@ def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> Rep
         run=_run_lines(report),
         final_table=final_table(report),
         format_notes=_format_notes(report),
-        accuracy=Section(
-            "Accuracy and parity against torch/fp32",
-            note=accuracy_note,
-            table=None if accuracy_note else _accuracy_table(report),
-        ),
+        accuracy=_accuracy_section(report),
         latency=Section("Latency", note=latency_note, table=None if latency_note else latency),
-        plots=Section(
-            "Plots",
-            note=None if general else "Nothing to plot: no timings, accuracies or training records.",
-            plots=general,
-        ),
+        plots=Section("Plots", note=_plots_note(report, general), plots=general),
         environment=Section("Environment", bullets=_environment_lines(report)),
         layerwise=_layerwise_section(report, plots),
     )

@@ -8,16 +8,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.validate import describe_failures
+from benchmarks.latency import BENCH_SCHEMA_VERSION
+from benchmarks.measured import measurement_key, short_sha, source_text, student_of
+from benchmarks.validate import VALIDATE_SCHEMA_VERSION, describe_failures
 from deploy import run_layout
 from deploy.errors import OutputError, UsageError
 from deploy.fileio import write_json_atomic
 from deploy.manifest import forget_artifact, read_manifest, record_artifact, write_manifest
+from deploy.status import Status
 
 REPORT_DIR = run_layout.REPORT_DIR
 VALIDATE_FILE = run_layout.VALIDATE_FILE
 BENCH_FILE = run_layout.BENCH_FILE
 METRICS_FILE = run_layout.METRICS
+STAGE_SCHEMA_VERSIONS = {VALIDATE_FILE: VALIDATE_SCHEMA_VERSION, BENCH_FILE: BENCH_SCHEMA_VERSION}
 
 PathLike = str | os.PathLike[str]
 
@@ -39,21 +43,88 @@ def record_report_files(run_dir: PathLike, paths: Sequence[Path], removed: Seque
     write_manifest(run_dir, manifest)
 
 
-def merge_results(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
-    """A stage's new result over its previous one: formats measured now replace their old entries,
-    formats not measured now keep theirs (listed under "kept_from_earlier").
+def measurements(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every measurement a stage file holds, oldest first: its "other_measurements", then the
+    latest (the file's top level, without that list)."""
+    latest = {name: value for name, value in result.items() if name != "other_measurements"}
+    others = result.get("other_measurements")
+    earlier = others if isinstance(others, list) else []
+    return [m for m in [*earlier, latest] if isinstance(m, dict) and isinstance(m.get("results"), dict)]
 
-    A run validated or benched for a subset of formats (onnxruntime on a laptop, tensorrt on the
-    GPU host) thus keeps the other formats' numbers; each entry carries the sha256 of the file it
-    measured, so the report still marks an entry whose file changed since. A validate result's
-    "passed" and "failures" are recomputed over every entry kept.
+
+def outdated_reason(result: Mapping[str, Any], name: str) -> str | None:
+    """Why a stage file cannot be read as this version writes it, or None when it can.
+
+    Files of an older schema did not record what they measured (the images, the reference, the
+    student), so their numbers cannot be matched with anything: the stage measures them again
+    (the report says so, validate and bench replace the file).
     """
-    merged = dict(new)
-    if previous is None:
-        return merged
-    kept = [key for key in previous["results"] if key not in new["results"]]
-    merged["results"] = {**previous["results"], **new["results"]}
+    version = result.get("schema_version")
+    current = STAGE_SCHEMA_VERSIONS[name]
+    if version == current:
+        return None
+    return (
+        f"{REPORT_DIR}/{name} has schema version {version}, this reviewkd reads {current}"
+        " (results that record which images, reference and student they measured)"
+    )
+
+
+# What a save says about its merge; an earlier measurement kept beside the new one sheds its own.
+_MERGE_NOTES = ("kept_from_earlier", "discarded")
+
+
+def _merge_entries(into: dict[str, Any], earlier: Mapping[str, Any]) -> list[str]:
+    """Add an earlier measurement's entries of the same kind to `into`; return the keys kept.
+
+    A format measured now replaces its earlier entry, except that a format skipped now (its
+    runtime is missing on this machine) keeps an earlier measurement made where it could run.
+    """
+    results = into["results"]
+    kept = []
+    for key, old in earlier.get("results", {}).items():
+        fresh = results.get(key)
+        skipped_now = fresh is not None and fresh.get("status") == Status.SKIPPED
+        if fresh is None or (skipped_now and old.get("status") != Status.SKIPPED):
+            results[key] = old
+            kept.append(key)
+    return kept
+
+
+def merge_results(previous: Mapping[str, Any] | None, new: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A stage's new result over the measurements already in RUN/report/<name>.
+
+    Only measurements of the same kind are merged (benchmarks.measured: the same inputs and image
+    count, the same reference, the same student): there, formats measured now replace their old
+    entries and the others keep theirs (listed under "kept_from_earlier"), so a run validated or
+    benched for a subset of formats (onnxruntime on a laptop, tensorrt on the GPU host) keeps the
+    other formats' numbers. Measurements of another kind on the same student (--limit, --data,
+    another reference) stay beside it in "other_measurements"; measurements of another student,
+    or in an older schema, are dropped, each named in "discarded". A validate result's "passed"
+    and "failures" are recomputed over every entry of the merged measurement.
+    """
+    merged: dict[str, Any] = {**new, "results": dict(new["results"])}
+    merged.pop("other_measurements", None)
+    kept: list[str] = []
+    others: list[dict[str, Any]] = []
+    discarded: list[str] = []
+    outdated = None if previous is None else outdated_reason(previous, name)
+    if outdated is not None:
+        discarded.append(f"replaced the earlier results: {outdated}")
+    elif previous is not None:
+        key, student = measurement_key(new), student_of(new)
+        for earlier in measurements(previous):
+            if measurement_key(earlier) == key:
+                kept += [k for k in _merge_entries(merged, earlier) if k not in kept]
+            elif student is not None and student_of(earlier) not in (None, student):
+                discarded.append(
+                    f"dropped the measurement on {source_text(earlier)} of student"
+                    f" {short_sha(student_of(earlier))}: the run's student is now {short_sha(student)}"
+                )
+            else:
+                others.append({k: v for k, v in earlier.items() if k not in _MERGE_NOTES})
     merged["kept_from_earlier"] = kept
+    merged["discarded"] = discarded
+    merged["other_measurements"] = others
     if "failures" in new:
         results = merged["results"]
         failures = [line for key, entry in results.items() for line in describe_failures(key, entry)]
@@ -61,9 +132,9 @@ def merge_results(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) ->
     return merged
 
 
-def save_result(run_dir: PathLike, name: str, data: Mapping[str, Any]) -> Path:
-    """Merge a stage's result (VALIDATE_FILE or BENCH_FILE) into RUN/report/<name> atomically and
-    record it (see merge_results).
+def save_result(run_dir: PathLike, name: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge a stage's result (VALIDATE_FILE or BENCH_FILE) into RUN/report/<name> atomically,
+    record it (see merge_results) and return what was written.
 
     An unreadable earlier file is replaced. If the file cannot be written (a read-only run, a full
     disk), the OutputError carries the new result as JSON, which the command prints: a measurement
@@ -74,15 +145,16 @@ def save_result(run_dir: PathLike, name: str, data: Mapping[str, Any]) -> Path:
         previous = load_result(run_dir, name)
     except UsageError:
         previous = None
+    merged = merge_results(previous, data, name)
     try:
-        write_json_atomic(path, merge_results(previous, data))
+        write_json_atomic(path, merged)
         record_report_files(run_dir, [path])
     except OutputError as exc:
         raise OutputError(
             f"{exc}; the measurement was printed to stdout as JSON instead",
             salvage=json.dumps(data, indent=2),
         ) from exc
-    return path
+    return merged
 
 
 def load_result(run_dir: PathLike, name: str) -> dict[str, Any] | None:

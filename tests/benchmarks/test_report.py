@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +352,129 @@ def test_corrupt_stage_results_are_a_usage_error(tmp_path: Path) -> None:
         load_result(run, VALIDATE_FILE)
     with pytest.raises(UsageError, match=r"validate\.json"):
         write_report(run)
+
+
+def test_a_validation_on_fewer_images_is_kept_apart_from_the_full_one(tmp_path: Path) -> None:
+    # Issue 22 item 7: `validate --limit 7` merged into the full results, and the report showed a
+    # 7-image reference beside drops measured against the old one.
+    run, module = make_run(tmp_path)
+    targets = run_targets(run, module)
+    save_result(run, VALIDATE_FILE, validate_runners(targets, image_batches(48, labeller=module)))
+    few = save_result(run, VALIDATE_FILE, validate_runners(targets[:1], image_batches(7, labeller=module)))
+    assert few["images"] == 7 and few["kept_from_earlier"] == [] and list(few["results"]) == ["torch/fp32"]
+    [full] = few["other_measurements"]
+    assert full["images"] == 48 and full["results"]["onnxruntime/fp32"]["status"] == "ok"
+
+    report = write_report(run)
+    # The report shows the measurement on the most images; the other is listed with its source.
+    assert report["torch/fp32"]["accuracy"]["n"] == 48 and report["onnxruntime/fp32"]["accuracy"]["n"] == 48
+    [other] = report["validation"]["other_measurements"]
+    assert other["images"] == 7 and list(other["results"]) == ["torch/fp32"]
+    markdown = (run / "report" / "report.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| torch/fp32 ")]
+    assert any("images given by the caller, 48 images" in row for row in rows)
+    assert any("images given by the caller, 7 images" in row for row in rows)
+
+
+def test_no_drop_is_shown_across_different_image_sets(measured_run: Path) -> None:
+    path = measured_run / "report" / VALIDATE_FILE
+    data = json.loads(path.read_text())
+    data["results"]["onnxruntime/fp32"]["accuracy"]["n"] = 7  # measured on other images than its reference
+    path.write_text(json.dumps(data))
+    report = write_report(measured_run)
+    accuracy = report["onnxruntime/fp32"]["accuracy"]
+    assert accuracy["top1_drop"] is None and "top1_drop_ci" not in accuracy
+    table = format_final_table(report)
+    assert "onnxruntime/fp32: no drop: measured on 7 images, the reference torch/fp32 on 48 images" in table
+
+
+def test_results_of_an_older_schema_are_measured_again(tmp_path: Path) -> None:
+    run, module = make_run(tmp_path)
+    measure(run, module)
+    path = run / "report" / VALIDATE_FILE
+    data = json.loads(path.read_text())
+    data["schema_version"] = 1  # as reviewkd wrote it before results recorded what they measured
+    del data["measured"]
+    path.write_text(json.dumps(data))
+
+    entry = build_report(run)["onnxruntime/fp32"]
+    assert entry["accuracy"] is None and entry["validate"]["status"] == "not measured"
+    assert "report/validate.json has schema version 1" in entry["validate"]["reason"]
+    assert "run reviewkd validate again" in entry["validate"]["reason"]
+
+    saved = save_result(run, VALIDATE_FILE, validate_runners(run_targets(run, module), image_batches()))
+    assert saved["other_measurements"] == [] and "schema version 1" in saved["discarded"][0]
+
+
+def test_results_of_another_student_are_not_reported(tmp_path: Path) -> None:
+    run, module = make_run(tmp_path)
+    manifest = read_manifest(run)
+    manifest["student"]["sha256"] = "a" * 64
+    write_manifest(run, manifest)
+    targets = run_targets(run, module)
+    result = validate_runners(targets, image_batches(labeller=module), student_sha256="a" * 64)
+    assert result["measured"]["student_sha256"] == "a" * 64
+    save_result(run, VALIDATE_FILE, result)
+    manifest["student"]["sha256"] = "b" * 64  # retrained since
+    write_manifest(run, manifest)
+
+    entry = build_report(run)["torch/fp32"]
+    assert entry["accuracy"] is None
+    reason = entry["validate"]["reason"]
+    assert "measured student aaaaaaaaaaaa…, the run's student is now bbbbbbbbbbbb…" in reason
+
+
+def test_the_accuracy_heading_names_the_reference_validate_used(tmp_path: Path) -> None:
+    # A run without the student's weights is compared with its fp32 ONNX file (benchmarks.runs).
+    from benchmarks.runs import validate_run
+    from tests.helpers import make_run as make_onnx_run
+    from tests.helpers import random_batch
+
+    run, _ = make_onnx_run(tmp_path)
+    batches = [(random_batch(8), np.arange(8) % 3)]
+    result = validate_run(run, device="cpu", batches=batches)
+    assert result["reference"] == "onnxruntime/fp32"
+    write_report(run)
+    markdown = (run / "report" / "report.md").read_text()
+    assert "## Accuracy and parity against onnxruntime/fp32" in markdown
+    assert "against torch/fp32" not in markdown
+    assert f"Reference: {result['reference_note']}." in markdown
+
+
+def test_without_matplotlib_the_plots_section_names_the_missing_extra(
+    measured_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # how Python marks a module it cannot import
+    write_report(measured_run)
+    markdown = (measured_run / "report" / "report.md").read_text()
+    plots = markdown.split("## Plots", 1)[1].split("## ", 1)[0]
+    assert "matplotlib is not installed" in plots and "pip install 'reviewkd[plots]'" in plots
+    assert "Nothing to plot" not in plots
+
+
+def test_latencies_from_another_machine_are_labelled_with_it(
+    measured_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bench on the device keeps the training machine's torch/fp32 timings: the report names both.
+    import benchmarks.latency
+
+    here = load_result(measured_run, BENCH_FILE)
+    assert here is not None
+    device = {**here["environment"], "host": "jetson", "cpu": {"model": "ARMv8 Processor rev 1 (v8l)"}}
+    monkeypatch.setattr(benchmarks.latency, "collect_environment", lambda threads=None: device)
+    run_dir = measured_run
+    onnx = [t for t in run_targets(run_dir, tiny_module()) if t.key == "onnxruntime/fp32"]
+    saved = save_result(run_dir, BENCH_FILE, benchmark_runners(onnx, batch_sizes=(1,), warmup=1, iters=2))
+    assert saved["results"]["onnxruntime/fp32"]["machine"] == "jetson: ARMv8 Processor rev 1 (v8l)"
+    assert "torch/fp32" in saved["kept_from_earlier"]
+
+    report = write_report(run_dir)
+    table = format_final_table(report)
+    training = saved["results"]["torch/fp32"]["machine"]
+    assert training != "jetson: ARMv8 Processor rev 1 (v8l)"
+    assert (
+        f"latency timed on different machines: torch/fp32 on {training};"
+        " onnxruntime/fp32 on jetson: ARMv8 Processor rev 1 (v8l)"
+    ) in table
+    markdown = (run_dir / "report" / "report.md").read_text()
+    assert re.search(r"^\| onnxruntime/fp32 +\| jetson: ARMv8", markdown, flags=re.MULTILINE)

@@ -348,7 +348,8 @@ def test_validate_bench_report_commands_and_their_exit_codes(
     original = onnx_path.read_bytes()
     damage_onnx(onnx_path, onnx_path)
     manifest = read_manifest(run)
-    record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
+    exported_from = {"precision": "fp32", "student_sha256": manifest["student"]["sha256"]}
+    record_artifact(run, manifest, "export/student.onnx", "onnx", **exported_from)
     write_manifest(run, manifest)
     assert main(["validate", str(run), *common]) == 1
     assert "onnxruntime/fp32: gate max_abs_diff failed" in capsys.readouterr().err
@@ -361,7 +362,7 @@ def test_validate_bench_report_commands_and_their_exit_codes(
     saved = json.loads((run / "report" / "validate.json").read_text())
     assert "sha256" in saved["results"]["onnxruntime/fp32"]["reason"]
     assert saved["results"]["torch/fp32"]["status"] == "ok"
-    record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
+    record_artifact(run, manifest, "export/student.onnx", "onnx", **exported_from)
     write_manifest(run, manifest)
 
     assert main(["validate", str(run), "--backends", "nonesuch"]) == 2

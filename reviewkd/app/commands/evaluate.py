@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.latency import DEFAULT_SECONDS, DEFAULT_WARMUP, parse_batch_sizes
+from benchmarks.measured import source_text
 from benchmarks.report import format_final_table, report_dir
 from benchmarks.runs import (
     DEFAULT_VALIDATE_BATCH,
@@ -169,6 +170,19 @@ def _validate_lines(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _merge_lines(result: Mapping[str, Any]) -> list[str]:
+    """What saving the result kept from earlier measurements of the same kind, and what it dropped."""
+    lines = []
+    kept = result.get("kept_from_earlier") or []
+    if kept:
+        lines.append(f"kept from an earlier measurement of the same kind: {', '.join(kept)}")
+    others = result.get("other_measurements") or []
+    if others:
+        lines.append(f"kept beside it: {len(others)} measurement(s) of other inputs or references")
+    lines += [f"note: {line}" for line in result.get("discarded") or []]
+    return lines
+
+
 def run_validate_command(args: argparse.Namespace) -> int:
     """Handler of `reviewkd validate`."""
     gates = gates_from_args(args)
@@ -185,7 +199,10 @@ def run_validate_command(args: argparse.Namespace) -> int:
     )
     note = result.get("reference_note")
     print(f"reference: {result['reference']}" + (f" ({note})" if note else ""))
+    print(f"images: {source_text(result)}")
     print("\n".join(_validate_lines(result)))
+    for line in _merge_lines(result):
+        print(line)
     print(f"wrote {report_dir(args.run) / run_layout.VALIDATE_FILE}")
     raise_for_gates(result)
     print(f"validation passed on {result['images']} images")
@@ -213,6 +230,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
                 f"{key:<24} batch {batch:>4}  p50 {stats['p50_ms']:.3f} ms  p90 {stats['p90_ms']:.3f} ms"
                 f"  p99 {stats['p99_ms']:.3f} ms  {stats['throughput_ips']:.1f} images/s"
             )
+    for line in _merge_lines(result):
+        print(line)
     print(f"wrote {report_dir(args.run) / run_layout.BENCH_FILE}")
     return 0
 
