@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,66 @@ def ensure_writable_dir(folder: str | os.PathLike[str]) -> None:
             pass
     except OSError as exc:
         raise OutputError.from_os_error(folder, exc) from exc
+
+
+def check_no_link_leaves(run_dir: str | os.PathLike[str], entries: Iterable[str]) -> None:
+    """UsageError naming the first symbolic link that resolves outside `run_dir`, among its
+    top-level `entries` (names; missing ones are skipped) and everything below those that are folders.
+
+    Every writing command calls it (through deploy.run_lock, with run_layout.WRITTEN_ENTRIES) before
+    its first write: a write into a run then never follows a link out of it, whichever of those
+    files or folders the command goes on to write, remove or rename (RUN/export linked into another
+    run would otherwise have that run's files overwritten; RUN/metrics.jsonl linked to a file
+    elsewhere, appended to). Links that stay inside the run are fine; a dangling one is resolved as
+    far as it goes. Folders are walked without following links, so each link is judged where it is.
+    """
+    root = Path(os.path.realpath(run_dir))
+    for entry in entries:
+        top = root / entry
+        paths = [top]
+        if top.is_dir() and not top.is_symlink():
+            paths += [Path(folder, name) for folder, dirs, files in os.walk(top) for name in (*dirs, *files)]
+        for path in paths:
+            if not path.is_symlink():
+                continue
+            target = Path(os.path.realpath(path))
+            if not target.is_relative_to(root):
+                raise UsageError(
+                    f"{path}: a symbolic link to {target}, outside the run directory {root}; reviewkd"
+                    " writes into a run only inside it, so it refuses to write through the link"
+                    " (replace the link with a copy of what it points to)"
+                )
+
+
+def append_line(path: str | os.PathLike[str], line: str) -> None:
+    """Append `line` (and a newline) to the regular file `path`, creating it, and flush it to disk.
+
+    An append writes into the file in place, unlike the atomic writers, which replace it; so it
+    refuses a symbolic link (O_NOFOLLOW) and a file with more than one name (a hard link, maybe to a
+    file outside the run), and anything but a regular file: OutputError naming `path`.
+    """
+    target = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(target, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            reason = "a symbolic link; appends never follow one"
+            raise OutputError(f"{target}: cannot write it ({reason})") from exc
+        raise OutputError.from_os_error(target, exc) from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            what = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"{info.st_nlink} hard links"
+            raise OutputError(f"{target}: cannot write it ({what}; appends go only to a file of its own)")
+        data = (line + "\n").encode()
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+    except OSError as exc:
+        raise OutputError.from_os_error(target, exc) from exc
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

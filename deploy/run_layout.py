@@ -36,6 +36,30 @@ REPORT_MARKDOWN = f"{REPORT_DIR}/report.md"
 REPORT_HTML = f"{REPORT_DIR}/report.html"
 
 
+# The top-level entries of a run that the stages write: files, and folders written anywhere below.
+# Before a command's first write, deploy.run_lock checks that none of them leads out of the run
+# through a symbolic link (deploy.fileio.check_no_link_leaves); a name added above belongs here.
+WRITTEN_ENTRIES: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        name.split("/")[0]
+        for name in (
+            MANIFEST,
+            CONFIG,
+            STUDENT_WEIGHTS,
+            METRICS,
+            CHECKPOINT,
+            PIPELINE,
+            TEACHER_DIR,
+            TEACHER_WEIGHTS,
+            BASELINE_DIR,
+            QAD_DIR,
+            EXPORT_DIR,
+            REPORT_DIR,
+        )
+    )
+)
+
+
 def onnx_file(tag: str) -> str:
     """The exported ONNX file of a tag: "fp32" is export/student.onnx, else export/student.<tag>.onnx."""
     return FP32_ONNX if tag == "fp32" else f"{EXPORT_DIR}/student.{tag}.onnx"

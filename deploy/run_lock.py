@@ -12,15 +12,19 @@ validate, bench and report, which take it again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import inspect
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from deploy import run_layout
 from deploy.errors import OutputError, UsageError
+from deploy.fileio import check_no_link_leaves
 
 LOCK_NAME = ".lock"
 
@@ -71,31 +75,63 @@ def run_lock(run_dir: str | os.PathLike[str], command: str, *, create: bool = Fa
         finally:
             _held[key][1] -= 1
         return
-    lock_file = key / LOCK_NAME
-    try:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise OutputError.from_os_error(run, exc) from exc
+    lock_file = run / LOCK_NAME  # as the user spelled the run, for the messages
+    fd = _open_lock_file(key / LOCK_NAME, lock_file)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise RunBusyError(f"{run} is busy: {_holder(lock_file)} is writing it") from None
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {command}\n".encode())
+        # Before the command's first write: nothing it writes can follow a link out of the run.
+        check_no_link_leaves(key, run_layout.WRITTEN_ENTRIES)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {command}\n".encode())
+        except OSError as exc:
+            raise OutputError.from_os_error(lock_file, exc) from exc
         _held[key] = [fd, 1]
         yield
     except BaseException:
         # A command that fails before writing anything leaves no run directory behind that it made.
         if created and os.listdir(key) == [LOCK_NAME]:
-            lock_file.unlink()
+            (key / LOCK_NAME).unlink()
             key.rmdir()
         raise
     finally:
         _held.pop(key, None)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _open_lock_file(path: Path, lock_file: Path) -> int:
+    """Open (or create) the lock file at `path` for writing, refusing anything but a regular file of
+    its own; errors name it `lock_file`.
+
+    The lock file is truncated and written, so opening it through a symbolic link (O_NOFOLLOW
+    refuses one, dangling or not) or a hard link (a second name of another file) would overwrite
+    that other file, maybe outside the run; a FIFO or a device is no lock file either. O_NONBLOCK
+    keeps the open of a FIFO from waiting for a reader.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(
+                f"{lock_file}: a symbolic link; the lock file is written, so reviewkd refuses to open it"
+                " through a link (remove it: the next command makes a new one)"
+            ) from exc
+        raise OutputError.from_os_error(lock_file, exc, aliases=(path,)) from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"{info.st_nlink} hard links"
+        raise UsageError(
+            f"{lock_file}: {what}; the lock file is written, so reviewkd refuses anything but a regular"
+            " file with one name (remove it: the next command makes a new one)"
+        )
+    return fd
 
 
 def locks_run(

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from deploy import run_layout
-from deploy.fileio import atomic_output, write_text_atomic
+from deploy.fileio import append_line, atomic_output, write_text_atomic
 from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
 from reviewkd.config import Config
 from reviewkd.data import DataBundle
@@ -41,10 +40,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
     """Append one epoch's record to metrics.jsonl and flush it to disk."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_line(path, json.dumps(record))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -939,7 +939,94 @@ ROWS: tuple[Row, ...] = (
         "but the run's student is now ffffffffffff",
         base="qad",
     ),
+    # ---- links out of the run (issue 22 items 1 and 2): refused before the first write, the file or
+    # the other run they lead to untouched (the snapshot covers the whole test folder)
+    Row(
+        "validate: .lock a symbolic link to a file outside",
+        lambda t, r: _then(_link_out(r, LOCK_NAME, _write(t / "victim.txt", "mine\n")), _validate(r)),
+        2,
+        ".lock: a symbolic link; the lock file is written",
+    ),
+    Row(
+        "validate: .lock a dangling symbolic link",
+        lambda t, r: _then(_link_out(r, LOCK_NAME, t / "created-outside.txt"), _validate(r)),
+        2,
+        ".lock: a symbolic link; the lock file is written",
+    ),
+    Row(
+        "bench: .lock a hard link to a file outside",
+        lambda t, r: _then(
+            _link_out(r, LOCK_NAME, _write(t / "victim.txt", "mine\n"), hard=True),
+            ["bench", str(r), "--device", "cpu"],
+        ),
+        2,
+        ".lock: 2 hard links; the lock file is written",
+    ),
+    Row(
+        "export: export/ a link into another run",
+        lambda t, r: _then(
+            _link_into_another_run(t, r, "export"),
+            ["export", str(r), "--formats", "onnx", "--check-samples", "16"],
+        ),
+        2,
+        "/run/export: a symbolic link to ",
+    ),
+    Row(
+        "report: report/ a link into another run",
+        lambda t, r: _then(_link_into_another_run(t, r, "report"), ["report", str(r)]),
+        2,
+        "/run/report: a symbolic link to ",
+    ),
+    Row(
+        "validate: report/validate.json a link to a file outside",
+        lambda t, r: _then(
+            _link_out(r, "report/validate.json", _write(t / "victim.json", "{}")), _validate(r)
+        ),
+        2,
+        "outside the run directory",
+    ),
+    Row(
+        "distill --resume: metrics.jsonl a link to a file outside",
+        lambda t, r: _then(
+            _link_out(r, "metrics.jsonl", _write(t / "victim.jsonl", "mine\n")),
+            ["distill", "--out", str(r), "--resume", "train.epochs=2"],
+        ),
+        2,
+        "/run/metrics.jsonl: a symbolic link to ",
+    ),
+    Row(
+        "quantize: qad/ a link into another run",
+        lambda t, r: _then(_link_into_another_run(t, r, "qad"), _quantize(r)),
+        2,
+        "/run/qad: a symbolic link to ",
+        base="distilled",
+    ),
 )
+
+
+def _validate(run: Path) -> list[str]:
+    return ["validate", str(run), "--device", "cpu", "--limit", "16"]
+
+
+def _link_into_another_run(tmp: Path, run: Path, folder: str) -> None:
+    """Make a second run beside `run` (a copy of it, with `folder`), and link RUN/<folder> to its own."""
+    other = Path(shutil.copytree(run, tmp / "other"))
+    (other / folder).mkdir(exist_ok=True)
+    _link_out(run, folder, other / folder)
+
+
+def _link_out(run: Path, name: str, target: Path, *, hard: bool = False) -> None:
+    """Replace RUN/<name> (if there) with a symbolic link to `target`, or a `hard` one."""
+    path = run / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    if hard:
+        os.link(target, path)
+    else:
+        path.symlink_to(target)
 
 
 def _add_artifact(tmp: Path, run: Path, key: str) -> None:

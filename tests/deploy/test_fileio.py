@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from deploy.errors import OutputError
-from deploy.fileio import atomic_output, write_json_atomic, write_text_atomic
+from deploy.fileio import append_line, atomic_output, write_json_atomic, write_text_atomic
 
 
 def _mode(path: Path) -> int:
@@ -70,3 +70,26 @@ def test_an_error_that_is_not_about_writing_passes_through(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="not an OSError"), atomic_output(tmp_path / "x.json"):
         raise ValueError("not an OSError")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["symbolic link", "hard link"])
+def test_an_append_never_writes_through_a_link(tmp_path: Path, how: str) -> None:
+    # metrics.jsonl is appended to in place: a second name of another file would append to that file.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the victim's own words\n")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    if how == "hard link":
+        os.link(victim, metrics)
+    else:
+        metrics.symlink_to(victim)
+    with pytest.raises(OutputError, match=f"^{metrics}: cannot write it"):
+        append_line(metrics, '{"epoch": 1}')
+    assert victim.read_text() == "the victim's own words\n"
+
+
+def test_an_append_adds_one_line(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    append_line(metrics, '{"epoch": 1}')
+    append_line(metrics, '{"epoch": 2}')
+    assert metrics.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'

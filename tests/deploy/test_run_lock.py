@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.errors import OutputError, UsageError
 from deploy.run_lock import LOCK_NAME, RunBusyError, locks_run, run_lock
 from tests.helpers import REPO_ROOT
 
@@ -109,3 +111,83 @@ def test_a_missing_run_is_not_created_by_a_reading_stage(tmp_path: Path) -> None
     with run_lock(tmp_path / "absent", "validate"):
         pass
     assert not (tmp_path / "absent").exists()
+
+
+# --- the lock file is written: it must never be a way to write another file (issue 22 items 1, 9) ----
+
+
+def _link_lock(run: Path, victim: Path, how: str) -> None:
+    """Make RUN/.lock another name of `victim`: a symbolic link, a dangling one, or a hard link."""
+    if how == "hard link":
+        os.link(victim, run / LOCK_NAME)
+    else:
+        (run / LOCK_NAME).symlink_to(victim)
+
+
+@pytest.mark.parametrize("how", ["symbolic link", "dangling symbolic link", "hard link"])
+def test_the_lock_never_writes_through_a_link(how: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    if how != "dangling symbolic link":
+        victim.write_text("the victim's own words\n")
+    _link_lock(run, victim, how)
+    with pytest.raises(UsageError) as caught, run_lock(run, "validate"):
+        pytest.fail("the lock was taken through a link")
+    assert str(caught.value).startswith(f"{run / LOCK_NAME}: ")
+    assert ("hard links" if how == "hard link" else "a symbolic link") in str(caught.value)
+    if how == "dangling symbolic link":
+        assert not victim.exists()
+    else:
+        assert victim.read_text() == "the victim's own words\n"
+
+
+def test_the_lock_refuses_a_fifo(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / LOCK_NAME)
+    with pytest.raises(UsageError, match="not a regular file"), run_lock(tmp_path, "bench"):
+        pytest.fail("a FIFO was taken as the lock file")
+
+
+def test_a_full_disk_while_writing_the_lock_names_the_lock_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+
+    def disk_full(fd: int, data: bytes) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(LOCK_NAME):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", disk_full)
+    run = tmp_path / "new-run"
+    with pytest.raises(OutputError) as caught, run_lock(run, "distill", create=True):
+        pytest.fail("the lock was taken without its holder written")
+    assert str(caught.value) == f"{run / LOCK_NAME}: cannot write it (No space left on device)"
+    assert not run.exists()  # the run it had just made is gone again
+
+
+def test_a_link_out_of_the_run_is_refused_before_the_first_write(tmp_path: Path) -> None:
+    run, other = tmp_path / "run", tmp_path / "other"
+    (other / "export").mkdir(parents=True)
+    run.mkdir()
+    (run / "export").symlink_to(other / "export")
+    with pytest.raises(UsageError) as caught, run_lock(run, "export"):
+        pytest.fail("a command ran with export/ leading into another run")
+    assert str(caught.value).startswith(f"{run.resolve() / 'export'}: a symbolic link to {other / 'export'}")
+    assert "outside the run directory" in str(caught.value)
+    # Deeper down, dangling, or a file: refused alike. Inside the run, or outside the written names: fine.
+    (run / "export").unlink()
+    (run / "export").mkdir()
+    for name, target in [
+        ("export/student.onnx", other / "student.onnx"),
+        ("report", tmp_path / "nowhere"),
+        ("metrics.jsonl", other / "metrics.jsonl"),
+    ]:
+        (run / name).symlink_to(target)
+        with pytest.raises(UsageError, match="outside the run directory"), run_lock(run, "report"):
+            pytest.fail(f"a command ran with {name} leading out of the run")
+        (run / name).unlink()
+    (run / "export" / "student.onnx").symlink_to(run / "manifest.json")
+    (run / "notes").symlink_to(other)
+    with run_lock(run, "report"):
+        pass
