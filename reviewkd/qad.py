@@ -33,6 +33,7 @@ from deploy.errors import UsageError
 from deploy.fileio import ensure_writable_dir, sha256_file
 from deploy.manifest import (
     Manifest,
+    artifact_path,
     forget_artifact,
     input_spec,
     read_manifest,
@@ -128,26 +129,37 @@ def check_qad_options(
         raise UsageError(f"--calib-samples must be >= 1, got {calib_samples}")
 
 
-def _teacher_weights(run: Path, manifest: Manifest) -> Path:
-    """The teacher the run was distilled with: its recorded weights, or RUN/teacher/, checked against
-    the manifest's teacher sha256 (a teacher changed since would supervise QAD unnoticed)."""
-    teacher = manifest.get("teacher", {})
-    recorded, digest = teacher.get("weights"), teacher.get("sha256")
-    own = run / "teacher" / TEACHER_FILE
-    candidates = list(dict.fromkeys([Path(recorded), own] if recorded else [own]))
-    present = [path for path in candidates if path.is_file()]
-    for path in present:
-        if not digest or sha256_file(path) == digest:
-            return path
-    if present:
+def _teacher_weights(run: Path, manifest: Manifest, teacher: Path | None) -> Path:
+    """The teacher the run was distilled with: `teacher` (a file the user names with --teacher) or
+    else the run's own RUN/teacher/teacher.safetensors, checked against the manifest's teacher.sha256.
+
+    The path the manifest records under teacher.weights is never read: a copied run would silently
+    use the original's teacher, and a hostile manifest could name any file to be read and hashed. A
+    run distilled with a teacher from outside it (teacher.weights=FILE) therefore needs --teacher.
+    """
+    digest = manifest.get("teacher", {}).get("sha256")
+    if not digest:
         raise UsageError(
-            f"{present[0]}: sha256 does not match the teacher the run was distilled with (manifest"
-            f" teacher.sha256 {str(digest)[:12]}…); restore that teacher's weights"
+            f"{run / run_layout.MANIFEST}: QAD needs the run's teacher, and the manifest records none"
+            " (no teacher.sha256): quantize a run distilled from a teacher"
         )
-    raise UsageError(
-        f"{run / 'manifest.json'}: QAD needs the run's teacher; none of "
-        f"{', '.join(str(p) for p in candidates)} exists"
-    )
+    if teacher is None:
+        path = artifact_path(run, f"{run_layout.TEACHER_DIR}/{TEACHER_FILE}")  # refuses a link out
+        if not path.is_file():
+            raise UsageError(
+                f"{run / run_layout.MANIFEST}: QAD needs the run's teacher; {path} does not exist (the"
+                " run was distilled with a teacher from outside it): pass its weights with --teacher FILE"
+            )
+    else:
+        path = teacher
+        if not path.is_file():
+            raise UsageError(f"--teacher {path}: no such file")
+    if sha256_file(path) != digest:
+        raise UsageError(
+            f"{path}: sha256 does not match the teacher the run was distilled with (manifest"
+            f" teacher.sha256 {digest[:12]}…); pass that teacher's weights"
+        )
+    return path
 
 
 def _check_qad_state(run: Path, manifest: Manifest, resume: bool) -> None:
@@ -218,8 +230,12 @@ def quantize_run(
     resume: bool = False,
     device: str | None = None,
     kd_weight: float | None = None,
+    teacher_file: str | os.PathLike[str] | None = None,
 ) -> QADResult:
     """Fine-tune RUN's student under int8 fake quantization for `epochs` epochs into RUN/qad/.
+
+    The teacher is `teacher_file`, else RUN/teacher/teacher.safetensors; either must be the one the run
+    was distilled with (its sha256 in the manifest).
 
     Raises:
         UsageError: bad options; not a finished distillation run; no teacher, or not the one the
@@ -237,7 +253,7 @@ def quantize_run(
     manifest = read_manifest(run)
     verify_artifact(run, manifest, STUDENT_FILE)
     _check_qad_state(run, manifest, resume)
-    teacher_weights = _teacher_weights(run, manifest)
+    teacher_weights = _teacher_weights(run, manifest, None if teacher_file is None else Path(teacher_file))
     for folder in (run / QAD_DIR, run / run_layout.EXPORT_DIR):  # export_qad writes the second after QAD
         ensure_writable_dir(folder)
     base = load_run_config(run)

@@ -859,13 +859,36 @@ ROWS: tuple[Row, ...] = (
         "quantize: a run without a teacher",
         lambda t, r: _quantize(r),
         2,
-        "QAD needs the run's teacher; none of",
+        "QAD needs the run's teacher, and the manifest records none",
     ),
     Row(
         "quantize: teacher weights gone",
         lambda t, r: _then(_own_teacher(r).unlink(), _quantize(r)),
         2,
-        "teacher/teacher.safetensors exists",
+        "teacher/teacher.safetensors does not exist",
+        base="distilled",
+    ),
+    Row(
+        # The copy's manifest still names the original run's teacher, which is there and right: QAD
+        # would have trained against it (issue 22 item 3).
+        "quantize: a copied run without its own teacher",
+        lambda t, r: _then((r / "teacher" / "teacher.safetensors").unlink(), _quantize(r)),
+        2,
+        "pass its weights with --teacher FILE",
+        base="distilled",
+    ),
+    Row(
+        "quantize: --teacher another file",
+        lambda t, r: _quantize(r, "--teacher", str(_write(t / "other.safetensors", b"other"))),
+        2,
+        "other.safetensors: sha256 does not match the teacher the run was distilled with",
+        base="distilled",
+    ),
+    Row(
+        "quantize: --teacher missing",
+        lambda t, r: _quantize(r, "--teacher", str(t / "none.safetensors")),
+        2,
+        "--teacher ",
         base="distilled",
     ),
     Row(

@@ -91,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.out / "manifest.json").is_file():
         prepare_run(args.out, args.subset, args.check_samples)
-    result = quantize_run(args.out, args.epochs, lr=args.lr, resume=True)
+    result = quantize_run(args.out, args.epochs, lr=args.lr, resume=True, teacher_file=TEACHER_WEIGHTS)
     export_qad(args.out, check_samples=args.check_samples, log=print)
     manifest = read_manifest(args.out)
     checks = manifest["export"]["checks"]

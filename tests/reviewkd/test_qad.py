@@ -142,3 +142,30 @@ def test_usage_errors_exit_2(distilled: Path, tmp_path: Path, capsys: pytest.Cap
     (run / "qad" / "checkpoints" / "last.pt").write_bytes(b"")
     assert main(["quantize", str(run), "--epochs", "1"]) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_the_teacher_comes_from_the_run_or_from_teacher_never_from_the_manifests_path(tmp_path: Path) -> None:
+    from deploy.errors import UsageError
+    from deploy.fileio import sha256_file
+    from deploy.manifest import new_manifest
+    from reviewkd.qad import _teacher_weights
+
+    run = tmp_path / "copied-run"
+    own = run / "teacher" / "teacher.safetensors"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"the teacher's weights")
+    original = tmp_path / "original-run" / "teacher" / "teacher.safetensors"  # what a copy still records
+    original.parent.mkdir(parents=True)
+    original.write_bytes(own.read_bytes())
+    manifest = new_manifest()
+    manifest["teacher"] = {"arch": "cifar_resnet20", "weights": str(original), "sha256": sha256_file(own)}
+    assert _teacher_weights(run, manifest, None) == own
+    assert _teacher_weights(run, manifest, original) == original  # named by the user: fine
+    own.unlink()
+    with pytest.raises(UsageError, match="pass its weights with --teacher FILE"):
+        _teacher_weights(run, manifest, None)
+    # RUN/teacher linked out of the run is no teacher of the run's either.
+    own.parent.rmdir()
+    own.parent.symlink_to(original.parent)
+    with pytest.raises(UsageError, match="resolves outside the run directory"):
+        _teacher_weights(run, manifest, None)

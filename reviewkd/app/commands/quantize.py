@@ -1,8 +1,9 @@
 """`reviewkd quantize`: quantization-aware ReviewKD (QAD) of a run's student, then its Q/DQ ONNX files.
 
-quantize RUN --epochs N [--lr LR] [--kd-weight W] [--calib-samples N] [--check-samples N] [--device D]
-    [--resume]
-    fine-tunes RUN's student under int8 fake quantization against the run's teacher (reviewkd.qad)
+quantize RUN --epochs N [--teacher FILE] [--lr LR] [--kd-weight W] [--calib-samples N] [--check-samples N]
+    [--device D] [--resume]
+    fine-tunes RUN's student under int8 fake quantization against the run's teacher (reviewkd.qad:
+    RUN/teacher/teacher.safetensors, or --teacher for a run distilled with a teacher from outside it)
     into RUN/qad/, then writes export/student.int8.qad.trt.onnx (TensorRT) and
     export/student.int8.qad.onnx (ONNX Runtime), checks them and records them in RUN/manifest.json.
 """
@@ -27,6 +28,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("run", type=Path, metavar="RUN", help="a run directory written by reviewkd distill")
     parser.add_argument("--epochs", type=int, required=True, metavar="N", help="fine-tuning epochs")
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        metavar="FILE",
+        help="the weights the run was distilled with, checked by the manifest's sha256 (default:"
+        " RUN/teacher/teacher.safetensors; the path the manifest records is never read)",
+    )
     parser.add_argument(
         "--lr", type=float, metavar="LR", help="peak learning rate (default: 0.001 x the run's)"
     )
@@ -67,6 +75,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=args.device,
         kd_weight=args.kd_weight,
+        teacher_file=args.teacher,
     )
     print(
         f"qad: fake-quant val top1 {result.calibrated_top1:.2f}% calibrated, {result.top1:.2f}% fine-tuned "
