@@ -542,6 +542,7 @@ def export_model(
     out = Path(out_dir)
     if len(input_shape) != 3 or any(d < 1 for d in input_shape):
         raise UsageError(f"--input-shape {input_shape}: expected C,H,W with positive sizes")
+    _check_model_out(out)
     ensure_writable_dir(out)
     classes_n = num_classes if num_classes is not None else infer_num_classes(model_name, weights)
     model = strip_student(create_model(model_name, classes_n, weights=weights))
@@ -582,6 +583,40 @@ def export_model(
     record_artifact(out, manifest, STUDENT_FILE, "weights")
     write_manifest(out, manifest)
     return export_run(out, **export_options)
+
+
+# What a run trained by `reviewkd distill` or `reviewkd teacher` holds and `export --model` never writes.
+_TRAINING_RUN_FILES = (
+    run_layout.CHECKPOINT,
+    run_layout.METRICS,
+    run_layout.TEACHER_WEIGHTS,
+    run_layout.QAD_DIR,
+)
+
+
+def _check_model_out(out: Path) -> None:
+    """Refuse an --out that holds a run `export --model` did not make, before anything is written.
+
+    export --model rewrites manifest.json and student.safetensors in --out; over a distilled run that
+    would destroy the trained student and its record (distill and teacher refuse the same). A folder
+    an earlier `export --model` wrote (its manifest records the student's source_weights) is
+    exported again.
+    """
+    found = [name for name in _TRAINING_RUN_FILES if run_layout.run_path(out, name).exists()]
+    manifest_file = run_layout.run_path(out, run_layout.MANIFEST)
+    if not found and manifest_file.exists():
+        try:
+            student = read_manifest(out).get("student") or {}
+        except UsageError:
+            student = {}
+        if "source_weights" not in student:
+            found = [run_layout.MANIFEST]
+    if found:
+        raise UsageError(
+            f"--out {out}: already holds a run that export --model did not write ({found[0]}); it would"
+            f" overwrite its manifest and student: choose another --out (`reviewkd export {out}` exports"
+            " that run itself)"
+        )
 
 
 def _write_data_config(

@@ -654,6 +654,28 @@ ROWS: tuple[Row, ...] = (
         "plain: cannot write it",
     ),
     Row(
+        # distill and teacher refuse to train over a run; export --model would rewrite its manifest and
+        # student (issue 22 item 6).
+        "export: --model --out a distilled run",
+        lambda t, r: [
+            *_export_model(t, Path(shutil.copyfile(r / "student.safetensors", t / "w.safetensors")))[:4],
+            str(r),
+            *_export_model(t, t / "w.safetensors")[5:],
+        ],
+        2,
+        "/run: already holds a run that export --model did not write (checkpoints/last.pt)",
+    ),
+    Row(
+        "export: --model --out a distilled run without its checkpoint",
+        lambda t, r: [
+            *_export_model(t, Path(shutil.copyfile(r / "student.safetensors", t / "w.safetensors")))[:4],
+            str(_without_training_records(r)),
+            *_export_model(t, t / "w.safetensors")[5:],
+        ],
+        2,
+        "/run: already holds a run that export --model did not write (manifest.json)",
+    ),
+    Row(
         "run: --out names a file",
         lambda t, r: ["run", "--out", str(_write(t / "pipeline", "a file")), *TINY_TRAINING],
         2,
@@ -1025,6 +1047,13 @@ ROWS: tuple[Row, ...] = (
         base="distilled",
     ),
 )
+
+
+def _without_training_records(run: Path) -> Path:
+    """The run without its checkpoint and metrics.jsonl: only its manifest says it was trained."""
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.jsonl").unlink()
+    return run
 
 
 def _validate(run: Path) -> list[str]:

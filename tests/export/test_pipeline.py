@@ -299,6 +299,9 @@ def test_export_plain_model_non_square_without_data(
         logits = run_onnx(out / "export/student.onnx", [images])
         assert np.abs(logits - reference).max() <= FP32_MAX_ABS_DIFF
         assert run_onnx(out / "export/student.fp16.onnx", [images]).shape == (batch, 7)
+    # The folder an earlier export --model wrote is exported again (a distilled run is refused).
+    again = ["export", "--model", ARCH, "--weights", str(weights), "--input-shape", "3,12,20"]
+    assert main([*again, "--out", str(out), "--formats", "onnx"]) == 0
 
 
 def test_export_plain_model_with_imagefolder_data(tmp_path: Path) -> None:
