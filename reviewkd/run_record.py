@@ -31,11 +31,35 @@ def weights_file(role: str) -> str:
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a state_dict as safetensors, atomically."""
-    from safetensors.torch import save_file
+    """Write a state_dict as safetensors, atomically; a file that already holds exactly these tensors
+    and this metadata is left as it is, byte for byte.
 
+    A resume re-derives the best weights from last.pt, and safetensors writes the metadata in an
+    order that changes from one process to the next: rewriting the same weights would give the file a
+    new sha256 and mark every export made from it stale.
+    """
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
+    if _same_safetensors(path, data):
+        return
     with atomic_output(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        tmp.write_bytes(data)
+
+
+def _same_safetensors(path: Path, data: bytes) -> bool:
+    """Whether the safetensors file at `path` holds what `data` holds: the same header, read as JSON
+    (tensor names, dtypes, shapes, offsets and metadata, in any order), and the same tensor bytes."""
+
+    def split(blob: bytes) -> tuple[Any, bytes]:
+        size = int.from_bytes(blob[:8], "little")
+        return json.loads(blob[8 : 8 + size]), blob[8 + size :]
+
+    try:
+        existing = path.read_bytes()
+        return split(existing) == split(data)
+    except (OSError, ValueError):  # missing, unreadable or not safetensors: write it anew
+        return False
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:

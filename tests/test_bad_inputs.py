@@ -1313,6 +1313,20 @@ def test_retraining_takes_the_exports_out_of_service(run: Path, tmp_path: Path) 
     assert reviewkd("predict", str(run), str(image)).returncode == 0
 
 
+def test_a_resume_that_does_not_improve_keeps_the_student_byte_for_byte(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A resume re-derives the best weights from last.pt; safetensors orders their metadata anew in
+    # each process, so a rewrite would change the file's sha256 and take every export out of service
+    # (issue 22 item 9). Not rewritten at all: the same file, the same bytes.
+    student = run / "student.safetensors"
+    before, inode = student.read_bytes(), student.stat().st_ino
+    assert run_cli(["distill", "--out", str(run), "--resume", "train.epochs=1"], capsys)[0] == 0
+    assert student.stat().st_ino == inode
+    assert student.read_bytes() == before
+    assert run_cli(_predict(run, _image(tmp_path)), capsys)[0] == 0  # the exports are still current
+
+
 def _disk_full_for(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """The disk fills up exactly when `name` is renamed into place."""
     real_replace = os.replace
