@@ -169,7 +169,7 @@ _METADATA_PROPS_FIELD = 14
 _ENTRY_KEY_FIELD = 1
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     """Decode a protobuf varint at `pos`; return it and the position after it."""
     value = shift = 0
     while True:
@@ -183,8 +183,8 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int, int, int]]:
-    """Protobuf wire-format fields of a message: (field number, start, payload start, end)."""
+def _typed_fields(data: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int]]:
+    """Protobuf wire-format fields of a message: (field number, wire type, start, payload start, end)."""
     pos = 0
     while pos < len(data):
         start = pos
@@ -203,8 +203,14 @@ def _fields(data: bytes) -> Iterator[tuple[int, int, int, int]]:
             raise ValueError(f"unsupported protobuf wire type {wire_type}")
         if end > len(data):
             raise ValueError("a field runs past the end of the data")
-        yield tag >> 3, start, pos, end
+        yield tag >> 3, wire_type, start, pos, end
         pos = end
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """Protobuf wire-format fields of a message: (field number, start, payload start, end)."""
+    for number, _, start, payload, end in _typed_fields(data):
+        yield number, start, payload, end
 
 
 def _is_content_hash_entry(entry: bytes) -> bool:
@@ -234,10 +240,11 @@ def onnx_content_sha256(data: bytes) -> tuple[str, str | None]:
 
 def verify_onnx_content(path: str | os.PathLike[str]) -> None:
     """Check a stand-alone ONNX file against the content hash export stored in it; UsageError if
-    it carries none or its bytes changed since."""
+    it carries none, its bytes changed since, or it keeps weights in other files (external data)."""
     file = Path(path)
+    data = file.read_bytes()
     try:
-        actual, recorded = onnx_content_sha256(file.read_bytes())
+        actual, recorded = onnx_content_sha256(data)
     except ValueError as exc:
         raise UsageError(f"{file}: not an ONNX file ({exc})") from exc
     if recorded is None:
@@ -249,4 +256,76 @@ def verify_onnx_content(path: str | os.PathLike[str]) -> None:
         raise UsageError(
             f"{file}: content sha256 {actual[:12]}… does not match the {recorded[:12]}… recorded at"
             " export; the graph, weights or metadata changed after export"
+        )
+    check_self_contained_onnx(file, data)
+
+
+# --- external data: weights an ONNX file keeps in other files ------------------------------------------
+
+# Where ONNX's schema keeps tensors: message kind -> {field number: the kind of message it holds}.
+# A tensor sits in a graph's initializers, a node attribute's value, a sparse tensor, a function's
+# nodes or a training graph, at any depth of subgraphs (an If's branches, a Loop's body).
+_ONNX_MESSAGES: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "function": {7: "node", 11: "attribute"},
+    "training": {1: "graph", 2: "graph"},
+}
+_TENSOR_NAME_FIELD = 8
+_TENSOR_EXTERNAL_DATA_FIELD = 13
+_TENSOR_DATA_LOCATION_FIELD = 14
+_DATA_LOCATION_EXTERNAL = 1
+
+
+def onnx_external_tensors(data: bytes) -> list[str]:
+    """The names of the tensors of an ONNX file (its bytes) that keep their data in another file.
+
+    Reads the protobuf wire format directly (no onnx, no protobuf), walking every place the schema
+    keeps a tensor without recursion, so no nesting exhausts the stack. ValueError if the bytes are
+    not a protobuf message.
+    """
+    found: list[str] = []
+    pending: list[tuple[str, memoryview]] = [("model", memoryview(data))]
+    while pending:
+        kind, message = pending.pop()
+        if kind != "tensor":
+            children = _ONNX_MESSAGES[kind]
+            pending.extend(
+                (children[number], message[payload:end])
+                for number, wire_type, _, payload, end in _typed_fields(message)
+                if wire_type == 2 and number in children
+            )
+            continue
+        name, external = "", False
+        for number, wire_type, _, payload, end in _typed_fields(message):
+            if number == _TENSOR_NAME_FIELD and wire_type == 2:
+                name = bytes(message[payload:end]).decode("utf-8", "replace")
+            elif number == _TENSOR_EXTERNAL_DATA_FIELD and wire_type == 2:
+                external = True
+            elif number == _TENSOR_DATA_LOCATION_FIELD and wire_type == 0:
+                external |= _varint(message, payload)[0] == _DATA_LOCATION_EXTERNAL
+        if external:
+            found.append(name)
+    return found
+
+
+def check_self_contained_onnx(path: str | os.PathLike[str], data: bytes) -> None:
+    """UsageError naming `path` unless the ONNX file whose bytes are `data` holds all its weights.
+
+    A sha256 of the .onnx file (the manifest's, or the content hash inside it) covers that file
+    alone: weights kept as external data in other files could change unnoticed. Export writes every
+    file self-contained, so reviewkd runs no file with external data.
+    """
+    try:
+        external = onnx_external_tensors(data)
+    except ValueError as exc:
+        raise UsageError(f"{path}: not a readable ONNX file ({exc})") from exc
+    if external:
+        raise UsageError(
+            f"{path}: {len(external)} tensor(s) ({external[0]!r} first) keep their data in another file"
+            " (ONNX external data), which no sha256 covers; reviewkd runs only self-contained ONNX"
+            " files, as export writes them"
         )

@@ -23,6 +23,7 @@ resolved run directory. Both are checked before any file is opened or hashed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,7 +34,7 @@ from typing import Any, Required, TypedDict, cast
 
 from deploy import run_layout
 from deploy.errors import UsageError
-from deploy.fileio import sha256_file, write_json_atomic
+from deploy.fileio import check_self_contained_onnx, sha256_file, write_json_atomic
 
 MANIFEST_NAME = run_layout.MANIFEST
 MANIFEST_SCHEMA_VERSION = 1
@@ -258,19 +259,24 @@ def forget_artifact(manifest: Manifest, relpath: str) -> None:
 
 
 def verify_artifact(run_dir: str | os.PathLike[str], manifest: Manifest, relpath: str) -> Path:
-    """Return the artifact's path after checking that it lies in the run and its sha256 matches."""
+    """Return the artifact's path after checking that it lies in the run and its sha256 matches;
+    an ONNX file must also hold all its weights (no external data, which the sha256 would miss)."""
     entry = manifest.get("artifacts", {}).get(relpath)
     if entry is None:
         raise UsageError(f"{Path(run_dir) / relpath}: not listed in {manifest_path(run_dir)}")
     path = artifact_path(run_dir, relpath)
     if not path.is_file():
         raise UsageError(f"{path}: listed in the manifest but missing")
-    actual = sha256_file(path)
+    onnx = entry.get("kind") == "onnx" or path.suffix == ".onnx"
+    data = path.read_bytes() if onnx else None
+    actual = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
     if actual != entry["sha256"]:
         raise UsageError(
             f"{path}: sha256 {actual[:12]}… does not match the manifest's {entry['sha256'][:12]}…;"
             " the file changed after it was recorded"
         )
+    if data is not None:  # the sha256 covers this file alone: no weights may lie in others
+        check_self_contained_onnx(path, data)
     return path
 
 

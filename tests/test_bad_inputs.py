@@ -183,6 +183,25 @@ def _loose_altered_onnx(tmp: Path, run: Path) -> list[str]:
     return ["predict", str(tmp / "loose.onnx"), str(_image(tmp))]
 
 
+def _weights_to_external_data(path: Path, run: Path | None = None) -> Path:
+    """Move an ONNX file's weights into `<file>.data` beside it (ONNX external data), seal it again
+    with its content hash and, for a file of `run`, give the manifest its new sha256, as a hostile
+    editor would: every hash then holds, yet none covers the weights."""
+    import onnx
+
+    from export.onnx_export import sealed_bytes
+
+    model = onnx.load(str(path))
+    weights = {"location": f"{path.name}.data", "size_threshold": 0}
+    onnx.save_model(model, str(path), save_as_external_data=True, **weights)
+    data = sealed_bytes(onnx.load(str(path), load_external_data=False))
+    if run is None:
+        path.write_bytes(data)
+    else:
+        _rewrite_artifact(run, path.relative_to(run).as_posix(), data)
+    return path
+
+
 def _retrained_elsewhere(tmp: Path, run: Path) -> list[str]:
     _edit_manifest(run, lambda m: m["student"].update(sha256="f" * 64))  # type: ignore[attr-defined]
     return _predict(run, _image(tmp))
@@ -323,6 +342,32 @@ ROWS: tuple[Row, ...] = (
     ),
     Row("predict: loose ONNX without content hash", _loose_unsealed_onnx, 2, "carries no content hash"),
     Row("predict: loose ONNX altered", _loose_altered_onnx, 2, "loose.onnx: "),
+    # ONNX external data: weights in another file, which no sha256 covers (issue 22 item 9)
+    Row(
+        "predict: ONNX weights moved to external data, the manifest re-hashed",
+        lambda t, r: _then(
+            _weights_to_external_data(r / "export" / "student.onnx", r), _predict(r, _image(t))
+        ),
+        2,
+        "keep their data in another file (ONNX external data)",
+    ),
+    Row(
+        "validate: ONNX weights moved to external data, the manifest re-hashed",
+        lambda t, r: _then(_weights_to_external_data(r / "export" / "student.onnx", r), _validate(r)),
+        2,
+        "keep their data in another file (ONNX external data)",
+        records=VALIDATE_RECORDS,
+    ),
+    Row(
+        "predict: loose ONNX with external data, sealed again",
+        lambda t, r: [
+            "predict",
+            str(_weights_to_external_data(Path(shutil.copyfile(r / "export/student.onnx", t / "x.onnx")))),
+            str(_image(t)),
+        ],
+        2,
+        "keep their data in another file (ONNX external data)",
+    ),
     Row(
         "predict: loose random bytes",
         lambda t, r: ["predict", str(_write(t / "x.onnx", os.urandom(256))), str(_image(t))],

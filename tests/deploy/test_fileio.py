@@ -7,10 +7,19 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
-from deploy.errors import OutputError
-from deploy.fileio import append_line, atomic_output, write_json_atomic, write_text_atomic
+from deploy.errors import OutputError, UsageError
+from deploy.fileio import (
+    append_line,
+    atomic_output,
+    check_self_contained_onnx,
+    onnx_external_tensors,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def _mode(path: Path) -> int:
@@ -93,3 +102,50 @@ def test_an_append_adds_one_line(tmp_path: Path) -> None:
     append_line(metrics, '{"epoch": 1}')
     append_line(metrics, '{"epoch": 2}')
     assert metrics.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def _external(tensor: onnx.TensorProto, location: str = "weights.bin") -> onnx.TensorProto:
+    """Mark `tensor` as kept in another file, as onnx's external-data writer does."""
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    return tensor
+
+
+def test_external_data_is_found_wherever_the_schema_keeps_a_tensor() -> None:
+    from onnx import GraphProto, TensorProto, helper, numpy_helper
+
+    def tensor(name: str) -> TensorProto:
+        return numpy_helper.from_array(np.ones((2,), np.float32), name)
+
+    def graph(*, initializer: TensorProto | None = None, constant: TensorProto | None = None) -> GraphProto:
+        nodes = [helper.make_node("Constant", [], ["c"], value=constant)] if constant is not None else []
+        nodes.append(helper.make_node("Identity", ["x"], ["y"]))
+        return helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+            initializer=[initializer] if initializer is not None else [],
+        )
+
+    def model(main: onnx.GraphProto) -> bytes:
+        return helper.make_model(main).SerializeToString()
+
+    plain = model(graph(initializer=tensor("w"), constant=tensor("k")))
+    assert onnx_external_tensors(plain) == []
+    check_self_contained_onnx("plain.onnx", plain)
+    assert onnx_external_tensors(model(graph(initializer=_external(tensor("w"))))) == ["w"]
+    assert onnx_external_tensors(model(graph(constant=_external(tensor("k"))))) == ["k"]
+    # Inside a subgraph: an If's branch holding a Constant whose value lies elsewhere.
+    branch = graph(constant=_external(tensor("deep")))
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    outer = graph()
+    outer.node.append(helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=graph()))
+    outer.input.append(cond)
+    nested = model(outer)
+    assert onnx_external_tensors(nested) == ["deep"]
+    with pytest.raises(UsageError, match=r"^nested\.onnx: 1 tensor\(s\) \('deep' first\) keep their data"):
+        check_self_contained_onnx("nested.onnx", nested)
+    with pytest.raises(UsageError, match="not a readable ONNX file"):
+        check_self_contained_onnx("junk.onnx", b"\x0f\xff")
