@@ -111,7 +111,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     plain.add_argument("--weights", type=Path, help="its weights (safetensors or torch checkpoint)")
     plain.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="input shape without the batch")
     plain.add_argument("--num-classes", type=int, help="classes (default: read off the weights)")
-    plain.add_argument("--out", type=Path, metavar="DIR", help="folder laid out like a run")
+    plain.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="folder laid out like a run: a new one, or one an earlier export --model wrote (a trained"
+        " run is refused)",
+    )
     plain.add_argument(
         "--data",
         type=Path,
