@@ -39,13 +39,23 @@ class RunBusyError(UsageError):
     """Another process holds the run directory's lock."""
 
 
+# Bytes of RUN/.lock read for the holder's description ("<pid> <command>" is far shorter).
+_HOLDER_BYTES = 256
+
+
 def _holder(lock_file: Path) -> str:
-    """'reviewkd CMD (pid N)' as the holder wrote it, or a plain description if unreadable."""
+    """'reviewkd CMD (pid N)' as the holder wrote it, or a plain description if unreadable.
+
+    Only a few bytes are read, and only digits and a plain command name are shown: the file is the
+    run's, so it may hold anything, escape sequences for the terminal included.
+    """
     try:
-        pid, _, command = lock_file.read_text(encoding="utf-8").strip().partition(" ")
+        with open(lock_file, "rb") as handle:
+            text = handle.read(_HOLDER_BYTES).decode("ascii")
     except (OSError, UnicodeDecodeError):
         return "another reviewkd process"
-    if not pid.isdigit() or not command:
+    pid, _, command = text.strip().partition(" ")
+    if not (pid.isascii() and pid.isdigit()) or not (command.isascii() and command.isalpha()):
         return "another reviewkd process"
     return f"another reviewkd {command} (pid {pid})"
 

@@ -191,3 +191,14 @@ def test_a_link_out_of_the_run_is_refused_before_the_first_write(tmp_path: Path)
     (run / "notes").symlink_to(other)
     with run_lock(run, "report"):
         pass
+
+
+def test_the_holder_named_in_the_busy_message_is_only_digits_and_a_command_name(
+    held_by_another_process: tuple[Path, subprocess.Popen[str]],
+) -> None:
+    run, _ = held_by_another_process
+    # The holder's description comes from the run's own file: escape codes in it are not printed.
+    (run / LOCK_NAME).write_text("1 distill\x1b[2J\nforged line\n")
+    with pytest.raises(RunBusyError) as caught, run_lock(run, "export"):
+        pass
+    assert str(caught.value) == f"{run} is busy: another reviewkd process is writing it"
