@@ -86,7 +86,13 @@ def run_lock(run_dir: str | os.PathLike[str], command: str, *, create: bool = Fa
             _held[key][1] -= 1
         return
     lock_file = run / LOCK_NAME  # as the user spelled the run, for the messages
-    fd = _open_lock_file(key / LOCK_NAME, lock_file)
+    try:
+        fd = _open_lock_file(key / LOCK_NAME, lock_file)
+    except UsageError:
+        if created:  # nothing was written: the run directory it just made goes again
+            with contextlib.suppress(OSError):
+                key.rmdir()
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -148,17 +148,26 @@ def test_the_lock_refuses_a_fifo(tmp_path: Path) -> None:
         pytest.fail("a FIFO was taken as the lock file")
 
 
-def test_a_full_disk_while_writing_the_lock_names_the_lock_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("step", ["creating", "writing"])
+def test_a_full_disk_while_making_the_lock_names_the_lock_file(
+    step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_write = os.write
+    real_open, real_write = os.open, os.write
 
-    def disk_full(fd: int, data: bytes) -> int:
+    def open_on_a_full_disk(path: str, flags: int, mode: int = 0o777) -> int:
+        if str(path).endswith(LOCK_NAME):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, flags, mode)
+
+    def write_on_a_full_disk(fd: int, data: bytes) -> int:
         if os.readlink(f"/proc/self/fd/{fd}").endswith(LOCK_NAME):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
 
-    monkeypatch.setattr(os, "write", disk_full)
+    if step == "creating":
+        monkeypatch.setattr(os, "open", open_on_a_full_disk)
+    else:
+        monkeypatch.setattr(os, "write", write_on_a_full_disk)
     run = tmp_path / "new-run"
     with pytest.raises(OutputError) as caught, run_lock(run, "distill", create=True):
         pytest.fail("the lock was taken without its holder written")
