@@ -28,6 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
+from deploy import run_layout
 from deploy.manifest import read_manifest, write_manifest
 from deploy.run_lock import LOCK_NAME
 from reviewkd.app.cli import main
@@ -1356,6 +1357,15 @@ def test_retraining_takes_the_exports_out_of_service(run: Path, tmp_path: Path) 
     assert not (tmp_path / "repo").exists()
     assert main(["export", str(run), "--formats", "onnx", "--check-samples", "64"]) == 0
     assert reviewkd("predict", str(run), str(image)).returncode == 0
+
+
+def test_every_entry_the_stages_write_is_checked_for_links(request: pytest.FixtureRequest) -> None:
+    # The run lock judges the links among run_layout.WRITTEN_ENTRIES before a command's first write:
+    # a stage that wrote a top-level name beyond them could write through a link unchecked.
+    for fixture in BASE_RUNS.values():
+        run = request.getfixturevalue(fixture)
+        written = {path.name for path in run.iterdir()} - {LOCK_NAME}
+        assert written <= set(run_layout.WRITTEN_ENTRIES), fixture
 
 
 def test_a_resume_that_does_not_improve_keeps_the_student_byte_for_byte(
