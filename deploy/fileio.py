@@ -87,6 +87,13 @@ def ensure_writable_dir(folder: str | os.PathLike[str]) -> None:
         raise OutputError.from_os_error(folder, exc) from exc
 
 
+def _shown(path: Path) -> str:
+    """`path` for a one-line message: as it is, or quoted with escapes when it holds a line break or
+    another character a terminal would act on (names inside a run are the run's, not the user's)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def check_no_link_leaves(run_dir: str | os.PathLike[str], entries: Iterable[str]) -> None:
     """UsageError naming the first symbolic link that resolves outside `run_dir`, among its
     top-level `entries` (names; missing ones are skipped) and everything below those that are folders.
@@ -110,9 +117,9 @@ def check_no_link_leaves(run_dir: str | os.PathLike[str], entries: Iterable[str]
             target = Path(os.path.realpath(path))
             if not target.is_relative_to(root):
                 raise UsageError(
-                    f"{path}: a symbolic link to {target}, outside the run directory {root}; reviewkd"
-                    " writes into a run only inside it, so it refuses to write through the link"
-                    " (replace the link with a copy of what it points to)"
+                    f"{_shown(path)}: a symbolic link to {_shown(target)}, outside the run directory"
+                    f" {root}; reviewkd writes into a run only inside it, so it refuses to write through"
+                    " the link (replace the link with a copy of what it points to)"
                 )
 
 

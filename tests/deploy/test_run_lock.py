@@ -211,3 +211,14 @@ def test_the_holder_named_in_the_busy_message_is_only_digits_and_a_command_name(
     with pytest.raises(RunBusyError) as caught, run_lock(run, "export"):
         pass
     assert str(caught.value) == f"{run} is busy: another reviewkd process is writing it"
+
+
+def test_a_link_named_with_a_line_break_is_named_on_one_line(tmp_path: Path) -> None:
+    # Names inside a run are the run's own: the refusal quotes them rather than print a second line.
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "a\nforged line").symlink_to(tmp_path / "elsewhere\x1b[2J")
+    with pytest.raises(UsageError) as caught, run_lock(run, "export"):
+        pytest.fail("a command ran with a link out of the run")
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+    assert "'" + str(run.resolve() / "export" / "a\\nforged line") + "'" in str(caught.value)
