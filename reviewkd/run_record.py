@@ -35,16 +35,31 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     and this metadata is left as it is, byte for byte.
 
     A resume re-derives the best weights from last.pt, and safetensors writes the metadata in an
-    order that changes from one process to the next: rewriting the same weights would give the file a
-    new sha256 and mark every export made from it stale.
+    order that changes from one write to the next: rewriting the same weights would give the file a
+    new sha256 and mark every export made from it stale. The metadata is also written sorted, so the
+    same weights always make the same bytes.
     """
     from safetensors.torch import save
 
-    data = save({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
+    data = _with_sorted_metadata(save({k: v.contiguous() for k, v in state.items()}, metadata=metadata))
     if _same_safetensors(path, data):
         return
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
+
+
+def _with_sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the header's metadata in sorted key order, the same in every process
+    (safetensors itself orders it by a hash seeded anew in each one); the header keeps its length."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if not header.get("__metadata__"):
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # never with the same keys and values; kept as safetensors wrote it if so
+        return data
+    return data[:8] + text.ljust(size, b" ") + data[8 + size :]
 
 
 def _same_safetensors(path: Path, data: bytes) -> bool:

@@ -1382,6 +1382,20 @@ def test_a_resume_that_does_not_improve_keeps_the_student_byte_for_byte(
     assert run_cli(_predict(run, _image(tmp_path)), capsys)[0] == 0  # the exports are still current
 
 
+def test_the_same_weights_always_make_the_same_bytes(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from reviewkd.run_record import save_weights
+
+    state = {"conv.weight": torch.arange(6.0).reshape(2, 3), "fc.bias": torch.ones(2)}
+    metadata = {"arch": "cifar_resnet20", "num_classes": "10", "role": "student"}
+    files = [tmp_path / f"{i}.safetensors" for i in range(8)]
+    for path in files:
+        save_weights(state, path, metadata)
+    assert len({path.read_bytes() for path in files}) == 1
+    assert torch.equal(load_file(files[0])["conv.weight"], state["conv.weight"])
+
+
 def _disk_full_for(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """The disk fills up exactly when `name` is renamed into place."""
     real_replace = os.replace
