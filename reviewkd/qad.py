@@ -138,7 +138,7 @@ def _teacher_weights(run: Path, manifest: Manifest, teacher: Path | None) -> Pat
     run distilled with a teacher from outside it (teacher.weights=FILE) therefore needs --teacher.
     """
     digest = manifest.get("teacher", {}).get("sha256")
-    if not digest:
+    if not isinstance(digest, str) or not digest:
         raise UsageError(
             f"{run / run_layout.MANIFEST}: QAD needs the run's teacher, and the manifest records none"
             " (no teacher.sha256): quantize a run distilled from a teacher"
@@ -147,8 +147,9 @@ def _teacher_weights(run: Path, manifest: Manifest, teacher: Path | None) -> Pat
         path = artifact_path(run, f"{run_layout.TEACHER_DIR}/{TEACHER_FILE}")  # refuses a link out
         if not path.is_file():
             raise UsageError(
-                f"{run / run_layout.MANIFEST}: QAD needs the run's teacher; {path} does not exist (the"
-                " run was distilled with a teacher from outside it): pass its weights with --teacher FILE"
+                f"{run / run_layout.MANIFEST}: QAD needs the run's teacher; {path} does not exist (a"
+                " run whose teacher came from outside it has none of its own): pass its weights with"
+                " --teacher FILE"
             )
     else:
         path = teacher

@@ -953,6 +953,13 @@ ROWS: tuple[Row, ...] = (
         base="distilled",
     ),
     Row(
+        "quantize: teacher.sha256 not a string",
+        lambda t, r: _then(_raw_teacher_sha256(r, 123), _quantize(r)),
+        2,
+        "QAD needs the run's teacher, and the manifest records none",
+        base="distilled",
+    ),
+    Row(
         "quantize: --teacher missing",
         lambda t, r: _quantize(r, "--teacher", str(t / "none.safetensors")),
         2,
@@ -1158,6 +1165,13 @@ def _raw_manifest(
         raw["input"]["shape"] = shape
     if classes is not None:
         raw["classes"] = classes
+    (run / "manifest.json").write_text(json.dumps(raw))
+
+
+def _raw_teacher_sha256(run: Path, value: object) -> None:
+    """Give the manifest's teacher.sha256 a value of the wrong type, by hand."""
+    raw = json.loads((run / "manifest.json").read_text())
+    raw["teacher"]["sha256"] = value
     (run / "manifest.json").write_text(json.dumps(raw))
 
 
