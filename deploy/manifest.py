@@ -3,6 +3,7 @@
 Layout (docs/METHOD.md section 5.1); every stage adds to it and rewrites it atomically:
 
     schema_version   int, MANIFEST_SCHEMA_VERSION
+    task             "classification" | "detection" (deploy.tasks; absent in older runs: classification)
     classes          list of class names, index = label
     input            {"shape": [C, H, W], "layout": "NCHW", "dtype": "float32",
                       "mean": [..], "std": [..] (on 0-1 pixel values), "resize": int or null
@@ -57,6 +58,7 @@ class Manifest(TypedDict, total=False):
     """The manifest document. Blocks beyond the typed ones (export, baselines, ...) are free-form."""
 
     schema_version: Required[int]
+    task: str
     classes: list[str]
     input: dict[str, Any]
     student: dict[str, Any]

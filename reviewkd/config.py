@@ -31,17 +31,19 @@ import yaml
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import write_text_atomic
+from deploy.tasks import CLASSIFICATION, DETECTION, TASKS
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG_NAME = "digits"
 
-METHODS = ("ce", "kd", "reviewkd", "reviewkd+kd")
+METHODS = TASKS[CLASSIFICATION].methods
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 AUGMENTS = ("auto", "none", "crop", "crop_flip", "rrc_flip")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+DETECTION_FORMATS = ("digits", "coco", "yolo")
 
 
 @dataclass
@@ -156,6 +158,38 @@ class TrainConfig:
 
 
 @dataclass
+class DetectionConfig:
+    """What a detection run (task: detection) reads and builds; classification ignores it.
+
+    student.arch and teacher.arch name detectors (reviewkd.detection.models.list_detectors).
+    """
+
+    format: str = "digits"  # digits (the embedded set, no download) | coco | yolo
+    # coco: each split's annotation JSON; yolo: each split's folder name under images/ and labels/
+    # (null: no split folder); relative to data.root. digits: unused.
+    train: str | None = None
+    val: str | None = None
+    # coco: each split's image folder, relative to data.root (null: its annotation JSON's folder)
+    train_images: str | None = None
+    val_images: str | None = None
+    height: int = 64  # images' size the small detectors are built for (others are resized to it)
+    width: int = 96
+    # digits: images the embedded set generates per split; its folder is data.root, or, when null,
+    # a cache folder named by the set's spec (REVIEWKD_CACHE, else ~/.cache/reviewkd).
+    digits_train_images: int = 512
+    digits_val_images: int = 128
+    digits_seed: int = 0
+    flip_probability: float = 0.5  # augmentation: horizontal flips (digits: 0, a mirrored digit is no digit)
+    min_scale: float = 0.75  # augmentation: the resize factor of the scale/crop
+    max_scale: float = 1.25
+    # The small FCOS detectors' anchor side over their level's stride: FCOS assigns a box to a level
+    # by its size relative to the anchors (4 to 8 anchor sides), so below 1 spreads smaller objects
+    # over the coarser levels.
+    anchor_scale: float = 1.0
+    score_thresh: float = 0.05  # detections kept for the metric (torchvision's default 0.2 for FCOS)
+
+
+@dataclass
 class OutputConfig:
     """Where the run directory goes (`--out` sets it)."""
 
@@ -166,6 +200,7 @@ class OutputConfig:
 class Config:
     """The whole resolved configuration of a teacher or distillation run."""
 
+    task: str = CLASSIFICATION  # classification | detection (deploy.tasks.TASKS)
     data: DataConfig = field(default_factory=DataConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -174,6 +209,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
 
 
 def shipped_configs() -> list[str]:
@@ -277,9 +313,10 @@ def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> 
 
 def validate(config: Config) -> Config:
     """Check choices and ranges that types cannot express; returns the config for chaining."""
+    _check_choice("task", config.task, tuple(TASKS))
     _check_choice("data.dataset", config.data.dataset, DATASETS)
     _check_choice("data.augment", config.data.augment, AUGMENTS)
-    _check_choice("method.name", config.method.name, METHODS)
+    _check_choice("method.name", config.method.name, TASKS[config.task].methods)
     _check_choice("optim.name", config.optim.name, OPTIMIZERS)
     _check_choice("schedule.name", config.schedule.name, SCHEDULES)
     _check_choice("train.device", config.train.device, DEVICES)
@@ -337,7 +374,9 @@ def validate(config: Config) -> Config:
             raise UsageError(f"config key {key}: expected 3 values (R, G, B), got {values}")
     if config.data.std is not None and any(v <= 0 for v in config.data.std):
         raise UsageError(f"config key data.std: every value must be > 0, got {config.data.std}")
-    if config.data.dataset != "digits" and not config.data.root:
+    if config.task == DETECTION:
+        _validate_detection(config)
+    elif config.data.dataset != "digits" and not config.data.root:
         raise UsageError(
             f"config key data.root: required for data.dataset={config.data.dataset}; "
             "pass data.root=DIR (the dataset's folder)"
@@ -351,6 +390,43 @@ def validate(config: Config) -> Config:
     ):
         raise UsageError("config keys method.student_taps and method.teacher_taps: set both or neither")
     return config
+
+
+def _validate_detection(config: Config) -> None:
+    """The detection section's choices and ranges (task: detection)."""
+    dc = config.detection
+    _check_choice("detection.format", dc.format, DETECTION_FORMATS)
+    if dc.format != "digits" and not config.data.root:
+        raise UsageError(
+            f"config key data.root: required for detection.format={dc.format}; "
+            "pass data.root=DIR (the data set's folder)"
+        )
+    if dc.format == "coco" and not (dc.train and dc.val):
+        raise UsageError(
+            "config keys detection.train and detection.val: detection.format=coco needs each split's"
+            " annotation JSON (relative to data.root)"
+        )
+    for key, value in (
+        ("detection.height", dc.height),
+        ("detection.width", dc.width),
+        ("detection.digits_train_images", dc.digits_train_images),
+        ("detection.digits_val_images", dc.digits_val_images),
+        ("detection.min_scale", dc.min_scale),
+        ("detection.max_scale", dc.max_scale),
+        ("detection.anchor_scale", dc.anchor_scale),
+    ):
+        _check_positive(key, value)
+    if not 0.0 <= dc.flip_probability <= 1.0:
+        raise UsageError(
+            f"config key detection.flip_probability: must be in [0, 1], got {dc.flip_probability}"
+        )
+    if dc.min_scale > dc.max_scale:
+        raise UsageError(
+            f"config keys detection.min_scale and detection.max_scale: expected min <= max, got"
+            f" {dc.min_scale} > {dc.max_scale}"
+        )
+    if not 0.0 <= dc.score_thresh < 1.0:
+        raise UsageError(f"config key detection.score_thresh: must be in [0, 1), got {dc.score_thresh}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

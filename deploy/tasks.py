@@ -1,0 +1,98 @@
+"""The tasks reviewkd knows, and what every layer may know of them without torch: the one list of names.
+
+A task is an axis of the whole project (what the data, the models, the loss and the metric are).
+This module owns its torch-free contract: the task's name, the methods a config may name for it
+(and which of them is the baseline a distilled student is compared with), the metric that ranks
+its models (key and label, higher is better), the metrics a model of that task records in the
+manifest, and whether the deployment stages (export, validate, bench) exist for it yet.
+
+reviewkd.tasks maps every name of TASKS to its training side (TRAINING_TASKS); a manifest records
+its run's task ("task"), read back with `task_of`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from deploy.errors import UsageError
+
+CLASSIFICATION = "classification"
+DETECTION = "detection"
+# A manifest without a "task" key was written before tasks existed: every such run is a classifier.
+DEFAULT_TASK = CLASSIFICATION
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task's torch-free contract.
+
+    Attributes:
+        name: the task's name, as configs (`task:`) and manifests ("task") spell it.
+        methods: the method names a config may give for it (method.name).
+        baseline_method: the method of the student trained without a teacher, which the distilled
+            student is compared with.
+        metric_key: the key of the metric that ranks models (the best epoch, the distillation
+            gain), as the manifest's model blocks hold it; `metric_label` names it for people.
+        higher_is_better: whether a larger metric is a better model.
+        model_metrics: the metrics (key, label) a trained model's manifest block records, the
+            ranking metric first; all in percent (0-100).
+        val_metric_keys: the keys of the validation metrics of each scored epoch in metrics.jsonl.
+        deploy_skip_reason: None where export, validate and bench exist for the task; otherwise
+            why they are skipped, which a run reports in their place.
+    """
+
+    name: str
+    methods: tuple[str, ...]
+    baseline_method: str
+    metric_key: str
+    metric_label: str
+    higher_is_better: bool
+    model_metrics: tuple[tuple[str, str], ...]
+    val_metric_keys: tuple[str, ...]
+    deploy_skip_reason: str | None = None
+
+
+TASKS: dict[str, TaskSpec] = {
+    CLASSIFICATION: TaskSpec(
+        name=CLASSIFICATION,
+        methods=("ce", "kd", "reviewkd", "reviewkd+kd"),
+        baseline_method="ce",
+        metric_key="top1",
+        metric_label="top-1 %",
+        higher_is_better=True,
+        model_metrics=(("top1", "top-1 %"), ("top5", "top-5 %")),
+        val_metric_keys=("val_top1", "val_top5", "val_loss"),
+    ),
+    DETECTION: TaskSpec(
+        name=DETECTION,
+        methods=("plain", "reviewkd"),
+        baseline_method="plain",
+        metric_key="map",
+        metric_label="mAP@[.5:.95] %",
+        higher_is_better=True,
+        model_metrics=(("map", "mAP@[.5:.95] %"), ("ap50", "AP50 %")),
+        val_metric_keys=("val_map", "val_ap50"),
+        deploy_skip_reason="exporting, validating and benchmarking detectors is not built yet (issue 19)",
+    ),
+}
+
+
+def task_named(name: object, source: str = "config key task") -> TaskSpec:
+    """The TaskSpec called `name`; a UsageError naming `source` and the known tasks otherwise."""
+    if not isinstance(name, str) or name not in TASKS:
+        raise UsageError(f"{source}: {name!r} is not one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_of(manifest: Mapping[str, Any], source: str = "manifest") -> TaskSpec:
+    """The task a manifest records ("task"); manifests without one are classification (older runs)."""
+    return task_named(manifest.get("task", DEFAULT_TASK), f"{source}: task")
+
+
+def require_deployable(manifest: Mapping[str, Any], action: str, source: str = "manifest") -> None:
+    """Raise UsageError when the manifest's task has no `action` (export, validate, bench, ...) yet."""
+    spec = task_of(manifest, source)
+    if spec.deploy_skip_reason is not None:
+        raise UsageError(f"{source}: a {spec.name} run; {action} is not available: {spec.deploy_skip_reason}")
