@@ -45,6 +45,7 @@ from deploy.errors import ReviewKDError, UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import read_manifest, verify_artifact
 from deploy.run_lock import locks_run
+from deploy.tasks import TASKS
 from reviewkd.checkpoint import (
     CHECKPOINT_FILE,
     TrainState,
@@ -99,7 +100,8 @@ class TrainingDivergedError(ReviewKDError):
 
 
 def teacher_training_config(config: Config) -> Config:
-    """The config of the teacher's own run: cross-entropy training of teacher.arch.
+    """The config of the teacher's own run: teacher.arch trained alone, by the task's baseline method
+    (classification: cross-entropy).
 
     teacher.epochs and teacher.lr, where set, replace train.epochs and optim.lr; with teacher.full_data
     the teacher trains on the whole training split, whatever part of it the student sees.
@@ -111,7 +113,7 @@ def teacher_training_config(config: Config) -> Config:
         config,
         data=data,
         student=dataclasses.replace(config.student, arch=config.teacher.arch, weights=None),
-        method=dataclasses.replace(config.method, name="ce"),
+        method=dataclasses.replace(config.method, name=TASKS[config.task].baseline_method),
         train=dataclasses.replace(config.train, epochs=config.teacher.epochs or config.train.epochs),
         optim=dataclasses.replace(config.optim, lr=config.teacher.lr or config.optim.lr),
     )
@@ -471,7 +473,7 @@ def train_one_epoch(
     return sums
 
 
-def _validates(config: Config, epoch: int) -> bool:
+def validates_epoch(config: Config, epoch: int) -> bool:
     """Whether epoch `epoch` (0-based) is scored on the validation split: every train.eval_every-th
     epoch and always the last."""
     return (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs
@@ -497,7 +499,7 @@ def _end_epoch(trainer: Trainer, epoch: int, sums: EpochSums) -> None:
     record.update({k: totals[k] / denom for k in ("loss", "ce", "hcl", "kd") if k in totals})
     record["train_top1"] = 100.0 * totals.get("correct", 0.0) / denom
     val: dict[str, float] | None = None
-    if _validates(trainer.config, epoch):
+    if validates_epoch(trainer.config, epoch):
         t_val = time.perf_counter()
         batch_size = max(tc.batch_size, 256)
         if trainer.ema is not None:
@@ -558,7 +560,7 @@ def _has_trained(out_dir: Path, role: str) -> bool:
     return (out_dir / weights_file(role)).exists() or len(read_metrics(out_dir / METRICS_FILE)) > 1
 
 
-def _check_run_dir(
+def check_run_dir(
     out_dir: Path, config: Config, resume: bool, role: str, resumable: Sequence[str] = ()
 ) -> None:
     """Refuse to train over an existing run without --resume, to resume a run whose checkpoint is
@@ -644,7 +646,7 @@ def fit(
             )
     out_dir = Path(out_dir)
     teacher_record = teacher_record or {"arch": None, "sha256": None, "top1": None, "top5": None}
-    _check_run_dir(out_dir, config, resume, role, resumable)
+    check_run_dir(out_dir, config, resume, role, resumable)
     bundle = bundle or build_data(config)
     trainer = _build_trainer(
         config, out_dir, role, teacher, teacher_record, runtime, bundle, prepare_student, initial_head
@@ -680,7 +682,7 @@ def fit(
 # ------------------------------------------------------------------------------------------------- stages
 
 
-def _teacher_is_complete(out_dir: Path, config: Config) -> bool:
+def teacher_is_complete(out_dir: Path, config: Config) -> bool:
     """True when out_dir holds a finished teacher run of exactly this config, its weights verified."""
     ckpt_path = out_dir / CHECKPOINT_FILE
     required = (ckpt_path, out_dir / run_layout.CONFIG, out_dir / run_layout.MANIFEST)
@@ -713,7 +715,7 @@ def train_teacher(
     out = Path(out_dir)
     derived = teacher_training_config(config)
     check_model_names(derived, teacher=False)
-    if _teacher_is_complete(out, derived):
+    if teacher_is_complete(out, derived):
         if runtime is None or runtime.is_main:
             print(f"teacher: reusing the finished run in {out}", flush=True)
         return out / TEACHER_FILE
@@ -762,7 +764,7 @@ def distill(config: Config, out_dir: str | os.PathLike[str], *, resume: bool = F
     """
     out = Path(out_dir)
     check_model_names(config, teacher=config.method.name != "ce")
-    _check_run_dir(out, config, resume, "student")
+    check_run_dir(out, config, resume, "student")
     with runtime_session(config) as runtime:
         bundle = build_data(config)
         teacher, record = None, None

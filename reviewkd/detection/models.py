@@ -68,6 +68,8 @@ SMALL_DETECTORS: dict[str, SmallFcosSpec] = {
     "fcos_small_student": SmallFcosSpec(stage_widths=(16, 32, 64), fpn_width=32, head_convs=2),
 }
 SMALL_STRIDES = (4, 8, 16)
+# torchvision FCOS's default centre-sampling radius, in anchor sides.
+FCOS_CENTER_SAMPLING_RADIUS = 1.5
 
 
 @dataclass(frozen=True)
@@ -212,10 +214,19 @@ class BackboneFPN(nn.Module):
         return self.fpn(self.body(x))
 
 
-def small_fcos(name: str, num_classes: int, image_size: tuple[int, int], **kwargs: Any) -> Detector:
+def small_fcos(
+    name: str, num_classes: int, image_size: tuple[int, int], anchor_scale: float = 1.0, **kwargs: Any
+) -> Detector:
     """A small FCOS detector (SMALL_DETECTORS[name]) for images of `image_size` (H, W), which its
     transform leaves unresized; other sizes are resized as torchvision's detectors do. `kwargs` go to
-    torchvision's FCOS (score_thresh, nms_thresh, detections_per_img, ...)."""
+    torchvision's FCOS (score_thresh, nms_thresh, detections_per_img, ...).
+
+    `anchor_scale` sets each level's anchor side to its stride times it. torchvision's FCOS assigns a
+    box to the levels whose anchors are 4 to 8 times smaller than the box's reach from the cell (no
+    lower bound on the finest level, no upper on the coarsest), so with anchors as wide as the
+    strides (1.0) every object under 64 pixels lands on the finest level; 0.5 halves those bounds.
+    The centre-sampling radius, counted in anchor sides, is divided by it, so in pixels it stays
+    torchvision's 1.5 strides."""
     spec = SMALL_DETECTORS[name]
     body = SmallResNet(spec.stage_widths)
     backbone = BackboneFPN(
@@ -225,7 +236,9 @@ def small_fcos(name: str, num_classes: int, image_size: tuple[int, int], **kwarg
         out_channels=spec.fpn_width,
     )
     # FCOS's anchors are its feature cells: one per location, as wide as the level's stride.
-    anchors = AnchorGenerator(tuple((stride,) for stride in SMALL_STRIDES), ((1.0,),) * len(SMALL_STRIDES))
+    sides = tuple((stride * anchor_scale,) for stride in SMALL_STRIDES)
+    anchors = AnchorGenerator(sides, ((1.0,),) * len(SMALL_STRIDES))
+    kwargs.setdefault("center_sampling_radius", FCOS_CENTER_SAMPLING_RADIUS / anchor_scale)
     head = FCOSHead(spec.fpn_width, num_anchors=1, num_classes=num_classes, num_convs=spec.head_convs)
     height, width = image_size
     model = detection.FCOS(
@@ -251,22 +264,27 @@ def build_detector(
     num_classes: int,
     weights: str | os.PathLike[str] | None = None,
     image_size: tuple[int, int] = (64, 96),
+    anchor_scale: float = 1.0,
     **kwargs: Any,
 ) -> Detector:
     """Build a detector by name (`list_detectors()`) for `num_classes` classes (indices 0..K-1).
 
     `weights` is a user's file holding the torchvision model's state_dict, loaded strictly;
-    `image_size` (H, W) sizes the small detectors' transform; `kwargs` go to the torchvision builder.
+    `image_size` (H, W) sizes the small detectors' transform and `anchor_scale` their anchors
+    (`small_fcos`); `kwargs` go to the torchvision builder.
 
     Raises:
-        UsageError: an unknown name, num_classes below 1, or a weights file that does not fit.
+        UsageError: an unknown name, num_classes below 1, anchor_scale for a torchvision detector, or
+            a weights file that does not fit.
     """
     if num_classes < 1:
         raise UsageError(f"detector '{name}': num_classes is {num_classes}; expected at least 1")
     if name.startswith(TORCHVISION_PREFIX):
+        if anchor_scale != 1.0:
+            raise UsageError(f"detector '{name}': anchor_scale applies to the small FCOS detectors only")
         detector = _torchvision_detector(name, num_classes, **kwargs)
     elif name in SMALL_DETECTORS:
-        detector = small_fcos(name, num_classes, image_size, **kwargs)
+        detector = small_fcos(name, num_classes, image_size, anchor_scale, **kwargs)
     else:
         raise UsageError(f"detector '{name}' is unknown; expected one of {', '.join(list_detectors())}")
     if weights is not None:

@@ -1,0 +1,585 @@
+"""Training detectors: the teacher, the ReviewKD student and the plain student, scored by COCO mAP.
+
+The run directory is a classification run's (docs/METHOD.md section 5, deploy.run_layout's names):
+config.yaml, metrics.jsonl (one line per epoch, val_map and val_ap50 on the scored ones),
+checkpoints/last.pt (a reviewkd.checkpoint TrainState), the best weights by val mAP
+(student.safetensors, or teacher.safetensors for a teacher run) and manifest.json, which records
+"task": "detection". The weights file holds the torchvision model's own state_dict (what
+reviewkd.detection.models.build_detector loads as a user's weights), so the student's holds no ABF.
+
+The generic pieces are the classification engine's: reviewkd.optim's optimizer and schedules,
+reviewkd.runtime's device and seed, reviewkd.checkpoint's save and load (weights_only), the run
+directory checks and the teacher-reuse test of reviewkd.engine, deploy.run_lock. Ordering is theirs
+too: an epoch's metrics line is appended, then last.pt replaced, then the best weights and the
+manifest re-derived. A run continues (--resume) from the last completed epoch; sample order and
+augmentation are functions of (seed, epoch), so on the CPU a resumed run ends where an
+uninterrupted one does. One process only: detection under torchrun is not built.
+
+mAP and AP50 are percentages (0-100) in metrics.jsonl and the manifest, like top-1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deploy import run_layout
+from deploy.detection.annotations import DetectionDataset, read_coco, read_yolo
+from deploy.detection.coco_metric import Detections, coco_metrics
+from deploy.errors import UsageError
+from deploy.fileio import sha256_file
+from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
+from deploy.run_lock import locks_run
+from deploy.tasks import DETECTION, TASKS
+from reviewkd.checkpoint import (
+    CHECKPOINT_FILE,
+    TrainState,
+    capture_rng_state,
+    cpu_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from reviewkd.config import Config, config_to_dict, save_config
+from reviewkd.detection.data import BoxAugment, DetectionImages, collate_detection
+from reviewkd.detection.distiller import DetectionReviewKD, PlainDetection
+from reviewkd.detection.models import Detector, build_detector, list_detectors
+from reviewkd.detection.synthetic import DigitsDetectionSpec, ensure_digits_detection
+from reviewkd.distiller import Distiller
+from reviewkd.engine import (
+    TEACHER_SUBDIR,
+    TrainingDivergedError,
+    check_run_dir,
+    teacher_is_complete,
+    teacher_training_config,
+    validates_epoch,
+)
+from reviewkd.optim import distill_scale, lr_factor, make_optimizer
+from reviewkd.run_record import (
+    METRICS_FILE,
+    append_metrics,
+    save_weights,
+    truncate_metrics,
+    weights_file,
+)
+from reviewkd.runtime import Runtime, runtime_session
+
+# Where the embedded digits set is generated when data.root is not set: $REVIEWKD_CACHE, else this.
+CACHE_ENV = "REVIEWKD_CACHE"
+DEFAULT_CACHE = Path.home() / ".cache" / "reviewkd"
+EVAL_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class DetectionData:
+    """The train and val splits of a detection run, the image size the detectors are built for, and
+    the manifest's data block."""
+
+    train: DetectionDataset
+    val: DetectionDataset
+    image_size: tuple[int, int]
+    record: dict[str, Any]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.train.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+
+def digits_spec(config: Config) -> DigitsDetectionSpec:
+    """The embedded digits set that config.detection asks for."""
+    dc = config.detection
+    return DigitsDetectionSpec(
+        seed=dc.digits_seed,
+        train_images=dc.digits_train_images,
+        val_images=dc.digits_val_images,
+        height=dc.height,
+        width=dc.width,
+    )
+
+
+def digits_root(config: Config) -> Path:
+    """data.root, or a cache folder named by the set's spec (so runs of other specs never share one)."""
+    if config.data.root:
+        return Path(config.data.root)
+    spec = json.dumps(dataclasses.asdict(digits_spec(config)), sort_keys=True)
+    cache = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    return cache / f"digits_detection-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+
+
+def _split_path(root: Path, relative: str | None) -> Path | None:
+    return root / relative if relative else None
+
+
+def build_detection_data(config: Config) -> DetectionData:
+    """Read (for digits: generate first, once) the train and val splits config.detection names.
+
+    Raises:
+        UsageError: a missing or malformed data set, or splits whose classes differ.
+    """
+    dc = config.detection
+    if dc.format == "digits":
+        root = digits_root(config)
+        paths = ensure_digits_detection(root, digits_spec(config))
+        train, val = read_coco(paths["train"]), read_coco(paths["val"])
+    else:
+        root = Path(str(config.data.root))
+        splits = []
+        for name, split, images in (("train", dc.train, dc.train_images), ("val", dc.val, dc.val_images)):
+            if dc.format == "coco":
+                annotations = _split_path(root, split)
+                if annotations is None:
+                    raise UsageError(f"config key detection.{name}: detection.format=coco needs the JSON")
+                splits.append(read_coco(annotations, _split_path(root, images)))
+            else:
+                splits.append(read_yolo(root / "images" / split if split else root / "images"))
+        train, val = splits
+    if train.class_names != val.class_names:
+        raise UsageError(
+            f"{val.source}: classes {list(val.class_names)} differ from the train split's"
+            f" {list(train.class_names)} ({train.source})"
+        )
+    record = {
+        "dataset": dc.format,
+        "root": str(root),
+        "train": str(train.source),
+        "val": str(val.source),
+        "train_images": len(train.images),
+        "val_images": len(val.images),
+    }
+    return DetectionData(train, val, (dc.height, dc.width), record)
+
+
+def check_detector_names(config: Config, *, teacher: bool) -> None:
+    """Check student.arch (and teacher.arch) against the detectors known, before any work."""
+    known = list_detectors()
+    for key, name in (("student.arch", config.student.arch), ("teacher.arch", config.teacher.arch)):
+        if key == "teacher.arch" and not teacher:
+            continue
+        if name not in known:
+            raise UsageError(
+                f"config key {key}: detector '{name}' is unknown; expected one of {', '.join(known)}"
+            )
+
+
+def create_detector(
+    config: Config, arch: str, num_classes: int, weights: str | os.PathLike[str] | None
+) -> Detector:
+    """The detector `arch` for this config's image size and anchors, with a weights file if given."""
+    dc = config.detection
+    return build_detector(
+        arch, num_classes, weights, image_size=(dc.height, dc.width), anchor_scale=dc.anchor_scale
+    )
+
+
+@torch.no_grad()
+def evaluate_detector(
+    detector: Detector, dataset: DetectionDataset, runtime: Runtime, batch_size: int = EVAL_BATCH_SIZE
+) -> dict[str, float]:
+    """COCO mAP@[.5:.95] and AP50 (percent) of `detector` on `dataset` in eval mode, and n images."""
+    was_training = detector.training
+    detector.eval()
+    images = DetectionImages(dataset)
+    found: list[Detections] = []
+    for start in range(0, len(images), batch_size):
+        batch, _ = collate_detection([images[i] for i in range(start, min(start + batch_size, len(images)))])
+        with runtime.autocast():
+            outputs = detector([image.to(runtime.device) for image in batch])
+        found.extend(
+            Detections(
+                boxes=output["boxes"].float().cpu().numpy(),
+                scores=output["scores"].float().cpu().numpy(),
+                labels=output["labels"].cpu().numpy(),
+            )
+            for output in outputs
+        )
+    detector.train(was_training)
+    metrics = coco_metrics(dataset.images, found, dataset.num_classes)
+    return {"map": 100.0 * metrics.map, "ap50": 100.0 * metrics.ap50, "n": len(found)}
+
+
+# ---------------------------------------------------------------------------------------------- run record
+
+
+def _method_params(config: Config) -> dict[str, Any]:
+    if config.method.name == TASKS[DETECTION].baseline_method:
+        return {}
+    return {"hcl_weight": config.method.hcl_weight, "warmup_epochs": config.method.warmup_epochs}
+
+
+def write_detection_manifest(
+    out_dir: Path,
+    config: Config,
+    data: DetectionData,
+    role: str,
+    teacher_record: dict[str, Any],
+    best: dict[str, Any] | None,
+) -> None:
+    """(Re)write manifest.json: the task, classes, input size, data, the model(s) and their val mAP."""
+    path = run_layout.run_path(out_dir, run_layout.MANIFEST)
+    manifest = read_manifest(out_dir) if path.is_file() else new_manifest()
+    manifest["task"] = DETECTION
+    manifest["classes"] = list(data.classes)
+    height, width = data.image_size
+    # The detectors take RGB pixels in 0-1 and normalise them themselves.
+    manifest["input"] = {
+        "shape": [3, height, width],
+        "layout": "NCHW",
+        "dtype": "float32",
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+        "resize": None,
+    }
+    manifest["data"] = dict(data.record)
+    name = weights_file(role)
+    record: dict[str, Any] = {
+        "arch": config.student.arch,
+        "num_classes": data.num_classes,
+        "anchor_scale": config.detection.anchor_scale,
+    }
+    if best is not None:
+        entry = record_artifact(out_dir, manifest, name, "weights", role=role)
+        record.update(
+            weights=name, sha256=entry["sha256"], map=best["map"], ap50=best["ap50"], epoch=best["epoch"]
+        )
+    if role == "student":
+        manifest["method"] = {"name": config.method.name, "params": _method_params(config)}
+        manifest["teacher"] = teacher_record
+        manifest["student"] = record
+    else:
+        manifest["method"] = {"name": TASKS[DETECTION].baseline_method, "params": {}}
+        manifest["teacher"] = record
+    write_manifest(out_dir, manifest)
+
+
+def _write_best(
+    out_dir: Path,
+    config: Config,
+    data: DetectionData,
+    role: str,
+    teacher_record: dict[str, Any],
+    best: dict[str, Any],
+) -> None:
+    meta = {
+        "arch": config.student.arch,
+        "num_classes": str(data.num_classes),
+        "role": role,
+        "task": DETECTION,
+    }
+    save_weights(best["state"], out_dir / weights_file(role), meta)
+    write_detection_manifest(out_dir, config, data, role, teacher_record, best)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class _DetectionTrainer:
+    """The live objects of one `fit_detector`, and their conversion to and from last.pt."""
+
+    config: Config
+    runtime: Runtime
+    data: DetectionData
+    distiller: Distiller
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    out_dir: Path
+    role: str
+    teacher_record: dict[str, Any]
+    best: dict[str, Any] | None = None
+
+    def snapshot(self, epoch: int) -> TrainState:
+        return TrainState(
+            epoch=epoch,
+            step=0,
+            aug_state=None,
+            accum={},
+            student=cpu_state(self.distiller.student),
+            head=cpu_state(self.distiller.head),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler={},
+            rng=capture_rng_state(),
+            best=self.best,
+            config=config_to_dict(self.config),
+        )
+
+    def restore(self, state: TrainState) -> None:
+        self.distiller.student.load_state_dict(state.student)
+        self.distiller.head.load_state_dict(state.head)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        restore_rng_state(state.rng)
+        self.best = state.best
+
+    def write_record(self) -> None:
+        args = (self.out_dir, self.config, self.data, self.role, self.teacher_record)
+        if self.best is not None:
+            _write_best(*args, self.best)
+        else:
+            write_detection_manifest(*args, None)
+
+
+def _build_trainer(
+    config: Config,
+    out_dir: Path,
+    role: str,
+    teacher: Detector | None,
+    teacher_record: dict[str, Any],
+    runtime: Runtime,
+    data: DetectionData,
+) -> _DetectionTrainer:
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
+    np.random.seed(config.train.seed % (1 << 32))
+    student = create_detector(config, config.student.arch, data.num_classes, config.student.weights)
+    distiller: Distiller
+    if teacher is None:
+        distiller = PlainDetection(student)
+    else:
+        distiller = DetectionReviewKD(student, teacher, data.image_size, hcl_weight=config.method.hcl_weight)
+    distiller.to(runtime.device)
+    params = [p for p in [*distiller.student.parameters(), *distiller.head.parameters()] if p.requires_grad]
+    optimizer = make_optimizer(config, params)
+    steps = math.ceil(len(data.train.images) / config.train.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s, steps))
+    return _DetectionTrainer(
+        config, runtime, data, distiller, optimizer, scheduler, steps, out_dir, role, teacher_record
+    )
+
+
+def _train_epoch(
+    trainer: _DetectionTrainer, epoch: int, images: DetectionImages
+) -> tuple[dict[str, float], int, float]:
+    """One epoch in the (seed, epoch) order; the loss terms summed over images, the images, seconds."""
+    config, runtime, distiller = trainer.config, trainer.runtime, trainer.distiller
+    batch_size, spe = config.train.batch_size, trainer.steps_per_epoch
+    images.set_epoch(epoch)
+    order = np.random.default_rng((config.train.seed, epoch)).permutation(len(images))
+    distiller.train()
+    sums: dict[str, float] = {}
+    seen = 0
+    started = time.perf_counter()
+    for step in range(spe):
+        batch, targets = collate_detection(
+            [images[int(i)] for i in order[step * batch_size : (step + 1) * batch_size]]
+        )
+        device = runtime.device
+        batch = [image.to(device) for image in batch]
+        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+        distiller.distill_scale = distill_scale(config, epoch * spe + step, spe)
+        with runtime.autocast():
+            out = distiller(batch, targets)
+        losses = {key: float(value.detach().float()) for key, value in out.items()}
+        if not all(math.isfinite(value) for value in losses.values()):
+            parts = ", ".join(f"{key}={value:.4g}" for key, value in losses.items())
+            raise TrainingDivergedError(
+                f"epoch {epoch + 1} step {step + 1}: the loss is not finite ({parts});"
+                f" {trainer.out_dir / CHECKPOINT_FILE} keeps the last completed epoch ({epoch});"
+                " lower optim.lr or method.hcl_weight"
+            )
+        trainer.optimizer.zero_grad(set_to_none=True)
+        out["loss"].float().backward()
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + value * len(batch)
+        seen += len(batch)
+    return sums, seen, time.perf_counter() - started
+
+
+def _end_epoch(
+    trainer: _DetectionTrainer, epoch: int, sums: dict[str, float], seen: int, seconds: float
+) -> None:
+    """Validate (every train.eval_every epochs and the last), then metrics line, last.pt, best weights."""
+    config, runtime = trainer.config, trainer.runtime
+    record: dict[str, Any] = {"epoch": epoch + 1}
+    record.update({key: value / max(seen, 1) for key, value in sums.items()})
+    val: dict[str, float] | None = None
+    if validates_epoch(config, epoch):
+        started = time.perf_counter()
+        assert isinstance(trainer.distiller.student, Detector)
+        val = evaluate_detector(trainer.distiller.student, trainer.data.val, runtime)
+        record.update(val_map=val["map"], val_ap50=val["ap50"], val_time_s=time.perf_counter() - started)
+    record.update(
+        lr=trainer.optimizer.param_groups[0]["lr"],
+        distill_scale=trainer.distiller.distill_scale,
+        images_per_s=seen / max(seconds, 1e-9),
+        epoch_time_s=seconds,
+        time=time.time(),
+    )
+    # NaN (no ground truth in val) never compares greater, so such an epoch is never the best.
+    improved = val is not None and (trainer.best is None or val["map"] > trainer.best["map"])
+    if val is not None and improved:
+        model = trainer.distiller.student.get_submodule("model")
+        trainer.best = {"map": val["map"], "ap50": val["ap50"], "epoch": epoch + 1, "state": cpu_state(model)}
+    append_metrics(trainer.out_dir / METRICS_FILE, record)
+    save_checkpoint(trainer.out_dir / CHECKPOINT_FILE, trainer.snapshot(epoch + 1))
+    if improved:
+        trainer.write_record()
+    scores = f"val mAP {val['map']:.2f} AP50 {val['ap50']:.2f} " if val is not None else ""
+    print(
+        f"{trainer.role} epoch {epoch + 1}/{config.train.epochs}: loss {record['loss']:.4f} {scores}"
+        f"({record['images_per_s']:.1f} img/s, {seconds:.1f}s)",
+        flush=True,
+    )
+
+
+def fit_detector(
+    config: Config,
+    out_dir: Path,
+    *,
+    role: str = "student",
+    teacher: Detector | None = None,
+    teacher_record: dict[str, Any] | None = None,
+    resume: bool = False,
+    runtime: Runtime | None = None,
+    data: DetectionData | None = None,
+) -> Path:
+    """Train config.student.arch (PlainDetection, or DetectionReviewKD against `teacher`) into out_dir.
+
+    `role` "teacher" names the result teacher.safetensors and records it as the manifest's teacher.
+    Returns the path of the best weights file.
+
+    Raises:
+        UsageError: an existing run without resume, an incompatible resume, bad data or detectors,
+            or a torchrun launch.
+        TrainingDivergedError: a NaN or infinite loss (last.pt keeps the last completed epoch).
+    """
+    if runtime is None:
+        with runtime_session(config) as session:
+            return fit_detector(
+                config,
+                out_dir,
+                role=role,
+                teacher=teacher,
+                teacher_record=teacher_record,
+                resume=resume,
+                runtime=session,
+                data=data,
+            )
+    if runtime.distributed:
+        raise UsageError("task detection trains in one process; run it without torchrun")
+    out_dir = Path(out_dir)
+    teacher_record = teacher_record or {"arch": None, "sha256": None, "map": None, "ap50": None}
+    check_run_dir(out_dir, config, resume, role)
+    data = data or build_detection_data(config)
+    trainer = _build_trainer(config, out_dir, role, teacher, teacher_record, runtime, data)
+    start_epoch = 0
+    checkpoint = out_dir / CHECKPOINT_FILE
+    if resume and checkpoint.is_file():
+        state = load_checkpoint(checkpoint)
+        trainer.restore(state)
+        start_epoch = state.epoch
+        print(f"{role}: resuming {out_dir} after epoch {start_epoch}", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / run_layout.CONFIG)
+    truncate_metrics(out_dir / METRICS_FILE, start_epoch)
+    trainer.write_record()
+    dc = config.detection
+    augment = BoxAugment(flip_probability=dc.flip_probability, min_scale=dc.min_scale, max_scale=dc.max_scale)
+    images = DetectionImages(data.train, augment, seed=config.train.seed)
+    for epoch in range(start_epoch, config.train.epochs):
+        sums, seen, seconds = _train_epoch(trainer, epoch, images)
+        _end_epoch(trainer, epoch, sums, seen, seconds)
+    return out_dir / weights_file(role)
+
+
+# -------------------------------------------------------------------------------------------------- stages
+
+
+@locks_run("teacher", run_arg="out_dir", create=True)
+def train_detection_teacher(
+    config: Config,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    runtime: Runtime | None = None,
+    data: DetectionData | None = None,
+) -> Path:
+    """Train the teacher detector alone into out_dir; return out_dir/teacher.safetensors.
+
+    teacher.epochs and teacher.lr replace train.epochs and optim.lr (teacher_training_config); a
+    finished teacher run of the same config in out_dir is reused as it is.
+    """
+    out = Path(out_dir)
+    derived = teacher_training_config(config)
+    check_detector_names(derived, teacher=False)
+    if teacher_is_complete(out, derived):
+        print(f"teacher: reusing the finished run in {out}", flush=True)
+        return out / weights_file("teacher")
+    return fit_detector(derived, out, role="teacher", resume=resume, runtime=runtime, data=data)
+
+
+def load_detection_teacher(
+    config: Config, out_dir: Path, data: DetectionData, runtime: Runtime, *, resume: bool
+) -> tuple[Detector, dict[str, Any]]:
+    """The frozen teacher detector and its manifest record (arch, weights, sha256, val mAP and AP50).
+
+    Without teacher.weights a teacher is trained first into out_dir/teacher/. Its val mAP is measured
+    here (or taken from the run's manifest when it already recorded the same weights).
+    """
+    if config.teacher.weights:
+        weights = Path(config.teacher.weights)
+        if not weights.is_file():
+            raise UsageError(f"config key teacher.weights: {weights} does not exist")
+    else:
+        weights = train_detection_teacher(
+            config, out_dir / TEACHER_SUBDIR, resume=resume, runtime=runtime, data=data
+        )
+    digest = sha256_file(weights)
+    teacher = create_detector(config, config.teacher.arch, data.num_classes, weights).to(runtime.device)
+    teacher.eval()
+    record: dict[str, Any] = {"arch": config.teacher.arch, "weights": str(weights), "sha256": digest}
+    manifest_file = run_layout.run_path(out_dir, run_layout.MANIFEST)
+    previous = read_manifest(out_dir).get("teacher", {}) if manifest_file.is_file() else {}
+    if previous.get("sha256") == digest and previous.get("map") is not None:
+        record.update(map=previous["map"], ap50=previous["ap50"])
+    else:
+        scores = evaluate_detector(teacher, data.val, runtime)
+        record.update(map=scores["map"], ap50=scores["ap50"])
+    print(f"teacher {config.teacher.arch}: val mAP {record['map']:.2f} AP50 {record['ap50']:.2f}", flush=True)
+    return teacher, record
+
+
+@locks_run("distill", run_arg="out_dir", create=True)
+def distill_detector(config: Config, out_dir: str | os.PathLike[str], *, resume: bool = False) -> Path:
+    """Train the student detector with config.method into out_dir; return out_dir/student.safetensors.
+
+    method "plain" trains it alone; "reviewkd" distils it from the teacher (teacher.weights, or one
+    trained first into out_dir/teacher/, reused when that run is already finished).
+    """
+    out = Path(out_dir)
+    plain = config.method.name == TASKS[DETECTION].baseline_method
+    check_detector_names(config, teacher=not plain)
+    check_run_dir(out, config, resume, "student")
+    with runtime_session(config) as runtime:
+        data = build_detection_data(config)
+        teacher, record = None, None
+        if not plain:
+            teacher, record = load_detection_teacher(config, out, data, runtime, resume=resume)
+        return fit_detector(
+            config,
+            out,
+            role="student",
+            teacher=teacher,
+            teacher_record=record,
+            resume=resume,
+            runtime=runtime,
+            data=data,
+        )
