@@ -15,12 +15,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import format_final_table
 from deploy import run_layout
 from deploy.errors import ReviewKDError, UsageError
 from deploy.fileio import sha256_file, write_json_atomic
 from deploy.manifest import read_manifest, write_manifest
 from deploy.run_lock import locks_run
+from reviewkd.app.training_report import format_training_table, write_training_report
 from reviewkd.config import Config, dump_config
+from reviewkd.tasks import training_task
 
 PIPELINE_FILE = run_layout.PIPELINE
 BASELINE_DIR = run_layout.BASELINE_DIR
@@ -117,28 +120,31 @@ class PipelineOptions:
 
 
 def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[Stage]:
-    """The pipeline's stages for `config` writing into `run`."""
+    """The pipeline's stages for `config` writing into `run`: training by config.task's TrainingTask,
+    then export, validate, bench and report where the task has them, else a report of training alone."""
     from benchmarks.runs import bench_run, report_run, validate_run
-    from reviewkd.engine import distill
+
+    task = training_task(config)
+    spec = task.spec
 
     def train_student() -> None:
         resume = run_layout.run_path(run, run_layout.CHECKPOINT).is_file()
-        distill(config, run, resume=resume)
+        task.distill(config, run, resume=resume)
 
     def train_baseline() -> None:
         baseline_dir = run / BASELINE_DIR
-        baseline = dataclasses.replace(config, method=dataclasses.replace(config.method, name="ce"))
+        method = dataclasses.replace(config.method, name=spec.baseline_method)
+        baseline = dataclasses.replace(config, method=method)
         baseline = dataclasses.replace(
             baseline, output=dataclasses.replace(config.output, dir=str(baseline_dir))
         )
         resume = run_layout.run_path(baseline_dir, run_layout.CHECKPOINT).is_file()
-        distill(baseline, baseline_dir, resume=resume)
+        task.distill(baseline, baseline_dir, resume=resume)
         scores = read_manifest(baseline_dir)["student"]
         manifest = read_manifest(run)
         manifest["baselines"] = {
-            "ce": {
-                "top1": scores["top1"],
-                "top5": scores["top5"],
+            spec.baseline_method: {
+                **{key: scores[key] for key, _ in spec.model_metrics},
                 "run": BASELINE_DIR,
                 "sha256": scores["sha256"],
             }
@@ -179,6 +185,11 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
                 settings,
             )
         )
+    if spec.deploy_skip_reason is not None:
+        trained = [run_layout.MANIFEST, f"{BASELINE_DIR}/{run_layout.MANIFEST}"]
+        reports = [run_layout.REPORT_JSON, run_layout.REPORT_MARKDOWN]
+        stages.append(Stage("report", lambda: print(report_lines(run)), lambda: trained, lambda: reports))
+        return stages
     stages += [
         Stage("export", export, lambda: student, exported),
         Stage("validate", validate, lambda: student + exported(), lambda: [run_layout.VALIDATE_RESULT]),
@@ -197,6 +208,20 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
         ),
     ]
     return stages
+
+
+def report_lines(run: Path) -> str:
+    """Write the training report of a run whose task has no deployment stages; return its skip lines."""
+    report = write_training_report(run)
+    return "\n".join(f"   {stage}: skipped ({entry['reason']})" for stage, entry in report["stages"].items())
+
+
+def final_table(config: Config, report: dict[str, Any]) -> str:
+    """What `reviewkd run` prints at the end: the deployment table, or the training table of a task
+    without deployment stages."""
+    if training_task(config).spec.deploy_skip_reason is not None:
+        return format_training_table(report)
+    return format_final_table(report)
 
 
 @locks_run("run", run_arg="run", create=True)

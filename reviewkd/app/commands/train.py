@@ -76,10 +76,10 @@ def _is_rank_zero() -> bool:
 
 def run_teacher(args: argparse.Namespace) -> int:
     """Handler of `reviewkd teacher`."""
-    from reviewkd.engine import train_teacher
+    from reviewkd.tasks import training_task
 
     config = resolve_cli_config(args, epochs_key="teacher.epochs")
-    path = train_teacher(config, args.out, resume=args.resume)
+    path = training_task(config).train_teacher(config, args.out, resume=args.resume)
     if _is_rank_zero():
         print(f"teacher weights: {path}")
     return 0
@@ -87,10 +87,10 @@ def run_teacher(args: argparse.Namespace) -> int:
 
 def run_distill(args: argparse.Namespace) -> int:
     """Handler of `reviewkd distill`."""
-    from reviewkd.engine import distill
+    from reviewkd.tasks import training_task
 
     config = resolve_cli_config(args)
-    path = distill(config, args.out, resume=args.resume)
+    path = training_task(config).distill(config, args.out, resume=args.resume)
     if _is_rank_zero():
         print(f"student weights: {path}")
     return 0
