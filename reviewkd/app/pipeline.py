@@ -21,9 +21,9 @@ from deploy.errors import ReviewKDError, UsageError
 from deploy.fileio import sha256_file, write_json_atomic
 from deploy.manifest import read_manifest, write_manifest
 from deploy.run_lock import locks_run
+from deploy.tasks import TASKS
 from reviewkd.app.training_report import format_training_table, write_training_report
 from reviewkd.config import Config, dump_config
-from reviewkd.tasks import training_task
 
 PIPELINE_FILE = run_layout.PIPELINE
 BASELINE_DIR = run_layout.BASELINE_DIR
@@ -123,6 +123,7 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
     """The pipeline's stages for `config` writing into `run`: training by config.task's TrainingTask,
     then export, validate, bench and report where the task has them, else a report of training alone."""
     from benchmarks.runs import bench_run, report_run, validate_run
+    from reviewkd.tasks import training_task  # torch: the edge install imports this module without it
 
     task = training_task(config)
     spec = task.spec
@@ -219,7 +220,7 @@ def report_lines(run: Path) -> str:
 def final_table(config: Config, report: dict[str, Any]) -> str:
     """What `reviewkd run` prints at the end: the deployment table, or the training table of a task
     without deployment stages."""
-    if training_task(config).spec.deploy_skip_reason is not None:
+    if TASKS[config.task].deploy_skip_reason is not None:
         return format_training_table(report)
     return format_final_table(report)
 
