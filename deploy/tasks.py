@@ -12,10 +12,13 @@ its run's task ("task"), read back with `task_of`.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from deploy import run_layout
 from deploy.errors import UsageError
 
 CLASSIFICATION = "classification"
@@ -91,8 +94,23 @@ def task_of(manifest: Mapping[str, Any], source: str = "manifest") -> TaskSpec:
     return task_named(manifest.get("task", DEFAULT_TASK), f"{source}: task")
 
 
-def require_deployable(manifest: Mapping[str, Any], action: str, source: str = "manifest") -> None:
-    """Raise UsageError when the manifest's task has no `action` (export, validate, bench, ...) yet."""
-    spec = task_of(manifest, source)
-    if spec.deploy_skip_reason is not None:
-        raise UsageError(f"{source}: a {spec.name} run; {action} is not available: {spec.deploy_skip_reason}")
+def run_task(run_dir: str | os.PathLike[str]) -> TaskSpec | None:
+    """The task a run directory's manifest records, or None where there is no readable manifest (a
+    model file rather than a run, a missing or broken manifest: each command reports those itself,
+    in its own words, when it reads the run)."""
+    path = run_layout.run_path(run_dir, run_layout.MANIFEST)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return task_of(data, str(path)) if isinstance(data, dict) else None
+
+
+def require_deployable_run(run_dir: str | os.PathLike[str], action: str) -> None:
+    """Raise UsageError, before any work, when `run_dir` holds a run of a task that has no `action`
+    (export, validate, bench, ...) yet; see `run_task` for what passes unread."""
+    spec = run_task(run_dir)
+    if spec is not None and spec.deploy_skip_reason is not None:
+        raise UsageError(
+            f"{run_dir}: a {spec.name} run; {action} is not available: {spec.deploy_skip_reason}"
+        )

@@ -92,7 +92,24 @@ def qad_run(distilled_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 # Row.base -> the module fixture whose run the row copies and damages.
-BASE_RUNS = {"trained": "trained_run", "int8": "int8_run", "distilled": "distilled_run", "qad": "qad_run"}
+@pytest.fixture(scope="module")
+def detection_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain detector trained one epoch on 8 embedded digits canvases: a run of a task whose
+    deployment stages are not built."""
+    folder = tmp_path_factory.mktemp("detection")
+    tiny = ["detection.digits_train_images=8", "detection.digits_val_images=4", "train.batch_size=4"]
+    settings = [f"data.root={folder / 'data'}", *tiny, "train.epochs=1", "method.name=plain"]
+    assert main(["distill", "--config", "digits_detection", "--out", str(folder / "run"), *settings]) == 0
+    return folder / "run"
+
+
+BASE_RUNS = {
+    "trained": "trained_run",
+    "int8": "int8_run",
+    "distilled": "distilled_run",
+    "qad": "qad_run",
+    "detection": "detection_run",
+}
 
 
 def private_copy(request: pytest.FixtureRequest, base: str, tmp_path: Path) -> Path:
@@ -624,6 +641,30 @@ ROWS: tuple[Row, ...] = (
         lambda t, r: ["distill", "--out", str(t / "o"), "train.epoch=3"],
         2,
         "train.epoch",
+    ),
+    # ---- a detection run: its export, validate, bench and what needs them are not built (issue 19)
+    *(
+        Row(
+            f"{argv[0]}: a detection run",
+            lambda t, r, argv=argv: [argv[0], str(r), *argv[1:]],
+            2,
+            f"a detection run; {argv[0]} is not available",
+            base="detection",
+        )
+        for argv in (
+            ("export", "--formats", "onnx"),
+            ("validate",),
+            ("bench",),
+            ("quantize", "--epochs", "1"),
+            ("triton", "--out", "repo"),
+        )
+    ),
+    Row(
+        "predict: a detection run",
+        lambda t, r: _predict(r, _image(t)),
+        2,
+        "a detection run; predict is not available",
+        base="detection",
     ),
     Row(
         "distill: a task that does not exist",

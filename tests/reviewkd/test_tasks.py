@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.manifest import new_manifest, read_manifest
-from deploy.tasks import CLASSIFICATION, DETECTION, TASKS, require_deployable, task_of
+from deploy.tasks import CLASSIFICATION, DETECTION, TASKS, task_of
 from reviewkd.app.cli import main
 from reviewkd.checkpoint import load_checkpoint
 from reviewkd.config import Config, load_config
@@ -53,9 +53,6 @@ def test_a_manifest_without_a_task_is_a_classification_run() -> None:
     assert task_of({**new_manifest(), "task": "detection"}).name == DETECTION
     with pytest.raises(UsageError, match="manifest: task: 'segmentation' is not one of"):
         task_of({**new_manifest(), "task": "segmentation"})
-    require_deployable(new_manifest(), "export")
-    with pytest.raises(UsageError, match="a detection run; export is not available"):
-        require_deployable({**new_manifest(), "task": "detection"}, "export")
 
 
 def test_the_config_names_its_task() -> None:
@@ -183,3 +180,13 @@ def test_a_detection_run_without_resume_is_refused(run: Path, capsys: pytest.Cap
     args = tiny_detection(run.parent / "data", "method.name=plain")
     assert main(["distill", "--out", str(run / run_layout.BASELINE_DIR), *args]) == 2
     assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_reviewkd_report_on_a_detection_run_writes_its_training_report(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (run / run_layout.REPORT_JSON).unlink()
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "reviewkd student mAP@[.5:.95] %" in out and "export: skipped" in out
+    assert json.loads((run / run_layout.REPORT_JSON).read_text())["task"] == DETECTION

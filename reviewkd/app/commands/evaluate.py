@@ -31,6 +31,8 @@ from benchmarks.runs import (
 from benchmarks.validate import raise_for_gates
 from deploy import run_layout
 from deploy.gates import GATE_METRICS, GateTable, default_gates, parse_gate, set_gate
+from deploy.tasks import require_deployable_run, run_task
+from reviewkd.app.training_report import format_training_table, write_training_report
 
 # Dedicated gate flags: (flag, precision, gate name). --gate covers every other combination.
 GATE_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -185,6 +187,7 @@ def _merge_lines(result: Mapping[str, Any]) -> list[str]:
 
 def run_validate_command(args: argparse.Namespace) -> int:
     """Handler of `reviewkd validate`."""
+    require_deployable_run(args.run, "validate")
     gates = gates_from_args(args)
     result = validate_run(
         args.run,
@@ -211,6 +214,7 @@ def run_validate_command(args: argparse.Namespace) -> int:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     """Handler of `reviewkd bench`."""
+    require_deployable_run(args.run, "bench")
     result = bench_run(
         args.run,
         backends=parse_backends(args.backends),
@@ -237,7 +241,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def run_report_command(args: argparse.Namespace) -> int:
-    """Handler of `reviewkd report`."""
+    """Handler of `reviewkd report`: a run of a task without deployment stages gets its training report."""
+    spec = run_task(args.run)
+    if spec is not None and spec.deploy_skip_reason is not None:
+        print(format_training_table(write_training_report(args.run)))
+        print(f"wrote {run_layout.run_path(args.run, run_layout.REPORT_MARKDOWN)}")
+        return 0
     report = report_run(args.run)
     print(format_final_table(report))
     print(f"wrote {run_layout.run_path(args.run, run_layout.REPORT_HTML)}")

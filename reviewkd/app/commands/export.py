@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from deploy.errors import UsageError
+from deploy.tasks import require_deployable_run
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -167,6 +168,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.run is not None:
         if any(v is not None for v in (*plain, args.data, args.num_classes)):
             raise UsageError("give either RUN or --model/--weights/--input-shape/--out, not both")
+        require_deployable_run(args.run, "export")
         summary = export_run(args.run, **options)
     else:
         if any(v is None for v in plain):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.predict import DEFAULT_BACKEND, Prediction, open_target, predict
+from deploy.tasks import require_deployable_run
 from reviewkd.student import open_student_runner
 
 
@@ -58,6 +59,7 @@ def _table(paths: list[Path], results: list[Prediction], runner_name: str) -> st
 
 def run_predict(args: argparse.Namespace) -> int:
     """Handler of `reviewkd predict`."""
+    require_deployable_run(args.target, "predict")
     runner, manifest = open_target(
         args.target, args.backend, device=args.device, threads=args.threads, open_module=open_student_runner
     )

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from deploy.errors import UsageError
+from deploy.tasks import require_deployable_run
 from reviewkd.config import DEVICES
 
 
@@ -65,6 +66,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from export.qad_export import export_qad
     from reviewkd.qad import quantize_run
 
+    require_deployable_run(args.run, "quantize")
     if args.check_samples < 1:  # export's own check would come only after the fine-tuning
         raise UsageError(f"--check-samples must be >= 1, got {args.check_samples}")
     result = quantize_run(

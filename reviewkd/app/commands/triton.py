@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from deploy.tasks import require_deployable_run
 from deploy.triton import DEFAULT_MAX_BATCH_SIZE, INSTANCE_KINDS, write_triton_repository
 
 
@@ -36,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_triton(args: argparse.Namespace) -> int:
     """Handler of `reviewkd triton`."""
+    require_deployable_run(args.run, "triton")
     models = write_triton_repository(
         args.run,
         args.out,
