@@ -186,7 +186,6 @@ class DetectionConfig:
     # by its size relative to the anchors (4 to 8 anchor sides), so below 1 spreads smaller objects
     # over the coarser levels.
     anchor_scale: float = 1.0
-    score_thresh: float = 0.05  # detections kept for the metric (torchvision's default 0.2 for FCOS)
 
 
 @dataclass
@@ -420,13 +419,15 @@ def _validate_detection(config: Config) -> None:
         raise UsageError(
             f"config key detection.flip_probability: must be in [0, 1], got {dc.flip_probability}"
         )
+    unsupported = {"train.ema_decay": config.train.ema_decay > 0, "train.compile": config.train.compile}
+    for key, is_set in unsupported.items():
+        if is_set:
+            raise UsageError(f"config key {key}: not available for task detection; leave it off")
     if dc.min_scale > dc.max_scale:
         raise UsageError(
             f"config keys detection.min_scale and detection.max_scale: expected min <= max, got"
             f" {dc.min_scale} > {dc.max_scale}"
         )
-    if not 0.0 <= dc.score_thresh < 1.0:
-        raise UsageError(f"config key detection.score_thresh: must be in [0, 1), got {dc.score_thresh}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -11,8 +11,9 @@ report/report.json:
     task            the task's name
     metric          {"key", "label"}: the ranking metric
     models          [{"role": "teacher" | method name | baseline method, "arch", "run", <metric>: ...}]
-    distillation    {"method", "student", "baseline", "baseline_value", "gain_points"} (None where a
-                    side is missing: no baseline trained)
+    distillation    {"method", "student", "baseline", "baseline_value", "gain_points"}: the gain is
+                    positive where the distilled student is the better (None where a side is
+                    missing: no baseline trained)
     stages          {"export" | "validate" | "bench": {"status": "skipped", "reason"}}
 
 report/report.md holds the same as a table.
@@ -55,7 +56,9 @@ def build_training_report(run: Path) -> dict[str, Any]:
         models.append(_model_row(spec.baseline_method, baseline, run_layout.BASELINE_DIR, spec))
         baseline_value = baseline.get(spec.metric_key)
     student_value = manifest.get("student", {}).get(spec.metric_key)
-    gain = None if student_value is None or baseline_value is None else student_value - baseline_value
+    gain = None
+    if student_value is not None and baseline_value is not None:
+        gain = student_value - baseline_value if spec.higher_is_better else baseline_value - student_value
     reason = spec.deploy_skip_reason or ""
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
