@@ -20,7 +20,7 @@ import numpy as np
 from deploy.errors import UsageError
 from deploy.gates import DEFAULT_GATES, GATE_METRICS, describe_check, evaluate_gates, gates_for
 from deploy.paired_stats import compare_predictions
-from deploy.runners.onnxruntime_runner import file_manifest, session_options
+from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
 from deploy.status import Status
 
 # The precision label of the uint8-input variant, and the gates it is held to.
@@ -50,16 +50,10 @@ class CheckResult:
 def run_onnx(path: str | os.PathLike[str], batches: Sequence[np.ndarray]) -> np.ndarray:
     """Run an ONNX file on the CPU over `batches` and return the concatenated first output.
 
-    The session's options are deploy's (`session_options`): a file whose int8 description asks for
+    The session is opened as deploy opens it (`open_session`): a file whose int8 description asks for
     it runs its Q/DQ pairs unfused, as TensorRT computes them, exactly as `reviewkd validate` runs it.
     """
-    import onnxruntime as ort
-
-    options = session_options(file_manifest(path))
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
-        raise UsageError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
+    session, _ = open_session(path, [CPU_PROVIDER])
     input_name = session.get_inputs()[0].name
     outputs = [np.asarray(session.run(None, {input_name: batch})[0], dtype=np.float32) for batch in batches]
     return np.concatenate(outputs)

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from deploy.errors import UsageError
-from deploy.runners.onnxruntime_runner import file_manifest, session_options
+from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
 from export.check import run_onnx
 from export.layerwise import module_path
 from export.precision import Int8Quantizer
@@ -134,10 +134,7 @@ def rank_layers(
 
 
 def _batch32_ms(path: Path, images: Sequence[np.ndarray]) -> float:
-    import onnxruntime as ort
-
-    options = session_options(file_manifest(path), threads=1)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session, _ = open_session(path, [CPU_PROVIDER], threads=1)
     batch = np.concatenate(list(images))[:32]
     session.run(None, {session.get_inputs()[0].name: batch})
     times = []

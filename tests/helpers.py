@@ -382,6 +382,26 @@ def add_fp16_file(run: Path) -> Path:
     return run / "export/student.fp16.onnx"
 
 
+def add_int8_files(run: Path) -> dict[str, str]:
+    """Quantize the run's export/student.onnx into both int8 flavours (min-max, on random images) and
+    record them as export writes them; return {report key: run-relative path} of the two files."""
+    from export.precision import quantize_int8
+
+    calibration = [random_batch(16, seed=3)]
+    manifest = read_manifest(run)
+    written = {}
+    for flavour, name, key in (
+        ("cpu", "student.int8.onnx", "onnxruntime/int8"),
+        ("trt", "student.int8.trt.onnx", "onnxruntime/int8-trt"),
+    ):
+        source, target = run / "export/student.onnx", run / "export" / name
+        description = quantize_int8(source, target, calibration, flavour=flavour)
+        record_artifact(run, manifest, f"export/{name}", "onnx", precision="int8", int8=description)
+        written[key] = f"export/{name}"
+    write_manifest(run, manifest)
+    return written
+
+
 def tensorrt_gpu_missing() -> str | None:
     """Why TensorRT engines cannot be built and run here, or None where TensorRT and a GPU are present."""
     ok, reason = tensorrt_status()

@@ -10,12 +10,14 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from deploy.manifest import read_manifest, record_artifact, write_manifest
 from tests.helpers import (
     CLASSES,
     REPO_ROOT,
     add_fp16_file,
+    add_int8_files,
     make_run,
     random_batch,
     write_class_folders,
@@ -200,3 +202,60 @@ def test_edge_commands_run_without_torch(tmp_path: Path) -> None:
     for key in ("export_onnx", "predict_torch", "distill"):
         assert results[key]["code"] == 3, (key, results[key]["err"])
         assert "pip install 'reviewkd[train]'" in results[key]["err"]
+
+
+# `reviewkd predict RUN` as the command line runs it, torch installed and importable: what it imports.
+PREDICT_IMPORTS_SCRIPT = textwrap.dedent(
+    """
+    import contextlib
+    import io
+    import json
+    import sys
+
+    from reviewkd.app.cli import main
+
+    run, image, *backend = sys.argv[1:]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["predict", run, image, *backend])
+    top_level = sorted({name.split(".")[0] for name in sys.modules})
+    print(json.dumps({"code": code, "out": out.getvalue(), "top_level": top_level}))
+    """
+)
+# What a serving device's cold start cannot afford: the training stack, and onnx, whose import (with
+# the ml_dtypes it pulls in) cost over a second in a fresh install (benchmarks/RESULTS.md).
+NOT_FOR_PREDICT = ("torch", "torchvision", "onnx", "ml_dtypes", "onnxscript")
+
+
+@pytest.fixture(scope="module")
+def run_with_every_onnx_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A run with its fp32, fp16 and two int8 ONNX files (the TensorRT flavour runs its Q/DQ
+    unfused, an option fixed before the session exists), and an image."""
+    folder = tmp_path_factory.mktemp("predict_imports")
+    run, _ = make_run(folder)
+    add_fp16_file(run)
+    add_int8_files(run)
+    return run, write_image(folder / "picture.png", (20, 16))
+
+
+@pytest.mark.parametrize(
+    "backend", [[], ["--backend", "onnxruntime/fp16"], ["--backend", "onnxruntime/int8"]]
+)
+def test_predict_on_a_run_imports_neither_onnx_nor_torch(
+    run_with_every_onnx_file: tuple[Path, Path], backend: list[str]
+) -> None:
+    run, image = run_with_every_onnx_file
+    completed = subprocess.run(
+        [sys.executable, "-c", PREDICT_IMPORTS_SCRIPT, str(run), str(image), *backend],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert result["code"] == 0, completed.stderr
+    assert "runner: onnxruntime/" in result["out"]
+    assert "onnxruntime" in result["top_level"]
+    assert sorted(set(NOT_FOR_PREDICT) & set(result["top_level"])) == []

@@ -34,12 +34,10 @@ import numpy as np
 def _session(path: Path, mode: str, threads: int | None = None) -> Any:
     """A CPU session running `path` as it deploys ("deployed": deploy's options for the file, which
     turn Q/DQ fusion off where the file asks) or with its Q/DQ semantics ("qdq": fusion always off)."""
-    import onnxruntime as ort
+    from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
 
-    from deploy.runners.onnxruntime_runner import file_manifest, session_options
-
-    options = session_options(file_manifest(path), threads, unfused=True if mode == "qdq" else None)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session, _ = open_session(path, [CPU_PROVIDER], threads=threads, unfused=True if mode == "qdq" else None)
+    return session
 
 
 def _predict(path: Path, batches: list[np.ndarray], mode: str) -> np.ndarray:

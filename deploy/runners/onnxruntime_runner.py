@@ -4,8 +4,10 @@ onnxruntime is imported when a runner is built, not when this module is, so `dep
 a device that only has TensorRT. A GPU session is checked after it is created: a provider asked for
 that did not load is an error (exit 3), never a silent CPU runner.
 
-Every session this project opens on an ONNX file takes its options from `session_options`, which
-reads the file's embedded manifest: an int8 file whose description sets UNFUSED_QDQ_KEY (export's
+Every session this project opens on an ONNX file is opened by `open_session`, which takes its options
+from `session_options` and the file's embedded manifest, read by ONNX Runtime itself from the
+session's model metadata (never by importing onnx, which a serving device's cold start cannot afford):
+an int8 file whose description sets UNFUSED_QDQ_KEY (export's
 TensorRT flavour, with full 8-bit weights) runs its QuantizeLinear/DequantizeLinear pairs as the
 float operations the file spells out, which is what TensorRT computes. ONNX Runtime would otherwise
 fuse them into its integer kernels, which on x86 CPUs without VNNI (AVX2) add pairs of uint8 x int8
@@ -160,19 +162,6 @@ def parse_embedded_manifest(
     return manifest
 
 
-def file_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The embedded manifest of the ONNX file at `path`, read without ONNX Runtime (to choose the
-    session's options before the session exists); None when the file has none or does not parse
-    as ONNX (the session that follows then says why it cannot load it)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # protobuf's DecodeError, OSError: the session reports the file's problem
-        return None
-    return parse_embedded_manifest({p.key: p.value for p in model.metadata_props}, path)
-
-
 def runs_unfused(manifest: Mapping[str, Any] | None) -> bool:
     """Whether a file with this embedded manifest must run its Q/DQ pairs unfused (UNFUSED_QDQ_KEY)."""
     int8 = manifest.get("int8") if manifest else None
@@ -203,6 +192,52 @@ def qdq_fusion_disabled(session: Any) -> bool:
     except Exception:  # onnxruntime raises its own Fail type when the entry was never set
         return False
     return bool(value == "1")
+
+
+def open_session(
+    path: str | os.PathLike[str],
+    providers: list[str],
+    *,
+    threads: int | None = None,
+    unfused: bool | None = None,
+    device_index: int = 0,
+) -> tuple[Any, dict[str, Any] | None]:
+    """Open an ONNX Runtime session on the file at `path`; return it and the file's embedded manifest.
+
+    The manifest is read from the session's own model metadata, so opening a file never imports
+    onnx. The Q/DQ fusion is a session option, fixed when the session is created: a file whose
+    manifest says to run unfused (`runs_unfused`, or `unfused` overriding it as in
+    `session_options`) is opened again with the fusion off when the first session had it on; every
+    other file is opened once. Each session must have loaded the GPU providers asked for
+    (`check_session_providers`); `device_index` is the CUDA device they run on.
+
+    Raises:
+        UsageError: ONNX Runtime cannot load the file, or its embedded manifest is not a JSON object.
+        MissingDependencyError: a GPU provider asked for did not load.
+    """
+    import onnxruntime as ort
+
+    file = Path(path)
+
+    def create(options: Any) -> Any:
+        try:
+            session = ort.InferenceSession(
+                str(file),
+                sess_options=options,
+                providers=providers,
+                provider_options=[provider_options(p, device_index) for p in providers],
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types, none shared
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"{file}: cannot load as an ONNX model ({first_line})") from exc
+        check_session_providers(file, providers, session.get_providers(), session.get_provider_options())
+        return session
+
+    session = create(session_options(None, threads, unfused=unfused))
+    manifest = parse_embedded_manifest(session.get_modelmeta().custom_metadata_map, file)
+    if unfused is None and runs_unfused(manifest):
+        session = create(session_options(manifest, threads))
+    return session, manifest
 
 
 def _static_dim(dim: Any) -> int | None:
@@ -254,18 +289,7 @@ class OnnxRuntimeRunner(Runner):
                 f"{TENSORRT_PROVIDER} was asked for, but TensorRT's libnvinfer does not load here"
                 f" (tried {', '.join(_LIBNVINFER_NAMES)}); install TensorRT or ask for {CUDA_PROVIDER}"
             )
-        options = session_options(file_manifest(self.path), threads)
-        try:
-            session = ort.InferenceSession(
-                str(self.path),
-                sess_options=options,
-                providers=providers,
-                provider_options=[provider_options(p, device_index) for p in providers],
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types, none shared
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"{self.path}: cannot load as an ONNX model ({first_line})") from exc
-        check_session_providers(self.path, providers, session.get_providers(), session.get_provider_options())
+        session, _ = open_session(self.path, providers, threads=threads, device_index=device_index)
         self._session: Any = session
         self.threads = threads
         # True for a file that must run its Q/DQ pairs as float operations (UNFUSED_QDQ_KEY).
