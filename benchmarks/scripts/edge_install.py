@@ -1,17 +1,26 @@
 """The edge install against the full environment: size on disk, `reviewkd predict` cold start and RSS.
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.scripts.edge_install [--repeats 7] [--work DIR]
-        [--baseline-commit ce4fe23]
+        [--edge-baseline-commit b8a553c] [--baseline-commit ce4fe23]
 
-It builds a fresh virtual environment with `pip install .` of this checkout (the torch-free core),
-makes a run with the full environment (`reviewkd export --model cifar_resnet20` of random weights
-on 16x16 digits, fp32 ONNX), and times `reviewkd predict RUN IMAGE` as new processes, alternating
-the environments call by call so that load from other processes hits all of them alike:
+It builds a fresh virtual environment with `pip install .` of this checkout (the torch-free core;
+pip resolves today's releases of its dependencies, as a new user's install would), makes a run with
+the full environment (`reviewkd export --model cifar_resnet20` of random weights on 16x16 digits,
+fp32 ONNX), and times `reviewkd predict RUN IMAGE` as new processes, alternating the environments
+call by call so that load from other processes hits all of them alike:
 
 - edge: the edge environment's own `reviewkd` console script;
+- edge, COMMIT (with --edge-baseline-commit): a second fresh `pip install .` venv of the checkout at
+  COMMIT (git archive), the same dependency releases, to compare code with code on the edge;
 - full: this interpreter (the full environment, torch installed) on this checkout;
-- before: this interpreter on the checkout at --baseline-commit (git archive), the code before the
-  edge work, whose every command imported torch.
+- before (with --baseline-commit): this interpreter on the checkout at that commit, e.g. ce4fe23,
+  the code before the edge work, whose every command imported torch.
+
+Each edge environment's predict is also run once under `python -X importtime`: the JSON records the
+slowest imports, and whether onnx, ml_dtypes or torch were imported at all; and the versions of the
+packages that decide the import time. What else ran on the machine meanwhile (load averages at the
+start and the end, the busiest other processes) goes into the JSON too: on a shared machine a
+timing means little without it.
 
 Wall time is measured around each process, and its peak RSS is its own ru_maxrss (os.wait4), both
 by a small timer process that imports nothing heavy.
@@ -59,18 +68,24 @@ def _du(path: Path) -> int:
     )
 
 
-def build_edge_venv(work: Path) -> Path:
-    """A fresh venv with `pip install .` of this checkout's packages."""
-    source = work / "source"
+# Modules whose presence in a serving process's imports is a cold-start regression.
+HEAVY_IMPORTS = ("torch", "torchvision", "onnx", "ml_dtypes", "onnxscript")
+# Distributions whose releases decide predict's import time.
+VERSIONED = ("numpy", "onnxruntime", "onnx", "ml_dtypes", "pillow", "pyyaml")
+
+
+def build_edge_venv(work: Path, checkout: Path = REPO, name: str = "venv-edge") -> Path:
+    """A fresh venv named `name` with `pip install .` of `checkout`'s packages."""
+    source = work / f"source-{name}"
     shutil.rmtree(source, ignore_errors=True)
     source.mkdir(parents=True)
-    for name in PACKAGE_SOURCES:
-        origin = REPO / name
+    for package in PACKAGE_SOURCES:
+        origin = checkout / package
         if origin.is_dir():
-            shutil.copytree(origin, source / name, ignore=shutil.ignore_patterns("__pycache__", "scripts"))
+            shutil.copytree(origin, source / package, ignore=shutil.ignore_patterns("__pycache__", "scripts"))
         else:
-            shutil.copyfile(origin, source / name)
-    venv = work / "venv-edge"
+            shutil.copyfile(origin, source / package)
+    venv = work / name
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(source)], check=True)
@@ -132,6 +147,53 @@ print(json.dumps({"wall": wall, "maxrss_kb": usage.ru_maxrss, "code": code,
 """
 
 
+def import_profile(python: Path, argv: list[str], cwd: Path) -> dict[str, Any]:
+    """Run `python -X importtime ARGV` once: the ten slowest top-level imports (cumulative ms) and
+    which of HEAVY_IMPORTS were imported."""
+    completed = subprocess.run(
+        [str(python), "-X", "importtime", *argv], cwd=cwd, env=_env(None), capture_output=True, text=True
+    )
+    cumulative: dict[str, float] = {}
+    imported: set[str] = set()
+    for line in completed.stderr.splitlines():
+        # "import time: <self us> | <cumulative us> | <name>", the name indented two spaces per level
+        fields = line.removeprefix("import time:").split("|")
+        if not line.startswith("import time:") or len(fields) != 3 or not fields[1].strip().isdigit():
+            continue
+        module = fields[2][1:]
+        imported.add(module.strip().split(".")[0])
+        if not module.startswith(" "):
+            cumulative[module] = int(fields[1]) / 1000.0
+    slowest = sorted(cumulative.items(), key=lambda item: item[1], reverse=True)[:10]
+    return {
+        "exit_code": completed.returncode,
+        "slowest_top_level_ms": {name: round(ms, 1) for name, ms in slowest},
+        "heavy_imported": sorted(set(HEAVY_IMPORTS) & imported),
+    }
+
+
+def versions(python: Path) -> dict[str, str | None]:
+    """The installed versions of VERSIONED in the environment of `python`."""
+    script = (
+        "import importlib.metadata as m, json, sys\n"
+        "def v(name):\n"
+        "    try:\n        return m.version(name)\n"
+        "    except m.PackageNotFoundError:\n        return None\n"
+        "print(json.dumps({name: v(name) for name in sys.argv[1:]}))"
+    )
+    argv = [str(python), "-c", script, *VERSIONED]
+    return dict(json.loads(subprocess.run(argv, env=_env(None), capture_output=True, text=True).stdout))
+
+
+def machine_activity() -> dict[str, Any]:
+    """The load averages and the five busiest processes (by CPU share since they started) right now."""
+    listing = subprocess.run(
+        ["ps", "-eo", "pcpu,etime,args", "--sort=-pcpu", "--no-headers"], capture_output=True, text=True
+    ).stdout.splitlines()
+    busiest = [" ".join(line.split())[:160] for line in listing if line.strip()][:5]
+    return {"load_average": os.getloadavg(), "busiest_processes": busiest}
+
+
 def time_process(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
     """Run one process to completion; return (wall seconds, its own peak RSS in MB)."""
     timer = [sys.executable, "-S", "-c", _TIMER, *argv]
@@ -146,29 +208,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
-    parser.add_argument("--baseline-commit", default="ce4fe23", help="the code before the edge work")
+    parser.add_argument(
+        "--edge-baseline-commit",
+        default=None,
+        help="also time a fresh `pip install .` venv of the checkout at this commit (the edge code before)",
+    )
+    parser.add_argument(
+        "--baseline-commit", default=None, help="also time the full environment on the code at this commit"
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="edge-install-"))
     work.mkdir(parents=True, exist_ok=True)
 
+    activity_start = machine_activity()
     venv = build_edge_venv(work)
+    edge_venvs = {"edge (pip install .)": venv}
+    if args.edge_baseline_commit:
+        checkout = baseline_checkout(work, args.edge_baseline_commit)
+        edge_venvs[f"edge, before ({args.edge_baseline_commit})"] = build_edge_venv(
+            work, checkout, f"venv-edge-{args.edge_baseline_commit}"
+        )
     run, image = make_run(work)
-    before = baseline_checkout(work, args.baseline_commit)
     predict = ["predict", str(run), str(image)]
-    commands = {
-        "edge (pip install .)": ([str(venv / "bin" / "reviewkd"), *predict], _env(None)),
-        "full env, this checkout": ([sys.executable, "-m", "reviewkd.app.cli", *predict], _env(REPO)),
-        f"full env, before ({args.baseline_commit})": (
+    commands = {name: ([str(v / "bin" / "reviewkd"), *predict], _env(None)) for name, v in edge_venvs.items()}
+    commands["full env, this checkout"] = ([sys.executable, "-m", "reviewkd.app.cli", *predict], _env(REPO))
+    if args.baseline_commit:
+        before = baseline_checkout(work, args.baseline_commit)
+        commands[f"full env, before ({args.baseline_commit})"] = (
             [sys.executable, "-m", "reviewkd.app.cli", *predict],
             _env(before),
-        ),
-    }
+        )
     for argv, env in commands.values():  # warm the page cache once; the timed calls are all alike
         time_process(argv, work, env)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for _ in range(args.repeats):
         for name, (argv, env) in commands.items():
             samples[name].append(time_process(argv, work, env))
+    activity_end = machine_activity()
+    imports = {
+        name: import_profile(v / "bin" / "python", ["-m", "reviewkd.app.cli", *predict], work)
+        for name, v in edge_venvs.items()
+    }
+    package_versions = {name: versions(v / "bin" / "python") for name, v in edge_venvs.items()}
+    package_versions["full env"] = versions(Path(sys.executable))
 
     site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     tooling = sum(_du(site / name) for name in VENV_TOOLING if (site / name).exists())
@@ -180,7 +262,10 @@ def main() -> None:
     }
     results: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load_average": os.getloadavg(), "python": platform.python_version()},
+                    "python": platform.python_version()},
+        "activity": {"start": activity_start, "end": activity_end},
+        "versions": package_versions,
+        "imports": imports,
         "sizes_mb": {k: round(v / 1e6, 1) for k, v in sizes.items()},
         "predict": {
             name: {
@@ -207,7 +292,16 @@ def main() -> None:
     print("|---|---|")
     for name, megabytes in results["sizes_mb"].items():
         print(f"| {name} | {megabytes:,.0f} |")
-    print(f"\nload average {results['machine']['load_average']}; numbers in {work / 'edge_install.json'}")
+    print()
+    for name, profile in imports.items():
+        top = list(profile["slowest_top_level_ms"].items())[:5]
+        slowest = ", ".join(f"{module} {ms:.0f} ms" for module, ms in top)
+        heavy = ", ".join(profile["heavy_imported"]) or "none"
+        print(f"{name}: heavy imports {heavy}; slowest: {slowest}")
+    for name, found in package_versions.items():
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in found.items() if v))
+    print(f"\nload average: start {activity_start['load_average']}, end {activity_end['load_average']}")
+    print(f"numbers in {work / 'edge_install.json'}")
 
 
 if __name__ == "__main__":
