@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
-from deploy.formats import BACKEND_OF_KIND, display_order, format_label
+from deploy.formats import format_keys
 from deploy.runners.base import Runner
 from deploy.status import Status
 
@@ -122,27 +121,10 @@ def infer_in_range(runner: Runner, images: np.ndarray) -> np.ndarray:
 
 def artifact_formats(manifest: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Return {report key: (relative path, manifest entry)} for every model file of a manifest
-    that takes float32 NCHW batches, the runner contract's input.
-
-    Keys are "<backend>/<label>" (see `format_label`); a remaining clash appends the file stem.
-    Files with another input (export's uint8 NHWC variant, "input_dtype": "uint8") are left out:
-    export checks them on their own input.
+    that takes float32 NCHW batches, the runner contract's input, keyed as
+    `deploy.formats.format_keys` names them (predict's --backend takes the same keys).
+    Files with another input (export's uint8 NHWC variant) are left out: export checks them on
+    their own input.
     """
-    formats: dict[str, tuple[str, dict[str, Any]]] = {}
     artifacts = manifest.get("artifacts", {})
-
-    def order(relpath: str) -> tuple[int, int, str]:
-        entry = artifacts[relpath]
-        return (*display_order(str(entry.get("kind")), str(entry.get("precision") or "fp32")), relpath)
-
-    for relpath in sorted(artifacts, key=order):
-        entry = artifacts[relpath]
-        backend = BACKEND_OF_KIND.get(str(entry.get("kind")))
-        if backend is None or str(entry.get("input_dtype", "float32")) != "float32":
-            continue
-        precision = str(entry.get("precision") or "fp32")
-        key = f"{backend}/{format_label(relpath, precision)}"
-        if key in formats:
-            key = f"{key}-{Path(relpath).stem}"
-        formats[key] = (relpath, entry)
-    return formats
+    return {key: (relpath, artifacts[relpath]) for key, relpath in format_keys(artifacts).items()}

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deploy import run_layout
+from deploy.errors import TRAIN_EXTRA_HINT, torch_installed
 
 # Manifest artifact kind of a model file -> the backend that runs it, in report order.
 BACKEND_OF_KIND: dict[str, str] = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
@@ -104,3 +107,61 @@ def display_order(kind: str, precision: str) -> tuple[int, int]:
         kinds.index(kind) if kind in kinds else len(kinds),
         PRECISIONS.index(family) if family in PRECISIONS else len(PRECISIONS),
     )
+
+
+def format_keys(artifacts: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Name each model file among a manifest's artifacts: {"<backend>/<label>": run-relative path},
+    in report order (`display_order`), for the files that take float32 NCHW batches (the runner
+    contract's input; export's uint8-input variant, "input_dtype": "uint8", is left out).
+
+    These are the names validate, bench and report key their results by and predict's --backend
+    takes: the label is `format_label` of the entry's precision ("fp32" where it records none), so
+    "onnxruntime/int8" and "onnxruntime/int8-trt" name export's two int8 files; a key two files
+    would share gets the later file's stem appended.
+    """
+
+    def order(relpath: str) -> tuple[int, int, str]:
+        entry = artifacts[relpath]
+        return (*display_order(str(entry.get("kind")), str(entry.get("precision") or "fp32")), relpath)
+
+    keys: dict[str, str] = {}
+    for relpath in sorted(artifacts, key=order):
+        entry = artifacts[relpath]
+        backend = BACKEND_OF_KIND.get(str(entry.get("kind")))
+        if backend is None or str(entry.get("input_dtype", "float32")) != "float32":
+            continue
+        key = f"{backend}/{format_label(relpath, str(entry.get('precision') or 'fp32'))}"
+        if key in keys:
+            key = f"{key}-{Path(relpath).stem}"
+        keys[key] = relpath
+    return keys
+
+
+# A run's format key -> the `reviewkd export --formats` name that writes its file.
+_EXPORT_FORMAT_OF_KEY: dict[str, str] = {
+    f"{BACKEND_OF_KIND[spec.kind]}/{format_label(spec.file, spec.precision)}": name
+    for name, spec in ONNX_FORMATS.items()
+}
+
+
+def export_advice(run_dir: str | os.PathLike[str], key: str | None = None) -> str:
+    """The command that writes the run's file for the format `key` ("onnxruntime/int8-trt",
+    "tensorrt/fp16"; None: every format export writes), said so that it works on this install.
+
+    TensorRT engines are built from the run's ONNX files and need no PyTorch (TensorRT and a GPU
+    instead); ONNX files are made from the PyTorch student, QAD files by `reviewkd quantize`, so
+    where torch is not installed the advice says so and names the extra that brings it.
+    """
+    backend = key.partition("/")[0] if key else None
+    if backend == BACKEND_OF_KIND["tensorrt"]:
+        return f"`reviewkd export {run_dir} --formats {TENSORRT_FORMAT}` (TensorRT and a GPU, no PyTorch)"
+    label = key.partition("/")[2] if key else ""
+    if label.startswith("int8-qad"):
+        command = f"`reviewkd quantize {run_dir}`"
+    elif key in _EXPORT_FORMAT_OF_KEY:
+        command = f"`reviewkd export {run_dir} --formats {_EXPORT_FORMAT_OF_KEY[key]}`"
+    else:
+        command = f"`reviewkd export {run_dir}`"
+    if torch_installed():
+        return command
+    return f"{command} where PyTorch is installed (this install has none: {TRAIN_EXTRA_HINT})"

@@ -18,7 +18,7 @@ import numpy as np
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import verify_onnx_content
-from deploy.formats import ALL_BACKENDS, MODULE_BACKENDS
+from deploy.formats import ALL_BACKENDS, MODULE_BACKENDS, export_advice, format_keys
 from deploy.manifest import Manifest, input_spec, read_manifest
 from deploy.preprocess import load_images
 from deploy.runners import OnnxRuntimeRunner, open_runner, select_artifact
@@ -64,7 +64,8 @@ def check_export_is_current(
         found = (
             f"it was exported from student {str(recorded)[:12]}…, the run's student is now {current[:12]}…"
         )
-    raise UsageError(f"{path}: {found}; re-export it with `reviewkd export {run_dir}`")
+    key = next((k for k, rel in format_keys(manifest.get("artifacts") or {}).items() if rel == relpath), None)
+    raise UsageError(f"{path}: {found}; re-export it with {export_advice(run_dir, key)}")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

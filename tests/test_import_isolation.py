@@ -112,6 +112,8 @@ CLI_SCRIPT = BLOCK_TORCH + textwrap.dedent(
         "export_tensorrt": ["export", run, "--formats", "tensorrt"],
         "export_onnx": ["export", run, "--formats", "onnx"],
         "predict_torch": ["predict", run, image, "--backend", "torch/fp32"],
+        "predict_plan": ["predict", run, image, "--backend", "tensorrt/fp16"],
+        "predict_int8": ["predict", run, image, "--backend", "onnxruntime/int8"],
         "distill": ["distill", "--out", run + "-distill"],
     }
     results = {}
@@ -198,6 +200,15 @@ def test_edge_commands_run_without_torch(tmp_path: Path) -> None:
     assert results["export_tensorrt"]["code"] == 3
     trt_error = results["export_tensorrt"]["err"]
     assert "TensorRT" in trt_error and "reviewkd[train]" not in trt_error
+    # Advice names a command that works on this install: a missing plan is built here without
+    # PyTorch; a missing ONNX file needs the training extra, and the advice says so.
+    assert results["predict_plan"]["code"] == 2
+    assert f"make it with `reviewkd export {run} --formats tensorrt`" in results["predict_plan"]["err"]
+    assert results["predict_int8"]["code"] == 2
+    assert (
+        f"make it with `reviewkd export {run} --formats int8` where PyTorch is installed"
+        " (this install has none: pip install 'reviewkd[train]')"
+    ) in results["predict_int8"]["err"]
     # What needs torch exits 3 and names the install.
     for key in ("export_onnx", "predict_torch", "distill"):
         assert results[key]["code"] == 3, (key, results[key]["err"])
@@ -239,7 +250,13 @@ def run_with_every_onnx_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 
 @pytest.mark.parametrize(
-    "backend", [[], ["--backend", "onnxruntime/fp16"], ["--backend", "onnxruntime/int8"]]
+    "backend",
+    [
+        [],
+        ["--backend", "onnxruntime/fp16"],
+        ["--backend", "onnxruntime/int8"],
+        ["--backend", "onnxruntime/int8-trt"],
+    ],
 )
 def test_predict_on_a_run_imports_neither_onnx_nor_torch(
     run_with_every_onnx_file: tuple[Path, Path], backend: list[str]

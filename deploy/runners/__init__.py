@@ -11,7 +11,14 @@ import os
 from pathlib import Path
 
 from deploy.errors import UsageError
-from deploy.formats import KIND_OF_BACKEND, kind_of_file, precision_from_filename, standard_file
+from deploy.formats import (
+    KIND_OF_BACKEND,
+    export_advice,
+    format_keys,
+    kind_of_file,
+    precision_from_filename,
+    standard_file,
+)
 from deploy.gpu import current_gpu
 from deploy.manifest import ArtifactEntry, Manifest, artifacts_of_kind, input_spec, verify_artifact
 from deploy.runners.base import Runner
@@ -48,27 +55,33 @@ def artifact_precision(relpath: str, entry: ArtifactEntry) -> str:
 
 def select_artifact(run_dir: str | os.PathLike[str], manifest: Manifest, backend: str, precision: str) -> str:
     """Return the run-relative path of the file that serves `backend` ("onnxruntime", "tensorrt")
-    at `precision`.
+    at `precision`: a precision ("int8"), or the label of one file ("int8-trt"), as the format keys
+    of validate, bench and report name them (deploy.formats.format_keys).
 
     Several files may share a precision (export writes two int8 ONNX flavours, and a uint8-input
     fp32 variant); the one under export's standard name (deploy.formats.standard_file) wins.
-    UsageError if none matches, listing what the run has, or if the choice is still ambiguous.
+    UsageError if none matches, listing the formats the run has and saying how to make the file,
+    or if the choice is still ambiguous.
     """
     if backend not in KIND_OF_BACKEND:
         raise UsageError(f"backend {backend!r}: run files exist for {', '.join(KIND_OF_BACKEND)} only")
     kind = KIND_OF_BACKEND[backend]
-    files = artifacts_of_kind(manifest, kind)
+    keys = format_keys(manifest.get("artifacts", {}))
+    runnable = set(keys.values())
+    files = {rel: entry for rel, entry in artifacts_of_kind(manifest, kind).items() if rel in runnable}
     matches = sorted(rel for rel, entry in files.items() if artifact_precision(rel, entry) == precision)
     canonical = standard_file(kind, precision)
     if canonical in matches:
         return canonical
     if len(matches) == 1:
         return matches[0]
+    requested = f"{backend}/{precision}"
+    if not matches and requested in keys:
+        return keys[requested]
     if not matches:
-        present = sorted({f"{backend}/{artifact_precision(rel, entry)}" for rel, entry in files.items()})
         raise UsageError(
-            f"{run_dir}: no {backend}/{precision} file in the manifest"
-            f" (has: {', '.join(present) or 'none; run `reviewkd export RUN` first'})"
+            f"{run_dir}: no {requested} file in the manifest (has: {', '.join(keys) or 'none'});"
+            f" make it with {export_advice(run_dir, requested)}"
         )
     raise UsageError(
         f"{run_dir}: several {backend}/{precision} files ({', '.join(matches)}); pass the file's path instead"

@@ -25,6 +25,7 @@ from tests.helpers import (
     INPUT_SHAPE,
     MEAN,
     STD,
+    add_int8_files,
     export_onnx,
     input_block,
     make_run,
@@ -330,11 +331,30 @@ def test_cli_refuses_a_tampered_run_file(
     assert "does not match the manifest" in err
 
 
+def test_predict_takes_every_format_validate_and_bench_name(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = make_run(tmp_path)
+    add_int8_files(run)
+    from benchmarks.targets import artifact_formats
+    from deploy.manifest import read_manifest
+
+    keys = [key for key in artifact_formats(read_manifest(run)) if key.startswith("onnxruntime/")]
+    assert keys == ["onnxruntime/fp32", "onnxruntime/int8", "onnxruntime/int8-trt"]
+    for key in keys:
+        code, out, err = predict_cli(capsys, run, images[0], "--backend", key, "--json")
+        assert code == 0, (key, err)
+        assert len(json.loads(out)["predictions"][0]["top_k"]) == len(CLASSES)
+
+
 def test_cli_usage_errors(tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
     run, _ = make_run(tmp_path)
     code, _, err = predict_cli(capsys, run, images[0], "--backend", "onnxruntime/int8")
     assert code == 2
-    assert f"{run}: no onnxruntime/int8 file in the manifest (has: onnxruntime/fp32)" in err
+    assert (
+        f"{run}: no onnxruntime/int8 file in the manifest (has: onnxruntime/fp32);"
+        f" make it with `reviewkd export {run} --formats int8`"
+    ) in err
     code, _, err = predict_cli(capsys, run, images[0], "--backend", "tflite/fp32")
     assert code == 2 and "--backend 'tflite/fp32'" in err
     code, _, err = predict_cli(
@@ -398,7 +418,7 @@ def test_an_export_from_an_older_student_is_refused(
         assert err == (
             f"reviewkd predict: error: {run / 'export' / 'student.onnx'}: it was exported from student"
             " bbbbbbbbbbbb…, the run's student is now aaaaaaaaaaaa…;"
-            f" re-export it with `reviewkd export {run}`\n"
+            f" re-export it with `reviewkd export {run} --formats onnx`\n"
         )
     del manifest["artifacts"]["export/student.onnx"][STUDENT_SHA256_KEY]
     write_manifest(run, manifest)

@@ -511,12 +511,16 @@ def test_select_artifact_prefers_the_standard_file_name(tmp_path: Path) -> None:
     record_artifact(run, manifest, "export/student.int8.onnx", "onnx", precision="int8")
     assert select_artifact(run, manifest, "onnxruntime", "fp32") == "export/student.onnx"
     assert select_artifact(run, manifest, "onnxruntime", "int8") == "export/student.int8.onnx"
-    with pytest.raises(
-        UsageError,
-        match=r"no onnxruntime/fp16 file in the manifest \(has: onnxruntime/fp32, onnxruntime/int8\)",
-    ):
+    # Every format the run has is listed by the key that names it, and each key selects its file.
+    has = "onnxruntime/fp32, onnxruntime/fp32-student.uint8, onnxruntime/int8, onnxruntime/int8-trt"
+    with pytest.raises(UsageError, match=rf"no onnxruntime/fp16 file in the manifest \(has: {has}\);"):
         select_artifact(run, manifest, "onnxruntime", "fp16")
-    with pytest.raises(UsageError, match=r"no tensorrt/fp16 file .*run `reviewkd export RUN` first"):
+    assert select_artifact(run, manifest, "onnxruntime", "int8-trt") == "export/student.int8.trt.onnx"
+    assert select_artifact(run, manifest, "onnxruntime", "fp32-student.uint8") == "export/student.uint8.onnx"
+    # The advice names the format's own command, one that works here (torch is installed).
+    with pytest.raises(UsageError, match=r"make it with `reviewkd export \S+ --formats fp16`$"):
+        select_artifact(run, manifest, "onnxruntime", "fp16")
+    with pytest.raises(UsageError, match=r"no tensorrt/fp16 file .*`reviewkd export \S+ --formats tensorrt`"):
         select_artifact(run, manifest, "tensorrt", "fp16")
     shutil.copyfile(source, run / "export" / "other.fp16.onnx")
     shutil.copyfile(source, run / "export" / "another.fp16.onnx")

@@ -156,7 +156,8 @@ def test_a_run_without_onnx_is_a_usage_error(tmp_path: Path) -> None:
     forget_artifact(manifest, "export/student.onnx")
     with pytest.raises(
         UsageError,
-        match=r"no onnxruntime/fp32 file in the manifest \(has: none; run `reviewkd export RUN` first\)",
+        match=r"no onnxruntime/fp32 file in the manifest \(has: none\);"
+        r" make it with `reviewkd export .* --formats onnx`",
     ):
         write_triton_repository(run, tmp_path / "repo", manifest=manifest)
     assert not (tmp_path / "repo").exists()
