@@ -1,7 +1,10 @@
 """Write a Triton Inference Server model repository for a run's deployable files.
 
-One model per file: the fp32 ONNX file (platform "onnxruntime_onnx", `1/model.onnx`) and every
-TensorRT plan the manifest lists (platform "tensorrt_plan", `1/model.plan`). Each model gets a
+One model per file: every ONNX file ONNX Runtime serves as it was checked (platform
+"onnxruntime_onnx", `1/model.onnx`: fp32, fp16, int8 and the QAD int8 file) and every TensorRT plan
+the manifest lists (platform "tensorrt_plan", `1/model.plan`). The int8 files made for TensorRT are
+left out (`onnx_files_left_out`): they must run their Q/DQ pairs unfused, a session option Triton's
+ONNX Runtime backend does not set, and TensorRT serves them as plans. Each model gets a
 config.pbtxt (max_batch_size, dims without the batch, dynamic_batching, instance_group) and a
 labels file with the class names. Files are copied only after their sha256 matches the manifest.
 """
@@ -18,6 +21,7 @@ from typing import Any
 
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
+from deploy.formats import format_keys
 from deploy.manifest import (
     Manifest,
     artifact_path,
@@ -28,6 +32,7 @@ from deploy.manifest import (
 )
 from deploy.predict import check_export_is_current
 from deploy.runners import OnnxRuntimeRunner, select_artifact
+from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY
 from deploy.trt_sidecar import Sidecar, read_sidecar, sidecar_path
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -175,6 +180,20 @@ def _copy_verified(run_dir: Path, manifest: Manifest, relpath: str, target: Path
         raise UsageError(f"{source}: changed while it was being copied to the Triton repository")
 
 
+def onnx_files_left_out(manifest: Manifest) -> dict[str, str]:
+    """The run's ONNX files a Triton repository does not serve, with why: the int8 files whose
+    manifest entry says ONNX Runtime must run their Q/DQ pairs unfused (export's TensorRT flavours)."""
+    left_out = {}
+    for key, relpath in format_keys(manifest.get("artifacts", {})).items():
+        entry = manifest["artifacts"][relpath]
+        if key.startswith("onnxruntime/") and entry.get(UNFUSED_QDQ_KEY) is True:
+            left_out[relpath] = (
+                "made for TensorRT (serve its engine, `--formats tensorrt`); Triton's ONNX Runtime would"
+                " fuse its Q/DQ pairs, which it must run unfused"
+            )
+    return left_out
+
+
 def plan_models(
     run_dir: str | os.PathLike[str],
     manifest: Manifest,
@@ -201,36 +220,48 @@ def plan_models(
     num_classes = _num_classes(manifest)
     labels = bool(check_labels(manifest.get("classes") or []))
 
-    onnx_rel = select_artifact(run, manifest, "onnxruntime", "fp32")
-    check_export_is_current(run, manifest, onnx_rel)
-    # Open the file once on the CPU: it proves the file loads and gives the real tensor names.
-    probe = OnnxRuntimeRunner(
-        verify_artifact(run, manifest, onnx_rel),
-        providers=["CPUExecutionProvider"],
-        threads=1,
-        input_shape=dims,
-    )
-    probe.close()
-    if probe.max_batch is not None:
-        raise UsageError(
-            f"{run / onnx_rel}: fixed batch {probe.max_batch};"
-            " Triton's batching needs a dynamic batch dimension"
+    # The fp32 file is the one every run has; the others are served beside it.
+    fp32_rel = select_artifact(run, manifest, "onnxruntime", "fp32")
+    left_out = onnx_files_left_out(manifest)
+    models = []
+    for key, onnx_rel in format_keys(manifest.get("artifacts", {})).items():
+        if not key.startswith("onnxruntime/") or onnx_rel in left_out:
+            continue
+        check_export_is_current(run, manifest, onnx_rel)
+        # Open the file once on the CPU: it proves the file loads and gives the real tensor names.
+        probe = OnnxRuntimeRunner(
+            verify_artifact(run, manifest, onnx_rel),
+            providers=["CPUExecutionProvider"],
+            threads=1,
+            input_shape=dims,
         )
-    models = [
-        TritonModel(
-            name=f"{base}_onnx",
-            platform="onnxruntime_onnx",
-            source=onnx_rel,
-            max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
-            input_name=probe.input_name,
-            output_name=probe.output_name,
-            input_dims=dims,
-            num_classes=num_classes,
-            instance_kind=INSTANCE_KINDS[instance_kind],
-            instance_count=instance_count,
-            labels=labels,
+        probe.close()
+        if probe.unfused_qdq:
+            raise UsageError(
+                f"{run / onnx_rel}: its metadata says to run its Q/DQ pairs unfused, its manifest entry"
+                f" does not ({UNFUSED_QDQ_KEY}); re-export it"
+            )
+        if probe.max_batch is not None:
+            raise UsageError(
+                f"{run / onnx_rel}: fixed batch {probe.max_batch};"
+                " Triton's batching needs a dynamic batch dimension"
+            )
+        label = re.sub(r"[^A-Za-z0-9_-]+", "_", key.partition("/")[2])
+        models.append(
+            TritonModel(
+                name=f"{base}_onnx" if onnx_rel == fp32_rel else f"{base}_onnx_{label}",
+                platform="onnxruntime_onnx",
+                source=onnx_rel,
+                max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+                input_name=probe.input_name,
+                output_name=probe.output_name,
+                input_dims=dims,
+                num_classes=num_classes,
+                instance_kind=INSTANCE_KINDS[instance_kind],
+                instance_count=instance_count,
+                labels=labels,
+            )
         )
-    ]
     for plan_rel, entry in sorted(artifacts_of_kind(manifest, "tensorrt").items()):
         check_export_is_current(run, manifest, plan_rel)
         sidecar = _plan_sidecar(run, manifest, plan_rel)

@@ -396,7 +396,7 @@ def add_int8_files(run: Path) -> dict[str, str]:
     ):
         source, target = run / "export/student.onnx", run / "export" / name
         description = quantize_int8(source, target, calibration, flavour=flavour)
-        record_artifact(run, manifest, f"export/{name}", "onnx", precision="int8", int8=description)
+        record_artifact(run, manifest, f"export/{name}", "onnx", precision="int8", **description)
         written[key] = f"export/{name}"
     write_manifest(run, manifest)
     return written

@@ -16,7 +16,17 @@ from deploy.runners import OnnxRuntimeRunner
 from deploy.triton import preferred_batch_sizes, write_triton_repository
 from deploy.trt_sidecar import sidecar_path
 from reviewkd.app.cli import main
-from tests.helpers import CLASSES, INPUT_SHAPE, export_onnx, make_run, random_batch, tiny_net, write_plan
+from tests.helpers import (
+    CLASSES,
+    INPUT_SHAPE,
+    add_fp16_file,
+    add_int8_files,
+    export_onnx,
+    make_run,
+    random_batch,
+    tiny_net,
+    write_plan,
+)
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
@@ -91,6 +101,34 @@ def test_repository_layout_and_configs(tmp_path: Path) -> None:
         OnnxRuntimeRunner(run / "export" / "student.onnx") as original,
     ):
         np.testing.assert_array_equal(served.infer(images), original.infer(images))
+
+
+def test_every_onnx_file_onnx_runtime_serves_as_checked_gets_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = make_run(tmp_path)
+    add_fp16_file(run)
+    add_int8_files(run)
+    repo = tmp_path / "repo"
+    assert main(["triton", str(run), "--out", str(repo)]) == 0
+    out = capsys.readouterr().out
+    served = {"tiny_net_onnx": "student.onnx", "tiny_net_onnx_fp16": "student.fp16.onnx"}
+    served["tiny_net_onnx_int8"] = "student.int8.onnx"
+    assert sorted(p.name for p in repo.iterdir()) == sorted(served)
+    images = random_batch(3)
+    for name, file in served.items():
+        config = read_config(repo / name)
+        assert (config.name, config.platform) == (name, "onnxruntime_onnx")
+        assert f"{repo / name}: onnxruntime_onnx from export/{file}," in out
+        # The copy computes what the run's file computes, opened as reviewkd opens it.
+        with (
+            OnnxRuntimeRunner(repo / name / "1" / "model.onnx") as copy,
+            OnnxRuntimeRunner(run / "export" / file) as original,
+        ):
+            np.testing.assert_array_equal(copy.infer(images), original.infer(images))
+    # The TensorRT flavour must run its Q/DQ unfused, which Triton's ONNX Runtime would not: left out,
+    # and the output says why.
+    assert "export/student.int8.trt.onnx: not served: made for TensorRT" in out
 
 
 def test_cli_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

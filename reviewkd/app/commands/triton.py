@@ -1,12 +1,13 @@
-"""`reviewkd triton RUN --out REPO`: a Triton model repository for the run's ONNX file and TensorRT plans."""
+"""`reviewkd triton RUN --out REPO`: a Triton model repository for the run's ONNX files and TensorRT plans."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from deploy.manifest import read_manifest
 from deploy.tasks import require_deployable_run
-from deploy.triton import DEFAULT_MAX_BATCH_SIZE, INSTANCE_KINDS, write_triton_repository
+from deploy.triton import DEFAULT_MAX_BATCH_SIZE, INSTANCE_KINDS, onnx_files_left_out, write_triton_repository
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,9 +39,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run_triton(args: argparse.Namespace) -> int:
     """Handler of `reviewkd triton`."""
     require_deployable_run(args.run, "triton")
+    manifest = read_manifest(args.run)
     models = write_triton_repository(
         args.run,
         args.out,
+        manifest=manifest,
         max_batch_size=args.max_batch_size,
         instance_kind=args.instance_kind,
         instance_count=args.count,
@@ -51,4 +54,6 @@ def run_triton(args: argparse.Namespace) -> int:
             f"{args.out / model.name}: {model.platform} from {model.source},"
             f" max_batch_size {model.max_batch_size}, {model.instance_count} x {model.instance_kind}"
         )
+    for relpath, reason in onnx_files_left_out(manifest).items():
+        print(f"{relpath}: not served: {reason}")
     return 0
