@@ -269,6 +269,28 @@ class Row:
 
 
 ROWS: tuple[Row, ...] = (
+    # ---- export-data: the run's validation split as an image folder
+    Row(
+        "export-data: --out inside the run",
+        lambda t, r: ["export-data", str(r), "--out", str(r / "val")],
+        2,
+        "inside the run",
+    ),
+    Row(
+        "export-data: --out not empty",
+        lambda t, r: ["export-data", str(r), "--out", str(_write(t / "val" / "keep.txt", "mine").parent)],
+        2,
+        "not empty",
+    ),
+    Row(
+        "export-data: a class name that climbs out of --out",
+        lambda t, r: _then(
+            _edit_manifest(r, lambda m: m["classes"].__setitem__(0, "../escaped")),  # type: ignore[attr-defined]
+            ["export-data", str(r), "--out", str(t / "val")],
+        ),
+        2,
+        "cannot name a folder",
+    ),
     # ---- predict: images
     Row(
         "predict: missing image", lambda t, r: _predict(r, t / "none.png"), 2, "none.png: no such image file"
@@ -1617,6 +1639,12 @@ EDGE_ROWS: tuple[Row, ...] = (
         lambda t, r: _layerwise(r),
         3,
         "install the training extra",
+    ),
+    Row(
+        "edge: export-data of a digits run (its split is rebuilt with torch)",
+        lambda t, r: ["export-data", str(r), "--out", str(t / "val")],
+        3,
+        "pip install 'reviewkd[train]'",
     ),
     Row(
         "edge: validate a digits run (its images are read with torch)",

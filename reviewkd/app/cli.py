@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "report": "reviewkd.app.commands.evaluate",
     "layerwise": "reviewkd.app.commands.precision",
     "doctor": "reviewkd.app.commands.doctor",
+    "export-data": "reviewkd.app.commands.data",
 }
 
 
