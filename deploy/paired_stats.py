@@ -212,3 +212,37 @@ def judge_drop(comparison: PairedComparison, budget_points: float) -> Verdict:
         f" ({observed}); {more}",
         needed,
     )
+
+
+def proportion_interval(
+    successes: int, n: int, confidence: float = DEFAULT_CONFIDENCE
+) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `successes` / `n` (Wilson, JASA 1927): unlike the plain
+    Wald interval it stays inside [0, 1] and keeps a width at 0 or `n` successes."""
+    if n < 1 or not 0 <= successes <= n:
+        raise UsageError(f"proportion {successes}/{n}: expected 0 <= successes <= n and n >= 1")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    rate = successes / n
+    scale = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / scale
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / scale
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def judge_agreement(agreed: int, n: int, threshold_percent: float) -> Verdict:
+    """Hold a top-1 agreement of `agreed` out of `n` inputs against a minimum of `threshold_percent`.
+
+    An agreement at or above the minimum passes; below it, the verdict is "failed" only when the
+    whole 95% interval lies below the minimum, else "inconclusive": the sample cannot tell one
+    flipped near-tie from a file that agrees less (63 of 64 against 99%).
+    """
+    low, high = proportion_interval(agreed, n)
+    observed = f"{100 * agreed / n:.2f}% of {n:,} agree (95% CI [{100 * low:.2f}, {100 * high:.2f}])"
+    if 100 * agreed >= threshold_percent * n:
+        return Verdict(Status.OK, f"{observed}: at or above the {threshold_percent:g}% minimum")
+    if 100 * high < threshold_percent:
+        return Verdict(Status.FAILED, f"{observed}: significantly below the {threshold_percent:g}% minimum")
+    return Verdict(
+        Status.INCONCLUSIVE,
+        f"inconclusive: {n:,} inputs cannot resolve a {threshold_percent:g}% agreement minimum ({observed})",
+    )

@@ -4,7 +4,10 @@ The gates are deploy.gates' (the same table `reviewkd validate` applies), in per
 fp32 max |diff| of logits <= 1e-4 and 100% top-1 agreement; fp16 top-1 agreement >= 99%; int8
 top-1 accuracy at most 1 point under the student's, judged on the paired 95% interval of the drop
 over the check images (deploy.paired_stats). The uint8-input variant with baked-in
-preprocessing is an fp32 model and is held to the fp32 gates.
+preprocessing is an fp32 model and is held to the fp32 gates. On random inputs (no images: no
+labels) a file is also held to deploy.gates.RANDOM_INPUT_GATES (fp16: the relative L2 error of its
+logits), and its agreement gate is judged on the agreement's interval: a shortfall 64 inputs cannot
+resolve is inconclusive, not a failure.
 """
 
 from __future__ import annotations
@@ -18,11 +21,20 @@ from typing import Any
 import numpy as np
 
 from deploy.errors import UsageError
-from deploy.gates import DEFAULT_GATES, GATE_METRICS, describe_check, evaluate_gates, gates_for
+from deploy.gates import (
+    DEFAULT_GATES,
+    GATE_METRICS,
+    RANDOM_INPUT_GATES,
+    describe_check,
+    evaluate_gates,
+    gates_for,
+)
 from deploy.paired_stats import compare_predictions
 from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
 from deploy.status import Status
 
+# The parity numbers of `compare` the gates read.
+PARITY_METRICS = ("n", "max_abs_diff", "mean_abs_diff", "rel_l2_error", "top1_agreement")
 # The precision label of the uint8-input variant, and the gates it is held to.
 UINT8_INPUT = "uint8"
 
@@ -68,10 +80,12 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None
         # From counts, as validate computes them, so that both agree to the last bit at a gate's edge.
         return 100.0 * int(np.sum(hits)) / count
 
+    scale = max(float(np.linalg.norm(reference.astype(np.float64))), 1e-12)
     metrics: dict[str, Any] = {
         "n": count,
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
+        "rel_l2_error": float(np.linalg.norm(diff)) / scale,
         "top1_agreement": percent(logits.argmax(1) == reference.argmax(1)),
     }
     if labels is not None:
@@ -84,13 +98,22 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None
 
 
 def gate(
-    precision: str, metrics: Mapping[str, Any], gates: Mapping[str, Mapping[str, float]] = DEFAULT_GATES
+    precision: str,
+    metrics: Mapping[str, Any],
+    gates: Mapping[str, Mapping[str, float]] = DEFAULT_GATES,
+    *,
+    random_inputs: bool = False,
 ) -> tuple[Status, str]:
     """Hold `metrics` (from `compare`) to the precision's gates; return (status, reason).
 
-    A gate on accuracy without labelled images cannot be measured: the check is skipped.
+    A gate on accuracy without labelled images cannot be measured: the check is skipped. With
+    `random_inputs` (the check had no images), RANDOM_INPUT_GATES add to the precision's gates and
+    the agreement gate is judged on its interval (deploy.gates).
     """
-    precision_gates = gates_for(gates, "fp32" if precision == UINT8_INPUT else precision)
+    gated = "fp32" if precision == UINT8_INPUT else precision
+    precision_gates = gates_for(gates, gated)
+    if random_inputs:
+        precision_gates.update(gates_for(RANDOM_INPUT_GATES, gated))
     if not precision_gates:
         raise UsageError(f"no parity gate for precision {precision!r}")
     top1 = metrics.get("top1")
@@ -98,14 +121,14 @@ def gate(
     if top1 is None and any(GATE_METRICS[name].metric.startswith("accuracy.") for name in precision_gates):
         return Status.SKIPPED, f"{precision} accuracy gate needs labelled images"
     measurement = {
-        "parity": {k: metrics[k] for k in ("max_abs_diff", "mean_abs_diff", "top1_agreement")},
+        "parity": {k: metrics.get(k) for k in PARITY_METRICS},
         "accuracy": {
             "top1": top1,
             "top1_drop": None if top1 is None or reference_top1 is None else reference_top1 - top1,
             "paired": metrics.get("paired"),
         },
     }
-    checks = evaluate_gates(measurement, precision_gates)
+    checks = evaluate_gates(measurement, precision_gates, agreement_interval=random_inputs)
     status = Status.OK if all(c["passed"] for c in checks) else Status.FAILED
     return status, "; ".join(describe_check(c) for c in checks)
 
@@ -119,5 +142,5 @@ def check_file(
 ) -> CheckResult:
     """Run `path` on `batches` and hold its logits against the student's `reference` logits."""
     metrics = compare(run_onnx(path, batches), reference, labels)
-    status, reason = gate(precision, metrics)
+    status, reason = gate(precision, metrics, random_inputs=labels is None)
     return CheckResult(str(Path(path)), precision, status, reason, metrics)

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from deploy.errors import UsageError
-from deploy.paired_stats import compare_correct, compare_predictions, judge_drop
+from deploy.paired_stats import (
+    compare_correct,
+    compare_predictions,
+    judge_agreement,
+    judge_drop,
+    proportion_interval,
+)
 
 
 def _pairs(both: int, losses: int, gains: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,3 +128,37 @@ def test_counts_round_trip_and_inconsistent_counts_are_refused() -> None:
     assert PairedComparison.from_counts(comparison.counts()) == comparison
     with pytest.raises(UsageError, match="inconsistent"):
         PairedComparison.from_counts({**comparison.counts(), "candidate_correct": 1})
+
+
+def test_the_wilson_interval_keeps_a_width_at_the_ends_and_stays_in_range() -> None:
+    # The textbook value: 0 of 10 gives [0, 0.2775] at 95%.
+    low, high = proportion_interval(0, 10)
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = proportion_interval(10, 10)
+    assert high == 1.0 and low == pytest.approx(1 - 0.2775, abs=1e-4)
+    low, high = proportion_interval(63, 64)
+    assert low < 63 / 64 < high < 1
+    with pytest.raises(UsageError):
+        proportion_interval(3, 0)
+
+
+@pytest.mark.parametrize(
+    ("agreed", "n", "minimum", "status"),
+    [
+        (63, 64, 99.0, "inconclusive"),  # one flipped near-tie of 64 random inputs
+        (64, 64, 99.0, "ok"),
+        (64, 64, 100.0, "ok"),
+        (63, 64, 100.0, "failed"),  # fp32's 100%: any flip is below it, significantly
+        (55, 64, 99.0, "failed"),
+        (990, 1000, 99.0, "ok"),
+        (985, 1000, 99.0, "inconclusive"),
+    ],
+)
+def test_an_agreement_short_of_its_minimum_fails_only_when_significant(
+    agreed: int, n: int, minimum: float, status: str
+) -> None:
+    verdict = judge_agreement(agreed, n, minimum)
+    assert verdict.status == status, verdict.reason
+    if status == "inconclusive":
+        expected = f"inconclusive: {n:,} inputs cannot resolve a {minimum:g}% agreement minimum"
+        assert verdict.reason.startswith(expected)

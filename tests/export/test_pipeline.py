@@ -231,6 +231,43 @@ def test_gate_thresholds_are_validates_and_in_percent() -> None:
     assert gate("fp16", {**base, "top1_agreement": 98.9}, {"fp16": {"min_agreement": 98.0}})[0] == "ok"
 
 
+def test_on_random_inputs_a_flipped_near_tie_is_inconclusive_and_the_logit_error_decides() -> None:
+    from export.check import compare
+
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((64, 10)).astype(np.float32)
+    reference[0, :2] = [3.0, 3.0 - 1e-5]  # a near-tie, as random inputs give
+    fp16 = reference + 1e-4 * rng.standard_normal(reference.shape).astype(np.float32)
+    fp16[0, :2] = [3.0 - 1e-5, 3.0]  # the tie flips: 63 of 64 agree
+    metrics = compare(fp16, reference, None)
+    assert metrics["top1_agreement"] == 100 * 63 / 64 and metrics["rel_l2_error"] < 1e-3
+    status, reason = gate("fp16", metrics, random_inputs=True)
+    assert status == "ok", reason
+    assert "inconclusive: 64 inputs cannot resolve a 99% agreement minimum" in reason
+    assert "gate max_rel_l2_error passed" in reason
+    # A file whose logits are wrong fails on the statistic that means something on random inputs.
+    wrong = compare(reference[:, ::-1].copy(), reference, None)
+    status, reason = gate("fp16", wrong, random_inputs=True)
+    assert status == "failed" and "gate max_rel_l2_error failed" in reason
+    # On labelled validation images the agreement gate is the plain threshold, as validate applies it.
+    assert gate("fp16", metrics)[0] == "failed"
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_the_issue_22_export_of_a_pretrained_resnet20_without_data_passes(
+    cifar_weights_dir: Path, tmp_path: Path
+) -> None:
+    # What a new user ran (issue 22, item 15): on 64 random inputs one near-tie flips in fp16.
+    weights = cifar_weights_dir / "resnet20-12fca82f.th"
+    argv = ["export", "--model", "cifar_resnet20", "--weights", str(weights)]
+    argv += ["--input-shape", "3,32,32", "--out", str(tmp_path / "run"), "--formats", "onnx,fp16"]
+    assert main(argv) == 0
+    checks = read_manifest(tmp_path / "run")["export"]["checks"]
+    assert checks["export/student.fp16.onnx"]["status"] == "ok"
+    assert checks["export/student.fp16.onnx"]["top1_agreement"] < 100  # the flip is still reported
+
+
 def test_damaged_file_fails_its_gate_and_is_kept_as_failed(
     digits_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
