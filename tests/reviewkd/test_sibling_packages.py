@@ -13,35 +13,61 @@ from pathlib import Path
 from reviewkd.sibling_packages import SIBLING_PACKAGES, foreign_sibling_packages
 from tests.helpers import REPO_ROOT
 
+FRESH = "install reviewkd into a virtual environment of its own (python -m venv, then pip install)"
+
 
 def test_this_checkout_imports_its_own_packages() -> None:
     assert foreign_sibling_packages() == []
 
 
-def _import_reviewkd(path_first: Path) -> subprocess.CompletedProcess[str]:
+def _run(code: list[str], cwd: Path, path_first: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path_first), str(REPO_ROOT)])}
     return subprocess.run(
-        [sys.executable, "-c", "import reviewkd"],
-        cwd=path_first,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        [sys.executable, *code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
     )
 
 
-def test_a_foreign_package_of_the_same_name_is_named_at_import(tmp_path: Path) -> None:
-    (tmp_path / "deploy").mkdir()
-    (tmp_path / "deploy" / "__init__.py").write_text('"""Another project\'s deploy."""\n')
-    (tmp_path / "benchmarks.py").write_text("")  # a plain module shadows a package too
-    result = _import_reviewkd(tmp_path)
+def _foreign_deploy(folder: Path) -> Path:
+    """Another project's `deploy` package, and a plain `benchmarks.py` (a module shadows a package too)."""
+    (folder / "deploy").mkdir(parents=True)
+    (folder / "deploy" / "__init__.py").write_text('"""Another project\'s deploy."""\n')
+    (folder / "benchmarks.py").write_text("")
+    return folder
+
+
+def test_a_foreign_package_on_the_path_is_named_at_import(tmp_path: Path) -> None:
+    elsewhere = _foreign_deploy(tmp_path / "other_project")
+    result = _run(["-c", "import reviewkd"], cwd=tmp_path, path_first=elsewhere)
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("ImportError: reviewkd: `deploy` resolves to ")
-    assert str(tmp_path / "deploy") in message and str(tmp_path / "benchmarks.py") in message
+    assert str(elsewhere / "deploy") in message and str(elsewhere / "benchmarks.py") in message
     assert "`export`" not in message  # reviewkd's own export is found
-    assert "virtual environment of its own" in message
+    assert "remove its folder from PYTHONPATH" in message and "virtual environment of its own" in message
+
+
+def test_your_own_folder_in_the_working_directory_gets_advice_that_cures_it(tmp_path: Path) -> None:
+    # A fresh virtual environment would not help: Python puts the current directory first.
+    _foreign_deploy(tmp_path)
+    result = _run(["-c", "import reviewkd"], cwd=tmp_path, path_first=tmp_path)
+    message = result.stderr.strip().splitlines()[-1]
+    assert f"`deploy` resolves to {tmp_path / 'deploy'}" in message
+    assert "your own deploy in the current directory" in message
+    assert "run from another directory or rename it" in message
+    assert "virtual environment" not in message
+
+
+def test_the_command_reports_a_clash_in_one_line(tmp_path: Path) -> None:
+    _foreign_deploy(tmp_path)
+    script = tmp_path / "bin" / "reviewkd"  # what pip writes for the console script
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom reviewkd.app.cli import main\nsys.exit(main())\n")
+    for code in ([str(script), "predict", "RUN", "x.png"], ["-m", "reviewkd.app.cli", "validate", "RUN"]):
+        result = _run(code, cwd=tmp_path, path_first=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("reviewkd: error: `deploy` resolves to ")
+        assert "Traceback" not in result.stderr
 
 
 def test_the_checked_names_are_the_installed_top_level_packages() -> None:
@@ -92,11 +118,32 @@ def test_files_another_install_overwrote_or_removed_are_named(tmp_path: Path) ->
     assert _problems(site) == []
     # What pip does when another project with a `deploy` package installs into the same folder...
     (site / "deploy" / "__init__.py").write_text('"""Another project\'s deploy."""\n')
-    assert _problems(site) == [f"another install changed deploy/__init__.py in {site.resolve()}"]
+    assert _problems(site) == [f"another install changed deploy/__init__.py in {site.resolve()}; {FRESH}"]
     # ... and when it is uninstalled again: its files go, ours with them.
     (site / "deploy" / "__init__.py").unlink()
     (site / "deploy" / "manifest.py").write_text("# edited\n")
     assert _problems(site) == [
-        f"another install changed deploy/manifest.py in {site.resolve()}",
-        f"another uninstall removed deploy/__init__.py from {site.resolve()}",
+        f"another install changed deploy/manifest.py in {site.resolve()}; {FRESH}",
+        f"another uninstall removed deploy/__init__.py from {site.resolve()}; {FRESH}",
+    ]
+
+
+def test_a_project_installed_before_reviewkd_is_named(tmp_path: Path) -> None:
+    site = tmp_path / "site-packages"
+    _installed_copy(site)
+    # Another project with a `deploy` package was there first: pip overwrote the file both have
+    # (deploy/manifest.py, sizes now reviewkd's) and left its other files beside reviewkd's.
+    (site / "deploy" / "server.py").write_text("# another project's\n")
+    (site / "deploy" / "__pycache__").mkdir()
+    (site / "deploy" / "__pycache__" / "manifest.cpython-311.pyc").write_bytes(b"bytecode is not a clash")
+    other = site / "webdeploy-2.0.dist-info"
+    other.mkdir()
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: webdeploy\nVersion: 2.0\n")
+    (other / "top_level.txt").write_text("deploy\n")
+    (other / "RECORD").write_text("deploy/__init__.py,,\ndeploy/manifest.py,,\ndeploy/server.py,,\n")
+    assert _problems(site) == [
+        f"deploy/server.py in {site.resolve()} are not reviewkd's: another project's package of the same"
+        f" name was installed there first, and pip overwrote the files both have; {FRESH}",
+        "the installed project webdeploy also installs `deploy`, into the folder reviewkd's shares:"
+        f" pip overwrote the files both have; {FRESH}",
     ]
