@@ -147,27 +147,32 @@ print(json.dumps({"wall": wall, "maxrss_kb": usage.ru_maxrss, "code": code,
 """
 
 
-def import_profile(python: Path, argv: list[str], cwd: Path) -> dict[str, Any]:
-    """Run `python -X importtime ARGV` once: the ten slowest top-level imports (cumulative ms) and
-    which of HEAVY_IMPORTS were imported."""
-    completed = subprocess.run(
-        [str(python), "-X", "importtime", *argv], cwd=cwd, env=_env(None), capture_output=True, text=True
-    )
-    cumulative: dict[str, float] = {}
+def import_profile(python: Path, argv: list[str], cwd: Path, runs: int = 5) -> dict[str, Any]:
+    """Run `python -X importtime ARGV` `runs` times: per top-level import its median cumulative ms
+    (the ten slowest), and which of HEAVY_IMPORTS were imported at all."""
+    samples: dict[str, list[float]] = {}
     imported: set[str] = set()
-    for line in completed.stderr.splitlines():
-        # "import time: <self us> | <cumulative us> | <name>", the name indented two spaces per level
-        fields = line.removeprefix("import time:").split("|")
-        if not line.startswith("import time:") or len(fields) != 3 or not fields[1].strip().isdigit():
-            continue
-        module = fields[2][1:]
-        imported.add(module.strip().split(".")[0])
-        if not module.startswith(" "):
-            cumulative[module] = int(fields[1]) / 1000.0
-    slowest = sorted(cumulative.items(), key=lambda item: item[1], reverse=True)[:10]
+    codes = set()
+    for _ in range(runs):
+        completed = subprocess.run(
+            [str(python), "-X", "importtime", *argv], cwd=cwd, env=_env(None), capture_output=True, text=True
+        )
+        codes.add(completed.returncode)
+        for line in completed.stderr.splitlines():
+            # "import time: <self us> | <cumulative us> | <name>", the name indented two spaces a level
+            fields = line.removeprefix("import time:").split("|")
+            if not line.startswith("import time:") or len(fields) != 3 or not fields[1].strip().isdigit():
+                continue
+            module = fields[2][1:]
+            imported.add(module.strip().split(".")[0])
+            if not module.startswith(" "):
+                samples.setdefault(module, []).append(int(fields[1]) / 1000.0)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    slowest = sorted(medians.items(), key=lambda item: item[1], reverse=True)[:10]
     return {
-        "exit_code": completed.returncode,
-        "slowest_top_level_ms": {name: round(ms, 1) for name, ms in slowest},
+        "exit_codes": sorted(codes),
+        "runs": runs,
+        "slowest_top_level_ms_median": {name: round(ms, 1) for name, ms in slowest},
         "heavy_imported": sorted(set(HEAVY_IMPORTS) & imported),
     }
 
@@ -294,7 +299,7 @@ def main() -> None:
         print(f"| {name} | {megabytes:,.0f} |")
     print()
     for name, profile in imports.items():
-        top = list(profile["slowest_top_level_ms"].items())[:5]
+        top = list(profile["slowest_top_level_ms_median"].items())[:5]
         slowest = ", ".join(f"{module} {ms:.0f} ms" for module, ms in top)
         heavy = ", ".join(profile["heavy_imported"]) or "none"
         print(f"{name}: heavy imports {heavy}; slowest: {slowest}")
