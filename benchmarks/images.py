@@ -76,7 +76,8 @@ def run_validation_folder(run_dir: Path) -> Path:
     if data.dataset != "imagefolder" or not data.root:
         raise MissingDependencyError(
             f"{run_layout.run_path(run_dir, run_layout.CONFIG)}: the {data.dataset} validation split is read"
-            " with torch, which is not installed; pass --data FOLDER (one sub-folder of images per class)"
+            " with torch, which is not installed; pass --data FOLDER (one sub-folder of images per class;"
+            f" `reviewkd export-data {run_dir} --out FOLDER` writes it where PyTorch is installed)"
             " or pip install 'reviewkd[train]'"
         )
     root = Path(data.root)
@@ -85,7 +86,8 @@ def run_validation_folder(run_dir: Path) -> Path:
     if folder is None:
         raise UsageError(
             f"{root}: the run's validation images ({' or '.join(names)}/) are not on this machine;"
-            " pass --data FOLDER (one sub-folder of images per class)"
+            " pass --data FOLDER (one sub-folder of images per class;"
+            f" `reviewkd export-data {run_dir} --out FOLDER` writes it where the images are)"
         )
     return folder
 

@@ -1650,7 +1650,7 @@ EDGE_ROWS: tuple[Row, ...] = (
         "edge: validate a digits run (its images are read with torch)",
         lambda t, r: ["validate", str(r), "--device", "cpu"],
         3,
-        "pass --data FOLDER",
+        "pass --data FOLDER (one sub-folder of images per class; `reviewkd export-data ",
     ),
 )
 
