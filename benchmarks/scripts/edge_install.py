@@ -22,7 +22,9 @@ packages that decide the import time. What else ran on the machine meanwhile (lo
 start and the end, the busiest other processes) goes into the JSON too: on a shared machine a
 timing means little without it.
 
-Wall time is measured around each process, and its peak RSS is its own ru_maxrss (os.wait4), both
+Wall time is measured around each process, its CPU time (user + system) and peak RSS are its own
+ru_utime + ru_stime and ru_maxrss (os.wait4): on a loaded machine the wall time waits for the CPU,
+while the CPU time is close to what the process costs an idle one. All
 by a small timer process that imports nothing heavy.
 Sizes are `du` of the environments: the edge venv's packages without pip and setuptools (venv
 tooling), the whole edge venv, and the full environment (sys.prefix). It prints a Markdown table
@@ -142,7 +144,8 @@ process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subpr
 _, status, usage = os.wait4(process.pid, 0)
 wall = time.perf_counter() - started
 code = os.waitstatus_to_exitcode(status)
-print(json.dumps({"wall": wall, "maxrss_kb": usage.ru_maxrss, "code": code,
+print(json.dumps({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss,
+                  "code": code,
                   "stderr": process.stderr.read().decode()[-2000:]}))
 """
 
@@ -199,14 +202,14 @@ def machine_activity() -> dict[str, Any]:
     return {"load_average": os.getloadavg(), "busiest_processes": busiest}
 
 
-def time_process(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
-    """Run one process to completion; return (wall seconds, its own peak RSS in MB)."""
+def time_process(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, float]:
+    """Run one process to completion; return (wall seconds, its own peak RSS in MB, its CPU seconds)."""
     timer = [sys.executable, "-S", "-c", _TIMER, *argv]
     out = subprocess.run(timer, cwd=cwd, env=env, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     if result["code"] != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {result['code']}: {result['stderr']}")
-    return float(result["wall"]), result["maxrss_kb"] / 1024.0  # Linux reports kilobytes
+    return float(result["wall"]), result["maxrss_kb"] / 1024.0, float(result["cpu"])  # RSS in kB on Linux
 
 
 def main() -> None:
@@ -245,7 +248,7 @@ def main() -> None:
         )
     for argv, env in commands.values():  # warm the page cache once; the timed calls are all alike
         time_process(argv, work, env)
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
     for _ in range(args.repeats):
         for name, (argv, env) in commands.items():
             samples[name].append(time_process(argv, work, env))
@@ -274,9 +277,10 @@ def main() -> None:
         "sizes_mb": {k: round(v / 1e6, 1) for k, v in sizes.items()},
         "predict": {
             name: {
-                "wall_s_median": round(statistics.median(w for w, _ in rows), 3),
-                "wall_s_min": round(min(w for w, _ in rows), 3),
-                "peak_rss_mb_median": round(statistics.median(r for _, r in rows), 1),
+                "wall_s_median": round(statistics.median(w for w, _, _ in rows), 3),
+                "wall_s_min": round(min(w for w, _, _ in rows), 3),
+                "cpu_s_median": round(statistics.median(c for _, _, c in rows), 3),
+                "peak_rss_mb_median": round(statistics.median(r for _, r, _ in rows), 1),
                 "repeats": len(rows),
             }
             for name, rows in samples.items()
@@ -287,11 +291,11 @@ def main() -> None:
         ).stdout.split(),
     }  # fmt: skip
     (work / "edge_install.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print("| environment | `reviewkd predict` wall, median (min) | peak RSS, median |")
-    print("|---|---|---|")
+    print("| environment | `reviewkd predict` wall, median (min) | CPU, median | peak RSS, median |")
+    print("|---|---|---|---|")
     for name, row in results["predict"].items():
         wall = f"{row['wall_s_median']:.2f} s ({row['wall_s_min']:.2f} s)"
-        print(f"| {name} | {wall} | {row['peak_rss_mb_median']:.0f} MB |")
+        print(f"| {name} | {wall} | {row['cpu_s_median']:.2f} s | {row['peak_rss_mb_median']:.0f} MB |")
     print()
     print("| size on disk | MB |")
     print("|---|---|")
