@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from reviewkd.models import create_model
 from tests.helpers import REPO_ROOT
+from tests.test_import_isolation import NOT_FOR_PREDICT, PREDICT_IMPORTS_SCRIPT
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +122,16 @@ def test_the_edge_install_serves_validates_and_reports_a_run_without_torch(
     np.testing.assert_allclose(
         [e["probability"] for e in edge_top], [f["probability"] for f in full_top], atol=1e-6
     )
+
+    # In the install a new user gets, predict imports neither onnx nor torch (the cold start's facts).
+    facts = _run([python, "-c", PREDICT_IMPORTS_SCRIPT, run, image], cwd=tmp_path)
+    assert facts.returncode == 0, facts.stderr
+    assert set(NOT_FOR_PREDICT).isdisjoint(json.loads(facts.stdout)["top_level"])
+
+    # The run's validation split, copied as an image folder without torch, validates the same images.
+    exported = _run([reviewkd, "export-data", run, "--out", tmp_path / "val"], cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert len(list((tmp_path / "val").rglob("*.png"))) == 60
 
     # validate reads the run's ImageFolder validation split without torch, against the fp32 ONNX file.
     validate = _run([reviewkd, "validate", run, "--device", "cpu"], cwd=tmp_path)
