@@ -13,20 +13,23 @@ of surfacing later as a missing submodule deep in the code:
   serving device's cold start more than the whole check is worth);
 - reviewkd was installed over another project's package of the same name: pip overwrote the files
   both have, and the other project's own files stay beside reviewkd's. Seen two ways: a file in the
-  folder that reviewkd's RECORD does not list, and another installed distribution whose
-  top_level.txt names the package. A project that shipped only files reviewkd also ships, from a
-  wheel without top_level.txt (setuptools writes one; flit, hatchling and poetry do not), leaves
-  no trace but its RECORD: reading every distribution's RECORD took 110 ms in the edge install,
-  a fifth of its cold-start budget, so that one case goes unseen (README, "Layout").
+  folder that reviewkd's RECORD does not list, and another distribution installed in the same
+  folder whose top_level.txt names the package. A project that shipped only files reviewkd also
+  ships, from a wheel without top_level.txt (setuptools writes one; flit, hatchling and poetry do
+  not), leaves no trace but its RECORD: reading every distribution's RECORD took 110 ms in the
+  edge install, a fifth of its cold-start budget, so that one case goes unseen (README, "Layout").
 
-An editable install or a checkout has no RECORD and nothing to overwrite. Nothing here imports
-the packages it checks. Run as the `reviewkd` command, a clash is the command's one-line error
-(exit 2); imported as a library, it is an ImportError.
+The installed files are read straight from the dist-info folders beside the packages, not through
+importlib.metadata, whose import alone cost more than 0.1 s of every command's start in the edge
+install (benchmarks/RESULTS.md, issue 22). An editable install or a checkout has no RECORD beside
+its packages and nothing to overwrite. Nothing here imports the packages it checks. Run as the
+`reviewkd` command, a clash is the command's one-line error (exit 2); imported as a library, it is
+an ImportError.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
+import csv
 import importlib.util
 import os
 import sys
@@ -63,31 +66,38 @@ def _shadowed(home: Path) -> list[str]:
     return problems
 
 
-def _installed_files(home: Path) -> tuple[importlib.metadata.Distribution, set[str]] | None:
-    """reviewkd's distribution and the sibling-package files its RECORD lists, when the copy being
-    imported is a wheel install; None for an editable install or a checkout."""
-    try:
-        distribution = importlib.metadata.distribution(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    own_init = Path(str(distribution.locate_file("reviewkd/__init__.py")))
-    if not own_init.is_file() or own_init.resolve().parent.parent != home:
-        return None  # an editable install, or a wheel that is not the copy being imported
-    files = {file.as_posix() for file in distribution.files or () if file.parts[0] in SIBLING_PACKAGES}
-    return distribution, files
+def _record(home: Path) -> tuple[Path, dict[str, int | None]] | None:
+    """reviewkd's dist-info folder beside the packages in `home` and {file: size} of the
+    sibling-package files its RECORD lists, when the copy being imported is a wheel install; None
+    for an editable install or a checkout (no RECORD there lists reviewkd/__init__.py)."""
+    for info in sorted(home.glob(f"{DISTRIBUTION}-*.dist-info")):
+        try:
+            rows = list(csv.reader((info / "RECORD").read_text(encoding="utf-8").splitlines()))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue
+        paths = {row[0]: row for row in rows if row}
+        if f"{DISTRIBUTION}/__init__.py" not in paths:
+            continue
+        sizes = {}
+        for path, row in paths.items():
+            if path.split("/", 1)[0] in SIBLING_PACKAGES:
+                size = row[2] if len(row) > 2 else ""
+                sizes[path] = int(size) if size.isdigit() else None
+        return info, sizes
+    return None
 
 
-def _overwritten(home: Path, distribution: importlib.metadata.Distribution) -> list[str]:
+def _overwritten(home: Path, recorded: dict[str, int | None]) -> list[str]:
     """Files of the sibling packages that differ from the installed wheel's RECORD, or are gone."""
     changed, missing = [], []
-    for file in distribution.files or ():
-        if file.size is None or file.parts[0] not in SIBLING_PACKAGES:
+    for relpath, size in recorded.items():
+        if size is None:
             continue
-        path = Path(str(distribution.locate_file(file)))
+        path = home / relpath
         if not path.is_file():
-            missing.append(str(file))
-        elif path.stat().st_size != file.size:
-            changed.append(str(file))
+            missing.append(relpath)
+        elif path.stat().st_size != size:
+            changed.append(relpath)
     problems = []
     if changed:
         problems.append(f"another install changed {', '.join(changed)} in {home}; {_FRESH_VENV}")
@@ -96,7 +106,7 @@ def _overwritten(home: Path, distribution: importlib.metadata.Distribution) -> l
     return problems
 
 
-def _foreign_files(home: Path, recorded: set[str]) -> list[str]:
+def _foreign_files(home: Path, recorded: dict[str, int | None]) -> list[str]:
     """Files in the sibling packages' folders that reviewkd's RECORD does not list (bytecode aside):
     left there by a project installed before reviewkd, whose files of the same names pip overwrote."""
     foreign = []
@@ -113,16 +123,17 @@ def _foreign_files(home: Path, recorded: set[str]) -> list[str]:
     ]
 
 
-def _claimed_by_others() -> list[str]:
-    """Other installed distributions whose top_level.txt names a sibling package."""
+def _claimed_by_others(home: Path, own: Path) -> list[str]:
+    """Other distributions installed in `home` whose top_level.txt names a sibling package."""
     problems = []
-    seen = {DISTRIBUTION}
-    for distribution in importlib.metadata.distributions():
-        name = distribution.metadata["Name"] or "?"
-        if name.lower() in seen:
-            continue  # the same folder reached through two sys.path entries ("" and its path)
-        seen.add(name.lower())
-        top_level = set((distribution.read_text("top_level.txt") or "").split())
+    for info in sorted([*home.glob("*.dist-info"), *home.glob("*.egg-info")]):
+        if info == own:
+            continue
+        try:
+            top_level = set((info / "top_level.txt").read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError):
+            continue
+        name = info.name.split("-", 1)[0]
         for package in sorted(top_level.intersection(SIBLING_PACKAGES)):
             problems.append(
                 f"the installed project {name} also installs `{package}`, into the folder reviewkd's"
@@ -137,10 +148,11 @@ def foreign_sibling_packages() -> list[str]:
     installed project that installs a package of the same name."""
     home = Path(__file__).resolve().parent.parent
     problems = _shadowed(home)
-    installed = _installed_files(home)
+    installed = _record(home)
     if installed is not None:
-        distribution, recorded = installed
-        problems += _overwritten(home, distribution) + _foreign_files(home, recorded) + _claimed_by_others()
+        info, recorded = installed
+        problems += _overwritten(home, recorded) + _foreign_files(home, recorded)
+        problems += _claimed_by_others(home, info)
     return problems
 
 
