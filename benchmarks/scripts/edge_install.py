@@ -3,14 +3,14 @@
     PYTHONPATH=. .venv/bin/python -m benchmarks.scripts.edge_install [--repeats 7] [--work DIR]
         [--edge-baseline-commit b8a553c] [--baseline-commit ce4fe23]
 
-It builds a fresh virtual environment with `pip install .` of this checkout (the torch-free core;
+It builds a fresh virtual environment with `pip install '.[cpu]'` of this checkout (the torch-free core;
 pip resolves today's releases of its dependencies, as a new user's install would), makes a run with
 the full environment (`reviewkd export --model cifar_resnet20` of random weights on 16x16 digits,
 fp32 ONNX), and times `reviewkd predict RUN IMAGE` as new processes, alternating the environments
 call by call so that load from other processes hits all of them alike:
 
 - edge: the edge environment's own `reviewkd` console script;
-- edge, COMMIT (with --edge-baseline-commit): a second fresh `pip install .` venv of the checkout at
+- edge, COMMIT (with --edge-baseline-commit): a second fresh `pip install '.[cpu]'` venv of the checkout at
   COMMIT (git archive), the same dependency releases, to compare code with code on the edge;
 - full: this interpreter (the full environment, torch installed) on this checkout;
 - before (with --baseline-commit): this interpreter on the checkout at that commit, e.g. ce4fe23,
@@ -70,6 +70,8 @@ def _du(path: Path) -> int:
     )
 
 
+# The install target of a CPU-only device: the torch-free core with ONNX Runtime.
+EDGE_EXTRA = "cpu"
 # Modules whose presence in a serving process's imports is a cold-start regression.
 HEAVY_IMPORTS = ("torch", "torchvision", "onnx", "ml_dtypes", "onnxscript")
 # Distributions whose releases decide predict's import time.
@@ -77,7 +79,7 @@ VERSIONED = ("numpy", "onnxruntime", "onnx", "ml_dtypes", "pillow", "pyyaml")
 
 
 def build_edge_venv(work: Path, checkout: Path = REPO, name: str = "venv-edge") -> Path:
-    """A fresh venv named `name` with `pip install .` of `checkout`'s packages."""
+    """A fresh venv named `name` with `pip install '.[cpu]'` of `checkout`'s packages."""
     source = work / f"source-{name}"
     shutil.rmtree(source, ignore_errors=True)
     source.mkdir(parents=True)
@@ -90,7 +92,10 @@ def build_edge_venv(work: Path, checkout: Path = REPO, name: str = "venv-edge") 
     venv = work / name
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(source)], check=True)
+    # The CPU target (README, "Install"); a checkout from before the install targets has no `cpu` extra,
+    # which pip reports and skips: its core then holds onnxruntime itself.
+    target = f"{source}[{EDGE_EXTRA}]"
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", target], check=True)
     return venv
 
 
@@ -219,7 +224,7 @@ def main() -> None:
     parser.add_argument(
         "--edge-baseline-commit",
         default=None,
-        help="also time a fresh `pip install .` venv of the checkout at this commit (the edge code before)",
+        help="also time a fresh `pip install '.[cpu]'` venv of the checkout at this commit (the edge code before)",
     )
     parser.add_argument(
         "--baseline-commit", default=None, help="also time the full environment on the code at this commit"
@@ -230,7 +235,7 @@ def main() -> None:
 
     activity_start = machine_activity()
     venv = build_edge_venv(work)
-    edge_venvs = {"edge (pip install .)": venv}
+    edge_venvs = {"edge (pip install '.[cpu]')": venv}
     if args.edge_baseline_commit:
         checkout = baseline_checkout(work, args.edge_baseline_commit)
         edge_venvs[f"edge, before ({args.edge_baseline_commit})"] = build_edge_venv(
@@ -264,7 +269,7 @@ def main() -> None:
     tooling = sum(_du(site / name) for name in VENV_TOOLING if (site / name).exists())
     tooling += sum(_du(p) for p in site.glob("*.dist-info") if p.name.split("-")[0] in ("pip", "setuptools"))
     sizes = {
-        "edge: packages of pip install .": _du(site) - tooling,
+        "edge: packages of pip install '.[cpu]'": _du(site) - tooling,
         "edge: whole venv (with pip, setuptools)": _du(venv),
         f"full env ({sys.prefix})": _du(Path(sys.prefix)),
     }
