@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument(
         "--edge-baseline-commit",
         default=None,
-        help="also time a fresh `pip install '.[cpu]'` venv of the checkout at this commit (the edge code before)",
+        help="also time a fresh `pip install '.[cpu]'` venv of the checkout at this commit (older edge code)",
     )
     parser.add_argument(
         "--baseline-commit", default=None, help="also time the full environment on the code at this commit"
