@@ -87,7 +87,7 @@ def test_failing_stage_stops_the_run_names_it_and_keeps_earlier_outputs(
 def test_every_reviewkd_command_the_readme_shows_exists() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     subcommands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    shown = re.findall(r"^\s*(?:\$ )?reviewkd ([a-z]+)", readme, flags=re.MULTILINE)
+    shown = re.findall(r"^\s*(?:\$ )?reviewkd ([a-z][a-z-]*)", readme, flags=re.MULTILINE)
     assert shown, "the README shows no reviewkd command"
     assert set(shown) <= set(subcommands), set(shown) - set(subcommands)
     assert set(subcommands) <= set(shown), f"undocumented commands: {set(subcommands) - set(shown)}"
