@@ -679,6 +679,7 @@ ROWS: tuple[Row, ...] = (
             ("bench",),
             ("quantize", "--epochs", "1"),
             ("triton", "--out", "repo"),
+            ("export-data", "--out", "val"),
         )
     ),
     Row(

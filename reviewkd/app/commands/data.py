@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks.split_export import export_validation_split
+from deploy.tasks import require_deployable_run
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_export_data(args: argparse.Namespace) -> int:
     """Handler of `reviewkd export-data`."""
+    require_deployable_run(args.run, "export-data")
     written = export_validation_split(args.run, args.out, args.limit)
     print(
         f"{written.folder}: {written.images} images of {written.classes} classes ({written.source});"
