@@ -240,6 +240,10 @@ def small_fcos(
     anchors = AnchorGenerator(sides, ((1.0,),) * len(SMALL_STRIDES))
     kwargs.setdefault("center_sampling_radius", FCOS_CENTER_SAMPLING_RADIUS / anchor_scale)
     head = FCOSHead(spec.fpn_width, num_anchors=1, num_classes=num_classes, num_convs=spec.head_convs)
+    # torchvision's FCOS clamps its box distances with a ReLU, and its zero bias starts half of them
+    # at the ReLU's edge; a distance whose output goes negative on every cell gets no gradient again.
+    # A positive start (one anchor side, in the normalised targets' units) keeps each one learning.
+    nn.init.constant_(head.regression_head.bbox_reg.bias, 1.0)
     height, width = image_size
     model = detection.FCOS(
         backbone,
