@@ -46,6 +46,9 @@ MAX_SECONDS = 3600.0
 # The largest batch timed: a GPU's throughput curve has flattened long before; a batch of 3 x 224 x
 # 224 images this size is 2.5 GB of float32, where 10^8 would ask numpy for terabytes.
 MAX_BATCH_SIZE = 4096
+# The largest batch of random float32 images bench allocates for one call; a batch of the largest
+# inputs a manifest allows (3 x 4096 x 4096) would need 200 MB an image. Larger is "skipped".
+MAX_BATCH_BYTES = 2 << 30
 
 
 class Timer(Protocol):
@@ -198,6 +201,13 @@ def _batch_out_of_range(runner: Runner, batch_size: int) -> str | None:
     if batch_size < runner.min_batch or (runner.max_batch is not None and batch_size > runner.max_batch):
         upper = runner.max_batch if runner.max_batch is not None else "any"
         return f"batch {batch_size} outside the model's range {runner.min_batch}..{upper}"
+    size = batch_size * int(np.prod(runner.input_shape)) * np.dtype(np.float32).itemsize
+    if size > MAX_BATCH_BYTES:
+        shape = "x".join(map(str, runner.input_shape))
+        return (
+            f"batch {batch_size} of {shape} images is {size / 2**20:.0f} MiB of float32,"
+            f" more than the {MAX_BATCH_BYTES / 2**20:.0f} MiB bench allocates for one call"
+        )
     return None
 
 
