@@ -40,6 +40,7 @@ from deploy.formats import (
     UINT8_INPUT,
 )
 from deploy.manifest import (
+    MAX_IMAGE_SIDE,
     ArtifactEntry,
     Manifest,
     forget_artifact,
@@ -561,8 +562,11 @@ def export_model(
     from reviewkd.models import create_model
 
     out = Path(out_dir)
-    if len(input_shape) != 3 or any(d < 1 for d in input_shape):
-        raise UsageError(f"--input-shape {input_shape}: expected C,H,W with positive sizes")
+    if len(input_shape) != 3 or any(d < 1 for d in input_shape) or max(input_shape[1:]) > MAX_IMAGE_SIDE:
+        raise UsageError(
+            f"--input-shape {input_shape}: expected C,H,W with positive sizes,"
+            f" H and W at most {MAX_IMAGE_SIDE}"
+        )
     if export_options.get("opset") is not None:
         from export.onnx_export import check_opset
 

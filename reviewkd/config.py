@@ -33,6 +33,7 @@ import yaml
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import write_text_atomic
+from deploy.manifest import MAX_IMAGE_SIDE
 from deploy.tasks import CLASSIFICATION, DETECTION, TASKS
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -283,6 +284,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if float in args:
+            _check_finite(key, value)  # said as such, not as "expected float or null"
         for arg in args:
             if arg is type(None):
                 continue
@@ -313,14 +316,25 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             with contextlib.suppress(ValueError):
                 number = float(value)
         if number is not None:
-            # nan passes every range check below (its comparisons are all false) and inf is no rate.
-            if not math.isfinite(number):
-                raise UsageError(f"config key {key}: expected a finite number, got {_shown(value)}")
+            _check_finite(key, number)
             return number
     # YAML reads `arch=resnet18` as a string but `root=2024` as an int: both mean a string here.
     elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise UsageError(f"config key {key}: expected {_type_name(tp)}, got {_shown(value)}")
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """UsageError for a float value (or its YAML string spelling) that is nan or infinite: nan passes
+    every range check (its comparisons are all false), and inf is no learning rate."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return
+    if isinstance(number, float) and not math.isfinite(number):
+        raise UsageError(f"config key {key}: expected a finite number, got {_shown(value)}")
 
 
 def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> None:
@@ -397,6 +411,10 @@ def validate(config: Config) -> Config:
         ("schedule.warmup_epochs", config.schedule.warmup_epochs),
     ):
         _check_positive(key, value, allow_zero=True)
+    for key, side in (("data.image_size", config.data.image_size), ("data.resize", config.data.resize)):
+        if side is not None and side > MAX_IMAGE_SIDE:
+            # The run's manifest records them; a reader refuses a larger side (deploy.manifest).
+            raise UsageError(f"config key {key}: at most {MAX_IMAGE_SIDE} pixels, got {side}")
     if not 0.0 <= config.schedule.warmup_fraction < 1.0:
         raise UsageError(
             f"config key schedule.warmup_fraction: must be in [0, 1), got {config.schedule.warmup_fraction}"

@@ -1378,7 +1378,7 @@ ROWS: tuple[Row, ...] = (
         "distill: optim.lr=nan",
         lambda t, r: ["distill", "--out", str(t / "o"), "optim.lr=nan"],
         2,
-        "config key optim.lr: expected a finite number, got 'nan'",
+        "config key optim.lr: expected a finite number, got nan",
     ),
     Row(
         "distill: optim.lr .inf in a config file",
@@ -1391,6 +1391,24 @@ ROWS: tuple[Row, ...] = (
         ],
         2,
         "config key optim.lr: expected a finite number, got inf",
+    ),
+    Row(
+        "distill: teacher.lr=nan (a float or null)",
+        lambda t, r: ["distill", "--out", str(t / "o"), "teacher.lr=.nan"],
+        2,
+        "config key teacher.lr: expected a finite number, got nan",
+    ),
+    Row(
+        "distill: data.image_size=5000",
+        lambda t, r: ["distill", "--out", str(t / "o"), "data.image_size=5000"],
+        2,
+        "config key data.image_size: at most 4096 pixels, got 5000",
+    ),
+    Row(
+        "export: --input-shape 3,5000,5000 lays nothing out",
+        lambda t, r: [*_export_model(t, r / "student.safetensors"), "--input-shape", "3,5000,5000"],
+        2,
+        "H and W at most 4096",
     ),
     Row(
         "distill: method.temperature=-inf",
