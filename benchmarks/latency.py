@@ -17,6 +17,7 @@ Whether graphs were used, and why not, is recorded per format.
 from __future__ import annotations
 
 import importlib.util
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -39,6 +40,15 @@ DEFAULT_SECONDS = 1.0
 # pathological zero-duration timer from looping forever.
 MIN_ITERS = 10
 MAX_ITERS = 100_000
+# The longest time budget per format and batch size: an hour says all a latency run can say, and
+# keeps a typo (or inf) from running for ever.
+MAX_SECONDS = 3600.0
+# The largest batch timed: a GPU's throughput curve has flattened long before; a batch of 3 x 224 x
+# 224 images this size is 2.5 GB of float32, where 10^8 would ask numpy for terabytes.
+MAX_BATCH_SIZE = 4096
+# The largest batch of random float32 images bench allocates for one call; a batch of the largest
+# inputs a manifest allows (3 x 4096 x 4096) would need 200 MB an image. Larger is "skipped".
+MAX_BATCH_BYTES = 2 << 30
 
 
 class Timer(Protocol):
@@ -142,12 +152,12 @@ def check_settings(warmup: int, iters: int | None, seconds: float | None) -> Non
     """Raise UsageError, naming the option, for a warm-up or measurement length that cannot work."""
     if iters is not None and seconds is not None:
         raise UsageError("give either --iters or --seconds, not both")
-    if iters is not None and iters < 1:
-        raise UsageError(f"--iters must be >= 1, got {iters}")
-    if seconds is not None and seconds <= 0:
-        raise UsageError(f"--seconds must be > 0, got {seconds}")
-    if warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, got {warmup}")
+    if iters is not None and not 1 <= iters <= MAX_ITERS:
+        raise UsageError(f"--iters must be 1 to {MAX_ITERS}, got {iters}")
+    if seconds is not None and not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise UsageError(f"--seconds must be a number of seconds > 0 and <= {MAX_SECONDS:g}, got {seconds}")
+    if not 0 <= warmup <= MAX_ITERS:
+        raise UsageError(f"--warmup must be 0 to {MAX_ITERS}, got {warmup}")
 
 
 def time_runner(
@@ -191,6 +201,13 @@ def _batch_out_of_range(runner: Runner, batch_size: int) -> str | None:
     if batch_size < runner.min_batch or (runner.max_batch is not None and batch_size > runner.max_batch):
         upper = runner.max_batch if runner.max_batch is not None else "any"
         return f"batch {batch_size} outside the model's range {runner.min_batch}..{upper}"
+    size = batch_size * int(np.prod(runner.input_shape)) * np.dtype(np.float32).itemsize
+    if size > MAX_BATCH_BYTES:
+        shape = "x".join(map(str, runner.input_shape))
+        return (
+            f"batch {batch_size} of {shape} images is {size / 2**20:.0f} MiB of float32,"
+            f" more than the {MAX_BATCH_BYTES / 2**20:.0f} MiB bench allocates for one call"
+        )
     return None
 
 
@@ -264,8 +281,8 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
         sizes = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise UsageError(f"--batch-sizes {text!r}: expected comma-separated integers, e.g. 1,8,32") from None
-    if not sizes or any(size < 1 for size in sizes):
-        raise UsageError(f"--batch-sizes {text!r}: expected one or more integers >= 1")
+    if not sizes or any(not 1 <= size <= MAX_BATCH_SIZE for size in sizes):
+        raise UsageError(f"--batch-sizes {text!r}: expected one or more integers from 1 to {MAX_BATCH_SIZE}")
     return tuple(dict.fromkeys(sizes))
 
 
@@ -299,8 +316,8 @@ def benchmark_runners(
     if iters is None and seconds is None:
         seconds = DEFAULT_SECONDS
     sizes = tuple(batch_sizes)
-    if not sizes or any(size < 1 for size in sizes):
-        raise UsageError(f"batch sizes must be integers >= 1, got {list(sizes)}")
+    if not sizes or any(not 1 <= size <= MAX_BATCH_SIZE for size in sizes):
+        raise UsageError(f"batch sizes must be integers from 1 to {MAX_BATCH_SIZE}, got {list(sizes)}")
     results = {
         target.key: _bench_one(
             target,

@@ -51,6 +51,13 @@ class OutputError(UsageError):
         return cls(f"{target}: cannot write it ({reason})", salvage)
 
 
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on (line breaks, escape codes, other
+    control and unpaired surrogate characters) shown as its Python escape, so that a file name
+    or class name can neither start a new line nor move the cursor where it is printed."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 TRAIN_EXTRA_HINT = "pip install 'reviewkd[train]'"
 # The core requires no ONNX Runtime (its CPU and GPU distributions cannot be installed together):
 # each install target's extra brings one (deploy/install_targets.py).

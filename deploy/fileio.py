@@ -154,6 +154,39 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
         os.close(fd)
 
 
+# How deep a JSON document this project reads may nest. Its own documents nest 5 levels at most; the
+# bound keeps every reader and writer that walks a document (json.dumps among them) far from
+# Python's recursion limit, where a hand-made file would end in a RecursionError.
+MAX_JSON_DEPTH = 64
+
+
+def _json_depth(data: Any) -> int:
+    """How many arrays and objects deep `data` nests (0 for a scalar), walked without recursion."""
+    deepest = 0
+    pending = [(data, 1)]
+    while pending:
+        node, depth = pending.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:  # one level past the bound is enough to refuse the document
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json(text: str) -> Any:
+    """json.loads for files a user hands us: a ValueError, never a RecursionError, for a document
+    nested deeper than MAX_JSON_DEPTH (json.JSONDecodeError, also a ValueError, for bad syntax)."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_output(path) as tmp:

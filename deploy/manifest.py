@@ -17,15 +17,21 @@ Layout (docs/METHOD.md section 5.1); every stage adds to it and rewrites it atom
                      TensorRT entries also carry "precision" ("fp32", "fp16", "int8", ...)
 
 `read_manifest` checks this shape once, where the file is read, so no reader meets a KeyError
-later; `input_spec` is the one parser of the input block. Artifact paths are confined to the run:
-a key must be relative without "..", and the file it names, symlinks resolved, must lie inside the
-resolved run directory. Both are checked before any file is opened or hashed.
+later; `input_spec` is the one parser of the input block. The checks hold the manifest to what
+the stages that use it can serve: image sides and the resize bounded (MAX_IMAGE_SIDE), finite
+mean and std, class names that are unique, printable (a name is printed to a terminal and written
+as a line of a labels file) and as many as the student's classes. A model file's embedded
+manifest gets the same checks (`check_embedded_manifest`), and a file opened from a run must agree
+with the run's manifest (`check_manifests_agree`): the run manifest is the root of trust.
+Artifact paths are confined to the run: a key must be relative without "..", and the file it names,
+symlinks resolved, must lie inside the resolved run directory. Both are checked before any file is
+opened or hashed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -35,13 +41,18 @@ from typing import Any, Required, TypedDict, cast
 
 from deploy import run_layout
 from deploy.errors import UsageError
-from deploy.fileio import check_self_contained_onnx, sha256_file, write_json_atomic
+from deploy.fileio import check_self_contained_onnx, parse_json, sha256_file, write_json_atomic
 
 MANIFEST_NAME = run_layout.MANIFEST
 MANIFEST_SCHEMA_VERSION = 1
 
 # Image channel counts the preprocessing can read images as (grey, RGB).
 IMAGE_CHANNELS = (1, 3)
+# The largest image side (input H or W, and the resize) a manifest may ask for. Classifiers take a
+# few hundred pixels a side (ImageNet's 224, 518 for large ViTs); 4096 leaves room, and keeps one
+# preprocessed image under 210 MB, where a resize of 100000 would make predict resize every image
+# to 10^10 pixels.
+MAX_IMAGE_SIDE = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -92,8 +103,12 @@ class InputSpec:
             not isinstance(shape, list | tuple)
             or len(shape) != 3
             or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+            or max(shape[1:]) > MAX_IMAGE_SIDE
         ):
-            raise UsageError(f"manifest input.shape: expected [C, H, W] positive integers, got {shape!r}")
+            raise UsageError(
+                f"manifest input.shape: expected [C, H, W] positive integers, H and W at most"
+                f" {MAX_IMAGE_SIDE}, got {_shown(shape)}"
+            )
         channels = shape[0]
         if channels not in IMAGE_CHANNELS:
             raise UsageError(f"manifest input.shape: {channels} channels; images can be read as 1 or 3")
@@ -103,10 +118,13 @@ class InputSpec:
             raise UsageError(f"manifest input.std: expected positive numbers, got {list(std)}")
         resize = block.get("resize")
         if resize is not None and (
-            not isinstance(resize, int) or isinstance(resize, bool) or resize < min(shape[1:])
+            not isinstance(resize, int)
+            or isinstance(resize, bool)
+            or not min(shape[1:]) <= resize <= MAX_IMAGE_SIDE
         ):
             raise UsageError(
-                f"manifest input.resize: expected null or an integer >= {min(shape[1:])}, got {resize!r}"
+                f"manifest input.resize: expected null or an integer from {min(shape[1:])} to"
+                f" {MAX_IMAGE_SIDE}, got {_shown(resize)}"
             )
         return cls(shape=(shape[0], shape[1], shape[2]), mean=mean, std=std, resize=resize)
 
@@ -118,9 +136,16 @@ def _channel_values(block: Mapping[str, Any], key: str, channels: int) -> tuple[
         not isinstance(values, list | tuple)
         or len(values) != channels
         or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        or not all(math.isfinite(v) for v in values)
     ):
-        raise UsageError(f"manifest input.{key}: expected {channels} numbers, got {values!r}")
+        raise UsageError(f"manifest input.{key}: expected {channels} finite numbers, got {_shown(values)}")
     return tuple(float(v) for v in values)
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """`value`'s repr for an error message, cut to `limit` characters: the value came from a file."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 def input_spec(manifest: Mapping[str, Any]) -> InputSpec:
@@ -175,6 +200,41 @@ def _check_entry(where: str, entry: object) -> None:
         raise UsageError(f"{where}.precision: expected a string, got {precision!r}")
 
 
+def check_classes(classes: object, source: str = "manifest") -> list[str]:
+    """Return the class names if each is a non-empty printable string and none repeats; UsageError
+    naming `source` otherwise. A line break or escape code in a name would forge lines where the
+    name is printed or written (predict's table, Triton's labels file); two classes of one name
+    cannot be told apart."""
+    if not isinstance(classes, list):
+        raise UsageError(f"{source}: classes: expected a list of class names, got {type(classes).__name__}")
+    seen: set[str] = set()
+    for index, name in enumerate(classes):
+        if not isinstance(name, str) or not name or not name.isprintable():
+            raise UsageError(
+                f"{source}: classes[{index}]: {_shown(name)}; a class name must be a non-empty string"
+                " without line breaks or control characters"
+            )
+        if name in seen:
+            raise UsageError(f"{source}: classes[{index}]: {_shown(name)} is listed twice")
+        seen.add(name)
+    return classes
+
+
+def _check_class_count(data: Mapping[str, Any], source: str) -> None:
+    """The class names, where listed, must be as many as the student's classes."""
+    classes = data.get("classes") or []
+    student = data.get("student")
+    declared = student.get("num_classes") if isinstance(student, Mapping) else None
+    if declared is None:
+        return
+    if not isinstance(declared, int) or isinstance(declared, bool) or declared < 1:
+        raise UsageError(
+            f"{source}: student.num_classes: expected a positive integer, got {_shown(declared)}"
+        )
+    if classes and len(classes) != declared:
+        raise UsageError(f"{source}: lists {len(classes)} classes but student.num_classes is {declared}")
+
+
 def check_manifest(data: object, source: str) -> Manifest:
     """Check a manifest document's shape; return it typed, or raise UsageError naming `source` and the key."""
     if not isinstance(data, dict) or "schema_version" not in data:
@@ -187,9 +247,8 @@ def check_manifest(data: object, source: str) -> Manifest:
     for block in ("input", "student", "teacher", "method", "data", "export", "baselines"):
         if block in data and not isinstance(data[block], dict):
             raise UsageError(f"{source}: {block}: expected an object, got {type(data[block]).__name__}")
-    classes = data.get("classes", [])
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise UsageError(f"{source}: classes: expected a list of class names")
+    check_classes(data.get("classes", []), source)
+    _check_class_count(data, source)
     artifacts = data.setdefault("artifacts", {})
     if not isinstance(artifacts, dict):
         kind = type(artifacts).__name__
@@ -197,12 +256,69 @@ def check_manifest(data: object, source: str) -> Manifest:
     for key, entry in artifacts.items():
         check_artifact_key(key, f"{source}: artifact")
         _check_entry(f"{source}: artifacts[{key!r}]", entry)
+    _check_input(data, source)
+    return cast(Manifest, data)
+
+
+def _check_input(data: Mapping[str, Any], source: str) -> None:
     if data.get("input"):
         try:
             InputSpec.from_manifest(data)
         except UsageError as exc:
             raise UsageError(f"{source}: {exc}") from None
-    return cast(Manifest, data)
+
+
+def check_embedded_manifest(data: object, source: str) -> dict[str, Any]:
+    """Check the manifest a model file carries in its metadata (export writes its classes, input
+    block and student); return it, or UsageError naming `source` (the file).
+
+    The file's content hash is computed by whoever wrote it, so the embedded manifest is checked
+    as strictly as a run's: it decides the preprocessing and the class names predict prints.
+    """
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: its embedded manifest is not a JSON object")
+    for block in ("input", "student"):
+        if block in data and not isinstance(data[block], dict):
+            kind = type(data[block]).__name__
+            raise UsageError(f"{source}: embedded {block}: expected an object, got {kind}")
+    check_classes(data.get("classes", []), source)
+    _check_class_count(data, source)
+    _check_input(data, source)
+    return data
+
+
+def check_manifests_agree(run_manifest: Mapping[str, Any], embedded: Mapping[str, Any], source: str) -> None:
+    """UsageError unless a run file's embedded manifest has the run manifest's classes and input
+    block: the run manifest decides what is served, and a file made for other classes or other
+    preprocessing (a file copied in from another run, an edited manifest) would be served wrong."""
+    run_classes = run_manifest.get("classes") or []
+    file_classes = embedded.get("classes") or []
+    if run_classes and file_classes and list(run_classes) != list(file_classes):
+        if sorted(run_classes) == sorted(file_classes):
+            how = "in another order"
+        else:
+            how = f"{len(file_classes)} classes against the run's {len(run_classes)}, not the same names"
+        raise UsageError(
+            f"{source}: its embedded manifest lists the run's classes {how}; the run's manifest.json"
+            " and the file disagree on what each output means (re-export the file)"
+        )
+    if run_manifest.get("input") and embedded.get("input"):
+        run_spec, file_spec = input_spec(run_manifest), input_spec(embedded)
+        if run_spec != file_spec:
+            raise UsageError(
+                f"{source}: its embedded manifest's input block {file_spec} differs from the run's"
+                f" {run_spec}; the file was exported with other preprocessing (re-export it)"
+            )
+
+
+def check_output_width(manifest: Mapping[str, Any], width: int | None, source: str) -> None:
+    """UsageError when a model's output width (None: not fixed in the file) is not the manifest's
+    class count: labels would be read against the wrong logits."""
+    classes = manifest.get("classes") or []
+    student = manifest.get("student")
+    count = len(classes) or (student.get("num_classes") if isinstance(student, Mapping) else None)
+    if width is not None and isinstance(count, int) and count != width:
+        raise UsageError(f"{source}: the model gives {width} logits but the manifest has {count} classes")
 
 
 def read_manifest(run_dir: str | os.PathLike[str]) -> Manifest:
@@ -211,8 +327,8 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> Manifest:
     if not path.is_file():
         raise UsageError(f"{path}: no manifest.json; expected a run directory written by reviewkd")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UsageError(f"{path}: not a readable JSON manifest ({exc})") from exc
     return check_manifest(data, str(path))
 

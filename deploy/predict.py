@@ -19,8 +19,8 @@ from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import verify_onnx_content
 from deploy.formats import ALL_BACKENDS, MODULE_BACKENDS, export_advice, format_keys
-from deploy.manifest import Manifest, input_spec, read_manifest
-from deploy.preprocess import load_images
+from deploy.manifest import Manifest, check_output_width, input_spec, read_manifest
+from deploy.preprocess import load_image
 from deploy.runners import OnnxRuntimeRunner, open_runner, select_artifact
 from deploy.runners.base import Runner
 
@@ -96,15 +96,42 @@ def predict(
     Images are read and preprocessed as the manifest's "input" block says. A missing or
     unreadable image is a UsageError naming it; `top_k` larger than the class count is cut to it.
     """
+    results = predict_each(runner, manifest, image_paths, top_k)
+    for result in results:
+        if isinstance(result, UsageError):
+            raise result
+    return [result for result in results if not isinstance(result, UsageError)]
+
+
+def predict_each(
+    runner: Runner,
+    manifest: Mapping[str, Any],
+    image_paths: Sequence[str | os.PathLike[str]],
+    top_k: int = 5,
+) -> list[Prediction | UsageError]:
+    """As `predict`, but an image that cannot be read takes its UsageError as its result, and the
+    other images are still classified: one bad file among many does not cost the rest."""
     if top_k < 1:
         raise UsageError(f"--top-k: expected a positive number, got {top_k}")
+    if not image_paths:
+        raise UsageError("no image files given")
     spec = input_spec(manifest)
     if spec.shape != tuple(runner.input_shape):
         raise UsageError(
             f"{runner.name}: the model takes (C, H, W) = {tuple(runner.input_shape)},"
             f" the manifest says {spec.shape}"
         )
-    images = load_images(image_paths, spec)
+    results: list[Prediction | UsageError] = []
+    readable: list[np.ndarray] = []
+    for path in image_paths:
+        try:
+            readable.append(load_image(path, spec))
+            results.append([])  # filled in below, in order
+        except UsageError as exc:
+            results.append(exc)
+    if not readable:
+        return results
+    images = np.stack(readable)
     chunk = runner.max_batch or DEFAULT_BATCH
     logits = np.concatenate(
         [_infer_padded(runner, images[i : i + chunk]) for i in range(0, len(images), chunk)]
@@ -113,7 +140,10 @@ def predict(
     names = class_names(manifest, probabilities.shape[1])
     k = min(top_k, len(names))
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return [[(names[j], float(row[j])) for j in top] for row, top in zip(probabilities, order, strict=True)]
+    tops = iter(
+        [[(names[j], float(row[j])) for j in top] for row, top in zip(probabilities, order, strict=True)]
+    )
+    return [result if isinstance(result, UsageError) else next(tops) for result in results]
 
 
 def _infer_padded(runner: Runner, images: np.ndarray) -> np.ndarray:
@@ -188,11 +218,15 @@ def open_target(
     if path.suffix.lower() == ".onnx":
         verify_onnx_content(path)
     runner = open_runner(path, device=device, threads=threads)
-    embedded = runner.embedded_manifest() if isinstance(runner, OnnxRuntimeRunner) else None
-    if embedded is None:
+    try:
+        embedded = runner.embedded_manifest() if isinstance(runner, OnnxRuntimeRunner) else None
+        if embedded is None:
+            raise UsageError(
+                f"{path}: no run manifest lists it and it carries none in its metadata;"
+                " keep it in its run directory (RUN/export/) or pass the run directory"
+            )
+        check_output_width(embedded, runner.output_width, str(path))
+    except UsageError:
         runner.close()
-        raise UsageError(
-            f"{path}: no run manifest lists it and it carries none in its metadata;"
-            " keep it in its run directory (RUN/export/) or pass the run directory"
-        )
+        raise
     return runner, embedded

@@ -58,9 +58,19 @@ def to_8bit(image: Image.Image) -> Image.Image:
 
 
 def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Scale so the shorter side is `size`, rounding the longer one down as torchvision does."""
+    """Scale so the shorter side is `size`, rounding the longer one down as torchvision does.
+
+    ValueError when the result would hold more pixels than PIL decodes safely: a long, thin image
+    (1 x 50000 pixels, resized to 256 on its short side) would otherwise expand to billions.
+    """
     width, height = image.size
     new_size = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and new_size[0] * new_size[1] > limit:
+        raise ValueError(
+            f"{width} x {height} pixels would become {new_size[0]} x {new_size[1]} when resized to"
+            f" {size} on the shorter side, more than the {limit} pixels an image may hold"
+        )
     return image.resize(new_size, Image.Resampling.BILINEAR)
 
 

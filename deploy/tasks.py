@@ -12,7 +12,6 @@ its run's task ("task"), read back with `task_of`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 from deploy import run_layout
 from deploy.errors import UsageError
+from deploy.fileio import parse_json
 
 CLASSIFICATION = "classification"
 DETECTION = "detection"
@@ -100,7 +100,7 @@ def run_task(run_dir: str | os.PathLike[str]) -> TaskSpec | None:
     in its own words, when it reads the run)."""
     path = run_layout.run_path(run_dir, run_layout.MANIFEST)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))  # never a RecursionError on deep nesting
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return task_of(data, str(path)) if isinstance(data, dict) else None

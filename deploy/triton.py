@@ -26,6 +26,7 @@ from deploy.manifest import (
     Manifest,
     artifact_path,
     artifacts_of_kind,
+    check_classes,
     input_spec,
     read_manifest,
     verify_artifact,
@@ -36,6 +37,8 @@ from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY
 from deploy.trt_sidecar import Sidecar, read_sidecar, sidecar_path
 
 DEFAULT_MAX_BATCH_SIZE = 64
+# Triton's ModelConfig holds max_batch_size as an int32: a larger value makes it reject the config.
+MAX_BATCH_SIZE_LIMIT = 2**31 - 1
 LABELS_FILENAME = "labels.txt"
 INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 # What a model name (and so its folder in the repository) may hold.
@@ -104,16 +107,9 @@ def _comment(text: str) -> str:
 
 def check_labels(classes: Any) -> list[str]:
     """The manifest's class names for labels.txt, one per line: each must be a non-empty string
-    without line breaks or control characters (they would shift every later label)."""
-    if not isinstance(classes, list):
-        raise UsageError(f"manifest classes: expected a list of names, got {type(classes).__name__}")
-    for index, name in enumerate(classes):
-        if not isinstance(name, str) or not name or not name.isprintable():
-            raise UsageError(
-                f"manifest classes[{index}]: {name!r}; a label must be a non-empty string without"
-                " line breaks or control characters"
-            )
-    return classes
+    without line breaks or control characters (they would shift every later label), and unique
+    (deploy.manifest.check_classes, which every manifest reader applies)."""
+    return check_classes(classes)
 
 
 def config_pbtxt(model: TritonModel) -> str:
@@ -205,8 +201,11 @@ def plan_models(
 ) -> list[TritonModel]:
     """Describe the repository's models without writing anything (see write_triton_repository)."""
     run = Path(run_dir)
-    if max_batch_size is not None and max_batch_size < 1:
-        raise UsageError(f"--max-batch-size: expected a positive number, got {max_batch_size}")
+    if max_batch_size is not None and not 1 <= max_batch_size <= MAX_BATCH_SIZE_LIMIT:
+        raise UsageError(
+            f"--max-batch-size {max_batch_size}: expected 1 to {MAX_BATCH_SIZE_LIMIT}"
+            " (Triton holds it as a 32-bit integer)"
+        )
     if instance_kind not in INSTANCE_KINDS:
         raise UsageError(
             f"--instance-kind: expected one of {', '.join(INSTANCE_KINDS)}, got {instance_kind!r}"

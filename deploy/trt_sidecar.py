@@ -12,7 +12,6 @@ level, so it is importable and testable anywhere.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import platform
 import re
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 
 from deploy.doctor import ERROR, collect, diagnose
 from deploy.errors import MissingDependencyError, UsageError
-from deploy.fileio import write_json_atomic
+from deploy.fileio import parse_json, write_json_atomic
 from deploy.gpu import GpuInfo, probe_gpu
 from deploy.install_targets import GPU_INSTALL_HINT
 
@@ -357,8 +356,8 @@ def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{target}: cannot read the TensorRT sidecar ({exc})") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        data = parse_json(text)
+    except ValueError as exc:
         raise UsageError(f"{target}: malformed TensorRT sidecar: not JSON ({exc}); {REBUILD_HINT}") from None
     return Sidecar.from_json(data, str(target))
 

@@ -253,6 +253,26 @@ def optimize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     return optimized
 
 
+def max_opset() -> int:
+    """The newest opset this torch's exporter writes (torch 2.14: 23). torch keeps the number in a
+    private module; where a torch lacks it, only DEFAULT_OPSET is known to work."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return DEFAULT_OPSET
+    return int(getattr(_constants, "ONNX_MAX_OPSET", DEFAULT_OPSET))
+
+
+def check_opset(opset: int) -> None:
+    """UsageError naming --opset unless this torch exports `opset` (MIN_OPSET to max_opset())."""
+    if opset < MIN_OPSET:
+        raise UsageError(f"--opset {opset}: export needs opset {MIN_OPSET} or newer")
+    if opset > max_opset():
+        raise UsageError(
+            f"--opset {opset}: torch {torch.__version__} exports opsets {MIN_OPSET} to {max_opset()}"
+        )
+
+
 def export_fp32(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -267,8 +287,7 @@ def export_fp32(
     (WeightCount.as_dict()). Raises UsageError if the ONNX file's weight count differs from the
     student's (after BN folding): that would mean something besides the student was exported.
     """
-    if opset < MIN_OPSET:
-        raise UsageError(f"opset {opset}: export needs opset {MIN_OPSET} or newer")
+    check_opset(opset)
     student = strip_student(model)
     params, expected, folded, unfolded = count_weights(student, input_shape)
     traced = torch_export(student, input_shape, opset)

@@ -40,6 +40,7 @@ from deploy.formats import (
     UINT8_INPUT,
 )
 from deploy.manifest import (
+    MAX_IMAGE_SIDE,
     ArtifactEntry,
     Manifest,
     forget_artifact,
@@ -68,6 +69,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BatchSource = Callable[[str, int, int], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 
+# TensorRT's builder optimisation levels run from 0 to 5.
+MAX_TRT_OPT_LEVEL = 5
+
+
 @dataclass(frozen=True)
 class TensorRTOptions:
     """Engine-building settings passed to export.tensorrt_engine.build_engine."""
@@ -80,6 +85,23 @@ class TensorRTOptions:
     compatibility: str | None = None
     dla_core: int | None = None  # build for this DLA core of a Jetson; None: the GPU
     gpu_fallback: bool = True  # with dla_core: layers the DLA cannot run go to the GPU
+
+    def __post_init__(self) -> None:
+        """Check the values when they are given, before TensorRT is looked for: a wrong profile is
+        bad input (exit 2) on any machine, not a missing TensorRT (exit 3)."""
+        profile = (self.min_batch, self.opt_batch, self.max_batch)
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise UsageError(
+                f"--trt-batch {','.join(map(str, profile))}: expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX"
+            )
+        if self.workspace_mib < 1:
+            raise UsageError(f"--trt-workspace-mib must be >= 1, got {self.workspace_mib}")
+        if not 0 <= self.optimization_level <= MAX_TRT_OPT_LEVEL:
+            raise UsageError(
+                f"--trt-opt-level must be 0 to {MAX_TRT_OPT_LEVEL}, got {self.optimization_level}"
+            )
+        if self.dla_core is not None and self.dla_core < 0:
+            raise UsageError(f"--dla-core must be a DLA core number >= 0, got {self.dla_core}")
 
 
 @dataclass
@@ -265,10 +287,10 @@ def export_run(
         return export_engines(run, tensorrt, log)
     require_torch("exporting ONNX files (any --formats but tensorrt)")
     from export.calibration import METHOD_CHOICES
-    from export.onnx_export import MIN_OPSET
+    from export.onnx_export import check_opset
 
-    if opset is not None and opset < MIN_OPSET:
-        raise UsageError(f"--opset {opset}: export needs opset {MIN_OPSET} or newer")
+    if opset is not None:
+        check_opset(opset)
     if calib_method not in METHOD_CHOICES:
         raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(METHOD_CHOICES)}")
     for name, value in (
@@ -540,8 +562,15 @@ def export_model(
     from reviewkd.models import create_model
 
     out = Path(out_dir)
-    if len(input_shape) != 3 or any(d < 1 for d in input_shape):
-        raise UsageError(f"--input-shape {input_shape}: expected C,H,W with positive sizes")
+    if len(input_shape) != 3 or any(d < 1 for d in input_shape) or max(input_shape[1:]) > MAX_IMAGE_SIDE:
+        raise UsageError(
+            f"--input-shape {input_shape}: expected C,H,W with positive sizes,"
+            f" H and W at most {MAX_IMAGE_SIDE}"
+        )
+    if export_options.get("opset") is not None:
+        from export.onnx_export import check_opset
+
+        check_opset(export_options["opset"])  # before DIR is laid out, as export_run would after
     _check_model_out(out)
     ensure_writable_dir(out)
     classes_n = num_classes if num_classes is not None else infer_num_classes(model_name, weights)

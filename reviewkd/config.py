@@ -9,15 +9,17 @@ holds the same values, spelled out). A config is resolved in three layers:
 3. dotted `key=value` overrides from the command line (`optim.lr=0.05 method.name=kd`), each value
    parsed as YAML (`null`, `true`, `[150, 180]`) and then checked against the field's type.
 
-Unknown keys, wrongly typed values and values outside a field's choices or range are UsageErrors that
-name the key. Relative paths (data.root, teacher.weights, student.weights) are relative to the
-current directory.
+Unknown keys, wrongly typed values, values outside a field's choices or range and floats that are not
+finite (nan, inf) are UsageErrors that name the key; the value they show is cut short. YAML aliases
+(`*name`) are refused: no config needs them, and an alias bomb expands a few lines into gigabytes.
+Relative paths (data.root, teacher.weights, student.weights) are relative to the current directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -31,6 +33,7 @@ import yaml
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import write_text_atomic
+from deploy.manifest import MAX_IMAGE_SIDE
 from deploy.tasks import CLASSIFICATION, DETECTION, TASKS
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -211,6 +214,34 @@ class Config:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases: a handful of nested aliases (a "billion laughs")
+    expands into a structure that takes gigabytes to print or walk."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in a config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load without aliases (see _NoAliasLoader)."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
+# Characters of a value an error message shows: values come from files and command lines.
+_SHOWN_CHARS = 80
+
+
+def _shown(value: Any) -> str:
+    """`value`'s repr for an error message, cut to _SHOWN_CHARS characters."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[: _SHOWN_CHARS - 1]}…"
+
+
 def shipped_configs() -> list[str]:
     """Names of the configs shipped in reviewkd/configs/ (usable as `--config NAME`)."""
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
@@ -221,6 +252,10 @@ def resolve_config_path(source: str | Path) -> Path:
     path = Path(source)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UsageError(
+            f"--config {source}: is a directory; expected a YAML file or a shipped config's name"
+        )
     packaged = CONFIGS_DIR / f"{source}.yaml"
     if not path.suffix and packaged.is_file():
         return packaged
@@ -249,6 +284,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if float in args:
+            _check_finite(key, value)  # said as such, not as "expected float or null"
         for arg in args:
             if arg is type(None):
                 continue
@@ -256,10 +293,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except UsageError:
                 continue
-        raise UsageError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+        raise UsageError(f"config key {key}: expected {_type_name(tp)}, got {_shown(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise UsageError(f"config key {key}: expected a {_type_name(tp)} such as [1, 2], got {value!r}")
+            raise UsageError(
+                f"config key {key}: expected a {_type_name(tp)} such as [1, 2], got {_shown(value)}"
+            )
         (item,) = typing.get_args(tp)
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is bool:
@@ -269,22 +308,40 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # PyYAML (YAML 1.1) reads `1e-3` as a string; it means the number.
-        if isinstance(value, str):
+        elif isinstance(value, str):
             with contextlib.suppress(ValueError):
-                return float(value)
+                number = float(value)
+        if number is not None:
+            _check_finite(key, number)
+            return number
     # YAML reads `arch=resnet18` as a string but `root=2024` as an int: both mean a string here.
     elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise UsageError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    raise UsageError(f"config key {key}: expected {_type_name(tp)}, got {_shown(value)}")
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """UsageError for a float value (or its YAML string spelling) that is nan or infinite: nan passes
+    every range check (its comparisons are all false), and inf is no learning rate."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return
+    if isinstance(number, float) and not math.isfinite(number):
+        raise UsageError(f"config key {key}: expected a finite number, got {_shown(value)}")
 
 
 def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> None:
     """Set the fields of dataclass `obj` from a nested mapping, checking names and types."""
     if not isinstance(data, Mapping):
-        raise UsageError(f"config key {prefix.rstrip('.') or '<top>'}: expected a mapping, got {data!r}")
+        where = prefix.rstrip(".") or "<top>"
+        raise UsageError(f"config key {where}: expected a mapping, got {_shown(data)}")
     hints = _field_types(type(obj))
     for name, value in data.items():
         key = f"{prefix}{name}"
@@ -300,14 +357,14 @@ def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> None:
 
 def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
-        raise UsageError(f"config key {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        raise UsageError(f"config key {key}: {_shown(value)} is not one of {', '.join(map(str, choices))}")
 
 
 def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> None:
     if value is None:
         return
     if value < 0 or (value == 0 and not allow_zero):
-        raise UsageError(f"config key {key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise UsageError(f"config key {key}: must be {'>= 0' if allow_zero else '> 0'}, got {_shown(value)}")
 
 
 def validate(config: Config) -> Config:
@@ -354,6 +411,10 @@ def validate(config: Config) -> Config:
         ("schedule.warmup_epochs", config.schedule.warmup_epochs),
     ):
         _check_positive(key, value, allow_zero=True)
+    for key, side in (("data.image_size", config.data.image_size), ("data.resize", config.data.resize)):
+        if side is not None and side > MAX_IMAGE_SIDE:
+            # The run's manifest records them; a reader refuses a larger side (deploy.manifest).
+            raise UsageError(f"config key {key}: at most {MAX_IMAGE_SIDE} pixels, got {side}")
     if not 0.0 <= config.schedule.warmup_fraction < 1.0:
         raise UsageError(
             f"config key schedule.warmup_fraction: must be in [0, 1), got {config.schedule.warmup_fraction}"
@@ -437,7 +498,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise UsageError(f"override {text!r}: expected key=value, for example optim.lr=0.05")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise UsageError(f"override {key}: cannot parse value {raw!r} ({yaml_problem(exc)})") from exc
     return key, value
@@ -463,7 +524,7 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; unreadable files and non-mappings are one-line UsageErrors naming the path."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UsageError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
     except (OSError, UnicodeDecodeError) as exc:

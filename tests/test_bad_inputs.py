@@ -857,7 +857,7 @@ ROWS: tuple[Row, ...] = (
         "export: --max-top1-drop-int8 nan",
         lambda t, r: ["export", str(r), "--formats", "int8", "--max-top1-drop-int8", "nan"],
         2,
-        "--max-top1-drop-int8 nan: expected a number of top-1 points",
+        "--max-top1-drop-int8 nan: expected a finite number of top-1 points",
     ),
     # ---- layerwise: formats, options, runs
     Row(
@@ -1202,6 +1202,273 @@ ROWS: tuple[Row, ...] = (
         "/run/qad: a symbolic link to ",
         base="distilled",
     ),
+    # ---- issue 22: unbounded sizes (item 4)
+    Row(
+        "predict: input.resize of 100000",
+        lambda t, r: _then(_set_raw(r, ("input", "resize"), 100000), _predict(r, _image(t))),
+        2,
+        "input.resize: expected null or an integer from 8 to 4096, got 100000",
+    ),
+    Row(
+        "predict: input.shape of 100000 pixels a side",
+        lambda t, r: _then(_set_raw(r, ("input", "shape"), [3, 100000, 8]), _predict(r, _image(t))),
+        2,
+        "H and W at most 4096",
+    ),
+    Row(
+        "predict: loose ONNX whose sealed manifest asks input.resize 100000",
+        lambda t, r: _predict(_loose_onnx(t, r, lambda m: m["input"].update(resize=100000)), _image(t)),
+        2,
+        "loose.onnx: manifest input.resize: expected null or an integer from 8 to 4096",
+    ),
+    Row(
+        "distill: YAML alias bomb in a known key",
+        lambda t, r: ["distill", "--config", str(_write(t / "c.yaml", ALIAS_BOMB)), "--out", str(t / "o")],
+        2,
+        "c.yaml: not valid YAML: line 2, column 46: YAML aliases (*name) are not allowed in a config",
+    ),
+    Row(
+        "distill: YAML alias in an override",
+        lambda t, r: ["distill", "--out", str(t / "o"), "data.mean=&a [*a]"],
+        2,
+        "YAML aliases (*name) are not allowed",
+    ),
+    Row(
+        "distill: a long wrong value is shown cut",
+        lambda t, r: ["distill", "--out", str(t / "o"), f"train.epochs=[{', '.join(['12345'] * 5000)}]"],
+        2,
+        "config key train.epochs: expected int, got [12345, 12345, 12345, 12345, 12345, 12345, 12345,"
+        " 12345, 12345, 12345, 12345, 1…\n",
+    ),
+    # ---- issue 22: terminal injection (item 5)
+    Row(
+        "predict: missing image whose name holds a line break and escape codes",
+        lambda t, r: _predict(r, t / "none\n\x1b[2Jforged.png"),
+        2,
+        "none\\n\\x1b[2Jforged.png: no such image file",
+    ),
+    Row(
+        "predict: class name with an escape code in manifest.json",
+        lambda t, r: _then(_set_raw(r, ("classes", 0), "zero\x1b[2J"), _predict(r, _image(t))),
+        2,
+        "classes[0]: 'zero\\x1b[2J'; a class name must be a non-empty string without line breaks",
+    ),
+    Row(
+        "predict: loose ONNX with a line break in a label",
+        lambda t, r: _predict(
+            _loose_onnx(t, r, lambda m: m["classes"].__setitem__(0, "0\n9  1.0000")), _image(t)
+        ),
+        2,
+        "loose.onnx: classes[0]",
+    ),
+    # ---- issue 22: tracebacks (item 8)
+    Row(
+        "predict: manifest.json nested 100000 deep",
+        lambda t, r: _then(_write(r / "manifest.json", _deep_json()), _predict(r, _image(t))),
+        2,
+        "manifest.json: not a readable JSON manifest (nested deeper than 64 levels)",
+    ),
+    Row(
+        "predict: manifest.json nested 65 deep",
+        lambda t, r: _then(_set_raw(r, ("data", "deep"), json.loads(_deep_json(65))), _predict(r, _image(t))),
+        2,
+        "nested deeper than 64 levels",
+    ),
+    Row(
+        "predict: loose ONNX with a manifest nested 100000 deep",
+        lambda t, r: _predict(_loose_onnx(t, r, raw=_deep_json()), _image(t)),
+        2,
+        "loose.onnx: metadata 'reviewkd_manifest' is not valid JSON (nested deeper than 64 levels)",
+    ),
+    Row(
+        "report: validate.json nested 100000 deep",
+        lambda t, r: _then(_write(r / "report" / "validate.json", _deep_json()), ["report", str(r)]),
+        2,
+        "validate.json: not readable JSON (nested deeper than 64 levels)",
+    ),
+    Row(
+        "report: validate.json with an accuracy that is a string",
+        lambda t, r: _then(_result_file(r, "validate.json", accuracy="x"), ["report", str(r)]),
+        2,
+        "validate.json: results['onnxruntime/fp32'].accuracy: expected dict or null, got str",
+    ),
+    Row(
+        "report: validate.json with an entry that is a number",
+        lambda t, r: _then(
+            _write(r / "report" / "validate.json", '{"results": {"a/b": 5}}'), ["report", str(r)]
+        ),
+        2,
+        "results['a/b']: expected an object, got int",
+    ),
+    Row(
+        "report: bench.json with a latency of strings",
+        lambda t, r: _then(_result_file(r, "bench.json", latency={"1": {"p50_ms": "x"}}), ["report", str(r)]),
+        2,
+        "bench.json: results['onnxruntime/fp32'].latency['1']: expected an object of numbers",
+    ),
+    Row(
+        "export: --opset 999",
+        lambda t, r: ["export", str(r), "--formats", "onnx", "--opset", "999"],
+        2,
+        "--opset 999: torch",
+    ),
+    Row(
+        "export: --model with --opset 999 lays nothing out",
+        lambda t, r: [*_export_model(t, r / "student.safetensors"), "--opset", "999"],
+        2,
+        "--opset 999: torch",
+    ),
+    Row(
+        "bench: --batch-sizes 100000000",
+        lambda t, r: ["bench", str(r), "--batch-sizes", "100000000"],
+        2,
+        "--batch-sizes '100000000': expected one or more integers from 1 to 4096",
+    ),
+    # ---- issue 22: the run manifest against itself and the ONNX file (item 7)
+    Row(
+        "predict: classes reversed in manifest.json",
+        lambda t, r: _then(_edit_manifest(r, lambda m: m["classes"].reverse()), _predict(r, _image(t))),  # type: ignore[attr-defined]
+        2,
+        "student.onnx: its embedded manifest lists the run's classes in another order",
+    ),
+    Row(
+        "validate: classes renamed in manifest.json",
+        lambda t, r: _then(_set_raw(r, ("classes", 0), "cat"), ["validate", str(r), "--device", "cpu"]),
+        2,
+        "not the same names",
+        records=VALIDATE_RECORDS,
+    ),
+    Row(
+        "validate: mean changed in manifest.json",
+        lambda t, r: _then(
+            _set_raw(r, ("input", "mean"), [0.5, 0.5, 0.5]), ["validate", str(r), "--device", "cpu"]
+        ),
+        2,
+        "the file was exported with other preprocessing",
+        records=VALIDATE_RECORDS,
+    ),
+    Row(
+        "predict: NaN mean",
+        lambda t, r: _then(_set_raw(r, ("input", "mean"), [float("nan")] * 3), _predict(r, _image(t))),
+        2,
+        "input.mean: expected 3 finite numbers, got [nan, nan, nan]",
+    ),
+    Row(
+        "predict: infinite std",
+        lambda t, r: _then(_set_raw(r, ("input", "std"), [float("inf")] * 3), _predict(r, _image(t))),
+        2,
+        "input.std: expected 3 finite numbers",
+    ),
+    Row(
+        "validate: 9 classes for a 10-class student",
+        lambda t, r: _then(_edit_manifest(r, lambda m: m["classes"].pop()), ["validate", str(r)]),  # type: ignore[attr-defined]
+        2,
+        "lists 9 classes but student.num_classes is 10",
+    ),
+    Row(
+        "validate: 9 classes against 10 logits",
+        lambda t, r: _then(
+            _set_raw(r, ("classes",), [str(i) for i in range(9)]),
+            _set_raw(r, ("student", "num_classes"), None),
+            ["validate", str(r), "--device", "cpu", "--backends", "onnxruntime"],
+        ),
+        2,
+        "student.onnx: the model gives 10 logits but the manifest has 9 classes",
+        records=VALIDATE_RECORDS,
+    ),
+    Row(
+        "triton: duplicate labels",
+        lambda t, r: _then(_set_raw(r, ("classes", 1), "0"), ["triton", str(r), "--out", str(t / "repo")]),
+        2,
+        "classes[1]: '0' is listed twice",
+    ),
+    Row(
+        "predict: loose ONNX with duplicate labels",
+        lambda t, r: _predict(_loose_onnx(t, r, lambda m: m["classes"].__setitem__(1, "0")), _image(t)),
+        2,
+        "loose.onnx: classes[1]: '0' is listed twice",
+    ),
+    Row("bench: --seconds nan", lambda t, r: ["bench", str(r), "--seconds", "nan"], 2, "--seconds must be"),
+    Row("bench: --seconds inf", lambda t, r: ["bench", str(r), "--seconds", "inf"], 2, "got inf"),
+    Row(
+        "triton: --max-batch-size 99999999999999",
+        lambda t, r: ["triton", str(r), "--out", str(t / "repo"), "--max-batch-size", "99999999999999"],
+        2,
+        "--max-batch-size 99999999999999: expected 1 to 2147483647",
+    ),
+    # ---- issue 22: the smaller ones (item 9)
+    Row(
+        "distill: optim.lr=nan",
+        lambda t, r: ["distill", "--out", str(t / "o"), "optim.lr=nan"],
+        2,
+        "config key optim.lr: expected a finite number, got nan",
+    ),
+    Row(
+        "distill: optim.lr .inf in a config file",
+        lambda t, r: [
+            "distill",
+            "--config",
+            str(_write(t / "c.yaml", "optim:\n  lr: .inf\n")),
+            "--out",
+            str(t / "o"),
+        ],
+        2,
+        "config key optim.lr: expected a finite number, got inf",
+    ),
+    Row(
+        "distill: teacher.lr=nan (a float or null)",
+        lambda t, r: ["distill", "--out", str(t / "o"), "teacher.lr=.nan"],
+        2,
+        "config key teacher.lr: expected a finite number, got nan",
+    ),
+    Row(
+        "distill: data.image_size=5000",
+        lambda t, r: ["distill", "--out", str(t / "o"), "data.image_size=5000"],
+        2,
+        "config key data.image_size: at most 4096 pixels, got 5000",
+    ),
+    Row(
+        "export: --input-shape 3,5000,5000 lays nothing out",
+        lambda t, r: [*_export_model(t, r / "student.safetensors"), "--input-shape", "3,5000,5000"],
+        2,
+        "H and W at most 4096",
+    ),
+    Row(
+        "distill: method.temperature=-inf",
+        lambda t, r: ["distill", "--out", str(t / "o"), "method.temperature=-.inf"],
+        2,
+        "config key method.temperature: expected a finite number",
+    ),
+    Row(
+        "predict: one unreadable image among readable ones",
+        lambda t, r: _predict(r, _image(t), _write(t / "bad.png", "not an image"), _image(t, "b.png")),
+        2,
+        "1 of 3 images could not be classified (the others were); first: ",
+    ),
+    Row(
+        "export: --trt-batch 8,4,1 (checked before TensorRT is looked for)",
+        lambda t, r: ["export", str(r), "--formats", "tensorrt", "--trt-batch", "8,4,1"],
+        2,
+        "--trt-batch 8,4,1: expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX",
+    ),
+    Row(
+        "export: --dla-core -1 (checked before TensorRT is looked for)",
+        lambda t, r: ["export", str(r), "--formats", "tensorrt", "--dla-core", "-1"],
+        2,
+        "--dla-core must be a DLA core number >= 0, got -1",
+    ),
+    Row(
+        "export: --max-top1-drop-int8 1e309",
+        lambda t, r: ["export", str(r), "--formats", "int8", "--max-top1-drop-int8", "1e309"],
+        2,
+        "--max-top1-drop-int8 inf: expected a finite number of top-1 points",
+    ),
+    Row(
+        "distill: --config a directory",
+        lambda t, r: ["distill", "--config", str(t), "--out", str(t / "o")],
+        2,
+        "is a directory; expected a YAML file",
+    ),
 )
 
 
@@ -1276,6 +1543,55 @@ def _raw_teacher_sha256(run: Path, value: object) -> None:
     raw = json.loads((run / "manifest.json").read_text())
     raw["teacher"]["sha256"] = value
     (run / "manifest.json").write_text(json.dumps(raw))
+
+
+# Aliases nested six deep, nine to a level, in a key the config knows: 9^6 (531441) strings once
+# expanded, which the error message for the wrong type would print (a few more levels: gigabytes).
+ALIAS_BOMB = (
+    "data:\n  mean: [&a [x, x, x, x, x, x, x, x, x]"
+    + "".join(f", &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(5))
+    + "]\n"
+)
+
+
+def _set_raw(run: Path, keys: tuple[str | int, ...], value: object) -> None:
+    """Set one value of manifest.json by hand (any JSON, NaN included), as no reviewkd stage would."""
+    raw = json.loads((run / "manifest.json").read_text())
+    block = raw
+    for key in keys[:-1]:
+        block = block[key]
+    block[keys[-1]] = value
+    (run / "manifest.json").write_text(json.dumps(raw))
+
+
+def _deep_json(depth: int = 100_000) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _loose_onnx(
+    tmp: Path, run: Path, change: Callable[[dict[str, object]], None] | None = None, raw: str | None = None
+) -> Path:
+    """The run's fp32 ONNX file alone as tmp/loose.onnx, its embedded manifest changed (or replaced by
+    `raw` text) and the file sealed again with its content hash: a hash inside a file is no signature."""
+    import onnx
+
+    from export.onnx_export import METADATA_KEY, sealed_bytes
+
+    model = onnx.load(str(run / "export" / "student.onnx"))
+    (prop,) = [p for p in model.metadata_props if p.key == METADATA_KEY]
+    if change is not None:
+        embedded = json.loads(prop.value)
+        change(embedded)
+        prop.value = json.dumps(embedded)
+    if raw is not None:
+        prop.value = raw
+    return _write(tmp / "loose.onnx", sealed_bytes(model))
+
+
+def _result_file(run: Path, name: str, **entry: object) -> None:
+    """RUN/report/NAME holding one onnxruntime/fp32 entry with `entry`'s values over an ok status."""
+    document = {"results": {"onnxruntime/fp32": {"status": "ok", "reason": None, **entry}}}
+    _write(run / "report" / name, json.dumps(document))
 
 
 def _then(*steps: object) -> list[str]:
@@ -1426,6 +1742,39 @@ def test_a_read_only_output_is_one_line(
     assert err.startswith("reviewkd report: error: ") and "Read-only file system" in err
     assert err.count("\n") == 1
     assert snapshot(tmp_path) == before
+
+
+def test_predict_prints_a_hostile_file_name_escaped(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A readable image whose name would end the row, clear the screen and forge a row of its own.
+    name = "cat\n\x1b[2J\x1b[Hforged  1  dog  1.0000.png"
+    image = _image(tmp_path, name)
+    code, out, err = run_cli(_predict(run, image, extra=("--top-k", "2")), capsys)
+    assert code == 0, err
+    assert "\x1b" not in out
+    lines = out.splitlines()
+    assert len(lines) == 4  # runner, header, two ranks of the one image
+    assert lines[2].startswith(str(tmp_path / "cat\\n\\x1b[2J\\x1b[Hforged  1  dog  1.0000.png  1  "))
+
+
+def test_one_unreadable_image_costs_only_itself(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, other = _image(tmp_path), _image(tmp_path, "b.png")
+    bad = _write(tmp_path / "bad.png", "not an image")
+    code, out, err = run_cli(_predict(run, good, bad, other, extra=("--top-k", "1", "--json")), capsys)
+    assert code == 2
+    assert err.startswith("reviewkd predict: error: 1 of 3 images could not be classified (the others were);")
+    assert err.count("\n") == 1 and "bad.png: cannot read as an image" in err
+    first, failed, last = json.loads(out)["predictions"]
+    assert [first["image"], failed["image"], last["image"]] == [str(good), str(bad), str(other)]
+    assert "bad.png: cannot read as an image" in failed["error"] and "top_k" not in failed
+    assert first["top_k"] == last["top_k"] and len(first["top_k"]) == 1  # the same pixels
+    code, out, _ = run_cli(_predict(run, good, bad), capsys)
+    assert code == 2
+    rows = out.splitlines()[2:]
+    assert rows[0].startswith(f"{good}  1  ") and rows[5].startswith(f"{bad}  -  error: {bad}: cannot read")
 
 
 def test_a_subset_of_formats_merges_into_earlier_results(

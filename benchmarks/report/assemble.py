@@ -34,6 +34,7 @@ from benchmarks.report.results import (
 from benchmarks.targets import artifact_formats
 from deploy import run_layout
 from deploy.errors import UsageError
+from deploy.fileio import parse_json
 from deploy.manifest import Manifest, read_manifest
 from deploy.predict import check_export_is_current
 from deploy.status import Status
@@ -277,12 +278,10 @@ LAYERWISE_GLOB = "layerwise_*.json"
 
 def _layerwise(run_dir: PathLike) -> dict[str, Any]:
     """{format: summary} of the layer-wise parity reports `reviewkd layerwise` left in RUN/report."""
-    import json
-
     found: dict[str, Any] = {}
     for path in sorted(run_layout.run_path(run_dir, run_layout.REPORT_DIR).glob(LAYERWISE_GLOB)):
         try:
-            data = json.loads(path.read_text())
+            data = parse_json(path.read_text())
         except (OSError, ValueError):
             continue  # a damaged side report must not stop the main one
         if not isinstance(data, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from benchmarks.measured import measurement_key, short_sha, source_text, student
 from benchmarks.validate import VALIDATE_SCHEMA_VERSION, describe_failures
 from deploy import run_layout
 from deploy.errors import OutputError, UsageError
-from deploy.fileio import write_json_atomic
+from deploy.fileio import parse_json, write_json_atomic
 from deploy.manifest import forget_artifact, read_manifest, record_artifact, write_manifest
 from deploy.status import Status
 
@@ -163,12 +164,85 @@ def load_result(run_dir: PathLike, name: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UsageError(f"{path}: not readable JSON ({exc}); run the stage that writes it again") from exc
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise UsageError(f"{path}: no 'results' object; run the stage that writes it again")
+    try:
+        _check_result(data)
+    except TypeError as exc:
+        raise UsageError(f"{path}: {exc}; run the stage that writes it again") from None
     return data
+
+
+# The parts of a validate or bench result the report reads, and the JSON types they must have;
+# `None` in a tuple: the key may hold null. Keys not listed are free; a listed key may be missing.
+_Number = int | float
+_RESULT_TYPES: dict[str, Any] = {"settings": dict, "environment": dict, "reference": str, "gates": dict}
+_ENTRY_TYPES: dict[str, Any] = {
+    "status": str,
+    "reason": str | None,
+    "file": str | None,
+    "sha256": str | None,
+    "size_bytes": int | None,
+    "device": str | None,
+    "accuracy": dict | None,
+    "parity": dict | None,
+    "gates": list,
+    "latency": dict,
+    "skipped_batches": dict,
+    "cuda_graphs": dict | None,
+}
+_ACCURACY_TYPES: dict[str, Any] = {
+    "top1": _Number,
+    "top5": _Number,
+    "n": int,
+    "top1_drop": _Number | None,
+    "top1_drop_ci": list | None,
+}
+_PARITY_TYPES: dict[str, Any] = {"max_abs_diff": _Number, "mean_abs_diff": _Number, "top1_agreement": _Number}
+
+
+def _check_types(where: str, block: Mapping[str, Any], types: Mapping[str, Any]) -> None:
+    """TypeError naming the first key of `block` whose value is not of its listed type."""
+    for key, expected in types.items():
+        if key not in block:
+            continue
+        value = block[key]
+        allowed = typing.get_args(expected) or (expected,)
+        is_bool = isinstance(value, bool)  # JSON true is no number: bool is an int subclass
+        if is_bool or not isinstance(value, tuple(type(None) if t is None else t for t in allowed)):
+            names = " or ".join("null" if t in (None, type(None)) else t.__name__ for t in allowed)
+            raise TypeError(f"{where}{key}: expected {names}, got {type(value).__name__}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_result(data: Mapping[str, Any]) -> None:
+    """TypeError naming the key where a result file has a value of the wrong JSON type."""
+    _check_types("", data, _RESULT_TYPES)
+    for key, entry in data["results"].items():
+        where = f"results[{key!r}]"
+        if not isinstance(entry, dict):
+            raise TypeError(f"{where}: expected an object, got {type(entry).__name__}")
+        _check_types(f"{where}.", entry, _ENTRY_TYPES)
+        accuracy, parity = entry.get("accuracy"), entry.get("parity")
+        if accuracy:
+            _check_types(f"{where}.accuracy.", accuracy, _ACCURACY_TYPES)
+            interval = accuracy.get("top1_drop_ci")
+            if interval is not None and (len(interval) != 2 or not all(_is_number(v) for v in interval)):
+                raise TypeError(f"{where}.accuracy.top1_drop_ci: expected two numbers")
+        if parity:
+            _check_types(f"{where}.parity.", parity, _PARITY_TYPES)
+        for index, gate in enumerate(entry.get("gates", [])):
+            if not isinstance(gate, dict):
+                raise TypeError(f"{where}.gates[{index}]: expected an object, got {type(gate).__name__}")
+        for batch, stats in entry.get("latency", {}).items():
+            if not isinstance(stats, dict) or not all(_is_number(v) for v in stats.values()):
+                raise TypeError(f"{where}.latency[{batch!r}]: expected an object of numbers")
 
 
 def read_metrics(run_dir: PathLike) -> list[dict[str, Any]]:

@@ -20,7 +20,15 @@ from deploy.formats import (
     standard_file,
 )
 from deploy.gpu import current_gpu
-from deploy.manifest import ArtifactEntry, Manifest, artifacts_of_kind, input_spec, verify_artifact
+from deploy.manifest import (
+    ArtifactEntry,
+    Manifest,
+    artifacts_of_kind,
+    check_manifests_agree,
+    check_output_width,
+    input_spec,
+    verify_artifact,
+)
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import (
     CUDA_PROVIDER,
@@ -123,8 +131,10 @@ def open_runner(
 
     With a manifest and its run directory, the file must lie inside the run and its sha256 must
     match the manifest's (checked first), and the precision and input shape come from the
-    manifest. `device` ("cpu" or "cuda") picks ONNX Runtime's execution providers; a TensorRT
-    plan always runs on its GPU. `threads` sets ONNX Runtime's intra-op threads.
+    manifest. An ONNX file must then also agree with the manifest: its output width is the
+    manifest's class count, and the manifest it carries has the run's classes and input block.
+    `device` ("cpu" or "cuda") picks ONNX Runtime's execution providers; a TensorRT plan always
+    runs on its GPU. `threads` sets ONNX Runtime's intra-op threads.
     """
     if (manifest is None) != (run_dir is None):
         raise UsageError("open_runner: pass the manifest and its run directory together")
@@ -141,13 +151,23 @@ def open_runner(
             input_shape = input_spec(manifest).shape
     kind = kind_of_file(file)
     if kind == "onnx":
-        return OnnxRuntimeRunner(
+        runner = OnnxRuntimeRunner(
             file,
             providers=providers_for_device(device),
             threads=threads,
             precision=precision,
             input_shape=input_shape,
         )
+        if manifest is not None:
+            try:
+                check_output_width(manifest, runner.output_width, str(file))
+                embedded = runner.embedded_manifest()
+                if embedded is not None:
+                    check_manifests_agree(manifest, embedded, str(file))
+            except UsageError:
+                runner.close()
+                raise
+        return runner
     if kind == "tensorrt":
         # Imported here: the TensorRT module is only needed, and only importable, on GPU machines.
         from deploy.runners.tensorrt_runner import TensorRTRunner

@@ -24,6 +24,7 @@ class Runner(abc.ABC):
     input_shape: tuple[int, int, int]  # (C, H, W) the model expects
     max_batch: int | None = None  # the largest batch the model accepts; None: any
     min_batch: int = 1
+    output_width: int | None = None  # logits per image, where the model file fixes it
 
     @property
     def name(self) -> str:

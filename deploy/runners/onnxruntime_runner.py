@@ -21,7 +21,6 @@ Relu's Q/DQ its producer's scale.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,8 +29,10 @@ from typing import Any
 import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
+from deploy.fileio import parse_json
 from deploy.formats import precision_from_filename
 from deploy.install_targets import GPU_INSTALL_HINT
+from deploy.manifest import check_embedded_manifest
 from deploy.runners.base import Runner
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -148,18 +149,19 @@ def parse_embedded_manifest(
 ) -> dict[str, Any] | None:
     """The manifest export stored under METADATA_KEY in a model's metadata_props, or None if absent.
 
-    UsageError naming `path` when the value is not a JSON object.
+    UsageError naming `path` when the value is not a JSON object, or not a manifest that passes
+    deploy.manifest.check_embedded_manifest (bounded sizes, printable unique class names, ...).
     """
     text = metadata.get(METADATA_KEY)
     if text is None:
         return None
     try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
+        manifest = parse_json(text)
+    except ValueError as exc:
         raise UsageError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict):
         raise UsageError(f"{path}: metadata {METADATA_KEY!r} is not a JSON object")
-    return manifest
+    return check_embedded_manifest(manifest, str(path))
 
 
 def runs_unfused(manifest: Mapping[str, Any] | None) -> bool:
@@ -340,6 +342,8 @@ class OnnxRuntimeRunner(Runner):
         else:
             names = ", ".join(by_name)
             raise UsageError(f"{self.path}: several outputs ({names}) and none is named 'logits'")
+        shape = by_name[self.output_name].shape
+        self.output_width = _static_dim(shape[1]) if len(shape) == 2 else None
 
     @property
     def custom_metadata(self) -> dict[str, str]:

@@ -16,7 +16,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from deploy.errors import RUNTIME_MISSING, TRAIN_EXTRA_HINT, OutputError, ReviewKDError, UsageError
+from deploy.errors import RUNTIME_MISSING, TRAIN_EXTRA_HINT, OutputError, ReviewKDError, UsageError, printable
 
 # Top-level modules of the `train` extra: a command that reaches one without it installed exits 3.
 TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "onnxscript", "safetensors", "sklearn", "tqdm"})
@@ -70,10 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:
         if exc.salvage is not None:
             print(exc.salvage)
-        print(f"{command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except ReviewKDError as exc:
-        print(f"{command}: error: {exc}", file=sys.stderr)
+        # Messages name files and values from the user's input: shown escaped, they stay one line.
+        print(f"{command}: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] == "onnxruntime":
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # A file the system refused that no stage anticipated: still bad input, still one line.
         where = f"{exc.filename}: " if exc.filename is not None else ""
-        print(f"{command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"{command}: error: {printable(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return UsageError.exit_code
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)

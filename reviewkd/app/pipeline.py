@@ -18,7 +18,7 @@ from typing import Any
 from benchmarks.report import format_final_table
 from deploy import run_layout
 from deploy.errors import ReviewKDError, UsageError
-from deploy.fileio import sha256_file, write_json_atomic
+from deploy.fileio import parse_json, sha256_file, write_json_atomic
 from deploy.manifest import read_manifest, write_manifest
 from deploy.run_lock import locks_run
 from deploy.tasks import TASKS
@@ -58,8 +58,8 @@ def _read_pipeline(run: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UsageError(
             f"{path}: unreadable pipeline record ({exc}); delete it to rerun every stage"
         ) from exc

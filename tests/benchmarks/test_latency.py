@@ -128,6 +128,23 @@ def test_time_runner_rejects_bad_settings(kwargs: dict[str, float], match: str) 
         time_runner(runner, _images(), **kwargs)  # type: ignore[arg-type]
 
 
+def test_a_batch_too_large_to_allocate_is_skipped_not_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The limit scaled down from 2 GiB to 1 MiB, so that the test allocates nothing large either way.
+    monkeypatch.setattr("benchmarks.latency.MAX_BATCH_BYTES", 1 << 20)
+
+    def opener() -> NumpyRunner:
+        return NumpyRunner(lambda x: x[:, 0, 0, :5], input_shape=(3, 64, 64))
+
+    target = Target("fake/fp32", "fp32", opener)
+    result = benchmark_runners([target], batch_sizes=(8, 128), warmup=0, iters=1)
+    entry = result["results"]["fake/fp32"]
+    assert entry["status"] == "ok" and list(entry["latency"]) == ["8"]  # 8 images: 384 KiB
+    assert entry["skipped_batches"] == {
+        "128": "batch 128 of 3x64x64 images is 6 MiB of float32, more than the 1 MiB bench allocates"
+        " for one call"
+    }
+
+
 def test_benchmark_runners_records_stats_skips_and_failures() -> None:
     clock = FakeClock()
 

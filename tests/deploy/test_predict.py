@@ -86,6 +86,20 @@ def test_grayscale_becomes_three_equal_channels(images: list[Path]) -> None:
     np.testing.assert_allclose(pixels[0], pixels[2], atol=1e-6)
 
 
+def test_a_resize_that_would_explode_a_thin_image_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 2 x 100 pixels, shorter side to 50: 50 x 2500 pixels, above a limit of 100000 (PIL's own limit
+    # is 89 million: a 1 x 50000 image resized to 4096 would hold 200 billion).
+    path = tmp_path / "thin.png"
+    Image.fromarray(np.full((100, 2, 3), 90, dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    spec = InputSpec.from_manifest({"input": input_block(resize=50)})
+    with pytest.raises(UsageError, match=r"thin\.png: cannot read as an image \(2 x 100 pixels would become"):
+        load_image(path, spec)
+    assert load_image(path, InputSpec.from_manifest({"input": input_block(resize=12)})).shape == INPUT_SHAPE
+
+
 def test_single_channel_models_get_grayscale(images: list[Path]) -> None:
     spec = InputSpec.from_manifest({"input": input_block(shape=(1, 8, 10))})
     batch = load_images(images, spec)
@@ -101,11 +115,24 @@ def test_single_channel_models_get_grayscale(images: list[Path]) -> None:
         ({}, r"input\.shape: expected \[C, H, W\]"),
         ({**input_block(), "shape": [3, 8]}, r"input\.shape"),
         ({**input_block(), "shape": [4, 8, 10], "mean": [0.5] * 4, "std": [0.5] * 4}, "4 channels"),
-        ({**input_block(), "mean": [0.5, 0.5]}, r"input\.mean: expected 3 numbers"),
+        ({**input_block(), "mean": [0.5, 0.5]}, r"input\.mean: expected 3 finite numbers"),
+        ({**input_block(), "mean": [0.5, float("nan"), 0.5]}, r"input\.mean: expected 3 finite numbers"),
         ({**input_block(), "std": [0.2, 0.0, 0.2]}, r"input\.std: expected positive"),
-        ({**input_block(), "resize": 6}, r"input\.resize: expected null or an integer >= 8"),
+        ({**input_block(), "resize": 6}, r"input\.resize: expected null or an integer from 8 to 4096"),
+        ({**input_block(), "resize": 4097}, r"input\.resize: expected null or an integer from 8 to 4096"),
+        ({**input_block(), "shape": [3, 8, 4097]}, r"input\.shape: .* H and W at most 4096"),
     ],
-    ids=["missing", "two-dims", "four-channels", "mean-length", "zero-std", "resize-too-small"],
+    ids=[
+        "missing",
+        "two-dims",
+        "four-channels",
+        "mean-length",
+        "nan-mean",
+        "zero-std",
+        "resize-too-small",
+        "resize-too-large",
+        "side-too-large",
+    ],
 )
 def test_bad_input_blocks_are_usage_errors(block: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError, match=message):

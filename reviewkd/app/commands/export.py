@@ -16,14 +16,22 @@ from deploy.errors import UsageError
 from deploy.tasks import require_deployable_run
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def _three_ints(text: str, spelled: str) -> tuple[int, int, int]:
     try:
         parts = tuple(int(p) for p in text.split(","))
     except ValueError:
         parts = ()
     if len(parts) != 3 or any(p < 1 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected C,H,W with positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {spelled} with positive integers, got {text!r}")
     return (parts[0], parts[1], parts[2])
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    return _three_ints(text, "C,H,W")
+
+
+def _profile(text: str) -> tuple[int, int, int]:
+    return _three_ints(text, "MIN,OPT,MAX")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -85,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
     trt = parser.add_argument_group("TensorRT")
     trt.add_argument(
-        "--trt-batch", type=_shape, default=(1, 8, 32), metavar="MIN,OPT,MAX", help="batch profile"
+        "--trt-batch", type=_profile, default=(1, 8, 32), metavar="MIN,OPT,MAX", help="batch profile"
     )
     trt.add_argument("--trt-workspace-mib", type=int, default=1024, help="builder workspace limit")
     trt.add_argument("--trt-opt-level", type=int, default=3, help="builder optimisation level 0..5")
@@ -142,8 +150,11 @@ def run_export(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    if math.isnan(args.max_top1_drop_int8):  # `>= 0` below would read it as "quantize every layer"
-        raise UsageError("--max-top1-drop-int8 nan: expected a number of top-1 points")
+    if not math.isfinite(args.max_top1_drop_int8):
+        # `>= 0` below would read nan as "quantize every layer", and inf as "any drop will do".
+        raise UsageError(
+            f"--max-top1-drop-int8 {args.max_top1_drop_int8}: expected a finite number of top-1 points"
+        )
     options = {
         "formats": parse_formats(args.formats),
         "calib_samples": args.calib_samples,

@@ -6,7 +6,9 @@ predict TARGET IMAGE...  TARGET is a run directory (its fp32 ONNX file by defaul
                          in its metadata.
 
 The path: this module parses, deploy.predict opens the target and classifies, a deploy.runners
-runner infers; this module prints.
+runner infers; this module prints. An image that cannot be read gets its error in its place and
+the others are still classified; the command then exits 2. File and class names are printed
+escaped (deploy.errors.printable): a name cannot forge a row of the table.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deploy.predict import DEFAULT_BACKEND, Prediction, open_target, predict
+from deploy.errors import UsageError, printable
+from deploy.predict import DEFAULT_BACKEND, Prediction, open_target, predict_each
 from deploy.tasks import require_deployable_run
 from reviewkd.student import open_student_runner
 
@@ -44,11 +47,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     predict_parser.set_defaults(handler=run_predict)
 
 
-def _table(paths: list[Path], results: list[Prediction], runner_name: str) -> str:
+def _table(paths: list[Path], results: list[Prediction | UsageError], runner_name: str) -> str:
     rows = [("IMAGE", "#", "CLASS", "PROBABILITY")]
     for path, top in zip(paths, results, strict=True):
+        if isinstance(top, UsageError):
+            rows.append((printable(str(path)), "-", printable(f"error: {top}"), ""))
+            continue
         for rank, (name, probability) in enumerate(top, start=1):
-            rows.append((str(path) if rank == 1 else "", str(rank), name, f"{probability:.4f}"))
+            shown = printable(str(path)) if rank == 1 else ""
+            rows.append((shown, str(rank), printable(name), f"{probability:.4f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [
         f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}".rstrip()
@@ -64,18 +71,31 @@ def run_predict(args: argparse.Namespace) -> int:
         args.target, args.backend, device=args.device, threads=args.threads, open_module=open_student_runner
     )
     with runner:
-        results = predict(runner, manifest, args.images, top_k=args.top_k)
+        results = predict_each(runner, manifest, args.images, top_k=args.top_k)
         name = runner.name
+    failed = [result for result in results if isinstance(result, UsageError)]
+    if len(failed) == len(results):  # nothing to show but the error
+        raise failed[0] if len(failed) == 1 else _some_failed(failed, len(results))
     if args.json:
         document: dict[str, Any] = {
             "target": str(args.target),
             "runner": name,
             "predictions": [
-                {"image": str(path), "top_k": [{"class": c, "probability": p} for c, p in top]}
+                {"image": str(path), "error": str(top)}
+                if isinstance(top, UsageError)
+                else {"image": str(path), "top_k": [{"class": c, "probability": p} for c, p in top]}
                 for path, top in zip(args.images, results, strict=True)
             ],
         }
         print(json.dumps(document, indent=2))
     else:
         print(_table(args.images, results, name))
+    if failed:
+        raise _some_failed(failed, len(results))
     return 0
+
+
+def _some_failed(failed: list[UsageError], total: int) -> UsageError:
+    """The one-line error for images that could not be classified, naming the first."""
+    others = " (the others were)" if len(failed) < total else ""
+    return UsageError(f"{len(failed)} of {total} images could not be classified{others}; first: {failed[0]}")
