@@ -35,6 +35,7 @@ def test_a_digits_split_is_written_as_the_pixels_the_network_was_evaluated_on(
     _with_config(run, "data.image_size=12")
     bundle = build_data(load_config(None, ["data.image_size=12"]))
     manifest["classes"], manifest["input"] = bundle.classes, bundle.manifest_input()  # a digits run's
+    manifest["student"]["num_classes"] = len(bundle.classes)  # every reader checks the two agree
     write_manifest(run, manifest)
     out = tmp_path / "val"
     assert main(["export-data", str(run), "--out", str(out)]) == 0
