@@ -122,11 +122,12 @@ def choose_timer(runner: Runner) -> Timer:
     return PerfCounterTimer()
 
 
-def latency_stats(samples_ms: Sequence[float], batch_size: int) -> dict[str, float | int]:
+def latency_stats(samples_ms: Sequence[float], batch_size: int) -> dict[str, float | int | None]:
     """Summarise per-call latencies of one batch size.
 
     Percentiles interpolate linearly between samples (numpy's default); std is the sample
-    standard deviation (0 for one sample); throughput is images per second at the mean latency.
+    standard deviation (0 for one sample); throughput is images per second at the mean latency
+    (None when the mean is 0).
     """
     samples = np.asarray(samples_ms, dtype=np.float64)
     if samples.ndim != 1 or samples.size == 0:
@@ -144,7 +145,9 @@ def latency_stats(samples_ms: Sequence[float], batch_size: int) -> dict[str, flo
         "min_ms": float(samples.min()),
         "max_ms": float(samples.max()),
         "iters": int(samples.size),
-        "throughput_ips": batch_size * 1000.0 / mean if mean > 0 else float("inf"),
+        # A clock too coarse to see the calls measures a mean of 0: no throughput can be stated, and
+        # infinity is not JSON (json.dumps would write the invalid token `Infinity`).
+        "throughput_ips": batch_size * 1000.0 / mean if mean > 0 else None,
     }
 
 

@@ -6,6 +6,7 @@ a fake clock, and real ONNX Runtime timings only for their shape and sanity.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -84,6 +85,10 @@ def test_latency_stats_on_known_samples() -> None:
 def test_latency_stats_edge_cases() -> None:
     one = latency_stats([4.0], batch_size=1)
     assert one["std_ms"] == 0.0 and one["p99_ms"] == 4.0 and one["throughput_ips"] == pytest.approx(250.0)
+    # A clock that saw nothing: no throughput, and nothing json cannot write as JSON.
+    unseen = latency_stats([0.0, 0.0], batch_size=8)
+    assert unseen["throughput_ips"] is None
+    json.dumps(unseen, allow_nan=False)
     with pytest.raises(ValueError):
         latency_stats([], batch_size=1)
     with pytest.raises(ValueError):

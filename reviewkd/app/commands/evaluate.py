@@ -20,6 +20,7 @@ from typing import Any
 from benchmarks.latency import DEFAULT_SECONDS, DEFAULT_WARMUP, parse_batch_sizes
 from benchmarks.measured import source_text
 from benchmarks.report import format_final_table, report_dir
+from benchmarks.report.document import number_text
 from benchmarks.runs import (
     DEFAULT_VALIDATE_BATCH,
     DEVICES,
@@ -232,7 +233,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         for batch, stats in entry["latency"].items():
             print(
                 f"{key:<24} batch {batch:>4}  p50 {stats['p50_ms']:.3f} ms  p90 {stats['p90_ms']:.3f} ms"
-                f"  p99 {stats['p99_ms']:.3f} ms  {stats['throughput_ips']:.1f} images/s"
+                f"  p99 {stats['p99_ms']:.3f} ms  {number_text(stats['throughput_ips'], 1)} images/s"
             )
     for line in _merge_lines(result):
         print(line)
