@@ -12,6 +12,12 @@ CUDA graphs: a runner that can replay its work as a CUDA graph says so with a cl
 `supports_cuda_graphs = True` and turns the feature on when the harness sets
 `runner.use_cuda_graphs = True` (it captures one graph per batch shape, during the warm-up).
 Whether graphs were used, and why not, is recorded per format.
+
+Warm-up and stability (benchmarks.stability): the warm-up takes at least `warmup` calls, then goes on
+until the timings reach a steady state (two windows of calls with medians within 10%), capped;
+`--warmup 0` skips it. Each measurement records its warm-up calls, bootstrap intervals on its
+percentiles and a `stable`/`noisy` verdict. `compare_targets` times two formats interleaved
+(ABAB...) and states the ratio of their medians with an interval.
 """
 
 from __future__ import annotations
@@ -19,20 +25,30 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from benchmarks.environment import collect_environment, machine_text
 from benchmarks.measured import SOURCE_RANDOM, measured_block
+from benchmarks.stability import (
+    MAX_WARMUP_ITERS,
+    MAX_WARMUP_SECONDS,
+    compare_medians,
+    is_steady,
+    percentile_intervals,
+    stability_verdict,
+)
 from benchmarks.targets import Target, check_unique, error_reason, open_target
 from deploy.errors import UsageError
 from deploy.runners.base import Runner
 from deploy.status import Status
 
 # 2: results record what they measured ("measured"); see benchmarks.measured.
-BENCH_SCHEMA_VERSION = 2
+# 3: each measurement records its steady-state warm-up, percentile intervals and stability verdict.
+BENCH_SCHEMA_VERSION = 3
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 DEFAULT_WARMUP = 10
 DEFAULT_SECONDS = 1.0
@@ -122,32 +138,46 @@ def choose_timer(runner: Runner) -> Timer:
     return PerfCounterTimer()
 
 
-def latency_stats(samples_ms: Sequence[float], batch_size: int) -> dict[str, float | int | None]:
+def latency_stats(
+    samples_ms: Sequence[float], batch_size: int, warmup_steady: bool | None = None
+) -> dict[str, Any]:
     """Summarise per-call latencies of one batch size.
 
-    Percentiles interpolate linearly between samples (numpy's default); std is the sample
-    standard deviation (0 for one sample); throughput is images per second at the mean latency
-    (None when the mean is 0).
+    Percentiles interpolate linearly between samples (numpy's default), each with a seeded
+    bootstrap 95% interval ("p50_ci_ms" ...); std is the sample standard deviation (0 for one
+    sample); "cv" is std / mean (None when the mean is 0); throughput is images per second at the
+    mean latency (None when the mean is 0). "verdict" is `stable` or `noisy`, "noisy_because" says
+    why and what to do (benchmarks.stability.stability_verdict; `warmup_steady` False counts).
     """
     samples = np.asarray(samples_ms, dtype=np.float64)
     if samples.ndim != 1 or samples.size == 0:
         raise ValueError("latency_stats needs at least one sample")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    p50, p90, p99 = np.percentile(samples, [50, 90, 99])
+    p50, p90, p99 = (float(v) for v in np.percentile(samples, [50, 90, 99]))
+    p50_ci, p90_ci, p99_ci = percentile_intervals(samples, [50, 90, 99])
     mean = float(samples.mean())
+    std = float(samples.std(ddof=1)) if samples.size > 1 else 0.0
+    cv = std / mean if mean > 0 else None
+    verdict, why = stability_verdict(int(samples.size), cv, p50, p99, warmup_steady)
     return {
-        "p50_ms": float(p50),
-        "p90_ms": float(p90),
-        "p99_ms": float(p99),
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "p50_ci_ms": p50_ci,
+        "p90_ci_ms": p90_ci,
+        "p99_ci_ms": p99_ci,
         "mean_ms": mean,
-        "std_ms": float(samples.std(ddof=1)) if samples.size > 1 else 0.0,
+        "std_ms": std,
+        "cv": cv,
         "min_ms": float(samples.min()),
         "max_ms": float(samples.max()),
         "iters": int(samples.size),
         # A clock too coarse to see the calls measures a mean of 0: no throughput can be stated, and
         # infinity is not JSON (json.dumps would write the invalid token `Infinity`).
         "throughput_ips": batch_size * 1000.0 / mean if mean > 0 else None,
+        "verdict": verdict,
+        "noisy_because": why,
     }
 
 
@@ -163,6 +193,35 @@ def check_settings(warmup: int, iters: int | None, seconds: float | None) -> Non
         raise UsageError(f"--warmup must be 0 to {MAX_ITERS}, got {warmup}")
 
 
+@dataclass(frozen=True)
+class Timings:
+    """What one measurement timed: the per-call latencies (ms) and how its warm-up went."""
+
+    samples_ms: list[float]
+    warmup_iters: int
+    # True: the warm-up reached a steady state; False: it hit its cap first; None: no warm-up.
+    warmup_steady: bool | None
+
+
+def warm_up(measure: Callable[[], float], minimum: int) -> tuple[int, bool | None]:
+    """Time calls (`measure` makes one and returns its ms) until the timings reach a steady state
+    (benchmarks.stability.is_steady), after at least `minimum` calls, capped at MAX_WARMUP_ITERS
+    calls or MAX_WARMUP_SECONDS of timed calls. `minimum` 0 skips the warm-up.
+    Returns (calls made, steady: True, False at the cap, None when skipped).
+    """
+    if minimum == 0:
+        return 0, None
+    timings: list[float] = []
+    spent_ms = 0.0
+    while True:
+        timings.append(measure())
+        spent_ms += timings[-1]
+        if len(timings) >= minimum and is_steady(timings):
+            return len(timings), True
+        if len(timings) >= max(minimum, MAX_WARMUP_ITERS) or spent_ms >= 1000.0 * MAX_WARMUP_SECONDS:
+            return len(timings), False
+
+
 def time_runner(
     runner: Runner,
     images: np.ndarray,
@@ -171,8 +230,9 @@ def time_runner(
     iters: int | None = None,
     seconds: float | None = None,
     timer: Timer | None = None,
-) -> list[float]:
-    """Warm a runner up on `images`, then return per-call latencies in milliseconds.
+) -> Timings:
+    """Warm a runner up on `images` (see `warm_up`; `warmup` is the least number of calls), then
+    time calls one by one.
 
     Exactly one of `iters` (a fixed count) and `seconds` (a budget of measured time, with at
     least MIN_ITERS samples) may be given; with neither, the budget is DEFAULT_SECONDS.
@@ -183,21 +243,23 @@ def time_runner(
     def call() -> object:
         return runner.infer(images)
 
-    for _ in range(warmup):
-        call()
+    def measure() -> float:
+        return clock.measure(call, runner.synchronize)
+
+    warmup_iters, steady = warm_up(measure, warmup)
     runner.synchronize()
     samples: list[float] = []
     if iters is not None:
         for _ in range(iters):
-            samples.append(clock.measure(call, runner.synchronize))
-        return samples
+            samples.append(measure())
+        return Timings(samples, warmup_iters, steady)
     budget_ms = 1000.0 * (seconds if seconds is not None else DEFAULT_SECONDS)
     total = 0.0
     while (len(samples) < MIN_ITERS or total < budget_ms) and len(samples) < MAX_ITERS:
-        sample = clock.measure(call, runner.synchronize)
+        sample = measure()
         samples.append(sample)
         total += sample
-    return samples
+    return Timings(samples, warmup_iters, steady)
 
 
 def _batch_out_of_range(runner: Runner, batch_size: int) -> str | None:
@@ -258,14 +320,16 @@ def _bench_one(
                 continue
             images = rng.standard_normal((batch_size, *runner.input_shape), dtype=np.float32)
             try:
-                samples = time_runner(
+                timings = time_runner(
                     runner, images, warmup=warmup, iters=iters, seconds=seconds, timer=timer
                 )
             except Exception as exc:
                 # Keep the batch sizes already measured; the format as a whole is failed.
                 entry.update(status=Status.FAILED, reason=f"batch {batch_size}: {error_reason(exc)}")
                 break
-            entry["latency"][str(batch_size)] = latency_stats(samples, batch_size)
+            stats = latency_stats(timings.samples_ms, batch_size, timings.warmup_steady)
+            stats.update(warmup_iters=timings.warmup_iters, warmup_steady=timings.warmup_steady)
+            entry["latency"][str(batch_size)] = stats
         if used:
             # A shape whose capture failed was timed eagerly: say so rather than claim graphs.
             graph_error = getattr(runner, "cuda_graph_error", None)
@@ -356,3 +420,140 @@ def benchmark_runners(
             {"kind": SOURCE_RANDOM, "seed": seed, "images": None}, None, student_sha256
         ),
     }
+
+
+def parse_compare(text: str) -> tuple[str, str]:
+    """Parse "onnxruntime/fp32,onnxruntime/int8" into its two format keys; else a UsageError
+    naming --compare."""
+    keys = [part.strip() for part in text.split(",")]
+    if len(keys) != 2 or not all(keys):
+        raise UsageError(
+            f"--compare {text!r}: expected two format keys A,B, e.g. onnxruntime/fp32,onnxruntime/int8"
+        )
+    return keys[0], keys[1]
+
+
+def _measurer(timer: Timer, runner: Runner, images: np.ndarray) -> Callable[[], float]:
+    """A function that times one call of `runner` on `images` and returns its milliseconds."""
+
+    def call() -> object:
+        return runner.infer(images)
+
+    def measure() -> float:
+        return timer.measure(call, runner.synchronize)
+
+    return measure
+
+
+def _interleaved(
+    measures: tuple[Callable[[], float], Callable[[], float]], *, iters: int | None, seconds: float | None
+) -> tuple[list[float], list[float]]:
+    """Time A, B, A, B, ...: `iters` pairs, or pairs until both together took `seconds` (at least
+    MIN_ITERS pairs)."""
+    series: tuple[list[float], list[float]] = ([], [])
+    budget_ms = None if iters is not None else 1000.0 * (seconds if seconds is not None else DEFAULT_SECONDS)
+    total = 0.0
+    while len(series[0]) < MAX_ITERS:
+        if iters is not None and len(series[0]) >= iters:
+            break
+        if budget_ms is not None and len(series[0]) >= MIN_ITERS and total >= budget_ms:
+            break
+        # Every other pair runs B first (ABBA...): a call's position in the pair (first after the
+        # loop's own work, or straight after the other format) then weighs on A and B alike.
+        order = (0, 1) if len(series[0]) % 2 == 0 else (1, 0)
+        for side in order:
+            series[side].append(measures[side]())
+            total += series[side][-1]
+    return series
+
+
+def compare_targets(
+    target_a: Target,
+    target_b: Target,
+    batch_sizes: Sequence[int],
+    *,
+    warmup: int = DEFAULT_WARMUP,
+    iters: int | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+    timer_factory: Callable[[Runner], Timer] = choose_timer,
+) -> dict[str, Any]:
+    """Time two formats interleaved (A, B, A, B, ...) on the same seeded inputs at each batch size,
+    after each one's steady-state warm-up, and compare their medians (benchmarks.stability.compare_medians).
+
+    `iters` counts pairs; `seconds` is the budget of both together. Both stay open for the whole
+    comparison. Returns {"a", "b", "status", "reason", "batches": {"<batch>": comparison plus
+    "a_warmup_iters", "b_warmup_iters"}, "skipped_batches", "settings"}; a format that cannot open
+    makes the comparison "skipped" or "failed" with its reason.
+    """
+    check_settings(warmup, iters, seconds)
+    entry: dict[str, Any] = {"a": target_a.key, "b": target_b.key, "status": Status.OK, "reason": None}
+    entry.update(batches={}, skipped_batches={})
+    entry["settings"] = {"warmup": warmup, "iters": iters, "seconds": seconds, "seed": seed}
+    runner_a, status, reason, _ = open_target(target_a)
+    if runner_a is None:
+        entry.update(status=status, reason=f"{target_a.key}: {reason}")
+        return entry
+    with runner_a:
+        runner_b, status, reason, _ = open_target(target_b)
+        if runner_b is None:
+            entry.update(status=status, reason=f"{target_b.key}: {reason}")
+            return entry
+        with runner_b:
+            if tuple(runner_a.input_shape) != tuple(runner_b.input_shape):
+                shapes = f"{list(runner_a.input_shape)} and {list(runner_b.input_shape)}"
+                entry.update(status=Status.FAILED, reason=f"input shapes differ: {shapes}")
+                return entry
+            runners = (runner_a, runner_b)
+            _compare_batches(entry, runners, batch_sizes, warmup, iters, seconds, seed, timer_factory)
+    return entry
+
+
+def _compare_batches(
+    entry: dict[str, Any],
+    runners: tuple[Runner, Runner],
+    batch_sizes: Sequence[int],
+    warmup: int,
+    iters: int | None,
+    seconds: float | None,
+    seed: int,
+    timer_factory: Callable[[Runner], Timer],
+) -> None:
+    timers = (timer_factory(runners[0]), timer_factory(runners[1]))
+    rng = np.random.default_rng(seed)
+    for batch_size in batch_sizes:
+        out_of_range = _batch_out_of_range(runners[0], batch_size) or _batch_out_of_range(
+            runners[1], batch_size
+        )
+        if out_of_range is not None:
+            entry["skipped_batches"][str(batch_size)] = out_of_range
+            continue
+        images = rng.standard_normal((batch_size, *runners[0].input_shape), dtype=np.float32)
+        try:
+            measures = (
+                _measurer(timers[0], runners[0], images),
+                _measurer(timers[1], runners[1], images),
+            )
+            warmups = [warm_up(measure, warmup)[0] for measure in measures]
+            a_ms, b_ms = _interleaved(measures, iters=iters, seconds=seconds)
+            comparison = compare_medians(a_ms, b_ms)
+        except Exception as exc:
+            entry.update(status=Status.FAILED, reason=f"batch {batch_size}: {error_reason(exc)}")
+            return
+        comparison.update(a_warmup_iters=warmups[0], b_warmup_iters=warmups[1])
+        entry["batches"][str(batch_size)] = comparison
+    if not entry["batches"]:
+        reason = "; ".join(entry["skipped_batches"].values()) or "no batch sizes"
+        entry.update(status=Status.SKIPPED, reason=reason)
+
+
+def comparison_text(entry: Mapping[str, Any], batch: str) -> str:
+    """One line: "A vs B batch N: A is 1.52x faster (time ratio 0.66, 95% CI 0.64-0.68), 400 pairs"."""
+    c = entry["batches"][batch]
+    low, high = c["time_ratio_ci"]
+    interval = f"time ratio A/B {c['time_ratio']:.3f}, 95% CI {low:.3f}-{high:.3f}, {c['pairs']} pairs"
+    if c["verdict"] == "no difference":
+        claim = "no difference"
+    else:
+        claim = f"{entry['a']} is {max(c['time_ratio'], 1 / c['time_ratio']):.2f}x {c['verdict']}"
+    return f"{entry['a']} vs {entry['b']} batch {batch}: {claim} ({interval})"

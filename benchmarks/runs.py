@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 
 from benchmarks.environment import collect_environment
-from benchmarks.latency import DEFAULT_BATCH_SIZES, DEFAULT_WARMUP, benchmark_runners
+from benchmarks.latency import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_WARMUP,
+    benchmark_runners,
+    compare_targets,
+)
 from benchmarks.measured import SOURCE_FOLDER, SOURCE_RUN_SPLIT, manifest_student_sha256
 from benchmarks.report import save_result, write_report
 from benchmarks.targets import Target, artifact_formats
@@ -300,12 +305,28 @@ def bench_run(
     iters: int | None = None,
     seconds: float | None = None,
     cuda_graphs: bool = True,
+    compare: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Time every format of a run and save RUN/report/bench.json; return its content."""
+    """Time every format of a run and save RUN/report/bench.json; return its content.
+
+    compare: two format keys (A, B): time only those two, interleaved, and record the ratio of
+    their medians under "comparisons" ("A,B"), beside the formats benched earlier
+    (benchmarks.latency.compare_targets); A = B opens the file twice (an A/A check). A key the run
+    does not have is a UsageError.
+    """
     _apply_threads(threads)
-    targets = run_targets(run_dir, device=device, threads=threads, backends=backends)
+    if compare is not None:
+        targets = {t.key: t for t in run_targets(run_dir, device=device, threads=threads)}
+        missing = [key for key in compare if key not in targets]
+        if missing:
+            raise UsageError(
+                f"--compare: {', '.join(missing)} is not a format of {run_dir}; it has {', '.join(targets)}"
+            )
+        picked: list[Target] = []
+    else:
+        picked = run_targets(run_dir, device=device, threads=threads, backends=backends)
     result = benchmark_runners(
-        targets,
+        picked,
         batch_sizes=batch_sizes,
         warmup=warmup,
         iters=iters,
@@ -315,6 +336,18 @@ def bench_run(
         student_sha256=manifest_student_sha256(read_manifest(run_dir)),
     )
     result["settings"]["device"] = device
+    if compare is not None:
+        key_a, key_b = compare
+        result["comparisons"] = {
+            f"{key_a},{key_b}": compare_targets(
+                targets[key_a],
+                targets[key_b],
+                result["settings"]["batch_sizes"],
+                warmup=warmup,
+                iters=iters,
+                seconds=seconds,
+            )
+        }
     return _saved(run_dir, run_layout.BENCH_FILE, result)
 
 

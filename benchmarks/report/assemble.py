@@ -365,7 +365,11 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
         else {"status": Status.NOT_MEASURED, "reason": validate_missing}
     )
     report["bench"] = (
-        {"settings": bench.get("settings", {}), "source_text": source_text(bench)}
+        {
+            "settings": bench.get("settings", {}),
+            "source_text": source_text(bench),
+            "comparisons": bench.get("comparisons") or {},
+        }
         if bench is not None
         else {"status": Status.NOT_MEASURED, "reason": bench_missing}
     )

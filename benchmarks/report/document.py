@@ -17,6 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from benchmarks.report.assemble import format_entries
+from benchmarks.stability import (
+    MAX_WARMUP_ITERS,
+    MAX_WARMUP_SECONDS,
+    MIN_JUDGED_ITERS,
+    NOISY_ADVICE,
+    NOISY_CV,
+    NOISY_TAIL_RATIO,
+    STEADY_TOLERANCE,
+    STEADY_WINDOW,
+)
 from deploy.status import Status
 
 TITLE = "reviewkd report"
@@ -304,15 +314,83 @@ def _machine(entry: Mapping[str, Any]) -> str:
     return str((entry.get("bench") or {}).get("machine") or "-")
 
 
+def _with_interval(stats: Mapping[str, Any], name: str) -> str:
+    """A percentile with its bootstrap 95% interval, "1.234 [1.200-1.250]"; bare when not recorded."""
+    value = number_text(stats.get(f"{name}_ms"), 3)
+    interval = stats.get(f"{name}_ci_ms")
+    if not interval:
+        return value
+    return f"{value} [{number_text(interval[0], 3)}-{number_text(interval[1], 3)}]"
+
+
 def _latency_table(report: Mapping[str, Any]) -> Table:
-    header = ("format", "machine", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s")
+    header = (
+        "format",
+        "machine",
+        "batch",
+        "warm-up",
+        "n",
+        "p50 ms [95% CI]",
+        "p90 ms [95% CI]",
+        "p99 ms [95% CI]",
+        "mean ms",
+        "std ms",
+        "CV",
+        "images/s",
+        "verdict",
+    )
     rows = []
     for key, entry in format_entries(report).items():
         for batch in sorted(entry.get("latency", {}), key=int):
             stats = entry["latency"][batch]
-            timings = (number_text(stats[f], 3) for f in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms"))
-            rows.append((key, _machine(entry), batch, *timings, number_text(stats["throughput_ips"], 1)))
-    return Table(header, tuple(rows), ("left", "left", *(RIGHT for _ in header[2:])))
+            percentiles = (_with_interval(stats, name) for name in ("p50", "p90", "p99"))
+            rows.append(
+                (
+                    key,
+                    _machine(entry),
+                    batch,
+                    str(stats.get("warmup_iters", "-")),
+                    str(stats.get("iters", "-")),
+                    *percentiles,
+                    number_text(stats.get("mean_ms"), 3),
+                    number_text(stats.get("std_ms"), 3),
+                    number_text(stats.get("cv"), 3),
+                    number_text(stats.get("throughput_ips"), 1),
+                    str(stats.get("verdict", "-")),
+                )
+            )
+    return Table(header, tuple(rows), ("left", "left", *(RIGHT for _ in header[2:-1]), "left"))
+
+
+def _latency_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
+    """Why each noisy measurement is noisy, then each interleaved comparison's ratio and verdict."""
+    notes = []
+    for key, entry in format_entries(report).items():
+        for batch in sorted(entry.get("latency", {}), key=int):
+            why = entry["latency"][batch].get("noisy_because")
+            if why:
+                notes.append(f"{key} batch {batch} is noisy: {why}")
+    for pair in (report.get("bench") or {}).get("comparisons", {}).values():
+        for batch, c in pair.get("batches", {}).items():
+            low, high = c["time_ratio_ci"]
+            notes.append(
+                f"{pair['a']} vs {pair['b']}, batch {batch}, interleaved: {c['verdict']}, time ratio"
+                f" {number_text(c['time_ratio'], 3)} (95% CI {number_text(low, 3)}-{number_text(high, 3)},"
+                f" {c['pairs']} pairs)"
+            )
+        if pair.get("status") != Status.OK:
+            notes.append(f"{pair['a']} vs {pair['b']}: {pair['status']}: {pair.get('reason')}")
+    return tuple(notes)
+
+
+# How the table's verdict is reached, said above it.
+LATENCY_RULE = (
+    f"Warm-up ends at a steady state (two windows of {STEADY_WINDOW} calls whose medians agree within"
+    f" {STEADY_TOLERANCE:.0%}, at most {MAX_WARMUP_ITERS} calls or {MAX_WARMUP_SECONDS:g} s). Intervals are"
+    f" bootstrap 95% intervals. A measurement is noisy when its CV exceeds {NOISY_CV:g}, p99/p50 exceeds"
+    f" {NOISY_TAIL_RATIO:g}, it has fewer than {MIN_JUDGED_ITERS} timed calls or its warm-up found no"
+    f" steady state: {NOISY_ADVICE}."
+)
 
 
 def _environment_lines(report: Mapping[str, Any]) -> tuple[str, ...]:
@@ -397,7 +475,11 @@ def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> Rep
         final_table=final_table(report),
         format_notes=_format_notes(report),
         accuracy=_accuracy_section(report),
-        latency=Section("Latency", note=latency_note, table=None if latency_note else latency),
+        latency=(
+            Section("Latency", note=latency_note)
+            if latency_note
+            else Section("Latency", note=LATENCY_RULE, table=latency, bullets=_latency_notes(report))
+        ),
         plots=Section("Plots", note=_plots_note(report, general), plots=general),
         environment=Section("Environment", bullets=_environment_lines(report)),
         layerwise=_layerwise_section(report, plots),

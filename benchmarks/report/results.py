@@ -23,6 +23,11 @@ VALIDATE_FILE = run_layout.VALIDATE_FILE
 BENCH_FILE = run_layout.BENCH_FILE
 METRICS_FILE = run_layout.METRICS
 STAGE_SCHEMA_VERSIONS = {VALIDATE_FILE: VALIDATE_SCHEMA_VERSION, BENCH_FILE: BENCH_SCHEMA_VERSION}
+# What a stage file of the current schema has that older ones lack, said when an older one is refused.
+_SCHEMA_NEWS = {
+    VALIDATE_FILE: "results that record which images, reference and student they measured",
+    BENCH_FILE: "measurements with a steady-state warm-up, percentile intervals and a stable/noisy verdict",
+}
 
 PathLike = str | os.PathLike[str]
 
@@ -57,17 +62,16 @@ def outdated_reason(result: Mapping[str, Any], name: str) -> str | None:
     """Why a stage file cannot be read as this version writes it, or None when it can.
 
     Files of an older schema did not record what they measured (the images, the reference, the
-    student), so their numbers cannot be matched with anything: the stage measures them again
-    (the report says so, validate and bench replace the file).
+    student), so their numbers cannot be matched with anything, and bench files before version 3
+    have no stability verdicts: the stage measures them again (the report says so, validate and
+    bench replace the file).
     """
     version = result.get("schema_version")
     current = STAGE_SCHEMA_VERSIONS[name]
     if version == current:
         return None
-    return (
-        f"{REPORT_DIR}/{name} has schema version {version}, this reviewkd reads {current}"
-        " (results that record which images, reference and student they measured)"
-    )
+    news = _SCHEMA_NEWS[name]
+    return f"{REPORT_DIR}/{name} has schema version {version}, this reviewkd reads {current} ({news})"
 
 
 # What a save says about its merge; an earlier measurement kept beside the new one sheds its own.
@@ -107,6 +111,7 @@ def merge_results(previous: Mapping[str, Any] | None, new: Mapping[str, Any], na
     merged.pop("other_measurements", None)
     kept: list[str] = []
     others: list[dict[str, Any]] = []
+    same_kind: list[dict[str, Any]] = []
     discarded: list[str] = []
     outdated = None if previous is None else outdated_reason(previous, name)
     if outdated is not None:
@@ -115,6 +120,7 @@ def merge_results(previous: Mapping[str, Any] | None, new: Mapping[str, Any], na
         key, student = measurement_key(new), student_of(new)
         for earlier in measurements(previous):
             if measurement_key(earlier) == key:
+                same_kind.append(earlier)
                 kept += [k for k in _merge_entries(merged, earlier) if k not in kept]
             elif student is not None and student_of(earlier) not in (None, student):
                 discarded.append(
@@ -123,6 +129,12 @@ def merge_results(previous: Mapping[str, Any] | None, new: Mapping[str, Any], na
                 )
             else:
                 others.append({k: v for k, v in earlier.items() if k not in _MERGE_NOTES})
+    if "comparisons" in merged or any("comparisons" in m for m in same_kind):
+        # A comparison measured now replaces the same pair's earlier one; the others stay.
+        comparisons: dict[str, Any] = {}
+        for earlier in same_kind:
+            comparisons.update(earlier.get("comparisons") or {})
+        merged["comparisons"] = {**comparisons, **(new.get("comparisons") or {})}
     merged["kept_from_earlier"] = kept
     merged["discarded"] = discarded
     merged["other_measurements"] = others
@@ -179,7 +191,13 @@ def load_result(run_dir: PathLike, name: str) -> dict[str, Any] | None:
 # The parts of a validate or bench result the report reads, and the JSON types they must have;
 # `None` in a tuple: the key may hold null. Keys not listed are free; a listed key may be missing.
 _Number = int | float
-_RESULT_TYPES: dict[str, Any] = {"settings": dict, "environment": dict, "reference": str, "gates": dict}
+_RESULT_TYPES: dict[str, Any] = {
+    "settings": dict,
+    "environment": dict,
+    "reference": str,
+    "gates": dict,
+    "comparisons": dict,
+}
 _ENTRY_TYPES: dict[str, Any] = {
     "status": str,
     "reason": str | None,
@@ -202,6 +220,17 @@ _ACCURACY_TYPES: dict[str, Any] = {
     "top1_drop_ci": list | None,
 }
 _PARITY_TYPES: dict[str, Any] = {"max_abs_diff": _Number, "mean_abs_diff": _Number, "top1_agreement": _Number}
+_LATENCY_TYPES: dict[str, Any] = {
+    **{name: _Number for name in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms")},
+    **{f"p{q}_ci_ms": list for q in (50, 90, 99)},
+    "iters": int,
+    "warmup_iters": int,
+    "warmup_steady": bool | None,
+    "cv": _Number | None,
+    "throughput_ips": _Number | None,
+    "verdict": str,
+    "noisy_because": str | None,
+}
 
 
 def _check_types(where: str, block: Mapping[str, Any], types: Mapping[str, Any]) -> None:
@@ -211,7 +240,8 @@ def _check_types(where: str, block: Mapping[str, Any], types: Mapping[str, Any])
             continue
         value = block[key]
         allowed = typing.get_args(expected) or (expected,)
-        is_bool = isinstance(value, bool)  # JSON true is no number: bool is an int subclass
+        # JSON true is no number: bool is an int subclass, accepted only where bool is listed.
+        is_bool = isinstance(value, bool) and bool not in allowed
         if is_bool or not isinstance(value, tuple(type(None) if t is None else t for t in allowed)):
             names = " or ".join("null" if t in (None, type(None)) else t.__name__ for t in allowed)
             raise TypeError(f"{where}{key}: expected {names}, got {type(value).__name__}")
@@ -221,9 +251,50 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+_COMPARISON_TYPES: dict[str, Any] = {
+    "a": str,
+    "b": str,
+    "status": str,
+    "reason": str | None,
+    "batches": dict,
+    "skipped_batches": dict,
+}
+_PAIRED_TYPES: dict[str, Any] = {
+    "pairs": int,
+    "time_ratio": _Number,
+    "time_ratio_ci": list,
+    "verdict": str,
+    "a_p50_ms": _Number,
+    "b_p50_ms": _Number,
+}
+
+
+def _check_comparison(where: str, comparison: object) -> None:
+    """TypeError naming the first key of a `bench --compare` entry with a value of the wrong type."""
+    if not isinstance(comparison, dict):
+        raise TypeError(f"{where}: expected an object, got {type(comparison).__name__}")
+    _check_types(f"{where}.", comparison, _COMPARISON_TYPES)
+    for key in ("a", "b", "status", "batches"):
+        if key not in comparison:
+            raise TypeError(f"{where}: no {key!r}")
+    for batch, paired in comparison["batches"].items():
+        inner = f"{where}.batches[{batch!r}]"
+        if not isinstance(paired, dict):
+            raise TypeError(f"{inner}: expected an object, got {type(paired).__name__}")
+        _check_types(f"{inner}.", paired, _PAIRED_TYPES)
+        missing = [key for key in _PAIRED_TYPES if key not in paired]
+        if missing:
+            raise TypeError(f"{inner}: no {missing[0]!r}")
+        interval = paired["time_ratio_ci"]
+        if len(interval) != 2 or not all(_is_number(v) for v in interval):
+            raise TypeError(f"{inner}.time_ratio_ci: expected two numbers")
+
+
 def _check_result(data: Mapping[str, Any]) -> None:
     """TypeError naming the key where a result file has a value of the wrong JSON type."""
     _check_types("", data, _RESULT_TYPES)
+    for pair, comparison in (data.get("comparisons") or {}).items():
+        _check_comparison(f"comparisons[{pair!r}]", comparison)
     for key, entry in data["results"].items():
         where = f"results[{key!r}]"
         if not isinstance(entry, dict):
@@ -241,8 +312,13 @@ def _check_result(data: Mapping[str, Any]) -> None:
             if not isinstance(gate, dict):
                 raise TypeError(f"{where}.gates[{index}]: expected an object, got {type(gate).__name__}")
         for batch, stats in entry.get("latency", {}).items():
-            if not isinstance(stats, dict) or not all(_is_number(v) for v in stats.values()):
-                raise TypeError(f"{where}.latency[{batch!r}]: expected an object of numbers")
+            if not isinstance(stats, dict):
+                raise TypeError(f"{where}.latency[{batch!r}]: expected an object, got {type(stats).__name__}")
+            _check_types(f"{where}.latency[{batch!r}].", stats, _LATENCY_TYPES)
+            for q in (50, 90, 99):
+                interval = stats.get(f"p{q}_ci_ms")
+                if interval is not None and (len(interval) != 2 or not all(_is_number(v) for v in interval)):
+                    raise TypeError(f"{where}.latency[{batch!r}].p{q}_ci_ms: expected two numbers")
 
 
 def read_metrics(run_dir: PathLike) -> list[dict[str, Any]]:

@@ -491,8 +491,8 @@ def timing() -> dict[str, Any]:
             images = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
             row: dict[str, Any] = {}
             for timer in (CudaEventTimer(), PerfCounterTimer()):
-                samples = time_runner(runner, images, warmup=20, iters=200, timer=timer)
-                stats = latency_stats(samples, batch)
+                timings = time_runner(runner, images, warmup=20, iters=200, timer=timer)
+                stats = latency_stats(timings.samples_ms, batch)
                 row[timer.name] = {key: stats[key] for key in ("p50_ms", "mean_ms", "p99_ms")}
             row["mean_ratio_event_over_perf_counter"] = (
                 row[CudaEventTimer.name]["mean_ms"] / row["perf_counter"]["mean_ms"]

@@ -23,6 +23,7 @@ from benchmarks.latency import (
     parse_batch_sizes,
     time_runner,
 )
+from benchmarks.stability import MAX_WARMUP_ITERS
 from benchmarks.targets import Target
 from deploy.errors import UsageError
 from deploy.runners.base import Runner
@@ -95,27 +96,52 @@ def test_latency_stats_edge_cases() -> None:
         latency_stats([1.0], batch_size=0)
 
 
-def test_time_runner_measures_each_call_after_the_warmup() -> None:
+def test_time_runner_warms_up_to_a_steady_state_then_measures_each_call() -> None:
     clock = FakeClock()
-    # The two warm-up calls take 100 ms each; the measured calls take 1, 2, 3, 4 ms.
-    runner = TimedRunner(clock, [100.0, 100.0, 1.0, 2.0, 3.0, 4.0])
-    samples = time_runner(runner, _images(), warmup=2, iters=4, timer=PerfCounterTimer(clock))
-    assert samples == pytest.approx([1.0, 2.0, 3.0, 4.0])
-    assert runner.calls == [2] * 6
-    # One synchronize after the warm-up, then one before and one after each timed call.
-    assert runner.syncs == 1 + 2 * 4
+    # Warm-up calls slow down from 100 ms to a steady 10 ms; the measured calls take 1, 2, 3, 4 ms.
+    # Steady at call 21: calls 12-21 (all 10 ms) and calls 2-11 (80, 60, 40, 20 and six 10s) both
+    # have a median of 10 ms.
+    runner = TimedRunner(clock, [100.0, 80.0, 60.0, 40.0, 20.0, *[10.0] * 16, 1.0, 2.0, 3.0, 4.0])
+    timings = time_runner(runner, _images(), warmup=2, iters=4, timer=PerfCounterTimer(clock))
+    assert timings.samples_ms == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    assert (timings.warmup_iters, timings.warmup_steady) == (21, True)
+    assert runner.calls == [2] * 25
+    # Warm-up calls are timed too (to see the steady state): two synchronize calls each, one after
+    # the warm-up, then two around each measured call.
+    assert runner.syncs == 2 * 21 + 1 + 2 * 4
+
+
+def test_the_warmup_takes_at_least_the_calls_asked_for() -> None:
+    clock = FakeClock()
+    runner = TimedRunner(clock, [5.0])
+    timings = time_runner(runner, _images(), warmup=30, iters=1, timer=PerfCounterTimer(clock))
+    assert (timings.warmup_iters, timings.warmup_steady) == (30, True)
+    unwarmed = time_runner(runner, _images(), warmup=0, iters=1, timer=PerfCounterTimer(clock))
+    assert (unwarmed.warmup_iters, unwarmed.warmup_steady) == (0, None)
+
+
+def test_a_warmup_that_never_settles_stops_at_its_cap() -> None:
+    clock = FakeClock()
+    # Ever slower calls: no two windows agree, so the warm-up stops at MAX_WARMUP_ITERS calls.
+    growing = TimedRunner(clock, [0.01 * 1.02**k for k in range(MAX_WARMUP_ITERS)] + [1.0] * 40)
+    timings = time_runner(growing, _images(), warmup=1, iters=40, timer=PerfCounterTimer(clock))
+    assert (timings.warmup_iters, timings.warmup_steady) == (MAX_WARMUP_ITERS, False)
+    # Calls of 3 s and 1 s in turn pass the MAX_WARMUP_SECONDS cap (10 s) at the fifth call (11 s).
+    slow = TimedRunner(clock, [3000.0, 1000.0])
+    timings = time_runner(slow, _images(), warmup=1, iters=1, timer=PerfCounterTimer(clock))
+    assert (timings.warmup_iters, timings.warmup_steady) == (5, False)
+    stats = latency_stats([1.0] * 40, 1, warmup_steady=False)
+    assert stats["verdict"] == "noisy" and "no steady state" in stats["noisy_because"]
 
 
 def test_time_runner_with_a_time_budget() -> None:
     clock = FakeClock()
     runner = TimedRunner(clock, [300.0])
-    samples = time_runner(runner, _images(), warmup=0, seconds=5.0, timer=PerfCounterTimer(clock))
+    samples = time_runner(runner, _images(), warmup=0, seconds=5.0, timer=PerfCounterTimer(clock)).samples_ms
     assert len(samples) == 17  # the first count whose total (17 x 300 ms) reaches 5 s
     quick = TimedRunner(clock, [1.0])
-    assert (
-        len(time_runner(quick, _images(), warmup=0, seconds=0.001, timer=PerfCounterTimer(clock)))
-        == MIN_ITERS
-    )
+    timings = time_runner(quick, _images(), warmup=0, seconds=0.001, timer=PerfCounterTimer(clock))
+    assert len(timings.samples_ms) == MIN_ITERS
 
 
 @pytest.mark.parametrize(
@@ -175,7 +201,8 @@ def test_benchmark_runners_records_stats_skips_and_failures() -> None:
     assert ok["status"] == "ok" and ok["timer"] == "perf_counter" and ok["device"] == "cpu"
     assert ok["cuda_graphs"] == {"used": False, "reason": "CPU runner"}
     assert set(ok["latency"]) == {"1", "8"}
-    # Warm-up takes the first duration, then 4, 2, 4, 2 ms are measured.
+    # Alternating 2 and 4 ms: two windows of 10 calls agree at once (20 warm-up calls, even), then
+    # 2, 4, 2, 4 ms are measured.
     assert ok["latency"]["1"]["mean_ms"] == pytest.approx(3.0)
     assert ok["latency"]["8"]["throughput_ips"] == pytest.approx(8 * 1000 / 3.0)
     assert (ok["file"], ok["size_bytes"]) == ("a.onnx", 10)

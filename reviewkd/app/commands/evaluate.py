@@ -17,7 +17,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks.latency import DEFAULT_SECONDS, DEFAULT_WARMUP, parse_batch_sizes
+from benchmarks.latency import (
+    DEFAULT_SECONDS,
+    DEFAULT_WARMUP,
+    comparison_text,
+    parse_batch_sizes,
+    parse_compare,
+)
 from benchmarks.measured import source_text
 from benchmarks.report import format_final_table, report_dir
 from benchmarks.report.document import number_text
@@ -118,14 +124,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench = subparsers.add_parser(
         "bench",
         help="latency and throughput per format and batch size",
-        description="Time every format of a run after a warm-up: p50/p90/p99/mean/std latency and"
-        " images/s per batch size. CUDA events and CUDA graphs on a GPU where supported, a monotonic"
-        " clock on the CPU.",
+        description="Time every format of a run after a warm-up that ends at a steady state:"
+        " p50/p90/p99 (with bootstrap 95%% intervals), mean, std, CV and images/s per batch size,"
+        " each measurement marked stable or noisy. CUDA events and CUDA graphs on a GPU where"
+        " supported, a monotonic clock on the CPU. --compare A,B times two formats interleaved"
+        " and states the ratio of their medians with a 95%% interval.",
     )
     _add_common(bench)
     bench.add_argument("--batch-sizes", default="1,8,32", help="comma-separated (default 1,8,32)")
     bench.add_argument(
-        "--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed calls first (default {DEFAULT_WARMUP})"
+        "--warmup",
+        type=int,
+        default=DEFAULT_WARMUP,
+        help=f"the fewest untimed calls first; the warm-up goes on to a steady state (default"
+        f" {DEFAULT_WARMUP}; 0: none)",
     )
     length = bench.add_mutually_exclusive_group()
     length.add_argument("--iters", type=int, default=None, help="timed calls per batch size")
@@ -136,6 +148,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"timed seconds per batch size (default {DEFAULT_SECONDS:g})",
     )
     bench.add_argument("--no-cuda-graphs", action="store_true", help="never replay CUDA graphs")
+    bench.add_argument(
+        "--compare",
+        metavar="A,B",
+        default=None,
+        help="time only formats A and B, interleaved (ABAB...), at each batch size; print and record"
+        " the ratio of their medians with a 95%% interval and faster/slower/no difference",
+    )
     bench.set_defaults(handler=run_bench_command)
 
     report = subparsers.add_parser(
@@ -213,6 +232,12 @@ def run_validate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_interval(stats: Mapping[str, Any], name: str) -> str:
+    """"1.234 ms [1.200-1.250]": a percentile and its bootstrap 95% interval."""
+    low, high = stats[f"{name}_ci_ms"]
+    return f"{stats[f'{name}_ms']:.3f} ms [{low:.3f}-{high:.3f}]"
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     """Handler of `reviewkd bench`."""
     require_deployable_run(args.run, "bench")
@@ -226,15 +251,25 @@ def run_bench_command(args: argparse.Namespace) -> int:
         iters=args.iters,
         seconds=args.seconds,
         cuda_graphs=not args.no_cuda_graphs,
+        compare=None if args.compare is None else parse_compare(args.compare),
     )
     for key, entry in result["results"].items():
         if entry["status"] != "ok":
             print(f"{key:<24} {entry['status']}: {entry['reason']}")
         for batch, stats in entry["latency"].items():
             print(
-                f"{key:<24} batch {batch:>4}  p50 {stats['p50_ms']:.3f} ms  p90 {stats['p90_ms']:.3f} ms"
-                f"  p99 {stats['p99_ms']:.3f} ms  {number_text(stats['throughput_ips'], 1)} images/s"
+                f"{key:<24} batch {batch:>4}  p50 {_with_interval(stats, 'p50')}"
+                f"  p90 {_with_interval(stats, 'p90')}  p99 {_with_interval(stats, 'p99')}"
+                f"  CV {number_text(stats.get('cv'), 3)}  n {stats['iters']}  warm-up {stats['warmup_iters']}"
+                f"  {number_text(stats['throughput_ips'], 1)} images/s  {stats['verdict']}"
             )
+            if stats.get("noisy_because"):
+                print(f"{'':<24} noisy: {stats['noisy_because']}")
+    for entry in (result.get("comparisons") or {}).values():
+        if entry["status"] != "ok":
+            print(f"{entry['a']} vs {entry['b']}: {entry['status']}: {entry['reason']}")
+        for batch in entry["batches"]:
+            print(comparison_text(entry, batch))
     for line in _merge_lines(result):
         print(line)
     print(f"wrote {report_dir(args.run) / run_layout.BENCH_FILE}")
