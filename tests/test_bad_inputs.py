@@ -1304,7 +1304,35 @@ ROWS: tuple[Row, ...] = (
         "report: bench.json with a latency of strings",
         lambda t, r: _then(_result_file(r, "bench.json", latency={"1": {"p50_ms": "x"}}), ["report", str(r)]),
         2,
-        "bench.json: results['onnxruntime/fp32'].latency['1']: expected an object of numbers",
+        "bench.json: results['onnxruntime/fp32'].latency['1'].p50_ms: expected int or float, got str",
+    ),
+    Row(
+        "report: bench.json with a latency interval of one number",
+        lambda t, r: _then(
+            _result_file(r, "bench.json", latency={"1": {"p50_ms": 1.0, "p50_ci_ms": [1.0]}}),
+            ["report", str(r)],
+        ),
+        2,
+        "bench.json: results['onnxruntime/fp32'].latency['1'].p50_ci_ms: expected two numbers",
+    ),
+    Row(
+        "report: bench.json with a comparison whose ratio is a string",
+        lambda t, r: _then(
+            _write(
+                r / "report" / "bench.json",
+                json.dumps(
+                    {
+                        "results": {},
+                        "comparisons": {
+                            "a,b": {"a": "a", "b": "b", "status": "ok", "batches": {"1": {"time_ratio": "x"}}}
+                        },
+                    }
+                ),
+            ),
+            ["report", str(r)],
+        ),
+        2,
+        "bench.json: comparisons['a,b'].batches['1'].time_ratio: expected int or float, got str",
     ),
     Row(
         "export: --opset 999",

@@ -478,3 +478,71 @@ def test_latencies_from_another_machine_are_labelled_with_it(
     ) in table
     markdown = (run_dir / "report" / "report.md").read_text()
     assert re.search(r"^\| onnxruntime/fp32 +\| jetson: ARMv8", markdown, flags=re.MULTILINE)
+
+
+def test_the_latency_table_shows_intervals_verdicts_and_comparisons(measured_run: Path) -> None:
+    path = measured_run / "report" / BENCH_FILE
+    data = json.loads(path.read_text())
+    # Three calls on a clock that ticks 1.5 ms each: too few to judge, so noisy, with the advice.
+    stats = data["results"]["onnxruntime/fp32"]["latency"]["1"]
+    assert stats["verdict"] == "noisy" and stats["noisy_because"].startswith("only 3 timed calls")
+    data["comparisons"] = {
+        "onnxruntime/fp32,torch/fp32": {
+            "a": "onnxruntime/fp32",
+            "b": "torch/fp32",
+            "status": "ok",
+            "reason": None,
+            "batches": {
+                "1": {
+                    "pairs": 400,
+                    "a_p50_ms": 1.0,
+                    "b_p50_ms": 2.0,
+                    "time_ratio": 0.5,
+                    "time_ratio_ci": [0.48, 0.52],
+                    "verdict": "faster",
+                }
+            },
+            "skipped_batches": {},
+        }
+    }
+    path.write_text(json.dumps(data))
+    write_report(measured_run)
+    markdown = (measured_run / "report" / "report.md").read_text()
+    assert "p50 ms [95% CI]" in markdown and "1.500 [1.500-1.500]" in markdown
+    assert "| noisy" in markdown and "A measurement is noisy when its CV exceeds 0.1" in markdown
+    assert "onnxruntime/fp32 batch 1 is noisy: only 3 timed calls (< 30): lock clocks" in markdown
+    assert (
+        "onnxruntime/fp32 vs torch/fp32, batch 1, interleaved: faster, time ratio 0.500"
+        " (95% CI 0.480-0.520, 400 pairs)" in markdown
+    )
+
+
+def test_a_bench_result_of_schema_2_is_measured_again_with_the_reason(measured_run: Path) -> None:
+    path = measured_run / "report" / BENCH_FILE
+    data = json.loads(path.read_text())
+    data["schema_version"] = 2  # as reviewkd wrote it before stability verdicts
+    for entry in data["results"].values():
+        for stats in entry["latency"].values():
+            for key in ("p50_ci_ms", "p90_ci_ms", "p99_ci_ms", "cv", "verdict", "noisy_because"):
+                del stats[key]
+    path.write_text(json.dumps(data))
+    entry = build_report(measured_run)["onnxruntime/fp32"]
+    assert entry["latency"] == {} and entry["bench"]["status"] == "not measured"
+    assert entry["bench"]["reason"] == (
+        "not measured: report/bench.json has schema version 2, this reviewkd reads 3 (measurements with a"
+        " steady-state warm-up, percentile intervals and a stable/noisy verdict); run reviewkd bench again"
+    )
+
+
+def test_a_comparison_stays_beside_later_benches_of_the_same_kind(measured_run: Path) -> None:
+    path = measured_run / "report" / BENCH_FILE
+    data = json.loads(path.read_text())
+    earlier = {"a": "x/fp32", "b": "y/int8", "status": "skipped", "reason": "no runtime", "batches": {}}
+    data["comparisons"] = {"x/fp32,y/int8": earlier}
+    path.write_text(json.dumps(data))
+    again = {k: v for k, v in data.items() if k != "comparisons"}
+    merged = save_result(measured_run, BENCH_FILE, again)
+    assert merged["comparisons"] == {"x/fp32,y/int8": earlier}
+    replaced = {**earlier, "reason": "still no runtime"}
+    merged = save_result(measured_run, BENCH_FILE, {**again, "comparisons": {"x/fp32,y/int8": replaced}})
+    assert merged["comparisons"] == {"x/fp32,y/int8": replaced}

@@ -8,6 +8,7 @@ the option or the file; a gate that fails on good files is exit 1.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,62 @@ def test_a_missing_tampered_or_malformed_file_is_exit_2_not_a_failed_gate(
     result = json.loads((run / "report/validate.json").read_text(encoding="utf-8"))
     assert result["results"]["onnxruntime/fp32"]["status"] == "ok"
     assert result["bad_files"] and result["bad_files"][0].startswith("onnxruntime/fp16:")
+
+
+def test_bench_prints_each_measurements_intervals_and_verdict(
+    run_and_data: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = run_and_data
+    argv = ["bench", str(run), "--backends", "onnxruntime/fp32", "--batch-sizes", "1", "--iters", "5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    line = next(text for text in out.splitlines() if text.startswith("onnxruntime/fp32"))
+    assert re.search(r"p50 [0-9.]+ ms \[[0-9.]+-[0-9.]+\]", line) and "n 5" in line and "warm-up " in line
+    assert line.endswith("noisy") and "noisy: only 5 timed calls (< 30)" in out
+    assert "lock clocks, stop other load, or give more time" in out
+    saved = json.loads((run / "report" / "bench.json").read_text())
+    stats = saved["results"]["onnxruntime/fp32"]["latency"]["1"]
+    assert stats["verdict"] == "noisy" and stats["warmup_iters"] >= 20 and len(stats["p99_ci_ms"]) == 2
+
+
+def test_bench_compare_times_two_formats_interleaved_and_records_the_ratio(
+    run_and_data: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = run_and_data
+    fp16 = ["--backends", "onnxruntime/fp16", "--batch-sizes", "1", "--iters", "3"]
+    assert main(["bench", str(run), *fp16]) == 0
+    pair = "onnxruntime/fp32,onnxruntime/fp16"
+    argv = ["bench", str(run), "--compare", pair, "--batch-sizes", "1,2", "--iters", "40", "--warmup", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for batch in ("1", "2"):
+        assert re.search(
+            rf"onnxruntime/fp32 vs onnxruntime/fp16 batch {batch}: .*\(time ratio A/B [0-9.]+, 95% CI"
+            r" [0-9.]+-[0-9.]+, 40 pairs\)",
+            out,
+        ), out
+    saved = json.loads((run / "report" / "bench.json").read_text())
+    comparison = saved["comparisons"][pair]
+    assert comparison["status"] == "ok" and set(comparison["batches"]) == {"1", "2"}
+    paired = comparison["batches"]["1"]
+    low, high = paired["time_ratio_ci"]
+    assert low <= paired["time_ratio"] <= high
+    assert paired["verdict"] in ("faster", "slower", "no difference")
+    assert "onnxruntime/fp16" in saved["results"]  # the earlier bench stays beside the comparison
+
+
+@pytest.mark.parametrize(
+    ("compare", "fragment"),
+    [
+        ("onnxruntime/fp32", "--compare 'onnxruntime/fp32': expected two format keys A,B"),
+        ("onnxruntime/fp32,tensorrt/int8", "--compare: tensorrt/int8 is not a format of"),
+    ],
+)
+def test_a_bad_compare_is_exit_2(
+    run_and_data: tuple[Path, Path], compare: str, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = run_and_data
+    assert main(["bench", str(run), "--compare", compare, "--iters", "2"]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1, err
+    assert not (run / "report" / "bench.json").exists()
