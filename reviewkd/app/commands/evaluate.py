@@ -152,8 +152,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--compare",
         metavar="A,B",
         default=None,
-        help="time only formats A and B, interleaved (ABAB...), at each batch size; print and record"
-        " the ratio of their medians with a 95%% interval and faster/slower/no difference",
+        help="time only formats A and B, interleaved in pairs (A B, B A, ...), at each batch size"
+        " (--iters counts pairs, --seconds is both together); print and record the ratio of their"
+        " medians with a 95%% interval and faster, slower or no difference (within 2%%)",
     )
     bench.set_defaults(handler=run_bench_command)
 
