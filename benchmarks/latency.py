@@ -376,7 +376,8 @@ def benchmark_runners(
     Returns the content of bench.json: {"schema_version", "settings", "environment",
     "results": {key: {"status", "reason", backend, precision, file, size_bytes, "device",
     "timer", "cuda_graphs": {"used", "reason"}, "latency": {"<batch>": stats},
-    "skipped_batches": {"<batch>": reason}, "machine"}}, "measured"}, stats as `latency_stats` returns them.
+    "skipped_batches": {"<batch>": reason}, "machine"}}, "measured"}, stats as `latency_stats` returns them
+    plus "warmup_iters" and "warmup_steady" (see `warm_up`).
     """
     check_unique(targets)
     check_settings(warmup, iters, seconds)

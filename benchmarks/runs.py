@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.environment import collect_environment
+from benchmarks.environment import collect_environment, machine_text
 from benchmarks.latency import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_WARMUP,
@@ -315,6 +315,8 @@ def bench_run(
     does not have is a UsageError.
     """
     _apply_threads(threads)
+    if compare is not None and backends is not None:
+        raise UsageError("give either --compare or --backends, not both (--compare names its two formats)")
     if compare is not None:
         targets = {t.key: t for t in run_targets(run_dir, device=device, threads=threads)}
         missing = [key for key in compare if key not in targets]
@@ -348,6 +350,9 @@ def bench_run(
                 seconds=seconds,
             )
         }
+        for comparison in result["comparisons"].values():
+            # Named like each format's entry, so that comparisons from two machines stay told apart.
+            comparison["machine"] = machine_text(result["environment"])
     return _saved(run_dir, run_layout.BENCH_FILE, result)
 
 

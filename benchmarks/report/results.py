@@ -129,6 +129,11 @@ def merge_results(previous: Mapping[str, Any] | None, new: Mapping[str, Any], na
                 )
             else:
                 others.append({k: v for k, v in earlier.items() if k not in _MERGE_NOTES})
+    if not new["results"] and same_kind:
+        # A result that timed no format (bench --compare) keeps the settings and machine of the
+        # formats it keeps; each comparison records its own.
+        merged["settings"] = same_kind[-1].get("settings", merged.get("settings"))
+        merged["environment"] = same_kind[-1].get("environment", merged.get("environment"))
     if "comparisons" in merged or any("comparisons" in m for m in same_kind):
         # A comparison measured now replaces the same pair's earlier one; the others stay.
         comparisons: dict[str, Any] = {}

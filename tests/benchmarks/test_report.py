@@ -543,6 +543,10 @@ def test_a_comparison_stays_beside_later_benches_of_the_same_kind(measured_run: 
     again = {k: v for k, v in data.items() if k != "comparisons"}
     merged = save_result(measured_run, BENCH_FILE, again)
     assert merged["comparisons"] == {"x/fp32,y/int8": earlier}
+    # A comparison alone (no format timed) keeps the settings of the formats benched before it.
+    compare_only = {**again, "results": {}, "settings": {"seconds": 9.0}, "comparisons": {}}
+    merged = save_result(measured_run, BENCH_FILE, compare_only)
+    assert merged["settings"] == data["settings"] and "onnxruntime/fp32" in merged["results"]
     replaced = {**earlier, "reason": "still no runtime"}
     merged = save_result(measured_run, BENCH_FILE, {**again, "comparisons": {"x/fp32,y/int8": replaced}})
     assert merged["comparisons"] == {"x/fp32,y/int8": replaced}

@@ -147,6 +147,7 @@ def test_bench_compare_times_two_formats_interleaved_and_records_the_ratio(
     assert low <= paired["time_ratio"] <= high
     assert paired["verdict"] in ("faster", "slower", "no difference")
     assert "onnxruntime/fp16" in saved["results"]  # the earlier bench stays beside the comparison
+    assert comparison["machine"] == saved["results"]["onnxruntime/fp16"]["machine"]
 
 
 @pytest.mark.parametrize(
@@ -164,3 +165,12 @@ def test_a_bad_compare_is_exit_2(
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1, err
     assert not (run / "report" / "bench.json").exists()
+
+
+def test_compare_with_backends_is_exit_2(
+    run_and_data: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = run_and_data
+    argv = ["bench", str(run), "--compare", "onnxruntime/fp32,onnxruntime/fp16", "--backends", "onnxruntime"]
+    assert main(argv) == 2
+    assert "give either --compare or --backends, not both" in capsys.readouterr().err
