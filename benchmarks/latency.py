@@ -16,8 +16,8 @@ Whether graphs were used, and why not, is recorded per format.
 Warm-up and stability (benchmarks.stability): the warm-up takes at least `warmup` calls, then goes on
 until the timings reach a steady state (two windows of calls with medians within 10%), capped;
 `--warmup 0` skips it. Each measurement records its warm-up calls, bootstrap intervals on its
-percentiles and a `stable`/`noisy` verdict. `compare_targets` times two formats interleaved
-(ABAB...) and states the ratio of their medians with an interval.
+percentiles and a `stable`/`noisy` verdict. `compare_targets` times two formats interleaved in
+counterbalanced pairs (A B, B A, ...) and states the ratio of their medians with an interval.
 """
 
 from __future__ import annotations
@@ -222,6 +222,18 @@ def warm_up(measure: Callable[[], float], minimum: int) -> tuple[int, bool | Non
             return len(timings), False
 
 
+def _measurer(timer: Timer, runner: Runner, images: np.ndarray) -> Callable[[], float]:
+    """A function that times one call of `runner` on `images` and returns its milliseconds."""
+
+    def call() -> object:
+        return runner.infer(images)
+
+    def measure() -> float:
+        return timer.measure(call, runner.synchronize)
+
+    return measure
+
+
 def time_runner(
     runner: Runner,
     images: np.ndarray,
@@ -238,14 +250,7 @@ def time_runner(
     least MIN_ITERS samples) may be given; with neither, the budget is DEFAULT_SECONDS.
     """
     check_settings(warmup, iters, seconds)
-    clock = timer if timer is not None else choose_timer(runner)
-
-    def call() -> object:
-        return runner.infer(images)
-
-    def measure() -> float:
-        return clock.measure(call, runner.synchronize)
-
+    measure = _measurer(timer if timer is not None else choose_timer(runner), runner, images)
     warmup_iters, steady = warm_up(measure, warmup)
     runner.synchronize()
     samples: list[float] = []
@@ -434,23 +439,11 @@ def parse_compare(text: str) -> tuple[str, str]:
     return keys[0], keys[1]
 
 
-def _measurer(timer: Timer, runner: Runner, images: np.ndarray) -> Callable[[], float]:
-    """A function that times one call of `runner` on `images` and returns its milliseconds."""
-
-    def call() -> object:
-        return runner.infer(images)
-
-    def measure() -> float:
-        return timer.measure(call, runner.synchronize)
-
-    return measure
-
-
 def _interleaved(
     measures: tuple[Callable[[], float], Callable[[], float]], *, iters: int | None, seconds: float | None
 ) -> tuple[list[float], list[float]]:
-    """Time A, B, A, B, ...: `iters` pairs, or pairs until both together took `seconds` (at least
-    MIN_ITERS pairs)."""
+    """Time pairs A B, B A, A B, ...: `iters` pairs, or pairs until both together took `seconds` (at
+    least MIN_ITERS pairs). Returns A's and B's timings, paired by index."""
     series: tuple[list[float], list[float]] = ([], [])
     budget_ms = None if iters is not None else 1000.0 * (seconds if seconds is not None else DEFAULT_SECONDS)
     total = 0.0

@@ -2,7 +2,7 @@
 
 Pure statistics on per-call latencies (milliseconds), no runners: the steady-state rule that ends a
 warm-up, bootstrap intervals on percentiles, the `stable`/`noisy` verdict, and the ratio of medians
-of an interleaved (ABAB...) comparison with its verdict. Every bootstrap draws from a generator
+of an interleaved (A B, B A, ...) comparison with its verdict. Every bootstrap draws from a generator
 seeded with BOOTSTRAP_SEED, so the same samples always give the same intervals.
 """
 

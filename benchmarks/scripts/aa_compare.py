@@ -4,7 +4,7 @@
         [--seconds 0.2] [--batch-size 1] [--out benchmarks/results/aa_compare.json]
 
 An A/A check of the paired comparison (benchmarks.latency.compare_targets): each repetition opens
-the run's file twice, as two formats A and B, warms both up, times them interleaved (ABAB...) for
+the run's file twice, as two formats A and B, warms both up, times them interleaved (A B, B A, ...) for
 `--seconds` together and states the ratio of medians with its 95% interval. A repetition that says
 `faster` or `slower` is a false difference; the goal is at most 5% of them. It also counts the
 intervals that exclude a ratio of exactly 1, which the verdict ignores within
