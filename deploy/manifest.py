@@ -15,6 +15,8 @@ Layout (docs/METHOD.md section 5.1); every stage adds to it and rewrites it atom
     artifacts        {relative path: {"sha256", "size_bytes", "kind", ...}} where kind is one of
                      "weights", "onnx", "tensorrt", "sidecar", "report", "checkpoint"; ONNX and
                      TensorRT entries also carry "precision" ("fp32", "fp16", "int8", ...)
+    export           the latest export: its checks, failures, calibration and "timing"
+                     (ExportTiming: wall and CPU seconds of each stage per file)
 
 `read_manifest` checks this shape once, where the file is read, so no reader meets a KeyError
 later; `input_spec` is the one parser of the input block. The checks hold the manifest to what
@@ -63,6 +65,42 @@ class ArtifactEntry(TypedDict, total=False):
     size_bytes: Required[int]
     kind: Required[str]
     precision: str
+
+
+class StageTime(TypedDict):
+    """One timed stage of an export, as export.timing.StageTimer records it.
+
+    `file` is the run-relative file the stage worked for, or SHARED_STAGE_FILE for work every file
+    uses (the check images and their reference logits); `stage` names what ran ("export", "convert",
+    "calibrate minmax", "score minmax", "mixed-precision", "check", ...). `wall_s` is elapsed time
+    (time.perf_counter), `cpu_s` the CPU time of the whole process over that span, every thread
+    of it (time.process_time: ONNX Runtime's and torch's worker threads included, child processes
+    not), so `cpu_s` above `wall_s` means several cores worked.
+    """
+
+    file: str
+    stage: str
+    wall_s: float
+    cpu_s: float
+
+
+class ExportTiming(TypedDict):
+    """manifest["export"]["timing"]: where the time of the latest export went.
+
+    `stages` in the order they ran (no two overlap); `total_*` from the start of the export to the
+    moment the record was made (its end); `untimed_*` is the total less the stages' sum (loading the student,
+    hashing and recording files, writing the manifest), so that the table adds up.
+    """
+
+    stages: list[StageTime]
+    total_wall_s: float
+    total_cpu_s: float
+    untimed_wall_s: float
+    untimed_cpu_s: float
+
+
+# StageTime.file of a stage whose work every file shares.
+SHARED_STAGE_FILE = "(shared)"
 
 
 class Manifest(TypedDict, total=False):

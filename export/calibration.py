@@ -35,6 +35,7 @@ import numpy as np
 from deploy.errors import UsageError
 from export.check import run_onnx
 from export.precision import CALIBRATION_METHODS, Int8Quantizer
+from export.timing import StageClock, untimed
 
 AUTO = "auto"
 METHOD_CHOICES: tuple[str, ...] = (AUTO, *CALIBRATION_METHODS)
@@ -150,6 +151,8 @@ def quantize_calibrated(
     flavour: str,
     method: str = AUTO,
     max_top1_drop: float | None = None,
+    held_out_reference: np.ndarray | None = None,
+    clock: StageClock = untimed,
 ) -> dict[str, Any]:
     """Write the int8 `flavour` of `fp32_path` to `dst`, with `method` or, for "auto", the best one.
 
@@ -157,6 +160,13 @@ def quantize_calibrated(
     held-out training images is within it (export.mixed_precision). Returns the manifest's
     description of the file, with the candidates' scores under calibration.selection when the
     method was chosen and the search under mixed_precision.
+
+    `held_out_reference` is the fp32 file's logits on `data.held_out` (run_onnx), which every
+    candidate's score and the mixed-precision search compare against: an export of several int8
+    flavours computes it once and passes it to each; None computes it here, once for this file.
+    `clock` times the stages: "calibrate <method>" (statistics and ranges, and for "auto" writing
+    that candidate), "score <method>" (running a candidate on the held-out images), then
+    "mixed-precision" (the search and the final write) or "quantize" (the write without a budget).
     """
     from export.mixed_precision import fit_budget
 
@@ -167,24 +177,33 @@ def quantize_calibrated(
             "--calib-method auto and --max-top1-drop-int8 need held-out training images; none were left"
         )
     record = data.describe()
+    if held_out_reference is None and data.held_out:
+        with clock("fp32 reference"):
+            held_out_reference = run_onnx(fp32_path, data.held_out)
     with contextlib.ExitStack() as stack:
         if method == AUTO:
-            quantizer = _best_quantizer(stack, fp32_path, data, flavour, record)
+            assert held_out_reference is not None  # held-out images exist: checked above
+            quantizer = _best_quantizer(stack, fp32_path, data, flavour, record, held_out_reference, clock)
         else:
-            quantizer = stack.enter_context(
-                Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=method)
-            )
+            with clock(f"calibrate {method}"):
+                quantizer = stack.enter_context(
+                    Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=method)
+                )
+                quantizer.calibrate()
         if max_top1_drop is None:
-            return quantizer.write(dst, calibration_record=record)
-        description, _ = fit_budget(
-            quantizer,
-            fp32_path,
-            dst,
-            data.held_out,
-            data.held_out_labels,
-            budget=max_top1_drop,
-            calibration_record=record,
-        )
+            with clock("quantize"):
+                return quantizer.write(dst, calibration_record=record)
+        with clock("mixed-precision"):
+            description, _ = fit_budget(
+                quantizer,
+                fp32_path,
+                dst,
+                data.held_out,
+                data.held_out_labels,
+                budget=max_top1_drop,
+                calibration_record=record,
+                reference=held_out_reference,
+            )
         return description
 
 
@@ -204,20 +223,24 @@ def _best_quantizer(
     data: CalibrationData,
     flavour: str,
     record: dict[str, Any],
+    reference: np.ndarray,
+    clock: StageClock,
 ) -> Int8Quantizer:
-    """Quantize with every method, score each on the held-out images, record the scores in
-    `record`, and return the best method's quantizer (kept open on `stack`)."""
-    reference = run_onnx(fp32_path, data.held_out)
+    """Quantize with every method, score each against the fp32 `reference` logits of the held-out
+    images, record the scores in `record`, and return the best method's quantizer (kept open on
+    `stack`)."""
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reviewkd-calib-")))
     quantizers: dict[str, Int8Quantizer] = {}
     scores: list[MethodScore] = []
     for candidate in CALIBRATION_METHODS:
-        quantizer = stack.enter_context(
-            Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=candidate)
-        )
-        quantizers[candidate] = quantizer
-        quantizer.write(tmp / f"{candidate}.onnx")
-        scores.append(score(tmp / f"{candidate}.onnx", reference, data.held_out, candidate))
+        with clock(f"calibrate {candidate}"):
+            quantizer = stack.enter_context(
+                Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=candidate)
+            )
+            quantizers[candidate] = quantizer
+            quantizer.write(tmp / f"{candidate}.onnx")
+        with clock(f"score {candidate}"):
+            scores.append(score(tmp / f"{candidate}.onnx", reference, data.held_out, candidate))
     best = best_method(scores)
     record["selected_by"] = SELECTED_BY
     record["selection"] = {s.method: s.as_dict() for s in scores}

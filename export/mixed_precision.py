@@ -154,18 +154,22 @@ def fit_budget(
     *,
     budget: float = DEFAULT_MAX_TOP1_DROP,
     calibration_record: dict[str, Any] | None = None,
+    reference: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], MixedPrecision]:
     """Write `quantizer`'s int8 file to `dst` with the fewest float layers that meet `budget` points.
 
     `images` and `labels` are the held-out training images the drop is judged on. When no number
     of float layers meets the budget, the file with every ranked layer in float is written and
-    the result says `met=False`. Returns (the file's description, the search).
+    the result says `met=False`. `reference` is the fp32 file's logits on `images` where the
+    caller has them (export computes them once for every int8 flavour); None runs the fp32 file
+    here. Returns (the file's description, the search).
     """
     if budget < 0:
         raise UsageError(f"--max-top1-drop-int8 {budget}: expected >= 0 points")
     if not len(labels):
         raise UsageError("mixed precision needs held-out labelled training images; none were given")
-    reference = run_onnx(fp32_path, images)
+    if reference is None:
+        reference = run_onnx(fp32_path, images)
     reference_top1 = _top1(reference, labels)
     with tempfile.TemporaryDirectory(prefix="reviewkd-mixed-") as tmp:
         work = Path(tmp)

@@ -42,6 +42,7 @@ from deploy.formats import (
 from deploy.manifest import (
     MAX_IMAGE_SIDE,
     ArtifactEntry,
+    ExportTiming,
     Manifest,
     forget_artifact,
     input_spec,
@@ -54,7 +55,8 @@ from deploy.manifest import (
 from deploy.predict import STUDENT_SHA256_KEY
 from deploy.run_lock import locks_run
 from export.check import UINT8_INPUT as UINT8_CHECK
-from export.check import CheckResult, check_file
+from export.check import CheckResult, check_file, run_onnx
+from export.timing import StageTimer, timing_table
 
 if TYPE_CHECKING:
     import torch
@@ -115,6 +117,7 @@ class ExportSummary:
     skipped: dict[str, str] = field(default_factory=dict)  # format -> reason
     missing_dependency: str | None = None  # set when TensorRT was asked for and is not here
     check_data: str = ""  # what the checks ran on
+    timing: ExportTiming | None = None  # where the time went; also manifest["export"]["timing"]
 
     def raise_for_status(self) -> None:
         """Raise GateFailedError if a file failed its gate, else MissingDependencyError if TensorRT was
@@ -235,6 +238,14 @@ class ExportRecorder:
         self.block.setdefault("skipped", {})[fmt] = reason
         write_manifest(self.run, self.manifest)
 
+    def finish(self, timer: StageTimer, log: Callable[[str], None]) -> None:
+        """Record the timing table in the summary and the manifest, write the manifest, print the table."""
+        timing = timer.block()
+        self.summary.timing = timing
+        self.block["timing"] = timing
+        write_manifest(self.run, self.manifest)
+        log("time per stage (wall: elapsed; cpu: this process, every thread):\n" + timing_table(timing))
+
 
 @locks_run("export")
 def export_run(
@@ -251,6 +262,7 @@ def export_run(
     tensorrt: TensorRTOptions | None = None,
     batches: BatchSource | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    timer: StageTimer | None = None,
 ) -> ExportSummary:
     """Export the run's student to `formats` (default: every ONNX flavour, plus TensorRT if here).
 
@@ -271,7 +283,9 @@ def export_run(
         batches: the image source; None reads the run's data with reviewkd.data.iter_run_batches,
             or, for a run without config.yaml (a --model export without --data), checks on random
             inputs and skips int8.
-        log: receives one line per step.
+        log: receives one line per step, and at the end the timing table (export.timing).
+        timer: a timer already running (export_model's, which timed laying out the folder); None
+            starts one here. Its table goes to the summary's `timing` and manifest["export"]["timing"].
 
     Returns the summary; call its raise_for_status() to turn failures into exit codes.
 
@@ -279,12 +293,13 @@ def export_run(
         UsageError: no student, a bad manifest, an unwritable export folder, a bad option.
         MissingDependencyError: an ONNX format was asked for and torch is not installed.
     """
+    timer = timer or StageTimer()
     run = Path(run_dir)
     wanted = list(formats) if formats is not None else None
     if wanted is not None:
         parse_formats(wanted)
     if wanted == [TENSORRT_FORMAT]:
-        return export_engines(run, tensorrt, log)
+        return export_engines(run, tensorrt, log, timer=timer)
     require_torch("exporting ONNX files (any --formats but tensorrt)")
     from export.calibration import METHOD_CHOICES
     from export.onnx_export import check_opset
@@ -320,7 +335,8 @@ def export_run(
 
     # Check images and the student's reference logits, computed once for every file.
     if has_data:
-        pairs = list(source("val", batch_size, check_samples))
+        with timer.shared("read check images"):
+            pairs = list(source("val", batch_size, check_samples))
         if not pairs:
             raise UsageError(f"{run}: the validation split has no images to check the exported files on")
         val_images = [p[0].astype(np.float32) for p in pairs]
@@ -333,7 +349,8 @@ def export_run(
         val_images = [rng.standard_normal((count, *input_shape), dtype=np.float32)]
         labels = None
         summary.check_data = f"{count} random inputs (no image data: int8 skipped, accuracy not measured)"
-    reference = torch_logits(model, val_images)
+    with timer.shared("reference logits (PyTorch)"):
+        reference = torch_logits(model, val_images)
     recorder.block.update(
         {"check_data": summary.check_data, "opset": opset, "formats": wanted, "calibration": None}
     )
@@ -353,11 +370,13 @@ def export_run(
     fp32_ok = False
     if onnx_wanted or bake_preprocessing:
         log(f"exporting {FP32_FILE}")
-        info = export_fp32(model, run / FP32_FILE, input_shape, metadata, opset=opset)
+        with timer.stage(FP32_FILE, "export"):
+            info = export_fp32(model, run / FP32_FILE, input_shape, metadata, opset=opset)
         recorder.block["weights"] = {
             k: v for k, v in info.items() if k not in ("opset", "exporter", "optimizer")
         }
-        result = check_file(run / FP32_FILE, "fp32", val_images, reference, labels)
+        with timer.stage(FP32_FILE, "check"):
+            result = check_file(run / FP32_FILE, "fp32", val_images, reference, labels)
         fp32_ok = recorder.checked(FP32_FILE, result, "onnx", precision="fp32", flavour="fp32", **info)
         log(f"  {FP32_FILE}: {result.status} ({result.reason})")
 
@@ -370,8 +389,10 @@ def export_run(
     if "fp16" in wanted and from_fp32("fp16"):
         rel = ONNX_FORMATS["fp16"].file
         log(f"converting {rel}")
-        info = convert_fp16(fp32_path, run / rel)
-        result = check_file(run / rel, "fp16", val_images, reference, labels)
+        with timer.stage(rel, "convert"):
+            info = convert_fp16(fp32_path, run / rel)
+        with timer.stage(rel, "check"):
+            result = check_file(run / rel, "fp16", val_images, reference, labels)
         recorder.checked(rel, result, "onnx", precision="fp16", flavour="fp16", **info)
         log(f"  {rel}: {result.status} ({result.reason})")
 
@@ -385,12 +406,19 @@ def export_run(
         budget = max_top1_drop_int8
         held_out = DEFAULT_HELD_OUT if calib_method == AUTO or budget is not None else 0
         log(f"calibrating int8 on up to {calib_samples} training images ({calib_method})")
-        data = split_training_images(
-            source("train", batch_size, calib_samples + held_out),
-            calib_samples,
-            held_out,
-            seed=DATA_SEED if batches is None else None,
-        )
+        with timer.shared("read calibration images"):
+            data = split_training_images(
+                source("train", batch_size, calib_samples + held_out),
+                calib_samples,
+                held_out,
+                seed=DATA_SEED if batches is None else None,
+            )
+        # The fp32 file's logits on the held-out images: one pass that every int8 flavour's
+        # calibration candidates and mixed-precision search compare against.
+        held_out_reference = None
+        if data.held_out:
+            with timer.shared("held-out reference logits (fp32 ONNX)"):
+                held_out_reference = run_onnx(fp32_path, data.held_out)
         recorder.block["calibration"] = {"method": calib_method, **data.describe()}
         for fmt in int8_wanted:
             rel = ONNX_FORMATS[fmt].file
@@ -402,11 +430,14 @@ def export_run(
                 flavour=ONNX_FORMATS[fmt].flavour,
                 method=calib_method,
                 max_top1_drop=budget,
+                held_out_reference=held_out_reference,
+                clock=timer.clock(rel),
             )
             floats = [layer["module"] for layer in desc.get("mixed_precision", {}).get("float_layers", [])]
             method = desc["calibration"]["method"]
             log(f"  calibration: {method}; float layers: {', '.join(floats) or 'none'}")
-            result = check_file(run / rel, "int8", val_images, reference, labels)
+            with timer.stage(rel, "check"):
+                result = check_file(run / rel, "int8", val_images, reference, labels)
             recorder.checked(rel, result, "onnx", precision="int8", **desc)
             log(f"  {rel}: {result.status} ({result.reason})")
     else:
@@ -419,10 +450,14 @@ def export_run(
 
         uint8_rel = UINT8_INPUT.file
         log(f"baking preprocessing into {uint8_rel}")
-        info = bake_uint8_input(fp32_path, run / uint8_rel, mean, std)
-        pairs_u8 = [to_uint8_nhwc(b, mean, std) for b in val_images]
-        ref_u8 = torch_logits(model, [p[1] for p in pairs_u8])
-        result = check_file(run / uint8_rel, UINT8_CHECK, [p[0] for p in pairs_u8], ref_u8, labels)
+        with timer.stage(uint8_rel, "bake"):
+            info = bake_uint8_input(fp32_path, run / uint8_rel, mean, std)
+        # Its own images (the check images rounded to uint8), so its own reference pass.
+        with timer.stage(uint8_rel, "reference logits (PyTorch)"):
+            pairs_u8 = [to_uint8_nhwc(b, mean, std) for b in val_images]
+            ref_u8 = torch_logits(model, [p[1] for p in pairs_u8])
+        with timer.stage(uint8_rel, "check"):
+            result = check_file(run / uint8_rel, UINT8_CHECK, [p[0] for p in pairs_u8], ref_u8, labels)
         recorder.checked(
             uint8_rel, result, "onnx", precision=UINT8_INPUT.precision, flavour=UINT8_INPUT.flavour, **info
         )
@@ -433,8 +468,8 @@ def export_run(
             summary.missing_dependency = f"--formats tensorrt: {trt_reason}"
             recorder.skip("tensorrt", trt_reason)
         else:
-            _build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log)
-    write_manifest(run, manifest)
+            _build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log, timer)
+    recorder.finish(timer, log)
     return summary
 
 
@@ -442,13 +477,17 @@ def export_engines(
     run_dir: str | os.PathLike[str],
     tensorrt: TensorRTOptions | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    *,
+    timer: StageTimer | None = None,
 ) -> ExportSummary:
     """Build one TensorRT engine per precision from the run's checked ONNX files.
 
     Needs neither torch nor the student: each ONNX file passed its check against the student when
     it was exported, and its sha256 is verified against the manifest before the build. Without
-    TensorRT or a GPU the summary carries the missing dependency (exit 3).
+    TensorRT or a GPU the summary carries the missing dependency (exit 3). Each build is timed
+    (stage "tensorrt build") on `timer` (None: a new one), and the table printed at the end.
     """
+    timer = timer or StageTimer()
     run = Path(run_dir)
     manifest = read_manifest(run)
     summary = ExportSummary(run, check_data="the ONNX files' checks at export (engines are built from them)")
@@ -459,8 +498,8 @@ def export_engines(
         recorder.skip(TENSORRT_FORMAT, trt_reason)
     else:
         ensure_writable_dir(run / run_layout.EXPORT_DIR)
-        _build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log)
-    write_manifest(run, manifest)
+        _build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log, timer)
+    recorder.finish(timer, log)
     return summary
 
 
@@ -470,6 +509,7 @@ def _build_engines(
     recorder: ExportRecorder,
     options: TensorRTOptions,
     log: Callable[[str], None],
+    timer: StageTimer,
 ) -> None:
     """Build one engine per precision from the ONNX files that passed (this export or an earlier one)."""
     from deploy.trt_sidecar import sidecar_path
@@ -487,20 +527,21 @@ def _build_engines(
             continue
         plan_rel = run_layout.engine_file(precision)
         log(f"building {plan_rel} from {rel}")
-        sidecar = build_engine(
-            source,
-            run / plan_rel,
-            min_batch=options.min_batch,
-            opt_batch=options.opt_batch,
-            max_batch=options.max_batch,
-            workspace_mib=options.workspace_mib,
-            timing_cache=run / run_layout.TIMING_CACHE,
-            optimization_level=options.optimization_level,
-            compatibility=options.compatibility,
-            precision=precision,
-            dla_core=options.dla_core,
-            gpu_fallback=options.gpu_fallback,
-        )
+        with timer.stage(plan_rel, "tensorrt build"):
+            sidecar = build_engine(
+                source,
+                run / plan_rel,
+                min_batch=options.min_batch,
+                opt_batch=options.opt_batch,
+                max_batch=options.max_batch,
+                workspace_mib=options.workspace_mib,
+                timing_cache=run / run_layout.TIMING_CACHE,
+                optimization_level=options.optimization_level,
+                compatibility=options.compatibility,
+                precision=precision,
+                dla_core=options.dla_core,
+                gpu_fallback=options.gpu_fallback,
+            )
         recorder.keep(
             plan_rel,
             "tensorrt",
@@ -552,15 +593,11 @@ def export_model(
     `out_dir` gets student.safetensors (the weights re-saved), manifest.json and, with `data_dir`
     (an ImageFolder tree with train/ and val/ or test/), a config.yaml so that calibration and
     checks use those images. Without data the checks run on random inputs and int8 is skipped.
-    `export_options` go to export_run.
+    `export_options` go to export_run. The timing table starts here: laying out the folder
+    (building the model, re-saving its weights) is the student file's "lay out" stage.
     """
+    timer = StageTimer()
     require_torch("exporting a zoo model")
-    import torch
-    from safetensors.torch import save_file
-
-    from export.onnx_export import strip_student
-    from reviewkd.models import create_model
-
     out = Path(out_dir)
     if len(input_shape) != 3 or any(d < 1 for d in input_shape) or max(input_shape[1:]) > MAX_IMAGE_SIDE:
         raise UsageError(
@@ -573,6 +610,29 @@ def export_model(
         check_opset(export_options["opset"])  # before DIR is laid out, as export_run would after
     _check_model_out(out)
     ensure_writable_dir(out)
+    with timer.stage(STUDENT_FILE, "lay out"):
+        _lay_out_run(out, model_name, weights, input_shape, num_classes, data_dir, mean, std)
+    return export_run(out, timer=timer, **export_options)
+
+
+def _lay_out_run(
+    out: Path,
+    model_name: str,
+    weights: str | os.PathLike[str],
+    input_shape: tuple[int, int, int],
+    num_classes: int | None,
+    data_dir: str | os.PathLike[str] | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> None:
+    """Write out/student.safetensors (the zoo model's weights, stripped), manifest.json and, with
+    `data_dir`, config.yaml: a folder export_run can export."""
+    import torch
+    from safetensors.torch import save_file
+
+    from export.onnx_export import strip_student
+    from reviewkd.models import create_model
+
     classes_n = num_classes if num_classes is not None else infer_num_classes(model_name, weights)
     model = strip_student(create_model(model_name, classes_n, weights=weights))
     try:
@@ -611,7 +671,6 @@ def export_model(
     manifest["data"] = {"dataset": "imagefolder", "root": str(Path(data_dir).resolve())} if data_dir else {}
     record_artifact(out, manifest, STUDENT_FILE, "weights")
     write_manifest(out, manifest)
-    return export_run(out, **export_options)
 
 
 # What a run trained by `reviewkd distill` or `reviewkd teacher` holds and `export --model` never writes.

@@ -319,6 +319,10 @@ class Int8Quantizer:
                 onnx.save(model, str(self._prepared))
         return self._prepared
 
+    def calibrate(self) -> None:
+        """Prepare the model and compute the activation ranges now, not at the first `write`."""
+        self._calibration_cache()
+
     def _calibration_cache(self) -> Path | None:
         """Activation ranges computed once with CALIBRATOR_OPTIONS, as ORT's calibration cache file.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -14,13 +15,20 @@ from safetensors.torch import save_file
 
 from deploy.errors import GateFailedError, MissingDependencyError, UsageError
 from deploy.gates import DEFAULT_GATES
-from deploy.manifest import new_manifest, read_manifest, record_artifact, verify_artifact, write_manifest
+from deploy.manifest import (
+    SHARED_STAGE_FILE,
+    new_manifest,
+    read_manifest,
+    record_artifact,
+    verify_artifact,
+    write_manifest,
+)
 from export import pipeline
 from export import precision as precision_module
 from export.check import gate, run_onnx
 from export.onnx_export import METADATA_KEY, count_weights, load_onnx, onnx_weight_count
 from export.pipeline import ExportSummary, export_model, export_run
-from export.precision import zero_points_all_zero
+from export.precision import CALIBRATION_METHODS, zero_points_all_zero
 from reviewkd.app.cli import main
 from reviewkd.config import Config, DataConfig, ModelConfig, save_config
 from reviewkd.data import DATASET_STATS, iter_run_batches
@@ -135,6 +143,104 @@ def test_every_format_is_written_checked_and_recorded(
     for rel in ("export/student.int8.onnx", "export/student.int8.trt.onnx"):
         assert checks[rel]["top1"] >= checks[rel]["reference_top1"] - 1.0
     assert checks["export/student.fp16.onnx"]["top1_agreement"] >= 99.0
+
+
+def test_the_manifest_records_each_stage_of_each_file_and_the_rows_add_up(
+    exported: tuple[Path, ExportSummary, torch.nn.Module],
+) -> None:
+    run, summary, _ = exported
+    timing = read_manifest(run)["export"]["timing"]
+    assert timing == summary.timing
+    stages: dict[str, list[str]] = {}
+    for row in timing["stages"]:
+        assert row["wall_s"] >= 0 and row["cpu_s"] >= 0
+        stages.setdefault(row["file"], []).append(row["stage"])
+    candidates = [f"{kind} {method}" for method in CALIBRATION_METHODS for kind in ("calibrate", "score")]
+    assert stages == {
+        SHARED_STAGE_FILE: [
+            "read check images",
+            "reference logits (PyTorch)",
+            "read calibration images",
+            "held-out reference logits (fp32 ONNX)",
+        ],
+        "export/student.onnx": ["export", "check"],
+        "export/student.fp16.onnx": ["convert", "check"],
+        "export/student.int8.onnx": [*candidates, "mixed-precision", "check"],
+        "export/student.int8.trt.onnx": [*candidates, "mixed-precision", "check"],
+        "export/student.uint8.onnx": ["bake", "reference logits (PyTorch)", "check"],
+    }
+    timed = sum(row["wall_s"] for row in timing["stages"])
+    assert timing["untimed_wall_s"] == pytest.approx(timing["total_wall_s"] - timed)
+    assert 0 <= timing["untimed_wall_s"] < timing["total_wall_s"]
+
+
+def _int8_records(run: Path) -> dict[str, Any]:
+    """What an export decided and measured for its int8 files: checks, calibration scores, the
+    mixed-precision search, the graph. Not the search's latencies, which are timings, nor the file's
+    sha256, which covers them (they are in its metadata)."""
+    manifest = read_manifest(run)
+    records: dict[str, Any] = {}
+    for rel in ("export/student.int8.onnx", "export/student.int8.trt.onnx"):
+        entry = dict(manifest["artifacts"][rel])
+        del entry["sha256"], entry["size_bytes"]
+        entry["mixed_precision"] = dict(entry["mixed_precision"])
+        del entry["mixed_precision"]["latency_ms_batch32"]
+        graph = load_onnx(run / rel).graph.SerializeToString(deterministic=True)
+        records[rel] = {"check": manifest["export"]["checks"][rel], "entry": entry, "graph": graph}
+    return records
+
+
+def test_one_fp32_reference_pass_serves_every_int8_flavour_with_the_same_verdicts(
+    tmp_path: Path, trained_state: tuple[Path, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held-out fp32 logits are computed once for both int8 flavours, their three calibration
+    candidates and their mixed-precision searches; each computing its own (as before) decides and
+    measures exactly the same."""
+    from export import calibration, check, mixed_precision
+
+    source, state = trained_state
+    model = create_model(ARCH, 10)
+    model.load_state_dict(state)
+    fp32_passes: list[Path] = []  # each session export.check.run_onnx opens on the fp32 file
+    real_open = check.open_session
+
+    def open_session(path: Any, providers: Any) -> Any:
+        session, info = real_open(path, providers)
+        if Path(path).name == "student.onnx":
+            fp32_passes.append(Path(path))
+        return session, info
+
+    monkeypatch.setattr(check, "open_session", open_session)
+    def export_int8(name: str) -> dict[str, Any]:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_bytes((source / "config.yaml").read_bytes())
+        _make_run(run, model)
+        fp32_passes.clear()
+        export_run(run, ["int8", "int8-trt"], **FAST).raise_for_status()
+        return _int8_records(run)
+
+    shared = export_int8("shared")
+    # The fp32 file's own check on the validation images, then one held-out pass.
+    assert len(fp32_passes) == 2
+
+    # As before: every candidate race and every search runs the fp32 file itself.
+    real_quantize, real_fit = calibration.quantize_calibrated, mixed_precision.fit_budget
+
+    def quantize(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        kwargs.pop("held_out_reference", None)
+        return real_quantize(*args, **kwargs)
+
+    def fit(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("reference", None)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "quantize_calibrated", quantize)
+    monkeypatch.setattr(mixed_precision, "fit_budget", fit)
+    each = export_int8("each")
+    # Its check, the shared pass (unused), then the candidates' and the search's per flavour.
+    assert len(fp32_passes) == 2 + 2 * 2
+    assert shared == each
 
 
 def test_weight_count_equals_the_students_after_bn_folding(
@@ -323,9 +429,16 @@ def test_export_plain_model_non_square_without_data(
         ["export", "--model", ARCH, "--weights", str(weights), "--input-shape", "3,12,20", "--out", str(out)]
     )
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "random inputs" in printed and "skipped int8" in printed
+    captured = capsys.readouterr()
+    assert "random inputs" in captured.out and "skipped int8" in captured.out
+    # The timing table ends the log, from laying out the folder to the last check.
+    table = captured.err[captured.err.index("time per stage") :].splitlines()[1:]
+    assert table[0].split() == ["file", "stage", "wall", "s", "cpu", "s"]
+    assert table[1].split()[:3] == ["student.safetensors", "lay", "out"]
+    assert table[-3].split()[0] == "export/student.fp16.onnx" and table[-2].split()[0] == "untimed"
+    assert table[-1].split()[0] == "total"
     manifest = read_manifest(out)
+    assert manifest["export"]["timing"]["stages"][0]["stage"] == "lay out"
     assert manifest["student"]["num_classes"] == 7  # read off the weights
     assert {"export/student.onnx", "export/student.fp16.onnx"} <= set(manifest["artifacts"])
     assert "export/student.int8.onnx" not in manifest["artifacts"]
