@@ -29,6 +29,7 @@ from export.check import gate, run_onnx
 from export.onnx_export import METADATA_KEY, count_weights, load_onnx, onnx_weight_count
 from export.pipeline import ExportSummary, export_model, export_run
 from export.precision import CALIBRATION_METHODS, zero_points_all_zero
+from export.timing import StageTimer
 from reviewkd.app.cli import main
 from reviewkd.config import Config, DataConfig, ModelConfig, save_config
 from reviewkd.data import DATASET_STATS, iter_run_batches
@@ -552,10 +553,13 @@ def test_dla_engines_are_built_from_the_fp16_and_int8_files_only(
     summary = ExportSummary(run)
     options = pipeline.TensorRTOptions(dla_core=1, gpu_fallback=False)
     recorder = pipeline.ExportRecorder(run, manifest, summary)
-    pipeline._build_engines(run, manifest, recorder, options, lambda message: None)
+    timer = StageTimer()
+    pipeline._build_engines(run, manifest, recorder, options, lambda message: None, timer)
     assert [(c["source"], c["plan"], c["dla_core"], c["gpu_fallback"]) for c in calls] == [
         ("student.fp16.onnx", "student.fp16.plan", 1, False)
     ]
+    built = [(row["file"], row["stage"]) for row in timer.stages]
+    assert built == [("export/student.fp16.plan", "tensorrt build")]
     assert summary.skipped["tensorrt/fp32"] == "the DLA computes in fp16 and int8 only"
     assert "no checked export/student.int8.trt.onnx" in summary.skipped["tensorrt/int8"]
     assert "export/student.fp16.plan" in summary.files
