@@ -6,6 +6,21 @@ and after; stages never nest, so no second is counted twice. `block()` is the ma
 (deploy.manifest.ExportTiming) and `table()` the text the export prints at its end; the untimed
 row is whatever ran between stages (loading the student, hashing and recording files, writing the
 manifest), so the rows add up to the total.
+
+The stages export.pipeline and export.calibration time, and what each covers:
+    read check images, read calibration images   (shared) decoding the images into batches
+    reference logits (PyTorch)      the student's logits on the check images (shared; the uint8
+                                    file has its own pass on its rounded images)
+    held-out reference logits (fp32 ONNX)  (shared) the fp32 file on the held-out training images
+    lay out                         export --model: building the zoo model, re-saving its weights
+    export                          torch -> the fp32 ONNX file, BatchNorm folded, saved
+    convert, bake                   fp16 conversion; the uint8-input file
+    calibrate <method>              activation statistics and ranges (with --calib-method auto,
+                                    also writing that candidate's file)
+    score <method>                  running that candidate on the held-out images
+    mixed-precision, quantize       the search and the final write; the write without a budget
+    check                           running the file on the check images, comparing, gating
+    tensorrt build                  building one engine and its sidecar
 """
 
 from __future__ import annotations
