@@ -13,7 +13,7 @@ The stages export.pipeline and export.calibration time, and what each covers:
                                     file has its own pass on its rounded images)
     held-out reference logits (fp32 ONNX)  (shared) the fp32 file on the held-out training images
     lay out                         export --model: building the zoo model, re-saving its weights
-    export                          torch -> the fp32 ONNX file, BatchNorm folded, saved
+    export                          torch -> the fp32 ONNX file: traced, weights counted, optimised, saved
     convert, bake                   fp16 conversion; the uint8-input file
     calibrate <method>              activation statistics and ranges (with --calib-method auto,
                                     also writing that candidate's file)
