@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from deploy import run_layout
 from deploy.fileio import append_line, atomic_output, write_text_atomic
 from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
+from deploy.tasks import TASKS
 from reviewkd.config import Config
 from reviewkd.data import DataBundle
 
@@ -124,6 +126,50 @@ def method_params(config: Config) -> dict[str, Any]:
     return params
 
 
+@dataclass(frozen=True)
+class RunData:
+    """What a trained model's manifest says of its data: class names, the input block, the data block."""
+
+    classes: list[str]
+    input: dict[str, Any]
+    data: dict[str, Any]
+
+
+def record_trained_model(
+    out_dir: Path,
+    config: Config,
+    role: str,
+    data: RunData,
+    record: dict[str, Any],
+    teacher_record: dict[str, Any],
+    best: dict[str, Any] | None,
+    params: dict[str, Any],
+) -> None:
+    """(Re)write manifest.json for a trained model of any task: `data` gives the classes, input and
+    data blocks; `record` (arch, num_classes, ...) becomes the model's block, with the
+    weights file, its sha256, the epoch and the task's model metrics (deploy.tasks) from `best`.
+    A student run records its method (`params`) and `teacher_record`; a teacher run is recorded as
+    the teacher, trained by the task's baseline method."""
+    path = out_dir / run_layout.MANIFEST
+    manifest = read_manifest(out_dir) if path.is_file() else new_manifest()
+    manifest["classes"], manifest["input"], manifest["data"] = data.classes, data.input, data.data
+    manifest["task"] = config.task
+    spec = TASKS[config.task]
+    name = weights_file(role)
+    if best is not None:
+        entry = record_artifact(out_dir, manifest, name, "weights", role=role)
+        metrics = {key: best[key] for key, _ in spec.model_metrics}
+        record = {**record, "weights": name, "sha256": entry["sha256"], **metrics, "epoch": best["epoch"]}
+    if role == "student":
+        manifest["method"] = {"name": config.method.name, "params": params}
+        manifest["teacher"] = teacher_record
+        manifest["student"] = record
+    else:
+        manifest["method"] = {"name": spec.baseline_method, "params": {}}
+        manifest["teacher"] = record
+    write_manifest(out_dir, manifest)
+
+
 def write_run_manifest(
     out_dir: Path,
     config: Config,
@@ -132,31 +178,10 @@ def write_run_manifest(
     teacher_record: dict[str, Any],
     best: dict[str, Any] | None,
 ) -> None:
-    """(Re)write manifest.json from the config, the data and the best model in last.pt."""
-    path = out_dir / run_layout.MANIFEST
-    manifest = read_manifest(out_dir) if path.is_file() else new_manifest()
-    manifest["classes"] = list(bundle.classes)
-    manifest["input"] = bundle.manifest_input()
-    manifest["data"] = bundle.manifest_data()
-    name = weights_file(role)
-    record: dict[str, Any] = {"arch": config.student.arch, "num_classes": bundle.num_classes}
-    if best is not None:
-        entry = record_artifact(out_dir, manifest, name, "weights", role=role)
-        record.update(
-            weights=name,
-            sha256=entry["sha256"],
-            top1=best["top1"],
-            top5=best["top5"],
-            epoch=best["epoch"],
-        )
-    if role == "student":
-        manifest["method"] = {"name": config.method.name, "params": method_params(config)}
-        manifest["teacher"] = teacher_record
-        manifest["student"] = record
-    else:
-        manifest["method"] = {"name": "ce", "params": {}}
-        manifest["teacher"] = record
-    write_manifest(out_dir, manifest)
+    """(Re)write manifest.json of a classification run from the config, the data and the best model."""
+    data = RunData(list(bundle.classes), bundle.manifest_input(), bundle.manifest_data())
+    record = {"arch": config.student.arch, "num_classes": bundle.num_classes}
+    record_trained_model(out_dir, config, role, data, record, teacher_record, best, method_params(config))
 
 
 def write_best(

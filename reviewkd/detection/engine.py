@@ -39,7 +39,7 @@ from deploy.detection.annotations import DetectionDataset, read_coco, read_yolo
 from deploy.detection.coco_metric import Detections, coco_metrics
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
-from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
+from deploy.manifest import read_manifest
 from deploy.run_lock import locks_run
 from deploy.tasks import DETECTION, TASKS
 from reviewkd.checkpoint import (
@@ -68,7 +68,9 @@ from reviewkd.engine import (
 from reviewkd.optim import distill_scale, lr_factor, make_optimizer
 from reviewkd.run_record import (
     METRICS_FILE,
+    RunData,
     append_metrics,
+    record_trained_model,
     save_weights,
     truncate_metrics,
     weights_file,
@@ -230,13 +232,9 @@ def write_detection_manifest(
     best: dict[str, Any] | None,
 ) -> None:
     """(Re)write manifest.json: the task, classes, input size, data, the model(s) and their val mAP."""
-    path = run_layout.run_path(out_dir, run_layout.MANIFEST)
-    manifest = read_manifest(out_dir) if path.is_file() else new_manifest()
-    manifest["task"] = DETECTION
-    manifest["classes"] = list(data.classes)
     height, width = data.image_size
     # The detectors take RGB pixels in 0-1 and normalise them themselves.
-    manifest["input"] = {
+    input_block = {
         "shape": [3, height, width],
         "layout": "NCHW",
         "dtype": "float32",
@@ -244,26 +242,14 @@ def write_detection_manifest(
         "std": [1.0, 1.0, 1.0],
         "resize": None,
     }
-    manifest["data"] = dict(data.record)
-    name = weights_file(role)
-    record: dict[str, Any] = {
+    run_data = RunData(list(data.classes), input_block, dict(data.record))
+    record = {
         "arch": config.student.arch,
         "num_classes": data.num_classes,
         "anchor_scale": config.detection.anchor_scale,
     }
-    if best is not None:
-        entry = record_artifact(out_dir, manifest, name, "weights", role=role)
-        record.update(
-            weights=name, sha256=entry["sha256"], map=best["map"], ap50=best["ap50"], epoch=best["epoch"]
-        )
-    if role == "student":
-        manifest["method"] = {"name": config.method.name, "params": _method_params(config)}
-        manifest["teacher"] = teacher_record
-        manifest["student"] = record
-    else:
-        manifest["method"] = {"name": TASKS[DETECTION].baseline_method, "params": {}}
-        manifest["teacher"] = record
-    write_manifest(out_dir, manifest)
+    params = _method_params(config)
+    record_trained_model(out_dir, config, role, run_data, record, teacher_record, best, params)
 
 
 def _write_best(
