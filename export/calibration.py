@@ -34,6 +34,7 @@ import numpy as np
 
 from deploy.errors import UsageError
 from export.check import run_onnx
+from export.mixed_precision import fit_budget
 from export.precision import CALIBRATION_METHODS, Int8Quantizer
 from export.timing import StageClock, untimed
 
@@ -168,8 +169,6 @@ def quantize_calibrated(
     that candidate), "score <method>" (running a candidate on the held-out images), then
     "mixed-precision" (the search and the final write) or "quantize" (the write without a budget).
     """
-    from export.mixed_precision import fit_budget
-
     if method not in METHOD_CHOICES:
         raise UsageError(f"--calib-method {method!r}: expected one of {', '.join(METHOD_CHOICES)}")
     if (method == AUTO or max_top1_drop is not None) and not data.held_out:

@@ -35,8 +35,10 @@ import onnx
 
 from deploy import run_layout
 from deploy.errors import MissingDependencyError, UsageError
-from deploy.fileio import ensure_writable_dir
-from deploy.manifest import Manifest
+from deploy.fileio import atomic_output, ensure_writable_dir, write_text_atomic
+from deploy.formats import ONNX_FORMATS
+from deploy.manifest import Manifest, read_manifest, verify_artifact
+from deploy.predict import check_export_is_current
 from deploy.run_lock import locks_run
 from deploy.runners.onnxruntime_runner import session_options
 from export.check import run_onnx
@@ -251,8 +253,6 @@ def plot(report: LayerwiseReport, path: str | os.PathLike[str], title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deploy.fileio import atomic_output
-
     positions = list(range(len(report.layers)))
     figure, axis = plt.subplots(figsize=(max(6.0, 0.12 * len(positions)), 3.5))
     axis.plot(positions, [layer.rel_l2 for layer in report.layers], marker=".", label="relative L2 vs fp32")
@@ -276,7 +276,6 @@ def write_report(
     """Write STEM.json, STEM.md and STEM.png into `folder`; return their paths by kind."""
     import json
 
-    from deploy.fileio import write_text_atomic
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,7 +301,6 @@ PLOTS_EXTRA_HINT = "pip install 'reviewkd[plots]'"
 def comparable_files() -> dict[str, tuple[str, str]]:
     """Format label -> (run-relative file, the command that writes it) for every file layerwise
     compares with fp32: export's fp16 and int8 files and the QAD files of `reviewkd quantize`."""
-    from deploy.formats import ONNX_FORMATS
 
     files = {
         name: (fmt.file, f"reviewkd export RUN --formats onnx,{name}")
@@ -317,8 +315,6 @@ def comparable_files() -> dict[str, tuple[str, str]]:
 
 def _exported_file(run: Path, manifest: Manifest, rel: str, command: str) -> Path:
     """The run's file `rel`, verified and exported from the run's current student."""
-    from deploy.manifest import verify_artifact
-    from deploy.predict import check_export_is_current
 
     if rel not in manifest.get("artifacts", {}):
         raise UsageError(
@@ -346,8 +342,6 @@ def debug_run(
     """
     import importlib.util
 
-    from deploy.formats import ONNX_FORMATS
-    from deploy.manifest import read_manifest
     from reviewkd.data import iter_run_batches
 
     run = Path(run_dir)

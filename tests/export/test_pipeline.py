@@ -197,7 +197,7 @@ def test_one_fp32_reference_pass_serves_every_int8_flavour_with_the_same_verdict
     """The held-out fp32 logits are computed once for both int8 flavours, their three calibration
     candidates and their mixed-precision searches; each computing its own (as before) decides and
     measures exactly the same."""
-    from export import calibration, check, mixed_precision
+    from export import calibration, check
 
     source, state = trained_state
     model = create_model(ARCH, 10)
@@ -226,7 +226,7 @@ def test_one_fp32_reference_pass_serves_every_int8_flavour_with_the_same_verdict
     assert len(fp32_passes) == 2
 
     # As before: every candidate race and every search runs the fp32 file itself.
-    real_quantize, real_fit = calibration.quantize_calibrated, mixed_precision.fit_budget
+    real_quantize, real_fit = calibration.quantize_calibrated, calibration.fit_budget
 
     def quantize(*args: Any, **kwargs: Any) -> dict[str, Any]:
         kwargs.pop("held_out_reference", None)
@@ -237,7 +237,7 @@ def test_one_fp32_reference_pass_serves_every_int8_flavour_with_the_same_verdict
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(calibration, "quantize_calibrated", quantize)
-    monkeypatch.setattr(mixed_precision, "fit_budget", fit)
+    monkeypatch.setattr(calibration, "fit_budget", fit)  # where quantize_calibrated looks it up
     each = export_int8("each")
     # Its check, the shared pass (unused), then the candidates' and the search's per flavour.
     assert len(fp32_passes) == 2 + 2 * 2
