@@ -92,6 +92,17 @@ def _class_mean(precision: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else float("nan")
 
 
+def _annotation(annotation_id: int, image_id: int, box: np.ndarray, label: Any) -> dict[str, Any]:
+    """One COCO annotation record of an x, y, w, h box (ground truth or detection alike)."""
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": int(label),
+        "bbox": box.tolist(),
+        "area": float(box[2] * box[3]),
+    }
+
+
 def coco_metrics(
     ground_truth: Sequence[GroundTruth],
     detections: Sequence[Detections],
@@ -132,30 +143,13 @@ def coco_metrics(
         for box, label, crowd in zip(
             _xywh(truth.boxes), np.asarray(truth.labels), np.asarray(truth.crowd), strict=True
         ):
-            truth_annotations.append(
-                {
-                    "id": len(truth_annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(label),
-                    "bbox": box.tolist(),
-                    "area": float(box[2] * box[3]),
-                    "iscrowd": int(bool(crowd)),
-                }
-            )
+            annotation = _annotation(len(truth_annotations) + 1, image_id, box, label)
+            truth_annotations.append({**annotation, "iscrowd": int(bool(crowd))})
         for box, score, label in zip(
             _xywh(found.boxes), np.asarray(found.scores), np.asarray(found.labels), strict=True
         ):
-            found_annotations.append(
-                {
-                    "id": len(found_annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(label),
-                    "bbox": box.tolist(),
-                    "area": float(box[2] * box[3]),
-                    "iscrowd": 0,
-                    "score": float(score),
-                }
-            )
+            annotation = _annotation(len(found_annotations) + 1, image_id, box, label)
+            found_annotations.append({**annotation, "iscrowd": 0, "score": float(score)})
     categories = [{"id": index} for index in range(num_classes)]
 
     with contextlib.redirect_stdout(io.StringIO()):
