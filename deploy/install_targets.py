@@ -14,8 +14,8 @@ tests/test_install_targets.py with pip's resolver):
   used: beside a cuda-bindings 13 it leaves a mixed package);
 - torch from PyPI declares its CUDA libraries: 2.14 requires cuda-bindings 13, 2.10 cuda-bindings 12.9,
   so an extra that bounds cuda-bindings makes the resolver pick a torch of the same major.
-This module is the one place that spells the targets; the README, `reviewkd doctor` and the tests read
-it.
+This module is the one place that spells the targets in code: `reviewkd doctor`, the error
+messages and tests/test_install_targets.py read it (the README's install table is written by hand).
 """
 
 from __future__ import annotations
@@ -42,14 +42,12 @@ MIN_LINUX_DRIVER = {12: "525.60.13", 13: "580.65.06"}
 
 @dataclass(frozen=True)
 class InstallTarget:
-    """One kind of machine and the one command that installs reviewkd's serving core for it."""
+    """One kind of machine: the pyproject extra that installs reviewkd's serving core for it, the ONNX
+    Runtime distribution that extra brings and the CUDA major of its runtimes."""
 
-    name: str
-    description: str
-    extra: str  # the pyproject extra that carries this target's runtimes
-    onnxruntime: str  # the ONNX Runtime distribution this target runs
-    cuda_major: int | None  # None: no CUDA (CPU), or whatever JetPack ships (Jetson)
-    note: str = ""
+    extra: str
+    onnxruntime: str
+    cuda_major: int | None  # None: no CUDA
 
     @property
     def command(self) -> str:
@@ -58,36 +56,19 @@ class InstallTarget:
 
 
 TARGETS: dict[str, InstallTarget] = {
-    target.name: target
+    target.extra: target
     for target in (
-        InstallTarget("cpu", "CPU only (x86_64 or aarch64)", "cpu", "onnxruntime", None),
-        InstallTarget(
-            "cuda12",
-            "x86_64 NVIDIA GPU, CUDA 12 driver (>= 525)",
-            "cuda12",
-            "onnxruntime-gpu",
-            12,
-            "tensorrt-cu12 10 or 11, onnxruntime-gpu 1.19-1.26, cuda-bindings 12; with `train`, a CUDA 12"
-            " torch (<= 2.10 on PyPI)",
-        ),
-        InstallTarget(
-            "cuda13",
-            "x86_64 NVIDIA GPU, CUDA 13 driver (>= 580)",
-            "cuda13",
-            "onnxruntime-gpu",
-            13,
-            "tensorrt-cu13 10.13+ or 11, onnxruntime-gpu >= 1.27, cuda-bindings 13; with `train`, PyPI's"
-            " CUDA 13 torch",
-        ),
-        InstallTarget(
-            "jetson",
-            "Jetson on JetPack 6 (CUDA 12, TensorRT 10.3 from JetPack)",
-            "jetson",
-            "onnxruntime-gpu",
-            12,
-            "JetPack's TensorRT and NVIDIA's onnxruntime-gpu wheel for JetPack 6, installed first; the"
-            " extra adds cuda-bindings 12 only and never an ONNX Runtime or TensorRT from the index",
-        ),
+        # CPU only, x86_64 or aarch64.
+        InstallTarget("cpu", "onnxruntime", None),
+        # x86_64 NVIDIA GPU with a CUDA 12 driver (>= 525): tensorrt-cu12, onnxruntime-gpu 1.19-1.26,
+        # cuda-bindings 12; with `train`, a CUDA 12 torch (<= 2.10 on PyPI).
+        InstallTarget("cuda12", "onnxruntime-gpu", 12),
+        # x86_64 NVIDIA GPU with a CUDA 13 driver (>= 580): tensorrt-cu13, onnxruntime-gpu >= 1.27,
+        # cuda-bindings 13; with `train`, PyPI's CUDA 13 torch.
+        InstallTarget("cuda13", "onnxruntime-gpu", 13),
+        # Jetson on JetPack 6 (CUDA 12): JetPack's TensorRT and NVIDIA's onnxruntime-gpu wheel,
+        # installed first; the extra adds cuda-bindings 12 only, never a runtime from the index.
+        InstallTarget("jetson", "onnxruntime-gpu", 12),
     )
 }
 
