@@ -206,7 +206,8 @@ def validation_batches(
     run_dir: PathLike, batch_size: int, limit: int | None, data: PathLike | None = None
 ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """The validation images of a run: `data` (an image folder per class) when given, else the run's
-    own validation split (read with torch where installed, else from its ImageFolder tree)."""
+    own held-out split (read with torch where installed, else from its ImageFolder tree): its test
+    split when data.val_split carved the split training selected on, so the score is on unseen images."""
     from benchmarks.images import folder_batches, run_validation_folder
 
     run = Path(run_dir)
@@ -215,7 +216,7 @@ def validation_batches(
     if torch_installed():
         from reviewkd.data import iter_run_batches
 
-        return iter_run_batches(run, "val", batch_size, limit)
+        return iter_run_batches(run, "test", batch_size, limit)
     return folder_batches(run_validation_folder(run), read_manifest(run), batch_size, limit)
 
 

@@ -147,5 +147,6 @@ def _rebuilt_split(run: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarra
             f"{manifest_path(run)}: its classes differ from those of the {bundle.dataset} dataset that"
             f" {run_layout.run_path(run, run_layout.CONFIG)} names"
         )
-    assert bundle.val.images is not None  # digits and CIFAR splits live in memory
-    return bundle.val.images.numpy(), bundle.val.labels.numpy()
+    held_out = bundle.held_out  # what `reviewkd validate` scores: the test split when val was carved
+    assert held_out.images is not None  # digits and CIFAR splits live in memory
+    return held_out.images.numpy(), held_out.labels.numpy()

@@ -67,6 +67,11 @@ class DataConfig:
     # unless it asks for fewer.
     subset: int | None = None  # train on N training images (stratified, fixed seed); None: all
     first_per_class: int | None = None  # train on the first N images of each class (file order); None: all
+    # Honest selection: carve N training images (stratified, fixed seed) out as the validation split
+    # that best-epoch choice and recipe screens read; the dataset's held-out split becomes the test
+    # split, scored once at the end. Carved before data.subset / first_per_class, so no model of the
+    # run (the teacher with teacher.full_data included) trains on them. None: select on the held-out split.
+    val_split: int | None = None
     cache: bool = False  # imagefolder: decode every image once into memory (uint8)
     num_workers: int = 0  # imagefolder without cache: DataLoader workers
 
@@ -394,6 +399,7 @@ def validate(config: Config) -> Config:
         ("optim.lr", config.optim.lr),
         ("method.temperature", config.method.temperature),
         ("data.first_per_class", config.data.first_per_class),
+        ("data.val_split", config.data.val_split),
         ("schedule.div_factor", config.schedule.div_factor),
         ("schedule.final_div_factor", config.schedule.final_div_factor),
     ):

@@ -187,8 +187,10 @@ class DataBundle:
     dataset: str
     classes: list[str]
     train: Split
-    val: Split
+    val: Split  # what training selects on: the carved split with data.val_split, else the held-out one
     val_name: str
+    test: Split | None  # the held-out split when data.val_split carved the val split, scored once
+    test_name: str | None
     image_size: int
     resize: int | None
     mean: tuple[float, ...]
@@ -229,10 +231,17 @@ class DataBundle:
             "val_split": self.val_name,
             "num_train": len(self.train),
             "num_val": len(self.val),
+            "test_split": self.test_name,
+            "num_test": len(self.test) if self.test is not None else None,
             "subset": self.subset,
             "first_per_class": self.first_per_class,
             "augment": self.augment,
         }
+
+    @property
+    def held_out(self) -> Split:
+        """The split no selection reads when data.val_split carved one (the test split), else val."""
+        return self.test if self.test is not None else self.val
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) on any device to normalised float32."""
@@ -260,8 +269,9 @@ class DataBundle:
     def eval_batches(
         self, split: str, batch_size: int, rank: int = 0, world_size: int = 1
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """uint8 batches of "train" or "val" in order, with the evaluation preprocessing; sharded by rank."""
-        data = self.train if split == "train" else self.val
+        """uint8 batches of "train", "val" or "test" in order, with the evaluation preprocessing;
+        sharded by rank. "test" is the held-out split: the val split when none was carved."""
+        data = {"train": self.train, "val": self.val, "test": self.held_out}[split]
         indices = torch.arange(len(data))[rank::world_size]
         yield from _ordered_batches(data.take(indices), batch_size, self, self.num_workers)
 
@@ -349,15 +359,16 @@ class TrainEpoch:
         yield from loader
 
 
-def _stratified_pick(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Indices of `count` samples keeping class proportions (sklearn's stratified split), sorted."""
+def _stratified_pick(labels: np.ndarray, count: int, seed: int, key: str) -> np.ndarray:
+    """Indices of `count` samples keeping class proportions (sklearn's stratified split), sorted;
+    `key` names the config key in the error for a count below the number of classes."""
     from sklearn.model_selection import train_test_split
 
     if count >= len(labels):
         return np.arange(len(labels))
     n_classes = len(np.unique(labels))
     if count < n_classes:
-        raise UsageError(f"config key data.subset: {count} is fewer than the {n_classes} classes")
+        raise UsageError(f"config key {key}: {count} is fewer than the {n_classes} classes")
     picked, _ = train_test_split(np.arange(len(labels)), train_size=count, stratify=labels, random_state=seed)
     return np.sort(picked)
 
@@ -495,6 +506,27 @@ def _load_imagefolder(cfg: DataConfig, cache: bool) -> tuple[list[str], Split, S
     return classes, train, val, val_name
 
 
+def _carve_val(train: Split, count: int) -> tuple[Split, Split]:
+    """(the rest, `count` stratified training samples) with the fixed data seed; a one-line error when
+    the count is not below the number of training images or is below the number of classes."""
+    labels = train.labels.numpy()
+    if count >= len(labels):
+        raise UsageError(
+            f"config key data.val_split: {count} is not fewer than the {len(labels)} training images"
+        )
+    picked = _stratified_pick(labels, count, DATA_SEED, "data.val_split")
+    keep = np.setdiff1d(np.arange(len(labels)), picked)
+    return train.take(torch.from_numpy(keep)), train.take(torch.from_numpy(picked))
+
+
+def _decoded(split: Split, cfg: DataConfig) -> Split:
+    """An image-file split decoded once into memory (data.cache)."""
+    if split.images is not None:
+        return split
+    assert split.files is not None
+    return Split(labels=split.labels, images=_decode_all(split.files, cfg.image_size, cfg.resize))
+
+
 def resolve_augment(cfg: DataConfig) -> str:
     """The augmentation "auto" stands for: digits crop only; small images crop+flip; else RRC+flip."""
     if cfg.augment != "auto":
@@ -520,15 +552,19 @@ def build_data(config: Config, *, cache: bool | None = None) -> DataBundle:
         classes, train, val, val_name = _load_cifar(cfg)
     else:
         classes, train, val, val_name = _load_imagefolder(cfg, use_cache)
+    test: Split | None = None
+    test_name: str | None = None
+    if cfg.val_split is not None:
+        train, carved = _carve_val(train, cfg.val_split)
+        test, test_name, val, val_name = val, val_name, carved, "train-holdout"
     if cfg.subset is not None:
-        picked = _stratified_pick(train.labels.numpy(), cfg.subset, DATA_SEED)
+        picked = _stratified_pick(train.labels.numpy(), cfg.subset, DATA_SEED, "data.subset")
         train = train.take(torch.from_numpy(picked))
     elif cfg.first_per_class is not None:
         train = train.take(torch.from_numpy(first_per_class(train.labels.numpy(), cfg.first_per_class)))
     if use_cache and train.images is None:
-        assert train.files is not None and val.files is not None
-        train = Split(labels=train.labels, images=_decode_all(train.files, cfg.image_size, cfg.resize))
-        val = Split(labels=val.labels, images=_decode_all(val.files, cfg.image_size, cfg.resize))
+        train, val = _decoded(train, cfg), _decoded(val, cfg)
+        test = _decoded(test, cfg) if test is not None else None
     mean, std = DATASET_STATS[cfg.dataset]
     return DataBundle(
         dataset=cfg.dataset,
@@ -536,6 +572,8 @@ def build_data(config: Config, *, cache: bool | None = None) -> DataBundle:
         train=train,
         val=val,
         val_name=val_name,
+        test=test,
+        test_name=test_name,
         image_size=cfg.image_size,
         resize=cfg.resize,
         mean=tuple(cfg.mean) if cfg.mean is not None else mean,
@@ -556,7 +594,8 @@ def iter_run_batches(
 
     Reads RUN/config.yaml. Yields (float32 NCHW normalised images, int64 labels) as numpy arrays.
     split "val": the validation split in order (with `limit`, that many images spread evenly over
-    it: deploy.sampling). split "train": the images the run trained on (its
+    it: deploy.sampling); "test": the held-out split the same way (the val split when the run
+    carved none with data.val_split). split "train": the images the run trained on (its
     subset when it had one; with teacher.full_data, the whole training split its teacher saw, so
     that int8 calibration does not rest on a student's few images) in a fixed-seed shuffled order,
     without augmentation. `limit` caps the images.
@@ -564,8 +603,8 @@ def iter_run_batches(
     Raises:
         UsageError: an unknown split, a bad batch size or limit, or data that cannot be read.
     """
-    if split not in ("train", "val"):
-        raise UsageError(f"split {split!r}: expected 'train' or 'val'")
+    if split not in ("train", "val", "test"):
+        raise UsageError(f"split {split!r}: expected 'train', 'val' or 'test'")
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -576,8 +615,8 @@ def iter_run_batches(
             config, data=dataclasses.replace(config.data, subset=None, first_per_class=None)
         )
     bundle = build_data(config, cache=False)
-    data = bundle.val if split == "val" else bundle.train
-    if split == "val":
+    data = {"train": bundle.train, "val": bundle.val, "test": bundle.held_out}[split]
+    if split != "train":
         order = torch.tensor(spread_indices(len(data), limit), dtype=torch.long)
     else:
         order = torch.randperm(len(data), generator=_generator(DATA_SEED))[:limit]

@@ -23,6 +23,7 @@ Accuracies (top1, top5) are percentages, 0-100, everywhere: metrics.jsonl and th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import random
@@ -67,6 +68,7 @@ from reviewkd.run_record import (
     TEACHER_FILE,
     append_metrics,
     read_metrics,
+    record_test_scores,
     truncate_metrics,
     weights_file,
     write_best,
@@ -674,9 +676,34 @@ def fit(
             sums = train_one_epoch(trainer, epoch, start_step, aug_state, accum, sigint)
             _end_epoch(trainer, epoch, sums)
             start_step, aug_state, accum = 0, None, {}
+    if bundle.test is not None and trainer.best is not None:
+        _score_test(trainer)
     if runtime.distributed:
         dist.barrier()
     return out_dir / weights_file(role)
+
+
+def _score_test(trainer: Trainer) -> None:
+    """Score the kept weights on the test split once, after training, and record it in the manifest.
+
+    Only runs that carved their validation split (data.val_split) have a test split apart: every
+    choice (best epoch, recipe screens) read the val split, so this number is read by nothing that
+    chooses. Every rank takes part (evaluate sums the counts under DDP); rank 0 writes.
+    """
+    assert trainer.best is not None and trainer.bundle.test_name is not None
+    model = copy.deepcopy(trainer.distiller.student)
+    model.load_state_dict(trainer.best["state"])
+    batch_size = max(trainer.config.train.batch_size, 256)
+    scores = evaluate(model, trainer.bundle, trainer.runtime, batch_size=batch_size, split="test")
+    if trainer.runtime.is_main:
+        record_test_scores(
+            trainer.out_dir, trainer.config.task, trainer.role, trainer.bundle.test_name, scores
+        )
+    _log(
+        trainer.runtime,
+        f"{trainer.role}: test split {trainer.bundle.test_name} ({scores['n']} images), scored once with"
+        f" the epoch-{trainer.best['epoch']} weights: top1 {scores['top1']:.2f}% top5 {scores['top5']:.2f}%",
+    )
 
 
 # ------------------------------------------------------------------------------------------------- stages

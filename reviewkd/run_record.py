@@ -170,6 +170,20 @@ def record_trained_model(
     write_manifest(out_dir, manifest)
 
 
+def record_test_scores(out_dir: Path, task: str, role: str, split: str, scores: dict[str, Any]) -> None:
+    """Record the held-out test split's scores of the kept model in its manifest block ("test": the
+    split's name, its image count and the task's model metrics). Written once training has ended: a
+    run that carved its validation split (data.val_split) scores the test split only then."""
+    manifest = read_manifest(out_dir)
+    metrics = {key: scores[key] for key, _ in TASKS[task].model_metrics}
+    test = {"split": split, "n": scores["n"], **metrics}
+    if role == "student":
+        manifest["student"]["test"] = test
+    else:
+        manifest["teacher"]["test"] = test
+    write_manifest(out_dir, manifest)
+
+
 def write_run_manifest(
     out_dir: Path,
     config: Config,

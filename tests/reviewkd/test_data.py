@@ -223,3 +223,54 @@ def test_run_train_images_are_the_teachers_with_full_data(
     overrides = ["data.image_size=8", "data.subset=100", f"teacher.full_data={full_data}"]
     save_config(load_config(None, overrides), tmp_path / "config.yaml")
     assert sum(len(y) for _, y in iter_run_batches(tmp_path, "train", 512)) == expected
+
+
+def test_val_split_is_carved_from_the_training_images_and_the_held_out_split_becomes_the_test() -> None:
+    plain, carved = _digits(), _digits("data.val_split=200")
+    assert (len(carved.train), len(carved.val)) == (1237, 200)
+    assert carved.test is not None and torch.equal(carved.test.labels, plain.val.labels)
+    assert (carved.val_name, carved.test_name) == ("train-holdout", "heldout")
+    assert plain.test is None and plain.held_out is plain.val and carved.held_out is carved.test
+    assert int(torch.bincount(carved.val.labels, minlength=10).min()) >= 19  # stratified
+    # Disjoint: every carved image is a training image no longer trained on (pixels identify them).
+    assert plain.train.images is not None and carved.train.images is not None
+    assert carved.val.images is not None
+    train_rows = {bytes(x.numpy()) for x in carved.train.images}
+    all_rows = [bytes(x.numpy()) for x in plain.train.images]
+    val_rows = [bytes(x.numpy()) for x in carved.val.images]
+    assert all(row in all_rows for row in val_rows)
+    assert sum(row in train_rows for row in val_rows) <= 2  # digits has a few duplicate glyph images
+    # Carved before the subset: a 50-image student never trains on the val split either.
+    small = _digits("data.val_split=200", "data.subset=50")
+    assert small.val.images is not None and torch.equal(small.val.images, carved.val.images)
+    recorded = small.manifest_data()
+    assert {k: recorded[k] for k in ("val_split", "num_val", "test_split", "num_test", "num_train")} == {
+        "val_split": "train-holdout",
+        "num_val": 200,
+        "test_split": "heldout",
+        "num_test": 360,
+        "num_train": 50,
+    }
+    # The split does not move with the training seed.
+    assert torch.equal(_digits("data.val_split=200", "train.seed=5").val.labels, carved.val.labels)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", r"data\.val_split: must be > 0"),
+        ("5", r"data\.val_split: 5 is fewer than the 10 classes"),
+        ("1437", r"data\.val_split: 1437 is not fewer than the 1437 training images"),
+    ],
+)
+def test_val_split_out_of_range_is_a_one_line_error(value: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        _digits(f"data.val_split={value}")
+
+
+def test_iter_run_batches_reads_the_test_split_of_a_carved_run(tmp_path: Path) -> None:
+    save_config(load_config(None, ["data.subset=null", "data.val_split=100"]), tmp_path / "config.yaml")
+    assert sum(len(y) for _, y in iter_run_batches(tmp_path, "val", 64)) == 100
+    assert sum(len(y) for _, y in iter_run_batches(tmp_path, "test", 64)) == 360
+    with pytest.raises(UsageError, match="expected 'train', 'val' or 'test'"):
+        next(iter(iter_run_batches(tmp_path, "nope", 64)))

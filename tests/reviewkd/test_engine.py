@@ -20,6 +20,7 @@ from deploy.manifest import read_manifest, verify_artifact
 from reviewkd.app.cli import main
 from reviewkd.checkpoint import load_checkpoint
 from reviewkd.config import Config, load_config, save_config
+from reviewkd.data import build_data
 from reviewkd.engine import TrainingDivergedError, distill, train_teacher
 from reviewkd.models import create_model
 from reviewkd.run_record import read_metrics
@@ -362,3 +363,30 @@ def test_teacher_full_data_trains_the_teacher_on_every_image(tmp_path: Path) -> 
     distill(config, tmp_path)
     assert read_manifest(tmp_path / "teacher")["data"]["num_train"] == 1437
     assert read_manifest(tmp_path)["data"]["num_train"] == 100
+
+
+def test_a_carved_val_split_selects_and_the_test_split_is_scored_once_at_the_end(
+    teacher_file: Path, tmp_path: Path
+) -> None:
+    config = with_teacher(teacher_file, "method.name=kd", "train.epochs=2", "data.val_split=100")
+    distill(config, tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    manifest = read_manifest(tmp_path)
+    student, data = manifest["student"], manifest["data"]
+    assert (data["val_split"], data["num_val"], data["test_split"], data["num_test"]) == (
+        "train-holdout",
+        100,
+        "heldout",
+        360,
+    )
+    # The best epoch is chosen on the carved split; the test split is read only for the kept weights.
+    assert student["top1"] == max(r["val_top1"] for r in records)
+    assert all("test_top1" not in r for r in records)
+    test = student["test"]
+    assert (test["split"], test["n"]) == ("heldout", 360) and set(test) == {"split", "n", "top1", "top5"}
+    kept = create_model("cifar_resnet20", 10, weights=tmp_path / "student.safetensors").eval()
+    bundle = build_data(config)
+    with torch.no_grad():
+        x = bundle.normalize(bundle.held_out.images)  # type: ignore[arg-type]
+        top1 = 100.0 * float((kept(x).argmax(1) == bundle.held_out.labels).float().mean())
+    assert test["top1"] == pytest.approx(top1, abs=1e-6)
