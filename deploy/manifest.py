@@ -120,6 +120,14 @@ class Manifest(TypedDict, total=False):
     qad: dict[str, Any]  # reviewkd quantize: accuracies, the selected weights, the quantizer placement
 
 
+def reported_scores(block: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The scores a report states for a trained model's manifest block (student, teacher or a
+    baseline): its "test" entry, scored once after training, when the run carved the split it chose
+    its epoch on (data.val_split); else the block itself, whose scores are that choice's split."""
+    test = block.get("test")
+    return test if isinstance(test, Mapping) else block
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """The manifest's "input" block, checked: (C, H, W), per-channel mean/std on 0-1 values,

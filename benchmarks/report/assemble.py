@@ -35,7 +35,7 @@ from benchmarks.targets import artifact_formats
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import parse_json
-from deploy.manifest import Manifest, read_manifest
+from deploy.manifest import Manifest, read_manifest, reported_scores
 from deploy.predict import check_export_is_current
 from deploy.status import Status
 
@@ -227,15 +227,23 @@ def _static_fields(key: str, manifest: Manifest, views: Sequence[Mapping[str, An
 
 
 def _run_info(run_dir: PathLike, manifest: Manifest, metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    student = manifest.get("student", {})
-    teacher = manifest.get("teacher", {})
+    student = reported_scores(manifest.get("student", {}))
+    teacher = reported_scores(manifest.get("teacher", {}))
     method = manifest.get("method", {})
     return {
         "dir": str(Path(run_dir).resolve()),
         "method": method.get("name"),
         "method_params": method.get("params", {}),
-        "student": {"arch": student.get("arch"), "top1": student.get("top1"), "top5": student.get("top5")},
-        "teacher": {"arch": teacher.get("arch"), "top1": teacher.get("top1"), "top5": teacher.get("top5")},
+        "student": {
+            "arch": manifest.get("student", {}).get("arch"),
+            "top1": student.get("top1"),
+            "top5": student.get("top5"),
+        },
+        "teacher": {
+            "arch": manifest.get("teacher", {}).get("arch"),
+            "top1": teacher.get("top1"),
+            "top5": teacher.get("top5"),
+        },
         "baselines": manifest.get("baselines"),
         "num_classes": len(manifest.get("classes", [])) or student.get("num_classes"),
         "input_shape": manifest.get("input", {}).get("shape"),
@@ -247,17 +255,19 @@ def _run_info(run_dir: PathLike, manifest: Manifest, metrics: Sequence[Mapping[s
 def _distillation(manifest: Manifest) -> dict[str, Any]:
     """The student's top-1 gain over the cross-entropy student trained in the same run, in points.
 
-    Both top-1 values are the manifest's: each student's best validation epoch, on the same
-    validation images. Without a baseline (`reviewkd run --no-baseline`, a plain `distill`) the
-    block says so instead of a gain.
+    Both top-1 values are the manifest's for each student's best validation epoch, on the same
+    images: the test split's, scored once, where the run carved its validation split
+    (data.val_split), else the validation split's. Without a baseline (`reviewkd run
+    --no-baseline`, a plain `distill`) the block says so instead of a gain.
     """
     method = manifest.get("method", {}).get("name")
-    student_top1 = manifest.get("student", {}).get("top1")
-    baseline = (manifest.get("baselines") or {}).get(BASELINE_METHOD)
+    student_top1 = reported_scores(manifest.get("student", {})).get("top1")
+    recorded = (manifest.get("baselines") or {}).get(BASELINE_METHOD)
+    baseline = reported_scores(recorded) if isinstance(recorded, Mapping) else None
     block: dict[str, Any] = {"method": method, "student_top1": student_top1, "baseline": BASELINE_METHOD}
     if method == BASELINE_METHOD:
         reason = "the student itself was trained with cross-entropy alone (method ce); nothing was distilled"
-    elif not isinstance(baseline, Mapping):
+    elif recorded is None or baseline is None:
         reason = "this run has no cross-entropy baseline (`reviewkd run` trains one unless --no-baseline)"
     elif student_top1 is None or baseline.get("top1") is None:
         reason = "the student or the cross-entropy baseline has no top-1 in the manifest"
@@ -267,7 +277,7 @@ def _distillation(manifest: Manifest) -> dict[str, Any]:
             "status": Status.OK,
             "reason": None,
             "baseline_top1": baseline["top1"],
-            "baseline_run": baseline.get("run"),
+            "baseline_run": recorded.get("run"),
             "gain_points": student_top1 - baseline["top1"],
         }
     return {**block, "status": Status.NOT_MEASURED, "reason": reason}

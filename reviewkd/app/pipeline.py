@@ -146,6 +146,7 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
         manifest["baselines"] = {
             spec.baseline_method: {
                 **{key: scores[key] for key, _ in spec.model_metrics},
+                **({"test": scores["test"]} if "test" in scores else {}),  # data.val_split
                 "run": BASELINE_DIR,
                 "sha256": scores["sha256"],
             }

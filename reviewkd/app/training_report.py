@@ -27,7 +27,7 @@ from typing import Any
 
 from deploy import run_layout
 from deploy.fileio import write_json_atomic, write_text_atomic
-from deploy.manifest import read_manifest
+from deploy.manifest import read_manifest, reported_scores
 from deploy.tasks import TaskSpec, task_of
 
 REPORT_SCHEMA_VERSION = 1
@@ -36,7 +36,8 @@ SKIPPED_STAGES = ("export", "validate", "bench")
 
 def _model_row(role: str, block: Mapping[str, Any], run: str, spec: TaskSpec) -> dict[str, Any]:
     row: dict[str, Any] = {"role": role, "arch": block.get("arch"), "run": run}
-    row.update({key: block.get(key) for key, _ in spec.model_metrics})
+    scores = reported_scores(block)
+    row.update({key: scores.get(key) for key, _ in spec.model_metrics})
     return row
 
 
@@ -54,8 +55,8 @@ def build_training_report(run: Path) -> dict[str, Any]:
     if run_layout.run_path(baseline_dir, run_layout.MANIFEST).is_file():
         baseline = read_manifest(baseline_dir).get("student", {})
         models.append(_model_row(spec.baseline_method, baseline, run_layout.BASELINE_DIR, spec))
-        baseline_value = baseline.get(spec.metric_key)
-    student_value = manifest.get("student", {}).get(spec.metric_key)
+        baseline_value = reported_scores(baseline).get(spec.metric_key)
+    student_value = reported_scores(manifest.get("student", {})).get(spec.metric_key)
     gain = None
     if student_value is not None and baseline_value is not None:
         gain = student_value - baseline_value if spec.higher_is_better else baseline_value - student_value

@@ -550,3 +550,18 @@ def test_a_comparison_stays_beside_later_benches_of_the_same_kind(measured_run: 
     replaced = {**earlier, "reason": "still no runtime"}
     merged = save_result(measured_run, BENCH_FILE, {**again, "comparisons": {"x/fp32,y/int8": replaced}})
     assert merged["comparisons"] == {"x/fp32,y/int8": replaced}
+
+
+def test_a_run_that_carved_its_val_split_reports_the_test_scores(tmp_path: Path) -> None:
+    run, _ = make_run(tmp_path)
+    add_ce_baseline(run, top1=78.25)
+    manifest = read_manifest(run)
+    test = {"split": "test", "n": 360}
+    manifest["student"]["test"] = {**test, "top1": 80.0, "top5": 99.0}
+    manifest["baselines"]["ce"]["test"] = {**test, "top1": 77.5, "top5": 98.0}
+    write_manifest(run, manifest)
+    report = build_report(run)
+    # The gain and the student's top-1 are the test split's, not the selection split's (81.50 / 78.25).
+    assert report["distillation"]["student_top1"] == 80.0
+    assert report["distillation"]["gain_points"] == pytest.approx(2.5)
+    assert report["run"]["student"]["top1"] == 80.0
