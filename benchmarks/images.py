@@ -19,6 +19,7 @@ from deploy.errors import MissingDependencyError, UsageError
 from deploy.manifest import InputSpec, Manifest, input_spec
 from deploy.preprocess import load_images
 from deploy.sampling import spread_indices
+from reviewkd.config import load_run_config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -70,8 +71,6 @@ def run_validation_folder(run_dir: Path) -> Path:
     MissingDependencyError when the run's dataset (digits, CIFAR pickles) can only be read with
     torch: pass --data, or install the training extra.
     """
-    from reviewkd.config import load_run_config
-
     data = load_run_config(run_dir).data
     if data.dataset != "imagefolder" or not data.root:
         raise MissingDependencyError(

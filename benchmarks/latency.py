@@ -43,6 +43,7 @@ from benchmarks.stability import (
 )
 from benchmarks.targets import Target, check_unique, error_reason, open_target
 from deploy.errors import UsageError
+from deploy.optional import optional_import
 from deploy.runners.base import Runner
 from deploy.status import Status
 
@@ -105,7 +106,8 @@ class CudaEventTimer:
     name = "cuda_event_call"
 
     def __init__(self, stream_handle: int | None = None) -> None:
-        import torch
+        with optional_import("timing on a CUDA device with torch"):
+            import torch
 
         self._start = torch.cuda.Event(enable_timing=True)
         self._end = torch.cuda.Event(enable_timing=True)
@@ -126,7 +128,8 @@ def cuda_events_available() -> bool:
     """Return True when torch is installed and sees a CUDA device."""
     if importlib.util.find_spec("torch") is None:
         return False
-    import torch
+    with optional_import("timing on a CUDA device with torch"):
+        import torch
 
     return bool(torch.cuda.is_available())
 

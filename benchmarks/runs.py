@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.environment import collect_environment, machine_text
+from benchmarks.images import folder_batches, run_validation_folder
 from benchmarks.latency import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_WARMUP,
@@ -31,14 +32,17 @@ from benchmarks.report import save_result, write_report
 from benchmarks.targets import Target, artifact_formats
 from benchmarks.validate import REFERENCE_KEY, validate_runners
 from deploy import run_layout
-from deploy.errors import MissingDependencyError, UsageError, torch_installed
+from deploy.errors import MissingDependencyError, UsageError
 from deploy.gates import GateTable
 from deploy.gpu import current_gpu
 from deploy.manifest import Manifest, read_manifest
+from deploy.optional import installed, optional_import
 from deploy.predict import check_export_is_current
 from deploy.run_lock import locks_run
 from deploy.runners import onnxruntime_device, open_runner
 from deploy.runners.base import Runner
+from reviewkd.config import load_run_config
+from reviewkd.student import open_student_runner
 
 PathLike = str | os.PathLike[str]
 DEVICES = ("auto", "cpu", "cuda")
@@ -54,8 +58,9 @@ def resolve_device(device: str) -> str:
     """
     if device not in DEVICES:
         raise UsageError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
-    if torch_installed():
-        import torch
+    if installed("torch"):
+        with optional_import("the PyTorch reference"):
+            import torch
 
         has_gpu = bool(torch.cuda.is_available())
         where = f"torch {torch.__version__} sees no CUDA GPU"
@@ -72,9 +77,6 @@ def resolve_device(device: str) -> str:
 
 
 def _open_student(run: Path, manifest: Manifest, precision: str, device: str) -> Runner:
-    # Imported when a target opens: reviewkd.student raises MissingDependencyError without torch.
-    from reviewkd.student import open_student_runner
-
     return open_student_runner(run, manifest, precision, device)
 
 
@@ -102,7 +104,7 @@ def choose_reference(run: Path, manifest: Manifest) -> tuple[str, str | None]:
     The student (torch/fp32) where torch is installed and the run has its weights; else the fp32
     ONNX file, which export checked against the student.
     """
-    if not torch_installed():
+    if not installed("torch"):
         why = "torch is not installed here"
     elif not has_student(run, manifest):
         why = f"the run has no {run_layout.STUDENT_WEIGHTS}"
@@ -195,8 +197,9 @@ def _apply_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
-    if torch_installed():
-        import torch
+    if installed("torch"):
+        with optional_import("the PyTorch reference"):
+            import torch
 
         # The torch student runs in this process: its intra-op pool gets the same budget as ONNX Runtime.
         torch.set_num_threads(threads)
@@ -208,13 +211,12 @@ def validation_batches(
     """The validation images of a run: `data` (an image folder per class) when given, else the run's
     own held-out split (read with torch where installed, else from its ImageFolder tree): its test
     split when data.val_split carved the split training selected on, so the score is on unseen images."""
-    from benchmarks.images import folder_batches, run_validation_folder
-
     run = Path(run_dir)
     if data is not None:
         return folder_batches(Path(data), read_manifest(run), batch_size, limit)
-    if torch_installed():
-        from reviewkd.data import iter_run_batches
+    if installed("torch"):
+        with optional_import("the PyTorch reference"):
+            from reviewkd.data import iter_run_batches
 
         return iter_run_batches(run, "test", batch_size, limit)
     return folder_batches(run_validation_folder(run), read_manifest(run), batch_size, limit)
@@ -225,7 +227,6 @@ def validation_source(run_dir: PathLike, limit: int | None, data: PathLike | Non
     the --data folder by its absolute path, else the run's own split named by RUN/config.yaml."""
     if data is not None:
         return {"kind": SOURCE_FOLDER, "path": str(Path(data).resolve()), "limit": limit}
-    from reviewkd.config import load_run_config
 
     config = load_run_config(run_dir).data
     root = str(Path(config.root).resolve()) if config.root else None

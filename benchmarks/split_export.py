@@ -19,11 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from benchmarks.images import run_validation_folder, scan_image_folder
 from deploy import run_layout
-from deploy.errors import OutputError, UsageError, require_torch
+from deploy.errors import OutputError, UsageError
 from deploy.manifest import manifest_path, read_manifest
+from deploy.optional import optional_import, require_installed
 from deploy.sampling import spread_indices
+from reviewkd.config import load_run_config
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,6 @@ def export_validation_split(
         MissingDependencyError: the split is a digits or CIFAR one and torch is not installed.
         OutputError: `out` cannot be written.
     """
-    from reviewkd.config import load_run_config
-
     run, target = Path(run_dir), Path(out)
     manifest = read_manifest(run)
     classes = _class_folder_names(manifest.get("classes") or [], str(manifest_path(run)))
@@ -84,8 +86,6 @@ def export_validation_split(
     _check_out(run, target)
     dataset = load_run_config(run).data.dataset
     if dataset == "imagefolder":
-        from benchmarks.images import run_validation_folder, scan_image_folder
-
         folder = run_validation_folder(run)
         files, all_labels = scan_image_folder(folder, classes)
         chosen = spread_indices(len(files), limit)
@@ -98,8 +98,9 @@ def export_validation_split(
 
         source = f"files of {folder}"
     else:
-        require_torch(f"writing the {dataset} validation split (the run's loader rebuilds it with torch)")
-        from PIL import Image
+        require_installed(
+            "torch", f"writing the {dataset} validation split (the run's loader rebuilds it with torch)"
+        )
 
         images, label_array = _rebuilt_split(run, classes)
         chosen = spread_indices(len(label_array), limit)
@@ -138,8 +139,8 @@ def _write_whole(target: Path, classes: list[str], write: Callable[[Path], None]
 
 def _rebuilt_split(run: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The run's validation split as its loader builds it: uint8 (N, 3, H, W) images and labels."""
-    from reviewkd.config import load_run_config
-    from reviewkd.data import build_data
+    with optional_import("rebuilding the run's validation split"):
+        from reviewkd.data import build_data
 
     bundle = build_data(load_run_config(run), cache=False)
     if bundle.classes != classes:

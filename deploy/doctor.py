@@ -29,6 +29,7 @@ from typing import Any
 
 from deploy.gpu import import_cudart, probe_gpu
 from deploy.install_targets import MIN_LINUX_DRIVER, ONNXRUNTIME_DISTRIBUTIONS, target_for_driver
+from deploy.optional import optional_module
 
 # The distributions whose CUDA major matters, besides the ONNX Runtimes.
 _TENSORRT_DISTRIBUTIONS = (
@@ -195,10 +196,9 @@ def _driver_from_bindings() -> tuple[int, int]:
 
 
 def _driver_from_nvml() -> tuple[int, int]:
-    try:
-        import pynvml
-    except ImportError:
-        raise LookupError("NVML (nvidia-ml-py) is not installed") from None
+    pynvml = optional_module("pynvml")
+    if pynvml is None:
+        raise LookupError("NVML (nvidia-ml-py) is not installed")
     pynvml.nvmlInit()
     try:
         version = int(pynvml.nvmlSystemGetCudaDriverVersion_v2())

@@ -66,22 +66,3 @@ RUNTIME_MISSING = (
     " 'reviewkd[cuda12]' or 'reviewkd[cuda13]' (a Jetson: NVIDIA's onnxruntime-gpu wheel), or run"
     " `reviewkd doctor`"
 )
-
-
-def torch_installed() -> bool:
-    """Whether torch can be imported here, found without importing it (that takes seconds)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("torch") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def require_torch(action: str) -> None:
-    """Raise MissingDependencyError naming the install when torch is not installed; `action` needs it."""
-    if not torch_installed():
-        raise MissingDependencyError(
-            f"{action} needs PyTorch, which this installation lacks (the edge install serves, validates and"
-            f" benchmarks exported files without it); install the training extra: {TRAIN_EXTRA_HINT}"
-        )

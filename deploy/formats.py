@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy import run_layout
-from deploy.errors import TRAIN_EXTRA_HINT, torch_installed
+from deploy.errors import TRAIN_EXTRA_HINT
+from deploy.optional import installed
 
 # Manifest artifact kind of a model file -> the backend that runs it, in report order.
 BACKEND_OF_KIND: dict[str, str] = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
@@ -162,6 +163,6 @@ def export_advice(run_dir: str | os.PathLike[str], key: str | None = None) -> st
         command = f"`reviewkd export {run_dir} --formats {_EXPORT_FORMAT_OF_KEY[key]}`"
     else:
         command = f"`reviewkd export {run_dir}`"
-    if torch_installed():
+    if installed("torch"):
         return command
     return f"{command} where PyTorch is installed (this install has none: {TRAIN_EXTRA_HINT})"

@@ -12,7 +12,6 @@ and ignore that variable, so their probes map the index through it first (by ind
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import subprocess
@@ -21,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
+
+from deploy.optional import optional_module
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,9 @@ class GpuInfo:
 def import_cudart() -> ModuleType | None:
     """cuda-python's CUDA runtime bindings (new and old module paths), or None when absent."""
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
+        module = optional_module(name)
+        if module is not None:
+            return module
     return None
 
 
@@ -158,10 +158,9 @@ def _from_cuda_python(index: int) -> GpuInfo:
 
 def _from_nvml(index: int) -> GpuInfo:
     physical = visible_device(index)
-    try:
-        import pynvml
-    except ImportError:
-        raise GpuProbeError("NVML (pynvml) is not installed") from None
+    pynvml = optional_module("pynvml")
+    if pynvml is None:
+        raise GpuProbeError("NVML (pynvml) is not installed")
     pynvml.nvmlInit()
     try:
         count = pynvml.nvmlDeviceGetCount()

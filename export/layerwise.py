@@ -24,6 +24,8 @@ saturation described in export/precision.py was found that way).
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,11 +40,13 @@ from deploy.errors import MissingDependencyError, UsageError
 from deploy.fileio import atomic_output, ensure_writable_dir, write_text_atomic
 from deploy.formats import ONNX_FORMATS
 from deploy.manifest import Manifest, read_manifest, verify_artifact
+from deploy.optional import optional_import
 from deploy.predict import check_export_is_current
 from deploy.run_lock import locks_run
 from deploy.runners.onnxruntime_runner import session_options
 from export.check import run_onnx
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, get_metadata, load_onnx
+from reviewkd.data import iter_run_batches
 
 TOP_LEVEL = "(top level)"
 
@@ -115,7 +119,8 @@ def _all_outputs(
     path: str | os.PathLike[str], images: np.ndarray
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Run `path` with every node output marked as a graph output; return the model and the tensors."""
-    import onnxruntime as ort
+    with optional_import("the layer-by-layer comparison"):
+        import onnxruntime as ort
 
     model = load_onnx(path)
     marked = {o.name for o in model.graph.output}
@@ -248,10 +253,12 @@ def markdown(report: LayerwiseReport, title: str) -> str:
 
 def plot(report: LayerwiseReport, path: str | os.PathLike[str], title: str) -> None:
     """Relative L2 error per layer in graph order, the jump marked, as a PNG at `path`."""
-    import matplotlib
+    with optional_import("the layerwise plot"):
+        import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with optional_import("the layerwise plot"):
+        import matplotlib.pyplot as plt
 
     positions = list(range(len(report.layers)))
     figure, axis = plt.subplots(figsize=(max(6.0, 0.12 * len(positions)), 3.5))
@@ -274,9 +281,6 @@ def write_report(
     report: LayerwiseReport, folder: str | os.PathLike[str], stem: str, title: str
 ) -> dict[str, Path]:
     """Write STEM.json, STEM.md and STEM.png into `folder`; return their paths by kind."""
-    import json
-
-
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
@@ -340,10 +344,6 @@ def debug_run(
             export or exported from an older student; an unwritable report folder.
         MissingDependencyError: matplotlib (the plots extra) is not installed.
     """
-    import importlib.util
-
-    from reviewkd.data import iter_run_batches
-
     run = Path(run_dir)
     fmt = target.removeprefix("onnxruntime/")
     files = comparable_files()

@@ -12,6 +12,7 @@ folded (pre-activation networks: BN before the conv) stay as BatchNormalization 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -27,6 +28,7 @@ from torch import nn
 
 from deploy.errors import UsageError
 from deploy.fileio import ONNX_CONTENT_HASH_KEY, atomic_output, onnx_content_sha256
+from deploy.optional import optional_import, optional_module
 
 METADATA_KEY = "reviewkd_manifest"
 INPUT_NAME = "images"
@@ -217,8 +219,6 @@ def torch_export(model: nn.Module, input_shape: tuple[int, int, int], opset: int
     folds BatchNorm into the convolutions in eval mode. The dynamo exporter on 2.4 is the separate,
     experimental dynamo_export, which we would not want to ship on.
     """
-    import inspect
-
     kwargs: dict[str, Any] = {}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False
@@ -243,7 +243,8 @@ def torch_export(model: nn.Module, input_shape: tuple[int, int, int], opset: int
 
 def optimize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding and dead-node removal with onnxscript's optimizer; metadata is kept."""
-    import onnxscript.optimizer
+    with optional_import("optimizing the ONNX graph"):
+        import onnxscript.optimizer
 
     metadata = [(p.key, p.value) for p in model.metadata_props]
     optimized: onnx.ModelProto = onnxscript.optimizer.optimize(model)
@@ -256,11 +257,10 @@ def optimize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
 def max_opset() -> int:
     """The newest opset this torch's exporter writes (torch 2.14: 23). torch keeps the number in a
     private module; where a torch lacks it, only DEFAULT_OPSET is known to work."""
-    try:
-        from torch.onnx import _constants
-    except ImportError:
+    constants = optional_module("torch.onnx._constants")
+    if constants is None:
         return DEFAULT_OPSET
-    return int(getattr(_constants, "ONNX_MAX_OPSET", DEFAULT_OPSET))
+    return int(getattr(constants, "ONNX_MAX_OPSET", DEFAULT_OPSET))
 
 
 def check_opset(opset: int) -> None:

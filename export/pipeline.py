@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploy import run_layout
-from deploy.errors import GateFailedError, MissingDependencyError, UsageError, require_torch
+from deploy.errors import GateFailedError, MissingDependencyError, UsageError
 from deploy.fileio import atomic_output, ensure_writable_dir, sha256_file
 from deploy.formats import (
     ALL_EXPORT_FORMATS,
@@ -39,6 +39,7 @@ from deploy.formats import (
     TENSORRT_SOURCES,
     UINT8_INPUT,
 )
+from deploy.gpu import probe_gpu
 from deploy.manifest import (
     MAX_IMAGE_SIDE,
     ArtifactEntry,
@@ -52,11 +53,15 @@ from deploy.manifest import (
     verify_artifact,
     write_manifest,
 )
+from deploy.optional import optional_import, require_installed
 from deploy.predict import STUDENT_SHA256_KEY
 from deploy.run_lock import locks_run
+from deploy.trt_sidecar import sidecar_path, tensorrt_available
 from export.check import UINT8_INPUT as UINT8_CHECK
 from export.check import CheckResult, check_file, run_onnx
+from export.tensorrt_engine import build_engine
 from export.timing import StageTimer, timing_table
+from reviewkd.config import Config, DataConfig, ModelConfig, save_config, validate
 
 if TYPE_CHECKING:
     import torch
@@ -145,9 +150,6 @@ def parse_formats(text: str | Sequence[str] | None) -> list[str] | None:
 
 def tensorrt_status() -> tuple[bool, str]:
     """Whether TensorRT and a GPU are here to build engines, with the reason when not."""
-    from deploy.gpu import probe_gpu
-    from deploy.trt_sidecar import tensorrt_available
-
     ok, reason = tensorrt_available()
     if not ok:
         return False, reason
@@ -162,8 +164,9 @@ def tensorrt_status() -> tuple[bool, str]:
 
 
 def load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
-    from export.onnx_export import strip_student
-    from reviewkd.models import create_model
+    with optional_import("exporting ONNX files"):
+        from export.onnx_export import strip_student
+        from reviewkd.models import create_model
 
     student_path = run / STUDENT_FILE
     if not student_path.is_file():
@@ -183,7 +186,8 @@ def load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
 
 def run_batches(run: Path) -> BatchSource:
     def source(split: str, batch_size: int, limit: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-        from reviewkd.data import iter_run_batches
+        with optional_import("exporting ONNX files"):
+            from reviewkd.data import iter_run_batches
 
         return iter_run_batches(run, split, batch_size, limit)
 
@@ -191,7 +195,8 @@ def run_batches(run: Path) -> BatchSource:
 
 
 def torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.ndarray:
-    import torch
+    with optional_import("exporting ONNX files"):
+        import torch
 
     with torch.no_grad():
         return np.concatenate([model(torch.from_numpy(b)).float().numpy() for b in batches])
@@ -300,9 +305,10 @@ def export_run(
         parse_formats(wanted)
     if wanted == [TENSORRT_FORMAT]:
         return export_engines(run, tensorrt, log, timer=timer)
-    require_torch("exporting ONNX files (any --formats but tensorrt)")
-    from export.calibration import METHOD_CHOICES
-    from export.onnx_export import check_opset
+    require_installed("torch", "exporting ONNX files (any --formats but tensorrt)")
+    with optional_import("exporting ONNX files"):
+        from export.calibration import METHOD_CHOICES
+        from export.onnx_export import check_opset
 
     if opset is not None:
         check_opset(opset)
@@ -361,9 +367,10 @@ def export_run(
         "student": {k: manifest.get("student", {}).get(k) for k in ("arch", "num_classes", "sha256")},
         "source_sha256": sha256_file(run / STUDENT_FILE),
     }
-    from export.calibration import AUTO, DEFAULT_HELD_OUT, quantize_calibrated, split_training_images
-    from export.onnx_export import DEFAULT_OPSET, export_fp32
-    from export.precision import convert_fp16
+    with optional_import("exporting ONNX files"):
+        from export.calibration import AUTO, DEFAULT_HELD_OUT, quantize_calibrated, split_training_images
+        from export.onnx_export import DEFAULT_OPSET, export_fp32
+        from export.precision import convert_fp16
 
     opset = DEFAULT_OPSET if opset is None else opset
     onnx_wanted = [f for f in ONNX_FORMATS if f in wanted]
@@ -401,7 +408,8 @@ def export_run(
         for fmt in int8_wanted:
             recorder.skip(fmt, "int8 needs calibration and validation images: pass --data IMAGEFOLDER")
     elif int8_wanted and fp32_ok:
-        from reviewkd.data import DATA_SEED
+        with optional_import("exporting ONNX files"):
+            from reviewkd.data import DATA_SEED
 
         budget = max_top1_drop_int8
         held_out = DEFAULT_HELD_OUT if calib_method == AUTO or budget is not None else 0
@@ -445,8 +453,9 @@ def export_run(
             from_fp32(fmt)
 
     if bake_preprocessing and from_fp32(UINT8_INPUT.name):
-        from export.preprocessing import bake_preprocessing as bake_uint8_input
-        from export.preprocessing import to_uint8_nhwc
+        with optional_import("exporting ONNX files"):
+            from export.preprocessing import bake_preprocessing as bake_uint8_input
+            from export.preprocessing import to_uint8_nhwc
 
         uint8_rel = UINT8_INPUT.file
         log(f"baking preprocessing into {uint8_rel}")
@@ -512,9 +521,6 @@ def _build_engines(
     timer: StageTimer,
 ) -> None:
     """Build one engine per precision from the ONNX files that passed (this export or an earlier one)."""
-    from deploy.trt_sidecar import sidecar_path
-    from export.tensorrt_engine import build_engine
-
     for precision, fmt in TENSORRT_SOURCES.items():
         rel = ONNX_FORMATS[fmt].file
         if options.dla_core is not None and precision == "fp32":
@@ -557,7 +563,8 @@ def _build_engines(
 
 def infer_num_classes(model_name: str, weights: str | os.PathLike[str]) -> int:
     """Read the number of classes off a weights file: the classifier rows of `model_name`."""
-    from reviewkd.models import create_model, read_state_dict
+    with optional_import("exporting ONNX files"):
+        from reviewkd.models import create_model, read_state_dict
 
     state = read_state_dict(weights)
     probe = create_model(model_name, 1).state_dict()
@@ -597,7 +604,7 @@ def export_model(
     (building the model, re-saving its weights) is the student file's "lay out" stage.
     """
     timer = StageTimer()
-    require_torch("exporting a zoo model")
+    require_installed("torch", "exporting a zoo model")
     out = Path(out_dir)
     if len(input_shape) != 3 or any(d < 1 for d in input_shape) or max(input_shape[1:]) > MAX_IMAGE_SIDE:
         raise UsageError(
@@ -605,7 +612,8 @@ def export_model(
             f" H and W at most {MAX_IMAGE_SIDE}"
         )
     if export_options.get("opset") is not None:
-        from export.onnx_export import check_opset
+        with optional_import("exporting ONNX files"):
+            from export.onnx_export import check_opset
 
         check_opset(export_options["opset"])  # before DIR is laid out, as export_run would after
     _check_model_out(out)
@@ -627,11 +635,12 @@ def _lay_out_run(
 ) -> None:
     """Write out/student.safetensors (the zoo model's weights, stripped), manifest.json and, with
     `data_dir`, config.yaml: a folder export_run can export."""
-    import torch
-    from safetensors.torch import save_file
+    with optional_import("exporting ONNX files"):
+        import torch
+        from safetensors.torch import save_file
 
-    from export.onnx_export import strip_student
-    from reviewkd.models import create_model
+        from export.onnx_export import strip_student
+        from reviewkd.models import create_model
 
     classes_n = num_classes if num_classes is not None else infer_num_classes(model_name, weights)
     model = strip_student(create_model(model_name, classes_n, weights=weights))
@@ -718,8 +727,6 @@ def _write_data_config(
     num_classes: int,
 ) -> list[str]:
     """Write out/config.yaml pointing reviewkd.data at the ImageFolder tree; return its class names."""
-    from reviewkd.config import Config, DataConfig, ModelConfig, save_config, validate
-
     channels, height, width = input_shape
     if channels != 3 or height != width:
         raise UsageError(f"--data: ImageFolder images load as 3 x S x S; --input-shape {input_shape} is not")

@@ -37,6 +37,7 @@ float32, so TensorRT's explicit-quantization fusions are unchanged.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import os
 import tempfile
@@ -47,8 +48,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from deploy.errors import UsageError
+from deploy.optional import optional_import
 from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY
 from export.onnx_export import INPUT_NAME, get_metadata, load_onnx, save_onnx, set_metadata
 
@@ -114,7 +117,8 @@ INT8_FLAVOURS: dict[str, Int8Flavour] = {
 
 def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict[str, Any]:
     """Write an fp16 copy of the fp32 ONNX file `src` to `dst`; inputs and outputs stay float32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    with optional_import("the fp16 conversion"):
+        from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = load_onnx(src)
     metadata = get_metadata(model)
@@ -155,8 +159,6 @@ def compute_in_fp16(model: onnx.ModelProto, names: Collection[str]) -> None:
     TensorRT still fuses them into int8 layers.
     UsageError when a name is not a node of the model.
     """
-    from onnx import TensorProto, helper, numpy_helper
-
     graph = model.graph
     wanted = set(names)
     missing = wanted - {node.name for node in graph.node}
@@ -310,7 +312,8 @@ class Int8Quantizer:
     def prepared(self) -> Path:
         """The fp32 model after ORT's shape inference and fusions: its node names are what quantizes."""
         if self._prepared is None:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
+            with optional_import("int8 quantization"):
+                from onnxruntime.quantization.shape_inference import quant_pre_process
 
             self._prepared = Path(self._tmp.name) / "prepared.onnx"
             quant_pre_process(str(self.src), str(self._prepared), skip_symbolic_shape=True)
@@ -329,10 +332,9 @@ class Int8Quantizer:
         None where this onnxruntime's quantize_static takes no cache (then it calibrates itself,
         with its own histogram defaults).
         """
-        import inspect
-
-        from onnxruntime.quantization import quantize_static
-        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+        with optional_import("int8 quantization"):
+            from onnxruntime.quantization import quantize_static
+            from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
         if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
             return None
@@ -363,7 +365,8 @@ class Int8Quantizer:
 
     def _entropy_ranges(self, calibrator: Any) -> Any:
         """ORT's entropy TensorsData, with thresholds from entropy_threshold."""
-        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+        with optional_import("int8 quantization"):
+            from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
         bins = CALIBRATOR_OPTIONS["entropy"]["num_quantized_bins"]
         return TensorsData(
@@ -387,7 +390,8 @@ class Int8Quantizer:
         and with `only_nodes` nothing else is quantized. `calibration_record` joins the description's
         calibration block, `record` the description itself. Returns the manifest's description,
         also stored in the file's metadata."""
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+        with optional_import("int8 quantization"):
+            from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         spec = self.flavour
         cache = self._calibration_cache()
@@ -491,7 +495,8 @@ def entropy_threshold(histogram: Sequence[Any], num_quantized_bins: int) -> tupl
 
 
 def _ort_method(method: str) -> Any:
-    from onnxruntime.quantization import CalibrationMethod
+    with optional_import("int8 quantization"):
+        from onnxruntime.quantization import CalibrationMethod
 
     return {
         "minmax": CalibrationMethod.MinMax,
@@ -519,8 +524,6 @@ def quantize_int8(
 
 def zero_points_all_zero(model: onnx.ModelProto) -> bool:
     """Whether every QuantizeLinear/DequantizeLinear zero point in `model` is 0 (symmetric Q/DQ)."""
-    from onnx import numpy_helper
-
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:

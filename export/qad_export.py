@@ -54,6 +54,7 @@ from export.pipeline import (
     torch_logits,
 )
 from export.precision import Int8Flavour, zero_points_all_zero
+from reviewkd.qad import load_qad_student
 
 # QAD trained full 8-bit weights, so both files run unfused in ONNX Runtime (Int8Flavour.runs_unfused);
 # biases stay float as TensorRT takes them; QAD quantizes every layer, so no layer is left in float.
@@ -144,8 +145,6 @@ def export_qad(
     Raises:
         UsageError: no QAD run, a bad manifest, an unwritable export folder, bad options.
     """
-    from reviewkd.qad import load_qad_student
-
     run = Path(run_dir)
     for name, value in (("check_samples", check_samples), ("batch_size", batch_size)):
         if value < 1:

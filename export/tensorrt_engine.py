@@ -16,8 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
 from deploy.errors import UsageError
 from deploy.fileio import atomic_output, sha256_file
+from deploy.optional import optional_import
 from deploy.trt_sidecar import (
     AMPERE_COMPUTE_CAPABILITY,
     COMPATIBILITY_MODES,
@@ -62,9 +67,6 @@ def onnx_precision(model: onnx.ModelProto, source: str = "model") -> str:
     Raises UsageError for int8 forms TensorRT cannot build: the QOperator format, and Q/DQ with
     uint8 or non-zero zero points (TensorRT accepts symmetric int8 only).
     """
-    import onnx
-    from onnx import numpy_helper
-
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     op_types = {node.op_type for node in graph.node}
@@ -99,8 +101,6 @@ def onnx_precision(model: onnx.ModelProto, source: str = "model") -> str:
 
 def computes_in_fp16(model: onnx.ModelProto) -> bool:
     """Whether some of the graph computes in fp16: a Cast to float16 or a float16 initializer."""
-    import onnx
-
     fp16 = onnx.TensorProto.FLOAT16
     casts_to_fp16 = any(
         node.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in node.attribute)
@@ -111,9 +111,6 @@ def computes_in_fp16(model: onnx.ModelProto) -> bool:
 
 def inspect_onnx(onnx_path: str | os.PathLike[str]) -> OnnxSummary:
     """Read an ONNX file's input "images" (N, C, H, W), its outputs and its precision; UsageError if unfit."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
     path = Path(onnx_path)
     if not path.is_file():
         raise UsageError(f"{path}: ONNX file not found")
@@ -184,7 +181,8 @@ def apply_builder_flags(
     A DLA build makes the DLA core the default device for every layer; with GPU fallback, layers the
     DLA cannot run go to the GPU instead of failing the build.
     """
-    import tensorrt as trt
+    with optional_import("building a TensorRT engine"):
+        import tensorrt as trt
 
     set_flags: list[str] = []
     cleared: list[str] = []
@@ -249,7 +247,8 @@ def describe_parser_error(error: Any) -> str:
 
 def _collecting_logger(verbose: bool) -> tuple[trt.ILogger, list[str]]:
     """A TensorRT logger that prints warnings (everything when verbose) and keeps the errors."""
-    import tensorrt as trt
+    with optional_import("building a TensorRT engine"):
+        import tensorrt as trt
 
     errors: list[str] = []
     threshold = trt.ILogger.Severity.VERBOSE if verbose else trt.ILogger.Severity.WARNING
@@ -268,7 +267,8 @@ def _collecting_logger(verbose: bool) -> tuple[trt.ILogger, list[str]]:
 
 
 def _network_flags(tensorrt_version: str) -> int:
-    import tensorrt as trt
+    with optional_import("building a TensorRT engine"):
+        import tensorrt as trt
 
     if parse_version(tensorrt_version)[0] >= 11:
         # TensorRT 11 builds every network strongly typed; its STRONGLY_TYPED flag is deprecated and ignored.
@@ -353,7 +353,8 @@ def build_engine(
             f"compute capability {gpu.cc}"
         )
 
-    import tensorrt as trt
+    with optional_import("building a TensorRT engine"):
+        import tensorrt as trt
 
     version = trt.__version__
     strongly_typed = uses_strong_typing(version)

@@ -25,8 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from deploy.errors import UsageError
+from deploy.optional import optional_import
+from deploy.preprocess import to_8bit
 from deploy.sampling import spread_indices
 from reviewkd.config import Config, DataConfig, load_run_config
 
@@ -78,10 +81,6 @@ def load_image(path: Path) -> Any:
 
     16-bit and float images are rescaled to 8 bits by their depth, as `reviewkd predict` does.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    from deploy.preprocess import to_8bit
-
     try:
         with Image.open(path) as img:
             return to_8bit(img).convert("RGB")
@@ -92,14 +91,16 @@ def load_image(path: Path) -> Any:
 
 
 def _eval_transform(image_size: int, resize: int | None) -> Any:
-    from torchvision import transforms as T
+    with optional_import("loading training images"):
+        from torchvision import transforms as T
 
     first = T.Resize(resize) if resize else T.Resize((image_size, image_size))
     return T.Compose([first, T.CenterCrop(image_size), T.PILToTensor()])
 
 
 def _train_transform(image_size: int, resize: int | None, augment: str, padding: int) -> Any:
-    from torchvision import transforms as T
+    with optional_import("loading training images"):
+        from torchvision import transforms as T
 
     if augment == "rrc_flip":
         steps: list[Any] = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
@@ -147,7 +148,8 @@ def _random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def _random_resized_crop(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) per sample, drawing from `gen`."""
-    from torchvision.transforms import functional as TF
+    with optional_import("loading training images"):
+        from torchvision.transforms import functional as TF
 
     n, _, h, w = x.shape
     out = torch.empty_like(x)
@@ -362,7 +364,8 @@ class TrainEpoch:
 def _stratified_pick(labels: np.ndarray, count: int, seed: int, key: str) -> np.ndarray:
     """Indices of `count` samples keeping class proportions (sklearn's stratified split), sorted;
     `key` names the config key in the error for a count below the number of classes."""
-    from sklearn.model_selection import train_test_split
+    with optional_import("loading training images"):
+        from sklearn.model_selection import train_test_split
 
     if count >= len(labels):
         return np.arange(len(labels))
@@ -390,8 +393,9 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _load_digits(cfg: DataConfig) -> tuple[list[str], Split, Split, str]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    with optional_import("loading training images"):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     labels = digits.target.astype(np.int64)
@@ -412,7 +416,8 @@ def _load_digits(cfg: DataConfig) -> tuple[list[str], Split, Split, str]:
 
 
 def _load_cifar(cfg: DataConfig) -> tuple[list[str], Split, Split, str]:
-    from torchvision import datasets
+    with optional_import("loading training images"):
+        from torchvision import datasets
 
     assert cfg.root is not None
     root = Path(cfg.root)
@@ -475,7 +480,8 @@ def _decode_all(files: Sequence[Path], image_size: int, resize: int | None) -> t
     def one(path: Path) -> torch.Tensor:
         img = load_image(path)
         if img.size == (image_size, image_size):
-            from torchvision.transforms.functional import pil_to_tensor
+            with optional_import("loading training images"):
+                from torchvision.transforms.functional import pil_to_tensor
 
             return pil_to_tensor(img)
         return transform(img)

@@ -45,6 +45,7 @@ from deploy import run_layout
 from deploy.errors import ReviewKDError, UsageError
 from deploy.fileio import sha256_file
 from deploy.manifest import read_manifest, verify_artifact
+from deploy.optional import optional_import
 from deploy.run_lock import locks_run
 from deploy.tasks import TASKS
 from reviewkd.checkpoint import (
@@ -193,7 +194,8 @@ class _SigintFlag:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm import tqdm
+    with optional_import("training's progress bar"):
+        from tqdm import tqdm
 
     return tqdm(
         total=total, desc=desc, leave=False, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True

@@ -44,9 +44,12 @@ from deploy.manifest import (
 from deploy.run_lock import locks_run
 from reviewkd.checkpoint import CHECKPOINT_FILE, cpu_state, load_checkpoint
 from reviewkd.config import Config, load_run_config
+from reviewkd.data import build_data, iter_run_batches
+from reviewkd.engine import evaluate, fit, load_teacher
 from reviewkd.fake_quant import QuantizationPlan, calibrate, quantize_student
-from reviewkd.models import create_model
+from reviewkd.models import create_model, read_state_dict
 from reviewkd.run_record import STUDENT_FILE, TEACHER_FILE, save_weights
+from reviewkd.runtime import setup_runtime
 
 QAD_DIR = run_layout.QAD_DIR
 CALIBRATED_FILE = "calibrated.safetensors"
@@ -193,8 +196,6 @@ def _trained_head(run: Path, config: Config) -> dict[str, torch.Tensor] | None:
 
 def calibration_batches(run: Path, samples: int, batch_size: int = 64) -> list[torch.Tensor]:
     """The run's first `samples` shuffled training images, preprocessed: those export calibrates on."""
-    from reviewkd.data import iter_run_batches
-
     return [torch.from_numpy(images) for images, _ in iter_run_batches(run, "train", batch_size, samples)]
 
 
@@ -204,8 +205,6 @@ def load_qad_student(run: str | os.PathLike[str]) -> tuple[nn.Module, Quantizati
     Raises:
         UsageError: no finished QAD run, or weights that differ from what the manifest recorded.
     """
-    from reviewkd.models import read_state_dict
-
     run = Path(run)
     manifest = read_manifest(run)
     block = manifest.get("qad", {})
@@ -245,10 +244,6 @@ def quantize_run(
         TrainingDivergedError: a non-finite loss (RUN/qad/checkpoints/last.pt keeps the last epoch).
         KeyboardInterrupt: after SIGINT, once the QAD checkpoint holds the interrupted step.
     """
-    from reviewkd.data import build_data
-    from reviewkd.engine import evaluate, fit, load_teacher
-    from reviewkd.runtime import setup_runtime
-
     run = Path(run_dir)
     check_qad_options(epochs, lr, calib_samples, kd_weight)
     manifest = read_manifest(run)

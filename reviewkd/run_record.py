@@ -18,6 +18,7 @@ import torch
 from deploy import run_layout
 from deploy.fileio import append_line, atomic_output, write_text_atomic
 from deploy.manifest import new_manifest, read_manifest, record_artifact, write_manifest
+from deploy.optional import optional_import
 from deploy.tasks import TASKS
 from reviewkd.config import Config
 from reviewkd.data import DataBundle
@@ -41,7 +42,8 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     new sha256 and mark every export made from it stale. The metadata is also written sorted, so the
     same weights always make the same bytes.
     """
-    from safetensors.torch import save
+    with optional_import("writing the trained weights"):
+        from safetensors.torch import save
 
     data = _with_sorted_metadata(save({k: v.contiguous() for k, v in state.items()}, metadata=metadata))
     if _same_safetensors(path, data):

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from deploy import run_layout
-from deploy.errors import MissingDependencyError, UsageError, require_torch
+from deploy.errors import MissingDependencyError, UsageError
 from deploy.manifest import Manifest, input_spec, verify_artifact
+from deploy.optional import optional_import, require_installed
 from deploy.runners.base import Runner
 
 
@@ -20,11 +21,12 @@ def open_student_runner(run: Path, manifest: Manifest, precision: str, device: s
         MissingDependencyError: torch is not installed, or fp16 was asked for without a GPU.
         UsageError: no weights, or a manifest without the student's architecture or input shape.
     """
-    require_torch(f"the PyTorch student (torch/{precision})")
+    require_installed("torch", f"the PyTorch student (torch/{precision})")
     if precision == "fp16" and device != "cuda":
         raise MissingDependencyError(f"torch fp16 runs on a CUDA GPU; none is in use here (device {device})")
-    from deploy.runners.torch_runner import TorchRunner
-    from reviewkd.models import create_model
+    with optional_import("the PyTorch student"):
+        from deploy.runners.torch_runner import TorchRunner
+        from reviewkd.models import create_model
 
     if run_layout.STUDENT_WEIGHTS in manifest.get("artifacts", {}):
         weights = verify_artifact(run, manifest, run_layout.STUDENT_WEIGHTS)
@@ -38,7 +40,8 @@ def open_student_runner(run: Path, manifest: Manifest, precision: str, device: s
     shape = input_spec(manifest).shape
     num_classes = student.get("num_classes") or len(manifest.get("classes", []))
     if device == "cuda" and precision == "fp32":
-        import torch
+        with optional_import("the PyTorch student"):
+            import torch
 
         # cuDNN convolutions default to TF32 on Ampere and newer, which is not the fp32 reference
         # the 1e-4 parity gate compares against.

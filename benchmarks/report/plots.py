@@ -10,13 +10,15 @@ from typing import Any
 from benchmarks.report.assemble import format_entries
 from benchmarks.report.document import mb_text
 from deploy.fileio import atomic_output
+from deploy.optional import optional_import
 
 
 def _new_figure(width: float, height: float) -> Any:
     # The object API with an explicit Agg canvas: no pyplot, so no global backend switch and no
     # display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    with optional_import("the report's plots"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
@@ -40,7 +42,8 @@ def plot_latency(report: Mapping[str, Any], path: Path) -> Path | None:
         sizes = sorted(int(b) for b in latency)
         ax_lat.plot(sizes, [latency[str(b)]["p50_ms"] for b in sizes], marker="o", label=key)
         ax_tp.plot(sizes, [latency[str(b)]["throughput_ips"] for b in sizes], marker="o", label=key)
-    from matplotlib.ticker import NullFormatter, NullLocator
+    with optional_import("the report's plots"):
+        from matplotlib.ticker import NullFormatter, NullLocator
 
     ticks = sorted({int(b) for latency in series.values() for b in latency})
     for ax, label in ((ax_lat, "p50 latency (ms)"), (ax_tp, "throughput (images/s)")):
@@ -117,7 +120,8 @@ def plot_training(records: Sequence[Mapping[str, Any]], path: Path) -> Path | No
     accuracies = _series(records, ("top1", "top5", "acc", "accuracy"))
     if not losses and not accuracies:
         return None
-    from matplotlib.ticker import MaxNLocator
+    with optional_import("the report's plots"):
+        from matplotlib.ticker import MaxNLocator
 
     figure = _new_figure(10, 4)
     ax_loss, ax_acc = figure.subplots(1, 2)
@@ -149,7 +153,8 @@ def plot_students(curves: Mapping[str, Sequence[Mapping[str, Any]]], title: str,
             series[label] = points
     if len(series) < 2:
         return None
-    from matplotlib.ticker import MaxNLocator
+    with optional_import("the report's plots"):
+        from matplotlib.ticker import MaxNLocator
 
     figure = _new_figure(7, 4)
     ax = figure.subplots()

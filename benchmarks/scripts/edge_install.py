@@ -48,6 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from deploy.optional import optional_import
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_SOURCES = ("reviewkd", "export", "deploy", "benchmarks", "pyproject.toml", "README.md")
@@ -101,12 +104,12 @@ def build_edge_venv(work: Path, checkout: Path = REPO, name: str = "venv-edge") 
 
 def make_run(work: Path) -> tuple[Path, Path]:
     """A run exported by the full environment, and one validation image of it."""
-    import torch
-    from PIL import Image
-    from safetensors.torch import save_file
-    from sklearn.datasets import load_digits
+    with optional_import("making the edge install's run"):
+        import torch
+        from safetensors.torch import save_file
+        from sklearn.datasets import load_digits
 
-    from reviewkd.models import create_model
+        from reviewkd.models import create_model
 
     digits = load_digits()
     data = work / "digits"

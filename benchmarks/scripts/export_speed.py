@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from deploy.optional import optional_import
 
 SHARED = Path(os.environ.get("REVIEWKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 CIFAR = SHARED / "data" / "cifar10"
@@ -50,8 +53,6 @@ DEFAULT_GHZ = 3.7
 
 def load_split(split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `per_class` images of each class (sorted file names), normalised float32 NCHW."""
-    from PIL import Image
-
     root = CIFAR / split
     images, labels = [], []
     for label, name in enumerate(sorted(p.name for p in root.iterdir() if p.is_dir())):
@@ -88,13 +89,14 @@ def _ort_runner(session: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 def main() -> None:
     """Export, time and print the table."""
-    import onnxruntime as ort
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    with optional_import("the export speed measurement"):
+        import onnxruntime as ort
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
 
-    from export.onnx_export import export_fp32
-    from export.precision import convert_fp16, quantize_int8
-    from reviewkd.models import create_model
+        from export.onnx_export import export_fp32
+        from export.precision import convert_fp16, quantize_int8
+        from reviewkd.models import create_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test-images", type=int, default=2000, help="class-balanced CIFAR-10 test subset")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -49,7 +50,23 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.environment import library_versions
+from benchmarks.latency import CudaEventTimer, PerfCounterTimer, latency_stats, time_runner
+from deploy.doctor import collect, diagnose
+from deploy.errors import MissingDependencyError
 from deploy.fileio import write_json_atomic
+from deploy.gpu import import_cudart, probe_gpu
+from deploy.optional import optional_import, optional_module
+from deploy.runners import tensorrt_runner
+from deploy.runners.onnxruntime_runner import (
+    CUDA_PROVIDER,
+    OnnxRuntimeRunner,
+    libnvinfer_loadable,
+    providers_for_device,
+)
+from deploy.runners.tensorrt_runner import _CudaPythonMemory, _TorchMemory
+from deploy.trt_sidecar import host_machine, tensorrt_available
+from reviewkd.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT_FILE = "gpu_first_contact.json"
@@ -63,13 +80,11 @@ DIGITS_EPOCHS = (1, 2, 3)  # the first run, then each resume adds one epoch
 
 def no_gpu_reason() -> str | None:
     """Why no CUDA GPU is usable here (torch's and the GPU probe's words), or None when one is."""
-    try:
-        import torch
-    except ImportError:
+    torch = optional_module("torch")
+    if torch is None:
         return "torch is not installed; install the project (pip install -e .) with a CUDA build of torch"
     if torch.cuda.is_available():
         return None
-    from deploy.gpu import probe_gpu
 
     return f"no usable CUDA GPU: {probe_gpu().describe_failure()}"
 
@@ -120,13 +135,10 @@ class Recorder:
 
 def environment() -> dict[str, Any]:
     """Versions, driver, GPU, ONNX Runtime's providers, and what the GPU probe and TensorRT check say."""
-    import onnxruntime as ort
-    import torch
+    with optional_import("the GPU first-contact checks"):
+        import onnxruntime as ort
+        import torch
 
-    from benchmarks.environment import library_versions
-    from deploy.gpu import import_cudart, probe_gpu
-    from deploy.runners.onnxruntime_runner import libnvinfer_loadable
-    from deploy.trt_sidecar import host_machine, tensorrt_available
 
     props = torch.cuda.get_device_properties(0)
     info: dict[str, Any] = {
@@ -168,7 +180,8 @@ def environment() -> dict[str, Any]:
 @contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
     """TF32 for cuDNN convolutions and cuBLAS matmuls on or off, restored afterwards."""
-    import torch
+    with optional_import("the GPU first-contact checks"):
+        import torch
 
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
@@ -180,8 +193,9 @@ def tf32(enabled: bool) -> Iterator[None]:
 
 def small_cnn(seed: int = 0) -> Any:
     """conv-relu-conv-relu-pool-linear: the convolutions and the matmul TF32 would touch."""
-    import torch
-    from torch import nn
+    with optional_import("the GPU first-contact checks"):
+        import torch
+        from torch import nn
 
     torch.manual_seed(seed)
     return nn.Sequential(
@@ -192,7 +206,8 @@ def small_cnn(seed: int = 0) -> Any:
 
 def tf32_drift() -> dict[str, Any]:
     """max |GPU fp32 - CPU fp32| of a small CNN's logits with TF32 on and off, against the 1e-4 gate."""
-    import torch
+    with optional_import("the GPU first-contact checks"):
+        import torch
 
     model = small_cnn()
     images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -233,7 +248,8 @@ class _CudaArray:
 
 def device_tensor(address: int, shape: tuple[int, ...]) -> Any:
     """A float32 torch tensor over device memory the runner allocated (no copy)."""
-    import torch
+    with optional_import("the GPU first-contact checks"):
+        import torch
 
     return torch.as_tensor(_CudaArray(address, shape), device="cuda")
 
@@ -243,7 +259,8 @@ def stand_in_kernel(images: Any, logits: Any, batch: int, stream_handle: int) ->
 
     Written with `out=` so that nothing is allocated: it must be capturable into a CUDA graph.
     """
-    import torch
+    with optional_import("the GPU first-contact checks"):
+        import torch
 
     flat = images.view(images.shape[0], -1)
     with torch.cuda.stream(torch.cuda.ExternalStream(stream_handle)):
@@ -294,9 +311,6 @@ def memory_class_check(memory: Any, cudart: types.ModuleType | None) -> dict[str
 
 def memory_torch() -> dict[str, Any]:
     """The torch.cuda memory class, with its staging tensors' pinning."""
-    from deploy.gpu import import_cudart
-    from deploy.runners.tensorrt_runner import _TorchMemory
-
     memory = _TorchMemory()
     memory.allocate("probe", (4,), np.dtype(np.float32))
     pinned = bool(memory._staging["probe"].is_pinned())
@@ -306,9 +320,6 @@ def memory_torch() -> dict[str, Any]:
 
 def memory_cuda_python() -> dict[str, Any]:
     """The cuda-python memory class, with where its staging buffers live."""
-    from deploy.gpu import import_cudart
-    from deploy.runners.tensorrt_runner import _CudaPythonMemory
-
     cudart = import_cudart()
     if cudart is None:
         return {"status_detail": "cuda-python is not installed; nothing to check"}
@@ -368,8 +379,6 @@ class StandInEngine:
 
 def stand_in_runner(memory_factory: Callable[[], Any]) -> Any:
     """A TensorRTRunner set up by its own `_setup` over the stand-in engine and real device memory."""
-    from deploy.runners import tensorrt_runner
-
     fake_trt = types.ModuleType("tensorrt")
     fake_trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")  # type: ignore[attr-defined]
     fake_trt.nptype = lambda dtype: np.float32  # type: ignore[attr-defined]
@@ -428,9 +437,6 @@ def drive_runner(runner: Any) -> dict[str, Any]:
 
 def tensorrt_runner_fake_engine() -> dict[str, Any]:
     """The TensorRT runner's buffers, graphs and lock over the stand-in engine, with both memory classes."""
-    from deploy.gpu import import_cudart
-    from deploy.runners.tensorrt_runner import _CudaPythonMemory, _TorchMemory
-
     results: dict[str, Any] = {"torch": drive_runner(stand_in_runner(_TorchMemory))}
     cudart = import_cudart()
     if cudart is not None:
@@ -482,8 +488,8 @@ def pytest_gpu(timeout_s: float) -> dict[str, Any]:
 
 def timing() -> dict[str, Any]:
     """CUDA-event and perf_counter latencies of the same torch runner, batch 1 and 32."""
-    from benchmarks.latency import CudaEventTimer, PerfCounterTimer, latency_stats, time_runner
-    from deploy.runners.torch_runner import TorchRunner
+    with optional_import("the GPU first-contact checks"):
+        from deploy.runners.torch_runner import TorchRunner
 
     results: dict[str, Any] = {}
     with TorchRunner(small_cnn(), (3, 32, 32), device="cuda") as runner:
@@ -506,11 +512,10 @@ def timing() -> dict[str, Any]:
 
 def onnxruntime_cuda(out: Path) -> dict[str, Any]:
     """ONNX Runtime's CUDA provider against its CPU provider on the small CNN, and its options."""
-    import onnxruntime as ort
+    with optional_import("the GPU first-contact checks"):
+        import onnxruntime as ort
 
-    from deploy.errors import MissingDependencyError
-    from deploy.runners.onnxruntime_runner import CUDA_PROVIDER, OnnxRuntimeRunner, providers_for_device
-    from export.onnx_export import export_fp32
+        from export.onnx_export import export_fp32
 
     if CUDA_PROVIDER not in ort.get_available_providers():
         return {"status_detail": f"onnxruntime {ort.__version__} has no CUDA provider (CPU package)"}
@@ -540,8 +545,6 @@ def onnxruntime_cuda(out: Path) -> dict[str, Any]:
 
 def distill(run_dir: Path, args: list[str], timeout_s: float) -> dict[str, Any]:
     """`reviewkd distill` on the embedded digits config; the engine's own metrics of the run."""
-    import json
-
     result = run_command(
         [sys.executable, "-m", "reviewkd.app.cli", "distill", "--out", str(run_dir), *args], timeout_s
     )
@@ -567,7 +570,8 @@ def distill_step(
 
 def amp_auto() -> dict[str, Any]:
     """What train.amp=auto resolves to here, and the capability facts it should depend on."""
-    import torch
+    with optional_import("the GPU first-contact checks"):
+        import torch
 
     major, minor = torch.cuda.get_device_capability(0)
     facts: dict[str, Any] = {
@@ -580,8 +584,8 @@ def amp_auto() -> dict[str, Any]:
         facts["is_bf16_supported_without_emulation"] = torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:
         facts["is_bf16_supported_without_emulation"] = "this torch has no including_emulation argument"
-    from reviewkd.config import load_config
-    from reviewkd.runtime import setup_runtime
+    with optional_import("the GPU first-contact checks"):
+        from reviewkd.runtime import setup_runtime
 
     runtime = setup_runtime(load_config(None, ["train.amp=auto", "train.device=cuda"]))
     return {"amp_auto_picks": str(runtime.amp_dtype), **facts}
@@ -606,8 +610,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def doctor() -> dict[str, Any]:
     """`reviewkd doctor`'s snapshot and findings (no torch import: package metadata and the driver)."""
-    from deploy.doctor import collect, diagnose
-
     snapshot = collect()
     return {"machine": snapshot.machine, "gpu": snapshot.gpu, **diagnose(snapshot).as_dict()}
 

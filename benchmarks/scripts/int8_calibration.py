@@ -30,12 +30,16 @@ from typing import Any
 
 import numpy as np
 
+from deploy.optional import optional_import
+from deploy.paired_stats import compare_predictions, describe_drop
+from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
+from export.check import run_onnx
+from export.pipeline import FP32_FILE, export_model
+
 
 def _session(path: Path, mode: str, threads: int | None = None) -> Any:
     """A CPU session running `path` as it deploys ("deployed": deploy's options for the file, which
     turn Q/DQ fusion off where the file asks) or with its Q/DQ semantics ("qdq": fusion always off)."""
-    from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
-
     session, _ = open_session(path, [CPU_PROVIDER], threads=threads, unfused=True if mode == "qdq" else None)
     return session
 
@@ -62,15 +66,13 @@ def _speed(paths: dict[str, Path], batch: np.ndarray, rounds: int) -> dict[str, 
 
 def main() -> None:
     """Measure and write the JSON; print a Markdown table."""
-    import onnxruntime as ort
-    import torch
+    with optional_import("the int8 calibration measurement"):
+        import onnxruntime as ort
+        import torch
 
-    from deploy.paired_stats import compare_predictions, describe_drop
-    from export.calibration import best_method, score, split_training_images
-    from export.check import run_onnx
-    from export.pipeline import FP32_FILE, export_model
-    from export.precision import CALIBRATION_METHODS, INT8_FLAVOURS, Int8Quantizer
-    from reviewkd.data import DATA_SEED, iter_run_batches
+        from export.calibration import best_method, score, split_training_images
+        from export.precision import CALIBRATION_METHODS, INT8_FLAVOURS, Int8Quantizer
+        from reviewkd.data import DATA_SEED, iter_run_batches
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)

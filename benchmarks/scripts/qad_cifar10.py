@@ -21,6 +21,12 @@ import dataclasses
 import os
 from pathlib import Path
 
+from deploy.fileio import sha256_file
+from deploy.manifest import read_manifest, write_manifest
+from deploy.optional import optional_import
+from export.pipeline import export_model, export_run
+from reviewkd.config import load_config, load_run_config, save_config
+
 SHARED = Path(os.environ.get("REVIEWKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 CIFAR = SHARED / "data" / "cifar10"
 STUDENT_WEIGHTS = SHARED / "weights" / "cifar10-resnet" / "resnet20-12fca82f.th"
@@ -31,11 +37,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def prepare_run(out: Path, subset: int, check_samples: int) -> None:
     """The student as a run with the teacher recorded, and its post-training int8 files checked."""
-    from deploy.fileio import sha256_file
-    from deploy.manifest import read_manifest, write_manifest
-    from export.pipeline import export_model, export_run
-    from reviewkd.config import load_config, load_run_config, save_config
-
     export_model(
         "cifar_resnet20",
         STUDENT_WEIGHTS,
@@ -78,9 +79,9 @@ def prepare_run(out: Path, subset: int, check_samples: int) -> None:
 
 def main() -> None:
     """Run the comparison and print its table."""
-    from deploy.manifest import read_manifest
-    from export.qad_export import export_qad
-    from reviewkd.qad import quantize_run
+    with optional_import("the CIFAR-10 QAD measurement"):
+        from export.qad_export import export_qad
+        from reviewkd.qad import quantize_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)

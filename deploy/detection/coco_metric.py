@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from deploy.errors import MissingDependencyError, UsageError
+from deploy.errors import UsageError
+from deploy.optional import optional_import
 
-DETECTION_EXTRA_HINT = "pip install 'reviewkd[detection]'"
 # COCO's limit of detections per image for its headline numbers.
 MAX_DETECTIONS = 100
 
@@ -124,14 +124,9 @@ def coco_metrics(
         raise UsageError(
             f"coco_metrics: {len(ground_truth)} images of ground truth but {len(detections)} of detections"
         )
-    try:
+    with optional_import("the COCO detection metric"):
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "the COCO detection metric needs pycocotools, which this installation lacks:"
-            f" {DETECTION_EXTRA_HINT}"
-        ) from exc
 
     images: list[dict[str, Any]] = []
     truth_annotations: list[dict[str, Any]] = []

@@ -37,6 +37,7 @@ from deploy.runners.onnxruntime_runner import (
     available_providers,
     providers_for_device,
 )
+from deploy.runners.tensorrt_runner import TensorRTRunner
 
 __all__ = [
     "GPU_PROVIDERS",
@@ -169,9 +170,6 @@ def open_runner(
                 raise
         return runner
     if kind == "tensorrt":
-        # Imported here: the TensorRT module is only needed, and only importable, on GPU machines.
-        from deploy.runners.tensorrt_runner import TensorRTRunner
-
         return TensorRTRunner(file)
     raise UsageError(
         f"{file}: unknown model file type {file.suffix or '(none)'!r}; expected .onnx, .plan or .engine"

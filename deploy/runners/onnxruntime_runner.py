@@ -33,6 +33,7 @@ from deploy.fileio import parse_json
 from deploy.formats import precision_from_filename
 from deploy.install_targets import GPU_INSTALL_HINT
 from deploy.manifest import check_embedded_manifest
+from deploy.optional import optional_import
 from deploy.runners.base import Runner
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -71,7 +72,8 @@ def available_providers() -> list[str]:
     Installed is not loadable: onnxruntime-gpu lists its CUDA and TensorRT providers whether or not
     the CUDA, cuDNN and TensorRT libraries they open are present.
     """
-    import onnxruntime as ort
+    with optional_import("ONNX Runtime"):
+        import onnxruntime as ort
 
     installed = set(ort.get_available_providers())
     return [p for p in PREFERRED_PROVIDERS if p in installed]
@@ -177,7 +179,8 @@ def session_options(
     `runs_unfused` says so, every other optimisation at its default; `threads` intra-op threads.
     `unfused` overrides the manifest (True: run any file with its Q/DQ semantics, as a measurement
     of what the quantization alone costs)."""
-    import onnxruntime as ort
+    with optional_import("ONNX Runtime"):
+        import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads is not None:
@@ -217,7 +220,8 @@ def open_session(
         UsageError: ONNX Runtime cannot load the file, or its embedded manifest is not a JSON object.
         MissingDependencyError: a GPU provider asked for did not load.
     """
-    import onnxruntime as ort
+    with optional_import("ONNX Runtime"):
+        import onnxruntime as ort
 
     file = Path(path)
 
@@ -269,7 +273,8 @@ class OnnxRuntimeRunner(Runner):
         input_shape: tuple[int, int, int] | None = None,
         device_index: int = 0,
     ) -> None:
-        import onnxruntime as ort
+        with optional_import("ONNX Runtime"):
+            import onnxruntime as ort
 
         self.path = Path(path)
         if not self.path.is_file():

@@ -31,6 +31,7 @@ import numpy as np
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.gpu import import_cudart
+from deploy.optional import optional_import
 from deploy.runners.base import Runner
 from deploy.runners.cuda_graphs import CudaGraphCache, CudaGraphReporting
 from deploy.trt_sidecar import (
@@ -86,7 +87,8 @@ class _TorchMemory:
     """
 
     def __init__(self, device: torch.device | None = None) -> None:
-        import torch
+        with optional_import("TensorRT buffers held by torch"):
+            import torch
 
         self._torch = torch
         self._device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
@@ -261,7 +263,8 @@ def _use_device(device_index: int) -> None:
     """Make CUDA device `device_index` current on this thread before TensorRT deserialises the plan:
     the engine's memory lands on the current device (torch's where torch has CUDA, else cuda-python's)."""
     try:
-        import torch
+        with optional_import("TensorRT buffers held by torch"):
+            import torch
 
         if torch.cuda.is_available():
             torch.cuda.set_device(device_index)
@@ -279,7 +282,8 @@ def _device_memory(device_index: int = 0) -> _DeviceMemory:
     """Buffers and a stream on CUDA device `device_index`: torch.cuda when torch with CUDA imports, else
     cuda-python; MissingDependencyError if neither."""
     try:
-        import torch
+        with optional_import("TensorRT buffers held by torch"):
+            import torch
 
         if torch.cuda.is_available():
             return _TorchMemory(torch.device("cuda", device_index))
@@ -404,7 +408,8 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         self.precision = self.sidecar.precision
         gpu = require_tensorrt_and_gpu("running a TensorRT engine", device_index)
 
-        import tensorrt as trt
+        with optional_import("TensorRT buffers held by torch"):
+            import tensorrt as trt
 
         check_engine_compatible(
             self.sidecar, tensorrt_version=trt.__version__, gpu=gpu, plan_path=self.plan_path
@@ -460,7 +465,8 @@ class TensorRTRunner(CudaGraphReporting, Runner):
         runtime.DLA_core = core
 
     def _setup(self, engine: trt.ICudaEngine) -> None:
-        import tensorrt as trt
+        with optional_import("TensorRT buffers held by torch"):
+            import tensorrt as trt
 
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

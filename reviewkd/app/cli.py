@@ -6,7 +6,9 @@ collects them and maps errors to exit codes: 0 success, 1 a gate failed, 2 bad i
 3 an optional dependency (TensorRT, a GPU, torch) is missing.
 
 Only the module of the command being run is imported, so `reviewkd predict` starts without
-loading the training stack (and works where torch is not installed).
+loading the training stack (and works where torch is not installed). A command module imports an
+optional dependency (torch, ONNX Runtime, TensorRT) only when it runs, through
+deploy.optional.optional_import, which raises the exit-3 error naming the install.
 """
 
 from __future__ import annotations
@@ -16,10 +18,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from deploy.errors import RUNTIME_MISSING, TRAIN_EXTRA_HINT, OutputError, ReviewKDError, UsageError, printable
-
-# Top-level modules of the `train` extra: a command that reaches one without it installed exits 3.
-TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "onnxscript", "safetensors", "sklearn", "tqdm"})
+from deploy.errors import OutputError, ReviewKDError, UsageError, printable
 
 # Command -> the module that registers it. Order here is the order `reviewkd --help` lists them in.
 COMMANDS: dict[str, str] = {
@@ -76,18 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Messages name files and values from the user's input: shown escaped, they stay one line.
         print(f"{command}: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] == "onnxruntime":
-            print(f"{command}: error: {RUNTIME_MISSING}", file=sys.stderr)
-            return 3
-        if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
-            raise
-        print(
-            f"{command}: error: this command needs {exc.name}, which this installation lacks"
-            f" (the edge install has no training stack); install the training extra: {TRAIN_EXTRA_HINT}",
-            file=sys.stderr,
-        )
-        return 3
     except OSError as exc:
         # A file the system refused that no stage anticipated: still bad input, still one line.
         where = f"{exc.filename}: " if exc.filename is not None else ""

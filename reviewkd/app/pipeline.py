@@ -16,12 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import format_final_table
+from benchmarks.runs import bench_run, report_run, validate_run
+from benchmarks.validate import raise_for_gates
 from deploy import run_layout
 from deploy.errors import ReviewKDError, UsageError
 from deploy.fileio import parse_json, sha256_file, write_json_atomic
 from deploy.manifest import read_manifest, write_manifest
+from deploy.optional import optional_import
 from deploy.run_lock import locks_run
 from deploy.tasks import TASKS
+from export.pipeline import export_run
 from reviewkd.app.training_report import format_training_table, write_training_report
 from reviewkd.config import Config, dump_config
 
@@ -122,8 +126,8 @@ class PipelineOptions:
 def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[Stage]:
     """The pipeline's stages for `config` writing into `run`: training by config.task's TrainingTask,
     then export, validate, bench and report where the task has them, else a report of training alone."""
-    from benchmarks.runs import bench_run, report_run, validate_run
-    from reviewkd.tasks import training_task  # torch: the edge install imports this module without it
+    with optional_import("training"):
+        from reviewkd.tasks import training_task
 
     task = training_task(config)
     spec = task.spec
@@ -154,14 +158,10 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
         write_manifest(run, manifest)
 
     def export() -> None:
-        from export.pipeline import export_run
-
         summary = export_run(run, log=lambda line: print(f"   {line}", flush=True))
         summary.raise_for_status()
 
     def validate() -> None:
-        from benchmarks.validate import raise_for_gates
-
         result = validate_run(run, threads=options.threads)
         raise_for_gates(result)
 

@@ -25,6 +25,7 @@ from PIL import Image
 from deploy.detection.annotations import DetectionDataset, ImageAnnotation, write_coco
 from deploy.errors import OutputError, UsageError
 from deploy.fileio import sha256_file, write_json_atomic
+from deploy.optional import optional_import
 
 SPLITS = ("train", "val")
 INDEX_NAME = "index.json"
@@ -209,7 +210,8 @@ def ensure_digits_detection(
             f" folder, or one this generator wrote (it holds {INDEX_NAME})"
         )
 
-    from sklearn.datasets import load_digits
+    with optional_import("the embedded detection default (scikit-learn's digits)"):
+        from sklearn.datasets import load_digits
 
     bundled = load_digits()
     digits, labels = np.asarray(bundled.images), np.asarray(bundled.target)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from deploy.errors import UsageError
+from deploy.optional import optional_import
 
 # Wrappers training scripts put around parameter names: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -89,8 +90,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise UsageError(f"weights file {file} not found")
     raw: object
     if _is_safetensors(file):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        with optional_import("reading a safetensors weights file"):
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
 
         try:
             raw = load_file(str(file), device="cpu")

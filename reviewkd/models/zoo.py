@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from deploy.errors import MissingDependencyError, UsageError
+from deploy.errors import UsageError
+from deploy.optional import optional_import
 
 from .cifar100_nets import CifarResNetB, WideResNet
 from .cifar_resnet import CifarResNet
@@ -44,12 +45,8 @@ def _unknown(name: str) -> UsageError:
 
 
 def _import_timm(arch: str) -> Any:
-    try:
+    with optional_import(f"model 'timm:{arch}'"):
         import timm
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"model 'timm:{arch}' needs timm, which is not installed (pip install timm)"
-        ) from exc
     return timm
 
 
@@ -68,7 +65,8 @@ def check_model_name(name: str) -> None:
     elif not arch:
         raise _unknown(name)
     elif prefix == "torchvision:":
-        import torchvision.models as tvm
+        with optional_import("a torchvision model"):
+            import torchvision.models as tvm
 
         classifiers = tvm.list_models(module=tvm)
         if arch not in classifiers:
@@ -112,7 +110,8 @@ def create_model(
     check_model_name(name)
     try:
         if name.startswith("torchvision:"):
-            import torchvision.models as tvm
+            with optional_import("a torchvision model"):
+                import torchvision.models as tvm
 
             model = tvm.get_model(
                 name.removeprefix("torchvision:"), weights=None, num_classes=num_classes, **kwargs

@@ -13,7 +13,16 @@ import sys
 from pathlib import Path
 
 from deploy.errors import UsageError
+from deploy.formats import ALL_EXPORT_FORMATS, ONNX_FORMATS
 from deploy.tasks import require_deployable_run
+from export.pipeline import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TensorRTOptions,
+    export_model,
+    export_run,
+    parse_formats,
+)
 
 
 def _three_ints(text: str, spelled: str) -> tuple[int, int, int]:
@@ -43,9 +52,6 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the export subcommand."""
-    from deploy.formats import ALL_EXPORT_FORMATS, ONNX_FORMATS
-    from export.pipeline import IMAGENET_MEAN, IMAGENET_STD
-
     parser = subparsers.add_parser(
         "export",
         help="export a run's student to ONNX (fp32, fp16, int8) and TensorRT, checked against PyTorch",
@@ -145,8 +151,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_export(args: argparse.Namespace) -> int:
     """Run the export and print one line per file; failures raise the error that sets the exit code."""
-    from export.pipeline import TensorRTOptions, export_model, export_run, parse_formats
-
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from deploy.optional import optional_import
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the layerwise subcommand."""
@@ -36,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _layerwise(args: argparse.Namespace) -> int:
-    from export.layerwise import debug_run
+    with optional_import("reviewkd layerwise"):
+        from export.layerwise import debug_run
 
     report, paths = debug_run(args.run, args.format, args.images)
     worst = report.worst_jump

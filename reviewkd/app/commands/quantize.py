@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from deploy.errors import UsageError
+from deploy.optional import optional_import
 from deploy.tasks import require_deployable_run
 from reviewkd.config import DEVICES
 
@@ -63,8 +64,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_quantize(args: argparse.Namespace) -> int:
     """Handler of `reviewkd quantize`."""
-    from export.qad_export import export_qad
-    from reviewkd.qad import quantize_run
+    with optional_import("reviewkd quantize"):
+        from export.qad_export import export_qad
+        from reviewkd.qad import quantize_run
 
     require_deployable_run(args.run, "quantize")
     if args.check_samples < 1:  # export's own check would come only after the fine-tuning

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from deploy import run_layout
+from deploy.optional import optional_import
 from reviewkd.config import DEVICES, Config, load_config, shipped_configs
 
 
@@ -76,7 +77,8 @@ def _is_rank_zero() -> bool:
 
 def run_teacher(args: argparse.Namespace) -> int:
     """Handler of `reviewkd teacher`."""
-    from reviewkd.tasks import training_task
+    with optional_import("reviewkd teacher"):
+        from reviewkd.tasks import training_task
 
     config = resolve_cli_config(args, epochs_key="teacher.epochs")
     path = training_task(config).train_teacher(config, args.out, resume=args.resume)
@@ -87,7 +89,8 @@ def run_teacher(args: argparse.Namespace) -> int:
 
 def run_distill(args: argparse.Namespace) -> int:
     """Handler of `reviewkd distill`."""
-    from reviewkd.tasks import training_task
+    with optional_import("reviewkd distill"):
+        from reviewkd.tasks import training_task
 
     config = resolve_cli_config(args)
     path = training_task(config).distill(config, args.out, resume=args.resume)
