@@ -22,7 +22,6 @@ counterbalanced pairs (A B, B A, ...) and states the ratio of their medians with
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +42,7 @@ from benchmarks.stability import (
 )
 from benchmarks.targets import Target, check_unique, error_reason, open_target
 from deploy.errors import UsageError
-from deploy.optional import optional_import
+from deploy.optional import installed, optional_import
 from deploy.runners.base import Runner
 from deploy.status import Status
 
@@ -126,7 +125,7 @@ class CudaEventTimer:
 
 def cuda_events_available() -> bool:
     """Return True when torch is installed and sees a CUDA device."""
-    if importlib.util.find_spec("torch") is None:
+    if not installed("torch"):
         return False
     with optional_import("timing on a CUDA device with torch"):
         import torch

@@ -9,9 +9,10 @@ still checks every call into the imported module. Where an optional module's abs
 rather than an error (a probe falling back to the next way of asking), `optional_module` returns it
 or None.
 
-A project module that imports an optional dependency at its top (the training stack imports torch)
-counts as one: the edge install's commands import it only when they run it, so that they start, and
-work, without torch. tests/test_import_rules.py checks both rules over the four packages.
+A project module that imports an optional dependency at its top (the training stack imports torch),
+or is listed in ADAPTERS, counts as one: the edge install's commands import it only when they run
+it, so that they start, and work, without torch. tests/test_import_rules.py checks both rules over
+the four packages.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ INSTALL_HINTS: dict[str, str] = {
     "pycocotools": "install the detection extra: pip install 'reviewkd[detection]'",
     "tritonclient": "install it: pip install 'tritonclient[grpc]'",
 }
+
+# Project modules that drive an optional dependency and import it inside their functions (so that
+# their pure logic is tested without it) -> that dependency: importing one counts as importing it. At
+# the top of deploy.runners, the TensorRT runner's own imports (the GPU probe, `reviewkd doctor`'s
+# diagnosis and importlib.metadata) would slow the cold start of `reviewkd predict` on an ONNX file.
+ADAPTERS: dict[str, str] = {"deploy.runners.tensorrt_runner": "tensorrt"}
 
 
 def missing_dependency(module: str, action: str) -> MissingDependencyError:

@@ -24,7 +24,6 @@ saturation described in export/precision.py was found that way).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -36,11 +35,11 @@ import numpy as np
 import onnx
 
 from deploy import run_layout
-from deploy.errors import MissingDependencyError, UsageError
+from deploy.errors import UsageError
 from deploy.fileio import atomic_output, ensure_writable_dir, write_text_atomic
 from deploy.formats import ONNX_FORMATS
 from deploy.manifest import Manifest, read_manifest, verify_artifact
-from deploy.optional import optional_import
+from deploy.optional import optional_import, require_installed
 from deploy.predict import check_export_is_current
 from deploy.run_lock import locks_run
 from deploy.runners.onnxruntime_runner import session_options
@@ -299,7 +298,6 @@ def layer_images(batches: Sequence[np.ndarray], count: int) -> np.ndarray:
 
 
 LAYERWISE_PREFIX = "layerwise_"  # RUN/report/layerwise_<format>.{md,json,png}, which the report shows
-PLOTS_EXTRA_HINT = "pip install 'reviewkd[plots]'"
 
 
 def comparable_files() -> dict[str, tuple[str, str]]:
@@ -352,10 +350,7 @@ def debug_run(
         raise UsageError(f"--format {target}: expected one of {choices}")
     if count < 1:
         raise UsageError(f"--images must be >= 1, got {count}")
-    if importlib.util.find_spec("matplotlib") is None:
-        raise MissingDependencyError(
-            f"layerwise draws its plot with matplotlib; install it: {PLOTS_EXTRA_HINT}"
-        )
+    require_installed("matplotlib", "layerwise's plot")
     manifest = read_manifest(run)
     export_fp32 = files[fmt][1] if fmt in ONNX_FORMATS else "reviewkd export RUN --formats onnx"
     reference = _exported_file(run, manifest, ONNX_FORMATS["onnx"].file, export_fp32)

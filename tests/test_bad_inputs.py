@@ -1939,8 +1939,8 @@ def test_layerwise_without_matplotlib_is_exit_3_before_any_work(
     code, _, err = run_cli(_layerwise(run), capsys)
     assert code == 3
     assert err == (
-        "reviewkd layerwise: error: layerwise draws its plot with matplotlib; install it:"
-        " pip install 'reviewkd[plots]'\n"
+        "reviewkd layerwise: error: layerwise's plot needs matplotlib, which this installation lacks;"
+        " install the plots extra: pip install 'reviewkd[plots]'\n"
     )
     assert snapshot(tmp_path) == before
 

@@ -14,7 +14,7 @@ import ast
 from functools import cache
 from pathlib import Path
 
-from deploy.optional import INSTALL_HINTS
+from deploy.optional import ADAPTERS, INSTALL_HINTS
 from tests.helpers import REPO_ROOT
 
 PACKAGES = ("reviewkd", "export", "deploy", "benchmarks")
@@ -88,10 +88,21 @@ def _optional_dependencies(name: str, seen: frozenset[str] = frozenset()) -> fro
     """The optional dependencies that importing `name` imports."""
     if name.split(".")[0] in INSTALL_HINTS:
         return frozenset({name.split(".")[0]})
+    if name in ADAPTERS:
+        return frozenset({ADAPTERS[name]})
     if name not in MODULES or name in seen:
         return frozenset()
     return frozenset().union(
         *(_optional_dependencies(imported, seen | {name}) for imported in _top_level_imports(name))
+    )
+
+
+def _imported_at_the_top(module: str) -> frozenset[str]:
+    """The optional dependencies `module`'s own top imports (an adapter's lazy one aside)."""
+    if module not in MODULES:
+        return frozenset()
+    return frozenset().union(
+        *(_optional_dependencies(name, frozenset({module})) for name in _top_level_imports(module))
     )
 
 
@@ -113,7 +124,7 @@ def _violations(module: str, tree: ast.Module, where: str) -> list[str]:
         # `from package import name`: the submodule when `name` is one, else the package.
         leaves = names if isinstance(node, ast.Import) else [n for n in names if n in MODULES] or names
         # Lazy only for what it brings: an optional dependency this module does not import already.
-        brings = frozenset().union(*map(_optional_dependencies, leaves)) - _optional_dependencies(module)
+        brings = frozenset().union(*map(_optional_dependencies, leaves)) - _imported_at_the_top(module)
         if not brings:
             found.append(f"{line} (no optional dependency this module lacks: import it at the top)")
         elif not _inside_helper(parents):
@@ -167,3 +178,16 @@ def test_the_scan_refuses_what_it_must() -> None:
         "sample.py:12: from deploy import manifest",
     ]
     assert "inside `with optional_import" in found[2]
+
+
+def test_each_adapter_imports_its_dependency_inside_its_functions() -> None:
+    # An adapter counts as its dependency only while it drives it: a stale entry would excuse a lazy
+    # import of a module that no longer needs to be lazy.
+    for module, dependency in ADAPTERS.items():
+        lazy = {
+            name.split(".")[0]
+            for node, in_function, _ in _walk(_tree(module))
+            if in_function
+            for name in _imported_names(node, module)
+        }
+        assert dependency in lazy, module

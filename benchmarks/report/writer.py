@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from benchmarks.report.plots import plot_accuracy_size, plot_latency, plot_stude
 from benchmarks.report.results import PathLike, read_metrics, record_report_files, report_dir
 from deploy import run_layout
 from deploy.fileio import write_json_atomic, write_text_atomic
+from deploy.optional import installed
 
 LATENCY_PLOT = "latency.png"
 ACCURACY_SIZE_PLOT = "accuracy_size.png"
@@ -75,7 +75,7 @@ def write_report(run_dir: PathLike) -> dict[str, Any]:
         for name in (run_layout.REPORT_JSON, run_layout.REPORT_MARKDOWN, run_layout.REPORT_HTML)
     )
     # matplotlib and its fonts are a third of the edge install; without it the report has no PNGs.
-    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    has_matplotlib = installed("matplotlib")
     plots = _draw_plots(run_dir, report, out) if has_matplotlib else []
     drawn = {plot.path for plot in plots}
     stale = [out / name for name in PLOTS if out / name not in drawn]

@@ -29,6 +29,7 @@ from deploy.manifest import (
     input_spec,
     verify_artifact,
 )
+from deploy.optional import optional_import
 from deploy.runners.base import Runner
 from deploy.runners.onnxruntime_runner import (
     CUDA_PROVIDER,
@@ -37,7 +38,6 @@ from deploy.runners.onnxruntime_runner import (
     available_providers,
     providers_for_device,
 )
-from deploy.runners.tensorrt_runner import TensorRTRunner
 
 __all__ = [
     "GPU_PROVIDERS",
@@ -170,6 +170,9 @@ def open_runner(
                 raise
         return runner
     if kind == "tensorrt":
+        with optional_import("a TensorRT engine"):
+            from deploy.runners.tensorrt_runner import TensorRTRunner
+
         return TensorRTRunner(file)
     raise UsageError(
         f"{file}: unknown model file type {file.suffix or '(none)'!r}; expected .onnx, .plan or .engine"
