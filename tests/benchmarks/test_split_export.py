@@ -39,14 +39,14 @@ def test_a_digits_split_is_written_as_the_pixels_the_network_was_evaluated_on(
     write_manifest(run, manifest)
     out = tmp_path / "val"
     assert main(["export-data", str(run), "--out", str(out)]) == 0
-    expected = len(bundle.val)
+    expected = len(bundle.held_out)  # what validate scores: the test split, not the carved val split
     printed = capsys.readouterr().out
     assert f"{out}: {expected} images of 10 classes (digits split rebuilt by reviewkd.data)" in printed
     assert sorted(p.name for p in out.iterdir()) == manifest["classes"]
     # Read back as `validate --data` reads a folder: the same normalised images, label for label.
     read_back = folder_batches(out, read_manifest(run), 64, None)
     folder_images, folder_labels = map(np.concatenate, zip(*read_back, strict=True))
-    run_images, run_labels = map(np.concatenate, zip(*iter_run_batches(run, "val", 64), strict=True))
+    run_images, run_labels = map(np.concatenate, zip(*iter_run_batches(run, "test", 64), strict=True))
     order = np.argsort(run_labels, kind="stable")  # the folder lists class by class, in split order
     np.testing.assert_array_equal(folder_labels, run_labels[order])
     np.testing.assert_allclose(folder_images, run_images[order], atol=1e-5)

@@ -11,8 +11,10 @@ from export.timing import StageTimer, timing_table
 
 
 def _busy(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    """Spin until `seconds` of wall time AND of this process's CPU time have passed: on a loaded
+    machine a wall-time loop alone may get a small share of a core (22% seen beside other jobs)."""
+    wall_end, cpu_end = time.perf_counter() + seconds, time.process_time() + seconds
+    while time.perf_counter() < wall_end or time.process_time() < cpu_end:
         pass
 
 
@@ -29,8 +31,8 @@ def test_stages_are_recorded_in_order_and_the_rows_add_up_to_the_total() -> None
         ("export/student.onnx", "check"),
     ]
     assert block["stages"][0]["wall_s"] >= 0.02 and block["stages"][1]["wall_s"] >= 0.03
-    # A busy loop is CPU work on this thread: its CPU time is most of its wall time.
-    assert block["stages"][1]["cpu_s"] > 0.5 * block["stages"][1]["wall_s"]
+    # A busy loop is CPU work on this thread: the stage's CPU time holds all of it.
+    assert block["stages"][1]["cpu_s"] >= 0.03
     timed = sum(s["wall_s"] for s in block["stages"])
     assert block["untimed_wall_s"] == pytest.approx(block["total_wall_s"] - timed)
     assert block["untimed_wall_s"] >= 0.01

@@ -32,13 +32,13 @@ def test_shipped_digits_config_is_the_embedded_default() -> None:
     assert load_config(None) == load_config("digits")
     # The demo's few-image students are the digits config's, not defaults a config of one's own inherits.
     digits = load_config("digits")
-    assert (digits.data.subset, digits.teacher.full_data) == (50, True)
-    assert (Config().data.subset, Config().teacher.full_data) == (None, False)
+    assert (digits.data.subset, digits.teacher.full_data, digits.data.val_split) == (50, True, 200)
+    assert (Config().data.subset, Config().teacher.full_data, Config().data.val_split) == (None, False, None)
     # ... and so is its teacher's post-ReLU feature (measured better for these students).
     assert digits.method.teacher_pre_activation is False and Config().method.teacher_pre_activation
     assert dataclasses.replace(
         digits,
-        data=dataclasses.replace(digits.data, subset=None),
+        data=dataclasses.replace(digits.data, subset=None, val_split=None),
         teacher=dataclasses.replace(digits.teacher, full_data=False),
         method=dataclasses.replace(digits.method, teacher_pre_activation=True),
     ) == Config()

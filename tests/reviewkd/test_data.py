@@ -16,8 +16,9 @@ from tests.helpers import write_deep_image, write_png_bomb
 
 
 def _digits(*overrides: str):  # type: ignore[no-untyped-def]
-    # The embedded default trains students on 50 images; these tests start from the whole split.
-    return build_data(load_config(None, ["data.subset=null", *overrides]))
+    # The embedded default trains students on 50 images and carves a val split; these tests start
+    # from the whole training split.
+    return build_data(load_config(None, ["data.subset=null", "data.val_split=null", *overrides]))
 
 
 def test_digits_split_is_stratified_fixed_and_upsampled() -> None:
@@ -112,7 +113,8 @@ def _write_tree(root: Path, split: str, classes: dict[str, int], size: int = 12)
 def test_imagefolder_files_and_cache_agree(tmp_path: Path) -> None:
     _write_tree(tmp_path, "train", {"cat": 5, "dog": 4})
     _write_tree(tmp_path, "test", {"cat": 2, "dog": 3})
-    overrides = ["data.dataset=imagefolder", f"data.root={tmp_path}", "data.image_size=8", "data.resize=10"]
+    overrides = ["data.dataset=imagefolder", "data.val_split=null", f"data.root={tmp_path}"]
+    overrides += ["data.image_size=8", "data.resize=10"]
     overrides.append("data.subset=null")
     files = build_data(load_config(None, overrides))
     assert files.classes == ["cat", "dog"] and files.val_name == "test"
@@ -156,7 +158,9 @@ def test_imagefolder_errors_name_the_path(tmp_path: Path, setup: str, message: s
         _write_tree(root, "val", {"cat": 1, "bird" if setup == "unknown_val_class" else "dog": 1})
     if setup == "unreadable":
         (root / "val" / "cat" / "0.png").write_bytes(b"not a png")
-    config = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.cache=true"])
+    config = load_config(
+        None, ["data.dataset=imagefolder", "data.val_split=null", f"data.root={root}", "data.cache=true"]
+    )
     with pytest.raises(UsageError, match=message):
         build_data(config)
 
@@ -167,7 +171,8 @@ def test_imagefolder_rescales_16_bit_and_float_images(tmp_path: Path, cache: str
     _write_tree(root, "train", {"cat": 2, "dog": 2})
     _write_tree(root, "val", {"cat": 1, "dog": 1})
     eight_bit = np.asarray(Image.open(root / "val" / "cat" / "0.png").convert("L"))
-    overrides = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8", f"data.cache={cache}"]
+    overrides = ["data.dataset=imagefolder", "data.val_split=null", f"data.root={root}"]
+    overrides += ["data.image_size=8", f"data.cache={cache}"]
     (root / "val" / "cat" / "0.png").unlink()
     Image.fromarray(eight_bit).save(root / "val" / "cat" / "0.png")
     reference = torch.cat([x for x, _ in build_data(load_config(None, overrides)).eval_batches("val", 2)])
@@ -186,7 +191,8 @@ def test_imagefolder_refuses_a_decompression_bomb(tmp_path: Path, cache: str) ->
     _write_tree(root, "train", {"cat": 2, "dog": 2})
     _write_tree(root, "val", {"cat": 1, "dog": 1})
     write_png_bomb(root / "val" / "dog" / "0.png")
-    overrides = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8", f"data.cache={cache}"]
+    overrides = ["data.dataset=imagefolder", "data.val_split=null", f"data.root={root}"]
+    overrides += ["data.image_size=8", f"data.cache={cache}"]
     with pytest.raises(UsageError, match=r"dog/0\.png: refused, too many pixels to decode safely"):
         list(build_data(load_config(None, overrides)).eval_batches("val", 2))
 
@@ -198,7 +204,8 @@ def test_cifar_pickles_missing_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_iter_run_batches_reads_the_run_config(tmp_path: Path) -> None:
-    save_config(load_config(None, ["data.image_size=8", "data.subset=100"]), tmp_path / "config.yaml")
+    overrides = ["data.image_size=8", "data.subset=100", "data.val_split=null"]
+    save_config(load_config(None, overrides), tmp_path / "config.yaml")
     val = list(iter_run_batches(tmp_path, "val", 128))
     assert [len(y) for _, y in val] == [128, 128, 104]
     images, labels = val[0]
@@ -209,17 +216,18 @@ def test_iter_run_batches_reads_the_run_config(tmp_path: Path) -> None:
     assert [len(y) for y in train] == [16, 16, 8]
     again = [y for _, y in iter_run_batches(tmp_path, "train", 40, limit=40)]
     assert np.array_equal(np.concatenate(train), again[0])
-    with pytest.raises(UsageError, match="split 'test'"):
-        next(iter_run_batches(tmp_path, "test", 8))
+    with pytest.raises(UsageError, match="split 'holdout'"):
+        next(iter_run_batches(tmp_path, "holdout", 8))
     with pytest.raises(UsageError, match=r"no config\.yaml"):
         next(iter_run_batches(tmp_path / "nothing", "val", 8))
 
 
-@pytest.mark.parametrize(("full_data", "expected"), [("true", 1437), ("false", 100)])
+@pytest.mark.parametrize(("full_data", "expected"), [("true", 1237), ("false", 100)])
 def test_run_train_images_are_the_teachers_with_full_data(
     tmp_path: Path, full_data: str, expected: int
 ) -> None:
-    # int8 calibration reads these: with teacher.full_data, every image the run's teacher saw.
+    # int8 calibration reads these: with teacher.full_data, every image the run's teacher saw (the
+    # 1,437 training images less the 200 the embedded default carves as its val split).
     overrides = ["data.image_size=8", "data.subset=100", f"teacher.full_data={full_data}"]
     save_config(load_config(None, overrides), tmp_path / "config.yaml")
     assert sum(len(y) for _, y in iter_run_batches(tmp_path, "train", 512)) == expected
@@ -270,6 +278,7 @@ def test_val_split_out_of_range_is_a_one_line_error(value: str, message: str) ->
 
 def test_iter_run_batches_reads_the_test_split_of_a_carved_run(tmp_path: Path) -> None:
     save_config(load_config(None, ["data.subset=null", "data.val_split=100"]), tmp_path / "config.yaml")
+    # (the embedded default itself carves 200)
     assert sum(len(y) for _, y in iter_run_batches(tmp_path, "val", 64)) == 100
     assert sum(len(y) for _, y in iter_run_batches(tmp_path, "test", 64)) == 360
     with pytest.raises(UsageError, match="expected 'train', 'val' or 'test'"):

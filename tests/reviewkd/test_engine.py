@@ -29,6 +29,7 @@ from tests.helpers import REPO_ROOT
 # One thread: identical reduction order in every process, so resumed weights can be compared exactly.
 TINY = [
     "data.image_size=8",
+    "data.val_split=null",
     "data.subset=160",
     "train.batch_size=32",
     "train.threads=1",
