@@ -549,7 +549,7 @@ def verify_artifact(run_dir: str | os.PathLike[str], manifest: Manifest, relpath
     path = artifact_path(run_dir, relpath)
     if not path.is_file():
         raise UsageError(f"{path}: listed in the manifest but missing")
-    onnx = entry.get("kind") == "onnx" or path.suffix == ".onnx"
+    onnx = entry["kind"] == "onnx" or path.suffix == ".onnx"
     data = path.read_bytes() if onnx else None
     actual = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
     if actual != entry["sha256"]:
@@ -564,4 +564,4 @@ def verify_artifact(run_dir: str | os.PathLike[str], manifest: Manifest, relpath
 
 def artifacts_of_kind(manifest: Manifest, kind: str) -> dict[str, ArtifactEntry]:
     """Return the manifest's artifacts of one kind, keyed by relative path."""
-    return {rel: e for rel, e in manifest.get("artifacts", {}).items() if e.get("kind") == kind}
+    return {rel: e for rel, e in manifest.get("artifacts", {}).items() if e["kind"] == kind}
