@@ -1059,7 +1059,7 @@ ROWS: tuple[Row, ...] = (
         "quantize: teacher.sha256 not a string",
         lambda t, r: _then(_raw_teacher_sha256(r, 123), _quantize(r)),
         2,
-        "QAD needs the run's teacher, and the manifest records none",
+        "manifest.json: teacher.sha256: expected a sha256 digest or null, got 123",
         base="distilled",
     ),
     Row(
