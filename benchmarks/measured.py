@@ -21,6 +21,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from deploy.manifest import model_block
+
 SOURCE_RUN_SPLIT = "run-split"
 SOURCE_FOLDER = "folder"
 SOURCE_GIVEN = "given"
@@ -91,6 +93,4 @@ def short_sha(sha: str | None) -> str:
 
 def manifest_student_sha256(manifest: Mapping[str, Any]) -> str | None:
     """The sha256 of the run's student.safetensors as its manifest records it (None: no student)."""
-    student = manifest.get("student")
-    sha = student.get("sha256") if isinstance(student, Mapping) else None
-    return sha if isinstance(sha, str) else None
+    return model_block(manifest, "student").sha256

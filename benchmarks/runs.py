@@ -173,8 +173,8 @@ def run_targets(
                 str(entry.get("precision") or "fp32"),
                 functools.partial(_open_file, run, manifest, relpath, backend_device, threads),
                 file=relpath,
-                size_bytes=entry.get("size_bytes"),
-                sha256=entry.get("sha256"),
+                size_bytes=entry["size_bytes"],
+                sha256=entry["sha256"],
             )
         )
     if backends is not None:

@@ -37,13 +37,14 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Required, TypedDict, cast
 
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import check_self_contained_onnx, parse_json, sha256_file, write_json_atomic
+from deploy.tasks import TASKS
 
 MANIFEST_NAME = run_layout.MANIFEST
 MANIFEST_SCHEMA_VERSION = 1
@@ -104,7 +105,10 @@ SHARED_STAGE_FILE = "(shared)"
 
 
 class Manifest(TypedDict, total=False):
-    """The manifest document. Blocks beyond the typed ones (export, baselines, ...) are free-form."""
+    """The manifest document, the JSON object as stored. The blocks a deployment command reads are
+    read through their typed views: input_spec (input), model_block (student, teacher),
+    method_block, data_block, deploy.tasks.task_of (task) and ArtifactEntry (artifacts); the export,
+    baselines and qad blocks are free-form."""
 
     schema_version: Required[int]
     task: str
@@ -120,12 +124,129 @@ class Manifest(TypedDict, total=False):
     qad: dict[str, Any]  # reviewkd quantize: accuracies, the selected weights, the quantizer placement
 
 
-def reported_scores(block: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The scores a report states for a trained model's manifest block (student, teacher or a
-    baseline): its "test" entry, scored once after training, when the run carved the split it chose
-    its epoch on (data.val_split); else the block itself, whose scores are that choice's split."""
-    test = block.get("test")
-    return test if isinstance(test, Mapping) else block
+# The typed blocks. Each is a frozen dataclass read from its JSON object by `from_dict`, which checks
+# the type of every key it knows and raises a one-line UsageError naming the file and the key. A
+# dataclass rather than a TypedDict: mypy refuses a misspelt attribute, where a TypedDict's `.get` of
+# a misspelt key passes it and returns None at run time. The views are read-only: the Manifest
+# document stays the JSON itself, so a stage rewrites it with every key it holds (those of newer
+# versions included), and the file on disk does not change by being read.
+
+
+def _typed(block: Mapping[str, Any], key: str, kinds: tuple[type, ...], expected: str, where: str) -> Any:
+    """`block[key]` when absent (None), null or of one of `kinds` (a bool is no number); else the error."""
+    value = block.get(key)
+    if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
+        return value
+    raise UsageError(f"{where}.{key}: expected {expected} or null, got {_shown(value)}")
+
+
+def _object(value: object, where: str) -> Mapping[str, Any]:
+    """`value` when it is a JSON object (absent: empty); else the error naming `where`."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{where}: expected an object, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelBlock:
+    """manifest["student"] or ["teacher"]: the trained model. `scores` holds the task metrics it
+    records (deploy.tasks' model_metrics: top1 and top5, or map and ap50), each a number or null, and
+    `test_scores` the same metrics scored once on the test split where the run carved its val split.
+    Other keys (an exported zoo model's source weights, ...) stay in the JSON."""
+
+    arch: str | None = None
+    num_classes: int | None = None
+    weights: str | None = None
+    sha256: str | None = None
+    epoch: int | None = None
+    scores: Mapping[str, float | None] = field(default_factory=dict)
+    test_scores: Mapping[str, float | None] | None = None
+
+    @classmethod
+    def from_dict(cls, value: object, where: str) -> ModelBlock:
+        """Read and check the block found at `where` (e.g. "runs/a/manifest.json: student")."""
+        block = _object(value, where)
+        num_classes = _typed(block, "num_classes", (int,), "a positive integer", where)
+        if num_classes is not None and num_classes < 1:
+            raise UsageError(f"{where}.num_classes: expected a positive integer, got {num_classes}")
+        test = block.get("test")
+        return cls(
+            arch=_typed(block, "arch", (str,), "a model name", where),
+            num_classes=num_classes,
+            weights=_typed(block, "weights", (str,), "a file name", where),
+            sha256=_typed(block, "sha256", (str,), "a sha256 digest", where),
+            epoch=_typed(block, "epoch", (int,), "an epoch number", where),
+            scores=_scores(block, where),
+            test_scores=None if test is None else _scores(_object(test, f"{where}.test"), f"{where}.test"),
+        )
+
+    @property
+    def reported_scores(self) -> Mapping[str, float | None]:
+        """The scores a report states: the test split's when the run carved its val split (the
+        block's own scores are then that choice's split), else the block's own."""
+        return self.scores if self.test_scores is None else self.test_scores
+
+
+# Every task's model metrics: the keys of a model block that hold scores.
+_METRIC_KEYS = tuple(dict.fromkeys(key for spec in TASKS.values() for key, _ in spec.model_metrics))
+
+
+def _scores(block: Mapping[str, Any], where: str) -> dict[str, float | None]:
+    """The metrics a model block (or its "test" entry) records, each a number or null."""
+    return {key: _typed(block, key, (int, float), "a number", where) for key in _METRIC_KEYS if key in block}
+
+
+@dataclass(frozen=True)
+class MethodBlock:
+    """manifest["method"]: how the student was trained ("ce", "kd", "reviewkd", ...) and its
+    hyper-parameters (free-form: each method has its own)."""
+
+    name: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, value: object, where: str) -> MethodBlock:
+        """Read and check the block found at `where`."""
+        block = _object(value, where)
+        return cls(
+            name=_typed(block, "name", (str,), "a method name", where),
+            params=_object(block.get("params"), f"{where}.params"),
+        )
+
+
+@dataclass(frozen=True)
+class DataBlock:
+    """manifest["data"]: where the run's images came from (the dataset's name and, for a folder,
+    its root); the dataset's other options stay in the JSON for the stages that rebuild it."""
+
+    dataset: str | None = None
+    root: str | None = None
+
+    @classmethod
+    def from_dict(cls, value: object, where: str) -> DataBlock:
+        """Read and check the block found at `where`."""
+        block = _object(value, where)
+        return cls(
+            dataset=_typed(block, "dataset", (str,), "a dataset name", where),
+            root=_typed(block, "root", (str,), "a folder", where),
+        )
+
+
+def model_block(manifest: Mapping[str, Any], role: str, source: str = "manifest") -> ModelBlock:
+    """The manifest's "student" or "teacher" block (`role`), typed; `source` names the file in errors."""
+    return ModelBlock.from_dict(manifest.get(role), f"{source}: {role}")
+
+
+def method_block(manifest: Mapping[str, Any], source: str = "manifest") -> MethodBlock:
+    """The manifest's "method" block, typed."""
+    return MethodBlock.from_dict(manifest.get("method"), f"{source}: method")
+
+
+def data_block(manifest: Mapping[str, Any], source: str = "manifest") -> DataBlock:
+    """The manifest's "data" block, typed."""
+    return DataBlock.from_dict(manifest.get("data"), f"{source}: data")
 
 
 @dataclass(frozen=True)
@@ -269,14 +390,9 @@ def check_classes(classes: object, source: str = "manifest") -> list[str]:
 def _check_class_count(data: Mapping[str, Any], source: str) -> None:
     """The class names, where listed, must be as many as the student's classes."""
     classes = data.get("classes") or []
-    student = data.get("student")
-    declared = student.get("num_classes") if isinstance(student, Mapping) else None
+    declared = model_block(data, "student", source).num_classes
     if declared is None:
         return
-    if not isinstance(declared, int) or isinstance(declared, bool) or declared < 1:
-        raise UsageError(
-            f"{source}: student.num_classes: expected a positive integer, got {_shown(declared)}"
-        )
     if classes and len(classes) != declared:
         raise UsageError(f"{source}: lists {len(classes)} classes but student.num_classes is {declared}")
 
@@ -295,6 +411,9 @@ def check_manifest(data: object, source: str) -> Manifest:
             raise UsageError(f"{source}: {block}: expected an object, got {type(data[block]).__name__}")
     check_classes(data.get("classes", []), source)
     _check_class_count(data, source)
+    model_block(data, "teacher", source)
+    method_block(data, source)
+    data_block(data, source)
     artifacts = data.setdefault("artifacts", {})
     if not isinstance(artifacts, dict):
         kind = type(artifacts).__name__
@@ -361,9 +480,8 @@ def check_output_width(manifest: Mapping[str, Any], width: int | None, source: s
     """UsageError when a model's output width (None: not fixed in the file) is not the manifest's
     class count: labels would be read against the wrong logits."""
     classes = manifest.get("classes") or []
-    student = manifest.get("student")
-    count = len(classes) or (student.get("num_classes") if isinstance(student, Mapping) else None)
-    if width is not None and isinstance(count, int) and count != width:
+    count = len(classes) or model_block(manifest, "student", source).num_classes
+    if width is not None and count is not None and count != width:
         raise UsageError(f"{source}: the model gives {width} logits but the manifest has {count} classes")
 
 
@@ -431,7 +549,7 @@ def verify_artifact(run_dir: str | os.PathLike[str], manifest: Manifest, relpath
     path = artifact_path(run_dir, relpath)
     if not path.is_file():
         raise UsageError(f"{path}: listed in the manifest but missing")
-    onnx = entry.get("kind") == "onnx" or path.suffix == ".onnx"
+    onnx = entry["kind"] == "onnx" or path.suffix == ".onnx"
     data = path.read_bytes() if onnx else None
     actual = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
     if actual != entry["sha256"]:
@@ -446,4 +564,4 @@ def verify_artifact(run_dir: str | os.PathLike[str], manifest: Manifest, relpath
 
 def artifacts_of_kind(manifest: Manifest, kind: str) -> dict[str, ArtifactEntry]:
     """Return the manifest's artifacts of one kind, keyed by relative path."""
-    return {rel: e for rel, e in manifest.get("artifacts", {}).items() if e.get("kind") == kind}
+    return {rel: e for rel, e in manifest.get("artifacts", {}).items() if e["kind"] == kind}

@@ -19,7 +19,7 @@ from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import verify_onnx_content
 from deploy.formats import ALL_BACKENDS, MODULE_BACKENDS, export_advice, format_keys
-from deploy.manifest import Manifest, check_output_width, input_spec, read_manifest
+from deploy.manifest import Manifest, check_output_width, input_spec, model_block, read_manifest
 from deploy.preprocess import load_image
 from deploy.runners import OnnxRuntimeRunner, open_runner, select_artifact
 from deploy.runners.base import Runner
@@ -49,8 +49,7 @@ def check_export_is_current(
     none, would serve an old model under the new one's name. A run that records no trained
     student (a folder laid out by hand) has nothing to compare with.
     """
-    student = manifest.get("student")
-    current = student.get("sha256") if isinstance(student, Mapping) else None
+    current = model_block(manifest, "student").sha256
     if not current:
         return
     entry = (manifest.get("artifacts") or {}).get(relpath)

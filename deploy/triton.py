@@ -28,6 +28,7 @@ from deploy.manifest import (
     artifacts_of_kind,
     check_classes,
     input_spec,
+    model_block,
     read_manifest,
     verify_artifact,
 )
@@ -147,14 +148,14 @@ def config_pbtxt(model: TritonModel) -> str:
 
 def _model_base_name(manifest: Manifest) -> str:
     """A Triton-safe model name from the student's architecture ("torchvision:resnet18" -> ...)."""
-    arch = str(manifest.get("student", {}).get("arch") or "student")
+    arch = model_block(manifest, "student").arch or "student"
     return re.sub(r"[^A-Za-z0-9_-]+", "_", arch).strip("_") or "student"
 
 
 def _num_classes(manifest: Manifest) -> int:
     classes = manifest.get("classes") or []
-    count = len(classes) or manifest.get("student", {}).get("num_classes")
-    if not isinstance(count, int) or count < 1:
+    count = len(classes) or model_block(manifest, "student").num_classes
+    if count is None:
         raise UsageError("manifest: neither classes nor student.num_classes gives the number of classes")
     return count
 

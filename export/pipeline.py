@@ -47,6 +47,7 @@ from deploy.manifest import (
     Manifest,
     forget_artifact,
     input_spec,
+    model_block,
     new_manifest,
     read_manifest,
     record_artifact,
@@ -173,15 +174,14 @@ def load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
         raise UsageError(
             f"{student_path}: no student weights; expected a run directory written by reviewkd distill"
         )
-    info = manifest.get("student", {})
-    if not info.get("arch") or not info.get("num_classes"):
+    info = model_block(manifest, "student")
+    if not info.arch or not info.num_classes:
         raise UsageError(f"{run / run_layout.MANIFEST}: the student block lacks arch or num_classes")
-    recorded = info.get("sha256")
-    if recorded and recorded != sha256_file(student_path):
+    if info.sha256 and info.sha256 != sha256_file(student_path):
         raise UsageError(
             f"{student_path}: sha256 differs from the manifest's; the weights changed after training"
         )
-    return strip_student(create_model(info["arch"], int(info["num_classes"]), weights=student_path))
+    return strip_student(create_model(info.arch, info.num_classes, weights=student_path))
 
 
 def run_batches(run: Path) -> BatchSource:
@@ -213,8 +213,7 @@ class ExportRecorder:
         # sha256 of the student.safetensors the files are made from (the loaders check the file
         # against it): recorded with each file, so that deploy can tell an export from an older
         # student after retraining (STUDENT_SHA256_KEY).
-        student = manifest.get("student") or {}
-        self.student_sha256: str | None = student.get("sha256")
+        self.student_sha256 = model_block(manifest, "student").sha256
 
     def keep(self, rel: str, kind: str, **meta: Any) -> None:
         self.block["failed"].pop(rel, None)
@@ -361,10 +360,11 @@ def export_run(
         {"check_data": summary.check_data, "opset": opset, "formats": wanted, "calibration": None}
     )
 
+    recorded = model_block(manifest, "student")
     metadata = {
         "classes": manifest.get("classes", []),
         "input": manifest.get("input", {}),
-        "student": {k: manifest.get("student", {}).get(k) for k in ("arch", "num_classes", "sha256")},
+        "student": {"arch": recorded.arch, "num_classes": recorded.num_classes, "sha256": recorded.sha256},
         "source_sha256": sha256_file(run / STUDENT_FILE),
     }
     with optional_import("exporting ONNX files"):

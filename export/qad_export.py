@@ -40,7 +40,7 @@ from onnx import numpy_helper
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import ensure_writable_dir, sha256_file
-from deploy.manifest import input_spec, read_manifest, write_manifest
+from deploy.manifest import input_spec, model_block, read_manifest, write_manifest
 from deploy.run_lock import locks_run
 from export.check import CheckResult, compare, gate, run_onnx
 from export.onnx_export import DEFAULT_OPSET, optimize_onnx, save_onnx, set_metadata, torch_export
@@ -169,10 +169,11 @@ def export_qad(
     reference = torch_logits(student, images)
     qad_logits = torch_logits(quantized, images)
 
+    recorded = model_block(manifest, "student")
     metadata = {
         "classes": manifest.get("classes", []),
         "input": manifest.get("input", {}),
-        "student": {k: manifest.get("student", {}).get(k) for k in ("arch", "num_classes", "sha256")},
+        "student": {"arch": recorded.arch, "num_classes": recorded.num_classes, "sha256": recorded.sha256},
         "source_sha256": sha256_file(run / STUDENT_FILE),
         "qad_weights_sha256": manifest["artifacts"][qad_block["weights"]]["sha256"],
     }

@@ -36,6 +36,7 @@ from deploy.manifest import (
     artifact_path,
     forget_artifact,
     input_spec,
+    model_block,
     read_manifest,
     record_artifact,
     verify_artifact,
@@ -140,8 +141,8 @@ def _teacher_weights(run: Path, manifest: Manifest, teacher: Path | None) -> Pat
     use the original's teacher, and a hostile manifest could name any file to be read and hashed. A
     run distilled with a teacher from outside it (teacher.weights=FILE) therefore needs --teacher.
     """
-    digest = manifest.get("teacher", {}).get("sha256")
-    if not isinstance(digest, str) or not digest:
+    digest = model_block(manifest, "teacher").sha256
+    if not digest:
         raise UsageError(
             f"{run / run_layout.MANIFEST}: QAD needs the run's teacher, and the manifest records none"
             " (no teacher.sha256): quantize a run distilled from a teacher"
@@ -178,7 +179,7 @@ def _check_qad_state(run: Path, manifest: Manifest, resume: bool) -> None:
     calibrated = out / CALIBRATED_FILE
     if not calibrated.is_file() or block.get("calibrated_sha256") != sha256_file(calibrated):
         raise UsageError(f"{calibrated}: missing or changed; remove {out} and run QAD again")
-    source, current = block.get("student_sha256"), manifest.get("student", {}).get("sha256")
+    source, current = block.get("student_sha256"), model_block(manifest, "student").sha256
     if source and current and source != current:
         raise UsageError(
             f"{out}: fine-tuned from student {source[:12]}…, but the run's student is now {current[:12]}…"
@@ -211,10 +212,10 @@ def load_qad_student(run: str | os.PathLike[str]) -> tuple[nn.Module, Quantizati
     if not block.get("weights"):
         raise UsageError(f"{run / 'manifest.json'}: no QAD result; run `reviewkd quantize {run}` first")
     path = verify_artifact(run, manifest, block["weights"])
-    student_block = manifest.get("student", {})
-    if not student_block.get("arch") or not student_block.get("num_classes"):
+    student = model_block(manifest, "student")
+    if not student.arch or not student.num_classes:
         raise UsageError(f"{run / 'manifest.json'}: the student block lacks arch or num_classes")
-    model = create_model(student_block["arch"], int(student_block["num_classes"]))
+    model = create_model(student.arch, student.num_classes)
     quantized, plan = quantize_student(model, input_spec(manifest).shape)
     quantized.load_state_dict(read_state_dict(path))
     return quantized.eval().requires_grad_(False), plan
@@ -273,7 +274,7 @@ def quantize_run(
                 run,
                 calibrated={"top1": scores["top1"], "top5": scores["top5"], "samples": samples},
                 calibrated_sha256=sha256_file(out / CALIBRATED_FILE),
-                student_sha256=manifest.get("student", {}).get("sha256"),
+                student_sha256=model_block(manifest, "student").sha256,
             )
             print(f"qad: calibrated int8 student before fine-tuning: val top1 {scores['top1']:.2f}%")
         return quantized

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from deploy import run_layout
 from deploy.errors import MissingDependencyError, UsageError
-from deploy.manifest import Manifest, input_spec, verify_artifact
+from deploy.manifest import Manifest, input_spec, model_block, verify_artifact
 from deploy.optional import optional_import, require_installed
 from deploy.runners.base import Runner
 
@@ -34,11 +34,11 @@ def open_student_runner(run: Path, manifest: Manifest, precision: str, device: s
         weights = run_layout.run_path(run, run_layout.STUDENT_WEIGHTS)
     if not weights.is_file():
         raise UsageError(f"{weights}: no student weights; run `reviewkd distill` first")
-    student = manifest.get("student", {})
-    if not student.get("arch"):
+    student = model_block(manifest, "student")
+    if not student.arch:
         raise UsageError(f"{run / run_layout.MANIFEST}: no student architecture recorded")
     shape = input_spec(manifest).shape
-    num_classes = student.get("num_classes") or len(manifest.get("classes", []))
+    num_classes = student.num_classes or len(manifest.get("classes", []))
     if device == "cuda" and precision == "fp32":
         with optional_import("the PyTorch student"):
             import torch
@@ -47,5 +47,5 @@ def open_student_runner(run: Path, manifest: Manifest, precision: str, device: s
         # the 1e-4 parity gate compares against.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    model = create_model(student["arch"], int(num_classes), weights=weights)
+    model = create_model(student.arch, num_classes, weights=weights)
     return TorchRunner(model, shape, device=device, precision=precision)

@@ -1060,7 +1060,7 @@ ROWS: tuple[Row, ...] = (
         "quantize: teacher.sha256 not a string",
         lambda t, r: _then(_raw_teacher_sha256(r, 123), _quantize(r)),
         2,
-        "QAD needs the run's teacher, and the manifest records none",
+        "manifest.json: teacher.sha256: expected a sha256 digest or null, got 123",
         base="distilled",
     ),
     Row(
@@ -1393,6 +1393,37 @@ ROWS: tuple[Row, ...] = (
         lambda t, r: _then(_edit_manifest(r, lambda m: m["classes"].pop()), ["validate", str(r)]),  # type: ignore[attr-defined]
         2,
         "lists 9 classes but student.num_classes is 10",
+    ),
+    # ---- a manifest block's key of the wrong type: refused where the manifest is read
+    Row(
+        "predict: student.top1 is text",
+        lambda t, r: _then(_set_raw(r, ("student", "top1"), "high"), _predict(r, _image(t))),
+        2,
+        "manifest.json: student.top1: expected a number or null, got 'high'",
+    ),
+    Row(
+        "triton: student.arch is a number",
+        lambda t, r: _then(_set_raw(r, ("student", "arch"), 7), ["triton", str(r), "--out", str(t / "repo")]),
+        2,
+        "manifest.json: student.arch: expected a model name or null, got 7",
+    ),
+    Row(
+        "report: student.test is not an object",
+        lambda t, r: _then(_set_raw(r, ("student", "test"), "top1=90"), ["report", str(r)]),
+        2,
+        "manifest.json: student.test: expected an object, got str",
+    ),
+    Row(
+        "report: method.name is a number",
+        lambda t, r: _then(_set_raw(r, ("method", "name"), 3), ["report", str(r)]),
+        2,
+        "manifest.json: method.name: expected a method name or null, got 3",
+    ),
+    Row(
+        "validate: data.dataset is a list",
+        lambda t, r: _then(_set_raw(r, ("data", "dataset"), ["digits"]), ["validate", str(r)]),
+        2,
+        "manifest.json: data.dataset: expected a dataset name or null, got ['digits']",
     ),
     Row(
         "validate: 9 classes against 10 logits",

@@ -35,7 +35,15 @@ from benchmarks.targets import artifact_formats
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import parse_json
-from deploy.manifest import Manifest, read_manifest, reported_scores
+from deploy.manifest import (
+    Manifest,
+    ModelBlock,
+    data_block,
+    input_spec,
+    method_block,
+    model_block,
+    read_manifest,
+)
 from deploy.predict import check_export_is_current
 from deploy.status import Status
 
@@ -227,27 +235,26 @@ def _static_fields(key: str, manifest: Manifest, views: Sequence[Mapping[str, An
 
 
 def _run_info(run_dir: PathLike, manifest: Manifest, metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    student = reported_scores(manifest.get("student", {}))
-    teacher = reported_scores(manifest.get("teacher", {}))
-    method = manifest.get("method", {})
+    student, teacher = model_block(manifest, "student"), model_block(manifest, "teacher")
+    method = method_block(manifest)
     return {
         "dir": str(Path(run_dir).resolve()),
-        "method": method.get("name"),
-        "method_params": method.get("params", {}),
+        "method": method.name,
+        "method_params": dict(method.params),
         "student": {
-            "arch": manifest.get("student", {}).get("arch"),
-            "top1": student.get("top1"),
-            "top5": student.get("top5"),
+            "arch": student.arch,
+            "top1": student.reported_scores.get("top1"),
+            "top5": student.reported_scores.get("top5"),
         },
         "teacher": {
-            "arch": manifest.get("teacher", {}).get("arch"),
-            "top1": teacher.get("top1"),
-            "top5": teacher.get("top5"),
+            "arch": teacher.arch,
+            "top1": teacher.reported_scores.get("top1"),
+            "top5": teacher.reported_scores.get("top5"),
         },
         "baselines": manifest.get("baselines"),
-        "num_classes": len(manifest.get("classes", [])) or student.get("num_classes"),
-        "input_shape": manifest.get("input", {}).get("shape"),
-        "dataset": manifest.get("data", {}).get("dataset"),
+        "num_classes": len(manifest.get("classes", [])) or student.num_classes,
+        "input_shape": list(input_spec(manifest).shape) if manifest.get("input") else None,
+        "dataset": data_block(manifest).dataset,
         "epochs": len(metrics),
     }
 
@@ -260,25 +267,29 @@ def _distillation(manifest: Manifest) -> dict[str, Any]:
     (data.val_split), else the validation split's. Without a baseline (`reviewkd run
     --no-baseline`, a plain `distill`) the block says so instead of a gain.
     """
-    method = manifest.get("method", {}).get("name")
-    student_top1 = reported_scores(manifest.get("student", {})).get("top1")
+    method = method_block(manifest).name
+    student_top1 = model_block(manifest, "student").reported_scores.get("top1")
     recorded = (manifest.get("baselines") or {}).get(BASELINE_METHOD)
-    baseline = reported_scores(recorded) if isinstance(recorded, Mapping) else None
+    baseline = (
+        ModelBlock.from_dict(recorded, f"manifest: baselines.{BASELINE_METHOD}").reported_scores
+        if isinstance(recorded, Mapping)
+        else None
+    )
     block: dict[str, Any] = {"method": method, "student_top1": student_top1, "baseline": BASELINE_METHOD}
     if method == BASELINE_METHOD:
         reason = "the student itself was trained with cross-entropy alone (method ce); nothing was distilled"
     elif recorded is None or baseline is None:
         reason = "this run has no cross-entropy baseline (`reviewkd run` trains one unless --no-baseline)"
-    elif student_top1 is None or baseline.get("top1") is None:
+    elif student_top1 is None or (baseline_top1 := baseline.get("top1")) is None:
         reason = "the student or the cross-entropy baseline has no top-1 in the manifest"
     else:
         return {
             **block,
             "status": Status.OK,
             "reason": None,
-            "baseline_top1": baseline["top1"],
+            "baseline_top1": baseline_top1,
             "baseline_run": recorded.get("run"),
-            "gain_points": student_top1 - baseline["top1"],
+            "gain_points": student_top1 - baseline_top1,
         }
     return {**block, "status": Status.NOT_MEASURED, "reason": reason}
 

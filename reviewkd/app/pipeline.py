@@ -110,7 +110,7 @@ def _artifact_paths(run: Path, kinds: Sequence[str]) -> list[str]:
     if not run_layout.run_path(run, run_layout.MANIFEST).is_file():
         return []
     artifacts = read_manifest(run).get("artifacts", {})
-    return sorted(rel for rel, entry in artifacts.items() if entry.get("kind") in kinds)
+    return sorted(rel for rel, entry in artifacts.items() if entry["kind"] in kinds)
 
 
 @dataclasses.dataclass(frozen=True)

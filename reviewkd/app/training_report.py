@@ -27,17 +27,16 @@ from typing import Any
 
 from deploy import run_layout
 from deploy.fileio import write_json_atomic, write_text_atomic
-from deploy.manifest import read_manifest, reported_scores
+from deploy.manifest import ModelBlock, method_block, model_block, read_manifest
 from deploy.tasks import TaskSpec, task_of
 
 REPORT_SCHEMA_VERSION = 1
 SKIPPED_STAGES = ("export", "validate", "bench")
 
 
-def _model_row(role: str, block: Mapping[str, Any], run: str, spec: TaskSpec) -> dict[str, Any]:
-    row: dict[str, Any] = {"role": role, "arch": block.get("arch"), "run": run}
-    scores = reported_scores(block)
-    row.update({key: scores.get(key) for key, _ in spec.model_metrics})
+def _model_row(role: str, block: ModelBlock, run: str, spec: TaskSpec) -> dict[str, Any]:
+    row: dict[str, Any] = {"role": role, "arch": block.arch, "run": run}
+    row.update({key: block.reported_scores.get(key) for key, _ in spec.model_metrics})
     return row
 
 
@@ -45,18 +44,19 @@ def build_training_report(run: Path) -> dict[str, Any]:
     """report.json's content for `run` (its manifest, and its baseline's when one was trained)."""
     manifest = read_manifest(run)
     spec = task_of(manifest, str(run_layout.run_path(run, run_layout.MANIFEST)))
-    method = manifest.get("method", {}).get("name")
+    method = method_block(manifest).name
+    student = model_block(manifest, "student")
     models = [
-        _model_row("teacher", manifest.get("teacher", {}), run_layout.TEACHER_DIR, spec),
-        _model_row(str(method), manifest.get("student", {}), ".", spec),
+        _model_row("teacher", model_block(manifest, "teacher"), run_layout.TEACHER_DIR, spec),
+        _model_row(str(method), student, ".", spec),
     ]
     baseline_dir = run / run_layout.BASELINE_DIR
     baseline_value = None
     if run_layout.run_path(baseline_dir, run_layout.MANIFEST).is_file():
-        baseline = read_manifest(baseline_dir).get("student", {})
+        baseline = model_block(read_manifest(baseline_dir), "student")
         models.append(_model_row(spec.baseline_method, baseline, run_layout.BASELINE_DIR, spec))
-        baseline_value = reported_scores(baseline).get(spec.metric_key)
-    student_value = reported_scores(manifest.get("student", {})).get(spec.metric_key)
+        baseline_value = baseline.reported_scores.get(spec.metric_key)
+    student_value = student.reported_scores.get(spec.metric_key)
     gain = None
     if student_value is not None and baseline_value is not None:
         gain = student_value - baseline_value if spec.higher_is_better else baseline_value - student_value

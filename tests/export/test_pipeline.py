@@ -535,8 +535,6 @@ def test_dla_engines_are_built_from_the_fp16_and_int8_files_only(
 ) -> None:
     import shutil
 
-    import export.tensorrt_engine
-
     run, manifest = make_run(tmp_path)
     shutil.copyfile(run / "export/student.onnx", run / "export/student.fp16.onnx")
     record_artifact(run, manifest, "export/student.fp16.onnx", "onnx", precision="fp16")
@@ -549,7 +547,7 @@ def test_dla_engines_are_built_from_the_fp16_and_int8_files_only(
         Path(f"{plan}.json").write_text("{}")
         return {"tensorrt_version": "10.3.0.30"}
 
-    monkeypatch.setattr(export.tensorrt_engine, "build_engine", fake_build_engine)
+    monkeypatch.setattr(pipeline, "build_engine", fake_build_engine)
     summary = ExportSummary(run)
     options = pipeline.TensorRTOptions(dla_core=1, gpu_fallback=False)
     recorder = pipeline.ExportRecorder(run, manifest, summary)

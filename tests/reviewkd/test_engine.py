@@ -16,7 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from deploy.errors import UsageError
-from deploy.manifest import read_manifest, verify_artifact
+from deploy.manifest import (
+    data_block,
+    input_spec,
+    method_block,
+    model_block,
+    read_manifest,
+    verify_artifact,
+    write_manifest,
+)
 from reviewkd.app.cli import main
 from reviewkd.checkpoint import load_checkpoint
 from reviewkd.config import Config, load_config, save_config
@@ -391,3 +399,37 @@ def test_a_carved_val_split_selects_and_the_test_split_is_scored_once_at_the_end
         x = bundle.normalize(bundle.held_out.images)  # type: ignore[arg-type]
         top1 = 100.0 * float((kept(x).argmax(1) == bundle.held_out.labels).float().mean())
     assert test["top1"] == pytest.approx(top1, abs=1e-6)
+
+
+def test_the_manifest_reads_into_its_typed_blocks_and_writes_back_byte_for_byte(
+    teacher_file: Path, tmp_path: Path
+) -> None:
+    # A real run's manifest, with a carved val split so that the student has its "test" scores.
+    distill(with_teacher(teacher_file, "method.name=kd", "train.epochs=1", "data.val_split=100"), tmp_path)
+    text = (tmp_path / "manifest.json").read_text(encoding="utf-8")
+    raw = json.loads(text)
+    manifest = read_manifest(tmp_path)
+    write_manifest(tmp_path, manifest)
+    assert (tmp_path / "manifest.json").read_text(encoding="utf-8") == text
+
+    for role in ("student", "teacher"):
+        block, recorded = model_block(manifest, role), raw[role]
+        assert block.arch == recorded["arch"] and block.sha256 == recorded["sha256"]
+        assert block.scores == {key: recorded[key] for key in ("top1", "top5")}
+        test = {key: recorded["test"][key] for key in ("top1", "top5")} if "test" in recorded else None
+        assert block.test_scores == test
+        assert block.reported_scores == (test or block.scores)
+    assert model_block(manifest, "student").test_scores is not None
+    student = model_block(manifest, "student")
+    assert (student.num_classes, student.weights, student.epoch) == (
+        raw["student"]["num_classes"],
+        raw["student"]["weights"],
+        raw["student"]["epoch"],
+    )
+    method, data = method_block(manifest), data_block(manifest)
+    assert (method.name, method.params) == (raw["method"]["name"], raw["method"]["params"])
+    assert (data.dataset, data.root) == (raw["data"]["dataset"], raw["data"].get("root"))
+    spec = input_spec(manifest)
+    assert [list(spec.shape), list(spec.mean), list(spec.std), spec.resize] == [
+        raw["input"][key] for key in ("shape", "mean", "std", "resize")
+    ]

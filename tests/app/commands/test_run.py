@@ -68,13 +68,13 @@ def test_a_run_directory_is_not_overwritten_without_resume(
 def test_failing_stage_stops_the_run_names_it_and_keeps_earlier_outputs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import export.pipeline
+    import reviewkd.app.pipeline
     from deploy.errors import UsageError
 
     def broken_export(*_args: object, **_kwargs: object) -> None:
         raise UsageError("export/student.onnx: cannot write")
 
-    monkeypatch.setattr(export.pipeline, "export_run", broken_export)
+    monkeypatch.setattr(reviewkd.app.pipeline, "export_run", broken_export)
     run = tmp_path / "run"
     assert main(["run", "--out", str(run), "--no-baseline", *TINY]) == 2
     err = capsys.readouterr().err
