@@ -18,6 +18,13 @@ until the timings reach a steady state (two windows of calls with medians within
 `--warmup 0` skips it. Each measurement records its warm-up calls, bootstrap intervals on its
 percentiles and a `stable`/`noisy` verdict. `compare_targets` times two formats interleaved in
 counterbalanced pairs (A B, B A, ...) and states the ratio of their medians with an interval.
+
+Machine state (benchmarks.machine_state): each measurement records other processes' share of the
+CPUs' time over its timed calls ("cpu_usage"), and each format a snapshot of the CPU governor and
+frequency, the GPUs' clocks and throttling, a Jetson's power mode and clocks ("machine_state") and its
+runtime's thread pools ("threads"), taken after its measurements. What in them undermines a number
+(other load, a governor other than performance, throttling) is among the measurement's `noisy`
+reasons.
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from benchmarks.environment import collect_environment, machine_text
+from benchmarks.machine_state import CpuUsageWatch, machine_state, runner_threads, state_flags, usage_flags
 from benchmarks.measured import SOURCE_RANDOM, measured_block
 from benchmarks.stability import (
     MAX_WARMUP_ITERS,
@@ -48,7 +56,8 @@ from deploy.status import Status
 
 # 2: results record what they measured ("measured"); see benchmarks.measured.
 # 3: each measurement records its steady-state warm-up, percentile intervals and stability verdict.
-BENCH_SCHEMA_VERSION = 3
+# 4: each measurement records its CPU usage, each format its machine state and thread pools.
+BENCH_SCHEMA_VERSION = 4
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 DEFAULT_WARMUP = 10
 DEFAULT_SECONDS = 1.0
@@ -141,7 +150,10 @@ def choose_timer(runner: Runner) -> Timer:
 
 
 def latency_stats(
-    samples_ms: Sequence[float], batch_size: int, warmup_steady: bool | None = None
+    samples_ms: Sequence[float],
+    batch_size: int,
+    warmup_steady: bool | None = None,
+    machine_flags: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Summarise per-call latencies of one batch size.
 
@@ -149,7 +161,8 @@ def latency_stats(
     bootstrap 95% interval ("p50_ci_ms" ...); std is the sample standard deviation (0 for one
     sample); "cv" is std / mean (None when the mean is 0); throughput is images per second at the
     mean latency (None when the mean is 0). "verdict" is `stable` or `noisy`, "noisy_because" says
-    why and what to do (benchmarks.stability.stability_verdict; `warmup_steady` False counts).
+    why and what to do (benchmarks.stability.stability_verdict; `warmup_steady` False and each of
+    `machine_flags`, benchmarks.machine_state's, count).
     """
     samples = np.asarray(samples_ms, dtype=np.float64)
     if samples.ndim != 1 or samples.size == 0:
@@ -161,7 +174,7 @@ def latency_stats(
     mean = float(samples.mean())
     std = float(samples.std(ddof=1)) if samples.size > 1 else 0.0
     cv = std / mean if mean > 0 else None
-    verdict, why = stability_verdict(int(samples.size), cv, p50, p99, warmup_steady)
+    verdict, why = stability_verdict(int(samples.size), cv, p50, p99, warmup_steady, machine_flags)
     return {
         "p50_ms": p50,
         "p90_ms": p90,
@@ -197,12 +210,14 @@ def check_settings(warmup: int, iters: int | None, seconds: float | None) -> Non
 
 @dataclass(frozen=True)
 class Timings:
-    """What one measurement timed: the per-call latencies (ms) and how its warm-up went."""
+    """What one measurement timed: the per-call latencies (ms), how its warm-up went and the CPU
+    usage over its timed calls (benchmarks.machine_state.CpuUsageWatch)."""
 
     samples_ms: list[float]
     warmup_iters: int
     # True: the warm-up reached a steady state; False: it hit its cap first; None: no warm-up.
     warmup_steady: bool | None
+    cpu_usage: dict[str, Any] = field(default_factory=dict)
 
 
 def warm_up(measure: Callable[[], float], minimum: int) -> tuple[int, bool | None]:
@@ -246,7 +261,7 @@ def time_runner(
     timer: Timer | None = None,
 ) -> Timings:
     """Warm a runner up on `images` (see `warm_up`; `warmup` is the least number of calls), then
-    time calls one by one.
+    time calls one by one, watching the CPUs' usage over the timed calls.
 
     Exactly one of `iters` (a fixed count) and `seconds` (a budget of measured time, with at
     least MIN_ITERS samples) may be given; with neither, the budget is DEFAULT_SECONDS.
@@ -256,17 +271,19 @@ def time_runner(
     warmup_iters, steady = warm_up(measure, warmup)
     runner.synchronize()
     samples: list[float] = []
+    watch = CpuUsageWatch()
+    watch.start()
     if iters is not None:
         for _ in range(iters):
             samples.append(measure())
-        return Timings(samples, warmup_iters, steady)
+        return Timings(samples, warmup_iters, steady, watch.stop())
     budget_ms = 1000.0 * (seconds if seconds is not None else DEFAULT_SECONDS)
     total = 0.0
     while (len(samples) < MIN_ITERS or total < budget_ms) and len(samples) < MAX_ITERS:
         sample = measure()
         samples.append(sample)
         total += sample
-    return Timings(samples, warmup_iters, steady)
+    return Timings(samples, warmup_iters, steady, watch.stop())
 
 
 def _batch_out_of_range(runner: Runner, batch_size: int) -> str | None:
@@ -308,7 +325,7 @@ def _bench_one(
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {"status": Status.OK, "reason": None, **target.describe()}
     entry.update(device=None, timer=None, cuda_graphs={"used": False, "reason": None})
-    entry.update(latency={}, skipped_batches={})
+    entry.update(latency={}, skipped_batches={}, machine_state=None, threads=None)
     runner, status, reason, _ = open_target(target)
     if runner is None:
         entry.update(status=status, reason=reason)
@@ -319,7 +336,9 @@ def _bench_one(
         entry["cuda_graphs"] = {"used": used, "reason": why_not}
         timer = timer_factory(runner)
         entry["timer"] = timer.name
+        entry["threads"] = runner_threads(runner)
         rng = np.random.default_rng(seed)
+        all_timings: dict[str, Timings] = {}
         for batch_size in batch_sizes:
             out_of_range = _batch_out_of_range(runner, batch_size)
             if out_of_range is not None:
@@ -334,9 +353,16 @@ def _bench_one(
                 # Keep the batch sizes already measured; the format as a whole is failed.
                 entry.update(status=Status.FAILED, reason=f"batch {batch_size}: {error_reason(exc)}")
                 break
-            stats = latency_stats(timings.samples_ms, batch_size, timings.warmup_steady)
+            all_timings[str(batch_size)] = timings
+        # The snapshot after the measurements: a GPU that throttled under them still shows it.
+        entry["machine_state"] = machine_state(gpus=str(runner.device).startswith("cuda"))
+        snapshot_flags = state_flags(entry["machine_state"])
+        for batch, timings in all_timings.items():
+            flags = [*usage_flags(timings.cpu_usage), *snapshot_flags]
+            stats = latency_stats(timings.samples_ms, int(batch), timings.warmup_steady, flags)
             stats.update(warmup_iters=timings.warmup_iters, warmup_steady=timings.warmup_steady)
-            entry["latency"][str(batch_size)] = stats
+            stats.update(cpu_usage=timings.cpu_usage, machine_flags=flags)
+            entry["latency"][batch] = stats
         if used:
             # A shape whose capture failed was timed eagerly: say so rather than claim graphs.
             graph_error = getattr(runner, "cuda_graph_error", None)
@@ -383,8 +409,10 @@ def benchmark_runners(
     Returns the content of bench.json: {"schema_version", "settings", "environment",
     "results": {key: {"status", "reason", backend, precision, file, size_bytes, "device",
     "timer", "cuda_graphs": {"used", "reason"}, "latency": {"<batch>": stats},
-    "skipped_batches": {"<batch>": reason}, "machine"}}, "measured"}, stats as `latency_stats` returns them
-    plus "warmup_iters" and "warmup_steady" (see `warm_up`).
+    "skipped_batches": {"<batch>": reason}, "machine", "machine_state", "threads"}}, "measured"}, stats
+    as `latency_stats` returns them plus "warmup_iters" and "warmup_steady" (see `warm_up`),
+    "cpu_usage" (benchmarks.machine_state.CpuUsageWatch) and "machine_flags" (what in the machine's
+    state made the measurement noisy).
     """
     check_unique(targets)
     check_settings(warmup, iters, seconds)

@@ -78,12 +78,19 @@ def percentile_intervals(
 
 
 def stability_verdict(
-    iters: int, cv: float | None, p50_ms: float, p99_ms: float, warmup_steady: bool | None = None
+    iters: int,
+    cv: float | None,
+    p50_ms: float,
+    p99_ms: float,
+    warmup_steady: bool | None = None,
+    machine_flags: Sequence[str] = (),
 ) -> tuple[str, str | None]:
     """(`stable` or `noisy`, why it is noisy with the advice, or None when stable).
 
     Noisy: fewer than MIN_JUDGED_ITERS timed calls, a coefficient of variation above NOISY_CV,
-    p99/p50 above NOISY_TAIL_RATIO, or a warm-up that hit its cap without reaching a steady state.
+    p99/p50 above NOISY_TAIL_RATIO, a warm-up that hit its cap without reaching a steady state, or
+    any of `machine_flags` (benchmarks.machine_state: other load, governor, throttling), which a
+    quiet-looking distribution does not clear.
     """
     reasons = []
     if iters < MIN_JUDGED_ITERS:
@@ -95,6 +102,7 @@ def stability_verdict(
     if warmup_steady is False:
         cap = f"{MAX_WARMUP_ITERS} calls or {MAX_WARMUP_SECONDS:g} s"
         reasons.append(f"no steady state within the warm-up cap ({cap})")
+    reasons.extend(machine_flags)
     if not reasons:
         return STABLE, None
     return NOISY, f"{'; '.join(reasons)}: {NOISY_ADVICE}"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from benchmarks.machine_state import OTHER_CPU_SHARE_LIMIT, state_lines, usage_text
 from benchmarks.report.assemble import format_entries
 from benchmarks.stability import (
     MAX_WARMUP_ITERS,
@@ -337,6 +338,7 @@ def _latency_table(report: Mapping[str, Any]) -> Table:
         "std ms",
         "CV",
         "images/s",
+        "other load",
         "verdict",
     )
     rows = []
@@ -356,6 +358,7 @@ def _latency_table(report: Mapping[str, Any]) -> Table:
                     number_text(stats.get("std_ms"), 3),
                     number_text(stats.get("cv"), 3),
                     number_text(stats.get("throughput_ips"), 1),
+                    usage_text(stats["cpu_usage"]) if stats.get("cpu_usage") else "-",
                     str(stats.get("verdict", "-")),
                 )
             )
@@ -389,7 +392,10 @@ LATENCY_RULE = (
     f" {STEADY_TOLERANCE:.0%}, at most {MAX_WARMUP_ITERS} calls or {MAX_WARMUP_SECONDS:g} s). Intervals are"
     f" bootstrap 95% intervals. A measurement is noisy when its CV exceeds {NOISY_CV:g}, p99/p50 exceeds"
     f" {NOISY_TAIL_RATIO:g}, it has fewer than {MIN_JUDGED_ITERS} timed calls or its warm-up found no"
-    f" steady state: {NOISY_ADVICE}."
+    f" steady state, or when the machine's state undermines it (other processes above"
+    f" {OTHER_CPU_SHARE_LIMIT:.0%} of the CPUs' time, a CPU governor other than performance, a throttled"
+    f" GPU, a Jetson without jetson_clocks): {NOISY_ADVICE}. Other load is other processes' share of"
+    " the CPUs' time during the timed calls."
 )
 
 
@@ -405,7 +411,22 @@ def _environment_lines(report: Mapping[str, Any]) -> tuple[str, ...]:
         f"GPU: {gpu.get('name') if gpu else 'none'}",
         f"threads: {json.dumps(env.get('threads', {}))}",
         f"python {env.get('python', '-')}; {libraries}",
+        *_machine_state_lines(report),
     )
+
+
+def _machine_state_lines(report: Mapping[str, Any]) -> list[str]:
+    """Each timed format's machine state (benchmarks.machine_state), taken after its measurements,
+    and its runtime's thread pools; formats with the same state share one line."""
+    by_state: dict[tuple[str, ...], list[str]] = {}
+    for key, entry in format_entries(report).items():
+        bench = entry.get("bench") or {}
+        if bench.get("machine_state"):
+            lines = [*state_lines(bench["machine_state"]), f"threads {json.dumps(bench.get('threads'))}"]
+            by_state.setdefault(tuple(lines), []).append(key)
+    return [
+        f"machine state for {', '.join(keys)}: {line}" for lines, keys in by_state.items() for line in lines
+    ]
 
 
 def _layerwise_section(report: Mapping[str, Any], plots: Sequence[Plot]) -> Section | None:

@@ -25,6 +25,7 @@ from benchmarks.latency import (
     parse_batch_sizes,
     time_runner,
 )
+from benchmarks.machine_state import OTHER_CPU_SHARE_LIMIT
 from benchmarks.stability import MAX_WARMUP_ITERS, MIN_JUDGED_ITERS
 from benchmarks.targets import Target
 from deploy.errors import UsageError
@@ -345,9 +346,11 @@ HOG_SECONDS = 10
 
 def test_a_cpu_hog_marks_a_real_measurement_noisy(tmp_path: Path) -> None:
     """Two busy-loop processes on this 2-core machine take the cores the ONNX Runtime session times
-    its calls on: some calls wait a scheduler time slice (milliseconds) for a core, against tens of
-    microseconds for the call itself, so the CV and p99/p50 leave their thresholds. Only `noisy` is
-    asserted: on a shared machine a quiet run cannot be promised `stable`."""
+    its calls on. Whether the CV or p99/p50 leave their thresholds depends on the scheduler; that
+    other processes held well over OTHER_CPU_SHARE_LIMIT of the CPUs' time during the measurement
+    does not (two loops on two cores hold about two thirds of it), and that alone makes the
+    measurement `noisy`. Only `noisy` is asserted: on a shared machine a quiet run cannot be
+    promised `stable`."""
     path = export_tiny_onnx(tiny_module(), tmp_path / "student.onnx")
     loop = f"import time\nend = time.monotonic() + {HOG_SECONDS}\nwhile time.monotonic() < end:\n    pass\n"
     hogs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(2)]
@@ -358,7 +361,11 @@ def test_a_cpu_hog_marks_a_real_measurement_noisy(tmp_path: Path) -> None:
         for hog in hogs:
             hog.kill()
             hog.wait()
-    stats = result["results"]["onnxruntime/fp32"]["latency"]["1"]
+    entry = result["results"]["onnxruntime/fp32"]
+    stats = entry["latency"]["1"]
     assert stats["iters"] >= MIN_JUDGED_ITERS
+    assert stats["cpu_usage"]["other_processes_share"] > OTHER_CPU_SHARE_LIMIT
     assert stats["verdict"] == "noisy"
-    assert "CV" in stats["noisy_because"] or "p99/p50" in stats["noisy_because"]
+    assert "other processes used" in stats["noisy_because"]
+    assert entry["threads"]["intra_op"] == 1
+    assert set(entry["machine_state"]) == {"cpu", "nvidia_gpus", "jetson"}

@@ -510,11 +510,47 @@ def test_the_latency_table_shows_intervals_verdicts_and_comparisons(measured_run
     markdown = (measured_run / "report" / "report.md").read_text()
     assert "p50 ms [95% CI]" in markdown and "1.500 [1.500-1.500]" in markdown
     assert "| noisy" in markdown and "A measurement is noisy when its CV exceeds 0.1" in markdown
-    assert "onnxruntime/fp32 batch 1 is noisy: only 3 timed calls (< 30): lock clocks" in markdown
+    # Other load on the machine running the test, if any, is named after the statistical reasons.
+    assert "onnxruntime/fp32 batch 1 is noisy: only 3 timed calls (< 30)" in markdown
+    assert ": lock clocks, stop other load, or give more time" in markdown
     assert (
         "onnxruntime/fp32 vs torch/fp32, batch 1, interleaved: faster, time ratio 0.500"
         " (95% CI 0.480-0.520, 400 pairs)" in markdown
     )
+
+
+def test_the_report_shows_each_measurements_other_load_and_each_formats_machine_state(
+    measured_run: Path,
+) -> None:
+    path = measured_run / "report" / BENCH_FILE
+    data = json.loads(path.read_text())
+    entry = data["results"]["onnxruntime/fp32"]
+    entry["latency"]["1"]["cpu_usage"] = {"other_processes_share": 0.45, "own_share": 0.3, "steal_share": 0.0}
+    entry["machine_state"] = {
+        "cpu": {
+            "governor": "powersave",
+            "frequency_mhz": [800.0, 1200.0],
+            "min_max_mhz": [800.0, 3500.0],
+            "load_average": [1.5, 1.0, 0.5],
+        },
+        "nvidia_gpus": {"unknown": "not probed: the measurement ran on the CPU"},
+        "jetson": {"unknown": "not a Jetson (no /etc/nv_tegra_release)"},
+    }
+    entry["threads"] = {"intra_op": 1, "inter_op": 0, "OMP_NUM_THREADS": {"unknown": "not set"}}
+    path.write_text(json.dumps(data))
+    write_report(measured_run)
+    markdown = (measured_run / "report" / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if "p50 ms [95% CI]" in line)
+    rows = [line for line in markdown.splitlines() if line.startswith("| onnxruntime/fp32")]
+    row = next(line for line in rows if "45%" in line)
+    assert [cell.strip() for cell in header.split("|")][-3:-1] == ["other load", "verdict"]
+    assert [cell.strip() for cell in row.split("|")][-3] == "45%"
+    assert (
+        "machine state for onnxruntime/fp32: CPU: governor powersave, frequency 800-1200 MHz,"
+        " load average 1.5 1.0 0.5" in markdown
+    )
+    assert "NVIDIA GPUs: unknown (not probed: the measurement ran on the CPU)" in markdown
+    assert 'machine state for onnxruntime/fp32: threads {"intra_op": 1' in markdown
 
 
 def test_a_bench_result_of_schema_2_is_measured_again_with_the_reason(measured_run: Path) -> None:
@@ -529,8 +565,9 @@ def test_a_bench_result_of_schema_2_is_measured_again_with_the_reason(measured_r
     entry = build_report(measured_run)["onnxruntime/fp32"]
     assert entry["latency"] == {} and entry["bench"]["status"] == "not measured"
     assert entry["bench"]["reason"] == (
-        "not measured: report/bench.json has schema version 2, this reviewkd reads 3 (measurements with a"
-        " steady-state warm-up, percentile intervals and a stable/noisy verdict); run reviewkd bench again"
+        "not measured: report/bench.json has schema version 2, this reviewkd reads 4 (measurements with a"
+        " steady-state warm-up, percentile intervals, a stable/noisy verdict and the machine's state);"
+        " run reviewkd bench again"
     )
 
 

@@ -24,6 +24,7 @@ from benchmarks.latency import (
     parse_batch_sizes,
     parse_compare,
 )
+from benchmarks.machine_state import state_lines, usage_text
 from benchmarks.measured import source_text
 from benchmarks.report import format_final_table, report_dir
 from benchmarks.report.document import number_text
@@ -262,10 +263,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
                 f"{key:<24} batch {batch:>4}  p50 {_with_interval(stats, 'p50')}"
                 f"  p90 {_with_interval(stats, 'p90')}  p99 {_with_interval(stats, 'p99')}"
                 f"  CV {number_text(stats.get('cv'), 3)}  n {stats['iters']}  warm-up {stats['warmup_iters']}"
-                f"  {number_text(stats['throughput_ips'], 1)} images/s  {stats['verdict']}"
+                f"  {number_text(stats['throughput_ips'], 1)} images/s"
+                f"  other load {usage_text(stats.get('cpu_usage') or {})}  {stats['verdict']}"
             )
             if stats.get("noisy_because"):
                 print(f"{'':<24} noisy: {stats['noisy_because']}")
+        for line in state_lines(entry["machine_state"]) if entry.get("machine_state") else ():
+            print(f"{'':<24} {line}")
     for entry in (result.get("comparisons") or {}).values():
         if entry["status"] != "ok":
             print(f"{entry['a']} vs {entry['b']}: {entry['status']}: {entry['reason']}")
