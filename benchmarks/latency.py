@@ -24,7 +24,8 @@ CPUs' time over its timed calls ("cpu_usage"), and each format a snapshot of the
 frequency, the GPUs' clocks and throttling, a Jetson's power mode and clocks ("machine_state") and its
 runtime's thread pools ("threads"), taken after its measurements. What in them undermines a number
 (other load, a governor other than performance, throttling) is among the measurement's `noisy`
-reasons.
+reasons. Energy per image (benchmarks.energy) is metered over the timed calls where this machine
+has power rails or energy counters, less an idle baseline read before each measurement's warm-up.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from benchmarks.energy import EnergyMeter, detect_energy_meter
 from benchmarks.environment import collect_environment, machine_text
 from benchmarks.machine_state import CpuUsageWatch, machine_state, runner_threads, state_flags, usage_flags
 from benchmarks.measured import SOURCE_RANDOM, measured_block
@@ -56,7 +58,7 @@ from deploy.status import Status
 
 # 2: results record what they measured ("measured"); see benchmarks.measured.
 # 3: each measurement records its steady-state warm-up, percentile intervals and stability verdict.
-# 4: each measurement records its CPU usage, each format its machine state and thread pools.
+# 4: each measurement records its CPU usage and energy, each format its machine state and thread pools.
 BENCH_SCHEMA_VERSION = 4
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 DEFAULT_WARMUP = 10
@@ -218,6 +220,8 @@ class Timings:
     # True: the warm-up reached a steady state; False: it hit its cap first; None: no warm-up.
     warmup_steady: bool | None
     cpu_usage: dict[str, Any] = field(default_factory=dict)
+    # Energy over the timed calls (benchmarks.energy.EnergyMeter.stop), None when not metered.
+    energy: dict[str, Any] | None = None
 
 
 def warm_up(measure: Callable[[], float], minimum: int) -> tuple[int, bool | None]:
@@ -259,12 +263,14 @@ def time_runner(
     iters: int | None = None,
     seconds: float | None = None,
     timer: Timer | None = None,
+    energy: EnergyMeter | None = None,
 ) -> Timings:
     """Warm a runner up on `images` (see `warm_up`; `warmup` is the least number of calls), then
     time calls one by one, watching the CPUs' usage over the timed calls.
 
     Exactly one of `iters` (a fixed count) and `seconds` (a budget of measured time, with at
-    least MIN_ITERS samples) may be given; with neither, the budget is DEFAULT_SECONDS.
+    least MIN_ITERS samples) may be given; with neither, the budget is DEFAULT_SECONDS. `energy`
+    (its idle baseline already read) meters the timed calls.
     """
     check_settings(warmup, iters, seconds)
     measure = _measurer(timer if timer is not None else choose_timer(runner), runner, images)
@@ -273,17 +279,21 @@ def time_runner(
     samples: list[float] = []
     watch = CpuUsageWatch()
     watch.start()
+    if energy is not None:
+        energy.start()
     if iters is not None:
         for _ in range(iters):
             samples.append(measure())
-        return Timings(samples, warmup_iters, steady, watch.stop())
-    budget_ms = 1000.0 * (seconds if seconds is not None else DEFAULT_SECONDS)
-    total = 0.0
-    while (len(samples) < MIN_ITERS or total < budget_ms) and len(samples) < MAX_ITERS:
-        sample = measure()
-        samples.append(sample)
-        total += sample
-    return Timings(samples, warmup_iters, steady, watch.stop())
+    else:
+        budget_ms = 1000.0 * (seconds if seconds is not None else DEFAULT_SECONDS)
+        total = 0.0
+        while (len(samples) < MIN_ITERS or total < budget_ms) and len(samples) < MAX_ITERS:
+            sample = measure()
+            samples.append(sample)
+            total += sample
+    usage = watch.stop()
+    metered = energy.stop(len(samples) * images.shape[0]) if energy is not None else None
+    return Timings(samples, warmup_iters, steady, usage, metered)
 
 
 def _batch_out_of_range(runner: Runner, batch_size: int) -> str | None:
@@ -330,7 +340,7 @@ def _bench_one(
     if runner is None:
         entry.update(status=status, reason=reason)
         return entry
-    with runner:
+    with runner, detect_energy_meter(gpu=str(runner.device).startswith("cuda")) as meter:
         entry["device"] = runner.device
         used, why_not = enable_cuda_graphs(runner, cuda_graphs)
         entry["cuda_graphs"] = {"used": used, "reason": why_not}
@@ -346,8 +356,9 @@ def _bench_one(
                 continue
             images = rng.standard_normal((batch_size, *runner.input_shape), dtype=np.float32)
             try:
+                meter.measure_idle()
                 timings = time_runner(
-                    runner, images, warmup=warmup, iters=iters, seconds=seconds, timer=timer
+                    runner, images, warmup=warmup, iters=iters, seconds=seconds, timer=timer, energy=meter
                 )
             except Exception as exc:
                 # Keep the batch sizes already measured; the format as a whole is failed.
@@ -361,7 +372,7 @@ def _bench_one(
             flags = [*usage_flags(timings.cpu_usage), *snapshot_flags]
             stats = latency_stats(timings.samples_ms, int(batch), timings.warmup_steady, flags)
             stats.update(warmup_iters=timings.warmup_iters, warmup_steady=timings.warmup_steady)
-            stats.update(cpu_usage=timings.cpu_usage, machine_flags=flags)
+            stats.update(cpu_usage=timings.cpu_usage, machine_flags=flags, energy=timings.energy)
             entry["latency"][batch] = stats
         if used:
             # A shape whose capture failed was timed eagerly: say so rather than claim graphs.
@@ -411,8 +422,9 @@ def benchmark_runners(
     "timer", "cuda_graphs": {"used", "reason"}, "latency": {"<batch>": stats},
     "skipped_batches": {"<batch>": reason}, "machine", "machine_state", "threads"}}, "measured"}, stats
     as `latency_stats` returns them plus "warmup_iters" and "warmup_steady" (see `warm_up`),
-    "cpu_usage" (benchmarks.machine_state.CpuUsageWatch) and "machine_flags" (what in the machine's
-    state made the measurement noisy).
+    "cpu_usage" (benchmarks.machine_state.CpuUsageWatch), "machine_flags" (what in the machine's
+    state made the measurement noisy) and "energy" (benchmarks.energy: mJ per image per rail and in
+    total, over the timed calls less an idle baseline read before the warm-up, or unknown with why).
     """
     check_unique(targets)
     check_settings(warmup, iters, seconds)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from benchmarks.machine_state import OTHER_CPU_SHARE_LIMIT, state_lines, usage_text
+from benchmarks.machine_state import OTHER_CPU_SHARE_LIMIT, field_text, is_unknown, state_lines, usage_text
 from benchmarks.report.assemble import format_entries
 from benchmarks.stability import (
     MAX_WARMUP_ITERS,
@@ -339,6 +339,7 @@ def _latency_table(report: Mapping[str, Any]) -> Table:
         "CV",
         "images/s",
         "other load",
+        "mJ/image",
         "verdict",
     )
     rows = []
@@ -359,14 +360,45 @@ def _latency_table(report: Mapping[str, Any]) -> Table:
                     number_text(stats.get("cv"), 3),
                     number_text(stats.get("throughput_ips"), 1),
                     usage_text(stats["cpu_usage"]) if stats.get("cpu_usage") else "-",
+                    _energy_cell(stats.get("energy")),
                     str(stats.get("verdict", "-")),
                 )
             )
     return Table(header, tuple(rows), ("left", "left", *(RIGHT for _ in header[2:-1]), "left"))
 
 
+def _energy_cell(energy: Any) -> str:
+    """A measurement's total energy per image (mJ, above idle), or "-" where it was not measured."""
+    total = energy.get("total_mj_per_image") if isinstance(energy, Mapping) else None
+    return number_text(total, 3) if isinstance(total, int | float) else "-"
+
+
+def _energy_notes(report: Mapping[str, Any]) -> list[str]:
+    """Each metered measurement's energy per source, and each distinct reason energy was not measured."""
+    notes: list[str] = []
+    unmeasured: dict[str, list[str]] = {}
+    for key, entry in format_entries(report).items():
+        for batch in sorted(entry.get("latency", {}), key=int):
+            energy = entry["latency"][batch].get("energy")
+            if is_unknown(energy):
+                unmeasured.setdefault(energy["unknown"], []).append(f"{key} batch {batch}")
+            elif isinstance(energy, Mapping):
+                sources = ", ".join(
+                    f"{name} {number_text(value['mj_per_image'], 3)}"
+                    f" (busy {number_text(value['busy_mw'], 0)} mW, idle {field_text(value['idle_mw'])})"
+                    for name, value in energy["per_source"].items()
+                )
+                notes.append(
+                    f"{key} batch {batch} energy per image, mJ above idle: total"
+                    f" {field_text(energy['total_mj_per_image'])} ({energy['total_of']}); {sources}"
+                )
+    notes.extend(f"energy not measured for {', '.join(keys)}: {why}" for why, keys in unmeasured.items())
+    return notes
+
+
 def _latency_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
-    """Why each noisy measurement is noisy, then each interleaved comparison's ratio and verdict."""
+    """Why each noisy measurement is noisy, each interleaved comparison's ratio and verdict, then
+    the energy per image or why it was not measured."""
     notes = []
     for key, entry in format_entries(report).items():
         for batch in sorted(entry.get("latency", {}), key=int):
@@ -383,7 +415,7 @@ def _latency_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
             )
         if pair.get("status") != Status.OK:
             notes.append(f"{pair['a']} vs {pair['b']}: {pair['status']}: {pair.get('reason')}")
-    return tuple(notes)
+    return (*notes, *_energy_notes(report))
 
 
 # How the table's verdict is reached, said above it.
@@ -395,7 +427,8 @@ LATENCY_RULE = (
     f" steady state, or when the machine's state undermines it (other processes above"
     f" {OTHER_CPU_SHARE_LIMIT:.0%} of the CPUs' time, a CPU governor other than performance, a throttled"
     f" GPU, a Jetson without jetson_clocks): {NOISY_ADVICE}. Other load is other processes' share of"
-    " the CPUs' time during the timed calls."
+    " the CPUs' time during the timed calls; mJ/image is the energy per image above an idle baseline read"
+    " just before, where this machine has power rails or energy counters."
 )
 
 

@@ -27,8 +27,8 @@ STAGE_SCHEMA_VERSIONS = {VALIDATE_FILE: VALIDATE_SCHEMA_VERSION, BENCH_FILE: BEN
 _SCHEMA_NEWS = {
     VALIDATE_FILE: "results that record which images, reference and student they measured",
     BENCH_FILE: (
-        "measurements with a steady-state warm-up, percentile intervals, a stable/noisy verdict and"
-        " the machine's state"
+        "measurements with a steady-state warm-up, percentile intervals, a stable/noisy verdict, the"
+        " machine's state and energy per image"
     ),
 }
 

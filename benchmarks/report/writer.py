@@ -10,7 +10,13 @@ from benchmarks.report.assemble import build_report
 from benchmarks.report.document import Plot, build_document
 from benchmarks.report.html import render_html
 from benchmarks.report.markdown import render_markdown
-from benchmarks.report.plots import plot_accuracy_size, plot_latency, plot_students, plot_training
+from benchmarks.report.plots import (
+    plot_accuracy_size,
+    plot_latency,
+    plot_pareto,
+    plot_students,
+    plot_training,
+)
 from benchmarks.report.results import PathLike, read_metrics, record_report_files, report_dir
 from deploy import run_layout
 from deploy.fileio import write_json_atomic, write_text_atomic
@@ -20,7 +26,8 @@ LATENCY_PLOT = "latency.png"
 ACCURACY_SIZE_PLOT = "accuracy_size.png"
 TRAINING_PLOT = "training.png"
 STUDENTS_PLOT = "students.png"
-PLOTS: tuple[str, ...] = (LATENCY_PLOT, ACCURACY_SIZE_PLOT, TRAINING_PLOT, STUDENTS_PLOT)
+PARETO_PLOT = "pareto.png"
+PLOTS: tuple[str, ...] = (LATENCY_PLOT, ACCURACY_SIZE_PLOT, PARETO_PLOT, TRAINING_PLOT, STUDENTS_PLOT)
 NO_MATPLOTLIB = (
     "not drawn: matplotlib is not installed (the edge install leaves it out);"
     " pip install 'reviewkd[plots]' to draw them"
@@ -52,6 +59,7 @@ def _draw_plots(run_dir: PathLike, report: Mapping[str, Any], out: Path) -> list
     drawn = {
         "latency vs batch size": plot_latency(report, out / LATENCY_PLOT),
         "accuracy and size per format": plot_accuracy_size(report, out / ACCURACY_SIZE_PLOT),
+        "accuracy vs latency (and energy) per format, Pareto front": plot_pareto(report, out / PARETO_PLOT),
         "training curves": plot_training(read_metrics(run_dir), out / TRAINING_PLOT),
         "validation top-1 per epoch: distilled vs cross-entropy student": plot_students(
             _student_curves(run_dir, report), _students_title(report), out / STUDENTS_PLOT

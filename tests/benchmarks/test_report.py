@@ -25,6 +25,7 @@ from benchmarks.report import (
     save_result,
     write_report,
 )
+from benchmarks.report.plots import pareto_front, pareto_points
 from benchmarks.targets import Target
 from benchmarks.validate import validate_runners
 from deploy.errors import UsageError
@@ -173,9 +174,9 @@ def test_report_md_and_self_contained_html(measured_run: Path) -> None:
     assert not re.search(r"https?://", page)
     assert not re.search(r"<(script|link)\b", page)
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 3
+    assert len(images) == 4
     assert all(base64.b64decode(data).startswith(PNG_MAGIC) for data in images)
-    for name in ("latency.png", "accuracy_size.png", "training.png"):
+    for name in ("latency.png", "accuracy_size.png", "pareto.png", "training.png"):
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
 
     recorded = read_manifest(measured_run)["artifacts"]
@@ -248,10 +249,10 @@ def test_headline_states_the_gain_over_the_cross_entropy_student(tmp_path: Path)
     assert f"**{line}" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     assert f'<p class="headline">{line}' in page
-    # The students' curves: one more plot, embedded like the others.
+    # The students' curves: one more plot (after latency, accuracy and size, Pareto, training), embedded.
     assert report["plots"][-1] == "students.png"
     assert (out / "students.png").read_bytes().startswith(PNG_MAGIC)
-    assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 5
     assert read_manifest(run)["artifacts"]["report/students.png"]["kind"] == "report"
 
     # The baseline gone (a run without one): no gain, and no stale curves left behind.
@@ -519,6 +520,38 @@ def test_the_latency_table_shows_intervals_verdicts_and_comparisons(measured_run
     )
 
 
+def test_the_pareto_front_keeps_the_formats_nothing_beats_on_both_cost_and_accuracy() -> None:
+    points = {"fp32": (2.0, 81.5), "fp16": (1.0, 81.5), "int8": (0.5, 80.0), "slow": (3.0, 80.0)}
+    assert pareto_front(points) == ["int8", "fp16"]
+    assert pareto_front({"a": (1.0, 80.0), "b": (1.0, 80.0)}) == ["a", "b"]  # ties dominate neither
+
+
+def test_the_pareto_points_take_energy_only_where_it_was_measured(measured_run: Path) -> None:
+    path = measured_run / "report" / BENCH_FILE
+    data = json.loads(path.read_text())
+    keys = [key for key, entry in data["results"].items() if "1" in entry["latency"]]
+    for key in keys:
+        data["results"][key]["latency"]["1"]["energy"] = {"unknown": "no power rail or energy counter found"}
+    data["results"][keys[0]]["latency"]["1"]["energy"] = {
+        "sources": ["INA3221 (hwmon)"],
+        "seconds": 1.0,
+        "images": 100,
+        "rail_samples": 50,
+        "baseline": "idle, read just before",
+        "per_source": {"VDD_IN": {"busy_mw": 6000.0, "idle_mw": 4000.0, "mj_per_image": 20.0}},
+        "total_mj_per_image": 20.0,
+        "total_of": "VDD_IN",
+    }
+    path.write_text(json.dumps(data))
+    report = write_report(measured_run)
+    latency, energy, batch = pareto_points(report)
+    assert set(latency) == set(keys) and len(keys) >= 2 and batch == "batch 1"
+    assert energy == {keys[0]: (20.0, latency[keys[0]][1])}
+    markdown = (measured_run / "report" / "report.md").read_text()
+    assert f"{keys[0]} batch 1 energy per image, mJ above idle: total 20.0 (VDD_IN)" in markdown
+    assert "energy not measured for " in markdown and ": no power rail or energy counter found" in markdown
+
+
 def test_the_report_shows_each_measurements_other_load_and_each_formats_machine_state(
     measured_run: Path,
 ) -> None:
@@ -543,8 +576,8 @@ def test_the_report_shows_each_measurements_other_load_and_each_formats_machine_
     header = next(line for line in markdown.splitlines() if "p50 ms [95% CI]" in line)
     rows = [line for line in markdown.splitlines() if line.startswith("| onnxruntime/fp32")]
     row = next(line for line in rows if "45%" in line)
-    assert [cell.strip() for cell in header.split("|")][-3:-1] == ["other load", "verdict"]
-    assert [cell.strip() for cell in row.split("|")][-3] == "45%"
+    assert [cell.strip() for cell in header.split("|")][-4:-1] == ["other load", "mJ/image", "verdict"]
+    assert [cell.strip() for cell in row.split("|")][-4:-2] == ["45%", "-"]
     assert (
         "machine state for onnxruntime/fp32: CPU: governor powersave, frequency 800-1200 MHz,"
         " load average 1.5 1.0 0.5" in markdown
@@ -566,8 +599,8 @@ def test_a_bench_result_of_schema_2_is_measured_again_with_the_reason(measured_r
     assert entry["latency"] == {} and entry["bench"]["status"] == "not measured"
     assert entry["bench"]["reason"] == (
         "not measured: report/bench.json has schema version 2, this reviewkd reads 4 (measurements with a"
-        " steady-state warm-up, percentile intervals, a stable/noisy verdict and the machine's state);"
-        " run reviewkd bench again"
+        " steady-state warm-up, percentile intervals, a stable/noisy verdict, the machine's state and"
+        " energy per image); run reviewkd bench again"
     )
 
 

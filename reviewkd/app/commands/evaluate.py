@@ -24,7 +24,7 @@ from benchmarks.latency import (
     parse_batch_sizes,
     parse_compare,
 )
-from benchmarks.machine_state import state_lines, usage_text
+from benchmarks.machine_state import field_text, is_unknown, state_lines, usage_text
 from benchmarks.measured import source_text
 from benchmarks.report import format_final_table, report_dir
 from benchmarks.report.document import number_text
@@ -240,6 +240,19 @@ def _with_interval(stats: Mapping[str, Any], name: str) -> str:
     return f"{stats[f'{name}_ms']:.3f} ms [{low:.3f}-{high:.3f}]"
 
 
+def _energy_lines(entry: Mapping[str, Any]) -> list[str]:
+    """Each measurement's energy per image, or once per format why it was not measured."""
+    lines, unmeasured = [], set()
+    for batch, stats in entry["latency"].items():
+        energy = stats.get("energy")
+        if is_unknown(energy):
+            unmeasured.add(f"energy: {field_text(energy)}")
+        elif energy:
+            total = field_text(energy["total_mj_per_image"])
+            lines.append(f"energy batch {batch}: {total} mJ/image above idle ({energy['total_of']})")
+    return lines + sorted(unmeasured)
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     """Handler of `reviewkd bench`."""
     require_deployable_run(args.run, "bench")
@@ -269,6 +282,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
             if stats.get("noisy_because"):
                 print(f"{'':<24} noisy: {stats['noisy_because']}")
         for line in state_lines(entry["machine_state"]) if entry.get("machine_state") else ():
+            print(f"{'':<24} {line}")
+        for line in _energy_lines(entry):
             print(f"{'':<24} {line}")
     for entry in (result.get("comparisons") or {}).values():
         if entry["status"] != "ok":
