@@ -23,7 +23,6 @@ as unknown with every source's reason, never as zero.
 
 from __future__ import annotations
 
-import importlib
 import re
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from benchmarks.machine_state import unknown
+from deploy.optional import optional_module
 
 RAIL_INTERVAL_S = 0.02
 TEGRASTATS_INTERVAL_MS = 50
@@ -294,12 +294,9 @@ class NvmlEnergyCounter:
 
 def find_nvml_energy(pynvml: Any = None, index: int = 0) -> tuple[list[NvmlEnergyCounter], str]:
     """GPU `index`'s NVML energy counter (pynvml initialised here and left so), or the reason not."""
-    module = pynvml
+    module = pynvml if pynvml is not None else optional_module("pynvml")
     if module is None:
-        try:
-            module = importlib.import_module("pynvml")
-        except ImportError:
-            return [], "pynvml is not installed (pip install nvidia-ml-py)"
+        return [], "pynvml is not installed (pip install nvidia-ml-py)"
     try:
         module.nvmlInit()
         handle = module.nvmlDeviceGetHandleByIndex(index)

@@ -20,7 +20,6 @@ files in a temporary tree.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shutil
@@ -29,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from deploy.optional import optional_module
 
 # Other processes' share of all CPUs' time during a measurement above which it is flagged: at 10% on
 # a 2-core machine, some other process held a core a fifth of the time, long enough to preempt calls.
@@ -427,12 +428,9 @@ def nvidia_gpu_state(
     """Every NVIDIA GPU's state: NVML through pynvml where importable, else nvidia-smi; unknown with
     the reason where neither answers. `run` (the nvidia-smi caller) and `pynvml` are for tests."""
     reasons = []
-    module = pynvml
+    module = pynvml if pynvml is not None else optional_module("pynvml")
     if module is None:
-        try:
-            module = importlib.import_module("pynvml")
-        except ImportError:
-            reasons.append("pynvml is not installed")
+        reasons.append("pynvml is not installed (pip install nvidia-ml-py)")
     if module is not None:
         try:
             module.nvmlInit()
