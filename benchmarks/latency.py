@@ -24,8 +24,10 @@ CPUs' time over its timed calls ("cpu_usage"), and each format a snapshot of the
 frequency, the GPUs' clocks and throttling, a Jetson's power mode and clocks ("machine_state") and its
 runtime's thread pools ("threads"), taken after its measurements. What in them undermines a number
 (other load, a governor other than performance, throttling) is among the measurement's `noisy`
-reasons. Energy per image (benchmarks.energy) is metered over the timed calls where this machine
-has power rails or energy counters, less an idle baseline read before each measurement's warm-up.
+reasons. A TensorRT engine is also timed as trtexec splits it (benchmarks.trt_breakdown: H2D, GPU
+compute, D2H, enqueue, throughput, and whether a CUDA graph ran). Energy per image
+(benchmarks.energy) is metered over the timed calls where this machine has power rails or energy
+counters, less an idle baseline read before each measurement's warm-up.
 """
 
 from __future__ import annotations
@@ -40,17 +42,25 @@ import numpy as np
 
 from benchmarks.energy import EnergyMeter, detect_energy_meter
 from benchmarks.environment import collect_environment, machine_text
-from benchmarks.machine_state import CpuUsageWatch, machine_state, runner_threads, state_flags, usage_flags
+from benchmarks.machine_state import (
+    CpuUsageWatch,
+    machine_state,
+    runner_threads,
+    state_flags,
+    unknown,
+    usage_flags,
+)
 from benchmarks.measured import SOURCE_RANDOM, measured_block
 from benchmarks.stability import (
     MAX_WARMUP_ITERS,
     MAX_WARMUP_SECONDS,
     compare_medians,
+    distribution,
     is_steady,
-    percentile_intervals,
     stability_verdict,
 )
 from benchmarks.targets import Target, check_unique, error_reason, open_target
+from benchmarks.trt_breakdown import tensorrt_breakdown
 from deploy.errors import UsageError
 from deploy.optional import installed, optional_import
 from deploy.runners.base import Runner
@@ -166,36 +176,20 @@ def latency_stats(
     why and what to do (benchmarks.stability.stability_verdict; `warmup_steady` False and each of
     `machine_flags`, benchmarks.machine_state's, count).
     """
-    samples = np.asarray(samples_ms, dtype=np.float64)
-    if samples.ndim != 1 or samples.size == 0:
+    if len(samples_ms) == 0:
         raise ValueError("latency_stats needs at least one sample")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    p50, p90, p99 = (float(v) for v in np.percentile(samples, [50, 90, 99]))
-    p50_ci, p90_ci, p99_ci = percentile_intervals(samples, [50, 90, 99])
-    mean = float(samples.mean())
-    std = float(samples.std(ddof=1)) if samples.size > 1 else 0.0
-    cv = std / mean if mean > 0 else None
-    verdict, why = stability_verdict(int(samples.size), cv, p50, p99, warmup_steady, machine_flags)
-    return {
-        "p50_ms": p50,
-        "p90_ms": p90,
-        "p99_ms": p99,
-        "p50_ci_ms": p50_ci,
-        "p90_ci_ms": p90_ci,
-        "p99_ci_ms": p99_ci,
-        "mean_ms": mean,
-        "std_ms": std,
-        "cv": cv,
-        "min_ms": float(samples.min()),
-        "max_ms": float(samples.max()),
-        "iters": int(samples.size),
-        # A clock too coarse to see the calls measures a mean of 0: no throughput can be stated, and
-        # infinity is not JSON (json.dumps would write the invalid token `Infinity`).
-        "throughput_ips": batch_size * 1000.0 / mean if mean > 0 else None,
-        "verdict": verdict,
-        "noisy_because": why,
-    }
+    stats = distribution(samples_ms)
+    mean = stats["mean_ms"]
+    verdict, why = stability_verdict(
+        stats["iters"], stats["cv"], stats["p50_ms"], stats["p99_ms"], warmup_steady, machine_flags
+    )
+    # A clock too coarse to see the calls measures a mean of 0: no throughput can be stated, and
+    # infinity is not JSON (json.dumps would write the invalid token `Infinity`).
+    stats["throughput_ips"] = batch_size * 1000.0 / mean if mean > 0 else None
+    stats.update(verdict=verdict, noisy_because=why)
+    return stats
 
 
 def check_settings(warmup: int, iters: int | None, seconds: float | None) -> None:
@@ -374,6 +368,12 @@ def _bench_one(
             stats.update(warmup_iters=timings.warmup_iters, warmup_steady=timings.warmup_steady)
             stats.update(cpu_usage=timings.cpu_usage, machine_flags=flags, energy=timings.energy)
             entry["latency"][batch] = stats
+        engine = getattr(runner, "engine", None) if runner.backend == "tensorrt" else None
+        if engine is not None:
+            entry["trt_breakdown"] = {
+                batch: _breakdown(engine, int(batch), warmup, len(timings.samples_ms), used)
+                for batch, timings in all_timings.items()
+            }
         if used:
             # A shape whose capture failed was timed eagerly: say so rather than claim graphs.
             graph_error = getattr(runner, "cuda_graph_error", None)
@@ -384,6 +384,14 @@ def _bench_one(
         reason = "; ".join(entry["skipped_batches"].values()) or "no batch sizes"
         entry.update(status=Status.SKIPPED, reason=reason)
     return entry
+
+
+def _breakdown(engine: Any, batch_size: int, warmup: int, iters: int, cuda_graph: bool) -> dict[str, Any]:
+    """The TensorRT breakdown at one batch size (benchmarks.trt_breakdown), or unknown with the error."""
+    try:
+        return tensorrt_breakdown(engine, batch_size, warmup=warmup, iters=iters, cuda_graph=cuda_graph)
+    except Exception as exc:
+        return unknown(f"the breakdown failed: {error_reason(exc)}")
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -425,6 +433,8 @@ def benchmark_runners(
     "cpu_usage" (benchmarks.machine_state.CpuUsageWatch), "machine_flags" (what in the machine's
     state made the measurement noisy) and "energy" (benchmarks.energy: mJ per image per rail and in
     total, over the timed calls less an idle baseline read before the warm-up, or unknown with why).
+    A TensorRT entry also has "trt_breakdown": {"<batch>": benchmarks.trt_breakdown's summary, or
+    unknown with why}, timed after the measurements on the same engine with as many iterations.
     """
     check_unique(targets)
     check_settings(warmup, iters, seconds)

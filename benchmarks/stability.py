@@ -77,6 +77,33 @@ def percentile_intervals(
     return [_interval(table[:, column]) for column in range(len(quantiles))]
 
 
+def distribution(samples_ms: Sequence[float]) -> dict[str, Any]:
+    """A series of timings (ms) summarised: p50/p90/p99 (linear interpolation, numpy's default), each
+    with its bootstrap 95% interval ("p50_ci_ms" ...), mean, sample standard deviation (0 for one
+    sample), CV (std / mean; None when the mean is 0), min, max and the count ("iters")."""
+    samples = np.asarray(samples_ms, dtype=np.float64)
+    if samples.ndim != 1 or samples.size == 0:
+        raise ValueError("a distribution needs at least one sample")
+    p50, p90, p99 = (float(v) for v in np.percentile(samples, [50, 90, 99]))
+    p50_ci, p90_ci, p99_ci = percentile_intervals(samples, [50, 90, 99])
+    mean = float(samples.mean())
+    std = float(samples.std(ddof=1)) if samples.size > 1 else 0.0
+    return {
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "p50_ci_ms": p50_ci,
+        "p90_ci_ms": p90_ci,
+        "p99_ci_ms": p99_ci,
+        "mean_ms": mean,
+        "std_ms": std,
+        "cv": std / mean if mean > 0 else None,
+        "min_ms": float(samples.min()),
+        "max_ms": float(samples.max()),
+        "iters": int(samples.size),
+    }
+
+
 def stability_verdict(
     iters: int,
     cv: float | None,

@@ -346,6 +346,7 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
                 "machine": b_view.get("machine"),
                 "machine_state": b_view.get("machine_state"),
                 "threads": b_view.get("threads"),
+                "trt_breakdown": b_view.get("trt_breakdown"),
             }
         status, reason = _combine(stages)
         stale = _export_stale_reason(run_dir, manifest, entry.get("file"))

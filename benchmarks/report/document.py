@@ -28,6 +28,7 @@ from benchmarks.stability import (
     STEADY_TOLERANCE,
     STEADY_WINDOW,
 )
+from benchmarks.trt_breakdown import breakdown_text
 from deploy.status import Status
 
 TITLE = "reviewkd report"
@@ -415,6 +416,9 @@ def _latency_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
             )
         if pair.get("status") != Status.OK:
             notes.append(f"{pair['a']} vs {pair['b']}: {pair['status']}: {pair.get('reason')}")
+    for key, entry in format_entries(report).items():
+        for batch, summary in ((entry.get("bench") or {}).get("trt_breakdown") or {}).items():
+            notes.append(f"{key} batch {batch}, TensorRT breakdown: {breakdown_text(summary)}")
     return (*notes, *_energy_notes(report))
 
 

@@ -27,6 +27,7 @@ from benchmarks.report import (
 )
 from benchmarks.report.plots import pareto_front, pareto_points
 from benchmarks.targets import Target
+from benchmarks.trt_breakdown import IterationTimes, summarize_breakdown
 from benchmarks.validate import validate_runners
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
@@ -550,6 +551,23 @@ def test_the_pareto_points_take_energy_only_where_it_was_measured(measured_run: 
     markdown = (measured_run / "report" / "report.md").read_text()
     assert f"{keys[0]} batch 1 energy per image, mJ above idle: total 20.0 (VDD_IN)" in markdown
     assert "energy not measured for " in markdown and ": no power rail or energy counter found" in markdown
+
+
+def test_the_report_states_each_tensorrt_breakdown(measured_run: Path) -> None:
+    path = measured_run / "report" / BENCH_FILE
+    data = json.loads(path.read_text())
+    key = next(k for k, entry in data["results"].items() if "1" in entry["latency"])
+    iterations = [IterationTimes(0.25, 1.5, 0.125, 0.05)] * 40
+    summary = summarize_breakdown(iterations, 1, 0.075, {"used": True, "reason": None})
+    data["results"][key]["trt_breakdown"] = {"1": summary, "8": {"unknown": "the breakdown failed: boom"}}
+    path.write_text(json.dumps(data))
+    write_report(measured_run)
+    markdown = (measured_run / "report" / "report.md").read_text()
+    assert (
+        f"{key} batch 1, TensorRT breakdown: H2D p50 0.250 ms, GPU compute p50 1.500 ms, D2H p50 0.125 ms,"
+        " latency p50 1.875 ms, enqueue p50 0.050 ms; 533.3 images/s; CUDA graph; stable" in markdown
+    )
+    assert f"{key} batch 8, TensorRT breakdown: unknown (the breakdown failed: boom)" in markdown
 
 
 def test_the_report_shows_each_measurements_other_load_and_each_formats_machine_state(

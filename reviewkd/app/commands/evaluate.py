@@ -36,6 +36,7 @@ from benchmarks.runs import (
     report_run,
     validate_run,
 )
+from benchmarks.trt_breakdown import breakdown_text
 from benchmarks.validate import raise_for_gates
 from deploy import run_layout
 from deploy.gates import GATE_METRICS, GateTable, default_gates, parse_gate, set_gate
@@ -285,6 +286,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
             print(f"{'':<24} {line}")
         for line in _energy_lines(entry):
             print(f"{'':<24} {line}")
+        for batch, summary in (entry.get("trt_breakdown") or {}).items():
+            print(f"{'':<24} TensorRT breakdown batch {batch}: {breakdown_text(summary)}")
     for entry in (result.get("comparisons") or {}).values():
         if entry["status"] != "ok":
             print(f"{entry['a']} vs {entry['b']}: {entry['status']}: {entry['reason']}")
