@@ -529,8 +529,10 @@ def compare_targets(
 
     `iters` counts pairs; `seconds` is the budget of both together. Both stay open for the whole
     comparison. Returns {"a", "b", "status", "reason", "batches": {"<batch>": comparison plus
-    "a_warmup_iters", "b_warmup_iters"}, "skipped_batches", "settings"}; a format that cannot open
-    makes the comparison "skipped" or "failed" with its reason.
+    "a_warmup_iters", "b_warmup_iters", "cpu_usage" and "machine_flags" over the pairs},
+    "skipped_batches", "settings", "machine_state" and its "machine_flags" after the pairs}; a
+    format that cannot open makes the comparison "skipped" or "failed" with its reason. Pairing
+    cancels load that slows A and B alike; the flags say when there was load to cancel.
     """
     check_settings(warmup, iters, seconds)
     entry: dict[str, Any] = {"a": target_a.key, "b": target_b.key, "status": Status.OK, "reason": None}
@@ -581,13 +583,20 @@ def _compare_batches(
                 _measurer(timers[1], runners[1], images),
             )
             warmups = [warm_up(measure, warmup)[0] for measure in measures]
+            watch = CpuUsageWatch()
+            watch.start()
             a_ms, b_ms = _interleaved(measures, iters=iters, seconds=seconds)
+            usage = watch.stop()
             comparison = compare_medians(a_ms, b_ms)
         except Exception as exc:
             entry.update(status=Status.FAILED, reason=f"batch {batch_size}: {error_reason(exc)}")
             return
         comparison.update(a_warmup_iters=warmups[0], b_warmup_iters=warmups[1])
+        comparison.update(cpu_usage=usage, machine_flags=usage_flags(usage))
         entry["batches"][str(batch_size)] = comparison
+    on_gpu = any(str(runner.device).startswith("cuda") for runner in runners)
+    entry["machine_state"] = machine_state(gpus=on_gpu)
+    entry["machine_flags"] = state_flags(entry["machine_state"])
     if not entry["batches"]:
         reason = "; ".join(entry["skipped_batches"].values()) or "no batch sizes"
         entry.update(status=Status.SKIPPED, reason=reason)

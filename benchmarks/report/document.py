@@ -414,6 +414,8 @@ def _latency_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
                 f" {number_text(c['time_ratio'], 3)} (95% CI {number_text(low, 3)}-{number_text(high, 3)},"
                 f" {c['pairs']} pairs)"
             )
+            for flag in [*c.get("machine_flags", []), *pair.get("machine_flags", [])]:
+                notes.append(f"{pair['a']} vs {pair['b']}, batch {batch}, machine: {flag}")
         if pair.get("status") != Status.OK:
             notes.append(f"{pair['a']} vs {pair['b']}: {pair['status']}: {pair.get('reason')}")
     for key, entry in format_entries(report).items():

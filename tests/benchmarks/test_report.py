@@ -502,6 +502,7 @@ def test_the_latency_table_shows_intervals_verdicts_and_comparisons(measured_run
                     "time_ratio": 0.5,
                     "time_ratio_ci": [0.48, 0.52],
                     "verdict": "faster",
+                    "machine_flags": ["other processes used 45% of the CPUs' time during the measurement"],
                 }
             },
             "skipped_batches": {},
@@ -519,6 +520,7 @@ def test_the_latency_table_shows_intervals_verdicts_and_comparisons(measured_run
         "onnxruntime/fp32 vs torch/fp32, batch 1, interleaved: faster, time ratio 0.500"
         " (95% CI 0.480-0.520, 400 pairs)" in markdown
     )
+    assert "onnxruntime/fp32 vs torch/fp32, batch 1, machine: other processes used 45%" in markdown
 
 
 def test_the_pareto_front_keeps_the_formats_nothing_beats_on_both_cost_and_accuracy() -> None:

@@ -293,6 +293,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
             print(f"{entry['a']} vs {entry['b']}: {entry['status']}: {entry['reason']}")
         for batch in entry["batches"]:
             print(comparison_text(entry, batch))
+            for flag in [*entry["batches"][batch].get("machine_flags", []), *entry.get("machine_flags", [])]:
+                print(f"  machine: {flag}")
     for line in _merge_lines(result):
         print(line)
     print(f"wrote {report_dir(args.run) / run_layout.BENCH_FILE}")
