@@ -169,7 +169,11 @@ class TegrastatsRails:
         """Stop tegrastats."""
         if self._process is not None:
             self._process.terminate()
-            self._process.wait(timeout=5)
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
 
 
 class RailSampler:
@@ -320,6 +324,7 @@ class EnergyMeter:
     _idle: dict[str, float] | None = None  # mW per rail or counter
     _sampler: RailSampler | None = None
     _start: tuple[float, dict[str, float]] | None = None
+    _start_error: str | None = None
 
     def __enter__(self) -> EnergyMeter:
         return self
@@ -347,20 +352,30 @@ class EnergyMeter:
         """Read every source over `seconds` of idleness: the baseline `stop` subtracts."""
         if not self.found:
             return
+        self._idle = None
         self.start()
         self.sleep(seconds)
-        powers, _, _ = self._finish()
-        self._idle = powers
+        try:
+            self._idle, _, _ = self._finish()
+        except (OSError, ValueError):
+            # The measurement's own reading will fail the same way and say why.
+            self._idle = None
 
     def start(self) -> None:
         """Start reading: the rails' sampler and the counters' first readings."""
         if self.rails is not None:
             self._sampler = RailSampler(self.rails)
             self._sampler.start()
-        self._start = (self.clock(), self._counter_readings())
+        try:
+            self._start = (self.clock(), self._counter_readings())
+        except (OSError, ValueError) as exc:
+            self._start, self._start_error = None, str(exc)
 
     def _finish(self) -> tuple[dict[str, float], float, int]:
-        assert self._start is not None, "start() first"
+        if self._start is None:
+            if self._sampler is not None:
+                self._sampler.stop()
+            raise ValueError(self._start_error or "the meter was not started")
         started, before = self._start
         powers: dict[str, float] = {}
         samples = 0

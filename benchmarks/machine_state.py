@@ -479,12 +479,11 @@ def parse_nvpmodel_query(text: str) -> dict[str, Any]:
 
 
 def _devfreq(root: Path) -> Path | None:
-    for base in (root / "sys/class/devfreq", root / "sys/devices"):
-        for name in JETSON_GPU_DEVFREQ_NAMES:
-            hits = sorted(base.glob(f"**/devfreq/{name}")) if base.name == "devices" else [base / name]
-            for hit in hits:
-                if (hit / "cur_freq").is_file():
-                    return hit
+    """The GPU's devfreq node: every devfreq device is linked under /sys/class/devfreq by name."""
+    for name in JETSON_GPU_DEVFREQ_NAMES:
+        node = root / "sys/class/devfreq" / name
+        if (node / "cur_freq").is_file():
+            return node
     return None
 
 
@@ -503,9 +502,8 @@ def jetson_state(root: Path = Path("/"), run: Callable[[Sequence[str]], str] | N
     pinned: list[bool] = []
     gpu = _devfreq(root)
     if gpu is None:
-        state["gpu_frequency_mhz"] = unknown(
-            "no GPU devfreq node (" + ", ".join(JETSON_GPU_DEVFREQ_NAMES) + ")"
-        )
+        names = ", ".join(JETSON_GPU_DEVFREQ_NAMES)
+        state["gpu_frequency_mhz"] = unknown(f"no GPU devfreq node under /sys/class/devfreq ({names})")
     else:
         try:
             current, low, high = (int(_read(gpu / f)) / 1e6 for f in ("cur_freq", "min_freq", "max_freq"))

@@ -297,3 +297,12 @@ def test_a_rail_that_fails_during_the_measurement_is_unknown_with_the_error() ->
     rails.rails = {"fail": 1.0}
     energy = meter.stop(images=10)
     assert energy == {"unknown": "reading the sources failed: fake rails: Remote I/O error"}
+
+
+def test_an_unreadable_counter_is_unknown_and_never_stops_the_measurement(tmp_path: Path) -> None:
+    counter = RaplCounter("rapl:package-0", tmp_path / "energy_uj", 262143328850)  # the file is gone
+    meter = EnergyMeter(counters=[counter], sleep=lambda seconds: None)
+    meter.measure_idle(0.0)  # no exception: the latency measurement goes on
+    meter.start()
+    energy = meter.stop(images=10)
+    assert is_unknown(energy) and "energy_uj" in energy["unknown"]

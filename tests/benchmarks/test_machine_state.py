@@ -285,7 +285,7 @@ def test_nvpmodel_query() -> None:
 
 def _jetson_tree(root: Path, gpu_min_hz: int, emc: bool) -> None:
     _write(root, "etc/nv_tegra_release", "# R36 (release), REVISION: 3.0")
-    devfreq = "sys/devices/platform/bus@0/17000000.gpu/devfreq/17000000.ga10b"
+    devfreq = "sys/class/devfreq/17000000.ga10b"
     _write(root, f"{devfreq}/cur_freq", "1300500000")
     _write(root, f"{devfreq}/min_freq", str(gpu_min_hz))
     _write(root, f"{devfreq}/max_freq", "1300500000")
