@@ -86,6 +86,8 @@ MAX_BATCH_SIZE = 4096
 # The largest batch of random float32 images bench allocates for one call; a batch of the largest
 # inputs a manifest allows (3 x 4096 x 4096) would need 200 MB an image. Larger is "skipped".
 MAX_BATCH_BYTES = 2 << 30
+# The percentiles each measurement keeps of its distribution.
+PERCENTILES = tuple(range(101))
 
 
 class Timer(Protocol):
@@ -171,7 +173,8 @@ def latency_stats(
 
     Percentiles interpolate linearly between samples (numpy's default), each with a seeded
     bootstrap 95% interval ("p50_ci_ms" ...); std is the sample standard deviation (0 for one
-    sample); "cv" is std / mean (None when the mean is 0); throughput is images per second at the
+    sample); "cv" is std / mean (None when the mean is 0); "percentiles_ms" the 0th to the 100th
+    percentile, the distribution the report plots; throughput is images per second at the
     mean latency (None when the mean is 0). "verdict" is `stable` or `noisy`, "noisy_because" says
     why and what to do (benchmarks.stability.stability_verdict; `warmup_steady` False and each of
     `machine_flags`, benchmarks.machine_state's, count).
@@ -189,6 +192,8 @@ def latency_stats(
     # infinity is not JSON (json.dumps would write the invalid token `Infinity`).
     stats["throughput_ips"] = batch_size * 1000.0 / mean if mean > 0 else None
     stats.update(verdict=verdict, noisy_because=why)
+    # The whole distribution in 101 numbers (the 0th to the 100th percentile), for the report's plot.
+    stats["percentiles_ms"] = [round(float(v), 6) for v in np.percentile(samples_ms, PERCENTILES)]
     return stats
 
 

@@ -239,3 +239,28 @@ def plot_pareto(report: Mapping[str, Any], path: Path) -> Path | None:
     if energy:
         axes[1].set_title("Accuracy vs energy per format")
     return _save_png(figure, path)
+
+
+def plot_latency_distribution(report: Mapping[str, Any], path: Path) -> Path | None:
+    """Each measurement's latency distribution as a percentile curve (its recorded 0th to 100th
+    percentiles), one panel per batch size, one line per format; None when no measurement recorded one."""
+    curves: dict[int, dict[str, list[float]]] = {}
+    for key, entry in format_entries(report).items():
+        for batch, stats in (entry.get("latency") or {}).items():
+            if stats.get("percentiles_ms"):
+                curves.setdefault(int(batch), {})[key] = stats["percentiles_ms"]
+    if not curves:
+        return None
+    figure = _new_figure(4.5 * len(curves) + 1, 4)
+    axes = figure.subplots(1, len(curves), squeeze=False)[0]
+    for ax, batch in zip(axes, sorted(curves), strict=True):
+        for key, percentiles in curves[batch].items():
+            ranks = [100.0 * i / (len(percentiles) - 1) for i in range(len(percentiles))]
+            ax.plot(percentiles, ranks, label=key)
+        ax.set_xscale("log")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("percentile of calls")
+        ax.set_title(f"batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[-1].legend(fontsize="small")
+    return _save_png(figure, path)

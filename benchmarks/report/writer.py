@@ -13,6 +13,7 @@ from benchmarks.report.markdown import render_markdown
 from benchmarks.report.plots import (
     plot_accuracy_size,
     plot_latency,
+    plot_latency_distribution,
     plot_pareto,
     plot_students,
     plot_training,
@@ -27,7 +28,15 @@ ACCURACY_SIZE_PLOT = "accuracy_size.png"
 TRAINING_PLOT = "training.png"
 STUDENTS_PLOT = "students.png"
 PARETO_PLOT = "pareto.png"
-PLOTS: tuple[str, ...] = (LATENCY_PLOT, ACCURACY_SIZE_PLOT, PARETO_PLOT, TRAINING_PLOT, STUDENTS_PLOT)
+DISTRIBUTION_PLOT = "latency_distribution.png"
+PLOTS: tuple[str, ...] = (
+    LATENCY_PLOT,
+    DISTRIBUTION_PLOT,
+    ACCURACY_SIZE_PLOT,
+    PARETO_PLOT,
+    TRAINING_PLOT,
+    STUDENTS_PLOT,
+)
 NO_MATPLOTLIB = (
     "not drawn: matplotlib is not installed (the edge install leaves it out);"
     " pip install 'reviewkd[plots]' to draw them"
@@ -58,6 +67,9 @@ def _draw_plots(run_dir: PathLike, report: Mapping[str, Any], out: Path) -> list
     """Draw every plot that has data; return them in the order the report shows them."""
     drawn = {
         "latency vs batch size": plot_latency(report, out / LATENCY_PLOT),
+        "latency distribution per format and batch size": plot_latency_distribution(
+            report, out / DISTRIBUTION_PLOT
+        ),
         "accuracy and size per format": plot_accuracy_size(report, out / ACCURACY_SIZE_PLOT),
         "accuracy vs latency (and energy) per format, Pareto front": plot_pareto(report, out / PARETO_PLOT),
         "training curves": plot_training(read_metrics(run_dir), out / TRAINING_PLOT),

@@ -85,6 +85,9 @@ def test_latency_stats_on_known_samples() -> None:
     assert stats["std_ms"] == pytest.approx(np.sqrt(sum((v - 50.5) ** 2 for v in samples) / 99))
     assert (stats["min_ms"], stats["max_ms"], stats["iters"]) == (1.0, 100.0, 100)
     assert stats["throughput_ips"] == pytest.approx(8 * 1000 / 50.5)
+    percentiles = stats["percentiles_ms"]
+    assert len(percentiles) == 101 and percentiles[0] == 1.0 and percentiles[100] == 100.0
+    assert percentiles[50] == pytest.approx(50.5) and percentiles == sorted(percentiles)
 
 
 def test_latency_stats_edge_cases() -> None:

@@ -175,9 +175,10 @@ def test_report_md_and_self_contained_html(measured_run: Path) -> None:
     assert not re.search(r"https?://", page)
     assert not re.search(r"<(script|link)\b", page)
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 4
+    assert len(images) == 5
     assert all(base64.b64decode(data).startswith(PNG_MAGIC) for data in images)
-    for name in ("latency.png", "accuracy_size.png", "pareto.png", "training.png"):
+    drawn = ("latency.png", "latency_distribution.png", "accuracy_size.png", "pareto.png", "training.png")
+    for name in drawn:
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
 
     recorded = read_manifest(measured_run)["artifacts"]
@@ -250,10 +251,10 @@ def test_headline_states_the_gain_over_the_cross_entropy_student(tmp_path: Path)
     assert f"**{line}" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     assert f'<p class="headline">{line}' in page
-    # The students' curves: one more plot (after latency, accuracy and size, Pareto, training), embedded.
+    # The students' curves: one more plot, embedded like the others.
     assert report["plots"][-1] == "students.png"
     assert (out / "students.png").read_bytes().startswith(PNG_MAGIC)
-    assert len(re.findall(r'src="data:image/png;base64,', page)) == 5
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 6
     assert read_manifest(run)["artifacts"]["report/students.png"]["kind"] == "report"
 
     # The baseline gone (a run without one): no gain, and no stale curves left behind.
