@@ -68,7 +68,8 @@ from deploy.status import Status
 
 # 2: results record what they measured ("measured"); see benchmarks.measured.
 # 3: each measurement records its steady-state warm-up, percentile intervals and stability verdict.
-# 4: each measurement records its CPU usage and energy, each format its machine state and thread pools.
+# 4: each measurement records its CPU usage, energy and percentiles; each format its machine state,
+# thread pools and (TensorRT) breakdown.
 BENCH_SCHEMA_VERSION = 4
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 DEFAULT_WARMUP = 10

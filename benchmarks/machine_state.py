@@ -90,10 +90,11 @@ def is_unknown(value: object) -> bool:
 
 
 def field_text(value: object) -> str:
-    """A field as text: its value, or "unknown (why)"."""
-    if is_unknown(value):
-        assert isinstance(value, Mapping)
+    """A field as text: its value ("yes"/"no" for a flag), or "unknown (why)"."""
+    if isinstance(value, Mapping) and set(value) == {"unknown"}:
         return f"unknown ({value['unknown']})"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     return str(value)
 
 
@@ -596,7 +597,8 @@ def _gpu_text(gpu: Mapping[str, Any]) -> str:
 
 
 def state_lines(state: Mapping[str, Any]) -> list[str]:
-    """A snapshot as lines of text: the CPUs, each NVIDIA GPU (or why none was read), the Jetson."""
+    """A snapshot as lines of text: the CPUs, each NVIDIA GPU (or why none was read), the Jetson (or
+    why it is not one); a part the snapshot lacks has no line."""
     cpu = state.get("cpu") or {}
     load = cpu.get("load_average")
     lines = [
@@ -607,7 +609,7 @@ def state_lines(state: Mapping[str, Any]) -> list[str]:
     gpus = state.get("nvidia_gpus")
     if isinstance(gpus, list):
         lines.extend(_gpu_text(gpu) for gpu in gpus)
-    else:
+    elif "nvidia_gpus" in state:
         lines.append(f"NVIDIA GPUs: {field_text(gpus)}")
     jetson = state.get("jetson")
     if isinstance(jetson, Mapping) and not is_unknown(jetson):
@@ -622,7 +624,7 @@ def state_lines(state: Mapping[str, Any]) -> list[str]:
             f" GPU {field_text(jetson.get('gpu_frequency_mhz'))} MHz,"
             f" EMC {field_text(jetson.get('emc_frequency_mhz'))} MHz"
         )
-    else:
+    elif "jetson" in state:
         lines.append(f"Jetson: {field_text(jetson)}")
     return lines
 

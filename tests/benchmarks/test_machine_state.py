@@ -26,6 +26,7 @@ from benchmarks.machine_state import (
     parse_self_stat,
     runner_threads,
     state_flags,
+    state_lines,
     usage_flags,
 )
 
@@ -322,3 +323,21 @@ def test_a_jetson_without_a_gpu_devfreq_node_is_unknown(tmp_path: Path) -> None:
     state = jetson_state(tmp_path, run=lambda command: NVPMODEL_ORIN)
     assert is_unknown(state["gpu_frequency_mhz"]) and is_unknown(state["jetson_clocks"])
     assert state_flags({"jetson": state}) == []
+
+
+def test_state_lines_say_each_part_and_each_unknown(tmp_path: Path) -> None:
+    _jetson_tree(tmp_path, gpu_min_hz=1_300_500_000, emc=False)
+    state = {
+        "cpu": {**cpu_frequency_state(tmp_path), "load_average": [0.5, 0.25, 0.1]},
+        "nvidia_gpus": parse_nvidia_smi(NVIDIA_SMI_CSV.splitlines()[1]),
+        "jetson": jetson_state(tmp_path, run=lambda command: NVPMODEL_ORIN),
+    }
+    cpu, gpu, jetson = state_lines(state)
+    assert cpu == "CPU: governor schedutil, frequency 2201.6 MHz, load average 0.5 0.25 0.1"
+    assert gpu == (
+        "NVIDIA GPU 1 (Tesla T4, nvidia-smi): SM 1590.0 MHz, memory 5000.0 MHz, application clocks locked"
+        " yes, power limit 70.0 W, persistence no, throttle reasons sw_power_cap"
+    )
+    assert jetson.startswith("Jetson: nvpmodel MAXN (0), jetson_clocks yes, GPU 1300.5 MHz, EMC unknown (")
+    partial = state_lines({"cpu": {}, "nvidia_gpus": {"unknown": "nvidia-smi is not on PATH"}})
+    assert partial[1:] == ["NVIDIA GPUs: unknown (nvidia-smi is not on PATH)"]  # no Jetson part, no line
