@@ -366,7 +366,9 @@ def _bench_one(
                 break
             all_timings[str(batch_size)] = timings
         # The snapshot after the measurements: a GPU that throttled under them still shows it.
-        entry["machine_state"] = machine_state(gpus=str(runner.device).startswith("cuda"))
+        on_gpu = str(runner.device).startswith("cuda")
+        # Bench opens its runners on CUDA device 0; the TensorRT runner names its own.
+        entry["machine_state"] = machine_state(gpus=on_gpu, device_index=getattr(runner, "device_index", 0))
         snapshot_flags = state_flags(entry["machine_state"])
         for batch, timings in all_timings.items():
             flags = [*usage_flags(timings.cpu_usage), *snapshot_flags]
@@ -601,7 +603,7 @@ def _compare_batches(
         comparison.update(cpu_usage=usage, machine_flags=usage_flags(usage))
         entry["batches"][str(batch_size)] = comparison
     on_gpu = any(str(runner.device).startswith("cuda") for runner in runners)
-    entry["machine_state"] = machine_state(gpus=on_gpu)
+    entry["machine_state"] = machine_state(gpus=on_gpu, device_index=getattr(runners[0], "device_index", 0))
     entry["machine_flags"] = state_flags(entry["machine_state"])
     if not entry["batches"]:
         reason = "; ".join(entry["skipped_batches"].values()) or "no batch sizes"

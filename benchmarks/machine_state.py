@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.gpu import GpuProbeError, visible_device
 from deploy.optional import optional_module
 
 # Other processes' share of all CPUs' time during a measurement above which it is flagged: at 10% on
@@ -59,6 +60,7 @@ NVIDIA_SMI_TIMEOUT_S = 10.0
 NVIDIA_SMI_FIELDS: tuple[str, ...] = (
     "index",
     "name",
+    "uuid",
     "clocks.sm",
     "clocks.mem",
     "clocks.applications.graphics",
@@ -333,6 +335,7 @@ def parse_nvidia_smi(text: str) -> list[dict[str, Any]]:
             _gpu_record(
                 index=_smi_value(raw["index"], int),
                 name=raw["name"],
+                uuid=raw["uuid"],
                 sm_mhz=_smi_value(raw["clocks.sm"], float),
                 memory_mhz=_smi_value(raw["clocks.mem"], float),
                 app=(
@@ -358,6 +361,7 @@ def _gpu_record(
     *,
     index: Any,
     name: str,
+    uuid: str,
     sm_mhz: Any,
     memory_mhz: Any,
     app: tuple[Any, Any],
@@ -371,6 +375,7 @@ def _gpu_record(
     return {
         "index": index,
         "name": name,
+        "uuid": uuid,
         "sm_clock_mhz": sm_mhz,
         "memory_clock_mhz": memory_mhz,
         "application_clocks_mhz": list(app)
@@ -400,12 +405,14 @@ def nvml_gpu_state(pynvml: Any, index: int) -> dict[str, Any]:
     """One GPU's clocks, limits and throttling through pynvml (already initialised) at NVML `index`."""
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     name = pynvml.nvmlDeviceGetName(handle)
+    uuid = pynvml.nvmlDeviceGetUUID(handle)
     graphics, memory = pynvml.NVML_CLOCK_GRAPHICS, pynvml.NVML_CLOCK_MEM
     limit_mw = _nvml_call(pynvml.nvmlDeviceGetPowerManagementLimit, handle)
     persistence = _nvml_call(pynvml.nvmlDeviceGetPersistenceMode, handle)
     return _gpu_record(
         index=index,
         name=name.decode() if isinstance(name, bytes) else str(name),
+        uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
         sm_mhz=_nvml_call(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_SM),
         memory_mhz=_nvml_call(pynvml.nvmlDeviceGetClockInfo, handle, memory),
         app=(
@@ -541,13 +548,27 @@ def jetson_state(root: Path = Path("/"), run: Callable[[Sequence[str]], str] | N
 # ----------------------------------------------------------------------------- the snapshot and its flags
 
 
-def machine_state(root: Path = Path("/"), *, gpus: bool = True) -> dict[str, Any]:
+def gpu_in_use(device_index: int) -> int | str | dict[str, str]:
+    """The physical GPU (NVML index or "GPU-..." UUID) behind CUDA device `device_index`, as
+    CUDA_VISIBLE_DEVICES maps it, or unknown with why (deploy.gpu.visible_device)."""
+    try:
+        return visible_device(device_index)
+    except GpuProbeError as exc:
+        return unknown(str(exc))
+
+
+def machine_state(
+    root: Path = Path("/"), *, gpus: bool = True, device_index: int | None = None
+) -> dict[str, Any]:
     """The snapshot: {"cpu": frequencies and governor plus "load_average", "nvidia_gpus": a list or
-    unknown, "jetson": its state or unknown}. `gpus` False skips the NVIDIA probe (a CPU-only
-    measurement, where nvidia-smi's start-up would only cost time)."""
+    unknown, "gpu_in_use": the physical GPU behind CUDA device `device_index` (when given), "jetson":
+    its state or unknown}. `gpus` False skips the NVIDIA probe (a CPU-only measurement, where
+    nvidia-smi's start-up would only cost time)."""
     cpu = cpu_frequency_state(root)
     cpu["load_average"] = load_average(root)
     state: dict[str, Any] = {"cpu": cpu}
+    if gpus and device_index is not None:
+        state["gpu_in_use"] = gpu_in_use(device_index)
     state["nvidia_gpus"] = (
         nvidia_gpu_state() if gpus else unknown("not probed: the measurement ran on the CPU")
     )
@@ -558,15 +579,18 @@ def machine_state(root: Path = Path("/"), *, gpus: bool = True) -> dict[str, Any
 
 
 def state_flags(state: Mapping[str, Any]) -> list[str]:
-    """What in a snapshot undermines the numbers: a CPU governor other than performance, a GPU
-    slowed by power or heat, a Jetson without jetson_clocks. Unknown fields flag nothing (they are
-    recorded as unknown)."""
+    """What in a snapshot undermines the numbers: a CPU governor other than performance, the GPU in
+    use (every GPU when the snapshot does not say which) slowed by power or heat, a Jetson without
+    jetson_clocks. Unknown fields flag nothing (they are recorded as unknown)."""
     flags = []
     governor = (state.get("cpu") or {}).get("governor")
     if isinstance(governor, str) and governor not in STEADY_GOVERNORS:
         flags.append(f"CPU governor {governor}, not performance: the frequency may change between calls")
     gpus = state.get("nvidia_gpus")
+    in_use = state.get("gpu_in_use")
     for gpu in gpus if isinstance(gpus, list) else []:
+        if isinstance(in_use, int | str) and in_use not in (gpu.get("index"), gpu.get("uuid")):
+            continue
         reasons = gpu.get("throttle_reasons")
         slowing = sorted(SLOWING_THROTTLE_REASONS & set(reasons)) if isinstance(reasons, list) else []
         if slowing:

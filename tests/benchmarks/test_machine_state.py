@@ -16,6 +16,7 @@ from benchmarks.machine_state import (
     cpu_frequency_state,
     cpu_usage_between,
     decode_throttle_reasons,
+    gpu_in_use,
     is_unknown,
     jetson_state,
     load_average,
@@ -165,11 +166,14 @@ def test_runner_threads_from_the_runner_or_unknown(monkeypatch: pytest.MonkeyPat
 # nvidia-smi --query-gpu=<NVIDIA_SMI_FIELDS> --format=csv,noheader,nounits: an H100 at its default
 # application clocks, idle; a T4 with application clocks set (nvidia-smi -ac) and capped by its power
 # limit; a GeForce that supports neither application clocks nor the reasons query.
-NVIDIA_SMI_CSV = """\
-0, NVIDIA H100 80GB HBM3, 345, 2619, 1980, 2619, 1980, 2619, 700.00, Enabled, 0x0000000000000001
-1, Tesla T4, 1590, 5000, 1590, 5001, 585, 5001, 70.00, Disabled, 0x0000000000000004
-2, NVIDIA GeForce RTX 3060, 210, 405, [N/A], [N/A], [N/A], [N/A], 170.00, [N/A], [Not Supported]
-"""
+NVIDIA_SMI_CSV = (
+    "0, NVIDIA H100 80GB HBM3, GPU-5e3a0c1d-0000-4a4a-9c9c-000000000000,"
+    " 345, 2619, 1980, 2619, 1980, 2619, 700.00, Enabled, 0x0000000000000001\n"
+    "1, Tesla T4, GPU-8d1b2e3f-1111-4b4b-8d8d-111111111111,"
+    " 1590, 5000, 1590, 5001, 585, 5001, 70.00, Disabled, 0x0000000000000004\n"
+    "2, NVIDIA GeForce RTX 3060, GPU-2c4d6e8f-2222-4c4c-9e9e-222222222222,"
+    " 210, 405, [N/A], [N/A], [N/A], [N/A], 170.00, [N/A], [Not Supported]\n"
+)
 
 
 def test_nvidia_smi_csv() -> None:
@@ -181,8 +185,15 @@ def test_nvidia_smi_csv() -> None:
     assert t4["throttle_reasons"] == ["sw_power_cap"] and t4["persistence_mode"] is False
     assert geforce["throttle_reasons"] == {"unknown": "nvidia-smi says [Not Supported]"}
     assert is_unknown(geforce["application_clocks_locked"]) and is_unknown(geforce["persistence_mode"])
-    flags = state_flags({"nvidia_gpus": [h100, t4, geforce]})
-    assert flags == ["GPU 1 throttled: sw_power_cap"]
+    assert t4["uuid"] == "GPU-8d1b2e3f-1111-4b4b-8d8d-111111111111"
+    gpus = [h100, t4, geforce]
+    assert state_flags({"nvidia_gpus": gpus}) == ["GPU 1 throttled: sw_power_cap"]
+    # Only the GPU in use counts, named by its index or, under CUDA_VISIBLE_DEVICES=GPU-..., its UUID.
+    assert state_flags({"nvidia_gpus": gpus, "gpu_in_use": 0}) == []
+    assert state_flags({"nvidia_gpus": gpus, "gpu_in_use": t4["uuid"]}) == ["GPU 1 throttled: sw_power_cap"]
+    assert state_flags({"nvidia_gpus": gpus, "gpu_in_use": {"unknown": "MIG"}}) == [
+        "GPU 1 throttled: sw_power_cap"
+    ]
     with pytest.raises(ValueError, match="comma-separated"):
         parse_nvidia_smi("0, NVIDIA H100\n")
 
@@ -220,6 +231,9 @@ class FakeNvml:
     def nvmlDeviceGetName(self, handle: str) -> bytes:
         return b"NVIDIA A100-SXM4-40GB"
 
+    def nvmlDeviceGetUUID(self, handle: str) -> str:
+        return "GPU-0a0b0c0d-3333-4d4d-8f8f-333333333333"
+
     def nvmlDeviceGetClockInfo(self, handle: str, clock: int) -> int:
         return {1: 1410, 2: 1215}[clock]
 
@@ -243,6 +257,7 @@ def test_nvml_is_asked_first_and_a_failing_query_is_unknown() -> None:
     nvml = FakeNvml()
     (gpu,) = nvidia_gpu_state(run=lambda command: pytest.fail("nvidia-smi asked"), pynvml=nvml)  # type: ignore[misc]
     assert gpu["source"] == "nvml" and gpu["name"] == "NVIDIA A100-SXM4-40GB"
+    assert gpu["uuid"] == "GPU-0a0b0c0d-3333-4d4d-8f8f-333333333333"
     assert gpu["sm_clock_mhz"] == 1410 and gpu["application_clocks_locked"] is False
     assert gpu["power_limit_w"] == {"unknown": "NVML nvmlDeviceGetPowerManagementLimit: Not Supported"}
     assert gpu["throttle_reasons"] == ["sw_thermal_slowdown"] and nvml.shut_down
@@ -341,3 +356,10 @@ def test_state_lines_say_each_part_and_each_unknown(tmp_path: Path) -> None:
     assert jetson.startswith("Jetson: nvpmodel MAXN (0), jetson_clocks yes, GPU 1300.5 MHz, EMC unknown (")
     partial = state_lines({"cpu": {}, "nvidia_gpus": {"unknown": "nvidia-smi is not on PATH"}})
     assert partial[1:] == ["NVIDIA GPUs: unknown (nvidia-smi is not on PATH)"]  # no Jetson part, no line
+
+
+def test_the_gpu_in_use_follows_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert gpu_in_use(1) == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-abc")
+    assert "MIG instance" in gpu_in_use(0)["unknown"]  # type: ignore[index]
