@@ -32,7 +32,8 @@ demo: $(VENV)/.installed
 # on MYPYPATH only (never on sys.path, where it would make `import tensorrt` succeed without TensorRT);
 # its own cache keeps the two runs from invalidating each other's.
 TRT_STUBS := $(VENV)/trt-stubs
-TRT_MODULES := export/tensorrt_engine.py deploy/runners/tensorrt_runner.py deploy/trt_sidecar.py
+TRT_MODULES := export/tensorrt_engine.py deploy/runners/tensorrt_runner.py deploy/trt_sidecar.py \
+	benchmarks/trt_breakdown.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check $(SOURCES) tests .ci

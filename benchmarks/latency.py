@@ -18,6 +18,16 @@ until the timings reach a steady state (two windows of calls with medians within
 `--warmup 0` skips it. Each measurement records its warm-up calls, bootstrap intervals on its
 percentiles and a `stable`/`noisy` verdict. `compare_targets` times two formats interleaved in
 counterbalanced pairs (A B, B A, ...) and states the ratio of their medians with an interval.
+
+Machine state (benchmarks.machine_state): each measurement records other processes' share of the
+CPUs' time over its timed calls ("cpu_usage"), and each format a snapshot of the CPU governor and
+frequency, the GPUs' clocks and throttling, a Jetson's power mode and clocks ("machine_state") and its
+runtime's thread pools ("threads"), taken after its measurements. What in them undermines a number
+(other load, a governor other than performance, throttling) is among the measurement's `noisy`
+reasons. A TensorRT engine is also timed as trtexec splits it (benchmarks.trt_breakdown: H2D, GPU
+compute, D2H, enqueue, throughput, and whether a CUDA graph ran). Energy per image
+(benchmarks.energy) is metered over the timed calls where this machine has power rails or energy
+counters, less an idle baseline read before each measurement's warm-up.
 """
 
 from __future__ import annotations
@@ -25,22 +35,32 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from benchmarks.energy import EnergyMeter, detect_energy_meter
 from benchmarks.environment import collect_environment, machine_text
+from benchmarks.machine_state import (
+    CpuUsageWatch,
+    machine_state,
+    runner_threads,
+    state_flags,
+    unknown,
+    usage_flags,
+)
 from benchmarks.measured import SOURCE_RANDOM, measured_block
 from benchmarks.stability import (
     MAX_WARMUP_ITERS,
     MAX_WARMUP_SECONDS,
     compare_medians,
+    distribution,
     is_steady,
-    percentile_intervals,
     stability_verdict,
 )
 from benchmarks.targets import Target, check_unique, error_reason, open_target
+from benchmarks.trt_breakdown import tensorrt_breakdown
 from deploy.errors import UsageError
 from deploy.optional import installed, optional_import
 from deploy.runners.base import Runner
@@ -48,7 +68,9 @@ from deploy.status import Status
 
 # 2: results record what they measured ("measured"); see benchmarks.measured.
 # 3: each measurement records its steady-state warm-up, percentile intervals and stability verdict.
-BENCH_SCHEMA_VERSION = 3
+# 4: each measurement records its CPU usage, energy and percentiles; each format its machine state,
+# thread pools and (TensorRT) breakdown.
+BENCH_SCHEMA_VERSION = 4
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 DEFAULT_WARMUP = 10
 DEFAULT_SECONDS = 1.0
@@ -65,6 +87,8 @@ MAX_BATCH_SIZE = 4096
 # The largest batch of random float32 images bench allocates for one call; a batch of the largest
 # inputs a manifest allows (3 x 4096 x 4096) would need 200 MB an image. Larger is "skipped".
 MAX_BATCH_BYTES = 2 << 30
+# The percentiles each measurement keeps of its distribution.
+PERCENTILES = tuple(range(101))
 
 
 class Timer(Protocol):
@@ -141,46 +165,37 @@ def choose_timer(runner: Runner) -> Timer:
 
 
 def latency_stats(
-    samples_ms: Sequence[float], batch_size: int, warmup_steady: bool | None = None
+    samples_ms: Sequence[float],
+    batch_size: int,
+    warmup_steady: bool | None = None,
+    machine_flags: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Summarise per-call latencies of one batch size.
 
     Percentiles interpolate linearly between samples (numpy's default), each with a seeded
     bootstrap 95% interval ("p50_ci_ms" ...); std is the sample standard deviation (0 for one
-    sample); "cv" is std / mean (None when the mean is 0); throughput is images per second at the
+    sample); "cv" is std / mean (None when the mean is 0); "percentiles_ms" the 0th to the 100th
+    percentile, the distribution the report plots; throughput is images per second at the
     mean latency (None when the mean is 0). "verdict" is `stable` or `noisy`, "noisy_because" says
-    why and what to do (benchmarks.stability.stability_verdict; `warmup_steady` False counts).
+    why and what to do (benchmarks.stability.stability_verdict; `warmup_steady` False and each of
+    `machine_flags`, benchmarks.machine_state's, count).
     """
-    samples = np.asarray(samples_ms, dtype=np.float64)
-    if samples.ndim != 1 or samples.size == 0:
+    if len(samples_ms) == 0:
         raise ValueError("latency_stats needs at least one sample")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    p50, p90, p99 = (float(v) for v in np.percentile(samples, [50, 90, 99]))
-    p50_ci, p90_ci, p99_ci = percentile_intervals(samples, [50, 90, 99])
-    mean = float(samples.mean())
-    std = float(samples.std(ddof=1)) if samples.size > 1 else 0.0
-    cv = std / mean if mean > 0 else None
-    verdict, why = stability_verdict(int(samples.size), cv, p50, p99, warmup_steady)
-    return {
-        "p50_ms": p50,
-        "p90_ms": p90,
-        "p99_ms": p99,
-        "p50_ci_ms": p50_ci,
-        "p90_ci_ms": p90_ci,
-        "p99_ci_ms": p99_ci,
-        "mean_ms": mean,
-        "std_ms": std,
-        "cv": cv,
-        "min_ms": float(samples.min()),
-        "max_ms": float(samples.max()),
-        "iters": int(samples.size),
-        # A clock too coarse to see the calls measures a mean of 0: no throughput can be stated, and
-        # infinity is not JSON (json.dumps would write the invalid token `Infinity`).
-        "throughput_ips": batch_size * 1000.0 / mean if mean > 0 else None,
-        "verdict": verdict,
-        "noisy_because": why,
-    }
+    stats = distribution(samples_ms)
+    mean = stats["mean_ms"]
+    verdict, why = stability_verdict(
+        stats["iters"], stats["cv"], stats["p50_ms"], stats["p99_ms"], warmup_steady, machine_flags
+    )
+    # A clock too coarse to see the calls measures a mean of 0: no throughput can be stated, and
+    # infinity is not JSON (json.dumps would write the invalid token `Infinity`).
+    stats["throughput_ips"] = batch_size * 1000.0 / mean if mean > 0 else None
+    stats.update(verdict=verdict, noisy_because=why)
+    # The whole distribution in 101 numbers (the 0th to the 100th percentile), for the report's plot.
+    stats["percentiles_ms"] = [round(float(v), 6) for v in np.percentile(samples_ms, PERCENTILES)]
+    return stats
 
 
 def check_settings(warmup: int, iters: int | None, seconds: float | None) -> None:
@@ -197,12 +212,16 @@ def check_settings(warmup: int, iters: int | None, seconds: float | None) -> Non
 
 @dataclass(frozen=True)
 class Timings:
-    """What one measurement timed: the per-call latencies (ms) and how its warm-up went."""
+    """What one measurement timed: the per-call latencies (ms), how its warm-up went and the CPU
+    usage over its timed calls (benchmarks.machine_state.CpuUsageWatch)."""
 
     samples_ms: list[float]
     warmup_iters: int
     # True: the warm-up reached a steady state; False: it hit its cap first; None: no warm-up.
     warmup_steady: bool | None
+    cpu_usage: dict[str, Any] = field(default_factory=dict)
+    # Energy over the timed calls (benchmarks.energy.EnergyMeter.stop), None when not metered.
+    energy: dict[str, Any] | None = None
 
 
 def warm_up(measure: Callable[[], float], minimum: int) -> tuple[int, bool | None]:
@@ -244,29 +263,37 @@ def time_runner(
     iters: int | None = None,
     seconds: float | None = None,
     timer: Timer | None = None,
+    energy: EnergyMeter | None = None,
 ) -> Timings:
     """Warm a runner up on `images` (see `warm_up`; `warmup` is the least number of calls), then
-    time calls one by one.
+    time calls one by one, watching the CPUs' usage over the timed calls.
 
     Exactly one of `iters` (a fixed count) and `seconds` (a budget of measured time, with at
-    least MIN_ITERS samples) may be given; with neither, the budget is DEFAULT_SECONDS.
+    least MIN_ITERS samples) may be given; with neither, the budget is DEFAULT_SECONDS. `energy`
+    (its idle baseline already read) meters the timed calls.
     """
     check_settings(warmup, iters, seconds)
     measure = _measurer(timer if timer is not None else choose_timer(runner), runner, images)
     warmup_iters, steady = warm_up(measure, warmup)
     runner.synchronize()
     samples: list[float] = []
+    watch = CpuUsageWatch()
+    watch.start()
+    if energy is not None:
+        energy.start()
     if iters is not None:
         for _ in range(iters):
             samples.append(measure())
-        return Timings(samples, warmup_iters, steady)
-    budget_ms = 1000.0 * (seconds if seconds is not None else DEFAULT_SECONDS)
-    total = 0.0
-    while (len(samples) < MIN_ITERS or total < budget_ms) and len(samples) < MAX_ITERS:
-        sample = measure()
-        samples.append(sample)
-        total += sample
-    return Timings(samples, warmup_iters, steady)
+    else:
+        budget_ms = 1000.0 * (seconds if seconds is not None else DEFAULT_SECONDS)
+        total = 0.0
+        while (len(samples) < MIN_ITERS or total < budget_ms) and len(samples) < MAX_ITERS:
+            sample = measure()
+            samples.append(sample)
+            total += sample
+    usage = watch.stop()
+    metered = energy.stop(len(samples) * images.shape[0]) if energy is not None else None
+    return Timings(samples, warmup_iters, steady, usage, metered)
 
 
 def _batch_out_of_range(runner: Runner, batch_size: int) -> str | None:
@@ -308,18 +335,20 @@ def _bench_one(
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {"status": Status.OK, "reason": None, **target.describe()}
     entry.update(device=None, timer=None, cuda_graphs={"used": False, "reason": None})
-    entry.update(latency={}, skipped_batches={})
+    entry.update(latency={}, skipped_batches={}, machine_state=None, threads=None)
     runner, status, reason, _ = open_target(target)
     if runner is None:
         entry.update(status=status, reason=reason)
         return entry
-    with runner:
+    with runner, detect_energy_meter(gpu=str(runner.device).startswith("cuda")) as meter:
         entry["device"] = runner.device
         used, why_not = enable_cuda_graphs(runner, cuda_graphs)
         entry["cuda_graphs"] = {"used": used, "reason": why_not}
         timer = timer_factory(runner)
         entry["timer"] = timer.name
+        entry["threads"] = runner_threads(runner)
         rng = np.random.default_rng(seed)
+        all_timings: dict[str, Timings] = {}
         for batch_size in batch_sizes:
             out_of_range = _batch_out_of_range(runner, batch_size)
             if out_of_range is not None:
@@ -327,16 +356,32 @@ def _bench_one(
                 continue
             images = rng.standard_normal((batch_size, *runner.input_shape), dtype=np.float32)
             try:
+                meter.measure_idle()
                 timings = time_runner(
-                    runner, images, warmup=warmup, iters=iters, seconds=seconds, timer=timer
+                    runner, images, warmup=warmup, iters=iters, seconds=seconds, timer=timer, energy=meter
                 )
             except Exception as exc:
                 # Keep the batch sizes already measured; the format as a whole is failed.
                 entry.update(status=Status.FAILED, reason=f"batch {batch_size}: {error_reason(exc)}")
                 break
-            stats = latency_stats(timings.samples_ms, batch_size, timings.warmup_steady)
+            all_timings[str(batch_size)] = timings
+        # The snapshot after the measurements: a GPU that throttled under them still shows it.
+        on_gpu = str(runner.device).startswith("cuda")
+        # Bench opens its runners on CUDA device 0; the TensorRT runner names its own.
+        entry["machine_state"] = machine_state(gpus=on_gpu, device_index=getattr(runner, "device_index", 0))
+        snapshot_flags = state_flags(entry["machine_state"])
+        for batch, timings in all_timings.items():
+            flags = [*usage_flags(timings.cpu_usage), *snapshot_flags]
+            stats = latency_stats(timings.samples_ms, int(batch), timings.warmup_steady, flags)
             stats.update(warmup_iters=timings.warmup_iters, warmup_steady=timings.warmup_steady)
-            entry["latency"][str(batch_size)] = stats
+            stats.update(cpu_usage=timings.cpu_usage, machine_flags=flags, energy=timings.energy)
+            entry["latency"][batch] = stats
+        engine = getattr(runner, "engine", None) if runner.backend == "tensorrt" else None
+        if engine is not None:
+            entry["trt_breakdown"] = {
+                batch: _breakdown(engine, int(batch), warmup, len(timings.samples_ms), used)
+                for batch, timings in all_timings.items()
+            }
         if used:
             # A shape whose capture failed was timed eagerly: say so rather than claim graphs.
             graph_error = getattr(runner, "cuda_graph_error", None)
@@ -347,6 +392,14 @@ def _bench_one(
         reason = "; ".join(entry["skipped_batches"].values()) or "no batch sizes"
         entry.update(status=Status.SKIPPED, reason=reason)
     return entry
+
+
+def _breakdown(engine: Any, batch_size: int, warmup: int, iters: int, cuda_graph: bool) -> dict[str, Any]:
+    """The TensorRT breakdown at one batch size (benchmarks.trt_breakdown), or unknown with the error."""
+    try:
+        return tensorrt_breakdown(engine, batch_size, warmup=warmup, iters=iters, cuda_graph=cuda_graph)
+    except Exception as exc:
+        return unknown(f"the breakdown failed: {error_reason(exc)}")
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -383,8 +436,13 @@ def benchmark_runners(
     Returns the content of bench.json: {"schema_version", "settings", "environment",
     "results": {key: {"status", "reason", backend, precision, file, size_bytes, "device",
     "timer", "cuda_graphs": {"used", "reason"}, "latency": {"<batch>": stats},
-    "skipped_batches": {"<batch>": reason}, "machine"}}, "measured"}, stats as `latency_stats` returns them
-    plus "warmup_iters" and "warmup_steady" (see `warm_up`).
+    "skipped_batches": {"<batch>": reason}, "machine", "machine_state", "threads"}}, "measured"}, stats
+    as `latency_stats` returns them plus "warmup_iters" and "warmup_steady" (see `warm_up`),
+    "cpu_usage" (benchmarks.machine_state.CpuUsageWatch), "machine_flags" (what in the machine's
+    state made the measurement noisy) and "energy" (benchmarks.energy: mJ per image per rail and in
+    total, over the timed calls less an idle baseline read before the warm-up, or unknown with why).
+    A TensorRT entry also has "trt_breakdown": {"<batch>": benchmarks.trt_breakdown's summary, or
+    unknown with why}, timed after the measurements on the same engine with as many iterations.
     """
     check_unique(targets)
     check_settings(warmup, iters, seconds)
@@ -479,8 +537,10 @@ def compare_targets(
 
     `iters` counts pairs; `seconds` is the budget of both together. Both stay open for the whole
     comparison. Returns {"a", "b", "status", "reason", "batches": {"<batch>": comparison plus
-    "a_warmup_iters", "b_warmup_iters"}, "skipped_batches", "settings"}; a format that cannot open
-    makes the comparison "skipped" or "failed" with its reason.
+    "a_warmup_iters", "b_warmup_iters", "cpu_usage" and "machine_flags" over the pairs},
+    "skipped_batches", "settings", "machine_state" and its "machine_flags" after the pairs}; a
+    format that cannot open makes the comparison "skipped" or "failed" with its reason. Pairing
+    cancels load that slows A and B alike; the flags say when there was load to cancel.
     """
     check_settings(warmup, iters, seconds)
     entry: dict[str, Any] = {"a": target_a.key, "b": target_b.key, "status": Status.OK, "reason": None}
@@ -531,13 +591,20 @@ def _compare_batches(
                 _measurer(timers[1], runners[1], images),
             )
             warmups = [warm_up(measure, warmup)[0] for measure in measures]
+            watch = CpuUsageWatch()
+            watch.start()
             a_ms, b_ms = _interleaved(measures, iters=iters, seconds=seconds)
+            usage = watch.stop()
             comparison = compare_medians(a_ms, b_ms)
         except Exception as exc:
             entry.update(status=Status.FAILED, reason=f"batch {batch_size}: {error_reason(exc)}")
             return
         comparison.update(a_warmup_iters=warmups[0], b_warmup_iters=warmups[1])
+        comparison.update(cpu_usage=usage, machine_flags=usage_flags(usage))
         entry["batches"][str(batch_size)] = comparison
+    on_gpu = any(str(runner.device).startswith("cuda") for runner in runners)
+    entry["machine_state"] = machine_state(gpus=on_gpu, device_index=getattr(runners[0], "device_index", 0))
+    entry["machine_flags"] = state_flags(entry["machine_state"])
     if not entry["batches"]:
         reason = "; ".join(entry["skipped_batches"].values()) or "no batch sizes"
         entry.update(status=Status.SKIPPED, reason=reason)

@@ -77,13 +77,47 @@ def percentile_intervals(
     return [_interval(table[:, column]) for column in range(len(quantiles))]
 
 
+def distribution(samples_ms: Sequence[float]) -> dict[str, Any]:
+    """A series of timings (ms) summarised: p50/p90/p99 (linear interpolation, numpy's default), each
+    with its bootstrap 95% interval ("p50_ci_ms" ...), mean, sample standard deviation (0 for one
+    sample), CV (std / mean; None when the mean is 0), min, max and the count ("iters")."""
+    samples = np.asarray(samples_ms, dtype=np.float64)
+    if samples.ndim != 1 or samples.size == 0:
+        raise ValueError("a distribution needs at least one sample")
+    p50, p90, p99 = (float(v) for v in np.percentile(samples, [50, 90, 99]))
+    p50_ci, p90_ci, p99_ci = percentile_intervals(samples, [50, 90, 99])
+    mean = float(samples.mean())
+    std = float(samples.std(ddof=1)) if samples.size > 1 else 0.0
+    return {
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "p50_ci_ms": p50_ci,
+        "p90_ci_ms": p90_ci,
+        "p99_ci_ms": p99_ci,
+        "mean_ms": mean,
+        "std_ms": std,
+        "cv": std / mean if mean > 0 else None,
+        "min_ms": float(samples.min()),
+        "max_ms": float(samples.max()),
+        "iters": int(samples.size),
+    }
+
+
 def stability_verdict(
-    iters: int, cv: float | None, p50_ms: float, p99_ms: float, warmup_steady: bool | None = None
+    iters: int,
+    cv: float | None,
+    p50_ms: float,
+    p99_ms: float,
+    warmup_steady: bool | None = None,
+    machine_flags: Sequence[str] = (),
 ) -> tuple[str, str | None]:
     """(`stable` or `noisy`, why it is noisy with the advice, or None when stable).
 
     Noisy: fewer than MIN_JUDGED_ITERS timed calls, a coefficient of variation above NOISY_CV,
-    p99/p50 above NOISY_TAIL_RATIO, or a warm-up that hit its cap without reaching a steady state.
+    p99/p50 above NOISY_TAIL_RATIO, a warm-up that hit its cap without reaching a steady state, or
+    any of `machine_flags` (benchmarks.machine_state: other load, governor, throttling), which a
+    quiet-looking distribution does not clear.
     """
     reasons = []
     if iters < MIN_JUDGED_ITERS:
@@ -95,6 +129,7 @@ def stability_verdict(
     if warmup_steady is False:
         cap = f"{MAX_WARMUP_ITERS} calls or {MAX_WARMUP_SECONDS:g} s"
         reasons.append(f"no steady state within the warm-up cap ({cap})")
+    reasons.extend(machine_flags)
     if not reasons:
         return STABLE, None
     return NOISY, f"{'; '.join(reasons)}: {NOISY_ADVICE}"

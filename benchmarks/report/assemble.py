@@ -355,6 +355,9 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
                 "cuda_graphs": b_view.get("cuda_graphs"),
                 "skipped_batches": b_view.get("skipped_batches", {}),
                 "machine": b_view.get("machine"),
+                "machine_state": b_view.get("machine_state"),
+                "threads": b_view.get("threads"),
+                "trt_breakdown": b_view.get("trt_breakdown"),
             }
         status, reason = _combine(stages)
         stale = _export_stale_reason(run_dir, manifest, entry.get("file"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from benchmarks.machine_state import OTHER_CPU_SHARE_LIMIT, field_text, is_unknown, state_lines, usage_text
 from benchmarks.report.assemble import format_entries
 from benchmarks.stability import (
     MAX_WARMUP_ITERS,
@@ -27,6 +28,7 @@ from benchmarks.stability import (
     STEADY_TOLERANCE,
     STEADY_WINDOW,
 )
+from benchmarks.trt_breakdown import breakdown_text
 from deploy.status import Status
 
 TITLE = "reviewkd report"
@@ -337,6 +339,8 @@ def _latency_table(report: Mapping[str, Any]) -> Table:
         "std ms",
         "CV",
         "images/s",
+        "other load",
+        "mJ/image",
         "verdict",
     )
     rows = []
@@ -356,14 +360,46 @@ def _latency_table(report: Mapping[str, Any]) -> Table:
                     number_text(stats.get("std_ms"), 3),
                     number_text(stats.get("cv"), 3),
                     number_text(stats.get("throughput_ips"), 1),
+                    usage_text(stats["cpu_usage"]) if stats.get("cpu_usage") else "-",
+                    _energy_cell(stats.get("energy")),
                     str(stats.get("verdict", "-")),
                 )
             )
     return Table(header, tuple(rows), ("left", "left", *(RIGHT for _ in header[2:-1]), "left"))
 
 
+def _energy_cell(energy: Any) -> str:
+    """A measurement's total energy per image (mJ, above idle), or "-" where it was not measured."""
+    total = energy.get("total_mj_per_image") if isinstance(energy, Mapping) else None
+    return number_text(total, 3) if isinstance(total, int | float) else "-"
+
+
+def _energy_notes(report: Mapping[str, Any]) -> list[str]:
+    """Each metered measurement's energy per source, and each distinct reason energy was not measured."""
+    notes: list[str] = []
+    unmeasured: dict[str, list[str]] = {}
+    for key, entry in format_entries(report).items():
+        for batch in sorted(entry.get("latency", {}), key=int):
+            energy = entry["latency"][batch].get("energy")
+            if is_unknown(energy):
+                unmeasured.setdefault(energy["unknown"], []).append(f"{key} batch {batch}")
+            elif isinstance(energy, Mapping):
+                sources = ", ".join(
+                    f"{name} {number_text(value['mj_per_image'], 3)}"
+                    f" (busy {number_text(value['busy_mw'], 0)} mW, idle {field_text(value['idle_mw'])})"
+                    for name, value in energy["per_source"].items()
+                )
+                notes.append(
+                    f"{key} batch {batch} energy per image, mJ above idle: total"
+                    f" {field_text(energy['total_mj_per_image'])} ({energy['total_of']}); {sources}"
+                )
+    notes.extend(f"energy not measured for {', '.join(keys)}: {why}" for why, keys in unmeasured.items())
+    return notes
+
+
 def _latency_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
-    """Why each noisy measurement is noisy, then each interleaved comparison's ratio and verdict."""
+    """Why each noisy measurement is noisy, each interleaved comparison's ratio and verdict, then
+    the energy per image or why it was not measured."""
     notes = []
     for key, entry in format_entries(report).items():
         for batch in sorted(entry.get("latency", {}), key=int):
@@ -378,9 +414,14 @@ def _latency_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
                 f" {number_text(c['time_ratio'], 3)} (95% CI {number_text(low, 3)}-{number_text(high, 3)},"
                 f" {c['pairs']} pairs)"
             )
+            for flag in [*c.get("machine_flags", []), *pair.get("machine_flags", [])]:
+                notes.append(f"{pair['a']} vs {pair['b']}, batch {batch}, machine: {flag}")
         if pair.get("status") != Status.OK:
             notes.append(f"{pair['a']} vs {pair['b']}: {pair['status']}: {pair.get('reason')}")
-    return tuple(notes)
+    for key, entry in format_entries(report).items():
+        for batch, summary in ((entry.get("bench") or {}).get("trt_breakdown") or {}).items():
+            notes.append(f"{key} batch {batch}, TensorRT breakdown: {breakdown_text(summary)}")
+    return (*notes, *_energy_notes(report))
 
 
 # How the table's verdict is reached, said above it.
@@ -389,7 +430,11 @@ LATENCY_RULE = (
     f" {STEADY_TOLERANCE:.0%}, at most {MAX_WARMUP_ITERS} calls or {MAX_WARMUP_SECONDS:g} s). Intervals are"
     f" bootstrap 95% intervals. A measurement is noisy when its CV exceeds {NOISY_CV:g}, p99/p50 exceeds"
     f" {NOISY_TAIL_RATIO:g}, it has fewer than {MIN_JUDGED_ITERS} timed calls or its warm-up found no"
-    f" steady state: {NOISY_ADVICE}."
+    f" steady state, or when the machine's state undermines it (other processes above"
+    f" {OTHER_CPU_SHARE_LIMIT:.0%} of the CPUs' time, a CPU governor other than performance, a throttled"
+    f" GPU, a Jetson without jetson_clocks): {NOISY_ADVICE}. Other load is other processes' share of"
+    " the CPUs' time during the timed calls; mJ/image is the energy per image above an idle baseline read"
+    " just before, where this machine has power rails or energy counters."
 )
 
 
@@ -405,7 +450,22 @@ def _environment_lines(report: Mapping[str, Any]) -> tuple[str, ...]:
         f"GPU: {gpu.get('name') if gpu else 'none'}",
         f"threads: {json.dumps(env.get('threads', {}))}",
         f"python {env.get('python', '-')}; {libraries}",
+        *_machine_state_lines(report),
     )
+
+
+def _machine_state_lines(report: Mapping[str, Any]) -> list[str]:
+    """Each timed format's machine state (benchmarks.machine_state), taken after its measurements,
+    and its runtime's thread pools; formats with the same state share one line."""
+    by_state: dict[tuple[str, ...], list[str]] = {}
+    for key, entry in format_entries(report).items():
+        bench = entry.get("bench") or {}
+        if bench.get("machine_state"):
+            lines = [*state_lines(bench["machine_state"]), f"threads {json.dumps(bench.get('threads'))}"]
+            by_state.setdefault(tuple(lines), []).append(key)
+    return [
+        f"machine state for {', '.join(keys)}: {line}" for lines, keys in by_state.items() for line in lines
+    ]
 
 
 def _layerwise_section(report: Mapping[str, Any], plots: Sequence[Plot]) -> Section | None:

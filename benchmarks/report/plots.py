@@ -167,3 +167,100 @@ def plot_students(curves: Mapping[str, Sequence[Mapping[str, Any]]], title: str,
     ax.legend(fontsize="small")
     ax.set_title(title)
     return _save_png(figure, path)
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
+    """The keys of {key: (cost, accuracy)} that no other point dominates (as low a cost and as high
+    an accuracy, one of them strictly), cheapest first."""
+    front = [
+        key
+        for key, (cost, accuracy) in points.items()
+        if not any(
+            other[0] <= cost and other[1] >= accuracy and other != (cost, accuracy)
+            for other in points.values()
+        )
+    ]
+    return sorted(front, key=lambda key: points[key])
+
+
+def _smallest_batch(entry: Mapping[str, Any]) -> str | None:
+    latency = entry.get("latency") or {}
+    return min(latency, key=int) if latency else None
+
+
+Points = dict[str, tuple[float, float]]
+
+
+def pareto_points(report: Mapping[str, Any]) -> tuple[Points, Points, str]:
+    """({format: (p50 ms, top-1)}, {format: (mJ per image, top-1)}, the batch label) at each format's
+    smallest timed batch; formats without a top-1 or a timing are left out, and energy only where
+    it was measured."""
+    latency: Points = {}
+    energy: Points = {}
+    batches = set()
+    for key, entry in format_entries(report).items():
+        top1 = (entry.get("accuracy") or {}).get("top1")
+        batch = _smallest_batch(entry)
+        if top1 is None or batch is None:
+            continue
+        stats = entry["latency"][batch]
+        batches.add(batch)
+        latency[key] = (float(stats["p50_ms"]), float(top1))
+        total = (stats.get("energy") or {}).get("total_mj_per_image")
+        if isinstance(total, int | float):
+            energy[key] = (float(total), float(top1))
+    label = f"batch {', '.join(sorted(batches, key=int))}"
+    return latency, energy, label
+
+
+def plot_pareto(report: Mapping[str, Any], path: Path) -> Path | None:
+    """Top-1 against p50 latency (and against energy per image where measured) per format, each
+    format's smallest timed batch, with the Pareto front drawn; None without two formats having both."""
+    latency, energy, batch = pareto_points(report)
+    if len(latency) < 2:
+        return None
+    panels = [(latency, f"p50 latency (ms), {batch}")]
+    if energy:
+        panels.append((energy, f"energy per image (mJ, above idle), {batch}"))
+    figure = _new_figure(5 * len(panels) + 1, 4)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (points, label) in zip(axes, panels, strict=True):
+        front = pareto_front(points)
+        for key, (cost, accuracy) in points.items():
+            ax.scatter([cost], [accuracy], marker="o" if key in front else "x", zorder=3)
+            ax.annotate(key, (cost, accuracy), textcoords="offset points", xytext=(4, 4), fontsize="small")
+        costs, accuracies = [points[k][0] for k in front], [points[k][1] for k in front]
+        ax.step(costs, accuracies, where="post", alpha=0.5, label="Pareto front")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set_title("Accuracy vs latency per format")
+    if energy:
+        axes[1].set_title("Accuracy vs energy per format")
+    return _save_png(figure, path)
+
+
+def plot_latency_distribution(report: Mapping[str, Any], path: Path) -> Path | None:
+    """Each measurement's latency distribution as a percentile curve (its recorded 0th to 100th
+    percentiles), one panel per batch size, one line per format; None when no measurement recorded one."""
+    curves: dict[int, dict[str, list[float]]] = {}
+    for key, entry in format_entries(report).items():
+        for batch, stats in (entry.get("latency") or {}).items():
+            if stats.get("percentiles_ms"):
+                curves.setdefault(int(batch), {})[key] = stats["percentiles_ms"]
+    if not curves:
+        return None
+    figure = _new_figure(4.5 * len(curves) + 1, 4)
+    axes = figure.subplots(1, len(curves), squeeze=False)[0]
+    for ax, batch in zip(axes, sorted(curves), strict=True):
+        for key, percentiles in curves[batch].items():
+            ranks = [100.0 * i / (len(percentiles) - 1) for i in range(len(percentiles))]
+            ax.plot(percentiles, ranks, label=key)
+        ax.set_xscale("log")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("percentile of calls")
+        ax.set_title(f"batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[-1].legend(fontsize="small")
+    return _save_png(figure, path)

@@ -26,7 +26,10 @@ STAGE_SCHEMA_VERSIONS = {VALIDATE_FILE: VALIDATE_SCHEMA_VERSION, BENCH_FILE: BEN
 # What a stage file of the current schema has that older ones lack, said when an older one is refused.
 _SCHEMA_NEWS = {
     VALIDATE_FILE: "results that record which images, reference and student they measured",
-    BENCH_FILE: "measurements with a steady-state warm-up, percentile intervals and a stable/noisy verdict",
+    BENCH_FILE: (
+        "measurements with a steady-state warm-up, percentile intervals, a stable/noisy verdict, the"
+        " machine's state and energy per image"
+    ),
 }
 
 PathLike = str | os.PathLike[str]
@@ -62,9 +65,9 @@ def outdated_reason(result: Mapping[str, Any], name: str) -> str | None:
     """Why a stage file cannot be read as this version writes it, or None when it can.
 
     Files of an older schema did not record what they measured (the images, the reference, the
-    student), so their numbers cannot be matched with anything, and bench files before version 3
-    have no stability verdicts: the stage measures them again (the report says so, validate and
-    bench replace the file).
+    student), so their numbers cannot be matched with anything, bench files before version 3 have no
+    stability verdicts and before version 4 no machine state: the stage measures them again (the
+    report says so, validate and bench replace the file).
     """
     version = result.get("schema_version")
     current = STAGE_SCHEMA_VERSIONS[name]

@@ -10,7 +10,14 @@ from benchmarks.report.assemble import build_report
 from benchmarks.report.document import Plot, build_document
 from benchmarks.report.html import render_html
 from benchmarks.report.markdown import render_markdown
-from benchmarks.report.plots import plot_accuracy_size, plot_latency, plot_students, plot_training
+from benchmarks.report.plots import (
+    plot_accuracy_size,
+    plot_latency,
+    plot_latency_distribution,
+    plot_pareto,
+    plot_students,
+    plot_training,
+)
 from benchmarks.report.results import PathLike, read_metrics, record_report_files, report_dir
 from deploy import run_layout
 from deploy.fileio import write_json_atomic, write_text_atomic
@@ -20,7 +27,16 @@ LATENCY_PLOT = "latency.png"
 ACCURACY_SIZE_PLOT = "accuracy_size.png"
 TRAINING_PLOT = "training.png"
 STUDENTS_PLOT = "students.png"
-PLOTS: tuple[str, ...] = (LATENCY_PLOT, ACCURACY_SIZE_PLOT, TRAINING_PLOT, STUDENTS_PLOT)
+PARETO_PLOT = "pareto.png"
+DISTRIBUTION_PLOT = "latency_distribution.png"
+PLOTS: tuple[str, ...] = (
+    LATENCY_PLOT,
+    DISTRIBUTION_PLOT,
+    ACCURACY_SIZE_PLOT,
+    PARETO_PLOT,
+    TRAINING_PLOT,
+    STUDENTS_PLOT,
+)
 NO_MATPLOTLIB = (
     "not drawn: matplotlib is not installed (the edge install leaves it out);"
     " pip install 'reviewkd[plots]' to draw them"
@@ -51,7 +67,11 @@ def _draw_plots(run_dir: PathLike, report: Mapping[str, Any], out: Path) -> list
     """Draw every plot that has data; return them in the order the report shows them."""
     drawn = {
         "latency vs batch size": plot_latency(report, out / LATENCY_PLOT),
+        "latency distribution per format and batch size": plot_latency_distribution(
+            report, out / DISTRIBUTION_PLOT
+        ),
         "accuracy and size per format": plot_accuracy_size(report, out / ACCURACY_SIZE_PLOT),
+        "accuracy vs latency (and energy) per format, Pareto front": plot_pareto(report, out / PARETO_PLOT),
         "training curves": plot_training(read_metrics(run_dir), out / TRAINING_PLOT),
         "validation top-1 per epoch: distilled vs cross-entropy student": plot_students(
             _student_curves(run_dir, report), _students_title(report), out / STUDENTS_PLOT

@@ -364,6 +364,12 @@ class OnnxRuntimeRunner(Runner):
         precision = manifest.get("precision") if manifest else None
         return precision if isinstance(precision, str) else None
 
+    def thread_settings(self) -> dict[str, int]:
+        """The session's intra-op and inter-op thread counts as set (0: ONNX Runtime's default, one
+        intra-op thread per physical core)."""
+        options = self._live_session().get_session_options()
+        return {"intra_op": int(options.intra_op_num_threads), "inter_op": int(options.inter_op_num_threads)}
+
     def _live_session(self) -> Any:
         if self._session is None:
             raise UsageError(f"{self.name} ({self.path}): used after close()")

@@ -501,6 +501,14 @@ class TensorRTRunner(CudaGraphReporting, Runner):
                 raise RuntimeError(f"{self.plan_path}: TensorRT rejected the buffer for {name!r}")
 
     @property
+    def engine(self) -> trt.ICudaEngine:
+        """The deserialised engine, for tools that run it with a context of their own
+        (benchmarks.trt_breakdown)."""
+        if self._engine is None:
+            raise UsageError(f"{self.name}: the runner is closed")
+        return self._engine
+
+    @property
     def stream_handle(self) -> int:
         """The CUDA stream inference is queued on (for timing with CUDA events)."""
         if self._memory is None:

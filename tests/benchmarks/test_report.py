@@ -25,7 +25,9 @@ from benchmarks.report import (
     save_result,
     write_report,
 )
+from benchmarks.report.plots import pareto_front, pareto_points
 from benchmarks.targets import Target
+from benchmarks.trt_breakdown import IterationTimes, summarize_breakdown
 from benchmarks.validate import validate_runners
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
@@ -173,9 +175,10 @@ def test_report_md_and_self_contained_html(measured_run: Path) -> None:
     assert not re.search(r"https?://", page)
     assert not re.search(r"<(script|link)\b", page)
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 3
+    assert len(images) == 5
     assert all(base64.b64decode(data).startswith(PNG_MAGIC) for data in images)
-    for name in ("latency.png", "accuracy_size.png", "training.png"):
+    drawn = ("latency.png", "latency_distribution.png", "accuracy_size.png", "pareto.png", "training.png")
+    for name in drawn:
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
 
     recorded = read_manifest(measured_run)["artifacts"]
@@ -251,7 +254,7 @@ def test_headline_states_the_gain_over_the_cross_entropy_student(tmp_path: Path)
     # The students' curves: one more plot, embedded like the others.
     assert report["plots"][-1] == "students.png"
     assert (out / "students.png").read_bytes().startswith(PNG_MAGIC)
-    assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 6
     assert read_manifest(run)["artifacts"]["report/students.png"]["kind"] == "report"
 
     # The baseline gone (a run without one): no gain, and no stale curves left behind.
@@ -500,6 +503,7 @@ def test_the_latency_table_shows_intervals_verdicts_and_comparisons(measured_run
                     "time_ratio": 0.5,
                     "time_ratio_ci": [0.48, 0.52],
                     "verdict": "faster",
+                    "machine_flags": ["other processes used 45% of the CPUs' time during the measurement"],
                 }
             },
             "skipped_batches": {},
@@ -510,11 +514,97 @@ def test_the_latency_table_shows_intervals_verdicts_and_comparisons(measured_run
     markdown = (measured_run / "report" / "report.md").read_text()
     assert "p50 ms [95% CI]" in markdown and "1.500 [1.500-1.500]" in markdown
     assert "| noisy" in markdown and "A measurement is noisy when its CV exceeds 0.1" in markdown
-    assert "onnxruntime/fp32 batch 1 is noisy: only 3 timed calls (< 30): lock clocks" in markdown
+    # Other load on the machine running the test, if any, is named after the statistical reasons.
+    assert "onnxruntime/fp32 batch 1 is noisy: only 3 timed calls (< 30)" in markdown
+    assert ": lock clocks, stop other load, or give more time" in markdown
     assert (
         "onnxruntime/fp32 vs torch/fp32, batch 1, interleaved: faster, time ratio 0.500"
         " (95% CI 0.480-0.520, 400 pairs)" in markdown
     )
+    assert "onnxruntime/fp32 vs torch/fp32, batch 1, machine: other processes used 45%" in markdown
+
+
+def test_the_pareto_front_keeps_the_formats_nothing_beats_on_both_cost_and_accuracy() -> None:
+    points = {"fp32": (2.0, 81.5), "fp16": (1.0, 81.5), "int8": (0.5, 80.0), "slow": (3.0, 80.0)}
+    assert pareto_front(points) == ["int8", "fp16"]
+    assert pareto_front({"a": (1.0, 80.0), "b": (1.0, 80.0)}) == ["a", "b"]  # ties dominate neither
+
+
+def test_the_pareto_points_take_energy_only_where_it_was_measured(measured_run: Path) -> None:
+    path = measured_run / "report" / BENCH_FILE
+    data = json.loads(path.read_text())
+    keys = [key for key, entry in data["results"].items() if "1" in entry["latency"]]
+    for key in keys:
+        data["results"][key]["latency"]["1"]["energy"] = {"unknown": "no power rail or energy counter found"}
+    data["results"][keys[0]]["latency"]["1"]["energy"] = {
+        "sources": ["INA3221 (hwmon)"],
+        "seconds": 1.0,
+        "images": 100,
+        "rail_samples": 50,
+        "baseline": "idle, read just before",
+        "per_source": {"VDD_IN": {"busy_mw": 6000.0, "idle_mw": 4000.0, "mj_per_image": 20.0}},
+        "total_mj_per_image": 20.0,
+        "total_of": "VDD_IN",
+    }
+    path.write_text(json.dumps(data))
+    report = write_report(measured_run)
+    latency, energy, batch = pareto_points(report)
+    assert set(latency) == set(keys) and len(keys) >= 2 and batch == "batch 1"
+    assert energy == {keys[0]: (20.0, latency[keys[0]][1])}
+    markdown = (measured_run / "report" / "report.md").read_text()
+    assert f"{keys[0]} batch 1 energy per image, mJ above idle: total 20.0 (VDD_IN)" in markdown
+    assert "energy not measured for " in markdown and ": no power rail or energy counter found" in markdown
+
+
+def test_the_report_states_each_tensorrt_breakdown(measured_run: Path) -> None:
+    path = measured_run / "report" / BENCH_FILE
+    data = json.loads(path.read_text())
+    key = next(k for k, entry in data["results"].items() if "1" in entry["latency"])
+    iterations = [IterationTimes(0.25, 1.5, 0.125, 0.05)] * 40
+    summary = summarize_breakdown(iterations, 1, 0.075, {"used": True, "reason": None})
+    data["results"][key]["trt_breakdown"] = {"1": summary, "8": {"unknown": "the breakdown failed: boom"}}
+    path.write_text(json.dumps(data))
+    write_report(measured_run)
+    markdown = (measured_run / "report" / "report.md").read_text()
+    assert (
+        f"{key} batch 1, TensorRT breakdown: H2D p50 0.250 ms, GPU compute p50 1.500 ms, D2H p50 0.125 ms,"
+        " latency p50 1.875 ms, enqueue p50 0.050 ms; 533.3 images/s; CUDA graph; stable" in markdown
+    )
+    assert f"{key} batch 8, TensorRT breakdown: unknown (the breakdown failed: boom)" in markdown
+
+
+def test_the_report_shows_each_measurements_other_load_and_each_formats_machine_state(
+    measured_run: Path,
+) -> None:
+    path = measured_run / "report" / BENCH_FILE
+    data = json.loads(path.read_text())
+    entry = data["results"]["onnxruntime/fp32"]
+    entry["latency"]["1"]["cpu_usage"] = {"other_processes_share": 0.45, "own_share": 0.3, "steal_share": 0.0}
+    entry["machine_state"] = {
+        "cpu": {
+            "governor": "powersave",
+            "frequency_mhz": [800.0, 1200.0],
+            "min_max_mhz": [800.0, 3500.0],
+            "load_average": [1.5, 1.0, 0.5],
+        },
+        "nvidia_gpus": {"unknown": "not probed: the measurement ran on the CPU"},
+        "jetson": {"unknown": "not a Jetson (no /etc/nv_tegra_release)"},
+    }
+    entry["threads"] = {"intra_op": 1, "inter_op": 0, "OMP_NUM_THREADS": {"unknown": "not set"}}
+    path.write_text(json.dumps(data))
+    write_report(measured_run)
+    markdown = (measured_run / "report" / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if "p50 ms [95% CI]" in line)
+    rows = [line for line in markdown.splitlines() if line.startswith("| onnxruntime/fp32")]
+    row = next(line for line in rows if "45%" in line)
+    assert [cell.strip() for cell in header.split("|")][-4:-1] == ["other load", "mJ/image", "verdict"]
+    assert [cell.strip() for cell in row.split("|")][-4:-2] == ["45%", "-"]
+    assert (
+        "machine state for onnxruntime/fp32: CPU: governor powersave, frequency 800-1200 MHz,"
+        " load average 1.5 1.0 0.5" in markdown
+    )
+    assert "NVIDIA GPUs: unknown (not probed: the measurement ran on the CPU)" in markdown
+    assert 'machine state for onnxruntime/fp32: threads {"intra_op": 1' in markdown
 
 
 def test_a_bench_result_of_schema_2_is_measured_again_with_the_reason(measured_run: Path) -> None:
@@ -529,8 +619,9 @@ def test_a_bench_result_of_schema_2_is_measured_again_with_the_reason(measured_r
     entry = build_report(measured_run)["onnxruntime/fp32"]
     assert entry["latency"] == {} and entry["bench"]["status"] == "not measured"
     assert entry["bench"]["reason"] == (
-        "not measured: report/bench.json has schema version 2, this reviewkd reads 3 (measurements with a"
-        " steady-state warm-up, percentile intervals and a stable/noisy verdict); run reviewkd bench again"
+        "not measured: report/bench.json has schema version 2, this reviewkd reads 4 (measurements with a"
+        " steady-state warm-up, percentile intervals, a stable/noisy verdict, the machine's state and"
+        " energy per image); run reviewkd bench again"
     )
 
 

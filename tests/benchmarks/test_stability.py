@@ -93,6 +93,12 @@ def test_the_stability_thresholds(
         assert verdict == "noisy" and why is not None and why.startswith(reason)
 
 
+def test_a_quiet_distribution_on_an_undermining_machine_is_noisy() -> None:
+    flag = "CPU governor powersave, not performance: the frequency may change between calls"
+    stats = latency_stats(list(_quiet()), batch_size=4, machine_flags=[flag])
+    assert stats["verdict"] == "noisy" and stats["noisy_because"] == f"{flag}: {NOISY_ADVICE}"
+
+
 def test_steady_state_needs_two_agreeing_windows() -> None:
     assert not is_steady([1.0] * 19)
     assert is_steady([1.0] * 20)

@@ -24,6 +24,7 @@ from benchmarks.latency import (
     parse_batch_sizes,
     parse_compare,
 )
+from benchmarks.machine_state import field_text, is_unknown, state_lines, usage_text
 from benchmarks.measured import source_text
 from benchmarks.report import format_final_table, report_dir
 from benchmarks.report.document import number_text
@@ -35,6 +36,7 @@ from benchmarks.runs import (
     report_run,
     validate_run,
 )
+from benchmarks.trt_breakdown import breakdown_text
 from benchmarks.validate import raise_for_gates
 from deploy import run_layout
 from deploy.gates import GATE_METRICS, GateTable, default_gates, parse_gate, set_gate
@@ -239,6 +241,19 @@ def _with_interval(stats: Mapping[str, Any], name: str) -> str:
     return f"{stats[f'{name}_ms']:.3f} ms [{low:.3f}-{high:.3f}]"
 
 
+def _energy_lines(entry: Mapping[str, Any]) -> list[str]:
+    """Each measurement's energy per image, or once per format why it was not measured."""
+    lines, unmeasured = [], set()
+    for batch, stats in entry["latency"].items():
+        energy = stats.get("energy")
+        if is_unknown(energy):
+            unmeasured.add(f"energy: {field_text(energy)}")
+        elif energy:
+            total = field_text(energy["total_mj_per_image"])
+            lines.append(f"energy batch {batch}: {total} mJ/image above idle ({energy['total_of']})")
+    return lines + sorted(unmeasured)
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     """Handler of `reviewkd bench`."""
     require_deployable_run(args.run, "bench")
@@ -262,15 +277,24 @@ def run_bench_command(args: argparse.Namespace) -> int:
                 f"{key:<24} batch {batch:>4}  p50 {_with_interval(stats, 'p50')}"
                 f"  p90 {_with_interval(stats, 'p90')}  p99 {_with_interval(stats, 'p99')}"
                 f"  CV {number_text(stats.get('cv'), 3)}  n {stats['iters']}  warm-up {stats['warmup_iters']}"
-                f"  {number_text(stats['throughput_ips'], 1)} images/s  {stats['verdict']}"
+                f"  {number_text(stats['throughput_ips'], 1)} images/s"
+                f"  other load {usage_text(stats.get('cpu_usage') or {})}  {stats['verdict']}"
             )
             if stats.get("noisy_because"):
                 print(f"{'':<24} noisy: {stats['noisy_because']}")
+        for line in state_lines(entry["machine_state"]) if entry.get("machine_state") else ():
+            print(f"{'':<24} {line}")
+        for line in _energy_lines(entry):
+            print(f"{'':<24} {line}")
+        for batch, summary in (entry.get("trt_breakdown") or {}).items():
+            print(f"{'':<24} TensorRT breakdown batch {batch}: {breakdown_text(summary)}")
     for entry in (result.get("comparisons") or {}).values():
         if entry["status"] != "ok":
             print(f"{entry['a']} vs {entry['b']}: {entry['status']}: {entry['reason']}")
         for batch in entry["batches"]:
             print(comparison_text(entry, batch))
+            for flag in [*entry["batches"][batch].get("machine_flags", []), *entry.get("machine_flags", [])]:
+                print(f"  machine: {flag}")
     for line in _merge_lines(result):
         print(line)
     print(f"wrote {report_dir(args.run) / run_layout.BENCH_FILE}")

@@ -117,6 +117,7 @@ def test_bench_prints_each_measurements_intervals_and_verdict(
     line = next(text for text in out.splitlines() if text.startswith("onnxruntime/fp32"))
     assert re.search(r"p50 [0-9.]+ ms \[[0-9.]+-[0-9.]+\]", line) and "n 5" in line and "warm-up " in line
     assert line.endswith("noisy") and "noisy: only 5 timed calls (< 30)" in out
+    assert re.search(r"other load (\d+%|unknown \(.+\)) ", line) and "CPU: governor " in out
     assert "lock clocks, stop other load, or give more time" in out
     saved = json.loads((run / "report" / "bench.json").read_text())
     stats = saved["results"]["onnxruntime/fp32"]["latency"]["1"]
