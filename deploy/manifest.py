@@ -15,6 +15,8 @@ Layout (docs/METHOD.md section 5.1); every stage adds to it and rewrites it atom
     artifacts        {relative path: {"sha256", "size_bytes", "kind", ...}} where kind is one of
                      "weights", "onnx", "tensorrt", "sidecar", "report", "checkpoint"; ONNX and
                      TensorRT entries also carry "precision" ("fp32", "fp16", "int8", ...)
+    detection        a detector's post-processing, as its exported files embed it: {"max_detections"
+                     (K, rows per image), "score_threshold", "iou_threshold"} (DetectionSettings)
     export           the latest export: its checks, failures, calibration and "timing"
                      (ExportTiming: wall and CPU seconds of each stage per file)
 
@@ -100,6 +102,15 @@ class ExportTiming(TypedDict):
     untimed_cpu_s: float
 
 
+class DetectionBlock(TypedDict):
+    """manifest["detection"] (and an exported detection file's embedded manifest): the post-processing
+    inside the file, read with `detection_settings`."""
+
+    max_detections: int
+    score_threshold: float
+    iou_threshold: float
+
+
 # StageTime.file of a stage whose work every file shares.
 SHARED_STAGE_FILE = "(shared)"
 
@@ -121,6 +132,7 @@ class Manifest(TypedDict, total=False):
     artifacts: Required[dict[str, ArtifactEntry]]
     export: dict[str, Any]
     baselines: dict[str, Any]
+    detection: DetectionBlock
     qad: dict[str, Any]  # reviewkd quantize: accuracies, the selected weights, the quantizer placement
 
 
@@ -313,6 +325,47 @@ def _shown(value: object, limit: int = 80) -> str:
     """`value`'s repr for an error message, cut to `limit` characters: the value came from a file."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """The checked "detection" block: at most `max_detections` rows per image (K), boxes scoring below
+    `score_threshold` dropped, and NMS removing a box that overlaps a better one of its class at IoU
+    above `iou_threshold`."""
+
+    max_detections: int
+    score_threshold: float
+    iou_threshold: float
+
+    def block(self) -> DetectionBlock:
+        """The manifest block that records these settings."""
+        return {
+            "max_detections": self.max_detections,
+            "score_threshold": self.score_threshold,
+            "iou_threshold": self.iou_threshold,
+        }
+
+
+def detection_settings(manifest: Mapping[str, Any], source: str = "manifest") -> DetectionSettings:
+    """The checked "detection" block of a manifest; UsageError naming `source` and the key otherwise."""
+    block = manifest.get("detection")
+    if not isinstance(block, Mapping):
+        raise UsageError(
+            f"{source}: detection: expected an object with max_detections, score_threshold and"
+            f" iou_threshold, got {_shown(block)}"
+        )
+    top_k = block.get("max_detections")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise UsageError(
+            f"{source}: detection.max_detections: expected a positive integer, got {_shown(top_k)}"
+        )
+    thresholds = []
+    for key in ("score_threshold", "iou_threshold"):
+        value = block.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise UsageError(f"{source}: detection.{key}: expected a number from 0 to 1, got {_shown(value)}")
+        thresholds.append(float(value))
+    return DetectionSettings(top_k, thresholds[0], thresholds[1])
 
 
 def input_spec(manifest: Mapping[str, Any]) -> InputSpec:
