@@ -406,3 +406,22 @@ def tensorrt_gpu_missing() -> str | None:
     """Why TensorRT engines cannot be built and run here, or None where TensorRT and a GPU are present."""
     ok, reason = tensorrt_status()
     return None if ok else reason
+
+
+DETECTOR_CLASSES = ["zero", "one", "two"]
+DETECTOR_INPUT_SHAPE = (3, 64, 96)
+
+
+def tiny_detector(seed: int = 0) -> Any:
+    """The small FCOS student, untrained, for 3 classes on 64x96 images. Its class bias starts at 0
+    (not FCOS's prior of 0.01), so that every image gets a full K of detections, each level more
+    candidates above the score threshold than torchvision's per-level cap: the post-processing
+    works at its limits."""
+    from reviewkd.detection.models import build_detector
+
+    torch.manual_seed(seed)
+    detector = build_detector(
+        "fcos_small_student", len(DETECTOR_CLASSES), image_size=DETECTOR_INPUT_SHAPE[1:], anchor_scale=0.5
+    )
+    nn.init.zeros_(detector.model.get_submodule("head.classification_head.cls_logits").bias)
+    return detector.eval()
