@@ -69,7 +69,8 @@ def test_the_drop_of_a_file_against_itself_is_exactly_zero_and_a_worse_one_drops
     same = match_images(truths, found, CLASSES)
     assert map_drop(same, same, samples=200).as_dict()["map_drop_interval"] == [0.0, 0.0]
     # the candidate loses every second image's detections: a drop whose interval excludes 0
-    worse = [f if i % 2 else Detections(f.boxes[:0], f.scores[:0], f.classes[:0]) for i, f in enumerate(found)]
+    none = [Detections(f.boxes[:0], f.scores[:0], f.classes[:0]) for f in found]
+    worse = [f if i % 2 else none[i] for i, f in enumerate(found)]
     drop = map_drop(same, match_images(truths, worse, CLASSES), samples=200)
     assert drop.drop > 5 and 0 < drop.low <= drop.drop <= drop.high
 
