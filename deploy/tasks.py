@@ -20,6 +20,7 @@ from typing import Any
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import parse_json
+from deploy.gates import DEFAULT_GATES, DETECTION_GATES, GateTable
 
 CLASSIFICATION = "classification"
 DETECTION = "detection"
@@ -42,6 +43,7 @@ class TaskSpec:
         model_metrics: the metrics (key, label) a trained model's manifest block records, the
             ranking metric first; all in percent (0-100).
         val_metric_keys: the keys of the validation metrics of each scored epoch in metrics.jsonl.
+        gates: the task's default gate table (deploy.gates): what its exported files are held to.
         deploy_skip_reason: None where export, validate and bench exist for the task; otherwise
             why they are skipped, which a run reports in their place.
     """
@@ -54,6 +56,7 @@ class TaskSpec:
     higher_is_better: bool
     model_metrics: tuple[tuple[str, str], ...]
     val_metric_keys: tuple[str, ...]
+    gates: GateTable
     deploy_skip_reason: str | None = None
 
 
@@ -67,6 +70,7 @@ TASKS: dict[str, TaskSpec] = {
         higher_is_better=True,
         model_metrics=(("top1", "top-1 %"), ("top5", "top-5 %")),
         val_metric_keys=("val_top1", "val_top5", "val_loss"),
+        gates=DEFAULT_GATES,
     ),
     DETECTION: TaskSpec(
         name=DETECTION,
@@ -77,6 +81,7 @@ TASKS: dict[str, TaskSpec] = {
         higher_is_better=True,
         model_metrics=(("map", "mAP@[.5:.95] %"), ("ap50", "AP50 %")),
         val_metric_keys=("val_map", "val_ap50"),
+        gates=DETECTION_GATES,
         deploy_skip_reason="exporting, validating and benchmarking detectors is not built yet (issue 19)",
     ),
 }

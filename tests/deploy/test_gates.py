@@ -9,6 +9,7 @@ import pytest
 from deploy.errors import UsageError
 from deploy.gates import (
     DEFAULT_GATES,
+    DETECTION_GATES,
     GATE_METRICS,
     default_gates,
     evaluate_gates,
@@ -16,6 +17,7 @@ from deploy.gates import (
     parse_gate,
     set_gate,
 )
+from deploy.tasks import CLASSIFICATION, DETECTION, TASKS
 
 
 def test_precision_flavours_use_their_family_gates() -> None:
@@ -94,3 +96,25 @@ def test_evaluate_gates_reads_each_direction_and_fails_what_was_not_measured() -
     assert verdicts == expected
     nan = {"parity": {"max_abs_diff": math.nan}}
     assert evaluate_gates(nan, {"max_abs_diff": 1.0})[0]["passed"] is False
+
+
+@pytest.mark.parametrize(
+    ("interval", "verdict", "passed"),
+    [([-0.4, 0.8], "ok", True), ([1.2, 2.5], "failed", False), ([0.3, 1.6], "inconclusive", True)],
+)
+def test_a_map_drop_is_judged_on_its_bootstrap_interval(
+    interval: list[float], verdict: str, passed: bool
+) -> None:
+    # the point estimate alone (0.2) would pass every row: the interval decides
+    measurement = {"accuracy": {"map_drop": 0.2, "map_drop_interval": interval}}
+    (check,) = evaluate_gates(measurement, DETECTION_GATES["int8"])
+    assert (check["verdict"], check["passed"], check["interval"]) == (verdict, passed, interval)
+    (strict,) = evaluate_gates(measurement, DETECTION_GATES["int8"], inconclusive_passes=False)
+    assert strict["passed"] == (verdict == "ok")
+
+
+def test_each_task_hands_out_its_own_gates() -> None:
+    assert TASKS[DETECTION].gates["fp32"] == {"min_box_parity": 99.0}
+    assert TASKS[CLASSIFICATION].gates is DEFAULT_GATES
+    (check,) = evaluate_gates({"parity": {"box_matched": 98.9}}, TASKS[DETECTION].gates["fp32"])
+    assert not check["passed"] and "verdict" not in check
