@@ -115,14 +115,19 @@ INT8_FLAVOURS: dict[str, Int8Flavour] = {
 }
 
 
-def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict[str, Any]:
-    """Write an fp16 copy of the fp32 ONNX file `src` to `dst`; inputs and outputs stay float32."""
+def convert_fp16(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], keep_float32: Collection[str] = ()
+) -> dict[str, Any]:
+    """Write an fp16 copy of the fp32 ONNX file `src` to `dst`; inputs and outputs stay float32, and
+    so do the nodes named in `keep_float32` (a detector's box arithmetic)."""
     with optional_import("the fp16 conversion"):
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = load_onnx(src)
     metadata = get_metadata(model)
-    half: onnx.ModelProto = convert_float_to_float16(model, keep_io_types=True)
+    half: onnx.ModelProto = convert_float_to_float16(
+        model, keep_io_types=True, node_block_list=list(keep_float32) or None
+    )
     # The converter appends its input Casts after the nodes that read them; ONNX wants them before.
     _sort_topologically(half.graph)
     set_metadata(half, {**metadata, "precision": "fp16"})
