@@ -36,3 +36,29 @@ def _seed() -> None:
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_detection_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real detection run in seconds: the small FCOS student trained alone (method plain) for two
+    epochs on 48 embedded digit images (enough for detections above its score threshold), scored on
+    12; its data generated into the fixture's own folder.
+    Tests copy it before changing it."""
+    from reviewkd.config import load_config
+    from reviewkd.detection.engine import distill_detector
+
+    folder = tmp_path_factory.mktemp("detection")
+    config = load_config(
+        "digits_detection",
+        [
+            f"data.root={folder / 'data'}",
+            "method.name=plain",
+            "train.epochs=2",
+            "train.eval_every=2",
+            "detection.digits_train_images=48",
+            "detection.digits_val_images=12",
+        ],
+    )
+    run = folder / "run"
+    distill_detector(config, run)
+    return run

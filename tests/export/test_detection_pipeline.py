@@ -1,0 +1,82 @@
+"""export_detection_run on a real tiny detection run: files, checks, gates and the manifest."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from deploy.detection.outputs import Detections
+from deploy.manifest import detection_settings, read_manifest
+from deploy.status import Status
+from export.detection_pipeline import (
+    EFFICIENT_NMS_FILE,
+    TRT_ONNX_KIND,
+    _map_check,
+    _Scorer,
+    export_detection_run,
+)
+from export.onnx_export import get_metadata
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported_run(tiny_detection_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("exported") / "run"
+    shutil.copytree(tiny_detection_run, run)
+    formats = ["onnx", "efficientnms", "fp16", "int8"]
+    summary = export_detection_run(run, formats, calib_samples=16, calib_method="auto", held_out_samples=8)
+    summary.raise_for_status()
+    return run
+
+
+def test_every_format_is_written_checked_and_recorded(exported_run: Path) -> None:
+    manifest = read_manifest(exported_run)
+    artifacts = manifest["artifacts"]
+    assert {rel: artifacts[rel]["kind"] for rel in artifacts if rel.startswith("export/")} == {
+        "export/student.onnx": "onnx",
+        EFFICIENT_NMS_FILE: TRT_ONNX_KIND,
+        "export/student.fp16.onnx": "onnx",
+        "export/student.int8.onnx": "onnx",
+    }
+    settings = detection_settings(manifest)
+    embedded = get_metadata(onnx.load(str(exported_run / "export/student.int8.onnx")))
+    assert embedded["detection"] == settings.block() and embedded["task"] == "detection"
+    checks = manifest["export"]["checks"]
+    fp32 = checks["export/student.onnx"]
+    # the exported file reproduces every torch detection, and so its mAP
+    assert fp32["parity"]["matched_fraction"] == 1.0 and fp32["parity"]["reference_detections"] > 0
+    assert fp32["accuracy"]["map"] == pytest.approx(fp32["accuracy"]["torch_map"], abs=1e-6)
+    for rel in ("export/student.fp16.onnx", "export/student.int8.onnx"):
+        low, high = checks[rel]["accuracy"]["map_drop_interval"]
+        assert low <= checks[rel]["accuracy"]["map_drop"] <= high
+        assert checks[rel]["gates"][0]["gate"] == "max_map_drop"
+    assert checks[EFFICIENT_NMS_FILE]["status"] == Status.SKIPPED
+    calibration = manifest["export"]["calibration"]
+    assert (calibration["samples"], calibration["held_out"]) == (16, 8)
+    chosen = embedded["int8"]["calibration"]
+    assert chosen["chosen"] in chosen["held_out_map"]
+    # the post-processing stays float: only the network's nodes are quantized
+    model = onnx.load(str(exported_run / "export/student.int8.onnx"))
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert quantized and not any(name.startswith("postprocess/") for name in quantized)
+
+
+def test_a_format_losing_boxes_fails_its_map_gate(exported_run: Path) -> None:
+    manifest = read_manifest(exported_run)
+    from deploy.detection.annotations import read_coco
+
+    val = read_coco(Path(manifest["data"]["val"]))
+    scorer = _Scorer(val.images, (64, 96), 8, len(manifest["classes"]))
+    truth = [Detections(r.boxes, np.ones(len(r.labels), np.float32), r.labels) for r in scorer.records]
+    reference = scorer.matches(truth)
+    same = _map_check("x.onnx", "int8", scorer, reference, truth)
+    assert same.status == Status.OK and same.metrics["accuracy"]["map_drop"] == 0
+    # every second image loses its boxes: mAP falls by far more than the 1-point budget
+    half = [t if i % 2 else Detections(t.boxes[:0], t.scores[:0], t.classes[:0]) for i, t in enumerate(truth)]
+    worse = _map_check("x.onnx", "int8", scorer, reference, half)
+    assert worse.status == Status.FAILED and worse.metrics["accuracy"]["map_drop_interval"][0] > 1.0
