@@ -45,7 +45,6 @@ from deploy.detection.outputs import (
     DETECTION_SCORES,
     NUM_DETECTIONS,
     OUTPUT_NAMES,
-    Detections,
 )
 from deploy.errors import UsageError
 from deploy.manifest import DetectionSettings
@@ -459,20 +458,3 @@ def export_detector(
         "candidates": candidate_count(geometry),
         "detection": settings.block(),
     }
-
-
-def torch_detections(detector: Detector, batches: Sequence[np.ndarray]) -> list[Detections]:
-    """The torch detector's detections on every image of `batches` (the reference of box parity)."""
-    found: list[Detections] = []
-    detector = detector.eval()
-    with torch.no_grad():
-        for batch in batches:
-            for output in detector(list(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))):
-                found.append(
-                    Detections(
-                        boxes=output["boxes"].float().numpy(),
-                        scores=output["scores"].float().numpy(),
-                        classes=output["labels"].numpy().astype(np.int64),
-                    )
-                )
-    return found

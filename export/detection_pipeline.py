@@ -57,15 +57,14 @@ from export.detection import (
     NMS_TRT,
     export_detector,
     postprocess_nodes,
-    torch_detections,
 )
 from export.onnx_export import DEFAULT_OPSET, get_metadata, save_onnx, set_metadata
 from export.pipeline import STUDENT_FILE, ExportRecorder, ExportSummary
 from export.precision import CALIBRATION_METHODS, Int8Quantizer, convert_fp16
 from export.timing import StageTimer
 from reviewkd.config import load_run_config
-from reviewkd.detection.engine import build_detection_data, create_detector
-from reviewkd.detection.models import Detector
+from reviewkd.detection.engine import build_detection_data
+from reviewkd.detection.inference import load_run_detector, torch_detections
 
 EFFICIENT_NMS_FILE = run_layout.onnx_file("efficientnms")
 # The EfficientNMS file's manifest kind: an ONNX file only TensorRT can build (its NMS is a TensorRT
@@ -80,23 +79,6 @@ DEFAULT_HELD_OUT = 128
 
 def _coco(found: Sequence[Detections]) -> list[CocoDetections]:
     return [CocoDetections(f.boxes, f.scores, f.classes) for f in found]
-
-
-def load_detector(run: Path, manifest: dict[str, Any], config: Any) -> Detector:
-    """The run's student detector, its weights checked against the manifest's sha256."""
-    weights = run / STUDENT_FILE
-    if not weights.is_file():
-        raise UsageError(
-            f"{weights}: no student weights; expected a run directory written by reviewkd distill"
-        )
-    info = manifest.get("student", {})
-    recorded = info.get("sha256")
-    if recorded and recorded != sha256_file(weights):
-        raise UsageError(f"{weights}: sha256 differs from the manifest's; the weights changed after training")
-    detector = create_detector(
-        config, info.get("arch") or config.student.arch, len(manifest["classes"]), weights
-    )
-    return detector.eval()
 
 
 def _split_training(
@@ -246,7 +228,7 @@ def export_detection_run(
     manifest = read_manifest(run)
     spec = input_spec(manifest)
     config = load_run_config(run)
-    detector = load_detector(run, dict(manifest), config)
+    detector = load_run_detector(run, manifest)
     ensure_writable_dir(run / run_layout.EXPORT_DIR)
     summary = ExportSummary(run)
     recorder = ExportRecorder(run, manifest, summary)

@@ -20,9 +20,9 @@ from export.detection import (
     TRT_PLUGIN_DOMAIN,
     export_detector,
     postprocess_nodes,
-    torch_detections,
 )
 from export.onnx_export import get_metadata
+from reviewkd.detection.inference import torch_detections
 from tests.helpers import DETECTOR_CLASSES, DETECTOR_INPUT_SHAPE, tiny_detector
 
 

@@ -1,0 +1,236 @@
+"""validate and bench for a detection run: every exported file with ONNX Runtime, as deployed.
+
+validate: each ONNX file of the run (kind "onnx") runs on every image of the validation split; its
+COCO mAP@[.5:.95], AP50 and per-class AP (pycocotools), and, against the fp32 file, its mAP drop
+with the paired image-level bootstrap 95% interval and the detection gates (deploy.gates'
+DETECTION_GATES through the task registry). Where torch is installed the torch student runs too and
+the fp32 file's box parity against it is gated (min_box_parity). Written to RUN/report/validate.json.
+
+bench: for each file and batch size, the latency of one batch in three parts: pre-processing (the
+image files decoded and laid out as the file takes them), the model (one ONNX Runtime call: network,
+box decoding and NMS, all inside the file) and post-processing (the padded outputs checked and cut
+into per-image detections, deploy.detection.outputs). Written to RUN/report/bench.json.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.environment import collect_environment
+from benchmarks.latency import latency_stats
+from benchmarks.report.results import report_dir
+from deploy import run_layout
+from deploy.detection.annotations import ImageAnnotation, read_coco
+from deploy.detection.bootstrap import map_drop, match_images
+from deploy.detection.coco_metric import Detections as CocoDetections
+from deploy.detection.coco_metric import coco_metrics
+from deploy.detection.images import image_batches, read_image
+from deploy.detection.onnx_run import DetectionSession
+from deploy.detection.outputs import Detections, decode_outputs
+from deploy.detection.parity import box_parity
+from deploy.errors import GateFailedError, UsageError
+from deploy.fileio import write_json_atomic
+from deploy.formats import ONNX_FORMATS
+from deploy.gates import GateTable, evaluate_gates, gates_for
+from deploy.manifest import Manifest, artifacts_of_kind, input_spec, read_manifest, verify_artifact
+from deploy.optional import installed, optional_import
+from deploy.run_lock import locks_run
+from deploy.tasks import DETECTION, TASKS
+
+FP32_KEY = "onnxruntime/fp32"
+TORCH_KEY = "torch/fp32"
+DEFAULT_BATCH = 16
+DEFAULT_BENCH_BATCHES = (1, 8, 32)
+
+
+def _coco(found: Sequence[Detections]) -> list[CocoDetections]:
+    return [CocoDetections(f.boxes, f.scores, f.classes) for f in found]
+
+
+def validation_records(run: Path, manifest: Manifest, limit: int | None = None) -> list[ImageAnnotation]:
+    """The run's validation images with their boxes, read from the COCO file its manifest names."""
+    data = manifest.get("data") or {}
+    source = data.get("val")
+    if not isinstance(source, str) or not Path(source).is_file():
+        raise UsageError(
+            f"{run / run_layout.MANIFEST}: data.val names no readable COCO annotation file ({source!r})"
+        )
+    records = list(read_coco(Path(source)).images)
+    if not records:
+        raise UsageError(f"{source}: no validation images")
+    return records[:limit] if limit else records
+
+
+def onnx_files(run: Path, manifest: Manifest) -> dict[str, str]:
+    """Report key ("onnxruntime/<precision label>") -> run-relative path of each ONNX file, fp32 first."""
+    keys = {}
+    for rel, entry in artifacts_of_kind(manifest, "onnx").items():
+        label = next((f.name for f in ONNX_FORMATS.values() if f.file == rel), None)
+        precision = "fp32" if label == "onnx" else (label or entry.get("precision", "fp32"))
+        keys[f"onnxruntime/{precision}"] = rel
+    if FP32_KEY not in keys:
+        raise UsageError(f"{run}: no fp32 ONNX file; run reviewkd export first")
+    return {FP32_KEY: keys.pop(FP32_KEY), **keys}
+
+
+def _torch_detections(run: Path, manifest: Manifest, batches: Sequence[np.ndarray]) -> list[Detections]:
+    with optional_import("box parity against the torch student"):
+        from reviewkd.detection.inference import load_run_detector, torch_detections
+
+    return torch_detections(load_run_detector(run, manifest), batches)
+
+
+@locks_run("validate")
+def validate_detection_run(
+    run_dir: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    limit: int | None = None,
+    gates: GateTable | None = None,
+    inconclusive_passes: bool = True,
+) -> dict[str, Any]:
+    """Validate every ONNX file of a detection run (module docstring); save and return the result.
+    Does not raise on a failed gate: `raise_for_detection_gates` does."""
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    spec = input_spec(manifest)
+    size = (spec.shape[1], spec.shape[2])
+    classes = len(manifest["classes"])
+    gate_table = gates if gates is not None else TASKS[DETECTION].gates
+    records = validation_records(run, manifest, limit)
+    batches = list(image_batches(records, size, batch_size))
+    files = onnx_files(run, manifest)
+    found: dict[str, list[Detections]] = {}
+    for key, rel in files.items():
+        session = DetectionSession(verify_artifact(run, manifest, rel), classes, threads=threads)
+        found[key] = [d for batch in batches for d in session.detect(batch)]
+    reference = match_images(records, found[FP32_KEY], classes)
+    results: dict[str, Any] = {}
+    for key, dets in found.items():
+        coco = coco_metrics(records, _coco(dets), classes)
+        accuracy: dict[str, Any] = {
+            "map": 100 * coco.map,
+            "ap50": 100 * coco.ap50,
+            "per_class_ap": [100 * v for v in coco.per_class_ap],
+        }
+        measurement: dict[str, Any] = {"accuracy": accuracy}
+        precision = manifest["artifacts"][files[key]].get("precision", "fp32")
+        if key != FP32_KEY:
+            accuracy.update(map_drop(reference, match_images(records, dets, classes)).as_dict())
+        results[key] = {"file": files[key], "precision": precision, "status": "ok", **measurement}
+    if installed("torch"):
+        torch_found = _torch_detections(run, manifest, batches)
+        parity = box_parity(torch_found, found[FP32_KEY])
+        results[FP32_KEY]["parity"] = {"box_matched": 100 * parity.matched_fraction, **parity.as_dict()}
+        results[TORCH_KEY] = {
+            "precision": "fp32",
+            "status": "ok",
+            "accuracy": {"map": 100 * coco_metrics(records, _coco(torch_found), classes).map},
+        }
+    failures = []
+    for key, entry in results.items():
+        if key == TORCH_KEY:
+            continue
+        own = gates_for(gate_table, entry["precision"])
+        if key == FP32_KEY and "parity" not in entry:
+            own.pop("min_box_parity", None)  # no torch here to hold the fp32 file to
+        entry["gates"] = evaluate_gates(entry, own, inconclusive_passes=inconclusive_passes)
+        failures += [
+            f"{key}: {c['gate']} ({c.get('reason') or c['value']})" for c in entry["gates"] if not c["passed"]
+        ]
+    result = {
+        "task": DETECTION,
+        "reference": FP32_KEY,
+        "images": len(records),
+        "results": results,
+        "failures": failures,
+        "passed": not failures,
+        "settings": {"threads": threads, "batch_size": batch_size, "limit": limit},
+        "environment": collect_environment(threads),
+    }
+    write_json_atomic(report_dir(run) / run_layout.VALIDATE_FILE, result)
+    return result
+
+
+def raise_for_detection_gates(result: Mapping[str, Any]) -> None:
+    """GateFailedError listing the failed gates of a detection validate result."""
+    if result["failures"]:
+        raise GateFailedError(f"detection gates failed: {'; '.join(result['failures'])}")
+
+
+def _timed(call: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = call()
+    return value, 1000 * (time.perf_counter() - start)
+
+
+@locks_run("bench")
+def bench_detection_run(
+    run_dir: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    batch_sizes: Sequence[int] = DEFAULT_BENCH_BATCHES,
+    seconds: float = 2.0,
+    warmup: int = 3,
+) -> dict[str, Any]:
+    """Time every ONNX file of a detection run per batch size, pre/model/post apart (module
+    docstring), for about `seconds` each after `warmup` calls; save and return the result."""
+    if seconds <= 0 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
+        raise UsageError("bench: seconds must be > 0, warm-up >= 0 and batch sizes >= 1")
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    spec = input_spec(manifest)
+    size = (spec.shape[1], spec.shape[2])
+    classes = len(manifest["classes"])
+    records = validation_records(run, manifest)
+    results: dict[str, Any] = {}
+    for key, rel in onnx_files(run, manifest).items():
+        path = verify_artifact(run, manifest, rel)
+        session = DetectionSession(path, classes, threads=threads)
+        latency: dict[str, Any] = {}
+        for batch in batch_sizes:
+            chosen = [records[i % len(records)] for i in range(batch)]
+            parts: dict[str, list[float]] = {"pre": [], "model": [], "post": [], "total": []}
+            calls, end = 0, math.inf if warmup else time.perf_counter() + seconds
+            while calls < warmup + 5 or time.perf_counter() < end:
+                images, pre = _timed(lambda: np.stack([read_image(r, size) for r in chosen]))  # noqa: B023
+                outputs, model = _timed(lambda: session.raw(images))  # noqa: B023
+                _, post = _timed(lambda: decode_outputs(outputs, str(path), classes))  # noqa: B023
+                calls += 1
+                if calls == warmup:
+                    end = time.perf_counter() + seconds
+                if calls <= warmup:
+                    continue
+                for name, value in (
+                    ("pre", pre),
+                    ("model", model),
+                    ("post", post),
+                    ("total", pre + model + post),
+                ):
+                    parts[name].append(value)
+            latency[str(batch)] = {
+                **latency_stats(parts["total"], batch),
+                "parts_p50_ms": {name: float(np.median(parts[name])) for name in ("pre", "model", "post")},
+            }
+        results[key] = {"file": rel, "status": "ok", "latency": latency}
+    result = {
+        "task": DETECTION,
+        "results": results,
+        "settings": {
+            "threads": threads,
+            "batch_sizes": list(batch_sizes),
+            "seconds": seconds,
+            "warmup": warmup,
+        },
+        "environment": collect_environment(threads),
+    }
+    write_json_atomic(report_dir(run) / run_layout.BENCH_FILE, result)
+    return result

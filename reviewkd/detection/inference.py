@@ -1,0 +1,56 @@
+"""A detection run's student loaded for inference, and its detections in the deployment contract's
+form (deploy.detection.outputs.Detections): the reference the exported files are held to."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deploy import run_layout
+from deploy.detection.outputs import Detections
+from deploy.errors import UsageError
+from deploy.fileio import sha256_file
+from reviewkd.config import load_run_config
+from reviewkd.detection.engine import create_detector
+from reviewkd.detection.models import Detector
+
+
+def load_run_detector(run_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Detector:
+    """The run's student detector in eval mode, its weights checked against the manifest's sha256."""
+    run = Path(run_dir)
+    weights = run_layout.run_path(run, run_layout.STUDENT_WEIGHTS)
+    if not weights.is_file():
+        raise UsageError(
+            f"{weights}: no student weights; expected a run directory written by reviewkd distill"
+        )
+    info = manifest.get("student") or {}
+    recorded = info.get("sha256")
+    if recorded and recorded != sha256_file(weights):
+        raise UsageError(f"{weights}: sha256 differs from the manifest's; the weights changed after training")
+    config = load_run_config(run)
+    detector = create_detector(
+        config, info.get("arch") or config.student.arch, len(manifest["classes"]), weights
+    )
+    return detector.eval()
+
+
+def torch_detections(detector: Detector, batches: Sequence[np.ndarray]) -> list[Detections]:
+    """The detector's detections on every image of `batches` (float32 [B, 3, H, W] in 0-1), in order."""
+    found: list[Detections] = []
+    detector = detector.eval()
+    with torch.no_grad():
+        for batch in batches:
+            for output in detector(list(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))):
+                found.append(
+                    Detections(
+                        boxes=output["boxes"].float().numpy(),
+                        scores=output["scores"].float().numpy(),
+                        classes=output["labels"].numpy().astype(np.int64),
+                    )
+                )
+    return found
