@@ -38,7 +38,7 @@ from deploy.detection.parity import box_parity
 from deploy.errors import GateFailedError, UsageError
 from deploy.fileio import write_json_atomic
 from deploy.formats import ONNX_FORMATS
-from deploy.gates import GateTable, evaluate_gates, gates_for
+from deploy.gates import GateTable, describe_check, evaluate_gates, gates_for
 from deploy.manifest import Manifest, artifacts_of_kind, input_spec, read_manifest, verify_artifact
 from deploy.optional import installed, optional_import
 from deploy.run_lock import locks_run
@@ -48,6 +48,7 @@ FP32_KEY = "onnxruntime/fp32"
 TORCH_KEY = "torch/fp32"
 DEFAULT_BATCH = 16
 DEFAULT_BENCH_BATCHES = (1, 8, 32)
+DEFAULT_BENCH_SECONDS = 2.0
 
 
 def _coco(found: Sequence[Detections]) -> list[CocoDetections]:
@@ -178,7 +179,7 @@ def bench_detection_run(
     *,
     threads: int | None = None,
     batch_sizes: Sequence[int] = DEFAULT_BENCH_BATCHES,
-    seconds: float = 2.0,
+    seconds: float = DEFAULT_BENCH_SECONDS,
     warmup: int = 3,
 ) -> dict[str, Any]:
     """Time every ONNX file of a detection run per batch size, pre/model/post apart (module
@@ -234,3 +235,21 @@ def bench_detection_run(
     }
     write_json_atomic(report_dir(run) / run_layout.BENCH_FILE, result)
     return result
+
+
+def validate_lines(result: Mapping[str, Any]) -> list[str]:
+    """One line per file of a detection validate result: mAP, AP50, the drop and each gate."""
+    lines = []
+    for key, entry in result["results"].items():
+        accuracy = entry["accuracy"]
+        line = f"{key:<22} mAP {accuracy['map']:6.2f}"
+        if "ap50" in accuracy:
+            line += f"  AP50 {accuracy['ap50']:6.2f}"
+        if "map_drop" in accuracy:
+            low, high = accuracy["map_drop_interval"]
+            line += f"  drop {accuracy['map_drop']:.2f} [{low:.2f}, {high:.2f}]"
+        if "parity" in entry:
+            line += f"  boxes matched to torch {entry['parity']['box_matched']:.2f}%"
+        lines.append(line)
+        lines += [f"{'':<22} {describe_check(check)}" for check in entry.get("gates", [])]
+    return lines

@@ -44,8 +44,10 @@ class TaskSpec:
             ranking metric first; all in percent (0-100).
         val_metric_keys: the keys of the validation metrics of each scored epoch in metrics.jsonl.
         gates: the task's default gate table (deploy.gates): what its exported files are held to.
-        deploy_skip_reason: None where export, validate and bench exist for the task; otherwise
-            why they are skipped, which a run reports in their place.
+        deploy_skip_reason: None where every deployment command exists for the task; otherwise
+            why those not in `ready_actions` are refused, which a run reports in their place.
+        ready_actions: the deployment commands (export, validate, bench, ...) that work for the task
+            although others do not yet (deploy_skip_reason set).
     """
 
     name: str
@@ -58,6 +60,7 @@ class TaskSpec:
     val_metric_keys: tuple[str, ...]
     gates: GateTable
     deploy_skip_reason: str | None = None
+    ready_actions: tuple[str, ...] = ()
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -82,7 +85,9 @@ TASKS: dict[str, TaskSpec] = {
         model_metrics=(("map", "mAP@[.5:.95] %"), ("ap50", "AP50 %")),
         val_metric_keys=("val_map", "val_ap50"),
         gates=DETECTION_GATES,
-        deploy_skip_reason="exporting, validating and benchmarking detectors is not built yet (issue 19)",
+        deploy_skip_reason="predict, triton and the deployment report are not built for detectors yet"
+        " (issue 19)",
+        ready_actions=("export", "validate", "bench"),
     ),
 }
 
@@ -115,7 +120,7 @@ def require_deployable_run(run_dir: str | os.PathLike[str], action: str) -> None
     """Raise UsageError, before any work, when `run_dir` holds a run of a task that has no `action`
     (export, validate, bench, ...) yet; see `run_task` for what passes unread."""
     spec = run_task(run_dir)
-    if spec is not None and spec.deploy_skip_reason is not None:
+    if spec is not None and spec.deploy_skip_reason is not None and action not in spec.ready_actions:
         raise UsageError(
             f"{run_dir}: a {spec.name} run; {action} is not available: {spec.deploy_skip_reason}"
         )

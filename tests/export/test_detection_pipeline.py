@@ -80,3 +80,34 @@ def test_a_format_losing_boxes_fails_its_map_gate(exported_run: Path) -> None:
     half = [t if i % 2 else Detections(t.boxes[:0], t.scores[:0], t.classes[:0]) for i, t in enumerate(truth)]
     worse = _map_check("x.onnx", "int8", scorer, reference, half)
     assert worse.status == Status.FAILED and worse.metrics["accuracy"]["map_drop_interval"][0] > 1.0
+
+
+def test_validate_and_bench_run_every_file_as_deployed(exported_run: Path) -> None:
+    from benchmarks.detection import bench_detection_run, validate_detection_run
+
+    result = validate_detection_run(exported_run)
+    export_checks = read_manifest(exported_run)["export"]["checks"]
+    assert result["passed"] and set(result["results"]) == {
+        "onnxruntime/fp32",
+        "onnxruntime/fp16",
+        "onnxruntime/int8",
+        "torch/fp32",
+    }
+    fp32 = result["results"]["onnxruntime/fp32"]
+    assert fp32["parity"]["matched_fraction"] == 1.0
+    # the same images and files: validate's numbers are export's
+    int8 = result["results"]["onnxruntime/int8"]["accuracy"]
+    assert int8["map"] == pytest.approx(export_checks["export/student.int8.onnx"]["accuracy"]["map"])
+    assert int8["map_drop_interval"][0] <= int8["map_drop"] <= int8["map_drop_interval"][1]
+    assert len(int8["per_class_ap"]) == len(read_manifest(exported_run)["classes"])
+    # a stricter gate than the file meets fails, naming the file and the gate
+    # a gate of no drop at all, inconclusive failing: only an interval wholly at or below 0 passes it
+    strict = validate_detection_run(
+        exported_run, gates={"int8": {"max_map_drop": 0.0}}, inconclusive_passes=False
+    )
+    int8_failed = any(line.startswith("onnxruntime/int8: max_map_drop") for line in strict["failures"])
+    assert int8_failed == (int8["map_drop_interval"][1] > 0.0)
+    bench = bench_detection_run(exported_run, batch_sizes=(1, 2), seconds=0.05, warmup=1, threads=1)
+    stats = bench["results"]["onnxruntime/int8"]["latency"]["2"]
+    assert stats["iters"] >= 5 and set(stats["parts_p50_ms"]) == {"pre", "model", "post"}
+    assert all(value > 0 for value in stats["parts_p50_ms"].values())

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from benchmarks.detection import DEFAULT_BENCH_SECONDS as DETECTION_BENCH_SECONDS
 from benchmarks.latency import (
     DEFAULT_SECONDS,
     DEFAULT_WARMUP,
@@ -36,6 +37,7 @@ from benchmarks.runs import (
     report_run,
     validate_run,
 )
+from benchmarks.tasks import own_evaluation
 from benchmarks.trt_breakdown import breakdown_text
 from benchmarks.validate import raise_for_gates
 from deploy import run_layout
@@ -51,9 +53,10 @@ GATE_FLAGS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def gates_from_args(args: argparse.Namespace) -> GateTable:
-    """The default gates, changed by the dedicated flags, then by each --gate in order (all checked)."""
-    gates = default_gates()
+def gates_from_args(args: argparse.Namespace, base: GateTable | None = None) -> GateTable:
+    """The default gates (`base`: a task's own table), changed by the dedicated flags, then by each
+    --gate in order (all checked)."""
+    gates = default_gates() if base is None else {precision: dict(g) for precision, g in base.items()}
     for flag, precision, name in GATE_FLAGS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -211,6 +214,22 @@ def _merge_lines(result: Mapping[str, Any]) -> list[str]:
 def run_validate_command(args: argparse.Namespace) -> int:
     """Handler of `reviewkd validate`."""
     require_deployable_run(args.run, "validate")
+    own = own_evaluation(args.run)
+    if own is not None:
+        spec = run_task(args.run)
+        result = own.validate(
+            args.run,
+            threads=args.threads,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            gates=gates_from_args(args, spec.gates if spec is not None else None),
+            inconclusive_passes=not args.fail_inconclusive,
+        )
+        print("\n".join(own.lines(result)))
+        print(f"wrote {report_dir(args.run) / run_layout.VALIDATE_FILE}")
+        own.raise_for_gates(result)
+        print(f"validation passed on {result['images']} images")
+        return 0
     gates = gates_from_args(args)
     result = validate_run(
         args.run,
@@ -257,6 +276,20 @@ def _energy_lines(entry: Mapping[str, Any]) -> list[str]:
 def run_bench_command(args: argparse.Namespace) -> int:
     """Handler of `reviewkd bench`."""
     require_deployable_run(args.run, "bench")
+    own = own_evaluation(args.run)
+    if own is not None:
+        measured = own.bench(
+            args.run,
+            threads=args.threads,
+            batch_sizes=parse_batch_sizes(args.batch_sizes),
+            seconds=args.seconds if args.seconds is not None else DETECTION_BENCH_SECONDS,
+        )
+        for key, entry in measured["results"].items():
+            for batch, stats in entry["latency"].items():
+                parts = "  ".join(f"{name} {ms:.3f} ms" for name, ms in stats["parts_p50_ms"].items())
+                print(f"{key:<24} batch {batch:>4}  p50 {_with_interval(stats, 'p50')}  ({parts})")
+        print(f"wrote {report_dir(args.run) / run_layout.BENCH_FILE}")
+        return 0
     result = bench_run(
         args.run,
         backends=parse_backends(args.backends),
