@@ -17,6 +17,7 @@ from typing import Any
 
 from benchmarks.report import format_final_table
 from benchmarks.runs import bench_run, report_run, validate_run
+from benchmarks.tasks import OWN_EVALUATION
 from benchmarks.validate import raise_for_gates
 from deploy import run_layout
 from deploy.errors import ReviewKDError, UsageError
@@ -161,14 +162,18 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
         summary = export_run(run, log=lambda line: print(f"   {line}", flush=True))
         summary.raise_for_status()
 
+    own = OWN_EVALUATION.get(spec.name)  # a task whose validate and bench are its own
+
     def validate() -> None:
+        if own is not None:
+            own.raise_for_gates(own.validate(run, threads=options.threads))
+            return
         result = validate_run(run, threads=options.threads)
         raise_for_gates(result)
 
     def bench() -> None:
-        bench_run(
-            run, threads=options.threads, batch_sizes=options.batch_sizes, seconds=options.bench_seconds
-        )
+        measure = own.bench if own is not None else bench_run
+        measure(run, threads=options.threads, batch_sizes=options.batch_sizes, seconds=options.bench_seconds)
 
     def report() -> None:
         report_run(run)
@@ -187,15 +192,19 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
                 settings,
             )
         )
+    deployment = [
+        Stage("export", export, lambda: student, exported),
+        Stage("validate", validate, lambda: student + exported(), lambda: [run_layout.VALIDATE_RESULT]),
+        Stage("bench", bench, lambda: student + exported(), lambda: [run_layout.BENCH_RESULT]),
+    ]
     if spec.deploy_skip_reason is not None:
+        stages += [stage for stage in deployment if stage.name in spec.ready_actions]
         trained = [run_layout.MANIFEST, f"{BASELINE_DIR}/{run_layout.MANIFEST}"]
         reports = [run_layout.REPORT_JSON, run_layout.REPORT_MARKDOWN]
         stages.append(Stage("report", lambda: print(report_lines(run)), lambda: trained, lambda: reports))
         return stages
     stages += [
-        Stage("export", export, lambda: student, exported),
-        Stage("validate", validate, lambda: student + exported(), lambda: [run_layout.VALIDATE_RESULT]),
-        Stage("bench", bench, lambda: student + exported(), lambda: [run_layout.BENCH_RESULT]),
+        *deployment,
         Stage(
             "report",
             report,

@@ -73,7 +73,11 @@ def build_training_report(run: Path) -> dict[str, Any]:
             "baseline_value": baseline_value,
             "gain_points": gain,
         },
-        "stages": {stage: {"status": "skipped", "reason": reason} for stage in SKIPPED_STAGES},
+        "stages": {
+            stage: {"status": "skipped", "reason": reason}
+            for stage in SKIPPED_STAGES
+            if stage not in spec.ready_actions
+        },
     }
 
 
