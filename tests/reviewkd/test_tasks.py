@@ -122,22 +122,25 @@ def test_a_detection_run_trains_teacher_reviewkd_and_plain(
     assert load_checkpoint(run / run_layout.CHECKPOINT).epoch == 1
 
 
-def test_a_detection_report_skips_the_deployment_stages(run: Path) -> None:
+def test_a_detection_run_exports_validates_and_benches_before_its_report(run: Path) -> None:
     report = json.loads((run / run_layout.REPORT_JSON).read_text())
     assert report["task"] == DETECTION and report["metric"]["key"] == "map"
     assert [row["role"] for row in report["models"]] == ["teacher", "reviewkd", "plain"]
     manifest = read_manifest(run)
     gain = manifest["student"]["map"] - manifest["baselines"]["plain"]["map"]
     assert report["distillation"]["gain_points"] == pytest.approx(gain)
-    assert {stage: entry["status"] for stage, entry in report["stages"].items()} == {
-        "export": "skipped",
-        "validate": "skipped",
-        "bench": "skipped",
-    }
-    assert all("issue 19" in entry["reason"] for entry in report["stages"].values())
+    # export, validate and bench exist for detectors: none of them is reported as skipped
+    assert report["stages"] == {}
     assert "mAP@[.5:.95] %" in (run / run_layout.REPORT_MARKDOWN).read_text()
     pipeline = json.loads((run / run_layout.PIPELINE).read_text())
-    assert list(pipeline) == ["distill", "baseline", "report"]
+    assert list(pipeline) == ["distill", "baseline", "export", "validate", "bench", "report"]
+    assert manifest["detection"]["max_detections"] > 0
+    assert manifest["artifacts"][run_layout.onnx_file("int8")]["kind"] == "onnx"
+    validated = json.loads((run / run_layout.VALIDATE_RESULT).read_text())
+    assert validated["task"] == DETECTION and validated["passed"]
+    assert validated["results"]["onnxruntime/fp32"]["parity"]["matched_fraction"] == 1.0
+    benched = json.loads((run / run_layout.BENCH_RESULT).read_text())
+    assert set(benched["results"]) == {key for key in validated["results"] if key.startswith("onnxruntime/")}
 
 
 def test_a_resumed_detection_run_ends_where_an_uninterrupted_one_does(
@@ -187,7 +190,7 @@ def test_reviewkd_report_on_a_detection_run_writes_its_training_report(
     (run / run_layout.REPORT_JSON).unlink()
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "reviewkd student mAP@[.5:.95] %" in out and "export: skipped" in out
+    assert "reviewkd student mAP@[.5:.95] %" in out
     assert json.loads((run / run_layout.REPORT_JSON).read_text())["task"] == DETECTION
 
 
