@@ -84,7 +84,11 @@ def _coco(found: Sequence[Detections]) -> list[CocoDetections]:
 def _split_training(
     records: Sequence[ImageAnnotation], calibration: int, held_out: int
 ) -> tuple[list[ImageAnnotation], list[ImageAnnotation]]:
-    """The first `calibration` and the next `held_out` of a fixed-seed shuffle of the training images."""
+    """The first `calibration` and the next `held_out` of a fixed-seed shuffle of the training images;
+    where there are fewer images than both, calibration gets what the held-out part leaves (at least
+    half of them), so that the choice of method is always measured."""
+    held_out = min(held_out, len(records) // 2)
+    calibration = min(calibration, len(records) - held_out)
     order = list(range(len(records)))
     random.Random(CALIBRATION_SEED).shuffle(order)
     shuffled = [records[i] for i in order]

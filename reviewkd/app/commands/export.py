@@ -23,6 +23,7 @@ from export.pipeline import (
     export_run,
     parse_formats,
 )
+from export.tasks import own_export
 
 
 def _three_ints(text: str, spelled: str) -> tuple[int, int, int]:
@@ -184,7 +185,18 @@ def run_export(args: argparse.Namespace) -> int:
         if any(v is not None for v in (*plain, args.data, args.num_classes)):
             raise UsageError("give either RUN or --model/--weights/--input-shape/--out, not both")
         require_deployable_run(args.run, "export")
-        summary = export_run(args.run, **options)
+        own = own_export(args.run)
+        if own is not None:
+            summary = own(
+                args.run,
+                formats=[f.strip() for f in args.formats.split(",")] if args.formats else None,
+                calib_samples=args.calib_samples,
+                calib_method=args.calib_method,
+                opset=args.opset,
+                log=log,
+            )
+        else:
+            summary = export_run(args.run, **options)
     else:
         if any(v is None for v in plain):
             raise UsageError("expected RUN, or all of --model, --weights, --input-shape and --out")
