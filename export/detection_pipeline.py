@@ -19,11 +19,15 @@ Checks, on every image of the run's validation split:
 int8 calibration is measured, as for classifiers (export.calibration): a fixed-seed shuffle of the
 training images is cut into a calibration part and a held-out part; every method of
 CALIBRATION_METHODS quantizes the network, and the one whose file scores the best mAP on the
-held-out images wins. Only the network's nodes are quantized: the post-processing stays fp32.
+held-out images wins. Only the network's nodes are quantized: the post-processing stays fp32. Where
+the winner loses more than `max_map_drop_int8` mAP points against fp32 on the held-out images, parts of
+the head stay float (FLOAT_STEPS), the first step within the budget kept: mixed precision with mAP as
+its budget's metric.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
@@ -75,6 +79,22 @@ DETECTION_FORMATS: tuple[str, ...] = ("onnx", EFFICIENT_NMS_FORMAT, "fp16", "int
 CALIBRATION_SEED = 0
 DEFAULT_CALIB_SAMPLES = 256
 DEFAULT_HELD_OUT = 128
+# mAP points an int8 file may lose against fp32 on the held-out images before layers stay in float.
+DEFAULT_MAX_MAP_DROP_INT8 = 1.0
+# What stays float, step by step, when int8 loses more than that (module paths of the traced body's
+# node names): first the head's three output convolutions, whose error lands straight in the scores
+# and boxes, then the whole head.
+FLOAT_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "the head's output convolutions",
+        (
+            "/head/classification_head/cls_logits",
+            "/head/regression_head/bbox_reg",
+            "/head/regression_head/bbox_ctrness",
+        ),
+    ),
+    ("the whole head", ("/head/",)),
+)
 
 
 def _coco(found: Sequence[Detections]) -> list[CocoDetections]:
@@ -152,6 +172,30 @@ def check_efficient_nms(path: Path) -> CheckResult:
     )
 
 
+def _network_nodes(prepared: onnx.ModelProto, float_prefixes: Sequence[str]) -> list[str]:
+    """The prepared model's nodes to quantize: the network's, less those under `float_prefixes`."""
+    kept = set(postprocess_nodes(prepared))
+    return [
+        node.name
+        for node in prepared.graph.node
+        if node.name not in kept and not any(node.name.startswith(prefix) for prefix in float_prefixes)
+    ]
+
+
+def _write_int8(
+    fp32_path: Path,
+    path: Path,
+    flavour: str,
+    calibration: Sequence[np.ndarray],
+    method: str,
+    float_prefixes: Sequence[str] = (),
+) -> None:
+    with Int8Quantizer(fp32_path, calibration, flavour=flavour, method=method) as quantizer:
+        network = _network_nodes(onnx.load(str(quantizer.prepared)), float_prefixes)
+        record = {"post_processing": "fp32", "float_modules": list(float_prefixes)}
+        quantizer.write(path, only_nodes=network, record=record)
+
+
 def _quantize(
     fp32_path: Path,
     dst: Path,
@@ -159,32 +203,50 @@ def _quantize(
     calibration: Sequence[np.ndarray],
     held_out: _Scorer | None,
     method: str,
+    budget: float | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Quantize the network of `fp32_path` to int8 at `dst` with the best calibration method on the
-    held-out images (or `method` alone when it is not "auto"); returns the file's description."""
+    held-out images (or `method` alone when it is not "auto"); where that file loses more than
+    `budget` mAP points against fp32 on the held-out images, the FLOAT_STEPS are tried in turn and
+    the first within it is kept (else the best of all tried). Returns the file's description."""
     methods = CALIBRATION_METHODS if method == "auto" else (method,)
     scores: dict[str, float] = {}
+    mixed: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="reviewkd-detquant-") as tmp:
         best: tuple[float, str, Path] | None = None
         for candidate in methods:
-            with Int8Quantizer(fp32_path, calibration, flavour=flavour, method=candidate) as quantizer:
-                prepared = onnx.load(str(quantizer.prepared))
-                network = [
-                    node.name
-                    for node in prepared.graph.node
-                    if node.name not in set(postprocess_nodes(prepared))
-                ]
-                path = Path(tmp) / f"{candidate}.onnx"
-                quantizer.write(path, only_nodes=network, record={"post_processing": "fp32"})
-            if held_out is None or len(methods) == 1:
-                best = (0.0, candidate, path)
+            path = Path(tmp) / f"{candidate}.onnx"
+            _write_int8(fp32_path, path, flavour, calibration, candidate)
+            if held_out is None:
+                best = (math.nan, candidate, path)
                 break
             scores[candidate] = held_out.map(held_out.detect(path))
             log(f"  {dst.name} calibration {candidate}: held-out mAP {scores[candidate]:.2f}")
             if best is None or scores[candidate] > best[0]:
                 best = (scores[candidate], candidate, path)
         assert best is not None
+        if held_out is not None and budget is not None:
+            reference = held_out.map(held_out.detect(fp32_path))
+            chosen, steps = best, dict[str, float]()
+            for label, prefixes in FLOAT_STEPS:
+                if reference - chosen[0] <= budget:
+                    break
+                path = Path(tmp) / f"{best[1]}.{len(steps)}.onnx"
+                _write_int8(fp32_path, path, flavour, calibration, best[1], prefixes)
+                steps[label] = held_out.map(held_out.detect(path))
+                log(f"  {dst.name} keeping {label} in float: held-out mAP {steps[label]:.2f}")
+                if steps[label] > chosen[0]:
+                    chosen = (steps[label], label, path)
+            mixed = {
+                "budget_map_points": budget,
+                "held_out_fp32_map": reference,
+                "held_out_map": chosen[0],
+                "met": reference - chosen[0] <= budget,
+                "float_steps_map": steps,
+                "float": chosen[1] if chosen is not best else None,
+            }
+            best = (chosen[0], best[1], chosen[2])
         model = onnx.load(str(best[2]))
     metadata = get_metadata(model)
     description = dict(metadata.get("int8", {}))
@@ -193,6 +255,8 @@ def _quantize(
         "held_out_map": scores,
         "chosen": best[1],
     }
+    if mixed:
+        description["mixed_precision"] = mixed
     set_metadata(model, {**metadata, "int8": description})
     save_onnx(model, dst)
     return description
@@ -206,6 +270,7 @@ def export_detection_run(
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
     calib_method: str = "auto",
     held_out_samples: int = DEFAULT_HELD_OUT,
+    max_map_drop_int8: float | None = DEFAULT_MAX_MAP_DROP_INT8,
     batch_size: int = 16,
     opset: int | None = None,
     log: Callable[[str], None] = lambda _msg: None,
@@ -322,7 +387,9 @@ def export_detection_run(
     if int8_wanted:
         with timer.shared("read calibration images"):
             calibration_records, held_out_records = _split_training(
-                data.train.images, calib_samples, held_out_samples if calib_method == "auto" else 0
+                data.train.images,
+                calib_samples,
+                held_out_samples if calib_method == "auto" or max_map_drop_int8 is not None else 0,
             )
             calibration = list(image_batches(calibration_records, size, batch_size))
             held_out = _Scorer(held_out_records, size, batch_size, classes) if held_out_records else None
@@ -338,7 +405,7 @@ def export_detection_run(
             log(f"quantizing {rel}")
             with timer.stage(rel, "calibrate and choose"):
                 description = _quantize(
-                    fp32_path, run / rel, flavour, calibration, held_out, calib_method, log
+                    fp32_path, run / rel, flavour, calibration, held_out, calib_method, max_map_drop_int8, log
                 )
             with timer.stage(rel, "check"):
                 result = _map_check(rel, "int8", val, reference_matches, val.detect(run / rel))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -111,3 +112,46 @@ def test_validate_and_bench_run_every_file_as_deployed(exported_run: Path) -> No
     stats = bench["results"]["onnxruntime/int8"]["latency"]["2"]
     assert stats["iters"] >= 5 and set(stats["parts_p50_ms"]) == {"pre", "model", "post"}
     assert all(value > 0 for value in stats["parts_p50_ms"].values())
+
+
+class _ScriptedScorer:
+    """A held-out scorer whose mAP per file is scripted: fp32 10, plain int8 8, int8 with the head's
+    output convolutions in float 9.5 (within a 1-point budget)."""
+
+    def detect(self, path: Path) -> Path:
+        return path
+
+    def map(self, found: Path) -> float:
+        return 10.0 if found.name == "student.onnx" else 9.5 if ".0." in found.name else 8.0
+
+
+def test_int8_over_its_map_budget_keeps_the_first_float_step_within_it(
+    exported_run: Path, tmp_path: Path
+) -> None:
+    from deploy.detection.annotations import read_coco
+    from deploy.detection.images import image_batches
+    from export.detection_pipeline import FLOAT_STEPS, _quantize
+
+    manifest = read_manifest(exported_run)
+    records = read_coco(Path(manifest["data"]["val"])).images[:4]
+    calibration = list(image_batches(records, (64, 96), 4))
+    dst = tmp_path / "student.int8.onnx"
+    scorer: Any = _ScriptedScorer()
+    fp32 = exported_run / "export/student.onnx"
+    description = _quantize(fp32, dst, "cpu", calibration, scorer, "minmax", 1.0, lambda _line: None)
+    label, prefixes = FLOAT_STEPS[0]
+    assert description["mixed_precision"] == {
+        "budget_map_points": 1.0,
+        "held_out_fp32_map": 10.0,
+        "held_out_map": 9.5,
+        "met": True,
+        "float_steps_map": {label: 9.5},
+        "float": label,
+    }
+    model = onnx.load(str(dst))
+    producer = {output: node.op_type for node in model.graph.node for output in node.output}
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    quantized = {node.name for node in convs if producer.get(node.input[1]) == "DequantizeLinear"}
+    head_outputs = {node.name for node in convs if node.name.startswith(prefixes)}
+    assert head_outputs and not head_outputs & quantized
+    assert quantized, "the rest of the network is still int8"
