@@ -4,6 +4,7 @@ EfficientNMS_TRT form's structure as TensorRT's plugin documents it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -126,3 +127,14 @@ def test_fewer_images_than_the_reference_are_refused() -> None:
     reference = torch_detections(tiny_detector(), [_images(2)])
     with pytest.raises(UsageError, match="2 reference images against 1"):
         box_parity(reference, reference[:1])
+
+
+def test_a_small_training_split_still_leaves_held_out_images_to_choose_the_calibration() -> None:
+    from export.detection_pipeline import _split_training
+
+    records: list[Any] = list(range(10))
+    calibration, held_out = _split_training(records, 512, 128)
+    # 512 + 128 asked of 10 images: the held-out part keeps half, calibration the rest, disjoint
+    assert (len(calibration), len(held_out)) == (5, 5) and not set(calibration) & set(held_out)
+    calibration, held_out = _split_training(records, 4, 3)
+    assert (len(calibration), len(held_out)) == (4, 3)
