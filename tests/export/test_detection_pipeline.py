@@ -155,3 +155,17 @@ def test_int8_over_its_map_budget_keeps_the_first_float_step_within_it(
     head_outputs = {node.name for node in convs if node.name.startswith(prefixes)}
     assert head_outputs and not head_outputs & quantized
     assert quantized, "the rest of the network is still int8"
+
+
+def test_reviewkd_export_on_a_detection_run_writes_the_formats_asked_for(
+    tiny_detection_run: Path, tmp_path: Path
+) -> None:
+    from reviewkd.app.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_detection_run, run)
+    assert main(["export", str(run), "--formats", "onnx,fp16"]) == 0
+    kinds = {rel: entry["kind"] for rel, entry in read_manifest(run)["artifacts"].items()}
+    assert kinds["export/student.onnx"] == kinds["export/student.fp16.onnx"] == "onnx"
+    assert EFFICIENT_NMS_FILE not in kinds and "export/student.int8.onnx" not in kinds
+    assert main(["export", str(run), "--formats", "onnx,tensorrt"]) == 2
