@@ -680,6 +680,16 @@ ROWS: tuple[Row, ...] = (
             ("export-data", "--out", "val"),
         )
     ),
+    *(
+        Row(
+            f"{argv[0]}: a detection run with {argv[1]}",
+            lambda t, r, argv=argv: [argv[0], str(r), *argv[1:]],
+            2,
+            "--backends and --device cuda are not available for it yet",
+            base="detection",
+        )
+        for argv in (("validate", "--device", "cuda"), ("bench", "--backends", "onnxruntime"))
+    ),
     Row(
         "predict: a detection run",
         lambda t, r: _predict(r, _image(t)),

@@ -41,6 +41,7 @@ from benchmarks.tasks import own_evaluation
 from benchmarks.trt_breakdown import breakdown_text
 from benchmarks.validate import raise_for_gates
 from deploy import run_layout
+from deploy.errors import UsageError
 from deploy.gates import GATE_METRICS, GateTable, default_gates, parse_gate, set_gate
 from deploy.tasks import require_deployable_run, run_task
 from reviewkd.app.training_report import format_training_table, write_training_report
@@ -211,11 +212,22 @@ def _merge_lines(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    """A task with its own evaluation runs every ONNX file with ONNX Runtime on the CPU: a request
+    for certain backends or a GPU is refused rather than silently not honoured."""
+    if args.backends is not None or args.device == "cuda":
+        raise UsageError(
+            f"{args.run}: this run's task is validated and benchmarked with ONNX Runtime on the CPU"
+            " (every ONNX file); --backends and --device cuda are not available for it yet"
+        )
+
+
 def run_validate_command(args: argparse.Namespace) -> int:
     """Handler of `reviewkd validate`."""
     require_deployable_run(args.run, "validate")
     own = own_evaluation(args.run)
     if own is not None:
+        _refuse_unsupported(args)
         spec = run_task(args.run)
         result = own.validate(
             args.run,
@@ -278,6 +290,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     require_deployable_run(args.run, "bench")
     own = own_evaluation(args.run)
     if own is not None:
+        _refuse_unsupported(args)
         measured = own.bench(
             args.run,
             threads=args.threads,
