@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -360,6 +362,42 @@ def run_reviewkd(*args: str | Path, timeout: float = 120) -> subprocess.Complete
         timeout=timeout,
         check=False,
     )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_ranks(
+    *args: str | Path, world_size: int = 2, timeout: float = 300
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run `reviewkd ARGS...` as torchrun would: world_size processes with RANK, LOCAL_RANK,
+    WORLD_SIZE and a rendezvous address set (gloo on the CPU); each one's exit code and output."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+        }
+        command = [sys.executable, "-m", "reviewkd.app.cli", *map(str, args)]
+        procs.append(
+            subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    done = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
 
 
 def write_class_folders(folder: Path, classes: list[str], per_class: int = 3) -> Path:

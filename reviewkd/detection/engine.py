@@ -13,7 +13,15 @@ directory checks and the teacher-reuse test of reviewkd.engine, deploy.run_lock.
 too: an epoch's metrics line is appended, then last.pt replaced, then the best weights and the
 manifest re-derived. A run continues (--resume) from the last completed epoch; sample order and
 augmentation are functions of (seed, epoch), so on the CPU a resumed run ends where an
-uninterrupted one does. One process only: detection under torchrun is not built.
+uninterrupted one does.
+
+Under torchrun (DDP, as classification: reviewkd.runtime joins the group) each rank trains on a
+strided share of the epoch's image order, every rank the same number of steps, and DDP averages
+the gradients; the loss sums are all-reduced, the finite-loss check is collective, rank 0's
+BatchNorm statistics are broadcast before validation, and validation scores each rank's share of
+the val images and gathers the detections so that COCOeval runs once over the whole split. Only
+rank 0 writes files and prints. train.amp autocasts the forward passes (bf16 on the CPU; fp16 with
+a GradScaler on CUDA), as classification does.
 
 mAP and AP50 are percentages (0-100) in metrics.jsonl and the manifest, like top-1.
 """
@@ -33,6 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from deploy import run_layout
 from deploy.detection.annotations import DetectionDataset, read_coco, read_yolo
@@ -48,6 +58,7 @@ from reviewkd.checkpoint import (
     capture_rng_state,
     cpu_state,
     load_checkpoint,
+    load_scaler_state,
     restore_rng_state,
     save_checkpoint,
 )
@@ -75,7 +86,7 @@ from reviewkd.run_record import (
     truncate_metrics,
     weights_file,
 )
-from reviewkd.runtime import Runtime, runtime_session
+from reviewkd.runtime import Runtime, all_ranks_finite, runtime_session
 
 # Where the embedded digits set is generated when data.root is not set: $REVIEWKD_CACHE, else this.
 CACHE_ENV = "REVIEWKD_CACHE"
@@ -166,6 +177,18 @@ def build_detection_data(config: Config) -> DetectionData:
     return DetectionData(train, val, (dc.height, dc.width), record)
 
 
+def build_data_once(config: Config, runtime: Runtime) -> DetectionData:
+    """build_detection_data; under torchrun rank 0 first, and the other ranks once it is done, so
+    that only rank 0 ever generates the embedded digits set (two writers would race for its folder).
+    """
+    if runtime.distributed and not runtime.is_main:
+        dist.barrier()
+    data = build_detection_data(config)
+    if runtime.distributed and runtime.is_main:
+        dist.barrier()
+    return data
+
+
 def check_detector_names(config: Config, *, teacher: bool) -> None:
     """Check student.arch (and teacher.arch) against the detectors known, before any work."""
     known = list_detectors()
@@ -192,13 +215,18 @@ def create_detector(
 def evaluate_detector(
     detector: Detector, dataset: DetectionDataset, runtime: Runtime, batch_size: int = EVAL_BATCH_SIZE
 ) -> dict[str, float]:
-    """COCO mAP@[.5:.95] and AP50 (percent) of `detector` on `dataset` in eval mode, and n images."""
+    """COCO mAP@[.5:.95] and AP50 (percent) of `detector` on `dataset` in eval mode, and n images.
+
+    Under DDP a collective: each rank detects on every world_size-th image, the detections are
+    gathered, rank 0 scores the whole split once with COCOeval and every rank returns its numbers.
+    """
     was_training = detector.training
     detector.eval()
     images = DetectionImages(dataset)
+    mine = list(range(runtime.rank, len(images), runtime.world_size))
     found: list[Detections] = []
-    for start in range(0, len(images), batch_size):
-        batch, _ = collate_detection([images[i] for i in range(start, min(start + batch_size, len(images)))])
+    for start in range(0, len(mine), batch_size):
+        batch, _ = collate_detection([images[i] for i in mine[start : start + batch_size]])
         with runtime.autocast():
             outputs = detector([image.to(runtime.device) for image in batch])
         found.extend(
@@ -210,8 +238,59 @@ def evaluate_detector(
             for output in outputs
         )
     detector.train(was_training)
-    metrics = coco_metrics(dataset.images, found, dataset.num_classes)
-    return {"map": 100.0 * metrics.map, "ap50": 100.0 * metrics.ap50, "n": len(found)}
+    if not runtime.distributed:
+        metrics = coco_metrics(dataset.images, found, dataset.num_classes)
+        return {"map": 100.0 * metrics.map, "ap50": 100.0 * metrics.ap50, "n": len(found)}
+    every = _gather_detections(found, mine, len(images), runtime)
+    scores = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    if runtime.is_main:
+        metrics = coco_metrics(dataset.images, every, dataset.num_classes)
+        scores[:] = torch.tensor([100.0 * metrics.map, 100.0 * metrics.ap50], dtype=torch.float64)
+    dist.broadcast(scores, 0)
+    return {"map": scores[0].item(), "ap50": scores[1].item(), "n": len(every)}
+
+
+# A gathered detection's row: image index, x1, y1, x2, y2, score, class index. float64 holds the
+# detector's float32 boxes and scores and the indices exactly.
+_ROW_WIDTH = 7
+
+
+def _gather_detections(
+    found: list[Detections], indices: list[int], total: int, runtime: Runtime
+) -> list[Detections]:
+    """Every rank's detections (found[k] is image indices[k]'s), as one list over all `total` images
+    in image order; a collective."""
+    rows = [
+        np.column_stack([np.full(len(d.scores), index), d.boxes, d.scores, d.labels])
+        for index, d in zip(indices, found, strict=True)
+    ]
+    local = torch.from_numpy(np.concatenate(rows) if rows else np.zeros((0, _ROW_WIDTH)))
+    local = local.to(runtime.device, torch.float64)
+    counts = [torch.zeros(1, dtype=torch.int64, device=runtime.device) for _ in range(runtime.world_size)]
+    dist.all_gather(counts, torch.tensor([len(local)], dtype=torch.int64, device=runtime.device))
+    sizes = [int(count.item()) for count in counts]
+    # all_gather moves tensors of one shape: pad every rank's rows to the longest (at least one row).
+    padded = torch.zeros((max(*sizes, 1), _ROW_WIDTH), dtype=torch.float64, device=runtime.device)
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    table = torch.cat([part[:size] for part, size in zip(gathered, sizes, strict=True)]).cpu().numpy()
+    table = table[np.argsort(table[:, 0], kind="stable")]  # stable: each image keeps its score order
+    bounds = np.searchsorted(table[:, 0], np.arange(total + 1))
+    return [
+        Detections(
+            boxes=table[bounds[i] : bounds[i + 1], 1:5].astype(np.float32),
+            scores=table[bounds[i] : bounds[i + 1], 5].astype(np.float32),
+            labels=table[bounds[i] : bounds[i + 1], 6].astype(np.int64),
+        )
+        for i in range(total)
+    ]
+
+
+def _log(runtime: Runtime | None, message: str) -> None:
+    """Print on rank 0 only (no runtime: a single process)."""
+    if runtime is None or runtime.is_main:
+        print(message, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- run record
@@ -283,11 +362,13 @@ class _DetectionTrainer:
     distiller: Distiller
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
     steps_per_epoch: int
     out_dir: Path
     role: str
     teacher_record: dict[str, Any]
     best: dict[str, Any] | None = None
+    model: nn.Module | None = None  # the distiller as the step runs it: wrapped for DDP under torchrun
 
     def snapshot(self, epoch: int) -> TrainState:
         return TrainState(
@@ -299,7 +380,7 @@ class _DetectionTrainer:
             head=cpu_state(self.distiller.head),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
-            scaler={},
+            scaler=self.scaler.state_dict(),
             rng=capture_rng_state(),
             best=self.best,
             config=config_to_dict(self.config),
@@ -310,6 +391,7 @@ class _DetectionTrainer:
         self.distiller.head.load_state_dict(state.head)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
+        load_scaler_state(self.scaler, state.scaler)
         restore_rng_state(state.rng)
         self.best = state.best
 
@@ -330,6 +412,7 @@ def _build_trainer(
     runtime: Runtime,
     data: DetectionData,
 ) -> _DetectionTrainer:
+    # Same initial weights (student and ABF head) for a given seed on every rank.
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     np.random.seed(config.train.seed % (1 << 32))
@@ -342,58 +425,110 @@ def _build_trainer(
     distiller.to(runtime.device)
     params = [p for p in [*distiller.student.parameters(), *distiller.head.parameters()] if p.requires_grad]
     optimizer = make_optimizer(config, params)
-    steps = math.ceil(len(data.train.images) / config.train.batch_size)
+    steps = math.ceil(_share_size(len(data.train.images), runtime) / config.train.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s, steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
     return _DetectionTrainer(
-        config, runtime, data, distiller, optimizer, scheduler, steps, out_dir, role, teacher_record
+        config, runtime, data, distiller, optimizer, scheduler, scaler, steps, out_dir, role, teacher_record
+    )
+
+
+def _share_size(images: int, runtime: Runtime) -> int:
+    """The training images each rank takes per epoch: all of them in one process; under DDP an equal
+    share, so every rank runs the same steps (the last world_size - 1 of an epoch's order may wait
+    for the next epoch's).
+
+    Raises:
+        UsageError: fewer training images than ranks.
+    """
+    if images < runtime.world_size:
+        raise UsageError(
+            f"the detection train split has {images} images, fewer than the {runtime.world_size}"
+            " torchrun processes; launch fewer processes"
+        )
+    return images // runtime.world_size
+
+
+def _wrap_model(trainer: _DetectionTrainer) -> nn.Module:
+    """The distiller as the training step calls it: under DDP (train.sync_batchnorm and
+    train.find_unused_parameters as for classification), else as it is."""
+    runtime, tc = trainer.runtime, trainer.config.train
+    if not runtime.distributed:
+        return trainer.distiller
+    if tc.sync_batchnorm:
+        # In place below the top level: the parameters stay the ones the optimizer holds.
+        nn.SyncBatchNorm.convert_sync_batchnorm(trainer.distiller.student)
+        nn.SyncBatchNorm.convert_sync_batchnorm(trainer.distiller.head)
+    return nn.parallel.DistributedDataParallel(
+        trainer.distiller,
+        device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+        find_unused_parameters=tc.find_unused_parameters,
     )
 
 
 def _train_epoch(
     trainer: _DetectionTrainer, epoch: int, images: DetectionImages
 ) -> tuple[dict[str, float], int, float]:
-    """One epoch in the (seed, epoch) order; the loss terms summed over images, the images, seconds."""
+    """One epoch in the (seed, epoch) order, this rank's strided share of it; the loss terms summed
+    over the images of all ranks, their count, seconds."""
     config, runtime, distiller = trainer.config, trainer.runtime, trainer.distiller
     batch_size, spe = config.train.batch_size, trainer.steps_per_epoch
+    assert trainer.model is not None
     images.set_epoch(epoch)
     order = np.random.default_rng((config.train.seed, epoch)).permutation(len(images))
+    share = order[runtime.rank :: runtime.world_size][: _share_size(len(images), runtime)]
     distiller.train()
     sums: dict[str, float] = {}
     seen = 0
     started = time.perf_counter()
     for step in range(spe):
         batch, targets = collate_detection(
-            [images[int(i)] for i in order[step * batch_size : (step + 1) * batch_size]]
+            [images[int(i)] for i in share[step * batch_size : (step + 1) * batch_size]]
         )
         device = runtime.device
         batch = [image.to(device) for image in batch]
         targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
         distiller.distill_scale = distill_scale(config, epoch * spe + step, spe)
         with runtime.autocast():
-            out = distiller(batch, targets)
-        losses = {key: float(value.detach().float()) for key, value in out.items()}
-        if not all(math.isfinite(value) for value in losses.values()):
-            parts = ", ".join(f"{key}={value:.4g}" for key, value in losses.items())
+            out = trainer.model(batch, targets)
+        if not all_ranks_finite(list(out.values()), runtime):
+            parts = ", ".join(f"{key}={float(value.detach().float()):.4g}" for key, value in out.items())
             raise TrainingDivergedError(
-                f"epoch {epoch + 1} step {step + 1}: the loss is not finite ({parts});"
+                f"epoch {epoch + 1} step {step + 1}: the loss is not finite (rank {runtime.rank}: {parts});"
                 f" {trainer.out_dir / CHECKPOINT_FILE} keeps the last completed epoch ({epoch});"
                 " lower optim.lr or method.hcl_weight"
             )
+        losses = {key: float(value.detach().float()) for key, value in out.items()}
         trainer.optimizer.zero_grad(set_to_none=True)
-        out["loss"].float().backward()
-        trainer.optimizer.step()
+        trainer.scaler.scale(out["loss"].float()).backward()
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
         trainer.scheduler.step()
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + value * len(batch)
         seen += len(batch)
-    return sums, seen, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if not runtime.distributed:
+        return sums, seen, seconds
+    names = sorted(sums)
+    values = [sums[name] for name in names] + [float(seen)]
+    packed = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(packed)
+    totals = packed.tolist()
+    return dict(zip(names, totals[:-1], strict=True)), int(totals[-1]), seconds
 
 
 def _end_epoch(
     trainer: _DetectionTrainer, epoch: int, sums: dict[str, float], seen: int, seconds: float
 ) -> None:
-    """Validate (every train.eval_every epochs and the last), then metrics line, last.pt, best weights."""
+    """Validate (every train.eval_every epochs and the last), then metrics line, last.pt, best weights
+    (rank 0 alone writes and prints)."""
     config, runtime = trainer.config, trainer.runtime
+    if runtime.distributed:
+        # Each rank's last forward updated its own BatchNorm statistics: take rank 0's, which are
+        # the ones saved, so that validation scores the weights written to disk.
+        for buffer in trainer.distiller.student.buffers():
+            dist.broadcast(buffer, 0)
     record: dict[str, Any] = {"epoch": epoch + 1}
     record.update({key: value / max(seen, 1) for key, value in sums.items()})
     val: dict[str, float] | None = None
@@ -414,15 +549,17 @@ def _end_epoch(
     if val is not None and improved:
         model = trainer.distiller.student.get_submodule("model")
         trainer.best = {"map": val["map"], "ap50": val["ap50"], "epoch": epoch + 1, "state": cpu_state(model)}
+    if not runtime.is_main:
+        return
     append_metrics(trainer.out_dir / METRICS_FILE, record)
     save_checkpoint(trainer.out_dir / CHECKPOINT_FILE, trainer.snapshot(epoch + 1))
     if improved:
         trainer.write_record()
     scores = f"val mAP {val['map']:.2f} AP50 {val['ap50']:.2f} " if val is not None else ""
-    print(
+    _log(
+        runtime,
         f"{trainer.role} epoch {epoch + 1}/{config.train.epochs}: loss {record['loss']:.4f} {scores}"
         f"({record['images_per_s']:.1f} img/s, {seconds:.1f}s)",
-        flush=True,
     )
 
 
@@ -443,9 +580,9 @@ def fit_detector(
     Returns the path of the best weights file.
 
     Raises:
-        UsageError: an existing run without resume, an incompatible resume, bad data or detectors,
-            or a torchrun launch.
-        TrainingDivergedError: a NaN or infinite loss (last.pt keeps the last completed epoch).
+        UsageError: an existing run without resume, an incompatible resume, bad data or detectors.
+        TrainingDivergedError: a NaN or infinite loss on any rank (last.pt keeps the last completed
+            epoch).
     """
     if runtime is None:
         with runtime_session(config) as session:
@@ -459,12 +596,10 @@ def fit_detector(
                 runtime=session,
                 data=data,
             )
-    if runtime.distributed:
-        raise UsageError("task detection trains in one process; run it without torchrun")
     out_dir = Path(out_dir)
     teacher_record = teacher_record or {"arch": None, "sha256": None, "map": None, "ap50": None}
     check_run_dir(out_dir, config, resume, role)
-    data = data or build_detection_data(config)
+    data = data or build_data_once(config, runtime)
     trainer = _build_trainer(config, out_dir, role, teacher, teacher_record, runtime, data)
     start_epoch = 0
     checkpoint = out_dir / CHECKPOINT_FILE
@@ -472,17 +607,21 @@ def fit_detector(
         state = load_checkpoint(checkpoint)
         trainer.restore(state)
         start_epoch = state.epoch
-        print(f"{role}: resuming {out_dir} after epoch {start_epoch}", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / run_layout.CONFIG)
-    truncate_metrics(out_dir / METRICS_FILE, start_epoch)
-    trainer.write_record()
+        _log(runtime, f"{role}: resuming {out_dir} after epoch {start_epoch}")
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / run_layout.CONFIG)
+        truncate_metrics(out_dir / METRICS_FILE, start_epoch)
+        trainer.write_record()
+    trainer.model = _wrap_model(trainer)
     dc = config.detection
     augment = BoxAugment(flip_probability=dc.flip_probability, min_scale=dc.min_scale, max_scale=dc.max_scale)
     images = DetectionImages(data.train, augment, seed=config.train.seed)
     for epoch in range(start_epoch, config.train.epochs):
         sums, seen, seconds = _train_epoch(trainer, epoch, images)
         _end_epoch(trainer, epoch, sums, seen, seconds)
+    if runtime.distributed:
+        dist.barrier()
     return out_dir / weights_file(role)
 
 
@@ -507,7 +646,7 @@ def train_detection_teacher(
     derived = teacher_training_config(config)
     check_detector_names(derived, teacher=False)
     if teacher_is_complete(out, derived):
-        print(f"teacher: reusing the finished run in {out}", flush=True)
+        _log(runtime, f"teacher: reusing the finished run in {out}")
         return out / weights_file("teacher")
     return fit_detector(derived, out, role="teacher", resume=resume, runtime=runtime, data=data)
 
@@ -539,7 +678,7 @@ def load_detection_teacher(
     else:
         scores = evaluate_detector(teacher, data.val, runtime)
         record.update(map=scores["map"], ap50=scores["ap50"])
-    print(f"teacher {config.teacher.arch}: val mAP {record['map']:.2f} AP50 {record['ap50']:.2f}", flush=True)
+    _log(runtime, f"teacher {config.teacher.arch}: val mAP {record['map']:.2f} AP50 {record['ap50']:.2f}")
     return teacher, record
 
 
@@ -555,7 +694,7 @@ def distill_detector(config: Config, out_dir: str | os.PathLike[str], *, resume:
     check_detector_names(config, teacher=not plain)
     check_run_dir(out, config, resume, "student")
     with runtime_session(config) as runtime:
-        data = build_detection_data(config)
+        data = build_data_once(config, runtime)
         teacher, record = None, None
         if not plain:
             teacher, record = load_detection_teacher(config, out, data, runtime, resume=resume)

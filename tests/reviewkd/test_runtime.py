@@ -4,9 +4,6 @@ processes on the CPU (the finite-loss check is collective, the group is left, a 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from reviewkd.config import load_config
 from reviewkd.models import create_model
 from reviewkd.run_record import read_metrics
 from reviewkd.runtime import all_ranks_finite, choose_amp, runtime_session, setup_runtime
-from tests.helpers import REPO_ROOT
+from tests.helpers import free_port, launch_ranks
 
 
 @pytest.mark.parametrize(
@@ -81,12 +78,6 @@ def test_sync_batchnorm_on_the_cpu_is_refused_before_joining(monkeypatch: pytest
     assert not dist.is_initialized()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _finite_worker(rank: int, port: int, results: Path) -> None:
     """One rank of a 2-process gloo group: rank 0 sees a NaN loss, rank 1 a finite one."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
@@ -99,35 +90,10 @@ def _finite_worker(rank: int, port: int, results: Path) -> None:
 
 
 def test_the_finite_check_is_collective_and_the_group_is_left(tmp_path: Path) -> None:
-    mp.start_processes(_finite_worker, args=(_free_port(), tmp_path), nprocs=2, start_method="spawn")
+    mp.start_processes(_finite_worker, args=(free_port(), tmp_path), nprocs=2, start_method="spawn")
     # Both ranks stop together (neither waits for the other), and both left the group.
     assert (tmp_path / "rank0").read_text() == "False True False"
     assert (tmp_path / "rank1").read_text() == "False True False"
-
-
-def _launch_ranks(out: Path, overrides: list[str]) -> list[subprocess.CompletedProcess[str]]:
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-        }
-        command = [sys.executable, "-m", "reviewkd.app.cli", "distill", "--out", str(out), *overrides]
-        procs.append(
-            subprocess.Popen(
-                command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    done = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +120,8 @@ DDP_TINY = [
 
 def test_two_rank_gloo_distill_trains_and_agrees(teacher_weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    results = _launch_ranks(out, [*DDP_TINY, f"teacher.weights={teacher_weights}", "train.epochs=2"])
+    overrides = [*DDP_TINY, f"teacher.weights={teacher_weights}", "train.epochs=2"]
+    results = launch_ranks("distill", "--out", out, *overrides)
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank}: {result.stderr[-2000:]}"
     assert "student epoch 2/2" in results[0].stdout and results[1].stdout.strip() == ""  # rank 0 prints
@@ -176,7 +143,7 @@ def test_two_rank_divergence_stops_both_ranks(teacher_weights: Path, tmp_path: P
         "schedule.milestones=[1]",
         "schedule.gamma=1e30",
     ]
-    results = _launch_ranks(out, overrides)  # a hang would time out here
+    results = launch_ranks("distill", "--out", out, *overrides)  # a hang would time out here
     for rank, result in enumerate(results):
         assert result.returncode == 1, f"rank {rank}: {result.stderr[-2000:]}"
         assert "epoch 2 step" in result.stderr and "the loss is not finite" in result.stderr
