@@ -99,6 +99,7 @@ def detection_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     deployment stages are not built."""
     folder = tmp_path_factory.mktemp("detection")
     tiny = ["detection.digits_train_images=8", "detection.digits_val_images=4", "train.batch_size=4"]
+    tiny.append("data.val_split=null")  # the default carves 128 training canvases
     settings = [f"data.root={folder / 'data'}", *tiny, "train.epochs=1", "method.name=plain"]
     assert main(["distill", "--config", "digits_detection", "--out", str(folder / "run"), *settings]) == 0
     return folder / "run"
@@ -735,6 +736,20 @@ ROWS: tuple[Row, ...] = (
         ],
         2,
         "config key student.arch: detector 'cifar_resnet20' is unknown",
+    ),
+    Row(
+        "distill: a detection val split as large as the training set",
+        lambda t, r: [
+            "distill",
+            "--config",
+            str(r / "config.yaml"),
+            "--out",
+            str(t / "o"),
+            "data.val_split=8",
+        ],
+        2,
+        "config key data.val_split: 8 is not fewer than the 8 training images",
+        base="detection",
     ),
     Row(
         "distill: unparsable override",

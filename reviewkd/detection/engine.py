@@ -23,11 +23,17 @@ the val images and gathers the detections so that COCOeval runs once over the wh
 rank 0 writes files and prints. train.amp autocasts the forward passes (bf16 on the CPU; fp16 with
 a GradScaler on CUDA), as classification does.
 
+With data.val_split N, as for classification, N training images (picked with the fixed DATA_SEED,
+not train.seed) are carved out as the val split that best-epoch choice reads, and the data set's
+held-out split becomes the test split, scored once after training with the kept weights and recorded
+as the model block's "test" in the manifest (reviewkd.run_record.record_test_scores).
+
 mAP and AP50 are percentages (0-100) in metrics.jsonl and the manifest, like top-1.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -63,6 +69,7 @@ from reviewkd.checkpoint import (
     save_checkpoint,
 )
 from reviewkd.config import Config, config_to_dict, save_config
+from reviewkd.data import DATA_SEED
 from reviewkd.detection.data import BoxAugment, DetectionImages, collate_detection
 from reviewkd.detection.distiller import DetectionReviewKD, PlainDetection
 from reviewkd.detection.models import Detector, build_detector, list_detectors
@@ -81,6 +88,7 @@ from reviewkd.run_record import (
     METRICS_FILE,
     RunData,
     append_metrics,
+    record_test_scores,
     record_trained_model,
     save_weights,
     truncate_metrics,
@@ -92,17 +100,30 @@ from reviewkd.runtime import Runtime, all_ranks_finite, runtime_session
 CACHE_ENV = "REVIEWKD_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "reviewkd"
 EVAL_BATCH_SIZE = 32
+# The split names a run's manifest gives the carved val split and the test split (data.val_split).
+CARVED_VAL_SPLIT = "train-holdout"
+TEST_SPLIT = "heldout"
 
 
 @dataclass(frozen=True)
 class DetectionData:
-    """The train and val splits of a detection run, the image size the detectors are built for, and
-    the manifest's data block."""
+    """The splits of a detection run, the image size the detectors are built for, and the manifest's
+    data block.
+
+    `val` is what training selects on: carved from the training images with data.val_split (then
+    `test` is the data set's held-out split, scored once at the end), else the held-out split itself.
+    """
 
     train: DetectionDataset
     val: DetectionDataset
     image_size: tuple[int, int]
     record: dict[str, Any]
+    test: DetectionDataset | None = None
+
+    @property
+    def held_out(self) -> DetectionDataset:
+        """The split no selection reads when data.val_split carved one (the test split), else val."""
+        return self.test if self.test is not None else self.val
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -166,6 +187,10 @@ def build_detection_data(config: Config) -> DetectionData:
             f"{val.source}: classes {list(val.class_names)} differ from the train split's"
             f" {list(train.class_names)} ({train.source})"
         )
+    test: DetectionDataset | None = None
+    if config.data.val_split is not None:
+        test = val
+        train, val = carve_val_split(train, config.data.val_split)
     record = {
         "dataset": dc.format,
         "root": str(root),
@@ -173,8 +198,30 @@ def build_detection_data(config: Config) -> DetectionData:
         "val": str(val.source),
         "train_images": len(train.images),
         "val_images": len(val.images),
+        "val_split": CARVED_VAL_SPLIT if test is not None else "val",
+        "test": str(test.source) if test is not None else None,
+        "test_images": len(test.images) if test is not None else None,
     }
-    return DetectionData(train, val, (dc.height, dc.width), record)
+    return DetectionData(train, val, (dc.height, dc.width), record, test)
+
+
+def carve_val_split(train: DetectionDataset, count: int) -> tuple[DetectionDataset, DetectionDataset]:
+    """(the rest, `count` training images) in file order, picked with the fixed DATA_SEED, never
+    train.seed, so that every seed and method of a comparison selects on the same images.
+
+    Raises:
+        UsageError: `count` is not below the number of training images.
+    """
+    total = len(train.images)
+    if count >= total:
+        raise UsageError(
+            f"config key data.val_split: {count} is not fewer than the {total} training images"
+            f" ({train.source})"
+        )
+    carved = set(np.random.default_rng(DATA_SEED).choice(total, size=count, replace=False).tolist())
+    rest = tuple(image for index, image in enumerate(train.images) if index not in carved)
+    picked = tuple(image for index, image in enumerate(train.images) if index in carved)
+    return dataclasses.replace(train, images=rest), dataclasses.replace(train, images=picked)
 
 
 def build_data_once(config: Config, runtime: Runtime) -> DetectionData:
@@ -620,9 +667,32 @@ def fit_detector(
     for epoch in range(start_epoch, config.train.epochs):
         sums, seen, seconds = _train_epoch(trainer, epoch, images)
         _end_epoch(trainer, epoch, sums, seen, seconds)
+    if data.test is not None and trainer.best is not None:
+        _score_test(trainer, data.test)
     if runtime.distributed:
         dist.barrier()
     return out_dir / weights_file(role)
+
+
+def _score_test(trainer: _DetectionTrainer, test: DetectionDataset) -> None:
+    """Score the kept weights on the test split once, after training, and record it in the manifest.
+
+    Only runs that carved their val split (data.val_split) have a test split apart: every choice read
+    the val split, so this number is read by nothing that chooses. Every rank takes part (a
+    collective under DDP); rank 0 writes.
+    """
+    assert trainer.best is not None
+    kept = copy.deepcopy(trainer.distiller.student)
+    assert isinstance(kept, Detector)
+    kept.get_submodule("model").load_state_dict(trainer.best["state"])
+    scores = evaluate_detector(kept, test, trainer.runtime)
+    if trainer.runtime.is_main:
+        record_test_scores(trainer.out_dir, DETECTION, trainer.role, TEST_SPLIT, scores)
+    _log(
+        trainer.runtime,
+        f"{trainer.role}: test split {TEST_SPLIT} ({scores['n']} images), scored once with the"
+        f" epoch-{trainer.best['epoch']} weights: mAP {scores['map']:.2f} AP50 {scores['ap50']:.2f}",
+    )
 
 
 # -------------------------------------------------------------------------------------------------- stages
@@ -654,9 +724,10 @@ def train_detection_teacher(
 def load_detection_teacher(
     config: Config, out_dir: Path, data: DetectionData, runtime: Runtime, *, resume: bool
 ) -> tuple[Detector, dict[str, Any]]:
-    """The frozen teacher detector and its manifest record (arch, weights, sha256, val mAP and AP50).
+    """The frozen teacher detector and its manifest record (arch, weights, sha256, val mAP and AP50,
+    and with data.val_split its test split's scores as "test").
 
-    Without teacher.weights a teacher is trained first into out_dir/teacher/. Its val mAP is measured
+    Without teacher.weights a teacher is trained first into out_dir/teacher/. Its scores are measured
     here (or taken from the run's manifest when it already recorded the same weights).
     """
     if config.teacher.weights:
@@ -673,11 +744,19 @@ def load_detection_teacher(
     record: dict[str, Any] = {"arch": config.teacher.arch, "weights": str(weights), "sha256": digest}
     manifest_file = run_layout.run_path(out_dir, run_layout.MANIFEST)
     previous = read_manifest(out_dir).get("teacher", {}) if manifest_file.is_file() else {}
-    if previous.get("sha256") == digest and previous.get("map") is not None:
+    same = previous.get("sha256") == digest
+    if same and previous.get("map") is not None:
         record.update(map=previous["map"], ap50=previous["ap50"])
     else:
         scores = evaluate_detector(teacher, data.val, runtime)
         record.update(map=scores["map"], ap50=scores["ap50"])
+    if data.test is not None:
+        if same and previous.get("test") is not None:
+            record["test"] = previous["test"]
+        else:
+            scores = evaluate_detector(teacher, data.test, runtime)
+            metrics = {key: scores[key] for key, _ in TASKS[DETECTION].model_metrics}
+            record["test"] = {"split": TEST_SPLIT, "n": scores["n"], **metrics}
     _log(runtime, f"teacher {config.teacher.arch}: val mAP {record['map']:.2f} AP50 {record['ap50']:.2f}")
     return teacher, record
 

@@ -1,5 +1,6 @@
 """Detection training beyond one plain process: DDP under torchrun (two gloo processes on the CPU),
-the detections gathered across ranks before COCOeval, and AMP reaching the detector's forward.
+the detections gathered across ranks before COCOeval, AMP reaching the detector's forward, and
+honest selection (data.val_split: the best epoch on a carved val split, the test split scored once).
 
 Two ranks do not reproduce one process at the doubled batch, and no test claims it: torchvision's
 FCOS divides its losses by the foreground locations of each rank's batch, and BatchNorm normalises
@@ -10,6 +11,7 @@ record is COCOeval's over the whole split, the number one process gets for the s
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +27,7 @@ from reviewkd.app.cli import main
 from reviewkd.checkpoint import load_checkpoint
 from reviewkd.config import load_config
 from reviewkd.detection.data import read_rgb
-from reviewkd.detection.engine import DetectionData, build_detection_data, evaluate_detector
+from reviewkd.detection.engine import DetectionData, build_detection_data, create_detector, evaluate_detector
 from reviewkd.detection.models import Detector
 from reviewkd.run_record import read_metrics
 from reviewkd.runtime import Runtime, runtime_session
@@ -125,3 +127,33 @@ def test_train_amp_reaches_the_detectors_forward(tmp_path: Path, amp: str, expec
     assert seen == {expected}  # every convolution of the training forward ran in the AMP dtype
     (record_line,) = read_metrics(tmp_path / "run" / run_layout.METRICS)
     assert torch.isfinite(torch.tensor(record_line["loss"])) and "val_map" in record_line
+
+
+def test_a_carved_val_split_selects_and_the_test_split_is_scored_once_at_the_end(tmp_path: Path) -> None:
+    run, data_root = tmp_path / "run", tmp_path / "data"
+    assert main(["run", "--out", str(run), *tiny_detection(data_root, "data.val_split=2")]) == 0
+    manifest = read_manifest(run)
+    data = manifest["data"]
+    assert (data["val_split"], data["train_images"], data["val_images"], data["test_images"]) == (
+        "train-holdout",
+        6,
+        2,
+        4,
+    )
+    # The best epoch is chosen on the carved split; the test split is read only for the kept weights.
+    records = read_metrics(run / run_layout.METRICS)
+    student = manifest["student"]
+    assert student["map"] == max(record["val_map"] for record in records)
+    assert not any(key.startswith("test") for record in records for key in record)
+    test = student["test"]
+    assert (test["split"], test["n"]) == ("heldout", 4) and set(test) == {"split", "n", "map", "ap50"}
+    config = _tiny_config(data_root, "data.val_split=2")
+    held_out = build_detection_data(config).held_out
+    kept = create_detector(config, config.student.arch, 10, run / run_layout.STUDENT_WEIGHTS)
+    assert test["map"] == evaluate_detector(kept, held_out, Runtime(torch.device("cpu")))["map"]
+    # The teacher and the plain baseline are scored on the same test split, and the report states it.
+    teacher, plain = manifest["teacher"], manifest["baselines"]["plain"]
+    assert teacher["test"]["n"] == plain["test"]["n"] == 4
+    report = json.loads((run / run_layout.REPORT_JSON).read_text())
+    rows = {row["role"]: row["map"] for row in report["models"]}
+    assert rows == {"teacher": teacher["test"]["map"], "reviewkd": test["map"], "plain": plain["test"]["map"]}

@@ -22,8 +22,10 @@ from reviewkd.detection.models import build_detector
 from reviewkd.run_record import read_metrics
 from reviewkd.tasks import TRAINING_TASKS, training_task
 
-# The embedded detection default at its smallest: 8 train and 4 val canvases, batches of 4, one epoch.
+# The embedded detection default at its smallest: 8 train and 4 val canvases, batches of 4, one epoch,
+# selecting on the held-out canvases (the default carves 128 of its 640 training canvases).
 TINY_DETECTION = [
+    "data.val_split=null",
     "detection.digits_train_images=8",
     "detection.digits_val_images=4",
     "train.batch_size=4",
@@ -77,6 +79,8 @@ def test_the_coco_config_mirrors_the_paper_and_is_valid() -> None:
     config = load_config("coco_fasterrcnn_r50_mobilenetv3", ["data.root=coco"])
     assert config.task == DETECTION and config.detection.format == "coco"
     assert config.teacher.arch.startswith("torchvision:fasterrcnn") and config.method.name == "reviewkd"
+    # Both detection configs choose epochs on a split carved from their training images.
+    assert config.data.val_split == 5000 and load_config("digits_detection").data.val_split == 128
 
 
 # ---- detection training end to end
@@ -143,11 +147,12 @@ def test_a_detection_run_exports_validates_and_benches_before_its_report(run: Pa
     assert set(benched["results"]) == {key for key in validated["results"] if key.startswith("onnxruntime/")}
 
 
+@pytest.mark.parametrize("val_split", [[], ["data.val_split=2"]], ids=["heldout", "carved"])
 def test_a_resumed_detection_run_ends_where_an_uninterrupted_one_does(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], val_split: list[str]
 ) -> None:
     data = tmp_path / "data"
-    two_epochs = [*tiny_detection(data, "method.name=plain"), "train.epochs=2"]
+    two_epochs = [*tiny_detection(data, "method.name=plain", *val_split), "train.epochs=2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(["distill", "--out", str(whole), *two_epochs]) == 0
 
@@ -176,6 +181,10 @@ def test_a_resumed_detection_run_ends_where_an_uninterrupted_one_does(
         assert torch.equal(finished.student[key], value), key
     best_weights = [(run / run_layout.STUDENT_WEIGHTS).read_bytes() for run in (cut, whole)]
     assert best_weights[0] == best_weights[1]
+    # With a carved val split, the test split is scored once the resumed run has finished too.
+    students = [read_manifest(run)["student"] for run in (cut, whole)]
+    assert students[0].get("test") == students[1].get("test")
+    assert ("test" in students[0]) == bool(val_split)
 
 
 def test_a_detection_run_without_resume_is_refused(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
