@@ -56,12 +56,14 @@ def _coco(found: Sequence[Detections]) -> list[CocoDetections]:
 
 
 def validation_records(run: Path, manifest: Manifest, limit: int | None = None) -> list[ImageAnnotation]:
-    """The run's validation images with their boxes, read from the COCO file its manifest names."""
+    """The run's held-out images with their boxes, read from the COCO file its manifest names: the
+    test split where data.val_split carved the val split from the training images, else val."""
     data = manifest.get("data") or {}
-    source = data.get("val")
+    key = "test" if data.get("test") else "val"
+    source = data.get(key)
     if not isinstance(source, str) or not Path(source).is_file():
         raise UsageError(
-            f"{run / run_layout.MANIFEST}: data.val names no readable COCO annotation file ({source!r})"
+            f"{run / run_layout.MANIFEST}: data.{key} names no readable COCO annotation file ({source!r})"
         )
     records = list(read_coco(Path(source)).images)
     if not records:

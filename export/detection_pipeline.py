@@ -317,7 +317,7 @@ def export_detection_run(
     classes = len(manifest["classes"])
     with timer.shared("read check images"):
         data = build_detection_data(config)
-        val = _Scorer(data.val.images, size, batch_size, classes)
+        val = _Scorer(data.held_out.images, size, batch_size, classes)  # the test split under data.val_split
     if not val.records:
         raise UsageError(f"{run}: the validation split has no images to check the exported files on")
     summary.check_data = f"{len(val.records)} validation images of the run"

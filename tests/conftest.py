@@ -57,6 +57,7 @@ def tiny_detection_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "train.eval_every=2",
             "detection.digits_train_images=48",
             "detection.digits_val_images=12",
+            "data.val_split=null",  # the default carves 128 training canvases
         ],
     )
     run = folder / "run"

@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from benchmarks.detection import validation_records
 from deploy import run_layout
 from deploy.manifest import read_manifest
 from reviewkd.app.cli import main
@@ -151,6 +152,8 @@ def test_a_carved_val_split_selects_and_the_test_split_is_scored_once_at_the_end
     held_out = build_detection_data(config).held_out
     kept = create_detector(config, config.student.arch, 10, run / run_layout.STUDENT_WEIGHTS)
     assert test["map"] == evaluate_detector(kept, held_out, Runtime(torch.device("cpu")))["map"]
+    # What validate and bench check an exported detector on: the test split, not the training file.
+    assert [record.file for record in validation_records(run, manifest)] == [r.file for r in held_out.images]
     # The teacher and the plain baseline are scored on the same test split, and the report states it.
     teacher, plain = manifest["teacher"], manifest["baselines"]["plain"]
     assert teacher["test"]["n"] == plain["test"]["n"] == 4
