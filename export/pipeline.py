@@ -22,15 +22,14 @@ install. Every other format loads the student with torch, which this module impo
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deploy import run_layout
-from deploy.errors import GateFailedError, MissingDependencyError, UsageError
+from deploy.errors import UsageError
 from deploy.fileio import atomic_output, ensure_writable_dir, sha256_file
 from deploy.formats import (
     ALL_EXPORT_FORMATS,
@@ -42,10 +41,7 @@ from deploy.formats import (
 from deploy.gpu import probe_gpu
 from deploy.manifest import (
     MAX_IMAGE_SIDE,
-    ArtifactEntry,
-    ExportTiming,
     Manifest,
-    forget_artifact,
     input_spec,
     model_block,
     new_manifest,
@@ -57,82 +53,35 @@ from deploy.manifest import (
 from deploy.optional import optional_import, require_installed
 from deploy.predict import STUDENT_SHA256_KEY
 from deploy.run_lock import locks_run
+from deploy.tasks import CLASSIFICATION, task_of
 from deploy.trt_sidecar import sidecar_path, tensorrt_available
 from export.check import UINT8_INPUT as UINT8_CHECK
-from export.check import CheckResult, check_file, run_onnx
+from export.check import check_file, run_onnx
+from export.producing import (
+    BatchSource,
+    CheckImages,
+    ExportContext,
+    ExportOptions,
+    ExportRecorder,
+    ExportSummary,
+    ExportTask,
+    FormatProducer,
+    TensorRTOptions,
+)
 from export.tensorrt_engine import build_engine
-from export.timing import StageTimer, timing_table
+from export.timing import StageTimer
 from reviewkd.config import Config, DataConfig, ModelConfig, save_config, validate
 
 if TYPE_CHECKING:
     import torch
+
+    from export.calibration import CalibrationData
 
 STUDENT_FILE = run_layout.STUDENT_WEIGHTS
 FP32_FILE = ONNX_FORMATS["onnx"].file
 RANDOM_CHECK_IMAGES = 64
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# (split, batch_size, limit) -> batches of (float32 NCHW images, int64 labels)
-BatchSource = Callable[[str, int, int], Iterable[tuple[np.ndarray, np.ndarray]]]
-
-
-# TensorRT's builder optimisation levels run from 0 to 5.
-MAX_TRT_OPT_LEVEL = 5
-
-
-@dataclass(frozen=True)
-class TensorRTOptions:
-    """Engine-building settings passed to export.tensorrt_engine.build_engine."""
-
-    min_batch: int = 1
-    opt_batch: int = 8
-    max_batch: int = 32
-    workspace_mib: int = 1024
-    optimization_level: int = 3
-    compatibility: str | None = None
-    dla_core: int | None = None  # build for this DLA core of a Jetson; None: the GPU
-    gpu_fallback: bool = True  # with dla_core: layers the DLA cannot run go to the GPU
-
-    def __post_init__(self) -> None:
-        """Check the values when they are given, before TensorRT is looked for: a wrong profile is
-        bad input (exit 2) on any machine, not a missing TensorRT (exit 3)."""
-        profile = (self.min_batch, self.opt_batch, self.max_batch)
-        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise UsageError(
-                f"--trt-batch {','.join(map(str, profile))}: expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX"
-            )
-        if self.workspace_mib < 1:
-            raise UsageError(f"--trt-workspace-mib must be >= 1, got {self.workspace_mib}")
-        if not 0 <= self.optimization_level <= MAX_TRT_OPT_LEVEL:
-            raise UsageError(
-                f"--trt-opt-level must be 0 to {MAX_TRT_OPT_LEVEL}, got {self.optimization_level}"
-            )
-        if self.dla_core is not None and self.dla_core < 0:
-            raise UsageError(f"--dla-core must be a DLA core number >= 0, got {self.dla_core}")
-
-
-@dataclass
-class ExportSummary:
-    """What one export did: the files kept, the checks, what failed and what was skipped."""
-
-    run_dir: Path
-    files: dict[str, ArtifactEntry] = field(default_factory=dict)  # relpath -> manifest entry
-    checks: dict[str, CheckResult] = field(default_factory=dict)  # relpath -> its check
-    failed: dict[str, str] = field(default_factory=dict)  # relpath (before .failed) -> reason
-    skipped: dict[str, str] = field(default_factory=dict)  # format -> reason
-    missing_dependency: str | None = None  # set when TensorRT was asked for and is not here
-    check_data: str = ""  # what the checks ran on
-    timing: ExportTiming | None = None  # where the time went; also manifest["export"]["timing"]
-
-    def raise_for_status(self) -> None:
-        """Raise GateFailedError if a file failed its gate, else MissingDependencyError if TensorRT was
-        asked for and is missing; return quietly otherwise."""
-        if self.failed:
-            listed = "; ".join(f"{rel}: {why}" for rel, why in self.failed.items())
-            raise GateFailedError(f"{len(self.failed)} exported file(s) failed their check ({listed})")
-        if self.missing_dependency:
-            raise MissingDependencyError(self.missing_dependency)
 
 
 def parse_formats(text: str | Sequence[str] | None) -> list[str] | None:
@@ -165,6 +114,11 @@ def tensorrt_status() -> tuple[bool, str]:
 
 
 def load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
+    """The run's student, stripped of its training-only parts: classification's export wrapper.
+
+    UsageError when the weights are missing, the manifest lacks arch or num_classes, or the
+    weights' sha256 differs from the manifest's.
+    """
     with optional_import("exporting ONNX files"):
         from export.onnx_export import strip_student
         from reviewkd.models import create_model
@@ -185,6 +139,8 @@ def load_student(run: Path, manifest: Manifest) -> torch.nn.Module:
 
 
 def run_batches(run: Path) -> BatchSource:
+    """The run's own images by split (reviewkd.data.iter_run_batches over its config.yaml)."""
+
     def source(split: str, batch_size: int, limit: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
         with optional_import("exporting ONNX files"):
             from reviewkd.data import iter_run_batches
@@ -195,6 +151,7 @@ def run_batches(run: Path) -> BatchSource:
 
 
 def torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.ndarray:
+    """The model's outputs on each float32 NCHW batch, concatenated (classification's reference)."""
     with optional_import("exporting ONNX files"):
         import torch
 
@@ -202,53 +159,263 @@ def torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.nd
         return np.concatenate([model(torch.from_numpy(b)).float().numpy() for b in batches])
 
 
-class ExportRecorder:
-    """Keeps the manifest and the summary in step; the manifest is rewritten after every file."""
+def _check_and_record(
+    context: ExportContext,
+    rel: str,
+    check_as: str,
+    checks: CheckImages | None = None,
+    **meta: Any,
+) -> bool:
+    """Check the ONNX file `rel` as precision `check_as` on `checks` (None: the export's check
+    images), record it (kept or renamed .failed) with `meta`, log the verdict; return passed."""
+    images = checks or context.checks
+    with context.timer.stage(rel, "check"):
+        result = check_file(context.run / rel, check_as, images.batches, images.reference, images.labels)
+    passed = context.recorder.checked(rel, result, "onnx", **meta)
+    context.log(f"  {rel}: {result.status} ({result.reason})")
+    return passed
 
-    def __init__(self, run: Path, manifest: Manifest, summary: ExportSummary) -> None:
-        self.run, self.manifest, self.summary = run, manifest, summary
-        self.block: dict[str, Any] = manifest.setdefault("export", {})
-        self.block.setdefault("checks", {})
-        self.block.setdefault("failed", {})
-        # sha256 of the student.safetensors the files are made from (the loaders check the file
-        # against it): recorded with each file, so that deploy can tell an export from an older
-        # student after retraining (STUDENT_SHA256_KEY).
-        self.student_sha256 = model_block(manifest, "student").sha256
 
-    def keep(self, rel: str, kind: str, **meta: Any) -> None:
-        self.block["failed"].pop(rel, None)
-        if self.student_sha256 is not None:
-            meta.setdefault(STUDENT_SHA256_KEY, self.student_sha256)
-        self.summary.files[rel] = record_artifact(self.run, self.manifest, rel, kind, **meta)
-        write_manifest(self.run, self.manifest)
+def _produce_fp32(context: ExportContext, name: str) -> bool:
+    """Trace the wrapper to the fp32 ONNX file (format "onnx"), every other flavour's source."""
+    with optional_import("exporting ONNX files"):
+        from export.onnx_export import DEFAULT_OPSET, export_fp32
 
-    def checked(self, rel: str, result: CheckResult, kind: str, **meta: Any) -> bool:
-        """Record a checked file: kept if it passed, renamed to .failed if not. Returns passed."""
-        self.summary.checks[rel] = result
-        self.block["checks"][rel] = result.as_dict()
-        if result.passed:
-            self.keep(rel, kind, check=result.status, **meta)
-            return True
-        path = self.run / rel
-        os.replace(path, path.with_name(path.name + run_layout.FAILED_SUFFIX))
-        forget_artifact(self.manifest, rel)
-        self.block["failed"][rel] = result.reason
-        self.summary.failed[rel] = result.reason
-        write_manifest(self.run, self.manifest)
+    manifest, opset = context.manifest, context.options.opset
+    recorded = model_block(manifest, "student")
+    metadata = {
+        "classes": manifest.get("classes", []),
+        "input": manifest.get("input", {}),
+        "student": {"arch": recorded.arch, "num_classes": recorded.num_classes, "sha256": recorded.sha256},
+        "source_sha256": sha256_file(context.run / STUDENT_FILE),
+    }
+    rel = ONNX_FORMATS[name].file
+    context.log(f"exporting {rel}")
+    with context.timer.stage(rel, "export"):
+        info = export_fp32(
+            context.model,
+            context.run / rel,
+            input_spec(manifest).shape,
+            metadata,
+            opset=DEFAULT_OPSET if opset is None else opset,
+        )
+    context.recorder.block["weights"] = {
+        k: v for k, v in info.items() if k not in ("opset", "exporter", "optimizer")
+    }
+    return _check_and_record(context, rel, "fp32", precision="fp32", flavour="fp32", **info)
+
+
+def _produce_fp16(context: ExportContext, name: str) -> bool:
+    """Convert the fp32 file to fp16 compute with fp32 I/O (format "fp16")."""
+    with optional_import("exporting ONNX files"):
+        from export.precision import convert_fp16
+
+    rel = ONNX_FORMATS[name].file
+    context.log(f"converting {rel}")
+    with context.timer.stage(rel, "convert"):
+        info = convert_fp16(context.run / FP32_FILE, context.run / rel)
+    return _check_and_record(context, rel, "fp16", precision="fp16", flavour="fp16", **info)
+
+
+def _int8_needs_data(context: ExportContext) -> str | None:
+    """Why int8 cannot run: calibration and its gate need images."""
+    if context.has_data:
+        return None
+    return "int8 needs calibration and validation images: pass --data IMAGEFOLDER"
+
+
+def _calibration_inputs(context: ExportContext) -> tuple[CalibrationData, np.ndarray | None]:
+    """The training images every int8 flavour calibrates on and is judged on, and the fp32 file's
+    outputs on the held-out part (one pass shared by every candidate and mixed-precision search);
+    recorded as manifest["export"]["calibration"]."""
+    with optional_import("exporting ONNX files"):
+        from export.calibration import AUTO, DEFAULT_HELD_OUT, split_training_images
+
+    options = context.options
+    judged = options.calib_method == AUTO or options.max_top1_drop_int8 is not None
+    held_out = DEFAULT_HELD_OUT if judged else 0
+    context.log(f"calibrating int8 on up to {options.calib_samples} training images ({options.calib_method})")
+    with context.timer.shared("read calibration images"):
+        data = split_training_images(
+            context.source("train", options.batch_size, options.calib_samples + held_out),
+            options.calib_samples,
+            held_out,
+            seed=context.data_seed,
+        )
+    reference = None
+    if data.held_out:
+        with context.timer.shared("held-out reference logits (fp32 ONNX)"):
+            reference = run_onnx(context.run / FP32_FILE, data.held_out)
+    context.recorder.block["calibration"] = {"method": options.calib_method, **data.describe()}
+    return data, reference
+
+
+def _produce_int8(context: ExportContext, name: str) -> bool:
+    """Calibrate and quantize one int8 flavour (formats "int8", "int8-trt"), within the budget."""
+    with optional_import("exporting ONNX files"):
+        from export.calibration import quantize_calibrated
+
+    data, held_out_reference = context.once("int8 calibration", lambda: _calibration_inputs(context))
+    fmt = ONNX_FORMATS[name]
+    context.log(f"quantizing {fmt.file}")
+    desc = quantize_calibrated(
+        context.run / FP32_FILE,
+        context.run / fmt.file,
+        data,
+        flavour=fmt.flavour,
+        method=context.options.calib_method,
+        max_top1_drop=context.options.max_top1_drop_int8,
+        held_out_reference=held_out_reference,
+        clock=context.timer.clock(fmt.file),
+    )
+    floats = [layer["module"] for layer in desc.get("mixed_precision", {}).get("float_layers", [])]
+    method = desc["calibration"]["method"]
+    context.log(f"  calibration: {method}; float layers: {', '.join(floats) or 'none'}")
+    return _check_and_record(context, fmt.file, "int8", precision="int8", **desc)
+
+
+def _produce_uint8_input(context: ExportContext, name: str) -> bool:
+    """Bake the preprocessing into the fp32 file: uint8 NHWC input (--bake-preprocessing), checked
+    on the check images rounded to uint8 against the wrapper's own pass on them."""
+    with optional_import("exporting ONNX files"):
+        from export.preprocessing import bake_preprocessing, to_uint8_nhwc
+
+    spec = input_spec(context.manifest)
+    rel = UINT8_INPUT.file
+    context.log(f"baking preprocessing into {rel}")
+    with context.timer.stage(rel, "bake"):
+        info = bake_preprocessing(context.run / FP32_FILE, context.run / rel, spec.mean, spec.std)
+    with context.timer.stage(rel, "reference logits (PyTorch)"):
+        pairs = [to_uint8_nhwc(b, spec.mean, spec.std) for b in context.checks.batches]
+        reference = torch_logits(context.model, [p[1] for p in pairs])
+    rounded = CheckImages([p[0] for p in pairs], reference, context.checks.labels)
+    return _check_and_record(
+        context, rel, UINT8_CHECK, rounded, precision=UINT8_INPUT.precision, flavour=UINT8_INPUT.flavour,
+        **info,
+    )
+
+
+def _produce_engines(context: ExportContext, name: str) -> bool:
+    """Build the TensorRT engines from the run's checked ONNX files (format "tensorrt"); without
+    TensorRT or a GPU, record the missing dependency (exit 3)."""
+    if context.tensorrt_missing is not None:
+        context.recorder.summary.missing_dependency = f"--formats {name}: {context.tensorrt_missing}"
+        context.recorder.skip(name, context.tensorrt_missing)
         return False
+    _build_engines(
+        context.run, context.manifest, context.recorder, context.options.tensorrt, context.log, context.timer
+    )
+    return True
 
-    def skip(self, fmt: str, reason: str) -> None:
-        self.summary.skipped[fmt] = reason
-        self.block.setdefault("skipped", {})[fmt] = reason
-        write_manifest(self.run, self.manifest)
 
-    def finish(self, timer: StageTimer, log: Callable[[str], None]) -> None:
-        """Record the timing table in the summary and the manifest, write the manifest, print the table."""
-        timing = timer.block()
-        self.summary.timing = timing
-        self.block["timing"] = timing
-        write_manifest(self.run, self.manifest)
-        log("time per stage (wall: elapsed; cpu: this process, every thread):\n" + timing_table(timing))
+# Classification's producers, in the registry's order (deploy.formats): the ONNX flavours, the
+# uint8-input file, then the engines built from them.
+CLASSIFICATION_PRODUCERS: dict[str, FormatProducer] = {
+    "onnx": FormatProducer(_produce_fp32),
+    "fp16": FormatProducer(_produce_fp16, made_from="onnx"),
+    "int8": FormatProducer(_produce_int8, made_from="onnx", unavailable=_int8_needs_data),
+    "int8-trt": FormatProducer(_produce_int8, made_from="onnx", unavailable=_int8_needs_data),
+    UINT8_INPUT.name: FormatProducer(_produce_uint8_input, made_from="onnx"),
+    TENSORRT_FORMAT: FormatProducer(_produce_engines),
+}
+
+# Each task's export (export.producing), by deploy.tasks name; a task missing here cannot be exported.
+EXPORT_TASKS: dict[str, ExportTask] = {
+    CLASSIFICATION: ExportTask(load_student, torch_logits, CLASSIFICATION_PRODUCERS),
+}
+
+
+def export_task(run: Path, manifest: Manifest) -> ExportTask:
+    """The ExportTask of the run's task; UsageError naming the run for a task export cannot make."""
+    spec = task_of(manifest, str(run / run_layout.MANIFEST))
+    if spec.name not in EXPORT_TASKS:
+        raise UsageError(f"{run}: a {spec.name} run; export is not available: {spec.deploy_skip_reason}")
+    return EXPORT_TASKS[spec.name]
+
+
+def _check_options(
+    opset: int | None, calib_method: str, calib_samples: int, check_samples: int, batch_size: int
+) -> None:
+    """UsageError for an export option out of range, before anything is read or written."""
+    with optional_import("exporting ONNX files"):
+        from export.calibration import METHOD_CHOICES
+        from export.onnx_export import check_opset
+
+    if opset is not None:
+        check_opset(opset)
+    if calib_method not in METHOD_CHOICES:
+        raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(METHOD_CHOICES)}")
+    for name, value in (
+        ("--calib-samples", calib_samples),
+        ("check_samples", check_samples),
+        ("batch_size", batch_size),
+    ):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+
+
+def _resolve_formats(wanted: list[str] | None, recorder: ExportRecorder) -> tuple[list[str], str | None]:
+    """The formats to export (None: every ONNX format, plus TensorRT where it can build) and why
+    TensorRT cannot build engines here (None: it can; only asked when TensorRT may be wanted)."""
+    trt_ok, trt_reason = tensorrt_status() if wanted is None or TENSORRT_FORMAT in wanted else (True, "")
+    if wanted is None:
+        wanted = list(ONNX_FORMATS) + ([TENSORRT_FORMAT] if trt_ok else [])
+        if not trt_ok:
+            recorder.skip(TENSORRT_FORMAT, f"not requested by default: {trt_reason}")
+    return wanted, None if trt_ok else trt_reason
+
+
+def _check_images(
+    run: Path,
+    task: ExportTask,
+    model: torch.nn.Module,
+    source: BatchSource | None,
+    input_shape: tuple[int, ...],
+    check_samples: int,
+    batch_size: int,
+    timer: StageTimer,
+) -> tuple[CheckImages, str]:
+    """The images every file is checked on, with the wrapper's reference outputs, and a line saying
+    what they are: up to `check_samples` validation images from `source`, or without one
+    RANDOM_CHECK_IMAGES random inputs (no labels)."""
+    if source is not None:
+        with timer.shared("read check images"):
+            pairs = list(source("val", batch_size, check_samples))
+        if not pairs:
+            raise UsageError(f"{run}: the validation split has no images to check the exported files on")
+        batches = [p[0].astype(np.float32) for p in pairs]
+        labels: np.ndarray | None = np.concatenate([p[1] for p in pairs])
+        described = f"{sum(len(b) for b in batches)} validation images of the run"
+    else:
+        count = min(check_samples, RANDOM_CHECK_IMAGES)
+        batches = [np.random.default_rng(0).standard_normal((count, *input_shape), dtype=np.float32)]
+        labels = None
+        described = f"{count} random inputs (no image data: int8 skipped, accuracy not measured)"
+    with timer.shared("reference logits (PyTorch)"):
+        reference = task.reference(model, batches)
+    return CheckImages(batches, reference, labels), described
+
+
+# The run-relative file of each ONNX format of the registry, by name.
+FORMAT_FILES: dict[str, str] = {spec.name: spec.file for spec in (*ONNX_FORMATS.values(), UINT8_INPUT)}
+
+
+def _run_producers(
+    context: ExportContext, producers: Mapping[str, FormatProducer], planned: Sequence[str]
+) -> None:
+    """Run each planned format's producer in order; a format whose source file failed, or that
+    cannot run in this export, is skipped with the reason."""
+    for name in planned:
+        producer = producers[name]
+        reason = producer.unavailable(context)
+        source = producer.made_from
+        if reason is None and source is not None and not context.passed[source]:
+            reason = f"{FORMAT_FILES[source]} failed its check"
+        if reason is not None:
+            context.recorder.skip(name, reason)
+            context.passed[name] = False
+            continue
+        context.passed[name] = producer.produce(context, name)
 
 
 @locks_run("export")
@@ -269,6 +436,10 @@ def export_run(
     timer: StageTimer | None = None,
 ) -> ExportSummary:
     """Export the run's student to `formats` (default: every ONNX flavour, plus TensorRT if here).
+
+    The run's task (manifest "task") picks its ExportTask from EXPORT_TASKS: its wrapper, its
+    reference outputs and its producers, one per format (export.producing). The requested formats
+    and those they are made from run in the producers' order.
 
     Args:
         run_dir: a run directory with manifest.json and student.safetensors.
@@ -294,7 +465,8 @@ def export_run(
     Returns the summary; call its raise_for_status() to turn failures into exit codes.
 
     Raises:
-        UsageError: no student, a bad manifest, an unwritable export folder, a bad option.
+        UsageError: no student, a bad manifest, an unwritable export folder, a bad option, a task
+            export cannot make.
         MissingDependencyError: an ONNX format was asked for and torch is not installed.
     """
     timer = timer or StageTimer()
@@ -306,178 +478,41 @@ def export_run(
         return export_engines(run, tensorrt, log, timer=timer)
     require_installed("torch", "exporting ONNX files (any --formats but tensorrt)")
     with optional_import("exporting ONNX files"):
-        from export.calibration import METHOD_CHOICES
-        from export.onnx_export import check_opset
+        from reviewkd.data import DATA_SEED
 
-    if opset is not None:
-        check_opset(opset)
-    if calib_method not in METHOD_CHOICES:
-        raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(METHOD_CHOICES)}")
-    for name, value in (
-        ("--calib-samples", calib_samples),
-        ("check_samples", check_samples),
-        ("batch_size", batch_size),
-    ):
-        if value < 1:
-            raise UsageError(f"{name} must be >= 1, got {value}")
+    _check_options(opset, calib_method, calib_samples, check_samples, batch_size)
     manifest = read_manifest(run)
-    spec = input_spec(manifest)
-    input_shape = spec.shape
-    model = load_student(run, manifest)
+    task = export_task(run, manifest)
+    model = task.load_model(run, manifest)
     ensure_writable_dir(run / run_layout.EXPORT_DIR)
     summary = ExportSummary(run)
     recorder = ExportRecorder(run, manifest, summary)
-
-    trt_ok, trt_reason = tensorrt_status() if wanted is None or "tensorrt" in wanted else (False, "")
-    if wanted is None:
-        wanted = list(ONNX_FORMATS) + (["tensorrt"] if trt_ok else [])
-        if not trt_ok:
-            recorder.skip("tensorrt", f"not requested by default: {trt_reason}")
-
+    wanted, tensorrt_missing = _resolve_formats(wanted, recorder)
     has_data = batches is not None or run_layout.run_path(run, run_layout.CONFIG).is_file()
     source = batches if batches is not None else run_batches(run)
-    mean, std = spec.mean, spec.std
-
-    # Check images and the student's reference logits, computed once for every file.
-    if has_data:
-        with timer.shared("read check images"):
-            pairs = list(source("val", batch_size, check_samples))
-        if not pairs:
-            raise UsageError(f"{run}: the validation split has no images to check the exported files on")
-        val_images = [p[0].astype(np.float32) for p in pairs]
-        val_labels = np.concatenate([p[1] for p in pairs])
-        labels: np.ndarray | None = val_labels
-        summary.check_data = f"{len(val_labels)} validation images of the run"
-    else:
-        rng = np.random.default_rng(0)
-        count = min(check_samples, RANDOM_CHECK_IMAGES)
-        val_images = [rng.standard_normal((count, *input_shape), dtype=np.float32)]
-        labels = None
-        summary.check_data = f"{count} random inputs (no image data: int8 skipped, accuracy not measured)"
-    with timer.shared("reference logits (PyTorch)"):
-        reference = torch_logits(model, val_images)
+    checks, summary.check_data = _check_images(
+        run,
+        task,
+        model,
+        source if has_data else None,
+        input_spec(manifest).shape,
+        check_samples,
+        batch_size,
+        timer,
+    )
     recorder.block.update(
         {"check_data": summary.check_data, "opset": opset, "formats": wanted, "calibration": None}
     )
-
-    recorded = model_block(manifest, "student")
-    metadata = {
-        "classes": manifest.get("classes", []),
-        "input": manifest.get("input", {}),
-        "student": {"arch": recorded.arch, "num_classes": recorded.num_classes, "sha256": recorded.sha256},
-        "source_sha256": sha256_file(run / STUDENT_FILE),
-    }
-    with optional_import("exporting ONNX files"):
-        from export.calibration import AUTO, DEFAULT_HELD_OUT, quantize_calibrated, split_training_images
-        from export.onnx_export import DEFAULT_OPSET, export_fp32
-        from export.precision import convert_fp16
-
-    opset = DEFAULT_OPSET if opset is None else opset
-    onnx_wanted = [f for f in ONNX_FORMATS if f in wanted]
-    fp32_ok = False
-    if onnx_wanted or bake_preprocessing:
-        log(f"exporting {FP32_FILE}")
-        with timer.stage(FP32_FILE, "export"):
-            info = export_fp32(model, run / FP32_FILE, input_shape, metadata, opset=opset)
-        recorder.block["weights"] = {
-            k: v for k, v in info.items() if k not in ("opset", "exporter", "optimizer")
-        }
-        with timer.stage(FP32_FILE, "check"):
-            result = check_file(run / FP32_FILE, "fp32", val_images, reference, labels)
-        fp32_ok = recorder.checked(FP32_FILE, result, "onnx", precision="fp32", flavour="fp32", **info)
-        log(f"  {FP32_FILE}: {result.status} ({result.reason})")
-
-    def from_fp32(fmt: str) -> bool:
-        if not fp32_ok:
-            recorder.skip(fmt, f"{FP32_FILE} failed its check")
-        return fp32_ok
-
-    fp32_path = run / FP32_FILE
-    if "fp16" in wanted and from_fp32("fp16"):
-        rel = ONNX_FORMATS["fp16"].file
-        log(f"converting {rel}")
-        with timer.stage(rel, "convert"):
-            info = convert_fp16(fp32_path, run / rel)
-        with timer.stage(rel, "check"):
-            result = check_file(run / rel, "fp16", val_images, reference, labels)
-        recorder.checked(rel, result, "onnx", precision="fp16", flavour="fp16", **info)
-        log(f"  {rel}: {result.status} ({result.reason})")
-
-    int8_wanted = [f for f in ("int8", "int8-trt") if f in wanted]
-    if int8_wanted and not has_data:
-        for fmt in int8_wanted:
-            recorder.skip(fmt, "int8 needs calibration and validation images: pass --data IMAGEFOLDER")
-    elif int8_wanted and fp32_ok:
-        with optional_import("exporting ONNX files"):
-            from reviewkd.data import DATA_SEED
-
-        budget = max_top1_drop_int8
-        held_out = DEFAULT_HELD_OUT if calib_method == AUTO or budget is not None else 0
-        log(f"calibrating int8 on up to {calib_samples} training images ({calib_method})")
-        with timer.shared("read calibration images"):
-            data = split_training_images(
-                source("train", batch_size, calib_samples + held_out),
-                calib_samples,
-                held_out,
-                seed=DATA_SEED if batches is None else None,
-            )
-        # The fp32 file's logits on the held-out images: one pass that every int8 flavour's
-        # calibration candidates and mixed-precision search compare against.
-        held_out_reference = None
-        if data.held_out:
-            with timer.shared("held-out reference logits (fp32 ONNX)"):
-                held_out_reference = run_onnx(fp32_path, data.held_out)
-        recorder.block["calibration"] = {"method": calib_method, **data.describe()}
-        for fmt in int8_wanted:
-            rel = ONNX_FORMATS[fmt].file
-            log(f"quantizing {rel}")
-            desc = quantize_calibrated(
-                fp32_path,
-                run / rel,
-                data,
-                flavour=ONNX_FORMATS[fmt].flavour,
-                method=calib_method,
-                max_top1_drop=budget,
-                held_out_reference=held_out_reference,
-                clock=timer.clock(rel),
-            )
-            floats = [layer["module"] for layer in desc.get("mixed_precision", {}).get("float_layers", [])]
-            method = desc["calibration"]["method"]
-            log(f"  calibration: {method}; float layers: {', '.join(floats) or 'none'}")
-            with timer.stage(rel, "check"):
-                result = check_file(run / rel, "int8", val_images, reference, labels)
-            recorder.checked(rel, result, "onnx", precision="int8", **desc)
-            log(f"  {rel}: {result.status} ({result.reason})")
-    else:
-        for fmt in int8_wanted:
-            from_fp32(fmt)
-
-    if bake_preprocessing and from_fp32(UINT8_INPUT.name):
-        with optional_import("exporting ONNX files"):
-            from export.preprocessing import bake_preprocessing as bake_uint8_input
-            from export.preprocessing import to_uint8_nhwc
-
-        uint8_rel = UINT8_INPUT.file
-        log(f"baking preprocessing into {uint8_rel}")
-        with timer.stage(uint8_rel, "bake"):
-            info = bake_uint8_input(fp32_path, run / uint8_rel, mean, std)
-        # Its own images (the check images rounded to uint8), so its own reference pass.
-        with timer.stage(uint8_rel, "reference logits (PyTorch)"):
-            pairs_u8 = [to_uint8_nhwc(b, mean, std) for b in val_images]
-            ref_u8 = torch_logits(model, [p[1] for p in pairs_u8])
-        with timer.stage(uint8_rel, "check"):
-            result = check_file(run / uint8_rel, UINT8_CHECK, [p[0] for p in pairs_u8], ref_u8, labels)
-        recorder.checked(
-            uint8_rel, result, "onnx", precision=UINT8_INPUT.precision, flavour=UINT8_INPUT.flavour, **info
-        )
-        log(f"  {uint8_rel}: {result.status} ({result.reason})")
-
-    if TENSORRT_FORMAT in wanted:
-        if not trt_ok:
-            summary.missing_dependency = f"--formats tensorrt: {trt_reason}"
-            recorder.skip("tensorrt", trt_reason)
-        else:
-            _build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log, timer)
+    options = ExportOptions(
+        calib_samples, calib_method, max_top1_drop_int8, batch_size, opset, tensorrt or TensorRTOptions()
+    )
+    context = ExportContext(
+        run, manifest, model, recorder, timer, log, options, checks, source, has_data,
+        data_seed=DATA_SEED if batches is None else None,
+        tensorrt_missing=tensorrt_missing,
+    )
+    requested = wanted + ([UINT8_INPUT.name] if bake_preprocessing else [])
+    _run_producers(context, task.producers, task.plan(requested))
     recorder.finish(timer, log)
     return summary
 

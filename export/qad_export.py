@@ -44,16 +44,9 @@ from deploy.manifest import input_spec, model_block, read_manifest, write_manife
 from deploy.run_lock import locks_run
 from export.check import CheckResult, compare, gate, run_onnx
 from export.onnx_export import DEFAULT_OPSET, optimize_onnx, save_onnx, set_metadata, torch_export
-from export.pipeline import (
-    STUDENT_FILE,
-    BatchSource,
-    ExportRecorder,
-    ExportSummary,
-    load_student,
-    run_batches,
-    torch_logits,
-)
+from export.pipeline import STUDENT_FILE, load_student, run_batches, torch_logits
 from export.precision import Int8Flavour, zero_points_all_zero
+from export.producing import BatchSource, ExportRecorder, ExportSummary
 from reviewkd.qad import load_qad_student
 
 # QAD trained full 8-bit weights, so both files run unfused in ONNX Runtime (Int8Flavour.runs_unfused);
