@@ -14,6 +14,10 @@ The formats and their files are deploy.formats' registry:
     export/student.uint8.onnx    fp32, uint8 NHWC input     --bake-preprocessing
     export/student.<p>.plan(.json)  TensorRT engines        format "tensorrt"  (fp32, fp16, int8)
 
+Each format is made by its producer (export.producing): CLASSIFICATION_PRODUCERS below, one per
+format in the registry's order, registered for the task in EXPORT_TASKS; export_run plans the
+requested formats and those they are made from, and runs their producers in turn.
+
 `--formats tensorrt` alone builds engines from the run's already checked ONNX files and needs
 neither torch nor the student: that is the path of a serving device (a Jetson) with the edge
 install. Every other format loads the student with torch, which this module imports only then.
@@ -410,7 +414,9 @@ def _run_producers(
         reason = producer.unavailable(context)
         source = producer.made_from
         if reason is None and source is not None and not context.passed[source]:
-            reason = f"{FORMAT_FILES[source]} failed its check"
+            source_file = FORMAT_FILES.get(source, source)
+            skipped = context.recorder.summary.skipped.get(source)
+            reason = f"{source_file} " + (f"was not made ({skipped})" if skipped else "failed its check")
         if reason is not None:
             context.recorder.skip(name, reason)
             context.passed[name] = False

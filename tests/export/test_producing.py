@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,15 @@ def test_a_task_without_an_export_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(UsageError, match="a detection run; export is not available"):
         export_run(run, ["onnx"])
     assert read_manifest(run) == before
+
+
+def test_a_format_made_from_a_skipped_one_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _detection_run(tmp_path)
+    calls: list[str] = []
+    task = _task(True, calls)
+    fp32 = dataclasses.replace(task.producers["onnx"], unavailable=lambda context: "no tracer here")
+    task = dataclasses.replace(task, producers={**task.producers, "onnx": fp32})
+    monkeypatch.setitem(pipeline.EXPORT_TASKS, DETECTION, task)
+    summary = export_run(run, ["fp16"])
+    assert calls == []
+    assert summary.skipped == {"onnx": "no tracer here", "fp16": f"{FP32_FILE} was not made (no tracer here)"}
