@@ -35,7 +35,7 @@ import numpy as np
 from deploy.errors import UsageError
 from export.check import run_onnx
 from export.mixed_precision import fit_budget
-from export.precision import CALIBRATION_METHODS, Int8Quantizer
+from export.precision import CALIBRATION_METHODS, ActivationStatistics, Int8Quantizer
 from export.timing import StageClock, untimed
 
 AUTO = "auto"
@@ -153,6 +153,7 @@ def quantize_calibrated(
     method: str = AUTO,
     max_top1_drop: float | None = None,
     held_out_reference: np.ndarray | None = None,
+    statistics: ActivationStatistics | None = None,
     clock: StageClock = untimed,
 ) -> dict[str, Any]:
     """Write the int8 `flavour` of `fp32_path` to `dst`, with `method` or, for "auto", the best one.
@@ -165,9 +166,12 @@ def quantize_calibrated(
     `held_out_reference` is the fp32 file's logits on `data.held_out` (run_onnx), which every
     candidate's score and the mixed-precision search compare against: an export of several int8
     flavours computes it once and passes it to each; None computes it here, once for this file.
-    `clock` times the stages: "calibrate <method>" (statistics and ranges, and for "auto" writing
-    that candidate), "score <method>" (running a candidate on the held-out images), then
-    "mixed-precision" (the search and the final write) or "quantize" (the write without a budget).
+    `statistics` are `data.calibration`'s ActivationStatistics of `fp32_path`: one pass over the
+    calibration images that every method and flavour reads; None collects them here for this file.
+    `clock` times the stages: "calibration statistics" (that pass, where it runs here),
+    "calibrate <method>" (the method's ranges, and for "auto" writing that candidate), "score
+    <method>" (running a candidate on the held-out images), then "mixed-precision" (the search and
+    the final write) or "quantize" (the write without a budget).
     """
     if method not in METHOD_CHOICES:
         raise UsageError(f"--calib-method {method!r}: expected one of {', '.join(METHOD_CHOICES)}")
@@ -180,13 +184,21 @@ def quantize_calibrated(
         with clock("fp32 reference"):
             held_out_reference = run_onnx(fp32_path, data.held_out)
     with contextlib.ExitStack() as stack:
+        if statistics is None:
+            statistics = stack.enter_context(ActivationStatistics(fp32_path, data.calibration))
+            with clock("calibration statistics"):
+                statistics.collect()
         if method == AUTO:
             assert held_out_reference is not None  # held-out images exist: checked above
-            quantizer = _best_quantizer(stack, fp32_path, data, flavour, record, held_out_reference, clock)
+            quantizer = _best_quantizer(
+                stack, fp32_path, data, flavour, record, held_out_reference, statistics, clock
+            )
         else:
             with clock(f"calibrate {method}"):
                 quantizer = stack.enter_context(
-                    Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=method)
+                    Int8Quantizer(
+                        fp32_path, data.calibration, flavour=flavour, method=method, statistics=statistics
+                    )
                 )
                 quantizer.calibrate()
         if max_top1_drop is None:
@@ -223,6 +235,7 @@ def _best_quantizer(
     flavour: str,
     record: dict[str, Any],
     reference: np.ndarray,
+    statistics: ActivationStatistics,
     clock: StageClock,
 ) -> Int8Quantizer:
     """Quantize with every method, score each against the fp32 `reference` logits of the held-out
@@ -234,7 +247,9 @@ def _best_quantizer(
     for candidate in CALIBRATION_METHODS:
         with clock(f"calibrate {candidate}"):
             quantizer = stack.enter_context(
-                Int8Quantizer(fp32_path, data.calibration, flavour=flavour, method=candidate)
+                Int8Quantizer(
+                    fp32_path, data.calibration, flavour=flavour, method=candidate, statistics=statistics
+                )
             )
             quantizers[candidate] = quantizer
             quantizer.write(tmp / f"{candidate}.onnx")

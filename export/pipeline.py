@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
     import torch
 
     from export.calibration import CalibrationData
+    from export.precision import ActivationStatistics
 
 STUDENT_FILE = run_layout.STUDENT_WEIGHTS
 FP32_FILE = ONNX_FORMATS["onnx"].file
@@ -228,12 +230,24 @@ def _int8_needs_data(context: ExportContext) -> str | None:
     return "int8 needs calibration and validation images: pass --data IMAGEFOLDER"
 
 
-def _calibration_inputs(context: ExportContext) -> tuple[CalibrationData, np.ndarray | None]:
-    """The training images every int8 flavour calibrates on and is judged on, and the fp32 file's
-    outputs on the held-out part (one pass shared by every candidate and mixed-precision search);
+@dataclass(frozen=True)
+class Int8Inputs:
+    """What every int8 flavour of one export shares: the training images it calibrates on and is
+    judged on, the fp32 file's outputs on the held-out part (one pass for every candidate and
+    mixed-precision search), and the calibration images' activation statistics (one pass for every
+    method and flavour)."""
+
+    data: CalibrationData
+    held_out_reference: np.ndarray | None
+    statistics: ActivationStatistics
+
+
+def _int8_inputs(context: ExportContext) -> Int8Inputs:
+    """Read and compute the export's Int8Inputs, each pass timed as a shared stage; the images are
     recorded as manifest["export"]["calibration"]."""
     with optional_import("exporting ONNX files"):
         from export.calibration import AUTO, DEFAULT_HELD_OUT, split_training_images
+        from export.precision import ActivationStatistics
 
     options = context.options
     judged = options.calib_method == AUTO or options.max_top1_drop_int8 is not None
@@ -250,8 +264,12 @@ def _calibration_inputs(context: ExportContext) -> tuple[CalibrationData, np.nda
     if data.held_out:
         with context.timer.shared("held-out reference logits (fp32 ONNX)"):
             reference = run_onnx(context.run / FP32_FILE, data.held_out)
+    statistics = ActivationStatistics(context.run / FP32_FILE, data.calibration)
+    context.resources.enter_context(statistics)
+    with context.timer.shared("calibration statistics"):
+        statistics.collect()
     context.recorder.block["calibration"] = {"method": options.calib_method, **data.describe()}
-    return data, reference
+    return Int8Inputs(data, reference, statistics)
 
 
 def _produce_int8(context: ExportContext, name: str) -> bool:
@@ -259,17 +277,18 @@ def _produce_int8(context: ExportContext, name: str) -> bool:
     with optional_import("exporting ONNX files"):
         from export.calibration import quantize_calibrated
 
-    data, held_out_reference = context.once("int8 calibration", lambda: _calibration_inputs(context))
+    shared = context.once("int8 inputs", lambda: _int8_inputs(context))
     fmt = ONNX_FORMATS[name]
     context.log(f"quantizing {fmt.file}")
     desc = quantize_calibrated(
         context.run / FP32_FILE,
         context.run / fmt.file,
-        data,
+        shared.data,
         flavour=fmt.flavour,
         method=context.options.calib_method,
         max_top1_drop=context.options.max_top1_drop_int8,
-        held_out_reference=held_out_reference,
+        held_out_reference=shared.held_out_reference,
+        statistics=shared.statistics,
         clock=context.timer.clock(fmt.file),
     )
     floats = [layer["module"] for layer in desc.get("mixed_precision", {}).get("float_layers", [])]
@@ -518,7 +537,8 @@ def export_run(
         tensorrt_missing=tensorrt_missing,
     )
     requested = wanted + ([UINT8_INPUT.name] if bake_preprocessing else [])
-    _run_producers(context, task.producers, task.plan(requested))
+    with context.resources:
+        _run_producers(context, task.producers, task.plan(requested))
     recorder.finish(timer, log)
     return summary
 

@@ -281,36 +281,42 @@ CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-class Int8Quantizer:
-    """Quantizes one fp32 ONNX file to int8 Q/DQ, calibrating once and writing as many files as asked.
+class ActivationStatistics:
+    """One pass of activation statistics over the calibration images, read by every method.
 
-    Use as a context manager: the prepared model and the calibration ranges live in a temporary
-    folder. `write` can exclude nodes (mixed precision) or quantize only some (sensitivity).
+    The prepared model (ORT's shape inference and fusions, `prepared`) runs once over the images, one
+    batch at a time, with every tensor ORT calibrates as an output (ORT's histogram calibrator's
+    augmented model and session). Each batch's tensors feed, as ORT's three calibrators would:
+    - their minimum and maximum (what MinMaxCalibrater's ReduceMin/ReduceMax nodes compute);
+    - ORT's HistogramCollector of signed values (entropy, and percentile for asymmetric ranges);
+    - ORT's HistogramCollector of absolute values (percentile for symmetric ranges).
+    `ranges(method, symmetric)` then computes a method's ranges from them without running the model
+    again: the same TensorsData ORT's calibrator of that method computes from its own pass (tested
+    in tests/export/test_precision.py), so the int8 files are the same, at a third of the passes for
+    one flavour and a sixth for both. The entropy thresholds are `entropy_threshold`'s.
+
+    One instance serves every flavour and method of one fp32 file and one list of calibration
+    images; use it as a context manager (the prepared and augmented models live in a temporary folder).
     """
 
-    def __init__(
-        self,
-        src: str | os.PathLike[str],
-        calibration: Sequence[np.ndarray],
-        *,
-        flavour: str = "cpu",
-        method: str = "minmax",
-    ) -> None:
-        if flavour not in INT8_FLAVOURS:
-            raise UsageError(f"int8 flavour {flavour!r}: expected one of {', '.join(INT8_FLAVOURS)}")
-        if method not in CALIBRATION_METHODS:
-            raise UsageError(f"--calib-method {method!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
-        self.src, self.flavour, self.method = Path(src), INT8_FLAVOURS[flavour], method
+    def __init__(self, src: str | os.PathLike[str], calibration: Sequence[np.ndarray]) -> None:
+        if not calibration:
+            raise UsageError("int8 calibration needs at least one batch of images")
+        self.src = Path(src)
         self.calibration = list(calibration)
-        self.metadata = get_metadata(load_onnx(src))
-        self._tmp = tempfile.TemporaryDirectory(prefix="reviewkd-quant-")
+        self._tmp = tempfile.TemporaryDirectory(prefix="reviewkd-calib-stats-")
         self._prepared: Path | None = None
-        self._ranges: Path | None = None
+        self._collected: tuple[dict[str, tuple[np.ndarray, np.ndarray]], Any, Any] | None = None
+        self._ranges: dict[tuple[str, bool], Any] = {}
 
-    def __enter__(self) -> Int8Quantizer:
+    def __enter__(self) -> ActivationStatistics:
         return self
 
     def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the temporary folder."""
         self._tmp.cleanup()
 
     @property
@@ -327,60 +333,161 @@ class Int8Quantizer:
                 onnx.save(model, str(self._prepared))
         return self._prepared
 
+    def collect(self) -> None:
+        """Run the pass over the calibration images now (once; later calls return at once)."""
+        if self._collected is not None:
+            return
+        with optional_import("int8 quantization"):
+            from onnxruntime.quantization.calibrate import (
+                CalibrationMethod,
+                HistogramCollector,
+                create_calibrator,
+            )
+
+        options = CALIBRATOR_OPTIONS["percentile"]
+
+        def collector(method: str, symmetric: bool) -> Any:
+            return HistogramCollector(
+                method=method,
+                symmetric=symmetric,
+                num_bins=options["num_bins"],
+                num_quantized_bins=CALIBRATOR_OPTIONS["entropy"]["num_quantized_bins"],
+                percentile=options["percentile"],
+                scenario="same",
+            )
+
+        # The entropy calibrator's augmented model and session: every calibrated tensor an output.
+        calibrator = create_calibrator(
+            self.prepared,
+            augmented_model_path=str(Path(self._tmp.name) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.Entropy,
+            extra_options=CALIBRATOR_OPTIONS["entropy"],
+        )
+        session = calibrator.infer_session
+        input_name = session.get_inputs()[0].name
+        names = [output.name for output in session.get_outputs()]
+        calibrated = calibrator.tensors_to_calibrate
+        signed, absolute = collector("entropy", False), collector("percentile", True)
+        extremes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # ORT's collectors print their progress to stdout, which is the CLI's output: kept out of it.
+        with contextlib.redirect_stdout(io.StringIO()):
+            for batch in self.calibration:
+                outputs = session.run(None, {input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+                tensors = {n: [v] for n, v in zip(names, outputs, strict=True) if n in calibrated}
+                for name, (value,) in tensors.items():
+                    # As MinMaxCalibrater: ReduceMin/ReduceMax with keepdims, reshaped to [-1].
+                    low = np.min(value, keepdims=True).reshape(-1)
+                    high = np.max(value, keepdims=True).reshape(-1)
+                    if name in extremes:
+                        low = np.nanmin([extremes[name][0], low], axis=0)
+                        high = np.nanmax([extremes[name][1], high], axis=0)
+                    extremes[name] = (low, high)
+                signed.collect(tensors)
+                absolute.collect(tensors)
+        self._collected = (extremes, signed, absolute)
+
+    def ranges(self, method: str, symmetric: bool) -> Any:
+        """The TensorsData of `method` (CALIBRATION_METHODS) with symmetric ranges or not, computed
+        once from the collected statistics."""
+        with optional_import("int8 quantization"):
+            from onnxruntime.quantization.calibrate import CalibrationMethod, HistogramCollector, TensorsData
+
+        key = (method, symmetric)
+        if key in self._ranges:
+            return self._ranges[key]
+        self.collect()
+        assert self._collected is not None
+        extremes, signed, absolute = self._collected
+        if method == "minmax":
+            pairs = {}
+            for name, (low, high) in extremes.items():
+                widest = np.nanmax([np.abs(low), np.abs(high)], axis=0)
+                pairs[name] = (-widest, widest) if symmetric else (low, high)
+            result = TensorsData(CalibrationMethod.MinMax, pairs)
+        elif method == "entropy":
+            bins = CALIBRATOR_OPTIONS["entropy"]["num_quantized_bins"]
+            result = TensorsData(
+                CalibrationMethod.Entropy,
+                {
+                    name: (*entropy_threshold(histogram, bins), *histogram[:2])
+                    for name, histogram in signed.histogram_dict.items()
+                },
+            )
+        else:
+            # ORT's percentile reads |x| histograms for symmetric ranges and signed ones otherwise.
+            source = absolute if symmetric else signed
+            cut = HistogramCollector("percentile", symmetric, source.num_bins, 0, source.percentile, "same")
+            cut.histogram_dict = source.histogram_dict
+            with contextlib.redirect_stdout(io.StringIO()):
+                result = TensorsData(CalibrationMethod.Percentile, cut.compute_percentile())
+        self._ranges[key] = result
+        return result
+
+
+class Int8Quantizer:
+    """Quantizes one fp32 ONNX file to int8 Q/DQ, calibrating once and writing as many files as asked.
+
+    Use as a context manager: the calibration ranges live in a temporary folder. `write` can exclude
+    nodes (mixed precision) or quantize only some (sensitivity). `statistics` are the calibration
+    images' ActivationStatistics of `src`, shared with other quantizers of the same file and images
+    (every method and flavour of an export); None collects them here for this quantizer alone.
+    """
+
+    def __init__(
+        self,
+        src: str | os.PathLike[str],
+        calibration: Sequence[np.ndarray],
+        *,
+        flavour: str = "cpu",
+        method: str = "minmax",
+        statistics: ActivationStatistics | None = None,
+    ) -> None:
+        if flavour not in INT8_FLAVOURS:
+            raise UsageError(f"int8 flavour {flavour!r}: expected one of {', '.join(INT8_FLAVOURS)}")
+        if method not in CALIBRATION_METHODS:
+            raise UsageError(f"--calib-method {method!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
+        self.src, self.flavour, self.method = Path(src), INT8_FLAVOURS[flavour], method
+        self.calibration = list(calibration)
+        self.metadata = get_metadata(load_onnx(src))
+        self._tmp = tempfile.TemporaryDirectory(prefix="reviewkd-quant-")
+        self._own_statistics = statistics is None
+        self.statistics = statistics or ActivationStatistics(src, self.calibration)
+        self._ranges: Path | None = None
+
+    def __enter__(self) -> Int8Quantizer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._tmp.cleanup()
+        if self._own_statistics:
+            self.statistics.close()
+
+    @property
+    def prepared(self) -> Path:
+        """The fp32 model after ORT's shape inference and fusions: its node names are what quantizes."""
+        return self.statistics.prepared
+
     def calibrate(self) -> None:
         """Prepare the model and compute the activation ranges now, not at the first `write`."""
         self._calibration_cache()
 
     def _calibration_cache(self) -> Path | None:
-        """Activation ranges computed once with CALIBRATOR_OPTIONS, as ORT's calibration cache file.
+        """This method's activation ranges (from `statistics`), as ORT's calibration cache file.
 
         None where this onnxruntime's quantize_static takes no cache (then it calibrates itself,
         with its own histogram defaults).
         """
         with optional_import("int8 quantization"):
             from onnxruntime.quantization import quantize_static
-            from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+            from onnxruntime.quantization.calibrate import save_tensors_data
 
         if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
             return None
         if self._ranges is None:
-            calibrator = create_calibrator(
-                self.prepared,
-                augmented_model_path=str(Path(self._tmp.name) / "augmented.onnx"),
-                calibrate_method=_ort_method(self.method),
-                extra_options={
-                    **CALIBRATOR_OPTIONS[self.method],
-                    "symmetric": self.flavour.symmetric_activations,
-                },
-            )
-            # One batch at a time: the histogram calibrators hold every intermediate tensor of what
-            # they are given, which for 512 CIFAR images of a ResNet-20 is about 2 GB.
-            # ORT prints its histogram progress to stdout, which is the CLI's output: kept out of it.
-            with contextlib.redirect_stdout(io.StringIO()):
-                for batch in self.calibration:
-                    calibrator.collect_data(ArrayCalibrationReader([batch]))
-                ranges = (
-                    self._entropy_ranges(calibrator)
-                    if self.method == "entropy"
-                    else calibrator.compute_data()
-                )
+            ranges = self.statistics.ranges(self.method, self.flavour.symmetric_activations)
             self._ranges = Path(self._tmp.name) / f"ranges.{self.method}.json"
             save_tensors_data(ranges, self._ranges)
         return self._ranges
-
-    def _entropy_ranges(self, calibrator: Any) -> Any:
-        """ORT's entropy TensorsData, with thresholds from entropy_threshold."""
-        with optional_import("int8 quantization"):
-            from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
-
-        bins = CALIBRATOR_OPTIONS["entropy"]["num_quantized_bins"]
-        return TensorsData(
-            CalibrationMethod.Entropy,
-            {
-                name: (*entropy_threshold(histogram, bins), *histogram[:2])
-                for name, histogram in calibrator.collector.histogram_dict.items()
-            },
-        )
 
     def write(
         self,

@@ -31,6 +31,7 @@ that imports this one, and adds its ExportTask to export.pipeline.EXPORT_TASKS.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,7 +200,8 @@ class ExportContext:
     `source` gives the run's images by split (None where the run has none: `has_data` is False);
     `data_seed` is the seed of the training-image shuffle where known; `tensorrt_missing` is why
     TensorRT cannot build engines here (None: it can); `passed` maps each format produced so far to
-    whether its file passed its check.
+    whether its file passed its check. `resources` holds what producers open for the rest of the
+    export (the int8 flavours' shared calibration statistics): export_run closes it at the end.
     """
 
     run: Path
@@ -215,6 +217,7 @@ class ExportContext:
     data_seed: int | None
     tensorrt_missing: str | None
     passed: dict[str, bool] = field(default_factory=dict)
+    resources: contextlib.ExitStack[None] = field(default_factory=contextlib.ExitStack)
     _shared: dict[str, Any] = field(default_factory=dict)
 
     def once(self, key: str, compute: Callable[[], T]) -> T:
