@@ -388,11 +388,12 @@ class ActivationStatistics:
 
     def ranges(self, method: str, symmetric: bool) -> Any:
         """The TensorsData of `method` (CALIBRATION_METHODS) with symmetric ranges or not, computed
-        once from the collected statistics."""
+        once from the collected statistics. Entropy's thresholds do not depend on `symmetric` (ORT's
+        entropy calibrator histograms signed values either way), so both flavours share them."""
         with optional_import("int8 quantization"):
             from onnxruntime.quantization.calibrate import CalibrationMethod, HistogramCollector, TensorsData
 
-        key = (method, symmetric)
+        key = (method, symmetric and method != "entropy")
         if key in self._ranges:
             return self._ranges[key]
         self.collect()
