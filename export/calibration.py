@@ -14,6 +14,13 @@ held-out images moved by 0.2 points between two calibrations of the same method 
 minmax's both times. The validation split is never used, so the checks that follow judge a
 choice they did not make.
 
+The candidates race (`race`): the held-out batches run on every candidate still in the race, and a
+candidate whose per-image squared logit error is, paired on the same images, clearly above the
+leader's (a 99.9% interval entirely above zero, after at least 200 images) drops out; the choice is
+made among those that ran on every held-out image. Its score, on the images it ran, is recorded
+with their number. All three candidates share one pass of activation statistics
+(export.precision.ActivationStatistics), so each costs its ranges and its file, not a calibration.
+
 The manifest records the method, the image counts, the seed of the shuffle and a sha256 of each
 image list (of the float32 pixels in order, shape included), so a calibration can be reproduced
 and two exports compared.
@@ -25,7 +32,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +40,11 @@ from typing import Any
 import numpy as np
 
 from deploy.errors import UsageError
+from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
 from export.check import run_onnx
 from export.mixed_precision import fit_budget
 from export.precision import CALIBRATION_METHODS, ActivationStatistics, Int8Quantizer
+from export.race import RACE_MIN_IMAGES, clearly_above
 from export.timing import StageClock, untimed
 
 AUTO = "auto"
@@ -125,10 +134,11 @@ class MethodScore:
     method: str
     agreement: float  # top-1 agreement with the fp32 file
     logit_rel_l2: float  # ||int8 - fp32|| / ||fp32|| of the logits
+    images: int | None = None  # the held-out images it was scored on (fewer: it dropped out of the race)
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | int | None]:
         """A JSON-ready form for the manifest."""
-        return {"top1_agreement": self.agreement, "logit_rel_l2": self.logit_rel_l2}
+        return {"top1_agreement": self.agreement, "logit_rel_l2": self.logit_rel_l2, "images": self.images}
 
 
 def score(
@@ -142,6 +152,49 @@ def score(
         float(np.mean(logits.argmax(1) == ref.argmax(1))),
         float(np.linalg.norm(logits - ref)) / max(float(np.linalg.norm(ref)), 1e-12),
     )
+
+
+def race(
+    candidates: Mapping[str, Path], reference: np.ndarray, held_out: Sequence[np.ndarray]
+) -> list[MethodScore]:
+    """Score each candidate int8 file against the fp32 `reference` logits of `held_out`, dropping a
+    candidate as soon as it is clearly behind.
+
+    The batches run in turn on every candidate still in the race. After each batch, once
+    RACE_MIN_IMAGES images are in, every candidate is compared with the leader (the smallest sum of
+    squared logit errors so far, the order `best_method` ranks by): per image, its squared error
+    minus the leader's, on the same images. A candidate whose mean difference is above 0 beyond
+    RACE_CONFIDENCE (export.race.clearly_above) drops out: the full race would almost surely rank it behind.
+    Returns every candidate's score over the images it ran on (`images`); the ones that finished
+    ran on all of them, and `best_method` of those is the full race's choice unless a dropped
+    candidate's 0.1% chance of coming back came true.
+    """
+    ref = reference.astype(np.float64)
+    sessions = {method: open_session(path, [CPU_PROVIDER])[0] for method, path in candidates.items()}
+    errors: dict[str, list[np.ndarray]] = {method: [] for method in candidates}
+    agreements: dict[str, list[np.ndarray]] = {method: [] for method in candidates}
+    running = list(candidates)
+    seen = 0
+    for batch in held_out:
+        batch_ref = ref[seen : seen + len(batch)]
+        for method in running:
+            session = sessions[method]
+            logits = np.asarray(session.run(None, {session.get_inputs()[0].name: batch})[0], dtype=np.float64)
+            errors[method].append(np.sum((logits - batch_ref) ** 2, axis=1))
+            agreements[method].append(logits.argmax(1) == batch_ref.argmax(1))
+        seen += len(batch)
+        if seen >= RACE_MIN_IMAGES and seen < len(ref):
+            so_far = {method: np.concatenate(errors[method]) for method in running}
+            leader = min(running, key=lambda m: (float(so_far[m].sum()), CALIBRATION_METHODS.index(m)))
+            running = [m for m in running if not clearly_above(so_far[m] - so_far[leader])]
+    scores = []
+    for method in candidates:
+        squared = np.concatenate(errors[method])
+        count = len(squared)
+        scale = max(float(np.linalg.norm(ref[:count])), 1e-12)
+        agreement = float(np.mean(np.concatenate(agreements[method])))
+        scores.append(MethodScore(method, agreement, float(np.sqrt(squared.sum())) / scale, count))
+    return scores
 
 
 def quantize_calibrated(
@@ -169,9 +222,9 @@ def quantize_calibrated(
     `statistics` are `data.calibration`'s ActivationStatistics of `fp32_path`: one pass over the
     calibration images that every method and flavour reads; None collects them here for this file.
     `clock` times the stages: "calibration statistics" (that pass, where it runs here),
-    "calibrate <method>" (the method's ranges, and for "auto" writing that candidate), "score
-    <method>" (running a candidate on the held-out images), then "mixed-precision" (the search and
-    the final write) or "quantize" (the write without a budget).
+    "calibrate <method>" (the method's ranges, and for "auto" writing that candidate), "score race"
+    (the candidates on the held-out images, `race`), then "mixed-precision" (the search and the
+    final write) or "quantize" (the write without a budget).
     """
     if method not in METHOD_CHOICES:
         raise UsageError(f"--calib-method {method!r}: expected one of {', '.join(METHOD_CHOICES)}")
@@ -238,12 +291,11 @@ def _best_quantizer(
     statistics: ActivationStatistics,
     clock: StageClock,
 ) -> Int8Quantizer:
-    """Quantize with every method, score each against the fp32 `reference` logits of the held-out
-    images, record the scores in `record`, and return the best method's quantizer (kept open on
-    `stack`)."""
+    """Quantize with every method, race them against the fp32 `reference` logits of the held-out
+    images (`race`), record the scores in `record`, and return the quantizer of the best method that
+    finished (kept open on `stack`)."""
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reviewkd-calib-")))
     quantizers: dict[str, Int8Quantizer] = {}
-    scores: list[MethodScore] = []
     for candidate in CALIBRATION_METHODS:
         with clock(f"calibrate {candidate}"):
             quantizer = stack.enter_context(
@@ -253,9 +305,10 @@ def _best_quantizer(
             )
             quantizers[candidate] = quantizer
             quantizer.write(tmp / f"{candidate}.onnx")
-        with clock(f"score {candidate}"):
-            scores.append(score(tmp / f"{candidate}.onnx", reference, data.held_out, candidate))
-    best = best_method(scores)
+    with clock("score race"):
+        scores = race({m: tmp / f"{m}.onnx" for m in CALIBRATION_METHODS}, reference, data.held_out)
+    finished = [s for s in scores if s.images == len(reference)]
+    best = best_method(finished)
     record["selected_by"] = SELECTED_BY
     record["selection"] = {s.method: s.as_dict() for s in scores}
     return quantizers[best.method]

@@ -15,9 +15,12 @@ The stages export.pipeline and export.calibration time, and what each covers:
     lay out                         export --model: building the zoo model, re-saving its weights
     export                          torch -> the fp32 ONNX file: traced, weights counted, optimised, saved
     convert, bake                   fp16 conversion; the uint8-input file
-    calibrate <method>              activation statistics and ranges (with --calib-method auto,
-                                    also writing that candidate's file)
-    score <method>                  running that candidate on the held-out images
+    calibration statistics          (shared) one pass over the calibration images that every
+                                    method and int8 flavour reads its ranges from
+    calibrate <method>              that method's ranges (with --calib-method auto, also writing
+                                    that candidate's file)
+    score race                      the candidates on the held-out images, until each finishes or
+                                    drops out (export.calibration.race)
     mixed-precision, quantize       the search and the final write; the write without a budget
     check                           running the file on the check images, comparing, gating
     tensorrt build                  building one engine and its sidecar

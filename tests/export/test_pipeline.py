@@ -156,13 +156,14 @@ def test_the_manifest_records_each_stage_of_each_file_and_the_rows_add_up(
     for row in timing["stages"]:
         assert row["wall_s"] >= 0 and row["cpu_s"] >= 0
         stages.setdefault(row["file"], []).append(row["stage"])
-    candidates = [f"{kind} {method}" for method in CALIBRATION_METHODS for kind in ("calibrate", "score")]
+    candidates = [*(f"calibrate {method}" for method in CALIBRATION_METHODS), "score race"]
     assert stages == {
         SHARED_STAGE_FILE: [
             "read check images",
             "reference logits (PyTorch)",
             "read calibration images",
             "held-out reference logits (fp32 ONNX)",
+            "calibration statistics",
         ],
         "export/student.onnx": ["export", "check"],
         "export/student.fp16.onnx": ["convert", "check"],
