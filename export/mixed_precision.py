@@ -33,12 +33,10 @@ import numpy as np
 import onnx
 
 from deploy.errors import UsageError
-from deploy.paired_stats import compare_correct
 from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
 from export.check import run_onnx
 from export.layerwise import module_path
 from export.precision import Int8Quantizer
-from export.race import RACE_CONFIDENCE, RACE_MIN_IMAGES
 
 DEFAULT_MAX_TOP1_DROP = 0.3  # points
 # Node types ONNX Runtime quantizes that do arithmetic (Relu and Clip fold into their producer's Q/DQ;
@@ -74,7 +72,6 @@ class MixedPrecision:
     drop: float  # points, the file written
     float_layers: list[Sensitivity] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)  # batch 32: full int8, then each added float layer
-    images: list[int] = field(default_factory=list)  # held-out images each step ran on, in the same order
     ranking: list[Sensitivity] = field(default_factory=list)
     met: bool = True
 
@@ -84,10 +81,6 @@ class MixedPrecision:
         return {
             "budget_points": self.budget,
             "held_out_drop_points": {"all_int8": self.full_int8_drop, "written": self.drop},
-            "held_out_images": {
-                "all_int8": self.images[0] if self.images else None,
-                "written": self.images[-1] if self.images else None,
-            },
             "met": self.met,
             "float_layers": [
                 {**layer.as_dict(), "latency_ms_batch32": cost}
@@ -140,28 +133,6 @@ def rank_layers(
     return ranked
 
 
-def step_drop(
-    path: Path, images: Sequence[np.ndarray], labels: np.ndarray, reference_correct: np.ndarray, budget: float
-) -> tuple[float, int]:
-    """The top-1 drop (points) against fp32 of the file at `path` on the held-out images, and how
-    many it ran on: all of them, unless the step is clearly over `budget` first (export.race: after
-    RACE_MIN_IMAGES, the paired RACE_CONFIDENCE interval of the drop lies entirely above it).
-    `reference_correct` says per image whether the fp32 file's top-1 is right."""
-    session, _ = open_session(path, [CPU_PROVIDER])
-    input_name = session.get_inputs()[0].name
-    correct: list[np.ndarray] = []
-    seen = 0
-    for batch in images:
-        logits = np.asarray(session.run(None, {input_name: batch})[0])
-        correct.append(logits.argmax(1) == labels[seen : seen + len(batch)])
-        seen += len(batch)
-        if RACE_MIN_IMAGES <= seen < len(labels):
-            paired = compare_correct(reference_correct[:seen], np.concatenate(correct), RACE_CONFIDENCE)
-            if 100 * paired.interval[0] > budget:
-                break
-    return 100 * (float(np.mean(reference_correct[:seen])) - float(np.mean(np.concatenate(correct)))), seen
-
-
 def _batch32_ms(path: Path, images: Sequence[np.ndarray]) -> float:
     session, _ = open_session(path, [CPU_PROVIDER], threads=1)
     batch = np.concatenate(list(images))[:32]
@@ -187,9 +158,7 @@ def fit_budget(
 ) -> tuple[dict[str, Any], MixedPrecision]:
     """Write `quantizer`'s int8 file to `dst` with the fewest float layers that meet `budget` points.
 
-    `images` and `labels` are the held-out training images the drop is judged on. Each step (all
-    int8, then one more float layer at a time) runs on them until it is clearly over the budget
-    (`step_drop`); the first step within the budget on all of them is written. When no number
+    `images` and `labels` are the held-out training images the drop is judged on. When no number
     of float layers meets the budget, the file with every ranked layer in float is written and
     the result says `met=False`. `reference` is the fp32 file's logits on `images` where the
     caller has them (export computes them once for every int8 flavour); None runs the fp32 file
@@ -201,19 +170,17 @@ def fit_budget(
         raise UsageError("mixed precision needs held-out labelled training images; none were given")
     if reference is None:
         reference = run_onnx(fp32_path, images)
-    reference_correct = reference.argmax(1) == labels
+    reference_top1 = _top1(reference, labels)
     with tempfile.TemporaryDirectory(prefix="reviewkd-mixed-") as tmp:
         work = Path(tmp)
 
-        def drop_with(excluded: list[str]) -> tuple[float, int, Path]:
+        def drop_with(excluded: list[str]) -> tuple[float, Path]:
             path = work / f"float{len(excluded)}.onnx"
             quantizer.write(path, exclude_nodes=excluded)
-            return (*step_drop(path, images, labels, reference_correct, budget), path)
+            return 100 * (reference_top1 - _top1(run_onnx(path, images), labels)), path
 
-        full_drop, full_images, full_path = drop_with([])
-        result = MixedPrecision(
-            budget, full_drop, full_drop, latency_ms=[_batch32_ms(full_path, images)], images=[full_images]
-        )
+        full_drop, full_path = drop_with([])
+        result = MixedPrecision(budget, full_drop, full_drop, latency_ms=[_batch32_ms(full_path, images)])
         excluded: list[str] = []
         if full_drop > budget:
             result.ranking = rank_layers(quantizer, images, labels, reference, work)
@@ -221,8 +188,7 @@ def fit_budget(
             for layer in result.ranking:
                 excluded.append(layer.node)
                 result.float_layers.append(layer)
-                result.drop, used, path = drop_with(excluded)
-                result.images.append(used)
+                result.drop, path = drop_with(excluded)
                 result.latency_ms.append(_batch32_ms(path, images))
                 if result.drop <= budget:
                     result.met = True

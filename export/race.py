@@ -1,11 +1,11 @@
-"""Early exits for export's searches: a candidate drops out once paired evidence puts it clearly behind.
+"""Early exits for the calibration candidates' race: a candidate drops out once it is clearly behind.
 
-The calibration candidates (export.calibration.race) and the steps of the mixed-precision search
-(export.mixed_precision.fit_budget) run on the held-out training images one batch at a time. After
-RACE_MIN_IMAGES images, each is compared, image by image on the same images, with what it must beat
-(the leading candidate; the budget); one whose two-sided RACE_CONFIDENCE interval lies entirely on
-the losing side stops there. A run to the end decides as before on all the images; an early stop
-is wrong only when the interval missed, about (1 - RACE_CONFIDENCE) / 2 of the time.
+The candidates (export.calibration.race) run on the held-out training images one batch at a time.
+After RACE_MIN_IMAGES images, each is compared, image by image on the same images, with the leading
+candidate; one whose paired difference has a two-sided RACE_CONFIDENCE interval entirely on the
+losing side stops there. The candidates that run to the end decide as before, on all the images;
+an early stop is wrong only when the interval missed, at most (1 - RACE_CONFIDENCE) / 2 of the time.
+(The mixed-precision steps stop early through the budget's own sequential judgement.)
 """
 
 from __future__ import annotations

@@ -13,9 +13,8 @@ from torch import nn
 from deploy.errors import UsageError
 from export.calibration import quantize_calibrated, split_training_images
 from export.check import run_onnx
-from export.mixed_precision import fit_budget, rank_layers, step_drop
+from export.mixed_precision import fit_budget, rank_layers
 from export.precision import Int8Quantizer
-from export.race import RACE_MIN_IMAGES
 from tests.helpers import export_onnx
 
 SHAPE = (3, 8, 8)
@@ -154,22 +153,3 @@ def test_a_good_file_stays_all_int8_and_bad_budgets_are_usage_errors(
         assert search.float_layers == [] and search.ranking == []
         with pytest.raises(UsageError, match="max-top1-drop-int8"):
             fit_budget(quantizer, fragile_onnx, tmp_path / "bad.onnx", images, labels, budget=-1.0)
-
-
-def test_a_step_clearly_over_the_budget_stops_early_and_one_within_runs_every_image(
-    fragile_onnx: Path, tmp_path: Path
-) -> None:
-    images, labels = _quadrant_images(600, 4)
-    batches = [images[i : i + 100] for i in range(0, 600, 100)]
-    reference_correct = run_onnx(fragile_onnx, batches).argmax(1) == labels
-    with Int8Quantizer(fragile_onnx, [_quadrant_images(64, 1)[0]], flavour="cpu") as quantizer:
-        quantizer.write(tmp_path / "all_int8.onnx")
-        quantizer.write(tmp_path / "fragile_float.onnx", exclude_nodes=["/fragile/Conv"])
-    all_int8_correct = run_onnx(tmp_path / "all_int8.onnx", batches).argmax(1) == labels
-    full_int8 = 100 * (reference_correct.mean() - all_int8_correct.mean())
-    drop, used = step_drop(tmp_path / "all_int8.onnx", batches, labels, reference_correct, budget=0.3)
-    assert used == RACE_MIN_IMAGES and drop > 20 and full_int8 > 20
-    drop, used = step_drop(tmp_path / "all_int8.onnx", batches, labels, reference_correct, budget=100.0)
-    assert used == 600 and drop == full_int8
-    drop, used = step_drop(tmp_path / "fragile_float.onnx", batches, labels, reference_correct, budget=0.3)
-    assert used == 600 and drop <= 0.3
