@@ -40,8 +40,7 @@ from typing import Any
 import numpy as np
 
 from deploy.errors import UsageError
-from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
-from export.check import run_onnx
+from export.check import open_check_session, run_onnx
 from export.mixed_precision import fit_budget
 from export.precision import CALIBRATION_METHODS, ActivationStatistics, Int8Quantizer
 from export.race import RACE_MIN_IMAGES, clearly_above
@@ -170,7 +169,7 @@ def race(
     candidate's 0.1% chance of coming back came true.
     """
     ref = reference.astype(np.float64)
-    sessions = {method: open_session(path, [CPU_PROVIDER])[0] for method, path in candidates.items()}
+    sessions = {method: open_check_session(path) for method, path in candidates.items()}
     errors: dict[str, list[np.ndarray]] = {method: [] for method in candidates}
     agreements: dict[str, list[np.ndarray]] = {method: [] for method in candidates}
     running = list(candidates)

@@ -59,13 +59,29 @@ class CheckResult:
         return {"status": self.status, "reason": self.reason, **self.metrics}
 
 
+def session_threads() -> int:
+    """Intra-op threads of export's own sessions: one per CPU this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def open_check_session(path: str | os.PathLike[str]) -> Any:
+    """A CPU session on the ONNX file at `path` as export's checks, scores and searches run it.
+
+    It is opened as deploy opens it (`open_session`): a file whose int8 description asks for it runs
+    its Q/DQ pairs unfused, as TensorRT computes them, exactly as `reviewkd validate` runs it. Its
+    intra-op threads are `session_threads()`, and idle ones sleep rather than spin: ONNX Runtime's
+    busy-waiting threads computed nothing and, beside another job on the CPUs, doubled the CPU time
+    of a check (the digits student's files, 2 CPUs).
+    """
+    return open_session(path, [CPU_PROVIDER], threads=session_threads(), spinning=False)[0]
+
+
 def run_onnx(path: str | os.PathLike[str], batches: Sequence[np.ndarray]) -> np.ndarray:
     """Run an ONNX file on the CPU over `batches` and return the concatenated first output.
 
-    The session is opened as deploy opens it (`open_session`): a file whose int8 description asks for
-    it runs its Q/DQ pairs unfused, as TensorRT computes them, exactly as `reviewkd validate` runs it.
+    The session is `open_check_session`'s: the file's own semantics, as `reviewkd validate` runs it.
     """
-    session, _ = open_session(path, [CPU_PROVIDER])
+    session = open_check_session(path)
     input_name = session.get_inputs()[0].name
     outputs = [np.asarray(session.run(None, {input_name: batch})[0], dtype=np.float32) for batch in batches]
     return np.concatenate(outputs)

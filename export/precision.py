@@ -52,7 +52,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploy.errors import UsageError
 from deploy.optional import optional_import
-from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY
+from deploy.runners.onnxruntime_runner import CPU_PROVIDER, UNFUSED_QDQ_KEY, session_options
+from export.check import session_threads
 from export.onnx_export import INPUT_NAME, get_metadata, load_onnx, save_onnx, set_metadata
 
 CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
@@ -338,11 +339,8 @@ class ActivationStatistics:
         if self._collected is not None:
             return
         with optional_import("int8 quantization"):
-            from onnxruntime.quantization.calibrate import (
-                CalibrationMethod,
-                HistogramCollector,
-                create_calibrator,
-            )
+            import onnxruntime as ort
+            from onnxruntime.quantization.calibrate import EntropyCalibrater, HistogramCollector
 
         options = CALIBRATOR_OPTIONS["percentile"]
 
@@ -356,14 +354,20 @@ class ActivationStatistics:
                 scenario="same",
             )
 
-        # The entropy calibrator's augmented model and session: every calibrated tensor an output.
-        calibrator = create_calibrator(
+        # The entropy calibrator's augmented model (every calibrated tensor an output), run as ORT's
+        # calibrators run it (every graph optimisation off: the tensors are the graph's own), on
+        # export's threads (export.check.open_check_session).
+        calibrator = EntropyCalibrater(
             self.prepared,
             augmented_model_path=str(Path(self._tmp.name) / "augmented.onnx"),
-            calibrate_method=CalibrationMethod.Entropy,
-            extra_options=CALIBRATOR_OPTIONS["entropy"],
+            **CALIBRATOR_OPTIONS["entropy"],
         )
-        session = calibrator.infer_session
+        calibrator.augment_graph()
+        session_settings = session_options(None, session_threads(), spinning=False)
+        session_settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(
+            calibrator.augmented_model_path, session_settings, providers=[CPU_PROVIDER]
+        )
         input_name = session.get_inputs()[0].name
         names = [output.name for output in session.get_outputs()]
         calibrated = calibrator.tensors_to_calibrate

@@ -59,6 +59,8 @@ METADATA_KEY = "reviewkd_manifest"
 UNFUSED_QDQ_KEY = "onnxruntime_unfused_qdq"
 # ONNX Runtime's session option that turns off its Q/DQ fusions (and only those).
 _DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
+# ONNX Runtime's session option that lets idle intra-op threads spin (busy-wait) for the next task.
+_ALLOW_SPINNING = "session.intra_op.allow_spinning"
 
 _ORT_INPUT_TYPES: dict[str, type[np.floating[Any]]] = {
     "tensor(float)": np.float32,
@@ -173,12 +175,17 @@ def runs_unfused(manifest: Mapping[str, Any] | None) -> bool:
 
 
 def session_options(
-    manifest: Mapping[str, Any] | None, threads: int | None = None, *, unfused: bool | None = None
+    manifest: Mapping[str, Any] | None,
+    threads: int | None = None,
+    *,
+    unfused: bool | None = None,
+    spinning: bool = True,
 ) -> Any:
     """ONNX Runtime SessionOptions for a file with this embedded manifest: Q/DQ fusion off where
     `runs_unfused` says so, every other optimisation at its default; `threads` intra-op threads.
     `unfused` overrides the manifest (True: run any file with its Q/DQ semantics, as a measurement
-    of what the quantization alone costs)."""
+    of what the quantization alone costs). `spinning` False stops idle intra-op threads from
+    busy-waiting: the same results, without the CPU time spinning burns (export's checks)."""
     with optional_import("ONNX Runtime"):
         import onnxruntime as ort
 
@@ -187,6 +194,8 @@ def session_options(
         options.intra_op_num_threads = threads
     if runs_unfused(manifest) if unfused is None else unfused:
         options.add_session_config_entry(_DISABLE_QDQ_FUSION, "1")
+    if not spinning:
+        options.add_session_config_entry(_ALLOW_SPINNING, "0")
     return options
 
 
@@ -206,6 +215,7 @@ def open_session(
     threads: int | None = None,
     unfused: bool | None = None,
     device_index: int = 0,
+    spinning: bool = True,
 ) -> tuple[Any, dict[str, Any] | None]:
     """Open an ONNX Runtime session on the file at `path`; return it and the file's embedded manifest.
 
@@ -214,7 +224,8 @@ def open_session(
     manifest says to run unfused (`runs_unfused`, or `unfused` overriding it as in
     `session_options`) is opened again with the fusion off when the first session had it on; every
     other file is opened once. Each session must have loaded the GPU providers asked for
-    (`check_session_providers`); `device_index` is the CUDA device they run on.
+    (`check_session_providers`); `device_index` is the CUDA device they run on; `threads` and
+    `spinning` are `session_options`'.
 
     Raises:
         UsageError: ONNX Runtime cannot load the file, or its embedded manifest is not a JSON object.
@@ -239,10 +250,10 @@ def open_session(
         check_session_providers(file, providers, session.get_providers(), session.get_provider_options())
         return session
 
-    session = create(session_options(None, threads, unfused=unfused))
+    session = create(session_options(None, threads, unfused=unfused, spinning=spinning))
     manifest = parse_embedded_manifest(session.get_modelmeta().custom_metadata_map, file)
     if unfused is None and runs_unfused(manifest):
-        session = create(session_options(manifest, threads))
+        session = create(session_options(manifest, threads, spinning=spinning))
     return session, manifest
 
 
