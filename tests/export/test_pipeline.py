@@ -206,8 +206,8 @@ def test_one_fp32_reference_pass_serves_every_int8_flavour_with_the_same_verdict
     fp32_passes: list[Path] = []  # each session export.check.run_onnx opens on the fp32 file
     real_open = check.open_session
 
-    def open_session(path: Any, providers: Any) -> Any:
-        session, info = real_open(path, providers)
+    def open_session(path: Any, providers: Any, **options: Any) -> Any:
+        session, info = real_open(path, providers, **options)
         if Path(path).name == "student.onnx":
             fp32_passes.append(Path(path))
         return session, info
