@@ -379,9 +379,10 @@ class ActivationStatistics:
                 outputs = session.run(None, {input_name: np.ascontiguousarray(batch, dtype=np.float32)})
                 tensors = {n: [v] for n, v in zip(names, outputs, strict=True) if n in calibrated}
                 for name, (value,) in tensors.items():
-                    # As MinMaxCalibrater: ReduceMin/ReduceMax with keepdims, reshaped to [-1].
-                    low = np.min(value, keepdims=True).reshape(-1)
-                    high = np.max(value, keepdims=True).reshape(-1)
+                    # As MinMaxCalibrater: ReduceMin/ReduceMax with keepdims, reshaped to [-1]; on an
+                    # empty tensor (a detector's boxes after NMS) their identities, +inf and -inf.
+                    low = np.min(value, keepdims=True, initial=np.inf).reshape(-1).astype(value.dtype)
+                    high = np.max(value, keepdims=True, initial=-np.inf).reshape(-1).astype(value.dtype)
                     if name in extremes:
                         low = np.nanmin([extremes[name][0], low], axis=0)
                         high = np.nanmax([extremes[name][1], high], axis=0)

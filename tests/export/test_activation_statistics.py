@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from export.precision import (
     CALIBRATION_METHODS,
@@ -115,3 +117,33 @@ def test_the_model_runs_once_over_the_images_for_every_method_and_flavour(
             for symmetric in (False, True):
                 statistics.ranges(method, symmetric)
     assert len(runs) == len(batches)
+
+
+def _model_with_an_empty_tensor(path: Path) -> Path:
+    """images -> an empty slice of them, concatenated back: one calibrated tensor holds no values
+    (as a detector's boxes after NMS can)."""
+    ends = [numpy_helper.from_array(np.array([0], np.int64), name) for name in ("start", "end")]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["images", "start", "end", "axis"], ["empty"]),
+            helper.make_node("Concat", ["images", "empty"], ["joined"], axis=1),
+            helper.make_node("Relu", ["joined"], ["logits"]),
+        ],
+        "empty",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [*ends, numpy_helper.from_array(np.array([1], np.int64), "axis")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_an_empty_tensor_gets_the_ranges_each_calibrator_gives_it(tmp_path: Path) -> None:
+    model = _model_with_an_empty_tensor(tmp_path / "empty.onnx")
+    batches = [np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)]
+    with ActivationStatistics(model, batches) as statistics:
+        for method in CALIBRATION_METHODS:
+            shared = statistics.ranges(method, False)["empty"].range_value
+            alone = _one_method_pass(statistics.prepared, batches, method, False, tmp_path)
+            alone = alone["empty"].range_value
+            assert all(np.array_equal(ours, theirs) for ours, theirs in zip(shared, alone, strict=True))
