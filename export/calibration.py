@@ -34,7 +34,7 @@ import numpy as np
 
 from deploy.errors import UsageError
 from export.check import run_onnx
-from export.mixed_precision import fit_budget
+from export.mixed_precision import first_images, fit_budget
 from export.precision import CALIBRATION_METHODS, Int8Quantizer
 from export.timing import StageClock, untimed
 
@@ -229,6 +229,9 @@ def _best_quantizer(
     images, record the scores in `record`, and return the best method's quantizer (kept open on
     `stack`)."""
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reviewkd-calib-")))
+    # The first DEFAULT_HELD_OUT held-out images score; the rest are there for the budget's interval.
+    scoring = first_images(data.held_out, DEFAULT_HELD_OUT)
+    reference = reference[: sum(len(b) for b in scoring)]
     quantizers: dict[str, Int8Quantizer] = {}
     scores: list[MethodScore] = []
     for candidate in CALIBRATION_METHODS:
@@ -239,7 +242,7 @@ def _best_quantizer(
             quantizers[candidate] = quantizer
             quantizer.write(tmp / f"{candidate}.onnx")
         with clock(f"score {candidate}"):
-            scores.append(score(tmp / f"{candidate}.onnx", reference, data.held_out, candidate))
+            scores.append(score(tmp / f"{candidate}.onnx", reference, scoring, candidate))
     best = best_method(scores)
     record["selected_by"] = SELECTED_BY
     record["selection"] = {s.method: s.as_dict() for s in scores}

@@ -174,18 +174,41 @@ def _judge(
     return status, "; ".join(describe_check(c) for c in checks), checks
 
 
-def check_looks(precision: str, batches: Sequence[np.ndarray], labels: np.ndarray | None) -> list[Look]:
-    """The looks a check of `precision` on `batches` takes: deploy.gates' sequential schedule, each
-    look moved up to the next batch boundary, when every gate is interval-judged (labels exist and
-    each gate is one of SEQUENTIAL_GATES); else one look at all the images at 95%."""
-    total = sum(len(b) for b in batches)
-    if labels is None or not set(precision_gates(precision)) <= SEQUENTIAL_GATES:
-        return [Look(total, DEFAULT_CONFIDENCE)]
+def batch_looks(batches: Sequence[np.ndarray]) -> list[Look]:
+    """deploy.gates' sequential schedule over the images of `batches`, each look moved up to the next
+    batch boundary (the schedule still depends on nothing but the batch sizes)."""
     boundaries = np.cumsum([len(b) for b in batches])
     return [
         Look(int(boundaries[np.searchsorted(boundaries, look.images)]), look.confidence)
-        for look in sequential_looks(total)
+        for look in sequential_looks(int(boundaries[-1]))
     ]
+
+
+def sequential_logits(
+    path: str | os.PathLike[str], batches: Sequence[np.ndarray], looks: Sequence[Look]
+) -> Iterator[tuple[int, Look, np.ndarray]]:
+    """(look number from 1, look, the file's logits on the images up to it) for each look in turn,
+    running only the batches each look needs; looks that batch boundaries merged are yielded once.
+    The caller stops iterating where a look resolves its question."""
+    logits = _logits_per_batch(path, batches)
+    outputs: list[np.ndarray] = []
+    seen = 0
+    for taken, look in enumerate(looks, start=1):
+        if seen >= look.images and taken < len(looks):
+            continue
+        while seen < look.images:
+            outputs.append(next(logits))
+            seen += len(outputs[-1])
+        yield taken, look, np.concatenate(outputs)
+
+
+def check_looks(precision: str, batches: Sequence[np.ndarray], labels: np.ndarray | None) -> list[Look]:
+    """The looks a check of `precision` on `batches` takes: `batch_looks` when every gate is
+    interval-judged (labels exist and each gate is one of SEQUENTIAL_GATES); else one look at all
+    the images at 95%."""
+    if labels is None or not set(precision_gates(precision)) <= SEQUENTIAL_GATES:
+        return [Look(sum(len(b) for b in batches), DEFAULT_CONFIDENCE)]
+    return batch_looks(batches)
 
 
 def check_file(
@@ -202,23 +225,10 @@ def check_file(
     """
     looks = check_looks(precision, batches, labels)
     total = looks[-1].images
-    logits = _logits_per_batch(path, batches)
-    outputs: list[np.ndarray] = []
-    seen = 0
-    for taken, look in enumerate(looks, start=1):
-        # Batch boundaries make two planned looks coincide on tiny batches counts: judge once.
-        if seen >= look.images and taken < len(looks):
-            continue
-        while seen < look.images:
-            outputs.append(next(logits))
-            seen += len(outputs[-1])
-        used = slice(0, seen)
-        metrics = compare(
-            np.concatenate(outputs),
-            reference[used],
-            None if labels is None else labels[used],
-            look.confidence,
-        )
+    for taken, look, logits in sequential_logits(path, batches, looks):
+        seen = len(logits)
+        seen_labels = None if labels is None else labels[:seen]
+        metrics = compare(logits, reference[:seen], seen_labels, look.confidence)
         status, reason, checks = _judge(precision, metrics, DEFAULT_GATES, random_inputs=labels is None)
         if len(looks) > 1 and (resolved(checks) or taken == len(looks)):
             metrics["sequential"] = {
@@ -228,7 +238,7 @@ def check_file(
                 "stopped_early": seen < total,
             }
             if seen < total:
-                reason += f" [sequential: stopped at look {taken} of {len(looks)}, {seen:,} of {total:,}"
-                reason += " images]"
+                stop = f"look {taken} of {len(looks)}"
+                reason += f" [sequential: stopped at {stop}, {seen:,} of {total:,} images]"
             break
     return CheckResult(str(Path(path)), precision, status, reason, metrics)

@@ -369,6 +369,7 @@ def export_run(
     }
     with optional_import("exporting ONNX files"):
         from export.calibration import AUTO, DEFAULT_HELD_OUT, quantize_calibrated, split_training_images
+        from export.mixed_precision import BUDGET_HELD_OUT
         from export.onnx_export import DEFAULT_OPSET, export_fp32
         from export.precision import convert_fp16
 
@@ -412,7 +413,8 @@ def export_run(
             from reviewkd.data import DATA_SEED
 
         budget = max_top1_drop_int8
-        held_out = DEFAULT_HELD_OUT if calib_method == AUTO or budget is not None else 0
+        # The budget is confirmed on an interval: that may take many held-out images (mixed_precision).
+        held_out = BUDGET_HELD_OUT if budget is not None else DEFAULT_HELD_OUT if calib_method == AUTO else 0
         log(f"calibrating int8 on up to {calib_samples} training images ({calib_method})")
         with timer.shared("read calibration images"):
             data = split_training_images(
