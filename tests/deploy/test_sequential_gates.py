@@ -49,6 +49,15 @@ def test_looks_split_the_error_in_advance_and_end_on_every_image() -> None:
         sequential_looks(0)
 
 
+def test_a_look_confidence_travels_with_the_counts_and_is_checked() -> None:
+    comparison = PairedComparison(2000, 1900, 1890, 30, 20, 0.99)
+    counts = {**comparison.counts(), "confidence": 0.99}
+    assert PairedComparison.from_counts(counts) == comparison
+    for bad in (1.5, 0.0, "high"):
+        with pytest.raises(UsageError, match=r"confidence|expected"):
+            PairedComparison.from_counts({**counts, "confidence": bad})
+
+
 def _measurement(comparison: PairedComparison) -> dict[str, Any]:
     counts = {**comparison.counts(), "confidence": comparison.confidence}
     return {"accuracy": {"top1_drop": 100 * comparison.drop, "paired": counts}}
