@@ -12,8 +12,8 @@ entirely at or below the budget, judged sequentially on as many held-out images 
 outside the budget). A point estimate within the budget is not enough: a depthwise student's int8
 file that met the budget on its point estimate over 1,000 held-out images lost 0.60 points on its
 test set (issue 23). Where the
-held-out images are too few for any file to be confirmed (even one with no discordant image),
-the search falls back to the point estimate and its record says so.
+held-out images are too few to confirm a typical file (`confirmable`: no drop, 1% of its images
+discordant), the search falls back to the point estimate and its record says so.
 
 Float is the flavour's `float_layers`: fp32 for the cpu file (ONNX Runtime), fp16 for the trt file
 (TensorRT; export/precision.py's `compute_in_fp16`). The search judges the file in ONNX Runtime on
@@ -59,6 +59,10 @@ TIMING_ROUNDS = 10
 # Held-out training images the budget may be judged on: a 0.3-point budget needs thousands (a file
 # with 1.4% of images discordant and no drop resolves it at about 6,000).
 BUDGET_HELD_OUT = 10_000
+# Below the images that could confirm the budget for a file that loses nothing and disagrees with
+# fp32 on 1% of them (the pretrained ResNet-56's int8 files disagree on 1.4-2% of the test images),
+# the interval would keep nearly every layer in float: the point estimate decides instead.
+TYPICAL_DISCORDANCE = 0.01
 # Held-out images the layer ranking runs on: it only orders layers, and runs once per layer.
 RANKING_IMAGES = 1000
 
@@ -222,8 +226,8 @@ def fit_budget(
     """Write `quantizer`'s int8 file to `dst` with the fewest float layers that meet `budget` points.
 
     `images` and `labels` are the held-out training images the drop is judged on: a file meets the
-    budget when its paired interval lies at or below it (`judge_budget`), or, where no file could be
-    confirmed on so few images (`confirmable`), when its point estimate does. When no number of
+    budget when its paired interval lies at or below it (`judge_budget`), or, where a typical file
+    could not be confirmed on so few images (`confirmable`), when its point estimate does. When no number of
     float layers meets the budget, the file with every ranked layer in float is written and the
     result says `met=False`. `reference` is the fp32 file's logits on `images` where the caller has
     them (export computes them once for every int8 flavour); None runs the fp32 file here. Returns
@@ -282,12 +286,16 @@ def fit_budget(
 
 
 def confirmable(images: int, budget: float) -> bool:
-    """Whether `images` held-out images can confirm a `budget`-point drop at all: the interval of a
-    file with no discordant image (the narrowest there is) lies within the budget at the last look."""
+    """Whether `images` held-out images can confirm a `budget`-point drop for a typical int8 file: at
+    the last look, the interval of a file that loses nothing but disagrees with fp32 on
+    TYPICAL_DISCORDANCE of the images lies within the budget."""
     if images < 1:
         return False
-    perfect = PairedComparison(images, images, images, 0, 0, sequential_looks(images)[-1].confidence)
-    return 100 * perfect.interval[1] <= budget
+    half = round(images * TYPICAL_DISCORDANCE / 2)  # as many losses as gains: no drop
+    typical = PairedComparison(
+        images, images - half, images - half, half, half, sequential_looks(images)[-1].confidence
+    )
+    return 100 * typical.interval[1] <= budget
 
 
 def judge_budget(
