@@ -1,6 +1,6 @@
 """What `reviewkd export` costs at this commit against a baseline commit, in one run (issue 23, item 3).
 
-    .venv/bin/python -m benchmarks.scripts.export_cost [--baseline afd1928] [--repeats 1]
+    REVIEWKD_SHARED=../shared .venv/bin/python -m benchmarks.scripts.export_cost [--baseline afd1928]
 
 It runs issue 23's command, the pretrained CIFAR-10 ResNet-56 exported to the four ONNX files,
 
@@ -159,6 +159,9 @@ def main() -> None:
             for label in order if repeat % 2 == 0 else order[::-1]:
                 out = work / f"{label.strip('+')}-{repeat}"
                 costs.append(run_export(label, trees[label], out))
+                if costs[-1].returncode not in (0, 1):  # 1: a gate failed, which the report shows
+                    log = out.with_suffix(".log").read_text().strip().splitlines()
+                    raise SystemExit(f"{label}: export exited {costs[-1].returncode}: {log[-1] if log else ''}")
                 print(f"{label}: {costs[-1].cpu_s:.0f} s CPU, {costs[-1].wall_s:.0f} s wall", flush=True)
         load_after = os.getloadavg()
         drops = {label: test_set_drops(next(c.out for c in costs if c.label == label)) for label in order}
