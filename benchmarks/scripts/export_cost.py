@@ -160,8 +160,8 @@ def main() -> None:
                 out = work / f"{label.strip('+')}-{repeat}"
                 costs.append(run_export(label, trees[label], out))
                 if costs[-1].returncode not in (0, 1):  # 1: a gate failed, which the report shows
-                    log = out.with_suffix(".log").read_text().strip().splitlines()
-                    raise SystemExit(f"{label}: export exited {costs[-1].returncode}: {log[-1] if log else ''}")
+                    last = (out.with_suffix(".log").read_text().strip().splitlines() or [""])[-1]
+                    raise SystemExit(f"{label}: export exited {costs[-1].returncode}: {last}")
                 print(f"{label}: {costs[-1].cpu_s:.0f} s CPU, {costs[-1].wall_s:.0f} s wall", flush=True)
         load_after = os.getloadavg()
         drops = {label: test_set_drops(next(c.out for c in costs if c.label == label)) for label in order}
