@@ -347,7 +347,10 @@ def export_run(
         val_images = [p[0].astype(np.float32) for p in pairs]
         val_labels = np.concatenate([p[1] for p in pairs])
         labels: np.ndarray | None = val_labels
-        summary.check_data = f"{len(val_labels)} validation images of the run"
+        summary.check_data = (
+            f"{len(val_labels)} validation images of the run (a sequential check, int8's, stops once its"
+            " interval resolves the budget and says how many it used)"
+        )
     else:
         rng = np.random.default_rng(0)
         count = min(check_samples, RANDOM_CHECK_IMAGES)
