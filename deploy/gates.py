@@ -33,6 +33,14 @@ is full of near-ties that a rounding flips, so agreement there says little. On t
 to RANDOM_INPUT_GATES on top of its own (the relative L2 error of its logits, which means the same on
 any input), and min_agreement is judged on the 95% interval of the agreement (`agreement_interval`):
 a shortfall the sample cannot resolve, such as 63 of 64 against 99%, is inconclusive, not failed.
+
+Sequential checks (`sequential_looks`): a check whose every gate is judged on the drop's interval
+may look at its images in a fixed schedule, at 1/8, 1/4, 1/2 and all of them (looks under
+MIN_FIRST_LOOK images dropped), and stop at the first look where every gate is resolved (ok or
+failed). The 5% error of the interval is split over the looks in advance (Bonferroni): the interim
+looks share INTERIM_ALPHA_SHARE of it equally and the last look keeps the rest, so the chance that
+any look's interval misses the true drop, and with it each verdict's error rate, stays <= 5%. A
+check of fewer than 2 * MIN_FIRST_LOOK images has one look at 95%, as before.
 """
 
 from __future__ import annotations
@@ -40,13 +48,20 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from deploy.errors import UsageError
 from deploy.formats import PRECISIONS, precision_family
-from deploy.paired_stats import PairedComparison, Verdict, judge_agreement, judge_drop, proportion_interval
+from deploy.paired_stats import (
+    DEFAULT_CONFIDENCE,
+    PairedComparison,
+    Verdict,
+    judge_agreement,
+    judge_drop,
+    proportion_interval,
+)
 from deploy.status import Status
 
 GateTable = dict[str, dict[str, float]]  # precision -> gate name -> threshold
@@ -92,6 +107,16 @@ DETECTION_GATES: GateTable = {
 # off fp32 in relative L2 on 64 standard-normal inputs (benchmarks/RESULTS.md, issue 22); 1e-2
 # leaves twenty times that, while a broken conversion (an overflow, a wrong weight) is off by ~1.
 RANDOM_INPUT_GATES: GateTable = {"fp16": {"max_rel_l2_error": 1e-2}}
+
+# Sequential checks: the fractions of the images at which a check looks, the smallest look worth
+# taking (the interval's normal approximation wants some hundreds of pairs), and the share of the
+# error the interim looks spend together; the last look keeps the rest (0.8 x 5% = 4%: a 96% interval
+# where a fixed-size check would use 95%, so a full-length sequential check resolves nearly as much).
+LOOK_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
+MIN_FIRST_LOOK = 500
+INTERIM_ALPHA_SHARE = 0.2
+# Gates a sequential check can stop on: judged on an interval that only narrows with more images.
+SEQUENTIAL_GATES = frozenset({"max_top1_drop"})
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
@@ -163,6 +188,40 @@ def set_gate(gates: GateTable, precision: str, name: str, value: float | None, s
     else:
         gates.setdefault(precision, {})[name] = check_threshold(name, value, source)
     return gates
+
+
+@dataclass(frozen=True)
+class Look:
+    """One look of a sequential check: the images seen so far and the interval's confidence there."""
+
+    images: int
+    confidence: float
+
+
+def sequential_looks(total: int, confidence: float = DEFAULT_CONFIDENCE) -> list[Look]:
+    """The fixed schedule of looks over `total` images, each with its share of `1 - confidence`.
+
+    Looks at LOOK_FRACTIONS of `total` (rounded up), those under MIN_FIRST_LOOK dropped; the interim
+    looks spend INTERIM_ALPHA_SHARE of the error equally, the last the rest. The errors sum to
+    `1 - confidence`, so by the union bound every look's interval covers the true drop together with
+    probability >= `confidence`, whichever look the check stops at. One look: `confidence` itself.
+    """
+    if total < 1:
+        raise UsageError(f"a check needs at least one image, got {total}")
+    sizes = sorted({math.ceil(total * f) for f in LOOK_FRACTIONS if total * f >= MIN_FIRST_LOOK} | {total})
+    if len(sizes) == 1:
+        return [Look(total, confidence)]
+    alpha = 1 - confidence
+    interim = alpha * INTERIM_ALPHA_SHARE / (len(sizes) - 1)
+    return [Look(n, 1 - interim) for n in sizes[:-1]] + [Look(total, 1 - alpha * (1 - INTERIM_ALPHA_SHARE))]
+
+
+def resolved(checks: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every gate record is settled by more images no more: each an interval-judged
+    SEQUENTIAL_GATES gate whose verdict is ok or failed (a sequential check may stop here)."""
+    return all(
+        c["gate"] in SEQUENTIAL_GATES and c.get("verdict") in (Status.OK, Status.FAILED) for c in checks
+    )
 
 
 def gates_for(gates: Mapping[str, Mapping[str, float]], precision: str) -> dict[str, float]:

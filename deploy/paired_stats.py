@@ -109,16 +109,22 @@ class PairedComparison:
     def from_counts(
         cls, counts: Mapping[str, Any], confidence: float = DEFAULT_CONFIDENCE
     ) -> PairedComparison:
-        """The comparison of a `counts()` mapping; UsageError when a count is missing or impossible."""
+        """The comparison of a `counts()` mapping; UsageError when a count is missing or impossible.
+
+        An optional "confidence" key (a sequential check's look, deploy.gates) overrides `confidence`.
+        """
         try:
             n, losses, gains = int(counts["n"]), int(counts["losses"]), int(counts["gains"])
             ref, cand = int(counts["reference_correct"]), int(counts["candidate_correct"])
+            confidence = float(counts.get("confidence", confidence))
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(
                 f"paired counts {dict(counts)!r}: expected n, losses, gains and correct counts"
             ) from exc
         if n < 1 or min(losses, gains, ref, cand) < 0 or losses + gains > n or ref - losses + gains != cand:
             raise UsageError(f"paired counts {dict(counts)!r} are inconsistent")
+        if not 0.0 < confidence < 1.0:
+            raise UsageError(f"paired counts {dict(counts)!r}: confidence must lie between 0 and 1")
         return cls(n, ref, cand, losses, gains, confidence)
 
     def as_dict(self) -> dict[str, float | int]:
@@ -184,10 +190,11 @@ def compare_predictions(
 
 
 def describe_drop(comparison: PairedComparison) -> str:
-    """'drop 0.28 points (95% CI -0.10 to 0.66, 1,000 paired images)'."""
+    """'drop 0.28 points (95% CI -0.10 to 0.66, 1,000 paired images)'; a sequential look's
+    confidence keeps its digits ('99.67% CI')."""
     low, high = comparison.interval
     return (
-        f"drop {100 * comparison.drop:.2f} points ({comparison.confidence:.0%} CI {100 * low:.2f}"
+        f"drop {100 * comparison.drop:.2f} points ({100 * comparison.confidence:.4g}% CI {100 * low:.2f}"
         f" to {100 * high:.2f}, {comparison.n:,} paired images)"
     )
 

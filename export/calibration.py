@@ -41,7 +41,7 @@ import numpy as np
 
 from deploy.errors import UsageError
 from export.check import open_check_session, run_onnx
-from export.mixed_precision import fit_budget
+from export.mixed_precision import first_images, fit_budget
 from export.precision import CALIBRATION_METHODS, ActivationStatistics, Int8Quantizer
 from export.race import RACE_MIN_IMAGES, clearly_above
 from export.timing import StageClock, untimed
@@ -294,6 +294,9 @@ def _best_quantizer(
     images (`race`), record the scores in `record`, and return the quantizer of the best method that
     finished (kept open on `stack`)."""
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reviewkd-calib-")))
+    # The first DEFAULT_HELD_OUT held-out images score; the rest are there for the budget's interval.
+    scoring = first_images(data.held_out, DEFAULT_HELD_OUT)
+    reference = reference[: sum(len(b) for b in scoring)]
     quantizers: dict[str, Int8Quantizer] = {}
     for candidate in CALIBRATION_METHODS:
         with clock(f"calibrate {candidate}"):
@@ -305,7 +308,7 @@ def _best_quantizer(
             quantizers[candidate] = quantizer
             quantizer.write(tmp / f"{candidate}.onnx")
     with clock("score race"):
-        scores = race({m: tmp / f"{m}.onnx" for m in CALIBRATION_METHODS}, reference, data.held_out)
+        scores = race({m: tmp / f"{m}.onnx" for m in CALIBRATION_METHODS}, reference, scoring)
     finished = [s for s in scores if s.images == len(reference)]
     best = best_method(finished)
     record["selected_by"] = SELECTED_BY

@@ -8,12 +8,17 @@ preprocessing is an fp32 model and is held to the fp32 gates. On random inputs (
 labels) a file is also held to deploy.gates.RANDOM_INPUT_GATES (fp16: the relative L2 error of its
 logits), and its agreement gate is judged on the agreement's interval: a shortfall 64 inputs cannot
 resolve is inconclusive, not a failure.
+
+A check whose every gate is judged on the drop's interval (int8 on labelled images) is sequential:
+it runs the file on the images in deploy.gates' fixed schedule of looks and stops at the first
+look that resolves every gate, with the interval of that look's confidence. Its metrics say how
+many images it used ("n") of how many it had, and its reason says so when it stopped early.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +30,15 @@ from deploy.gates import (
     DEFAULT_GATES,
     GATE_METRICS,
     RANDOM_INPUT_GATES,
+    SEQUENTIAL_GATES,
+    Look,
     describe_check,
     evaluate_gates,
     gates_for,
+    resolved,
+    sequential_looks,
 )
-from deploy.paired_stats import compare_predictions
+from deploy.paired_stats import DEFAULT_CONFIDENCE, compare_predictions
 from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
 from deploy.status import Status
 
@@ -81,14 +90,25 @@ def run_onnx(path: str | os.PathLike[str], batches: Sequence[np.ndarray]) -> np.
 
     The session is `open_check_session`'s: the file's own semantics, as `reviewkd validate` runs it.
     """
+    return np.concatenate(list(_logits_per_batch(path, batches)))
+
+
+def _logits_per_batch(path: str | os.PathLike[str], batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The file's first output on each batch in turn, from one session opened as `run_onnx` opens it."""
     session = open_check_session(path)
     input_name = session.get_inputs()[0].name
-    outputs = [np.asarray(session.run(None, {input_name: batch})[0], dtype=np.float32) for batch in batches]
-    return np.concatenate(outputs)
+    for batch in batches:
+        yield np.asarray(session.run(None, {input_name: batch})[0], dtype=np.float32)
 
 
-def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
-    """Parity numbers of `logits` against `reference`, and top-1 accuracies (%) where labels exist."""
+def compare(
+    logits: np.ndarray,
+    reference: np.ndarray,
+    labels: np.ndarray | None,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict[str, Any]:
+    """Parity numbers of `logits` against `reference`, and top-1 accuracies (%) where labels exist;
+    the drop's interval at `confidence` (a sequential check's look)."""
     diff = np.abs(logits.astype(np.float64) - reference.astype(np.float64))
     count = len(logits)
 
@@ -107,10 +127,24 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None
     if labels is not None:
         metrics["top1"] = percent(logits.argmax(1) == labels)
         metrics["reference_top1"] = percent(reference.argmax(1) == labels)
-        paired = compare_predictions(labels, reference.argmax(1), logits.argmax(1))
-        metrics["paired"] = paired.counts()
+        paired = compare_predictions(labels, reference.argmax(1), logits.argmax(1), confidence)
+        metrics["paired"] = {**paired.counts(), "confidence": confidence}
         metrics["top1_drop_ci"] = [100 * bound for bound in paired.interval]
     return metrics
+
+
+def precision_gates(
+    precision: str, gates: Mapping[str, Mapping[str, float]] = DEFAULT_GATES, *, random_inputs: bool = False
+) -> dict[str, float]:
+    """The gates a file of `precision` is held to (the uint8-input variant: fp32's); with
+    `random_inputs`, RANDOM_INPUT_GATES added. UsageError when there is none."""
+    gated = "fp32" if precision == UINT8_INPUT else precision
+    held_to = gates_for(gates, gated)
+    if random_inputs:
+        held_to.update(gates_for(RANDOM_INPUT_GATES, gated))
+    if not held_to:
+        raise UsageError(f"no parity gate for precision {precision!r}")
+    return held_to
 
 
 def gate(
@@ -126,16 +160,23 @@ def gate(
     `random_inputs` (the check had no images), RANDOM_INPUT_GATES add to the precision's gates and
     the agreement gate is judged on its interval (deploy.gates).
     """
-    gated = "fp32" if precision == UINT8_INPUT else precision
-    precision_gates = gates_for(gates, gated)
-    if random_inputs:
-        precision_gates.update(gates_for(RANDOM_INPUT_GATES, gated))
-    if not precision_gates:
-        raise UsageError(f"no parity gate for precision {precision!r}")
+    status, reason, _ = _judge(precision, metrics, gates, random_inputs=random_inputs)
+    return status, reason
+
+
+def _judge(
+    precision: str,
+    metrics: Mapping[str, Any],
+    gates: Mapping[str, Mapping[str, float]],
+    *,
+    random_inputs: bool,
+) -> tuple[Status, str, list[dict[str, Any]]]:
+    """`gate`'s (status, reason) and the gate records behind them (none when skipped)."""
+    held_to = precision_gates(precision, gates, random_inputs=random_inputs)
     top1 = metrics.get("top1")
     reference_top1 = metrics.get("reference_top1")
-    if top1 is None and any(GATE_METRICS[name].metric.startswith("accuracy.") for name in precision_gates):
-        return Status.SKIPPED, f"{precision} accuracy gate needs labelled images"
+    if top1 is None and any(GATE_METRICS[name].metric.startswith("accuracy.") for name in held_to):
+        return Status.SKIPPED, f"{precision} accuracy gate needs labelled images", []
     measurement = {
         "parity": {k: metrics.get(k) for k in PARITY_METRICS},
         "accuracy": {
@@ -144,9 +185,46 @@ def gate(
             "paired": metrics.get("paired"),
         },
     }
-    checks = evaluate_gates(measurement, precision_gates, agreement_interval=random_inputs)
+    checks = evaluate_gates(measurement, held_to, agreement_interval=random_inputs)
     status = Status.OK if all(c["passed"] for c in checks) else Status.FAILED
-    return status, "; ".join(describe_check(c) for c in checks)
+    return status, "; ".join(describe_check(c) for c in checks), checks
+
+
+def batch_looks(batches: Sequence[np.ndarray]) -> list[Look]:
+    """deploy.gates' sequential schedule over the images of `batches`, each look moved up to the next
+    batch boundary (the schedule still depends on nothing but the batch sizes)."""
+    boundaries = np.cumsum([len(b) for b in batches])
+    return [
+        Look(int(boundaries[np.searchsorted(boundaries, look.images)]), look.confidence)
+        for look in sequential_looks(int(boundaries[-1]))
+    ]
+
+
+def sequential_logits(
+    path: str | os.PathLike[str], batches: Sequence[np.ndarray], looks: Sequence[Look]
+) -> Iterator[tuple[int, Look, np.ndarray]]:
+    """(look number from 1, look, the file's logits on the images up to it) for each look in turn,
+    running only the batches each look needs; looks that batch boundaries merged are yielded once.
+    The caller stops iterating where a look resolves its question."""
+    logits = _logits_per_batch(path, batches)
+    outputs: list[np.ndarray] = []
+    seen = 0
+    for taken, look in enumerate(looks, start=1):
+        if seen >= look.images and taken < len(looks):
+            continue
+        while seen < look.images:
+            outputs.append(next(logits))
+            seen += len(outputs[-1])
+        yield taken, look, np.concatenate(outputs)
+
+
+def check_looks(precision: str, batches: Sequence[np.ndarray], labels: np.ndarray | None) -> list[Look]:
+    """The looks a check of `precision` on `batches` takes: `batch_looks` when every gate is
+    interval-judged (labels exist and each gate is one of SEQUENTIAL_GATES); else one look at all
+    the images at 95%."""
+    if labels is None or not set(precision_gates(precision)) <= SEQUENTIAL_GATES:
+        return [Look(sum(len(b) for b in batches), DEFAULT_CONFIDENCE)]
+    return batch_looks(batches)
 
 
 def check_file(
@@ -156,7 +234,27 @@ def check_file(
     reference: np.ndarray,
     labels: np.ndarray | None,
 ) -> CheckResult:
-    """Run `path` on `batches` and hold its logits against the student's `reference` logits."""
-    metrics = compare(run_onnx(path, batches), reference, labels)
-    status, reason = gate(precision, metrics, random_inputs=labels is None)
+    """Run `path` on `batches` and hold its logits against the student's `reference` logits.
+
+    A sequential check (`check_looks`) stops at the first look that resolves every gate; its
+    metrics["n"] is the images used, metrics["sequential"] the schedule and where it stopped.
+    """
+    looks = check_looks(precision, batches, labels)
+    total = looks[-1].images
+    for taken, look, logits in sequential_logits(path, batches, looks):
+        seen = len(logits)
+        seen_labels = None if labels is None else labels[:seen]
+        metrics = compare(logits, reference[:seen], seen_labels, look.confidence)
+        status, reason, checks = _judge(precision, metrics, DEFAULT_GATES, random_inputs=labels is None)
+        if len(looks) > 1 and (resolved(checks) or taken == len(looks)):
+            metrics["sequential"] = {
+                "images_available": total,
+                "looks": [{"images": n.images, "confidence": n.confidence} for n in looks],
+                "looks_taken": taken,
+                "stopped_early": seen < total,
+            }
+            if seen < total:
+                stop = f"look {taken} of {len(looks)}"
+                reason += f" [sequential: stopped at {stop}, {seen:,} of {total:,} images]"
+            break
     return CheckResult(str(Path(path)), precision, status, reason, metrics)

@@ -247,11 +247,15 @@ def _int8_inputs(context: ExportContext) -> Int8Inputs:
     recorded as manifest["export"]["calibration"]."""
     with optional_import("exporting ONNX files"):
         from export.calibration import AUTO, DEFAULT_HELD_OUT, split_training_images
+        from export.mixed_precision import BUDGET_HELD_OUT
         from export.precision import ActivationStatistics
 
     options = context.options
-    judged = options.calib_method == AUTO or options.max_top1_drop_int8 is not None
-    held_out = DEFAULT_HELD_OUT if judged else 0
+    # The budget is confirmed on an interval: that may take many held-out images (mixed_precision).
+    if options.max_top1_drop_int8 is not None:
+        held_out = BUDGET_HELD_OUT
+    else:
+        held_out = DEFAULT_HELD_OUT if options.calib_method == AUTO else 0
     context.log(f"calibrating int8 on up to {options.calib_samples} training images ({options.calib_method})")
     with context.timer.shared("read calibration images"):
         data = split_training_images(
@@ -408,7 +412,10 @@ def _check_images(
             raise UsageError(f"{run}: the validation split has no images to check the exported files on")
         batches = [p[0].astype(np.float32) for p in pairs]
         labels: np.ndarray | None = np.concatenate([p[1] for p in pairs])
-        described = f"{sum(len(b) for b in batches)} validation images of the run"
+        described = (
+            f"{sum(len(b) for b in batches)} validation images of the run (a sequential check, int8's,"
+            " stops once its interval resolves the budget and says how many it used)"
+        )
     else:
         count = min(check_samples, RANDOM_CHECK_IMAGES)
         batches = [np.random.default_rng(0).standard_normal((count, *input_shape), dtype=np.float32)]

@@ -13,7 +13,7 @@ from torch import nn
 from deploy.errors import UsageError
 from export.calibration import quantize_calibrated, split_training_images
 from export.check import run_onnx
-from export.mixed_precision import fit_budget, rank_layers
+from export.mixed_precision import confirmable, fit_budget, rank_layers
 from export.precision import Int8Quantizer
 from tests.helpers import export_onnx
 
@@ -153,3 +153,39 @@ def test_a_good_file_stays_all_int8_and_bad_budgets_are_usage_errors(
         assert search.float_layers == [] and search.ranking == []
         with pytest.raises(UsageError, match="max-top1-drop-int8"):
             fit_budget(quantizer, fragile_onnx, tmp_path / "bad.onnx", images, labels, budget=-1.0)
+
+
+def test_the_budget_is_confirmed_on_the_interval_not_the_point_estimate(
+    fragile_onnx: Path, tmp_path: Path
+) -> None:
+    """A budget the all-int8 file meets on its point estimate, but which its interval cannot
+    confirm, keeps the fragile layer in float; the written file is confirmed within the budget."""
+    images, labels = _quadrant_images(2000, 4)
+    batches = [images[i : i + 100] for i in range(0, 2000, 100)]
+    assert confirmable(2000, 1.0) and not confirmable(400, 1.0) and not confirmable(2000, 0.3)
+    with Int8Quantizer(fragile_onnx, [_quadrant_images(64, 1)[0]], flavour="cpu") as quantizer:
+        _, loose = fit_budget(quantizer, fragile_onnx, tmp_path / "loose.onnx", batches, labels, budget=100.0)
+        assert loose.decided_by == "interval" and loose.float_layers == []
+        point = loose.full_int8_drop
+        low, high = loose.full_int8.as_dict()["interval_points"]
+        budget = point + 0.25 * (high - point)  # above the point estimate, inside the interval
+        assert point > 20 and low < budget < high
+        mixed = tmp_path / "mixed.onnx"
+        _, search = fit_budget(quantizer, fragile_onnx, mixed, batches, labels, budget=budget)
+    assert search.full_int8.verdict.status == "inconclusive"
+    assert [layer.module for layer in search.float_layers] == ["fragile"] and search.met
+    record = search.as_dict()
+    assert record["decided_by"] == "interval"
+    written = record["held_out"]["written"]
+    assert written["verdict"] == "ok" and written["interval_points"][1] <= budget
+    assert written["images"] <= 2000 and record["held_out"]["all_int8"]["images"] == 2000
+
+
+def test_too_few_held_out_images_fall_back_to_the_point_estimate_and_say_so(
+    fragile_onnx: Path, tmp_path: Path
+) -> None:
+    images, labels = _held_out()  # 400 images: a typical file's interval is wider than 0.3 points
+    with Int8Quantizer(fragile_onnx, [_quadrant_images(64, 1)[0]], flavour="cpu") as quantizer:
+        _, search = fit_budget(quantizer, fragile_onnx, tmp_path / "mixed.onnx", images, labels)
+    assert search.decided_by.startswith("point estimate: 400 held-out images cannot confirm")
+    assert search.met and search.drop <= 0.3
