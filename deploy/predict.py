@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from deploy import run_layout
-from deploy.errors import UsageError
+from deploy.errors import UsageError, printable
 from deploy.fileio import verify_onnx_content
 from deploy.formats import ALL_BACKENDS, MODULE_BACKENDS, export_advice, format_keys
 from deploy.manifest import Manifest, check_output_width, input_spec, model_block, read_manifest
@@ -145,13 +145,84 @@ def predict_each(
     return [result if isinstance(result, UsageError) else next(tops) for result in results]
 
 
-def _infer_padded(runner: Runner, images: np.ndarray) -> np.ndarray:
-    """Infer a batch, padding it with zero images up to the runner's smallest accepted batch."""
+def pad_to_min_batch(runner: Runner, images: np.ndarray) -> tuple[np.ndarray, int]:
+    """`images` padded with zero images up to the runner's smallest accepted batch, and how many of
+    the returned rows are real."""
     count = len(images)
     if count >= runner.min_batch:
-        return runner.infer(images)
+        return images, count
     padding = np.zeros((runner.min_batch - count, *images.shape[1:]), dtype=images.dtype)
-    return runner.infer(np.concatenate([images, padding]))[:count]
+    return np.concatenate([images, padding]), count
+
+
+def _infer_padded(runner: Runner, images: np.ndarray) -> np.ndarray:
+    """Infer a batch, padding it up to the runner's smallest accepted batch (`pad_to_min_batch`)."""
+    padded, count = pad_to_min_batch(runner, images)
+    return runner.infer(padded)[:count]
+
+
+def predictions_table(paths: Sequence[Path], results: Sequence[Prediction | UsageError]) -> str:
+    """The top-k classes of each image, one row per class; names escaped (deploy.errors.printable)
+    so a file or class name cannot forge a row."""
+    rows = [("IMAGE", "#", "CLASS", "PROBABILITY")]
+    for path, top in zip(paths, results, strict=True):
+        if isinstance(top, UsageError):
+            rows.append((printable(str(path)), "-", printable(f"error: {top}"), ""))
+            continue
+        for rank, (name, probability) in enumerate(top, start=1):
+            shown = printable(str(path)) if rank == 1 else ""
+            rows.append((shown, str(rank), printable(name), f"{probability:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}".rstrip()
+        for row in rows
+    )
+
+
+class TaskPredictor(Protocol):
+    """What `reviewkd predict` does with one task's model (deploy.task_serving): run it on image
+    files, and show each image's result as JSON, as a table, and (where the task has something to
+    draw) drawn onto the image. A result is the task's own object, or the UsageError of an image
+    that could not be read."""
+
+    def predict_each(
+        self, runner: Runner, manifest: Mapping[str, Any], image_paths: Sequence[Path], top_k: int
+    ) -> Sequence[Any]:
+        """One result per image, in order (see `predict_each` for the classifier's)."""
+        ...
+
+    def as_json(self, result: Any) -> dict[str, Any]:
+        """One image's result as the JSON object printed for it (without the image's name)."""
+        ...
+
+    def table(self, paths: Sequence[Path], results: Sequence[Any]) -> str:
+        """The results as a table for a terminal."""
+        ...
+
+    def draw(self, paths: Sequence[Path], results: Sequence[Any], save_dir: Path) -> list[Path]:
+        """Write each readable image with its result drawn into `save_dir`; return the files written.
+        UsageError where the task has nothing to draw."""
+        ...
+
+
+class ClassificationPredictor:
+    """A classifier's predictions: the top-k (class, probability) pairs of each image."""
+
+    def predict_each(
+        self, runner: Runner, manifest: Mapping[str, Any], image_paths: Sequence[Path], top_k: int
+    ) -> list[Prediction | UsageError]:
+        return predict_each(runner, manifest, image_paths, top_k)
+
+    def as_json(self, result: Prediction) -> dict[str, Any]:
+        return {"top_k": [{"class": name, "probability": probability} for name, probability in result]}
+
+    def table(self, paths: Sequence[Path], results: Sequence[Prediction | UsageError]) -> str:
+        return predictions_table(paths, results)
+
+    def draw(self, paths: Sequence[Path], results: Sequence[Any], save_dir: Path) -> list[Path]:
+        raise UsageError(
+            f"--save-dir {save_dir}: draws a detector's boxes; a classifier's predictions are only printed"
+        )
 
 
 def parse_backend(key: str) -> tuple[str, str]:

@@ -57,6 +57,11 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(values * scale).astype(np.uint8), "L")
 
 
+def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) once the shorter side is `size`, the longer one rounded down as torchvision does."""
+    return (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+
+
 def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     """Scale so the shorter side is `size`, rounding the longer one down as torchvision does.
 
@@ -64,7 +69,7 @@ def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     (1 x 50000 pixels, resized to 256 on its short side) would otherwise expand to billions.
     """
     width, height = image.size
-    new_size = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    new_size = shorter_side_size(width, height, size)
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and new_size[0] * new_size[1] > limit:
         raise ValueError(
@@ -74,12 +79,35 @@ def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(new_size, Image.Resampling.BILINEAR)
 
 
+def center_crop_offset(size: tuple[int, int], height: int, width: int) -> tuple[int, int]:
+    """(left, top) of the centre `height` x `width` crop of an image of `size` (width, height),
+    rounded as torchvision's CenterCrop does."""
+    img_width, img_height = size
+    return round((img_width - width) / 2.0), round((img_height - height) / 2.0)
+
+
 def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Crop the centre `height` x `width`, offsets rounded as torchvision's CenterCrop does."""
-    img_width, img_height = image.size
-    top = round((img_height - height) / 2.0)
-    left = round((img_width - width) / 2.0)
+    """Crop the centre `height` x `width` (see `center_crop_offset`)."""
+    left, top = center_crop_offset(image.size, height, width)
     return image.crop((left, top, left + width, top + height))
+
+
+def to_original_pixels(boxes: np.ndarray, size: tuple[int, int], spec: InputSpec) -> np.ndarray:
+    """Boxes (n, 4) x1, y1, x2, y2 in the model's input pixels, mapped back onto the original image
+    of `size` (width, height) by undoing `preprocess_image`'s resize and centre crop; clipped to the
+    image, since a box may reach into what the crop cut off or past the input's edge. float32."""
+    _, height, width = spec.shape
+    if spec.resize is None:
+        scaled_width, scaled_height, left, top = width, height, 0, 0
+    else:
+        scaled_width, scaled_height = shorter_side_size(size[0], size[1], spec.resize)
+        left, top = center_crop_offset((scaled_width, scaled_height), height, width)
+    shift = np.array([left, top, left, top], dtype=np.float64)
+    scale = np.array([scaled_width / size[0], scaled_height / size[1]] * 2, dtype=np.float64)
+    original = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) + shift) / scale
+    original[:, 0::2] = original[:, 0::2].clip(0, size[0])
+    original[:, 1::2] = original[:, 1::2].clip(0, size[1])
+    return original.astype(np.float32)
 
 
 def preprocess_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
@@ -101,12 +129,17 @@ def preprocess_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
 
 def load_image(path: str | os.PathLike[str], spec: InputSpec) -> np.ndarray:
     """Read an image file and preprocess it; a missing or unreadable file is a UsageError naming it."""
+    return load_image_sized(path, spec)[0]
+
+
+def load_image_sized(path: str | os.PathLike[str], spec: InputSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    """As `load_image`, with the file's own size (width, height), which `to_original_pixels` needs."""
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"{file}: no such image file")
     try:
         with Image.open(file) as image:
-            return preprocess_image(image, spec)
+            return preprocess_image(image, spec), image.size
     except Image.DecompressionBombError as exc:
         raise UsageError(f"{file}: refused, too many pixels to decode safely ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -36,7 +36,7 @@ class TaskSpec:
         name: the task's name, as configs (`task:`) and manifests ("task") spell it.
         methods: the method names a config may give for it (method.name).
         baseline_method: the method of the student trained without a teacher, which the distilled
-            student is compared with.
+            student is compared with; `baseline_label` names that student for people.
         metric_key: the key of the metric that ranks models (the best epoch, the distillation
             gain), as the manifest's model blocks hold it; `metric_label` names it for people.
         higher_is_better: whether a larger metric is a better model.
@@ -53,6 +53,7 @@ class TaskSpec:
     name: str
     methods: tuple[str, ...]
     baseline_method: str
+    baseline_label: str
     metric_key: str
     metric_label: str
     higher_is_better: bool
@@ -68,6 +69,7 @@ TASKS: dict[str, TaskSpec] = {
         name=CLASSIFICATION,
         methods=("ce", "kd", "reviewkd", "reviewkd+kd"),
         baseline_method="ce",
+        baseline_label="cross-entropy",
         metric_key="top1",
         metric_label="top-1 %",
         higher_is_better=True,
@@ -79,14 +81,16 @@ TASKS: dict[str, TaskSpec] = {
         name=DETECTION,
         methods=("plain", "reviewkd"),
         baseline_method="plain",
+        baseline_label="plain",
         metric_key="map",
         metric_label="mAP@[.5:.95] %",
         higher_is_better=True,
         model_metrics=(("map", "mAP@[.5:.95] %"), ("ap50", "AP50 %")),
         val_metric_keys=("val_map", "val_ap50"),
         gates=DETECTION_GATES,
-        deploy_skip_reason="predict, triton and the deployment report are not built for detectors yet"
-        " (issue 19)",
+        # predict and triton serve a detection run without asking (deploy.task_serving).
+        deploy_skip_reason="quantize, export-data and the pipeline's deployment report are not built for"
+        " detectors yet (issue 19)",
         ready_actions=("export", "validate", "bench"),
     ),
 }

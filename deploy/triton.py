@@ -1,12 +1,15 @@
 """Write a Triton Inference Server model repository for a run's deployable files.
 
-One model per file: every ONNX file ONNX Runtime serves as it was checked (platform
+One model per file, declaring the outputs of the run's task (deploy.task_serving: a classifier's logits, a
+detector's num_detections, detection_boxes, detection_scores and detection_classes, int32 where the
+file's are): every ONNX file ONNX Runtime serves as it was checked (platform
 "onnxruntime_onnx", `1/model.onnx`: fp32, fp16, int8 and the QAD int8 file) and every TensorRT plan
 the manifest lists (platform "tensorrt_plan", `1/model.plan`). The int8 files made for TensorRT are
 left out (`onnx_files_left_out`): they must run their Q/DQ pairs unfused, a session option Triton's
 ONNX Runtime backend does not set, and TensorRT serves them as plans. Each model gets a
 config.pbtxt (max_batch_size, dims without the batch, dynamic_batching, instance_group) and a
-labels file with the class names. Files are copied only after their sha256 matches the manifest.
+labels file with the class names, which outputs of one value per class reference. Files are
+copied only after their sha256 matches the manifest.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from deploy.errors import UsageError
 from deploy.fileio import sha256_file
 from deploy.formats import format_keys
 from deploy.manifest import (
+    MANIFEST_NAME,
     Manifest,
     artifact_path,
     artifacts_of_kind,
@@ -35,6 +39,7 @@ from deploy.manifest import (
 from deploy.predict import check_export_is_current
 from deploy.runners import OnnxRuntimeRunner, select_artifact
 from deploy.runners.onnxruntime_runner import UNFUSED_QDQ_KEY
+from deploy.task_serving import ModelOutput, serving_of
 from deploy.trt_sidecar import Sidecar, read_sidecar, sidecar_path
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -42,6 +47,8 @@ DEFAULT_MAX_BATCH_SIZE = 64
 MAX_BATCH_SIZE_LIMIT = 2**31 - 1
 LABELS_FILENAME = "labels.txt"
 INSTANCE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+# Triton's data types of the numpy dtypes a task's outputs have (deploy.task_serving.ModelOutput.dtype).
+TRITON_TYPES = {"float32": "TYPE_FP32", "int32": "TYPE_INT32"}
 # What a model name (and so its folder in the repository) may hold.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -55,12 +62,11 @@ class TritonModel:
     source: str  # the artifact's path relative to the run directory
     max_batch_size: int
     input_name: str
-    output_name: str
+    outputs: tuple[ModelOutput, ...]  # the task's outputs (deploy.tasks), in the file's order
     input_dims: tuple[int, int, int]
-    num_classes: int
     instance_kind: str  # "KIND_CPU" or "KIND_GPU"
     instance_count: int
-    labels: bool  # whether a labels file is written and referenced
+    labels: bool  # whether a labels file is written; the per-class outputs reference it
     note: str | None = None  # a comment for the reader of config.pbtxt
 
     @property
@@ -113,14 +119,26 @@ def check_labels(classes: Any) -> list[str]:
     return check_classes(classes)
 
 
+def _output_entry(output: ModelOutput, labels: bool) -> str:
+    label_line = f"    label_filename: {_quoted(LABELS_FILENAME)}\n" if labels and output.per_class else ""
+    return (
+        "  {\n"
+        f"    name: {_quoted(output.name)}\n"
+        f"    data_type: {TRITON_TYPES[output.dtype]}\n"
+        f"    dims: {_dims(output.dims)}\n"
+        f"{label_line}"
+        "  }"
+    )
+
+
 def config_pbtxt(model: TritonModel) -> str:
     """Render a model's config.pbtxt in protobuf text format (Triton's ModelConfig)."""
-    label_line = f"    label_filename: {_quoted(LABELS_FILENAME)}\n" if model.labels else ""
     preferred = preferred_batch_sizes(model.max_batch_size)
     batching = f"  preferred_batch_size: {_dims(preferred)}\n" if preferred else ""
     header = _comment(f"Written by reviewkd from {model.source}.")
     if model.note:
         header += _comment(model.note)
+    outputs = ",\n".join(_output_entry(output, model.labels) for output in model.outputs)
     return header + (
         f"name: {_quoted(model.name)}\n"
         f"platform: {_quoted(model.platform)}\n"
@@ -130,12 +148,7 @@ def config_pbtxt(model: TritonModel) -> str:
         "    data_type: TYPE_FP32\n"
         f"    dims: {_dims(model.input_dims)}\n"
         "  }\n]\n"
-        "output [\n  {\n"
-        f"    name: {_quoted(model.output_name)}\n"
-        "    data_type: TYPE_FP32\n"
-        f"    dims: {_dims([model.num_classes])}\n"
-        f"{label_line}"
-        "  }\n]\n"
+        f"output [\n{outputs}\n]\n"
         "dynamic_batching {\n"
         f"{batching}"
         "}\n"
@@ -150,14 +163,6 @@ def _model_base_name(manifest: Manifest) -> str:
     """A Triton-safe model name from the student's architecture ("torchvision:resnet18" -> ...)."""
     arch = model_block(manifest, "student").arch or "student"
     return re.sub(r"[^A-Za-z0-9_-]+", "_", arch).strip("_") or "student"
-
-
-def _num_classes(manifest: Manifest) -> int:
-    classes = manifest.get("classes") or []
-    count = len(classes) or model_block(manifest, "student").num_classes
-    if count is None:
-        raise UsageError("manifest: neither classes nor student.num_classes gives the number of classes")
-    return count
 
 
 def _plan_sidecar(run_dir: Path, manifest: Manifest, plan: str) -> Sidecar:
@@ -217,7 +222,7 @@ def plan_models(
     if not _MODEL_NAME.fullmatch(base):
         raise UsageError(f"--name: {base!r}; expected letters, digits, '_' or '-'")
     dims = input_spec(manifest).shape
-    num_classes = _num_classes(manifest)
+    task = serving_of(manifest, str(run / MANIFEST_NAME))
     labels = bool(check_labels(manifest.get("classes") or []))
 
     # The fp32 file is the one every run has; the others are served beside it.
@@ -254,9 +259,8 @@ def plan_models(
                 source=onnx_rel,
                 max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
                 input_name=probe.input_name,
-                output_name=probe.output_name,
+                outputs=task.outputs(manifest, probe.output_names, str(run / onnx_rel)),
                 input_dims=dims,
-                num_classes=num_classes,
                 instance_kind=INSTANCE_KINDS[instance_kind],
                 instance_count=instance_count,
                 labels=labels,
@@ -284,9 +288,8 @@ def plan_models(
                 source=plan_rel,
                 max_batch_size=min(max_batch_size, high) if max_batch_size else high,
                 input_name=sidecar.input_names[0],
-                output_name=sidecar.output_names[0],
+                outputs=task.outputs(manifest, sidecar.output_names, str(run / plan_rel)),
                 input_dims=dims,
-                num_classes=num_classes,
                 instance_kind=INSTANCE_KINDS["gpu"],  # an engine runs only on a GPU
                 instance_count=instance_count,
                 labels=labels,

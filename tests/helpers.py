@@ -139,7 +139,14 @@ def make_run(
     return run, manifest
 
 
-def write_plan(path: Path, precision: str, max_batch: int, min_batch: int = 1) -> Path:
+def write_plan(
+    path: Path,
+    precision: str,
+    max_batch: int,
+    min_batch: int = 1,
+    input_shape: tuple[int, int, int] = INPUT_SHAPE,
+    output_names: tuple[str, ...] = ("logits",),
+) -> Path:
     """Write stand-in plan bytes and a valid sidecar for them (no TensorRT here to build a real one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"stand-in for a serialized TensorRT engine " + precision.encode())
@@ -152,8 +159,8 @@ def write_plan(path: Path, precision: str, max_batch: int, min_batch: int = 1) -
         compatibility=None,
         strongly_typed=True,
         input_names=("images",),
-        output_names=("logits",),
-        profile=profile_shapes(INPUT_SHAPE, min_batch, min(8, max_batch), max_batch),
+        output_names=output_names,
+        profile=profile_shapes(input_shape, min_batch, min(8, max_batch), max_batch),
         source_onnx=f"student.{precision}.onnx",
         source_onnx_sha256="0" * 64,
         machine=host_machine(),
@@ -463,3 +470,97 @@ def tiny_detector(seed: int = 0) -> Any:
     )
     nn.init.zeros_(detector.model.get_submodule("head.classification_head.cls_logits").bias)
     return detector.eval()
+
+
+# --- a tiny detection file: the four outputs of the detection contract, built node by node ---------
+
+DETECTION_CLASSES = ["zero", "one", "two"]
+DETECTION_INPUT_SHAPE = (3, 16, 24)
+# The file's boxes (input pixels), classes and score offsets; every image gets the first
+# DETECTION_COUNT of the DETECTION_TOP_K rows, the rest are zero padding.
+DETECTION_BOXES = [[2.0, 3.0, 10.0, 12.0], [12.0, 1.0, 22.0, 15.0], [0.0, 0.0, 0.0, 0.0]]
+DETECTION_CLASS_INDICES = [2, 0, 0]
+DETECTION_SCORE_OFFSETS = [2.0, 0.5, 0.0]
+DETECTION_COUNT = 2
+DETECTION_TOP_K = 3
+
+
+def write_detection_onnx(
+    path: Path, metadata: dict[str, Any] | None = None, count: int = DETECTION_COUNT
+) -> Path:
+    """A detection ONNX file with dynamic batch: input "images" float32 [N, *DETECTION_INPUT_SHAPE];
+    outputs num_detections int32 [N, 1] (`count`), detection_boxes float32 [N, K, 4] (DETECTION_BOXES),
+    detection_scores float32 [N, K] (sigmoid of the image's mean pixel plus DETECTION_SCORE_OFFSETS, so
+    scores follow the image and stay best first), detection_classes int32 [N, K]. The manifest
+    `metadata` goes into its metadata as export writes it."""
+    k = DETECTION_TOP_K
+    inits = [
+        numpy_helper.from_array(np.array([[count]], dtype=np.int32), "count"),
+        numpy_helper.from_array(np.array([DETECTION_BOXES], dtype=np.float32), "boxes"),
+        numpy_helper.from_array(np.array([DETECTION_SCORE_OFFSETS], dtype=np.float32), "offsets"),
+        numpy_helper.from_array(np.array([DETECTION_CLASS_INDICES], dtype=np.int32), "classes"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "tail_one"),
+        numpy_helper.from_array(np.array([k], dtype=np.int64), "tail_k"),
+        numpy_helper.from_array(np.array([k, 4], dtype=np.int64), "tail_k4"),
+        numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "pixel_axes"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["images"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+        helper.make_node("Concat", ["batch", "tail_one"], ["shape_n1"], axis=0),
+        helper.make_node("Concat", ["batch", "tail_k"], ["shape_nk"], axis=0),
+        helper.make_node("Concat", ["batch", "tail_k4"], ["shape_nk4"], axis=0),
+        helper.make_node("Expand", ["count", "shape_n1"], ["num_detections"]),
+        helper.make_node("Expand", ["boxes", "shape_nk4"], ["detection_boxes"]),
+        helper.make_node("Expand", ["classes", "shape_nk"], ["detection_classes"]),
+        helper.make_node("ReduceMean", ["images", "pixel_axes"], ["mean"], keepdims=0),
+        helper.make_node("Unsqueeze", ["mean", "one"], ["mean_n1"]),
+        helper.make_node("Add", ["mean_n1", "offsets"], ["raw_scores"]),
+        helper.make_node("Sigmoid", ["raw_scores"], ["detection_scores"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("num_detections", TensorProto.INT32, ["N", 1]),
+        helper.make_tensor_value_info("detection_boxes", TensorProto.FLOAT, ["N", k, 4]),
+        helper.make_tensor_value_info("detection_scores", TensorProto.FLOAT, ["N", k]),
+        helper.make_tensor_value_info("detection_classes", TensorProto.INT32, ["N", k]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_detector",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", *DETECTION_INPUT_SHAPE])],
+        outputs,
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    if metadata is not None:
+        model.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(sealed_bytes(model))
+    return path
+
+
+def make_detection_run(tmp_path: Path, resize: int | None = None, count: int = DETECTION_COUNT) -> Path:
+    """A detection run directory holding export/student.onnx from `write_detection_onnx`, recorded
+    as export records it; RGB 0-1 input as detection training writes it."""
+    run = tmp_path / "detection_run"
+    manifest = new_manifest()
+    manifest["task"] = "detection"
+    manifest["classes"] = list(DETECTION_CLASSES)
+    manifest["input"] = {
+        "shape": list(DETECTION_INPUT_SHAPE),
+        "layout": "NCHW",
+        "dtype": "float32",
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+        "resize": resize,
+    }
+    manifest["student"] = {"arch": "fcos_small_student", "num_classes": len(DETECTION_CLASSES)}
+    manifest["detection"] = {"max_detections": DETECTION_TOP_K, "score_threshold": 0.05, "iou_threshold": 0.5}
+    write_detection_onnx(run / "export/student.onnx", {**manifest, "precision": "fp32"}, count)
+    record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
+    write_manifest(run, manifest)
+    return run

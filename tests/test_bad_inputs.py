@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ from deploy import run_layout
 from deploy.manifest import read_manifest, write_manifest
 from deploy.run_lock import LOCK_NAME
 from reviewkd.app.cli import main
-from tests.helpers import REPO_ROOT, write_png_bomb
+from tests.helpers import REPO_ROOT, make_detection_run, write_png_bomb
 
 # A ReviewKD-free run that trains in seconds: cross-entropy student, 160 digits of 8x8, one epoch.
 TINY_TRAINING = [
@@ -156,6 +157,13 @@ def _image(tmp: Path, name: str = "img.png") -> Path:
     return path
 
 
+def _images_of_one_name(tmp: Path) -> list[Path]:
+    """Two images named img.png, in folders a/ and b/."""
+    for side in ("a", "b"):
+        (tmp / side).mkdir()
+    return [_image(tmp / side) for side in ("a", "b")]
+
+
 def _edit_manifest(run: Path, change: Callable[[dict[str, object]], None]) -> None:
     manifest = read_manifest(run)
     change(manifest)
@@ -178,6 +186,66 @@ def _pickle_running_code(path: Path) -> Path:
 
 def _predict(run: Path, *images: Path | str, extra: tuple[str, ...] = ()) -> list[str]:
     return ["predict", str(run), *(str(i) for i in images), *extra]
+
+
+# A detection data set of two 32x24 grey images: distill reads it (train split, then val) before it
+# writes anything. Each split's annotations start from one box of category 7 ("seven") per image.
+DETECTION_DISTILL = [
+    "--config",
+    "digits_detection",
+    "method.name=plain",
+    "train.epochs=1",
+    "detection.height=24",
+    "detection.width=32",
+]
+
+
+def _detection_images(folder: Path) -> list[str]:
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((24, 32, 3), 90, dtype=np.uint8)).save(folder / name)
+    return ["a.png", "b.png"]
+
+
+def _coco(tmp: Path, train: Callable[[dict[str, Any]], object] | str) -> list[str]:
+    """`reviewkd distill` on a COCO data set whose val JSON is whole and whose train JSON is changed by
+    `train` (or replaced by the text `train`)."""
+    root = tmp / "coco"
+    root.mkdir()
+    names = _detection_images(root)
+    splits = {}
+    for split in ("train", "val"):
+        splits[split] = {
+            "images": [{"id": i, "file_name": n, "width": 32, "height": 24} for i, n in enumerate(names, 1)],
+            "categories": [{"id": 7, "name": "seven"}],
+            "annotations": [
+                {"id": i, "image_id": i, "category_id": 7, "bbox": [2, 3, 12, 10]} for i in (1, 2)
+            ],
+        }
+    _write(root / "val.json", json.dumps(splits["val"]))
+    if isinstance(train, str):
+        _write(root / "train.json", train)
+    else:
+        train(splits["train"])
+        _write(root / "train.json", json.dumps(splits["train"]))
+    settings = [f"data.root={root}", "detection.format=coco", "detection.train=train.json"]
+    settings.append("detection.val=val.json")
+    return ["distill", "--out", str(tmp / "o"), *DETECTION_DISTILL, *settings]
+
+
+def _yolo(tmp: Path, label_line: str) -> list[str]:
+    """`reviewkd distill` on a YOLO data set (images/train, images/val, labels/..., classes.txt) whose
+    train image a.png has the label line `label_line`."""
+    root = tmp / "yolo"
+    for split in ("train", "val"):
+        folder = root / "images" / split
+        folder.mkdir(parents=True)
+        for name in _detection_images(folder):
+            _write(root / "labels" / split / f"{Path(name).stem}.txt", "0 0.5 0.5 0.25 0.25\n")
+    _write(root / "labels" / "train" / "a.txt", f"{label_line}\n")
+    _write(root / "classes.txt", "seven\n")
+    settings = [f"data.root={root}", "detection.format=yolo", "detection.train=train", "detection.val=val"]
+    return ["distill", "--out", str(tmp / "o"), *DETECTION_DISTILL, *settings]
+
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -677,7 +745,6 @@ ROWS: tuple[Row, ...] = (
         )
         for argv in (
             ("quantize", "--epochs", "1"),
-            ("triton", "--out", "repo"),
             ("export-data", "--out", "val"),
         )
     ),
@@ -691,11 +758,39 @@ ROWS: tuple[Row, ...] = (
         )
         for argv in (("validate", "--device", "cuda"), ("bench", "--backends", "onnxruntime"))
     ),
+
+
+    # predict and triton serve a detection run's files; a run not exported has none
     Row(
-        "predict: a detection run",
+        "predict: a detection run not exported",
         lambda t, r: _predict(r, _image(t)),
         2,
-        "a detection run; predict is not available",
+        "no onnxruntime/fp32 file in the manifest (has: none)",
+        base="detection",
+    ),
+    Row(
+        "predict: --save-dir names a file",
+        lambda t, r: _predict(
+            make_detection_run(t), _image(t), extra=("--save-dir", str(_write(t / "o", "a file")))
+        ),
+        2,
+        "o: exists and is not a directory",
+    ),
+    Row(
+        "predict: --save-dir with two images of one name",
+        lambda t, r: _predict(
+            make_detection_run(t),
+            *_images_of_one_name(t),
+            extra=("--save-dir", str(t / "drawn")),
+        ),
+        2,
+        "would both be drawn to img.png; give images of different names",
+    ),
+    Row(
+        "triton: a detection run not exported",
+        lambda t, r: ["triton", str(r), "--out", str(t / "repo")],
+        2,
+        "no onnxruntime/fp32 file in the manifest (has: none)",
         base="detection",
     ),
     Row(
@@ -736,6 +831,49 @@ ROWS: tuple[Row, ...] = (
         ],
         2,
         "config key student.arch: detector 'cifar_resnet20' is unknown",
+    ),
+    # ---- detection data: distill reads each split's annotations before it writes anything
+    Row(
+        "distill: an empty COCO annotation file",
+        lambda t, r: _coco(t, ""),
+        2,
+        "train.json is empty; expected COCO-format JSON",
+    ),
+    Row(
+        "distill: a COCO box wholly outside its image",
+        lambda t, r: _coco(t, lambda d: d["annotations"][1].update(bbox=[40, 3, 5, 5])),
+        2,
+        "train.json: annotations[1]: box [40, 3, 45, 8] lies wholly outside the 32x24 image",
+    ),
+    Row(
+        "distill: COCO images without a single box",
+        lambda t, r: _coco(t, lambda d: d.update(annotations=[])),
+        2,
+        "train.json: none of its 2 images holds a box; the train split needs annotated objects",
+    ),
+    Row(
+        "distill: a COCO category id not in categories",
+        lambda t, r: _coco(t, lambda d: d["annotations"][0].update(category_id=3)),
+        2,
+        "train.json: annotations[0]: category_id 3 is not in 'categories' (ids [7])",
+    ),
+    Row(
+        "distill: a YOLO label line of four fields",
+        lambda t, r: _yolo(t, "0 0.5 0.5 0.25"),
+        2,
+        "a.txt line 1: 4 fields; expected 5 (class cx cy w h, normalised to 0-1)",
+    ),
+    Row(
+        "distill: a YOLO box wholly outside its image",
+        lambda t, r: _yolo(t, "0 1.5 0.5 0.25 0.25"),
+        2,
+        "lies wholly outside the 32x24 image",
+    ),
+    Row(
+        "distill: a YOLO class index past the class names",
+        lambda t, r: _yolo(t, "3 0.5 0.5 0.25 0.25"),
+        2,
+        "a.txt line 1: class 3 is not a class index 0..0 (1 names in",
     ),
     Row(
         "distill: a detection val split as large as the training set",
@@ -1525,7 +1663,7 @@ ROWS: tuple[Row, ...] = (
         "predict: one unreadable image among readable ones",
         lambda t, r: _predict(r, _image(t), _write(t / "bad.png", "not an image"), _image(t, "b.png")),
         2,
-        "1 of 3 images could not be classified (the others were); first: ",
+        "1 of 3 images could not be read (the others were); first: ",
     ),
     Row(
         "export: --trt-batch 8,4,1 (checked before TensorRT is looked for)",
@@ -1847,7 +1985,7 @@ def test_one_unreadable_image_costs_only_itself(
     bad = _write(tmp_path / "bad.png", "not an image")
     code, out, err = run_cli(_predict(run, good, bad, other, extra=("--top-k", "1", "--json")), capsys)
     assert code == 2
-    assert err.startswith("reviewkd predict: error: 1 of 3 images could not be classified (the others were);")
+    assert err.startswith("reviewkd predict: error: 1 of 3 images could not be read (the others were);")
     assert err.count("\n") == 1 and "bad.png: cannot read as an image" in err
     first, failed, last = json.loads(out)["predictions"]
     assert [first["image"], failed["image"], last["image"]] == [str(good), str(bad), str(other)]

@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from reviewkd.models import create_model
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, make_detection_run
 from tests.test_import_isolation import NOT_FOR_PREDICT, PREDICT_IMPORTS_SCRIPT
 
 pytestmark = pytest.mark.slow
@@ -171,3 +171,24 @@ def test_the_edge_install_serves_validates_and_reports_a_run_without_torch(
         assert needs_torch.returncode == 3, (argv, needs_torch.stderr)
         assert "pip install 'reviewkd[train]'" in needs_torch.stderr
         assert "Traceback" not in needs_torch.stderr
+
+
+def test_the_edge_install_draws_a_detectors_boxes(edge_venv: Path, tmp_path: Path) -> None:
+    run = make_detection_run(tmp_path)
+    image = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((32, 48, 3), dtype=np.uint8)).save(image)
+    reviewkd = edge_venv / "bin" / "reviewkd"
+    edge = _run([reviewkd, "predict", run, image, "--json", "--save-dir", tmp_path / "drawn"], cwd=tmp_path)
+    assert edge.returncode == 0, edge.stderr
+    full = _run(
+        [sys.executable, "-m", "reviewkd.app.cli", "predict", run, image, "--json"], cwd=REPO_ROOT
+    )
+    assert full.returncode == 0, full.stderr
+    edge_found = json.loads(edge.stdout)["predictions"][0]["detections"]
+    assert edge_found == json.loads(full.stdout)["predictions"][0]["detections"]
+    assert [d["class"] for d in edge_found] == ["two", "zero"]
+    with Image.open(tmp_path / "drawn" / "picture.png") as drawn:
+        assert drawn.size == (48, 32)
+    triton = _run([reviewkd, "triton", run, "--out", tmp_path / "repo"], cwd=tmp_path)
+    assert triton.returncode == 0, triton.stderr
+    assert "fcos_small_student_onnx: onnxruntime_onnx" in triton.stdout

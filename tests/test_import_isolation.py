@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from deploy.manifest import read_manifest, record_artifact, write_manifest
 from tests.helpers import (
@@ -18,6 +19,7 @@ from tests.helpers import (
     REPO_ROOT,
     add_fp16_file,
     add_int8_files,
+    make_detection_run,
     make_run,
     random_batch,
     write_class_folders,
@@ -276,3 +278,60 @@ def test_predict_on_a_run_imports_neither_onnx_nor_torch(
     assert "runner: onnxruntime/" in result["out"]
     assert "onnxruntime" in result["top_level"]
     assert sorted(set(NOT_FOR_PREDICT) & set(result["top_level"])) == []
+
+
+def test_a_detection_run_is_served_without_torch(tmp_path: Path) -> None:
+    """predict (JSON and drawn boxes) and triton on a detection run, torch refused throughout; predict
+    imports neither onnx nor torch where torch is installed either."""
+    run = make_detection_run(tmp_path)
+    image = write_image(tmp_path / "picture.png", (48, 32))
+    results = json.loads(
+        _run_blocked(DETECTION_CLI_SCRIPT, run, image, tmp_path / "drawn", tmp_path / "repo")
+    )
+    assert results["torch_loaded"] == []
+    for key in ("predict", "triton"):
+        assert results[key]["code"] == 0, (key, results[key]["err"])
+    (prediction,) = json.loads(results["predict"]["out"])["predictions"]
+    assert [d["class"] for d in prediction["detections"]] == ["two", "zero"]
+    assert prediction["detections"][0]["box"] == [4.0, 6.0, 20.0, 24.0]
+    with Image.open(tmp_path / "drawn" / "picture.png") as drawn:
+        assert drawn.size == (48, 32)
+    assert (tmp_path / "repo" / "fcos_small_student_onnx" / "1" / "model.onnx").is_file()
+
+    completed = subprocess.run(
+        [sys.executable, "-c", PREDICT_IMPORTS_SCRIPT, str(run), str(image), "--save-dir", tmp_path / "d"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    facts = json.loads(completed.stdout)
+    assert facts["code"] == 0 and "runner: onnxruntime/fp32" in facts["out"]
+    assert sorted(set(NOT_FOR_PREDICT) & set(facts["top_level"])) == []
+
+
+DETECTION_CLI_SCRIPT = BLOCK_TORCH + textwrap.dedent(
+    """
+    import contextlib
+    import io
+    import json
+
+    from reviewkd.app.cli import main
+
+    run, image, drawn, repo = sys.argv[1:5]
+    commands = {
+        "predict": ["predict", run, image, "--json", "--save-dir", drawn],
+        "triton": ["triton", run, "--out", repo],
+    }
+    results = {}
+    for key, argv in commands.items():
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+        results[key] = {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+    results["torch_loaded"] = sorted(n for n in sys.modules if n.split(".")[0] in ("torch", "torchvision"))
+    print(json.dumps(results))
+    """
+)

@@ -27,8 +27,10 @@ Each format entry:
     validate, bench   each stage's own status and reason (plus device, timer, cuda_graphs,
                   skipped_batches for bench)
 
-"distillation": {status, reason, method, student_top1, baseline ("ce"), baseline_top1,
-baseline_run, gain_points}: the student's top-1 minus the cross-entropy student's, in points.
+"distillation": {status, reason, method, metric (the task's ranking metric: "top1", "map"),
+metric_label, student_score, baseline (the task's baseline method: "ce", "plain"), baseline_label,
+baseline_score, baseline_run, gain_points}: the student's score minus the baseline student's, in
+points.
 
 "validation": the measurement the entries show (benchmarks.report.assemble picks it): reference,
 reference_note, images, passed, failures, gates, source and source_text (what it measured), and

@@ -46,11 +46,11 @@ from deploy.manifest import (
 )
 from deploy.predict import check_export_is_current
 from deploy.status import Status
+from deploy.tasks import TaskSpec, task_of
 
 # 2: "validation" names its source and other measurements; stale exports are failed.
 REPORT_SCHEMA_VERSION = 2
 REFERENCE_KEY = "torch/fp32"
-BASELINE_METHOD = "ce"
 
 
 def format_entries(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -234,24 +234,32 @@ def _static_fields(key: str, manifest: Manifest, views: Sequence[Mapping[str, An
     return {"backend": backend, "precision": label, "file": None, "size_bytes": None}
 
 
-def _run_info(run_dir: PathLike, manifest: Manifest, metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _run_info(
+    run_dir: PathLike, manifest: Manifest, metrics: Sequence[Mapping[str, Any]], task: TaskSpec
+) -> dict[str, Any]:
     student, teacher = model_block(manifest, "student"), model_block(manifest, "teacher")
     method = method_block(manifest)
     return {
         "dir": str(Path(run_dir).resolve()),
         "method": method.name,
         "method_params": dict(method.params),
+        # The task's ranking metric ("top1", "map"), which each model's "score" is.
+        "metric": task.metric_key,
+        "metric_label": task.metric_label,
         "student": {
             "arch": student.arch,
             "top1": student.reported_scores.get("top1"),
             "top5": student.reported_scores.get("top5"),
+            "score": student.reported_scores.get(task.metric_key),
         },
         "teacher": {
             "arch": teacher.arch,
             "top1": teacher.reported_scores.get("top1"),
             "top5": teacher.reported_scores.get("top5"),
+            "score": teacher.reported_scores.get(task.metric_key),
         },
         "baselines": manifest.get("baselines"),
+        "classes": list(manifest.get("classes") or []),
         "num_classes": len(manifest.get("classes", [])) or student.num_classes,
         "input_shape": list(input_spec(manifest).shape) if manifest.get("input") else None,
         "dataset": data_block(manifest).dataset,
@@ -259,37 +267,46 @@ def _run_info(run_dir: PathLike, manifest: Manifest, metrics: Sequence[Mapping[s
     }
 
 
-def _distillation(manifest: Manifest) -> dict[str, Any]:
-    """The student's top-1 gain over the cross-entropy student trained in the same run, in points.
+def _distillation(manifest: Manifest, task: TaskSpec) -> dict[str, Any]:
+    """The student's gain in the task's ranking metric (top-1, mAP) over the baseline student (the
+    task's baseline method: no teacher) trained in the same run, in points.
 
-    Both top-1 values are the manifest's for each student's best validation epoch, on the same
-    images: the test split's, scored once, where the run carved its validation split
-    (data.val_split), else the validation split's. Without a baseline (`reviewkd run
-    --no-baseline`, a plain `distill`) the block says so instead of a gain.
+    Both values are the manifest's for each student's best validation epoch, on the same images:
+    the test split's, scored once, where the run carved its validation split (data.val_split), else
+    the validation split's. Without a baseline (`reviewkd run --no-baseline`, a plain `distill`)
+    the block says so instead of a gain.
     """
     method = method_block(manifest).name
-    student_top1 = model_block(manifest, "student").reported_scores.get("top1")
-    recorded = (manifest.get("baselines") or {}).get(BASELINE_METHOD)
+    metric, baseline_method, label = task.metric_key, task.baseline_method, task.baseline_label
+    student_score = model_block(manifest, "student").reported_scores.get(metric)
+    recorded = (manifest.get("baselines") or {}).get(baseline_method)
     baseline = (
-        ModelBlock.from_dict(recorded, f"manifest: baselines.{BASELINE_METHOD}").reported_scores
+        ModelBlock.from_dict(recorded, f"manifest: baselines.{baseline_method}").reported_scores
         if isinstance(recorded, Mapping)
         else None
     )
-    block: dict[str, Any] = {"method": method, "student_top1": student_top1, "baseline": BASELINE_METHOD}
-    if method == BASELINE_METHOD:
-        reason = "the student itself was trained with cross-entropy alone (method ce); nothing was distilled"
+    block: dict[str, Any] = {
+        "method": method,
+        "metric": metric,
+        "metric_label": task.metric_label,
+        "student_score": student_score,
+        "baseline": baseline_method,
+        "baseline_label": label,
+    }
+    if method == baseline_method:
+        reason = f"the student itself is the {label} student (method {method}); nothing was distilled"
     elif recorded is None or baseline is None:
-        reason = "this run has no cross-entropy baseline (`reviewkd run` trains one unless --no-baseline)"
-    elif student_top1 is None or (baseline_top1 := baseline.get("top1")) is None:
-        reason = "the student or the cross-entropy baseline has no top-1 in the manifest"
+        reason = f"this run has no {label} baseline (`reviewkd run` trains one unless --no-baseline)"
+    elif student_score is None or (baseline_score := baseline.get(metric)) is None:
+        reason = f"the student or the {label} baseline has no {metric} in the manifest"
     else:
         return {
             **block,
             "status": Status.OK,
             "reason": None,
-            "baseline_top1": baseline_top1,
+            "baseline_score": baseline_score,
             "baseline_run": recorded.get("run"),
-            "gain_points": student_top1 - baseline_top1,
+            "gain_points": student_score - baseline_score,
         }
     return {**block, "status": Status.NOT_MEASURED, "reason": reason}
 
@@ -326,8 +343,10 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
     metrics = read_metrics(run_dir)
     report: dict[str, Any] = {"schema_version": REPORT_SCHEMA_VERSION}
     report["generated_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    report["run"] = _run_info(run_dir, manifest, metrics)
-    report["distillation"] = _distillation(manifest)
+    task = task_of(manifest, str(run_layout.run_path(run_dir, run_layout.MANIFEST)))
+    report["task"] = task.name
+    report["run"] = _run_info(run_dir, manifest, metrics, task)
+    report["distillation"] = _distillation(manifest, task)
     report["layerwise"] = _layerwise(run_dir)
     # Without torch, validate compares with the fp32 ONNX file; the report marks what it compared with.
     reference = validate.get("reference", REFERENCE_KEY) if validate is not None else REFERENCE_KEY
@@ -383,6 +402,8 @@ def build_report(run_dir: PathLike) -> dict[str, Any]:
             },
             "source": (validate.get("measured") or {}).get("source"),
             "source_text": source_text(validate),
+            # A detection run's example detections per model, drawn as the report's example grid.
+            "examples": validate.get("examples"),
             "other_measurements": [_measurement_summary(m, manifest) for m in other_validations],
         }
         if validate is not None

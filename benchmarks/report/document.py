@@ -75,18 +75,28 @@ class ReportDocument:
     run: tuple[str, ...]
     final_table: Table
     format_notes: tuple[str, ...]
-    accuracy: Section
+    accuracy: Section | None  # None where the task's own sections show accuracy (a detector's mAP)
     latency: Section
     plots: Section
     environment: Section
     layerwise: Section | None = None  # present when `reviewkd layerwise` left reports in the run
+    task_sections: tuple[Section, ...] = ()  # the run's task's own (benchmarks.report.tasks)
 
     @property
     def sections(self) -> tuple[Section, ...]:
         """The sections in reading order."""
         formats = Section("Formats", table=self.final_table, bullets=self.format_notes)
         layerwise = () if self.layerwise is None else (self.layerwise,)
-        return (formats, self.accuracy, *layerwise, self.latency, self.plots, self.environment)
+        accuracy = () if self.accuracy is None else (self.accuracy,)
+        return (
+            formats,
+            *accuracy,
+            *self.task_sections,
+            *layerwise,
+            self.latency,
+            self.plots,
+            self.environment,
+        )
 
 
 # ----------------------------------------------------------------------------- numbers as text
@@ -178,10 +188,11 @@ FINAL_TABLE_COLUMNS: tuple[Column, ...] = (
 )
 
 
-def final_table(report: Mapping[str, Any]) -> Table:
-    """The final table: one row per format, the columns of FINAL_TABLE_COLUMNS."""
+def final_table(report: Mapping[str, Any], columns: Sequence[Column] | None = None) -> Table:
+    """The final table: one row per format, the `columns` (a task's own, benchmarks.report.tasks;
+    None: FINAL_TABLE_COLUMNS)."""
+    columns = FINAL_TABLE_COLUMNS if columns is None else columns
     batch = largest_batch(report)
-    columns = FINAL_TABLE_COLUMNS
     return Table(
         header=tuple(column.header.format(batch=batch or "-") for column in columns),
         rows=tuple(
@@ -223,30 +234,35 @@ def _format_notes(report: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def headline(report: Mapping[str, Any]) -> str:
-    """One line: the student's top-1 gain over the run's cross-entropy student, or why there is none."""
+    """One line: the student's gain in the task's ranking metric over the run's baseline student (no
+    teacher), or why there is none."""
     gain = report.get("distillation") or {}
     if gain.get("status") != Status.OK:
         reason = gain.get("reason") or "report.json has no distillation block (written by an older version)"
         return f"distillation gain: not measured: {reason}"
+    metric = str(gain["metric_label"]).removesuffix(" %")
     return (
-        f"distillation gain: {gain['gain_points']:+.2f} top-1 points, {gain['method']} "
-        f"{gain['student_top1']:.2f}% vs cross-entropy {gain['baseline_top1']:.2f}% (same run, best epochs)"
+        f"distillation gain: {gain['gain_points']:+.2f} {metric} points, {gain['method']} "
+        f"{gain['student_score']:.2f}% vs {gain['baseline_label']} {gain['baseline_score']:.2f}%"
+        " (same run, best epochs)"
     )
 
 
 def _run_lines(report: Mapping[str, Any]) -> tuple[str, ...]:
     run = report.get("run", {})
     student, teacher = run.get("student", {}), run.get("teacher", {})
+    # Each model's score in the task's ranking metric (top-1, mAP).
+    metric, label = run.get("metric"), str(run.get("metric_label") or "-").removesuffix(" %")
     lines = [
         f"method: {run.get('method') or '-'}",
-        f"student: {student.get('arch') or '-'} (top-1 {number_text(student.get('top1'))})",
-        f"teacher: {teacher.get('arch') or '-'} (top-1 {number_text(teacher.get('top1'))})",
+        f"student: {student.get('arch') or '-'} ({label} {number_text(student.get('score'))})",
+        f"teacher: {teacher.get('arch') or '-'} ({label} {number_text(teacher.get('score'))})",
         f"dataset: {run.get('dataset') or '-'}, classes: {run.get('num_classes') or '-'}, "
         f"input: {run.get('input_shape') or '-'}, epochs logged: {run.get('epochs', 0)}",
     ]
     for name, base in (run.get("baselines") or {}).items():
-        top1 = base.get("top1") if isinstance(base, Mapping) else base
-        lines.append(f"baseline {name}: top-1 {number_text(top1)}")
+        score = base.get(metric) if isinstance(base, Mapping) else base
+        lines.append(f"baseline {name}: {label} {number_text(score)}")
     return tuple(lines)
 
 
@@ -272,6 +288,15 @@ def _accuracy_rows(report: Mapping[str, Any]) -> list[tuple[str, str, Mapping[st
     return rows
 
 
+def gate_text(entry: Mapping[str, Any]) -> str:
+    """A format's gates and their verdicts, "name verdict, ..."; "-" for none."""
+    shown = []
+    for gate in entry.get("gates") or []:
+        verdict = gate.get("verdict") or ("pass" if gate["passed"] else "FAIL")
+        shown.append(f"{gate['gate']} {verdict}")
+    return ", ".join(shown) or "-"
+
+
 def _accuracy_table(report: Mapping[str, Any]) -> Table:
     header = (
         "format",
@@ -289,11 +314,6 @@ def _accuracy_table(report: Mapping[str, Any]) -> Table:
     for key, source, entry in _accuracy_rows(report):
         acc = entry.get("accuracy") or {}
         par = entry.get("parity") or {}
-        gates = entry.get("gates", [])
-        gate_text = (
-            ", ".join(f"{g['gate']} {g.get('verdict') or ('pass' if g['passed'] else 'FAIL')}" for g in gates)
-            or "-"
-        )
         rows.append(
             (
                 key,
@@ -305,7 +325,7 @@ def _accuracy_table(report: Mapping[str, Any]) -> Table:
                 "-" if par.get("max_abs_diff") is None else f"{par['max_abs_diff']:.3g}",
                 "-" if par.get("mean_abs_diff") is None else f"{par['mean_abs_diff']:.3g}",
                 number_text(par.get("top1_agreement")),
-                gate_text,
+                gate_text(entry),
             )
         )
     return Table(header, tuple(rows), ("left", "left", *(RIGHT for _ in header[2:-1]), "left"))
@@ -520,8 +540,16 @@ def _plots_note(report: Mapping[str, Any], plots: Sequence[Plot]) -> str | None:
     return report.get("plots_note") or "Nothing to plot: no timings, accuracies or training records."
 
 
-def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> ReportDocument:
-    """The document of report.json's content `report`, showing `plots` (already drawn)."""
+def build_document(
+    report: Mapping[str, Any],
+    plots: Sequence[Plot] = (),
+    task_sections: Sequence[Section] = (),
+    columns: Sequence[Column] | None = None,
+    classifier_accuracy: bool = True,
+) -> ReportDocument:
+    """The document of report.json's content `report`, showing `plots` (already drawn), the final
+    table's `columns` (None: FINAL_TABLE_COLUMNS) and, after the accuracy section (top-1 and logit
+    parity; left out unless `classifier_accuracy`), the run's task's own sections."""
     latency_note = _stage_note(report, "bench")
     latency = _latency_table(report)
     if latency_note is None and not latency.rows:
@@ -532,9 +560,9 @@ def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> Rep
         title=TITLE,
         headline=headline(report),
         run=_run_lines(report),
-        final_table=final_table(report),
+        final_table=final_table(report, columns),
         format_notes=_format_notes(report),
-        accuracy=_accuracy_section(report),
+        accuracy=_accuracy_section(report) if classifier_accuracy else None,
         latency=(
             Section("Latency", note=latency_note)
             if latency_note
@@ -543,4 +571,5 @@ def build_document(report: Mapping[str, Any], plots: Sequence[Plot] = ()) -> Rep
         plots=Section("Plots", note=_plots_note(report, general), plots=general),
         environment=Section("Environment", bullets=_environment_lines(report)),
         layerwise=_layerwise_section(report, plots),
+        task_sections=tuple(task_sections),
     )

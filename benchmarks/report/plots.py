@@ -13,7 +13,7 @@ from deploy.fileio import atomic_output
 from deploy.optional import optional_import
 
 
-def _new_figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
     # The object API with an explicit Agg canvas: no pyplot, so no global backend switch and no
     # display needed.
     with optional_import("the report's plots"):
@@ -25,7 +25,7 @@ def _new_figure(width: float, height: float) -> Any:
     return figure
 
 
-def _save_png(figure: Any, path: Path) -> Path:
+def save_png(figure: Any, path: Path) -> Path:
     with atomic_output(path) as tmp:
         figure.savefig(tmp, format="png")
     return path
@@ -36,7 +36,7 @@ def plot_latency(report: Mapping[str, Any], path: Path) -> Path | None:
     series = {key: e["latency"] for key, e in format_entries(report).items() if e.get("latency")}
     if not series:
         return None
-    figure = _new_figure(10, 4)
+    figure = new_figure(10, 4)
     ax_lat, ax_tp = figure.subplots(1, 2)
     for key, latency in series.items():
         sizes = sorted(int(b) for b in latency)
@@ -59,7 +59,7 @@ def plot_latency(report: Mapping[str, Any], path: Path) -> Path | None:
     ax_lat.set_title("Latency vs batch size")
     ax_tp.set_title("Throughput vs batch size")
     ax_tp.legend(fontsize="small")
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def plot_accuracy_size(report: Mapping[str, Any], path: Path) -> Path | None:
@@ -73,7 +73,7 @@ def plot_accuracy_size(report: Mapping[str, Any], path: Path) -> Path | None:
     size = {k: e["size_bytes"] / 1e6 for k, e in entries.items() if e.get("size_bytes") is not None}
     if not top1 and not size:
         return None
-    figure = _new_figure(10, max(2.5, 0.45 * len(entries) + 1.2))
+    figure = new_figure(10, max(2.5, 0.45 * len(entries) + 1.2))
     ax_acc, ax_size = figure.subplots(1, 2)
     for ax, values, label in ((ax_acc, top1, "top-1 (%)"), (ax_size, size, "size (MB)")):
         if values:
@@ -88,7 +88,7 @@ def plot_accuracy_size(report: Mapping[str, Any], path: Path) -> Path | None:
         ax_acc.set_xlim(max(0.0, low - 5.0), 100.0)
     ax_acc.set_title("Accuracy per format")
     ax_size.set_title("File size per format")
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def _series(
@@ -123,7 +123,7 @@ def plot_training(records: Sequence[Mapping[str, Any]], path: Path) -> Path | No
     with optional_import("the report's plots"):
         from matplotlib.ticker import MaxNLocator
 
-    figure = _new_figure(10, 4)
+    figure = new_figure(10, 4)
     ax_loss, ax_acc = figure.subplots(1, 2)
     for ax, series, label in ((ax_loss, losses, "loss"), (ax_acc, accuracies, "accuracy")):
         for name, (x, y) in series.items():
@@ -136,7 +136,7 @@ def plot_training(records: Sequence[Mapping[str, Any]], path: Path) -> Path | No
             ax.legend(fontsize="small")
     ax_loss.set_title("Training losses")
     ax_acc.set_title("Accuracy per epoch")
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def _is_number(value: Any) -> bool:
@@ -156,7 +156,7 @@ def plot_students(curves: Mapping[str, Sequence[Mapping[str, Any]]], title: str,
     with optional_import("the report's plots"):
         from matplotlib.ticker import MaxNLocator
 
-    figure = _new_figure(7, 4)
+    figure = new_figure(7, 4)
     ax = figure.subplots()
     for label, points in series.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
@@ -166,7 +166,7 @@ def plot_students(curves: Mapping[str, Sequence[Mapping[str, Any]]], title: str,
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title(title)
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
@@ -222,7 +222,7 @@ def plot_pareto(report: Mapping[str, Any], path: Path) -> Path | None:
     panels = [(latency, f"p50 latency (ms), {batch}")]
     if energy:
         panels.append((energy, f"energy per image (mJ, above idle), {batch}"))
-    figure = _new_figure(5 * len(panels) + 1, 4)
+    figure = new_figure(5 * len(panels) + 1, 4)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, (points, label) in zip(axes, panels, strict=True):
         front = pareto_front(points)
@@ -238,7 +238,7 @@ def plot_pareto(report: Mapping[str, Any], path: Path) -> Path | None:
     axes[0].set_title("Accuracy vs latency per format")
     if energy:
         axes[1].set_title("Accuracy vs energy per format")
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def plot_latency_distribution(report: Mapping[str, Any], path: Path) -> Path | None:
@@ -251,7 +251,7 @@ def plot_latency_distribution(report: Mapping[str, Any], path: Path) -> Path | N
                 curves.setdefault(int(batch), {})[key] = stats["percentiles_ms"]
     if not curves:
         return None
-    figure = _new_figure(4.5 * len(curves) + 1, 4)
+    figure = new_figure(4.5 * len(curves) + 1, 4)
     axes = figure.subplots(1, len(curves), squeeze=False)[0]
     for ax, batch in zip(axes, sorted(curves), strict=True):
         for key, percentiles in curves[batch].items():
@@ -263,4 +263,4 @@ def plot_latency_distribution(report: Mapping[str, Any], path: Path) -> Path | N
         ax.set_title(f"batch {batch}")
         ax.grid(True, which="both", alpha=0.3)
     axes[-1].legend(fontsize="small")
-    return _save_png(figure, path)
+    return save_png(figure, path)

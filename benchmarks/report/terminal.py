@@ -8,6 +8,8 @@ from typing import Any
 from tabulate import tabulate
 
 from benchmarks.report.document import ReportDocument, Table, build_document
+from benchmarks.report.tasks import REPORT_TASKS
+from deploy.tasks import DEFAULT_TASK
 
 
 def text_table(table: Table) -> str:
@@ -33,6 +35,8 @@ def render_terminal(document: ReportDocument) -> str:
 
 def format_final_table(report: Mapping[str, Any]) -> str:
     """Return what `reviewkd run` and `reviewkd report` print for report.json's content `report`:
-    the distillation headline, the table (format, status, size, top-1, agreement, p50 @1,
-    img/s @largest batch), and one line per format that is not ok, giving the reason."""
-    return render_terminal(build_document(report))
+    the distillation headline, the table (format, status, size, the task's accuracy columns: top-1
+    and agreement, or mAP and AP50; p50 @1, img/s @largest batch), and one line per format that is
+    not ok, giving the reason."""
+    columns = REPORT_TASKS[report.get("task", DEFAULT_TASK)].final_columns
+    return render_terminal(build_document(report, columns=columns))

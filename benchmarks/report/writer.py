@@ -19,6 +19,7 @@ from benchmarks.report.plots import (
     plot_training,
 )
 from benchmarks.report.results import PathLike, read_metrics, record_report_files, report_dir
+from benchmarks.report.tasks import REPORT_TASKS
 from deploy import run_layout
 from deploy.fileio import write_json_atomic, write_text_atomic
 from deploy.optional import installed
@@ -37,6 +38,8 @@ PLOTS: tuple[str, ...] = (
     TRAINING_PLOT,
     STUDENTS_PLOT,
 )
+# Every PNG any task's part of the report may draw: one not drawn this time is removed.
+TASK_PLOTS: tuple[str, ...] = tuple(name for task in REPORT_TASKS.values() for name in task.plot_files)
 NO_MATPLOTLIB = (
     "not drawn: matplotlib is not installed (the edge install leaves it out);"
     " pip install 'reviewkd[plots]' to draw them"
@@ -97,11 +100,13 @@ def write_report(run_dir: PathLike) -> dict[str, Any]:
     # matplotlib and its fonts are a third of the edge install; without it the report has no PNGs.
     has_matplotlib = installed("matplotlib")
     plots = _draw_plots(run_dir, report, out) if has_matplotlib else []
-    drawn = {plot.path for plot in plots}
-    stale = [out / name for name in PLOTS if out / name not in drawn]
+    task = REPORT_TASKS[report["task"]]
+    task_plots = task.draw(report, out) if has_matplotlib else []
+    drawn = {plot.path for plot in (*plots, *task_plots)}
+    stale = [out / name for name in (*PLOTS, *TASK_PLOTS) if out / name not in drawn]
     for path in stale:
         path.unlink(missing_ok=True)
-    report["plots"] = [plot.path.name for plot in plots]
+    report["plots"] = [plot.path.name for plot in (*plots, *task_plots)]
     if not has_matplotlib:
         report["plots_note"] = NO_MATPLOTLIB
     layerwise = [
@@ -109,10 +114,16 @@ def write_report(run_dir: PathLike) -> dict[str, Any]:
         for fmt, entry in report.get("layerwise", {}).items()
         if (out / entry["plot"]).is_file()
     ]
-    document = build_document(report, [*plots, *layerwise])
+    document = build_document(
+        report,
+        [*plots, *layerwise],
+        task.sections(report, task_plots),
+        task.final_columns,
+        task.classifier_accuracy,
+    )
     write_json_atomic(json_file, report)
     write_text_atomic(markdown_file, render_markdown(document))
     write_text_atomic(html_file, render_html(document))
-    written = [json_file, markdown_file, html_file, *(plot.path for plot in plots)]
+    written = [json_file, markdown_file, html_file, *(plot.path for plot in (*plots, *task_plots))]
     record_report_files(run_dir, written, stale)
     return report

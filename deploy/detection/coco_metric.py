@@ -21,6 +21,8 @@ from deploy.optional import optional_import
 
 # COCO's limit of detections per image for its headline numbers.
 MAX_DETECTIONS = 100
+# COCOeval's recall points: 0, 0.01, ..., 1.
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
 class GroundTruth(Protocol):
@@ -53,13 +55,16 @@ class CocoMetrics:
     `map` is AP averaged over IoU 0.50:0.05:0.95 and the classes, `ap50` the same at IoU 0.5 alone.
     `per_class_ap` and `per_class_ap50` hold one value per class index, NaN for a class with no
     (non-crowd) ground truth, which COCO leaves out of the means. Both means are NaN when no class
-    has ground truth.
+    has ground truth. `precision` is COCOeval's precision array at area "all" and the largest
+    max-detections setting: [IoU threshold (0.50:0.05:0.95), recall point (RECALL_POINTS), class],
+    -1 where a class has no ground truth (`pr_curves` reads it).
     """
 
     map: float
     ap50: float
     per_class_ap: tuple[float, ...]
     per_class_ap50: tuple[float, ...]
+    precision: np.ndarray
 
 
 def _xywh(boxes: np.ndarray) -> np.ndarray:
@@ -167,4 +172,26 @@ def coco_metrics(
         ap50=float(stats[1]) if stats[1] > -1 else float("nan"),
         per_class_ap=tuple(_class_mean(precision[:, :, k]) for k in range(num_classes)),
         per_class_ap50=tuple(_class_mean(precision[0, :, k]) for k in range(num_classes)),
+        precision=precision,
     )
+
+
+def _percent_curve(values: np.ndarray) -> list[float] | None:
+    return None if (values < 0).any() else [round(float(v) * 100.0, 3) for v in values]
+
+
+def pr_curves(metrics: CocoMetrics) -> dict[str, Any]:
+    """Each class's precision-recall curve from `metrics.precision`, JSON-ready, in percent (0-100):
+    "recall" (the 101 recall points), "precision" (one curve per class index, averaged over the ten
+    IoU thresholds, as mAP averages them) and "precision50" (at IoU 0.5, as AP50); a class without
+    ground truth has None for its curves."""
+    precision = metrics.precision
+    classes = precision.shape[2]
+    return {
+        "recall": [round(float(r) * 100.0, 3) for r in RECALL_POINTS],
+        "precision": [
+            None if (precision[:, :, k] < 0).any() else _percent_curve(precision[:, :, k].mean(axis=0))
+            for k in range(classes)
+        ],
+        "precision50": [_percent_curve(precision[0, :, k]) for k in range(classes)],
+    }

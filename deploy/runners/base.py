@@ -56,6 +56,17 @@ class Runner(abc.ABC):
     def _infer(self, images: np.ndarray) -> np.ndarray:
         """Run the model on an already checked, contiguous batch."""
 
+    def infer_outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Check `images` and return every output of the model by name, as the file types them (a
+        detection file's four outputs, deploy.detection.outputs)."""
+        self.check_input(images)
+        return self._infer_outputs(np.ascontiguousarray(images))
+
+    def _infer_outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the model on a checked batch and return all its outputs; runners that serve only a
+        classifier's logits say so."""
+        raise UsageError(f"{self.name}: this runner returns a classifier's logits only, not named outputs")
+
     def synchronize(self) -> None:  # noqa: B027 - a no-op default that GPU runners override
         """Wait for queued device work; a no-op on the CPU. Timers call it around `infer`."""
 

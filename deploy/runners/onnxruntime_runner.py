@@ -351,13 +351,16 @@ class OnnxRuntimeRunner(Runner):
             self.min_batch = self.max_batch = batch
         outputs = self._session.get_outputs()
         by_name = {o.name: o for o in outputs}
+        self.output_names: tuple[str, ...] = tuple(by_name)
         if "logits" in by_name:
-            self.output_name: str = "logits"
+            self.output_name: str | None = "logits"
         elif len(outputs) == 1:
             self.output_name = outputs[0].name
         else:
-            names = ", ".join(by_name)
-            raise UsageError(f"{self.path}: several outputs ({names}) and none is named 'logits'")
+            # Several outputs, none of them logits (a detector's four): read together by
+            # infer_outputs, whose caller checks them against its task's contract.
+            self.output_name = None
+            return
         shape = by_name[self.output_name].shape
         self.output_width = _static_dim(shape[1]) if len(shape) == 2 else None
 
@@ -389,8 +392,17 @@ class OnnxRuntimeRunner(Runner):
     def _infer(self, images: np.ndarray) -> np.ndarray:
         session = self._live_session()
         feed = images if self._input_dtype is np.float32 else images.astype(self._input_dtype)
+        if self.output_name is None:
+            names = ", ".join(self.output_names)
+            raise UsageError(f"{self.path}: several outputs ({names}) and none is named 'logits'")
         (logits,) = session.run([self.output_name], {self.input_name: feed})
         return np.asarray(logits, dtype=np.float32)
+
+    def _infer_outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        session = self._live_session()
+        feed = images if self._input_dtype is np.float32 else images.astype(self._input_dtype)
+        arrays = session.run(list(self.output_names), {self.input_name: feed})
+        return {name: np.asarray(array) for name, array in zip(self.output_names, arrays, strict=True)}
 
     def close(self) -> None:
         """Drop the session; ONNX Runtime frees its memory with it."""

@@ -359,6 +359,16 @@ def decode_output(raw: np.ndarray, type_name: str) -> np.ndarray:
     return from_bfloat16_bits(raw) if type_name == "BF16" else raw.astype(np.float32, copy=False)
 
 
+# TensorRT's floating-point I/O types (by trt.DataType name), which named outputs return as float32.
+_FLOAT_TYPES = frozenset({"FLOAT", "HALF", "BF16"})
+
+
+def decode_named_output(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """One of a plan's named outputs (`infer_outputs`) as the ONNX file typed it: floating-point
+    storage as float32, integers and booleans as they are (a detector's int32 counts and classes)."""
+    return decode_output(raw, type_name) if type_name in _FLOAT_TYPES else raw
+
+
 def _dims(dims: Any) -> tuple[int, ...]:
     """A TensorRT Dims as a tuple of ints (Dims indexes like a tuple but is not one)."""
     return tuple(int(dims[i]) for i in range(len(dims)))
@@ -529,15 +539,34 @@ class TensorRTRunner(CudaGraphReporting, Runner):
                 replay=lambda graph: self._replay(graph, batch),
             )
 
-    def _run_eager(self, batch: np.ndarray) -> np.ndarray:
-        assert self._context is not None and self._memory is not None  # checked by _infer
+    def _enqueue(self, batch: np.ndarray) -> None:
+        """Upload `batch` (input storage) and run the eager context on it."""
+        assert self._context is not None and self._memory is not None  # checked by the caller
         if not self._context.set_input_shape(self._input, batch.shape):
             raise RuntimeError(f"{self.plan_path}: TensorRT rejected input shape {batch.shape}")
         self._memory.upload(self._input, batch)
         if not self._context.execute_async_v3(self._memory.stream_handle):
             raise RuntimeError(f"{self.plan_path}: TensorRT execution failed")
-        logits = self._memory.download(self._output, _dims(self._context.get_tensor_shape(self._output)))
-        return decode_output(logits, self._types[self._output])
+
+    def _download(self, name: str) -> np.ndarray:
+        """An output of the eager context's last run, at the shape it ran with, as stored."""
+        assert self._context is not None and self._memory is not None  # checked by the caller
+        return self._memory.download(name, _dims(self._context.get_tensor_shape(name)))
+
+    def _run_eager(self, batch: np.ndarray) -> np.ndarray:
+        self._enqueue(batch)
+        return decode_output(self._download(self._output), self._types[self._output])
+
+    def _infer_outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output by name (the sidecar's order), eagerly: CUDA graphs serve `infer` alone."""
+        with self._lock:
+            if self._context is None or self._memory is None:
+                raise UsageError(f"{self.name}: the runner is closed")
+            self._enqueue(encode_input(images, self._types[self._input], self._dtypes[self._input]))
+            return {
+                name: decode_named_output(self._download(name), self._types[name])
+                for name in self.sidecar.output_names
+            }
 
     def _capture(self, shape: tuple[int, ...]) -> _TrtGraph:
         """Capture one `execute_async_v3` at `shape` on a new context bound to the shared buffers."""

@@ -163,7 +163,8 @@ def build_detection_data(config: Config) -> DetectionData:
     """Read (for digits: generate first, once) the train and val splits config.detection names.
 
     Raises:
-        UsageError: a missing or malformed data set, or splits whose classes differ.
+        UsageError: a missing or malformed data set, a split without a single box, or splits whose
+            classes differ.
     """
     dc = config.detection
     if dc.format == "digits":
@@ -182,6 +183,14 @@ def build_detection_data(config: Config) -> DetectionData:
             else:
                 splits.append(read_yolo(root / "images" / split if split else root / "images"))
         train, val = splits
+    for name, dataset in (("train", train), ("val", val)):
+        # Images without boxes are negatives beside the others; a split of nothing but negatives gives
+        # a detector nothing to learn from, or an mAP of nothing (COCOeval's -1, a NaN).
+        if dataset.num_boxes == 0:
+            raise UsageError(
+                f"{dataset.source}: none of its {len(dataset.images)} images holds a box; the {name} split"
+                " needs annotated objects"
+            )
     if train.class_names != val.class_names:
         raise UsageError(
             f"{val.source}: classes {list(val.class_names)} differ from the train split's"

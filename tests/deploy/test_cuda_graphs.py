@@ -33,6 +33,7 @@ from deploy.runners.tensorrt_runner import (
     TensorRTRunner,
     _CudaPythonMemory,
     _TorchMemory,
+    decode_named_output,
     from_bfloat16_bits,
     to_bfloat16_bits,
 )
@@ -828,3 +829,25 @@ def test_tensorrt_runner_graph_replay_matches_eager(tmp_path: Path) -> None:
             np.testing.assert_allclose(graphed.infer(x), eager.infer(x), rtol=1e-5, atol=1e-5)
         assert graphed.cuda_graph_error is None
         assert graphed.cuda_graph_shapes == [(2, 3, 16, 12), (8, 3, 16, 12)]
+
+
+@pytest.mark.parametrize("output_dtype", [FakeDataType.FLOAT, FakeDataType.BF16])
+def test_named_outputs_are_the_eager_outputs_by_name(
+    monkeypatch: pytest.MonkeyPatch, output_dtype: FakeDataType
+) -> None:
+    runner, _ = fake_tensorrt_runner(monkeypatch, FakeMemory(), output_dtype=output_dtype)
+    runner.use_cuda_graphs = True  # named outputs run eagerly whatever infer does
+    x = np.random.default_rng(4).standard_normal((3, *CHW)).astype(np.float32)
+    outputs = runner.infer_outputs(x)
+    assert list(outputs) == [OUTPUT] and outputs[OUTPUT].dtype == np.float32
+    np.testing.assert_array_equal(outputs[OUTPUT], runner.infer(x))
+    runner.close()
+    with pytest.raises(UsageError, match="closed"):
+        runner.infer_outputs(x)
+
+
+def test_named_integer_outputs_keep_their_type() -> None:
+    counts = np.array([[3], [0]], dtype=np.int32)
+    assert decode_named_output(counts, "INT32") is counts
+    half = np.array([1.5, -2.0], dtype=np.float16)
+    assert decode_named_output(half, "HALF").dtype == np.float32

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from deploy.detection.outputs import OUTPUT_NAMES as DETECTION_OUTPUTS
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.manifest import record_artifact
 from deploy.runners import (
@@ -38,7 +39,17 @@ from deploy.runners.torch_runner import TorchRunner
 from deploy.trt_sidecar import (
     tensorrt_available,
 )
-from tests.helpers import CLASSES, INPUT_SHAPE, export_onnx, make_run, random_batch, tiny_net, write_plan
+from tests.helpers import (
+    CLASSES,
+    DETECTION_INPUT_SHAPE,
+    INPUT_SHAPE,
+    export_onnx,
+    make_run,
+    random_batch,
+    tiny_net,
+    write_detection_onnx,
+    write_plan,
+)
 
 
 # A non-square input catches any H/W mix-up.
@@ -542,3 +553,25 @@ def test_gpu_providers_run_on_the_device_index_asked_for() -> None:
     assert provider_options("CUDAExecutionProvider", 2) == {"use_tf32": "0", "device_id": "2"}
     assert provider_options("TensorrtExecutionProvider", 1) == {"device_id": "1"}
     assert provider_options("CPUExecutionProvider", 3) == {}
+
+
+def test_a_detection_file_returns_its_named_outputs_not_logits(tmp_path: Path) -> None:
+    path = write_detection_onnx(tmp_path / "detector.onnx")
+    images = np.zeros((2, *DETECTION_INPUT_SHAPE), dtype=np.float32)
+    with OnnxRuntimeRunner(path) as runner:
+        assert runner.output_names == DETECTION_OUTPUTS and runner.output_name is None
+        outputs = runner.infer_outputs(images)
+        with pytest.raises(UsageError, match=r"several outputs \(num_detections, .*\) and none is named"):
+            runner.infer(images)
+        with pytest.raises(UsageError, match=r"expected a batch of shape \(N, 3, 16, 24\)"):
+            runner.infer_outputs(images[:, :, :8])
+    assert list(outputs) == list(DETECTION_OUTPUTS)
+    assert outputs["num_detections"].dtype == np.int32 and outputs["num_detections"].shape == (2, 1)
+
+
+def test_a_classifier_runner_has_no_named_outputs() -> None:
+    with (
+        TorchRunner(tiny_net(), INPUT_SHAPE) as runner,
+        pytest.raises(UsageError, match="returns a classifier's logits only"),
+    ):
+        runner.infer_outputs(random_batch(1))

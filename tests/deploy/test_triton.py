@@ -9,19 +9,24 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from deploy.detection.outputs import OUTPUT_NAMES as DETECTION_OUTPUTS
 from deploy.errors import UsageError
 from deploy.fileio import sha256_file
-from deploy.manifest import forget_artifact, record_artifact, write_manifest
+from deploy.manifest import forget_artifact, read_manifest, record_artifact, write_manifest
 from deploy.runners import OnnxRuntimeRunner
 from deploy.triton import preferred_batch_sizes, write_triton_repository
 from deploy.trt_sidecar import sidecar_path
 from reviewkd.app.cli import main
 from tests.helpers import (
     CLASSES,
+    DETECTION_CLASSES,
+    DETECTION_INPUT_SHAPE,
+    DETECTION_TOP_K,
     INPUT_SHAPE,
     add_fp16_file,
     add_int8_files,
     export_onnx,
+    make_detection_run,
     make_run,
     random_batch,
     tiny_net,
@@ -323,3 +328,59 @@ def test_files_from_an_older_student_are_not_served(tmp_path: Path, stale: str) 
     with pytest.raises(UsageError, match=rf"{stale}: it was exported from student dddddddddddd…"):
         write_triton_repository(run, repo)
     assert not any(repo.rglob("*"))
+
+
+def test_a_detection_run_declares_the_four_outputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_detection_run(tmp_path)
+    manifest = read_manifest(run)
+    plan = write_plan(
+        run / "export" / "student.fp16.plan",
+        "fp16",
+        max_batch=8,
+        input_shape=DETECTION_INPUT_SHAPE,
+        output_names=DETECTION_OUTPUTS,
+    )
+    record_artifact(run, manifest, "export/student.fp16.plan", "tensorrt", precision="fp16")
+    record_artifact(run, manifest, sidecar_path(plan).relative_to(run).as_posix(), "sidecar")
+    write_manifest(run, manifest)
+    repo = tmp_path / "repo"
+    assert main(["triton", str(run), "--out", str(repo)]) == 0
+    assert f"{repo / 'fcos_small_student_onnx'}: onnxruntime_onnx" in capsys.readouterr().out
+    fp32, int32 = model_config_pb2.TYPE_FP32, model_config_pb2.TYPE_INT32
+    k = DETECTION_TOP_K
+    expected = [
+        ("num_detections", int32, [1]),
+        ("detection_boxes", fp32, [k, 4]),
+        ("detection_scores", fp32, [k]),
+        ("detection_classes", int32, [k]),
+    ]
+    for name in ("fcos_small_student_onnx", "fcos_small_student_tensorrt_fp16"):
+        config = read_config(repo / name)
+        assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == expected
+        # Triton's labels are for outputs of one score per class; a detector has none.
+        assert all(not o.label_filename for o in config.output)
+        assert list(config.input[0].dims) == list(DETECTION_INPUT_SHAPE)
+        assert (repo / name / "labels.txt").read_text(encoding="utf-8").splitlines() == DETECTION_CLASSES
+    # The served copy returns what the contract says, for any batch.
+    images = np.zeros((5, *DETECTION_INPUT_SHAPE), dtype=np.float32)
+    with OnnxRuntimeRunner(repo / "fcos_small_student_onnx" / "1" / "model.onnx") as served:
+        outputs = served.infer_outputs(images)
+    assert {name: (array.dtype.name, array.shape[1:]) for name, array in outputs.items()} == {
+        name: ("int32" if dtype == int32 else "float32", tuple(dims)) for name, dtype, dims in expected
+    }
+    assert outputs["num_detections"].shape[0] == 5
+
+
+def test_a_detection_run_without_its_detection_block_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_detection_run(tmp_path)
+    manifest = read_manifest(run)
+    del manifest["detection"]
+    write_manifest(run, manifest)
+    assert main(["triton", str(run), "--out", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err
+    assert "detection: expected an object with max_detections" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "repo").exists()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.manifest import new_manifest, read_manifest
+from deploy.task_serving import SERVING
 from deploy.tasks import CLASSIFICATION, DETECTION, TASKS, task_of
 from reviewkd.app.cli import main
 from reviewkd.checkpoint import load_checkpoint
@@ -210,3 +211,7 @@ def test_a_finished_detection_teacher_is_reused(run: Path, capsys: pytest.Captur
     assert main(["teacher", "--out", str(teacher), *tiny_detection(run.parent / "data")]) == 0
     assert "reusing the finished run" in capsys.readouterr().out
     assert (teacher / run_layout.TEACHER_WEIGHTS).read_bytes() == before
+
+
+def test_every_task_has_its_edge_side() -> None:
+    assert set(SERVING) == set(TASKS)

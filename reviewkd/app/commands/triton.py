@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from deploy.manifest import read_manifest
-from deploy.tasks import require_deployable_run
 from deploy.triton import DEFAULT_MAX_BATCH_SIZE, INSTANCE_KINDS, onnx_files_left_out, write_triton_repository
 
 
@@ -38,7 +37,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_triton(args: argparse.Namespace) -> int:
     """Handler of `reviewkd triton`."""
-    require_deployable_run(args.run, "triton")
     manifest = read_manifest(args.run)
     models = write_triton_repository(
         args.run,
