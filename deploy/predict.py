@@ -19,7 +19,14 @@ from deploy import run_layout
 from deploy.errors import UsageError, printable
 from deploy.fileio import verify_onnx_content
 from deploy.formats import ALL_BACKENDS, MODULE_BACKENDS, export_advice, format_keys
-from deploy.manifest import Manifest, check_output_width, input_spec, model_block, read_manifest
+from deploy.manifest import (
+    InputSpec,
+    Manifest,
+    check_output_width,
+    input_spec,
+    model_block,
+    read_manifest,
+)
 from deploy.preprocess import load_image
 from deploy.runners import OnnxRuntimeRunner, open_runner, select_artifact
 from deploy.runners.base import Runner
@@ -102,6 +109,22 @@ def predict(
     return [result for result in results if not isinstance(result, UsageError)]
 
 
+def checked_input(
+    runner: Runner, manifest: Mapping[str, Any], image_paths: Sequence[str | os.PathLike[str]]
+) -> InputSpec:
+    """The manifest's input block for a predict call over `image_paths`, after checking that there are
+    images and that the runner takes the (C, H, W) the manifest says (a UsageError otherwise)."""
+    if not image_paths:
+        raise UsageError("no image files given")
+    spec = input_spec(manifest)
+    if spec.shape != tuple(runner.input_shape):
+        raise UsageError(
+            f"{runner.name}: the model takes (C, H, W) = {tuple(runner.input_shape)},"
+            f" the manifest says {spec.shape}"
+        )
+    return spec
+
+
 def predict_each(
     runner: Runner,
     manifest: Mapping[str, Any],
@@ -112,14 +135,7 @@ def predict_each(
     other images are still classified: one bad file among many does not cost the rest."""
     if top_k < 1:
         raise UsageError(f"--top-k: expected a positive number, got {top_k}")
-    if not image_paths:
-        raise UsageError("no image files given")
-    spec = input_spec(manifest)
-    if spec.shape != tuple(runner.input_shape):
-        raise UsageError(
-            f"{runner.name}: the model takes (C, H, W) = {tuple(runner.input_shape)},"
-            f" the manifest says {spec.shape}"
-        )
+    spec = checked_input(runner, manifest, image_paths)
     results: list[Prediction | UsageError] = []
     readable: list[np.ndarray] = []
     for path in image_paths:

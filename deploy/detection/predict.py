@@ -20,8 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from deploy.detection.outputs import decode_outputs
 from deploy.errors import UsageError, printable
 from deploy.fileio import atomic_output
-from deploy.manifest import input_spec
-from deploy.predict import DEFAULT_BATCH, pad_to_min_batch
+from deploy.predict import DEFAULT_BATCH, checked_input, pad_to_min_batch
 from deploy.preprocess import load_image_sized, to_8bit, to_original_pixels
 from deploy.runners.base import Runner
 
@@ -84,14 +83,7 @@ def detect_each(
     pixels. A file whose outputs break the detection contract (names, types, counts, class indices
     past the manifest's classes) is a UsageError naming the file.
     """
-    if not image_paths:
-        raise UsageError("no image files given")
-    spec = input_spec(manifest)
-    if spec.shape != tuple(runner.input_shape):
-        raise UsageError(
-            f"{runner.name}: the model takes (C, H, W) = {tuple(runner.input_shape)},"
-            f" the manifest says {spec.shape}"
-        )
+    spec = checked_input(runner, manifest, image_paths)
     names = _class_names(manifest)
     results: list[ImageDetections | UsageError] = []
     pixels: list[np.ndarray] = []
