@@ -39,6 +39,7 @@ from deploy.tasks import DETECTION, TASKS
 from export.check import CheckResult
 from export.engines import produce_engines
 from export.producing import CheckImages, CheckRequest, ExportContext, ExportTask, FormatProducer
+from reviewkd.config import load_run_config
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +81,6 @@ def detection_check_images(request: CheckRequest) -> tuple[CheckImages, str]:
     detections on them, and the training images int8 calibrates on (module docstring)."""
     with optional_import(_ACTION):
         from export.detection_pipeline import DetectionScorer, DetectionTruth
-        from reviewkd.config import load_run_config
         from reviewkd.detection.engine import build_detection_data
 
     spec = input_spec(request.manifest)
