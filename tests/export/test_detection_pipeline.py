@@ -166,3 +166,27 @@ def test_reviewkd_export_on_a_detection_run_writes_the_formats_asked_for(
     assert EFFICIENT_NMS.file not in kinds and "export/student.int8.onnx" not in kinds
     # TensorRT builds a detector's engines too: here it is missing, which is exit 3, not a refusal
     assert main(["export", str(run), "--formats", "onnx,tensorrt"]) == 3
+
+
+def test_validate_and_bench_skip_a_detection_engine_where_tensorrt_is_missing(
+    exported_run: Path, tmp_path: Path
+) -> None:
+    from benchmarks.detection import bench_detection_run, validate_detection_run, validate_lines
+    from deploy.manifest import record_artifact, write_manifest
+    from tests.helpers import tensorrt_gpu_missing
+
+    if tensorrt_gpu_missing() is None:
+        pytest.skip("TensorRT and a GPU are here: the engine would run")
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+    manifest = read_manifest(run)
+    (run / "export/student.fp16.plan").write_bytes(b"an engine TensorRT would read")
+    record_artifact(run, manifest, "export/student.fp16.plan", "tensorrt", precision="fp16")
+    write_manifest(run, manifest)
+    result = validate_detection_run(run)
+    engine = result["results"]["tensorrt/fp16"]
+    assert engine["status"] == "skipped" and "TensorRT" in engine["reason"]
+    assert result["passed"] and "onnxruntime/int8" in result["results"]  # the ONNX files still measured
+    assert any(line.startswith("tensorrt/fp16") and "skipped" in line for line in validate_lines(result))
+    bench = bench_detection_run(run, batch_sizes=(1,), seconds=0.05, warmup=1, threads=1)
+    assert bench["results"]["tensorrt/fp16"]["status"] == "skipped"
