@@ -172,7 +172,11 @@ def test_validate_and_bench_skip_a_detection_engine_where_tensorrt_is_missing(
     exported_run: Path, tmp_path: Path
 ) -> None:
     from benchmarks.detection import bench_detection_run, validate_detection_run, validate_lines
+    from deploy.detection.outputs import OUTPUT_NAMES
+    from deploy.fileio import sha256_file
+    from deploy.gpu import GpuInfo
     from deploy.manifest import record_artifact, write_manifest
+    from deploy.trt_sidecar import Sidecar, host_machine, host_os, profile_shapes, sidecar_path, write_sidecar
     from tests.helpers import tensorrt_gpu_missing
 
     if tensorrt_gpu_missing() is None:
@@ -180,7 +184,26 @@ def test_validate_and_bench_skip_a_detection_engine_where_tensorrt_is_missing(
     run = tmp_path / "run"
     shutil.copytree(exported_run, run)
     manifest = read_manifest(run)
-    (run / "export/student.fp16.plan").write_bytes(b"an engine TensorRT would read")
+    plan = run / "export/student.fp16.plan"
+    plan.write_bytes(b"an engine TensorRT would read")
+    sidecar = Sidecar(
+        plan_file=plan.name,
+        plan_sha256=sha256_file(plan),
+        tensorrt_version="10.13.0.35",
+        gpu=GpuInfo("NVIDIA H100 80GB HBM3", (9, 0)),
+        precision="fp16",
+        compatibility=None,
+        strongly_typed=True,
+        input_names=("images",),
+        output_names=OUTPUT_NAMES,
+        profile=profile_shapes((3, 64, 96), 1, 8, 32),
+        source_onnx="student.fp16.onnx",
+        source_onnx_sha256=sha256_file(run / "export/student.fp16.onnx"),
+        machine=host_machine(),
+        os=host_os(),
+        build={"plugins": []},
+    )
+    write_sidecar(sidecar_path(plan), sidecar)
     record_artifact(run, manifest, "export/student.fp16.plan", "tensorrt", precision="fp16")
     write_manifest(run, manifest)
     result = validate_detection_run(run)
