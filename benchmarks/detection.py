@@ -1,6 +1,8 @@
 """validate and bench for a detection run: every exported file with ONNX Runtime, as deployed.
 
-validate: each ONNX file of the run (kind "onnx") runs on every image of the validation split; its
+validate: each ONNX file of the run (kind "onnx") and each TensorRT engine (kind "tensorrt", through
+deploy's TensorRT runner, its four outputs read by name; "skipped" with the reason where TensorRT or
+a GPU is missing) runs on every image of the validation split; its
 COCO mAP@[.5:.95], AP50 and per-class AP (pycocotools), and, against the fp32 file, its mAP drop
 with the paired image-level bootstrap 95% interval and the detection gates (deploy.gates'
 DETECTION_GATES through the task registry). Where torch is installed the torch student runs too and
@@ -35,13 +37,16 @@ from deploy.detection.images import image_batches, read_image
 from deploy.detection.onnx_run import DetectionSession
 from deploy.detection.outputs import Detections, decode_outputs
 from deploy.detection.parity import box_parity
-from deploy.errors import GateFailedError, UsageError
+from deploy.errors import GateFailedError, MissingDependencyError, UsageError
 from deploy.fileio import write_json_atomic
 from deploy.formats import ONNX_FORMATS
 from deploy.gates import GateTable, describe_check, evaluate_gates, gates_for
 from deploy.manifest import Manifest, artifacts_of_kind, input_spec, read_manifest, verify_artifact
 from deploy.optional import installed, optional_import
+from deploy.predict import pad_to_min_batch
 from deploy.run_lock import locks_run
+from deploy.runners import open_runner
+from deploy.runners.base import Runner
 from deploy.tasks import DETECTION, TASKS
 
 FP32_KEY = "onnxruntime/fp32"
@@ -83,6 +88,47 @@ def onnx_files(run: Path, manifest: Manifest) -> dict[str, str]:
     return {FP32_KEY: keys.pop(FP32_KEY), **keys}
 
 
+def engine_files(manifest: Manifest) -> dict[str, str]:
+    """Report key ("tensorrt/<precision>") -> run-relative path of each TensorRT engine."""
+    return {
+        f"tensorrt/{entry.get('precision', 'fp32')}": rel
+        for rel, entry in artifacts_of_kind(manifest, "tensorrt").items()
+    }
+
+
+class RunnerDetections:
+    """A detection file run through deploy's runner (a TensorRT engine): the four outputs by name,
+    each batch cut to the runner's largest and padded to its smallest, the padding dropped."""
+
+    def __init__(self, runner: Runner, num_classes: int) -> None:
+        self.runner, self.num_classes = runner, num_classes
+
+    def raw(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The four outputs of `images` [B, 3, H, W], by name, one row per image."""
+        chunk = self.runner.max_batch or len(images)
+        parts = []
+        for start in range(0, len(images), chunk):
+            padded, count = pad_to_min_batch(self.runner, images[start : start + chunk])
+            parts.append({name: value[:count] for name, value in self.runner.infer_outputs(padded).items()})
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def detect(self, images: np.ndarray) -> list[Detections]:
+        """Each image's detections for one batch."""
+        return decode_outputs(self.raw(images), self.runner.name, self.num_classes)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def _open_engine(run: Path, manifest: Manifest, rel: str, classes: int) -> RunnerDetections | str:
+    """The engine at `rel` opened for detection, or why it cannot run here (TensorRT or a GPU missing)."""
+    try:
+        runner = open_runner(run / rel, manifest=manifest, run_dir=run)
+    except MissingDependencyError as exc:
+        return str(exc)
+    return RunnerDetections(runner, classes)
+
+
 def _torch_detections(run: Path, manifest: Manifest, batches: Sequence[np.ndarray]) -> list[Detections]:
     with optional_import("box parity against the torch student"):
         from reviewkd.detection.inference import load_run_detector, torch_detections
@@ -115,8 +161,19 @@ def validate_detection_run(
     for key, rel in files.items():
         session = DetectionSession(verify_artifact(run, manifest, rel), classes, threads=threads)
         found[key] = [d for batch in batches for d in session.detect(batch)]
-    reference = match_images(records, found[FP32_KEY], classes)
     results: dict[str, Any] = {}
+    for key, rel in engine_files(manifest).items():
+        files[key] = rel
+        engine = _open_engine(run, manifest, rel, classes)
+        if isinstance(engine, str):
+            precision = key.split("/")[1]
+            results[key] = {"file": rel, "precision": precision, "status": "skipped", "reason": engine}
+            continue
+        try:
+            found[key] = [d for batch in batches for d in engine.detect(batch)]
+        finally:
+            engine.close()
+    reference = match_images(records, found[FP32_KEY], classes)
     for key, dets in found.items():
         coco = coco_metrics(records, _coco(dets), classes)
         accuracy: dict[str, Any] = {
@@ -140,7 +197,7 @@ def validate_detection_run(
         }
     failures = []
     for key, entry in results.items():
-        if key == TORCH_KEY:
+        if key == TORCH_KEY or entry["status"] != "ok":
             continue
         own = gates_for(gate_table, entry["precision"])
         if key == FP32_KEY and "parity" not in entry:
@@ -195,9 +252,18 @@ def bench_detection_run(
     classes = len(manifest["classes"])
     records = validation_records(run, manifest)
     results: dict[str, Any] = {}
-    for key, rel in onnx_files(run, manifest).items():
+    files = {**onnx_files(run, manifest), **engine_files(manifest)}
+    for key, rel in files.items():
         path = verify_artifact(run, manifest, rel)
-        session = DetectionSession(path, classes, threads=threads)
+        session: DetectionSession | RunnerDetections
+        if key in engine_files(manifest):
+            engine = _open_engine(run, manifest, rel, classes)
+            if isinstance(engine, str):
+                results[key] = {"file": rel, "status": "skipped", "reason": engine}
+                continue
+            session = engine
+        else:
+            session = DetectionSession(path, classes, threads=threads)
         latency: dict[str, Any] = {}
         for batch in batch_sizes:
             chosen = [records[i % len(records)] for i in range(batch)]
@@ -223,6 +289,8 @@ def bench_detection_run(
                 **latency_stats(parts["total"], batch),
                 "parts_p50_ms": {name: float(np.median(parts[name])) for name in ("pre", "model", "post")},
             }
+        if isinstance(session, RunnerDetections):
+            session.close()
         results[key] = {"file": rel, "status": "ok", "latency": latency}
     result = {
         "task": DETECTION,
@@ -243,6 +311,9 @@ def validate_lines(result: Mapping[str, Any]) -> list[str]:
     """One line per file of a detection validate result: mAP, AP50, the drop and each gate."""
     lines = []
     for key, entry in result["results"].items():
+        if entry["status"] != "ok":
+            lines.append(f"{key:<22} {entry['status']}: {entry.get('reason', '')}")
+            continue
         accuracy = entry["accuracy"]
         line = f"{key:<22} mAP {accuracy['map']:6.2f}"
         if "ap50" in accuracy:

@@ -55,6 +55,13 @@ ONNX_FORMATS: dict[str, ExportFormat] = {
 UINT8_INPUT = ExportFormat("uint8", "onnx", "fp32", run_layout.onnx_file("uint8"), "uint8-input")
 TENSORRT_FORMAT = "tensorrt"
 ALL_EXPORT_FORMATS: tuple[str, ...] = (*ONNX_FORMATS, TENSORRT_FORMAT)
+# A detector's fp32 file whose NMS is TensorRT's EfficientNMS_TRT plugin: its fp32 engine's source.
+# Its manifest kind says that TensorRT builds it and ONNX Runtime cannot run it (the plugin).
+EFFICIENT_NMS = ExportFormat(
+    "efficientnms", "onnx-tensorrt", "fp32", run_layout.onnx_file("efficientnms"), "efficientnms"
+)
+# Every name --formats takes, for some task (each task exports those its producers make).
+EXPORT_FORMAT_NAMES: tuple[str, ...] = (*ONNX_FORMATS, EFFICIENT_NMS.name, TENSORRT_FORMAT)
 # TensorRT engine precision -> the ONNX format it is built from.
 TENSORRT_SOURCES: dict[str, str] = {"fp32": "onnx", "fp16": "fp16", "int8": "int8-trt"}
 

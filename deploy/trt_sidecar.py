@@ -15,7 +15,7 @@ import importlib
 import os
 import platform
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -420,6 +420,27 @@ def start_tensorrt(factory: Callable[[Any], _T], logger: Any, what: str, tensorr
         " (tensorrt-cu13 needs a CUDA 13 driver, >= 580); `reviewkd doctor` checks the install"
     )
     raise MissingDependencyError(f"TensorRT {tensorrt_version} could not initialise CUDA ({what}): {cause}")
+
+
+# TensorRT's plugin library names its layers "<name>_TRT" (EfficientNMS_TRT: a detector's NMS).
+PLUGIN_SUFFIX = "_TRT"
+
+
+def register_tensorrt_plugins(
+    init_plugins: Callable[[Any, str], bool], logger: Any, plugins: Sequence[str], what: str
+) -> None:
+    """Register TensorRT's plugin library (libnvinfer_plugin) through `init_plugins`
+    (trt.init_libnvinfer_plugins) with `logger`, where `plugins` (the plugin layers of the ONNX file
+    being parsed or of the plan being deserialised) is not empty: TensorRT finds a plugin layer's
+    creator only once the library registered it. MissingDependencyError naming `what` when the
+    library does not load."""
+    if not plugins:
+        return
+    if not init_plugins(logger, ""):
+        raise MissingDependencyError(
+            f"{what}: uses TensorRT plugin layer(s) {', '.join(plugins)}, and TensorRT's plugin library"
+            f" (libnvinfer_plugin) did not load; it comes with TensorRT: {GPU_INSTALL_HINT}"
+        )
 
 
 def tensorrt_available() -> tuple[bool, str]:

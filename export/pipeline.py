@@ -25,6 +25,7 @@ install. Every other format loads the student with torch, which this module impo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,10 +38,10 @@ from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import atomic_output, ensure_writable_dir, sha256_file
 from deploy.formats import (
-    ALL_EXPORT_FORMATS,
+    EFFICIENT_NMS,
+    EXPORT_FORMAT_NAMES,
     ONNX_FORMATS,
     TENSORRT_FORMAT,
-    TENSORRT_SOURCES,
     UINT8_INPUT,
 )
 from deploy.gpu import probe_gpu
@@ -52,19 +53,21 @@ from deploy.manifest import (
     new_manifest,
     read_manifest,
     record_artifact,
-    verify_artifact,
     write_manifest,
 )
 from deploy.optional import optional_import, require_installed
-from deploy.predict import STUDENT_SHA256_KEY
 from deploy.run_lock import locks_run
-from deploy.tasks import CLASSIFICATION, task_of
-from deploy.trt_sidecar import sidecar_path, tensorrt_available
+from deploy.tasks import CLASSIFICATION, DETECTION, task_of
+from deploy.trt_sidecar import tensorrt_available
 from export.check import UINT8_INPUT as UINT8_CHECK
 from export.check import check_file, run_onnx
+from export.detection_producing import DETECTION_EXPORT
+from export.engines import build_engines, produce_engines
 from export.producing import (
+    DEFAULT_MAX_MAP_DROP_INT8,
     BatchSource,
     CheckImages,
+    CheckRequest,
     ExportContext,
     ExportOptions,
     ExportRecorder,
@@ -73,7 +76,6 @@ from export.producing import (
     FormatProducer,
     TensorRTOptions,
 )
-from export.tensorrt_engine import build_engine
 from export.timing import StageTimer
 from reviewkd.config import Config, DataConfig, ModelConfig, save_config, validate
 
@@ -95,11 +97,11 @@ def parse_formats(text: str | Sequence[str] | None) -> list[str] | None:
     if text is None:
         return None
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    unknown = [n for n in names if n not in ALL_EXPORT_FORMATS]
+    unknown = [n for n in names if n not in EXPORT_FORMAT_NAMES]
     if unknown or not names:
         raise UsageError(
             f"--formats {','.join(names)}: expected a comma-separated subset of"
-            f" {','.join(ALL_EXPORT_FORMATS)}"
+            f" {','.join(EXPORT_FORMAT_NAMES)}"
         )
     return list(dict.fromkeys(names))
 
@@ -322,19 +324,6 @@ def _produce_uint8_input(context: ExportContext, name: str) -> bool:
     )
 
 
-def _produce_engines(context: ExportContext, name: str) -> bool:
-    """Build the TensorRT engines from the run's checked ONNX files (format "tensorrt"); without
-    TensorRT or a GPU, record the missing dependency (exit 3)."""
-    if context.tensorrt_missing is not None:
-        context.recorder.summary.missing_dependency = f"--formats {name}: {context.tensorrt_missing}"
-        context.recorder.skip(name, context.tensorrt_missing)
-        return False
-    _build_engines(
-        context.run, context.manifest, context.recorder, context.options.tensorrt, context.log, context.timer
-    )
-    return True
-
-
 # Classification's producers, in the registry's order (deploy.formats): the ONNX flavours, the
 # uint8-input file, then the engines built from them.
 CLASSIFICATION_PRODUCERS: dict[str, FormatProducer] = {
@@ -343,12 +332,13 @@ CLASSIFICATION_PRODUCERS: dict[str, FormatProducer] = {
     "int8": FormatProducer(_produce_int8, made_from="onnx", unavailable=_int8_needs_data),
     "int8-trt": FormatProducer(_produce_int8, made_from="onnx", unavailable=_int8_needs_data),
     UINT8_INPUT.name: FormatProducer(_produce_uint8_input, made_from="onnx"),
-    TENSORRT_FORMAT: FormatProducer(_produce_engines),
+    TENSORRT_FORMAT: FormatProducer(produce_engines),
 }
 
 # Each task's export (export.producing), by deploy.tasks name; a task missing here cannot be exported.
 EXPORT_TASKS: dict[str, ExportTask] = {
     CLASSIFICATION: ExportTask(load_student, torch_logits, CLASSIFICATION_PRODUCERS),
+    DETECTION: DETECTION_EXPORT,
 }
 
 
@@ -360,51 +350,64 @@ def export_task(run: Path, manifest: Manifest) -> ExportTask:
     return EXPORT_TASKS[spec.name]
 
 
-def _check_options(
-    opset: int | None, calib_method: str, calib_samples: int, check_samples: int, batch_size: int
-) -> None:
-    """UsageError for an export option out of range, before anything is read or written."""
+def _check_options(options: ExportOptions) -> ExportOptions:
+    """UsageError for an export option out of range, before anything is read or written; returns
+    the options with the opset resolved (None: DEFAULT_OPSET), as the manifest records it."""
     with optional_import("exporting ONNX files"):
         from export.calibration import METHOD_CHOICES
-        from export.onnx_export import check_opset
+        from export.onnx_export import DEFAULT_OPSET, check_opset
 
-    if opset is not None:
-        check_opset(opset)
-    if calib_method not in METHOD_CHOICES:
-        raise UsageError(f"--calib-method {calib_method!r}: expected one of {', '.join(METHOD_CHOICES)}")
+    if options.opset is not None:
+        check_opset(options.opset)
+    if options.calib_method not in METHOD_CHOICES:
+        raise UsageError(
+            f"--calib-method {options.calib_method!r}: expected one of {', '.join(METHOD_CHOICES)}"
+        )
     for name, value in (
-        ("--calib-samples", calib_samples),
-        ("check_samples", check_samples),
-        ("batch_size", batch_size),
+        ("--calib-samples", options.calib_samples),
+        ("check_samples", options.check_samples),
+        ("batch_size", options.batch_size),
     ):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
+    if options.held_out_samples is not None and options.held_out_samples < 0:
+        raise UsageError(f"held_out_samples must be >= 0, got {options.held_out_samples}")
+    return dataclasses.replace(options, opset=DEFAULT_OPSET if options.opset is None else options.opset)
 
 
-def _resolve_formats(wanted: list[str] | None, recorder: ExportRecorder) -> tuple[list[str], str | None]:
-    """The formats to export (None: every ONNX format, plus TensorRT where it can build) and why
-    TensorRT cannot build engines here (None: it can; only asked when TensorRT may be wanted)."""
+def task_formats(run: Path, task: ExportTask, wanted: Sequence[str]) -> None:
+    """UsageError naming the run when it asks for a format its task does not export."""
+    unknown = [name for name in wanted if name not in task.producers]
+    if unknown:
+        exported = ",".join(name for name in task.producers if name != UINT8_INPUT.name)
+        what = "--bake-preprocessing" if unknown == [UINT8_INPUT.name] else f"--formats {','.join(unknown)}"
+        raise UsageError(f"{what}: {run} is a run whose task exports {exported}")
+
+
+def _resolve_formats(
+    task: ExportTask, wanted: list[str] | None, recorder: ExportRecorder
+) -> tuple[list[str], str | None]:
+    """The formats to export (None: every format of the task but the opt-in uint8-input file, with
+    TensorRT only where it can build) and why TensorRT cannot build engines here (None: it can;
+    only asked when TensorRT may be wanted)."""
     trt_ok, trt_reason = tensorrt_status() if wanted is None or TENSORRT_FORMAT in wanted else (True, "")
     if wanted is None:
-        wanted = list(ONNX_FORMATS) + ([TENSORRT_FORMAT] if trt_ok else [])
+        wanted = [
+            name
+            for name in task.producers
+            if name not in (UINT8_INPUT.name, TENSORRT_FORMAT) or (name == TENSORRT_FORMAT and trt_ok)
+        ]
         if not trt_ok:
             recorder.skip(TENSORRT_FORMAT, f"not requested by default: {trt_reason}")
     return wanted, None if trt_ok else trt_reason
 
 
-def _check_images(
-    run: Path,
-    task: ExportTask,
-    model: torch.nn.Module,
-    source: BatchSource | None,
-    input_shape: tuple[int, ...],
-    check_samples: int,
-    batch_size: int,
-    timer: StageTimer,
-) -> tuple[CheckImages, str]:
-    """The images every file is checked on, with the wrapper's reference outputs, and a line saying
-    what they are: up to `check_samples` validation images from `source`, or without one
-    RANDOM_CHECK_IMAGES random inputs (no labels)."""
+def labelled_check_images(request: CheckRequest, task: ExportTask) -> tuple[CheckImages, str]:
+    """The check images of a task without its own `check_images` (classification's), with the
+    wrapper's reference outputs, and a line saying what they are: up to `check_samples` labelled
+    validation images from the source, or without one RANDOM_CHECK_IMAGES random inputs (no labels)."""
+    run, source, timer = request.run, request.source, request.timer
+    check_samples, batch_size = request.options.check_samples, request.options.batch_size
     if source is not None:
         with timer.shared("read check images"):
             pairs = list(source("val", batch_size, check_samples))
@@ -418,16 +421,19 @@ def _check_images(
         )
     else:
         count = min(check_samples, RANDOM_CHECK_IMAGES)
-        batches = [np.random.default_rng(0).standard_normal((count, *input_shape), dtype=np.float32)]
+        shape = input_spec(request.manifest).shape
+        batches = [np.random.default_rng(0).standard_normal((count, *shape), dtype=np.float32)]
         labels = None
         described = f"{count} random inputs (no image data: int8 skipped, accuracy not measured)"
     with timer.shared("reference logits (PyTorch)"):
-        reference = task.reference(model, batches)
+        reference = task.reference(request.model, batches)
     return CheckImages(batches, reference, labels), described
 
 
 # The run-relative file of each ONNX format of the registry, by name.
-FORMAT_FILES: dict[str, str] = {spec.name: spec.file for spec in (*ONNX_FORMATS.values(), UINT8_INPUT)}
+FORMAT_FILES: dict[str, str] = {
+    spec.name: spec.file for spec in (*ONNX_FORMATS.values(), UINT8_INPUT, EFFICIENT_NMS)
+}
 
 
 def _run_producers(
@@ -455,12 +461,14 @@ def export_run(
     run_dir: str | os.PathLike[str],
     formats: Sequence[str] | None = None,
     *,
-    calib_samples: int = 512,
+    calib_samples: int | None = None,
     calib_method: str = "auto",
     max_top1_drop_int8: float | None = 0.3,
+    max_map_drop_int8: float | None = DEFAULT_MAX_MAP_DROP_INT8,
+    held_out_samples: int | None = None,
     bake_preprocessing: bool = False,
     check_samples: int = 10_000,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     opset: int | None = None,
     tensorrt: TensorRTOptions | None = None,
     batches: BatchSource | None = None,
@@ -475,17 +483,22 @@ def export_run(
 
     Args:
         run_dir: a run directory with manifest.json and student.safetensors.
-        formats: names from ALL_FORMATS; None is every ONNX format, plus "tensorrt" where TensorRT
-            and a GPU are available. Any ONNX flavour also writes the fp32 file it is made from.
-        calib_samples, calib_method: int8 calibration on this many training images, with this
-            method of export.calibration.METHOD_CHOICES ("auto": the best, judged on the next
-            DEFAULT_HELD_OUT training images).
-        max_top1_drop_int8: points of top-1 the int8 files may lose against fp32 on those held-out
-            images before their most sensitive layers stay in float (export.mixed_precision);
-            None quantizes every layer.
+        formats: names from EXPORT_FORMAT_NAMES that the run's task exports (others: UsageError);
+            None is every format of the task but uint8, with "tensorrt" only where TensorRT and a
+            GPU are available. Any ONNX flavour also writes the fp32 file it is made from.
+        calib_samples, calib_method: int8 calibration on this many training images (None: the
+            task's default, 512 for classifiers, 256 for detectors), with this method of
+            export.calibration.METHOD_CHOICES ("auto": the best, judged on the next held-out
+            training images).
+        max_top1_drop_int8: a classifier's budget: points of top-1 the int8 files may lose against
+            fp32 on those held-out images before their most sensitive layers stay in float
+            (export.mixed_precision); None quantizes every layer.
+        max_map_drop_int8: a detector's budget, in mAP points (export.detection_pipeline).
+        held_out_samples: the held-out training images that judge int8 (None: the task's default).
         bake_preprocessing: also write export/student.uint8.onnx (uint8 NHWC input).
         check_samples: validation images the checks run on (default 10,000: all of a CIFAR test set;
             the int8 gate judges the paired interval of the drop, which needs images).
+        batch_size: images per batch of the checks and calibration (None: the task's default).
         opset: the ONNX opset (None: export.onnx_export.DEFAULT_OPSET).
         batches: the image source; None reads the run's data with reviewkd.data.iter_run_batches,
             or, for a run without config.yaml (a --model export without --data), checks on random
@@ -512,38 +525,45 @@ def export_run(
     with optional_import("exporting ONNX files"):
         from reviewkd.data import DATA_SEED
 
-    _check_options(opset, calib_method, calib_samples, check_samples, batch_size)
     manifest = read_manifest(run)
     task = export_task(run, manifest)
+    requested_extra = [UINT8_INPUT.name] if bake_preprocessing else []
+    task_formats(run, task, (wanted or []) + requested_extra)
+    options = _check_options(
+        ExportOptions(
+            calib_samples=task.calib_samples if calib_samples is None else calib_samples,
+            calib_method=calib_method,
+            max_top1_drop_int8=max_top1_drop_int8,
+            batch_size=task.batch_size if batch_size is None else batch_size,
+            opset=opset,
+            tensorrt=tensorrt or TensorRTOptions(),
+            check_samples=check_samples,
+            max_map_drop_int8=max_map_drop_int8,
+            held_out_samples=held_out_samples,
+        )
+    )
     model = task.load_model(run, manifest)
     ensure_writable_dir(run / run_layout.EXPORT_DIR)
     summary = ExportSummary(run)
     recorder = ExportRecorder(run, manifest, summary)
-    wanted, tensorrt_missing = _resolve_formats(wanted, recorder)
+    wanted, tensorrt_missing = _resolve_formats(task, wanted, recorder)
     has_data = batches is not None or run_layout.run_path(run, run_layout.CONFIG).is_file()
     source = batches if batches is not None else run_batches(run)
-    checks, summary.check_data = _check_images(
-        run,
-        task,
-        model,
-        source if has_data else None,
-        input_spec(manifest).shape,
-        check_samples,
-        batch_size,
-        timer,
-    )
+    request = CheckRequest(run, manifest, model, source if has_data else None, options, timer)
+    if task.check_images is not None:
+        checks, summary.check_data = task.check_images(request)
+    else:
+        checks, summary.check_data = labelled_check_images(request, task)
     recorder.block.update(
-        {"check_data": summary.check_data, "opset": opset, "formats": wanted, "calibration": None}
-    )
-    options = ExportOptions(
-        calib_samples, calib_method, max_top1_drop_int8, batch_size, opset, tensorrt or TensorRTOptions()
+        {"check_data": summary.check_data, "opset": options.opset, "formats": wanted, "calibration": None}
     )
     context = ExportContext(
         run, manifest, model, recorder, timer, log, options, checks, source, has_data,
         data_seed=DATA_SEED if batches is None else None,
         tensorrt_missing=tensorrt_missing,
+        engine_sources=task.engine_sources,
     )
-    requested = wanted + ([UINT8_INPUT.name] if bake_preprocessing else [])
+    requested = wanted + requested_extra
     with context.resources:
         _run_producers(context, task.producers, task.plan(requested))
     recorder.finish(timer, log)
@@ -574,59 +594,11 @@ def export_engines(
         summary.missing_dependency = f"--formats tensorrt: {trt_reason}"
         recorder.skip(TENSORRT_FORMAT, trt_reason)
     else:
+        sources = export_task(run, manifest).engine_sources
         ensure_writable_dir(run / run_layout.EXPORT_DIR)
-        _build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log, timer)
+        build_engines(run, manifest, recorder, tensorrt or TensorRTOptions(), log, timer, sources)
     recorder.finish(timer, log)
     return summary
-
-
-def _build_engines(
-    run: Path,
-    manifest: Manifest,
-    recorder: ExportRecorder,
-    options: TensorRTOptions,
-    log: Callable[[str], None],
-    timer: StageTimer,
-) -> None:
-    """Build one engine per precision from the ONNX files that passed (this export or an earlier one)."""
-    for precision, fmt in TENSORRT_SOURCES.items():
-        rel = ONNX_FORMATS[fmt].file
-        if options.dla_core is not None and precision == "fp32":
-            recorder.skip(f"tensorrt/{precision}", "the DLA computes in fp16 and int8 only")
-            continue
-        try:
-            source = verify_artifact(run, manifest, rel)
-        except UsageError as exc:
-            recorder.skip(f"tensorrt/{precision}", f"no checked {rel} to build from ({exc})")
-            continue
-        plan_rel = run_layout.engine_file(precision)
-        log(f"building {plan_rel} from {rel}")
-        with timer.stage(plan_rel, "tensorrt build"):
-            sidecar = build_engine(
-                source,
-                run / plan_rel,
-                min_batch=options.min_batch,
-                opt_batch=options.opt_batch,
-                max_batch=options.max_batch,
-                workspace_mib=options.workspace_mib,
-                timing_cache=run / run_layout.TIMING_CACHE,
-                optimization_level=options.optimization_level,
-                compatibility=options.compatibility,
-                precision=precision,
-                dla_core=options.dla_core,
-                gpu_fallback=options.gpu_fallback,
-            )
-        recorder.keep(
-            plan_rel,
-            "tensorrt",
-            precision=precision,
-            source=rel,
-            tensorrt_version=sidecar.get("tensorrt_version"),
-            # An engine is as current as the ONNX file it was built from, maybe from an earlier export.
-            **{STUDENT_SHA256_KEY: manifest["artifacts"][rel].get(STUDENT_SHA256_KEY)},
-        )
-        side_rel = sidecar_path(run / plan_rel).relative_to(run).as_posix()
-        recorder.keep(side_rel, "sidecar", precision=precision, plan=plan_rel)
 
 
 def infer_num_classes(model_name: str, weights: str | os.PathLike[str]) -> int:

@@ -8,7 +8,21 @@ export.pipeline.EXPORT_TASKS:
   classification the bare student, whose output is the logits);
 - `reference(model, images)` computes the wrapper's outputs on a list of float32 NCHW batches, the
   reference every exported file is checked against;
-- `producers` maps a format name of deploy.formats to its `FormatProducer`.
+- `producers` maps a format name of deploy.formats to its `FormatProducer`; the formats the task
+  exports are these (by default every one but the opt-in uint8-input file, and TensorRT only
+  where it can build); any other --formats is refused for the task;
+- `check_images(request)` reads the images every file is checked on and computes the wrapper's
+  reference outputs on them (`CheckImages`, with a line saying what they are); None: the run's
+  validation split through its `BatchSource`, with labels, or random inputs without data
+  (classification's). A task whose files are judged against truth richer than labels (detection's
+  boxes) keeps it in `CheckImages.ground_truth`, in its own form;
+- `engine_sources` maps each TensorRT engine precision to the run-relative ONNX file it is built
+  from (a detector's fp32 engine comes from its EfficientNMS file);
+- `calib_samples` and `batch_size` are the task's defaults for export_run's options of those names.
+
+`ExportOptions` holds each task's int8 budget in its gate's metric (`max_top1_drop_int8` for
+classifiers, `max_map_drop_int8` for detectors) and `held_out_samples`, the training images int8
+is judged on (None: the task's default).
 
 export_run reads the manifest's task, loads the wrapper, computes the reference outputs on the check
 images once, and loops over its producers in their table's order (the registry's), running those
@@ -25,8 +39,9 @@ of the requested formats and the ones they are made from. Each `FormatProducer` 
 A producer reads everything it needs from the `ExportContext`: the run, its manifest, the wrapper,
 the options, the check images with their reference outputs, and `context.once(key, compute)` for
 work several producers share (the int8 flavours' calibration images), computed by the first.
-A new task (detection) supplies its own wrapper, reference and producers in a module of export/
-that imports this one, and adds its ExportTask to export.pipeline.EXPORT_TASKS.
+A task other than classification supplies its own wrapper, reference, check images and producers
+in a module of export/ that imports this one (detection: export.detection_producing), and adds its
+ExportTask to export.pipeline.EXPORT_TASKS.
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ import numpy as np
 
 from deploy import run_layout
 from deploy.errors import GateFailedError, MissingDependencyError, UsageError
+from deploy.formats import ONNX_FORMATS, TENSORRT_SOURCES
 from deploy.manifest import (
     ArtifactEntry,
     ExportTiming,
@@ -60,6 +76,12 @@ if TYPE_CHECKING:
 
 # (split, batch_size, limit) -> batches of (float32 NCHW images, int64 labels)
 BatchSource = Callable[[str, int, int], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+# mAP points a detector's int8 files may lose against fp32 on the held-out images before parts of
+# the head stay in float (export.detection_pipeline's mixed precision).
+DEFAULT_MAX_MAP_DROP_INT8 = 1.0
+# The ONNX file each engine precision is built from, for a task whose ONNX files are the registry's.
+STANDARD_ENGINE_SOURCES: dict[str, str] = {p: ONNX_FORMATS[f].file for p, f in TENSORRT_SOURCES.items()}
 
 # TensorRT's builder optimisation levels run from 0 to 5.
 MAX_TRT_OPT_LEVEL = 5
@@ -182,6 +204,9 @@ class ExportOptions:
     batch_size: int = 64
     opset: int | None = None  # None: export.onnx_export.DEFAULT_OPSET
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    check_samples: int = 10_000
+    max_map_drop_int8: float | None = DEFAULT_MAX_MAP_DROP_INT8
+    held_out_samples: int | None = None  # None: the task's default
 
 
 @dataclass(frozen=True)
@@ -189,8 +214,23 @@ class CheckImages:
     """The images every file of one export is checked on, with the wrapper's reference outputs."""
 
     batches: list[np.ndarray]  # float32 NCHW
-    reference: np.ndarray  # the wrapper's outputs on `batches`, concatenated
-    labels: np.ndarray | None  # None: random inputs, no accuracy measured
+    # the wrapper's outputs on `batches` in the task's form (classification: the logits, concatenated)
+    reference: Any
+    labels: np.ndarray | None  # None: random inputs, or a task whose truth is not labels
+    ground_truth: Any = None  # the truth beyond labels, in the task's form (detection: its boxes)
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """What a task's `check_images` reads: the run, its wrapper, its images (None: no data) and the
+    export's options (check_samples, batch_size), with the timer its stages are timed on."""
+
+    run: Path
+    manifest: Manifest
+    model: torch.nn.Module
+    source: BatchSource | None
+    options: ExportOptions
+    timer: StageTimer
 
 
 @dataclass
@@ -199,9 +239,10 @@ class ExportContext:
 
     `source` gives the run's images by split (None where the run has none: `has_data` is False);
     `data_seed` is the seed of the training-image shuffle where known; `tensorrt_missing` is why
-    TensorRT cannot build engines here (None: it can); `passed` maps each format produced so far to
-    whether its file passed its check. `resources` holds what producers open for the rest of the
-    export (the int8 flavours' shared calibration statistics): export_run closes it at the end.
+    TensorRT cannot build engines here (None: it can); `engine_sources` is the task's; `passed`
+    maps each format produced so far to whether its file passed its check. `resources` holds what
+    producers open for the rest of the export (the int8 flavours' shared calibration statistics):
+    export_run closes it at the end.
     """
 
     run: Path
@@ -216,6 +257,7 @@ class ExportContext:
     has_data: bool
     data_seed: int | None
     tensorrt_missing: str | None
+    engine_sources: Mapping[str, str] = field(default_factory=lambda: dict(STANDARD_ENGINE_SOURCES))
     passed: dict[str, bool] = field(default_factory=dict)
     resources: contextlib.ExitStack[None] = field(default_factory=contextlib.ExitStack)
     _shared: dict[str, Any] = field(default_factory=dict)
@@ -254,8 +296,12 @@ class ExportTask:
     in the order they run."""
 
     load_model: Callable[[Path, Manifest], torch.nn.Module]
-    reference: Callable[[torch.nn.Module, Sequence[np.ndarray]], np.ndarray]
+    reference: Callable[[torch.nn.Module, Sequence[np.ndarray]], Any]
     producers: Mapping[str, FormatProducer]
+    check_images: Callable[[CheckRequest], tuple[CheckImages, str]] | None = None
+    engine_sources: Mapping[str, str] = field(default_factory=lambda: dict(STANDARD_ENGINE_SOURCES))
+    calib_samples: int = 512
+    batch_size: int = 64
 
     def plan(self, requested: Sequence[str]) -> list[str]:
         """The formats to run for `requested`: those and every format they are made from, in the

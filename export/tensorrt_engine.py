@@ -26,6 +26,7 @@ from deploy.optional import optional_import
 from deploy.trt_sidecar import (
     AMPERE_COMPUTE_CAPABILITY,
     COMPATIBILITY_MODES,
+    PLUGIN_SUFFIX,
     PRECISIONS,
     DlaSettings,
     Sidecar,
@@ -33,6 +34,7 @@ from deploy.trt_sidecar import (
     host_os,
     parse_version,
     profile_shapes,
+    register_tensorrt_plugins,
     require_tensorrt_and_gpu,
     sidecar_path,
     start_tensorrt,
@@ -59,6 +61,7 @@ class OnnxSummary:
     output_names: tuple[str, ...]
     precision: str
     fp16_layers: bool = False  # an int8 file whose layers kept out of int8 compute in fp16
+    plugins: tuple[str, ...] = ()  # TensorRT plugin layers the file uses (a detector's EfficientNMS_TRT)
 
 
 def onnx_precision(model: onnx.ModelProto, source: str = "model") -> str:
@@ -97,6 +100,12 @@ def onnx_precision(model: onnx.ModelProto, source: str = "model") -> str:
                 )
         return "int8"
     return "fp16" if computes_in_fp16(model) else "fp32"
+
+
+def tensorrt_plugins(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The TensorRT plugin layers a graph uses (nodes named like TensorRT's plugin library's,
+    "<name>_TRT"), sorted: TensorRT's ONNX parser builds each as that plugin."""
+    return tuple(sorted({node.op_type for node in model.graph.node if node.op_type.endswith(PLUGIN_SUFFIX)}))
 
 
 def computes_in_fp16(model: onnx.ModelProto) -> bool:
@@ -152,6 +161,7 @@ def inspect_onnx(onnx_path: str | os.PathLike[str]) -> OnnxSummary:
         output_names=outputs,
         precision=(precision := onnx_precision(model, str(path))),
         fp16_layers=precision == "int8" and computes_in_fp16(model),
+        plugins=tensorrt_plugins(model),
     )
 
 
@@ -360,6 +370,7 @@ def build_engine(
     strongly_typed = uses_strong_typing(version)
     logger, errors = _collecting_logger(verbose)
     builder = start_tensorrt(trt.Builder, logger, "trt.Builder", version)
+    register_tensorrt_plugins(trt.init_libnvinfer_plugins, logger, summary.plugins, str(onnx_file))
     network = builder.create_network(_network_flags(version))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_file)):
@@ -424,6 +435,8 @@ def build_engine(
                 "builder_flags": flags,
                 "cleared_flags": cleared,
                 "timing_cache": str(cache_file) if cache_file is not None else None,
+                # the runner registers these before it deserialises the plan
+                "plugins": list(summary.plugins),
                 "built_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             },
         )

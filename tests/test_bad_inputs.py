@@ -999,6 +999,19 @@ ROWS: tuple[Row, ...] = (
     ),
     Row("export: unknown format", lambda t, r: ["export", str(r), "--formats", "int4"], 2, "--formats"),
     Row(
+        "export: a detector's format on a classifier",
+        lambda t, r: ["export", str(r), "--formats", "onnx,efficientnms"],
+        2,
+        "--formats efficientnms: ",
+    ),
+    Row(
+        "export: --bake-preprocessing on a detection run",
+        lambda t, r: ["export", str(r), "--formats", "onnx", "--bake-preprocessing"],
+        2,
+        "--bake-preprocessing: ",
+        base="detection",
+    ),
+    Row(
         "export: student changed after training",
         lambda t, r: _then(_flip_a_byte(r / "student.safetensors"), ["export", str(r), "--formats", "onnx"]),
         2,

@@ -39,6 +39,7 @@ from deploy.trt_sidecar import (
     Sidecar,
     check_engine_compatible,
     read_sidecar,
+    register_tensorrt_plugins,
     require_tensorrt_and_gpu,
     sidecar_path,
     start_tensorrt,
@@ -438,6 +439,8 @@ class TensorRTRunner(CudaGraphReporting, Runner):
             self._runtime.engine_host_code_allowed = True
         if self.sidecar.dla is not None:
             self._select_dla_core(self._runtime, self.sidecar.dla.core)
+        plugins = [str(name) for name in self.sidecar.build.get("plugins", [])]
+        register_tensorrt_plugins(trt.init_libnvinfer_plugins, self._logger, plugins, str(self.plan_path))
         engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise UsageError(f"{self.plan_path}: TensorRT could not deserialise the plan: {REBUILD_HINT}")

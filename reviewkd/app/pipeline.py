@@ -27,7 +27,6 @@ from deploy.optional import optional_import
 from deploy.run_lock import locks_run
 from deploy.tasks import TASKS
 from export.pipeline import export_run
-from export.tasks import own_export
 from reviewkd.app.training_report import format_training_table, write_training_report
 from reviewkd.config import Config, dump_config
 
@@ -160,8 +159,7 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
         write_manifest(run, manifest)
 
     def export() -> None:
-        exporter = own_export(run) or export_run
-        summary = exporter(run, log=lambda line: print(f"   {line}", flush=True))
+        summary = export_run(run, log=lambda line: print(f"   {line}", flush=True))
         summary.raise_for_status()
 
     own = OWN_EVALUATION.get(spec.name)  # a task whose validate and bench are its own

@@ -130,11 +130,11 @@ def test_fewer_images_than_the_reference_are_refused() -> None:
 
 
 def test_a_small_training_split_still_leaves_held_out_images_to_choose_the_calibration() -> None:
-    from export.detection_pipeline import _split_training
+    from export.detection_pipeline import split_training
 
     records: list[Any] = list(range(10))
-    calibration, held_out = _split_training(records, 512, 128)
+    calibration, held_out = split_training(records, 512, 128)
     # 512 + 128 asked of 10 images: the held-out part keeps half, calibration the rest, disjoint
     assert (len(calibration), len(held_out)) == (5, 5) and not set(calibration) & set(held_out)
-    calibration, held_out = _split_training(records, 4, 3)
+    calibration, held_out = split_training(records, 4, 3)
     assert (len(calibration), len(held_out)) == (4, 3)

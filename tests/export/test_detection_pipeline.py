@@ -1,4 +1,4 @@
-"""export_detection_run on a real tiny detection run: files, checks, gates and the manifest."""
+"""export_run on a real tiny detection run: files, checks, gates and the manifest."""
 
 from __future__ import annotations
 
@@ -11,16 +11,12 @@ import onnx
 import pytest
 
 from deploy.detection.outputs import Detections
+from deploy.formats import EFFICIENT_NMS
 from deploy.manifest import detection_settings, read_manifest
 from deploy.status import Status
-from export.detection_pipeline import (
-    EFFICIENT_NMS_FILE,
-    TRT_ONNX_KIND,
-    _map_check,
-    _Scorer,
-    export_detection_run,
-)
+from export.detection_pipeline import DetectionScorer, map_check
 from export.onnx_export import get_metadata
+from export.pipeline import export_run
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +26,7 @@ def exported_run(tiny_detection_run: Path, tmp_path_factory: pytest.TempPathFact
     run = tmp_path_factory.mktemp("exported") / "run"
     shutil.copytree(tiny_detection_run, run)
     formats = ["onnx", "efficientnms", "fp16", "int8"]
-    summary = export_detection_run(run, formats, calib_samples=16, calib_method="auto", held_out_samples=8)
+    summary = export_run(run, formats, calib_samples=16, calib_method="auto", held_out_samples=8)
     summary.raise_for_status()
     return run
 
@@ -40,7 +36,7 @@ def test_every_format_is_written_checked_and_recorded(exported_run: Path) -> Non
     artifacts = manifest["artifacts"]
     assert {rel: artifacts[rel]["kind"] for rel in artifacts if rel.startswith("export/")} == {
         "export/student.onnx": "onnx",
-        EFFICIENT_NMS_FILE: TRT_ONNX_KIND,
+        EFFICIENT_NMS.file: EFFICIENT_NMS.kind,
         "export/student.fp16.onnx": "onnx",
         "export/student.int8.onnx": "onnx",
     }
@@ -56,7 +52,7 @@ def test_every_format_is_written_checked_and_recorded(exported_run: Path) -> Non
         low, high = checks[rel]["accuracy"]["map_drop_interval"]
         assert low <= checks[rel]["accuracy"]["map_drop"] <= high
         assert checks[rel]["gates"][0]["gate"] == "max_map_drop"
-    assert checks[EFFICIENT_NMS_FILE]["status"] == Status.SKIPPED
+    assert checks[EFFICIENT_NMS.file]["status"] == Status.SKIPPED
     calibration = manifest["export"]["calibration"]
     assert (calibration["samples"], calibration["held_out"]) == (16, 8)
     chosen = embedded["int8"]["calibration"]
@@ -72,14 +68,14 @@ def test_a_format_losing_boxes_fails_its_map_gate(exported_run: Path) -> None:
     from deploy.detection.annotations import read_coco
 
     val = read_coco(Path(manifest["data"]["val"]))
-    scorer = _Scorer(val.images, (64, 96), 8, len(manifest["classes"]))
+    scorer = DetectionScorer(val.images, (64, 96), 8, len(manifest["classes"]))
     truth = [Detections(r.boxes, np.ones(len(r.labels), np.float32), r.labels) for r in scorer.records]
     reference = scorer.matches(truth)
-    same = _map_check("x.onnx", "int8", scorer, reference, truth)
+    same = map_check("x.onnx", "int8", scorer, reference, truth)
     assert same.status == Status.OK and same.metrics["accuracy"]["map_drop"] == 0
     # every second image loses its boxes: mAP falls by far more than the 1-point budget
     half = [t if i % 2 else Detections(t.boxes[:0], t.scores[:0], t.classes[:0]) for i, t in enumerate(truth)]
-    worse = _map_check("x.onnx", "int8", scorer, reference, half)
+    worse = map_check("x.onnx", "int8", scorer, reference, half)
     assert worse.status == Status.FAILED and worse.metrics["accuracy"]["map_drop_interval"][0] > 1.0
 
 
@@ -130,7 +126,7 @@ def test_int8_over_its_map_budget_keeps_the_first_float_step_within_it(
 ) -> None:
     from deploy.detection.annotations import read_coco
     from deploy.detection.images import image_batches
-    from export.detection_pipeline import FLOAT_STEPS, _quantize
+    from export.detection_pipeline import FLOAT_STEPS, quantize_detector
 
     manifest = read_manifest(exported_run)
     records = read_coco(Path(manifest["data"]["val"])).images[:4]
@@ -138,7 +134,7 @@ def test_int8_over_its_map_budget_keeps_the_first_float_step_within_it(
     dst = tmp_path / "student.int8.onnx"
     scorer: Any = _ScriptedScorer()
     fp32 = exported_run / "export/student.onnx"
-    description = _quantize(fp32, dst, "cpu", calibration, scorer, "minmax", 1.0, lambda _line: None)
+    description = quantize_detector(fp32, dst, "cpu", calibration, scorer, "minmax", 1.0, lambda _line: None)
     label, prefixes = FLOAT_STEPS[0]
     assert description["mixed_precision"] == {
         "budget_map_points": 1.0,
@@ -167,5 +163,53 @@ def test_reviewkd_export_on_a_detection_run_writes_the_formats_asked_for(
     assert main(["export", str(run), "--formats", "onnx,fp16"]) == 0
     kinds = {rel: entry["kind"] for rel, entry in read_manifest(run)["artifacts"].items()}
     assert kinds["export/student.onnx"] == kinds["export/student.fp16.onnx"] == "onnx"
-    assert EFFICIENT_NMS_FILE not in kinds and "export/student.int8.onnx" not in kinds
-    assert main(["export", str(run), "--formats", "onnx,tensorrt"]) == 2
+    assert EFFICIENT_NMS.file not in kinds and "export/student.int8.onnx" not in kinds
+    # TensorRT builds a detector's engines too: here it is missing, which is exit 3, not a refusal
+    assert main(["export", str(run), "--formats", "onnx,tensorrt"]) == 3
+
+
+def test_validate_and_bench_skip_a_detection_engine_where_tensorrt_is_missing(
+    exported_run: Path, tmp_path: Path
+) -> None:
+    from benchmarks.detection import bench_detection_run, validate_detection_run, validate_lines
+    from deploy.detection.outputs import OUTPUT_NAMES
+    from deploy.fileio import sha256_file
+    from deploy.gpu import GpuInfo
+    from deploy.manifest import record_artifact, write_manifest
+    from deploy.trt_sidecar import Sidecar, host_machine, host_os, profile_shapes, sidecar_path, write_sidecar
+    from tests.helpers import tensorrt_gpu_missing
+
+    if tensorrt_gpu_missing() is None:
+        pytest.skip("TensorRT and a GPU are here: the engine would run")
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+    manifest = read_manifest(run)
+    plan = run / "export/student.fp16.plan"
+    plan.write_bytes(b"an engine TensorRT would read")
+    sidecar = Sidecar(
+        plan_file=plan.name,
+        plan_sha256=sha256_file(plan),
+        tensorrt_version="10.13.0.35",
+        gpu=GpuInfo("NVIDIA H100 80GB HBM3", (9, 0)),
+        precision="fp16",
+        compatibility=None,
+        strongly_typed=True,
+        input_names=("images",),
+        output_names=OUTPUT_NAMES,
+        profile=profile_shapes((3, 64, 96), 1, 8, 32),
+        source_onnx="student.fp16.onnx",
+        source_onnx_sha256=sha256_file(run / "export/student.fp16.onnx"),
+        machine=host_machine(),
+        os=host_os(),
+        build={"plugins": []},
+    )
+    write_sidecar(sidecar_path(plan), sidecar)
+    record_artifact(run, manifest, "export/student.fp16.plan", "tensorrt", precision="fp16")
+    write_manifest(run, manifest)
+    result = validate_detection_run(run)
+    engine = result["results"]["tensorrt/fp16"]
+    assert engine["status"] == "skipped" and "TensorRT" in engine["reason"]
+    assert result["passed"] and "onnxruntime/int8" in result["results"]  # the ONNX files still measured
+    assert any(line.startswith("tensorrt/fp16") and "skipped" in line for line in validate_lines(result))
+    bench = bench_detection_run(run, batch_sizes=(1,), seconds=0.05, warmup=1, threads=1)
+    assert bench["results"]["tensorrt/fp16"]["status"] == "skipped"

@@ -23,12 +23,13 @@ from deploy.manifest import (
     verify_artifact,
     write_manifest,
 )
-from export import pipeline
+from export import engines, pipeline
 from export import precision as precision_module
 from export.check import gate, run_onnx
 from export.onnx_export import METADATA_KEY, count_weights, load_onnx, onnx_weight_count
 from export.pipeline import ExportSummary, export_model, export_run
 from export.precision import CALIBRATION_METHODS, zero_points_all_zero
+from export.producing import STANDARD_ENGINE_SOURCES
 from export.timing import StageTimer
 from reviewkd.app.cli import main
 from reviewkd.config import Config, DataConfig, ModelConfig, save_config
@@ -548,12 +549,14 @@ def test_dla_engines_are_built_from_the_fp16_and_int8_files_only(
         Path(f"{plan}.json").write_text("{}")
         return {"tensorrt_version": "10.3.0.30"}
 
-    monkeypatch.setattr(pipeline, "build_engine", fake_build_engine)
+    monkeypatch.setattr(engines, "build_engine", fake_build_engine)
     summary = ExportSummary(run)
     options = pipeline.TensorRTOptions(dla_core=1, gpu_fallback=False)
     recorder = pipeline.ExportRecorder(run, manifest, summary)
     timer = StageTimer()
-    pipeline._build_engines(run, manifest, recorder, options, lambda message: None, timer)
+    engines.build_engines(
+        run, manifest, recorder, options, lambda message: None, timer, STANDARD_ENGINE_SOURCES
+    )
     assert [(c["source"], c["plan"], c["dla_core"], c["gpu_fallback"]) for c in calls] == [
         ("student.fp16.onnx", "student.fp16.plan", 1, False)
     ]

@@ -118,8 +118,11 @@ def test_a_format_is_skipped_when_its_source_failed_or_it_cannot_run(
     assert read_manifest(run)["export"]["skipped"] == {"fp16": reason}
 
 
-def test_a_task_without_an_export_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+def test_a_task_without_an_export_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = _detection_run(tmp_path)
+    monkeypatch.delitem(pipeline.EXPORT_TASKS, DETECTION)  # every task has one now: take detection's away
     before = read_manifest(run)
     with pytest.raises(UsageError, match="a detection run; export is not available"):
         export_run(run, ["onnx"])
@@ -136,3 +139,45 @@ def test_a_format_made_from_a_skipped_one_says_so(tmp_path: Path, monkeypatch: p
     summary = export_run(run, ["fp16"])
     assert calls == []
     assert summary.skipped == {"onnx": "no tracer here", "fp16": f"{FP32_FILE} was not made (no tracer here)"}
+
+
+def test_a_detection_runs_engines_come_from_its_own_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--formats tensorrt` on a detection run builds the fp32 engine from the EfficientNMS file
+    (TensorRT's NMS plugin), fp16 and int8 from the registry's files, as a classifier's do."""
+    from deploy.formats import EFFICIENT_NMS
+    from deploy.manifest import record_artifact
+    from export import engines
+
+    run = _detection_run(tmp_path)
+    manifest = read_manifest(run)
+    for rel in (EFFICIENT_NMS.file, ONNX_FORMATS["int8-trt"].file):
+        (run / rel).write_bytes((run / FP32_FILE).read_bytes())
+        record_artifact(run, manifest, rel, "onnx")
+    write_manifest(run, manifest)
+    built: list[tuple[str, str]] = []
+
+    def fake_build_engine(source: Path, plan: Path, **options: object) -> dict:
+        built.append((Path(source).name, Path(plan).name))
+        Path(plan).write_bytes(b"plan")
+        Path(f"{plan}.json").write_text("{}")
+        return {"tensorrt_version": "10.3.0.30"}
+
+    monkeypatch.setattr(engines, "build_engine", fake_build_engine)
+    monkeypatch.setattr(pipeline, "tensorrt_status", lambda: (True, "stand-in"))
+    summary = export_run(run, [TENSORRT_FORMAT])
+    assert built == [
+        ("student.efficientnms.onnx", "student.fp32.plan"),
+        ("student.int8.trt.onnx", "student.int8.plan"),
+    ]
+    assert "no checked export/student.fp16.onnx" in summary.skipped["tensorrt/fp16"]
+
+
+def test_a_format_the_task_does_not_export_is_refused(tmp_path: Path) -> None:
+    run, _ = make_run(tmp_path)
+    before = read_manifest(run)
+    exported = "onnx,fp16,int8,int8-trt,tensorrt"
+    with pytest.raises(UsageError, match=rf"--formats efficientnms: .* exports {exported}$"):
+        export_run(run, ["onnx", "efficientnms"])
+    assert read_manifest(run) == before

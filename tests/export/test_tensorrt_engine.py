@@ -35,6 +35,7 @@ from deploy.trt_sidecar import (
     parse_version,
     profile_shapes,
     read_sidecar,
+    register_tensorrt_plugins,
     require_tensorrt_and_gpu,
     sidecar_path,
     start_tensorrt,
@@ -844,3 +845,56 @@ def test_engine_end_to_end_matches_onnxruntime(tmp_path: Path) -> None:
         np.testing.assert_allclose(runner.infer(images[:1]), expected[:1], atol=1e-4, rtol=0)
         with pytest.raises(UsageError, match=r"outside the model's range 1\.\.8"):
             runner.infer(np.zeros((9, 3, 16, 12), np.float32))
+
+
+# --------------------------------------------------------------------------- plugin layers
+
+
+def _efficient_nms_graph(path: Path) -> Path:
+    """A detector-shaped graph whose NMS is TensorRT's EfficientNMS_TRT plugin (a custom domain,
+    as export.detection writes it), giving the four detection outputs."""
+    outputs = ["num_detections", "detection_boxes", "detection_scores", "detection_classes"]
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"]),
+        helper.make_node("EfficientNMS_TRT", ["flat", "flat"], outputs, domain="trt.plugins"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nms",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 8, 6])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("trt.plugins", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_inspect_names_the_tensorrt_plugin_layers(tmp_path: Path) -> None:
+    summary = inspect_onnx(_efficient_nms_graph(tmp_path / "nms.onnx"))
+    assert summary.plugins == ("EfficientNMS_TRT",) and summary.precision == "fp32"
+    assert summary.output_names[0] == "num_detections"
+    assert inspect_onnx(_conv_graph(tmp_path / "plain.onnx")).plugins == ()
+
+
+def test_plugins_are_registered_only_where_a_file_uses_them() -> None:
+    calls: list[tuple[object, str]] = []
+
+    def init_plugins(logger: object, namespace: str) -> bool:
+        calls.append((logger, namespace))
+        return True
+
+    logger = object()
+    register_tensorrt_plugins(init_plugins, logger, (), "plain.onnx")
+    assert calls == []
+    register_tensorrt_plugins(init_plugins, logger, ("EfficientNMS_TRT",), "nms.onnx")
+    assert calls == [(logger, "")]  # TensorRT's own plugins live in the empty namespace
+
+
+def test_a_plugin_library_that_does_not_load_is_exit_3_naming_the_layer() -> None:
+    def plugin_library_missing(_logger: object, _namespace: str) -> bool:
+        return False
+
+    named = r"nms\.onnx: uses TensorRT plugin layer\(s\) EfficientNMS_TRT"
+    with pytest.raises(MissingDependencyError, match=named):
+        register_tensorrt_plugins(plugin_library_missing, object(), ("EfficientNMS_TRT",), "nms.onnx")

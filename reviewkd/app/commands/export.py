@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from deploy.errors import UsageError
-from deploy.formats import ALL_EXPORT_FORMATS, ONNX_FORMATS
+from deploy.formats import EXPORT_FORMAT_NAMES, ONNX_FORMATS
 from deploy.tasks import require_deployable_run
 from export.pipeline import (
     IMAGENET_MEAN,
@@ -23,7 +23,6 @@ from export.pipeline import (
     export_run,
     parse_formats,
 )
-from export.tasks import own_export
 
 
 def _three_ints(text: str, spelled: str) -> tuple[int, int, int]:
@@ -68,11 +67,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("run", nargs="?", type=Path, metavar="RUN", help="the run directory to export")
     parser.add_argument(
         "--formats",
-        help=f"comma-separated subset of {','.join(ALL_EXPORT_FORMATS)} (default: {','.join(ONNX_FORMATS)}, "
-        "plus tensorrt where TensorRT and a GPU are available)",
+        help=f"comma-separated subset of {','.join(EXPORT_FORMAT_NAMES)} that the run's task exports"
+        f" (default: {','.join(ONNX_FORMATS)} for a classifier, with efficientnms for a detector, plus"
+        " tensorrt where TensorRT and a GPU are available)",
     )
     parser.add_argument(
-        "--calib-samples", type=int, default=512, help="int8 calibration images (default 512)"
+        "--calib-samples", type=int, help="int8 calibration images (default 512; 256 for a detector)"
     )
     parser.add_argument(
         "--calib-method",
@@ -186,18 +186,7 @@ def run_export(args: argparse.Namespace) -> int:
         if any(v is not None for v in (*plain, args.data, args.num_classes)):
             raise UsageError("give either RUN or --model/--weights/--input-shape/--out, not both")
         require_deployable_run(args.run, "export")
-        own = own_export(args.run)
-        if own is not None:
-            summary = own(
-                args.run,
-                formats=[f.strip() for f in args.formats.split(",")] if args.formats else None,
-                calib_samples=args.calib_samples,
-                calib_method=args.calib_method,
-                opset=args.opset,
-                log=log,
-            )
-        else:
-            summary = export_run(args.run, **options)
+        summary = export_run(args.run, **options)
     else:
         if any(v is None for v in plain):
             raise UsageError("expected RUN, or all of --model, --weights, --input-shape and --out")
