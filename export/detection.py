@@ -22,13 +22,9 @@ network, not the box arithmetic (`postprocess_nodes` names them for the converte
 
 from __future__ import annotations
 
-import inspect
 import os
-import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,11 +46,11 @@ from deploy.errors import UsageError
 from deploy.manifest import DetectionSettings
 from export.onnx_export import (
     DEFAULT_OPSET,
-    INPUT_NAME,
     check_opset,
     optimize_onnx,
     save_onnx,
     set_metadata,
+    torch_export,
 )
 from reviewkd.detection.models import Detector
 
@@ -160,26 +156,8 @@ def detector_geometry(detector: Detector, image_size: tuple[int, int]) -> Geomet
 
 
 def export_body(body: DetectorBody, input_shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
-    """Trace the body to ONNX with a symbolic batch (the TorchScript exporter, as export_fp32 uses)."""
-    kwargs: dict[str, Any] = {}
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        kwargs["dynamo"] = False
-    with tempfile.TemporaryDirectory(prefix="reviewkd-export-") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = str(Path(tmp) / "body.onnx")
-        with torch.no_grad():
-            torch.onnx.export(
-                body.eval(),
-                (torch.zeros((1, *input_shape)),),
-                traced,
-                input_names=[INPUT_NAME],
-                output_names=list(BODY_OUTPUTS),
-                dynamic_axes={name: {0: BATCH} for name in (INPUT_NAME, *BODY_OUTPUTS)},
-                opset_version=opset,
-                do_constant_folding=True,
-                **kwargs,
-            )
-        return onnx.load(traced)
+    """Trace the body to ONNX with a symbolic batch, as export_fp32 traces a classifier."""
+    return torch_export(body.eval(), input_shape, opset, output_names=BODY_OUTPUTS)
 
 
 class _Nodes:

@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,14 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
         tmp.write_bytes(data)
 
 
-def torch_export(model: nn.Module, input_shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
-    """Trace `model` to an ONNX ModelProto with a symbolic batch dimension.
+def torch_export(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    opset: int,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
+) -> onnx.ModelProto:
+    """Trace `model` (input INPUT_NAME, outputs `output_names`) to an ONNX ModelProto with a symbolic
+    batch dimension on the input and every output.
 
     We use the TorchScript exporter (dynamo=False). It exists with the same arguments on every
     torch from 2.4 to 2.14 (the `dynamo` switch itself only from 2.5, hence the check), exports a
@@ -232,8 +239,8 @@ def torch_export(model: nn.Module, input_shape: tuple[int, int, int], opset: int
                 (torch.zeros((1, *input_shape)),),
                 traced,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                output_names=list(output_names),
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names)},
                 opset_version=opset,
                 do_constant_folding=True,
                 **kwargs,
