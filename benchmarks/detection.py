@@ -26,8 +26,17 @@ from typing import Any
 import numpy as np
 
 from benchmarks.environment import collect_environment
-from benchmarks.latency import latency_stats
+from benchmarks.latency import BENCH_SCHEMA_VERSION, latency_stats
+from benchmarks.measured import SOURCE_RUN_SPLIT, manifest_student_sha256, measured_block
+from benchmarks.report.detection import (
+    EXAMPLE_MODELS,
+    MAX_EXAMPLE_IMAGES,
+    TEACHER,
+    class_accuracy,
+    examples_block,
+)
 from benchmarks.report.results import report_dir
+from benchmarks.validate import VALIDATE_SCHEMA_VERSION
 from deploy import run_layout
 from deploy.detection.annotations import ImageAnnotation, read_coco
 from deploy.detection.bootstrap import map_drop, match_images
@@ -60,9 +69,9 @@ def _coco(found: Sequence[Detections]) -> list[CocoDetections]:
     return [CocoDetections(f.boxes, f.scores, f.classes) for f in found]
 
 
-def validation_records(run: Path, manifest: Manifest, limit: int | None = None) -> list[ImageAnnotation]:
-    """The run's held-out images with their boxes, read from the COCO file its manifest names: the
-    test split where data.val_split carved the val split from the training images, else val."""
+def _validation_file(run: Path, manifest: Manifest) -> Path:
+    """The COCO file of the run's held-out images: the test split where data.val_split carved the val
+    split from the training images, else val."""
     data = manifest.get("data") or {}
     key = "test" if data.get("test") else "val"
     source = data.get(key)
@@ -70,7 +79,14 @@ def validation_records(run: Path, manifest: Manifest, limit: int | None = None) 
         raise UsageError(
             f"{run / run_layout.MANIFEST}: data.{key} names no readable COCO annotation file ({source!r})"
         )
-    records = list(read_coco(Path(source)).images)
+    return Path(source)
+
+
+def validation_records(run: Path, manifest: Manifest, limit: int | None = None) -> list[ImageAnnotation]:
+    """The run's held-out images with their boxes, read from the COCO file its manifest names
+    (`_validation_file`)."""
+    source = _validation_file(run, manifest)
+    records = list(read_coco(source).images)
     if not records:
         raise UsageError(f"{source}: no validation images")
     return records[:limit] if limit else records
@@ -136,6 +152,38 @@ def _torch_detections(run: Path, manifest: Manifest, batches: Sequence[np.ndarra
     return torch_detections(load_run_detector(run, manifest), batches)
 
 
+def _teacher_detections(
+    run: Path, manifest: Manifest, batches: Sequence[np.ndarray]
+) -> list[Detections] | None:
+    """The teacher's detections on `batches` where torch and the run's teacher are here, else None."""
+    if not installed("torch"):
+        return None
+    with optional_import("the teacher's example detections"):
+        from reviewkd.detection.inference import load_run_teacher, torch_detections
+
+    teacher = load_run_teacher(run, manifest)
+    return torch_detections(teacher, batches) if teacher is not None else None
+
+
+def _examples(
+    run: Path,
+    manifest: Manifest,
+    records: Sequence[ImageAnnotation],
+    found: Mapping[str, Sequence[Detections]],
+) -> dict[str, Any]:
+    """The report's example grid (benchmarks.report.detection.examples_block): the first images with
+    the teacher's detections (where it can run here) and each shown format's."""
+    spec = input_spec(manifest)
+    shown = list(records[:MAX_EXAMPLE_IMAGES])
+    models = {key: found[key] for key in EXAMPLE_MODELS if key in found}
+    size = (spec.shape[1], spec.shape[2])
+    teacher = _teacher_detections(run, manifest, [np.stack([read_image(r, size) for r in shown])])
+    if teacher is not None:
+        models = {TEACHER: teacher, **models}
+    sizes = [(record.width, record.height) for record in shown]
+    return examples_block([record.file for record in shown], sizes, spec, models)
+
+
 @locks_run("validate")
 def validate_detection_run(
     run_dir: str | os.PathLike[str],
@@ -153,6 +201,7 @@ def validate_detection_run(
     spec = input_spec(manifest)
     size = (spec.shape[1], spec.shape[2])
     classes = len(manifest["classes"])
+    source_file = _validation_file(run, manifest)
     gate_table = gates if gates is not None else TASKS[DETECTION].gates
     records = validation_records(run, manifest, limit)
     batches = list(image_batches(records, size, batch_size))
@@ -179,21 +228,28 @@ def validate_detection_run(
         accuracy: dict[str, Any] = {
             "map": 100 * coco.map,
             "ap50": 100 * coco.ap50,
-            "per_class_ap": [100 * v for v in coco.per_class_ap],
+            "n": len(records),
+            **class_accuracy(coco),
         }
-        measurement: dict[str, Any] = {"accuracy": accuracy}
-        precision = manifest["artifacts"][files[key]].get("precision", "fp32")
+        artifact = manifest["artifacts"][files[key]]
         if key != FP32_KEY:
             accuracy.update(map_drop(reference, match_images(records, dets, classes)).as_dict())
-        results[key] = {"file": files[key], "precision": precision, "status": "ok", **measurement}
+        results[key] = {
+            "file": files[key],
+            "sha256": artifact.get("sha256"),  # the report refuses numbers of a file changed since
+            "precision": artifact.get("precision", "fp32"),
+            "status": "ok",
+            "accuracy": accuracy,
+        }
     if installed("torch"):
         torch_found = _torch_detections(run, manifest, batches)
         parity = box_parity(torch_found, found[FP32_KEY])
+        torch_coco = coco_metrics(records, _coco(torch_found), classes)
         results[FP32_KEY]["parity"] = {"box_matched": 100 * parity.matched_fraction, **parity.as_dict()}
         results[TORCH_KEY] = {
             "precision": "fp32",
             "status": "ok",
-            "accuracy": {"map": 100 * coco_metrics(records, _coco(torch_found), classes).map},
+            "accuracy": {"map": 100 * torch_coco.map, "ap50": 100 * torch_coco.ap50, "n": len(records)},
         }
     failures = []
     for key, entry in results.items():
@@ -206,15 +262,25 @@ def validate_detection_run(
         failures += [
             f"{key}: {c['gate']} ({c.get('reason') or c['value']})" for c in entry["gates"] if not c["passed"]
         ]
+    source = {
+        "kind": SOURCE_RUN_SPLIT,
+        "path": str(source_file.resolve()),
+        "dataset": (manifest.get("data") or {}).get("dataset"),
+        "images": len(records),
+        "limit": limit,
+    }
     result = {
+        "schema_version": VALIDATE_SCHEMA_VERSION,
         "task": DETECTION,
         "reference": FP32_KEY,
         "images": len(records),
         "results": results,
         "failures": failures,
         "passed": not failures,
+        "examples": _examples(run, manifest, records, found),
         "settings": {"threads": threads, "batch_size": batch_size, "limit": limit},
         "environment": collect_environment(threads),
+        "measured": measured_block(source, FP32_KEY, manifest_student_sha256(manifest)),
     }
     write_json_atomic(report_dir(run) / run_layout.VALIDATE_FILE, result)
     return result
@@ -250,6 +316,7 @@ def bench_detection_run(
     spec = input_spec(manifest)
     size = (spec.shape[1], spec.shape[2])
     classes = len(manifest["classes"])
+    source_file = _validation_file(run, manifest)
     records = validation_records(run, manifest)
     results: dict[str, Any] = {}
     files = {**onnx_files(run, manifest), **engine_files(manifest)}
@@ -291,8 +358,14 @@ def bench_detection_run(
             }
         if isinstance(session, RunnerDetections):
             session.close()
-        results[key] = {"file": rel, "status": "ok", "latency": latency}
+        results[key] = {
+            "file": rel,
+            "sha256": manifest["artifacts"][rel].get("sha256"),
+            "status": "ok",
+            "latency": latency,
+        }
     result = {
+        "schema_version": BENCH_SCHEMA_VERSION,
         "task": DETECTION,
         "results": results,
         "settings": {
@@ -302,6 +375,12 @@ def bench_detection_run(
             "warmup": warmup,
         },
         "environment": collect_environment(threads),
+        # The images timed are the validation split's, cycled to fill each batch.
+        "measured": measured_block(
+            {"kind": SOURCE_RUN_SPLIT, "path": str(source_file.resolve()), "images": None},
+            None,
+            manifest_student_sha256(manifest),
+        ),
     }
     write_json_atomic(report_dir(run) / run_layout.BENCH_FILE, result)
     return result

@@ -63,6 +63,11 @@ class TaskSpec:
     deploy_skip_reason: str | None = None
     ready_actions: tuple[str, ...] = ()
 
+    def is_ready(self, action: str) -> bool:
+        """Whether the deployment command or pipeline stage `action` (export, validate, bench, report,
+        quantize, ...) works for the task."""
+        return self.deploy_skip_reason is None or action in self.ready_actions
+
 
 TASKS: dict[str, TaskSpec] = {
     CLASSIFICATION: TaskSpec(
@@ -89,9 +94,8 @@ TASKS: dict[str, TaskSpec] = {
         val_metric_keys=("val_map", "val_ap50"),
         gates=DETECTION_GATES,
         # predict and triton serve a detection run without asking (deploy.task_serving).
-        deploy_skip_reason="quantize, export-data and the pipeline's deployment report are not built for"
-        " detectors yet (issue 19)",
-        ready_actions=("export", "validate", "bench"),
+        deploy_skip_reason="quantize and export-data are not built for detectors yet (issue 19)",
+        ready_actions=("export", "validate", "bench", "report"),
     ),
 }
 
@@ -124,7 +128,7 @@ def require_deployable_run(run_dir: str | os.PathLike[str], action: str) -> None
     """Raise UsageError, before any work, when `run_dir` holds a run of a task that has no `action`
     (export, validate, bench, ...) yet; see `run_task` for what passes unread."""
     spec = run_task(run_dir)
-    if spec is not None and spec.deploy_skip_reason is not None and action not in spec.ready_actions:
+    if spec is not None and not spec.is_ready(action):
         raise UsageError(
             f"{run_dir}: a {spec.name} run; {action} is not available: {spec.deploy_skip_reason}"
         )

@@ -126,7 +126,8 @@ class PipelineOptions:
 
 def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[Stage]:
     """The pipeline's stages for `config` writing into `run`: training by config.task's TrainingTask,
-    then export, validate, bench and report where the task has them, else a report of training alone."""
+    then export, validate and bench where the task has them (deploy.tasks: TaskSpec.is_ready), and
+    the deployment report where the task has it, else a report of training alone."""
     with optional_import("training"):
         from reviewkd.tasks import training_task
 
@@ -197,14 +198,13 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
         Stage("validate", validate, lambda: student + exported(), lambda: [run_layout.VALIDATE_RESULT]),
         Stage("bench", bench, lambda: student + exported(), lambda: [run_layout.BENCH_RESULT]),
     ]
-    if spec.deploy_skip_reason is not None:
-        stages += [stage for stage in deployment if stage.name in spec.ready_actions]
+    stages += [stage for stage in deployment if spec.is_ready(stage.name)]
+    if not spec.is_ready("report"):
         trained = [run_layout.MANIFEST, f"{BASELINE_DIR}/{run_layout.MANIFEST}"]
         reports = [run_layout.REPORT_JSON, run_layout.REPORT_MARKDOWN]
         stages.append(Stage("report", lambda: print(report_lines(run)), lambda: trained, lambda: reports))
         return stages
     stages += [
-        *deployment,
         Stage(
             "report",
             report,
@@ -230,7 +230,7 @@ def report_lines(run: Path) -> str:
 def final_table(config: Config, report: dict[str, Any]) -> str:
     """What `reviewkd run` prints at the end: the deployment table, or the training table of a task
     without deployment stages."""
-    if TASKS[config.task].deploy_skip_reason is not None:
+    if not TASKS[config.task].is_ready("report"):
         return format_training_table(report)
     return format_final_table(report)
 

@@ -76,7 +76,7 @@ def build_training_report(run: Path) -> dict[str, Any]:
         "stages": {
             stage: {"status": "skipped", "reason": reason}
             for stage in SKIPPED_STAGES
-            if stage not in spec.ready_actions
+            if not spec.is_ready(stage)
         },
     }
 

@@ -39,6 +39,24 @@ def load_run_detector(run_dir: str | os.PathLike[str], manifest: Mapping[str, An
     return detector.eval()
 
 
+def load_run_teacher(run_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Detector | None:
+    """The teacher the run's student was distilled from, in eval mode, or None where the run has none
+    (method plain) or its weights file is gone or no longer the one the manifest's sha256 names: the
+    teacher is only shown beside the student (the report's examples), never measured against."""
+    info = manifest.get("teacher") or {}
+    recorded, arch = info.get("sha256"), info.get("arch")
+    if not recorded or not arch:
+        return None
+    candidates = [run_layout.run_path(run_dir, f"{run_layout.TEACHER_DIR}/{run_layout.TEACHER_WEIGHTS}")]
+    if isinstance(info.get("weights"), str):
+        candidates.append(Path(info["weights"]))
+    weights = next((p for p in candidates if p.is_file() and sha256_file(p) == recorded), None)
+    if weights is None:
+        return None
+    detector = create_detector(load_run_config(run_dir), arch, len(manifest["classes"]), weights)
+    return detector.eval()
+
+
 def torch_detections(detector: Detector, batches: Sequence[np.ndarray]) -> list[Detections]:
     """The detector's detections on every image of `batches` (float32 [B, 3, H, W] in 0-1), in order."""
     found: list[Detections] = []

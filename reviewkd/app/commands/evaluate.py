@@ -350,7 +350,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 def run_report_command(args: argparse.Namespace) -> int:
     """Handler of `reviewkd report`: a run of a task without deployment stages gets its training report."""
     spec = run_task(args.run)
-    if spec is not None and spec.deploy_skip_reason is not None:
+    if spec is not None and not spec.is_ready("report"):
         print(format_training_table(write_training_report(args.run)))
         print(f"wrote {run_layout.run_path(args.run, run_layout.REPORT_MARKDOWN)}")
         return 0
