@@ -145,6 +145,19 @@ def _open_engine(run: Path, manifest: Manifest, rel: str, classes: int) -> Runne
     return RunnerDetections(runner, classes)
 
 
+def _file_fields(manifest: Manifest, key: str, rel: str) -> dict[str, Any]:
+    """What a result entry says of the file it measured, as the report reads it (backend, file,
+    precision, size) and its sha256, by which the report refuses numbers of a file changed since."""
+    artifact = manifest["artifacts"][rel]
+    return {
+        "backend": key.partition("/")[0],
+        "file": rel,
+        "sha256": artifact.get("sha256"),
+        "precision": artifact.get("precision", "fp32"),
+        "size_bytes": artifact.get("size_bytes"),
+    }
+
+
 def _torch_detections(run: Path, manifest: Manifest, batches: Sequence[np.ndarray]) -> list[Detections]:
     with optional_import("box parity against the torch student"):
         from reviewkd.detection.inference import load_run_detector, torch_detections
@@ -215,8 +228,7 @@ def validate_detection_run(
         files[key] = rel
         engine = _open_engine(run, manifest, rel, classes)
         if isinstance(engine, str):
-            precision = key.split("/")[1]
-            results[key] = {"file": rel, "precision": precision, "status": "skipped", "reason": engine}
+            results[key] = {**_file_fields(manifest, key, rel), "status": "skipped", "reason": engine}
             continue
         try:
             found[key] = [d for batch in batches for d in engine.detect(batch)]
@@ -231,22 +243,16 @@ def validate_detection_run(
             "n": len(records),
             **class_accuracy(coco),
         }
-        artifact = manifest["artifacts"][files[key]]
         if key != FP32_KEY:
             accuracy.update(map_drop(reference, match_images(records, dets, classes)).as_dict())
-        results[key] = {
-            "file": files[key],
-            "sha256": artifact.get("sha256"),  # the report refuses numbers of a file changed since
-            "precision": artifact.get("precision", "fp32"),
-            "status": "ok",
-            "accuracy": accuracy,
-        }
+        results[key] = {**_file_fields(manifest, key, files[key]), "status": "ok", "accuracy": accuracy}
     if installed("torch"):
         torch_found = _torch_detections(run, manifest, batches)
         parity = box_parity(torch_found, found[FP32_KEY])
         torch_coco = coco_metrics(records, _coco(torch_found), classes)
         results[FP32_KEY]["parity"] = {"box_matched": 100 * parity.matched_fraction, **parity.as_dict()}
         results[TORCH_KEY] = {
+            **_file_fields(manifest, TORCH_KEY, run_layout.STUDENT_WEIGHTS),
             "precision": "fp32",
             "status": "ok",
             "accuracy": {"map": 100 * torch_coco.map, "ap50": 100 * torch_coco.ap50, "n": len(records)},
@@ -326,7 +332,7 @@ def bench_detection_run(
         if key in engine_files(manifest):
             engine = _open_engine(run, manifest, rel, classes)
             if isinstance(engine, str):
-                results[key] = {"file": rel, "status": "skipped", "reason": engine}
+                results[key] = {**_file_fields(manifest, key, rel), "status": "skipped", "reason": engine}
                 continue
             session = engine
         else:
@@ -358,12 +364,7 @@ def bench_detection_run(
             }
         if isinstance(session, RunnerDetections):
             session.close()
-        results[key] = {
-            "file": rel,
-            "sha256": manifest["artifacts"][rel].get("sha256"),
-            "status": "ok",
-            "latency": latency,
-        }
+        results[key] = {**_file_fields(manifest, key, rel), "status": "ok", "latency": latency}
     result = {
         "schema_version": BENCH_SCHEMA_VERSION,
         "task": DETECTION,

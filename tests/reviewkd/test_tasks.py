@@ -127,25 +127,53 @@ def test_a_detection_run_trains_teacher_reviewkd_and_plain(
     assert load_checkpoint(run / run_layout.CHECKPOINT).epoch == 1
 
 
-def test_a_detection_run_exports_validates_and_benches_before_its_report(run: Path) -> None:
-    report = json.loads((run / run_layout.REPORT_JSON).read_text())
-    assert report["task"] == DETECTION and report["metric"]["key"] == "map"
-    assert [row["role"] for row in report["models"]] == ["teacher", "reviewkd", "plain"]
-    manifest = read_manifest(run)
-    gain = manifest["student"]["map"] - manifest["baselines"]["plain"]["map"]
-    assert report["distillation"]["gain_points"] == pytest.approx(gain)
-    # export, validate and bench exist for detectors: none of them is reported as skipped
-    assert report["stages"] == {}
-    assert "mAP@[.5:.95] %" in (run / run_layout.REPORT_MARKDOWN).read_text()
+def test_a_detection_run_ends_with_the_deployment_report_of_validate_s_numbers(run: Path) -> None:
+    """Issue 19's "Done when": mAP per format with intervals, the parity and gate verdicts, per-class
+    AP, the curves and the example grid (teacher, student fp32, student int8), each read from
+    validate.json, in report.json and report.md."""
     pipeline = json.loads((run / run_layout.PIPELINE).read_text())
     assert list(pipeline) == ["distill", "baseline", "export", "validate", "bench", "report"]
-    assert manifest["detection"]["max_detections"] > 0
+    manifest = read_manifest(run)
     assert manifest["artifacts"][run_layout.onnx_file("int8")]["kind"] == "onnx"
     validated = json.loads((run / run_layout.VALIDATE_RESULT).read_text())
-    assert validated["task"] == DETECTION and validated["passed"]
-    assert validated["results"]["onnxruntime/fp32"]["parity"]["matched_fraction"] == 1.0
     benched = json.loads((run / run_layout.BENCH_RESULT).read_text())
-    assert set(benched["results"]) == {key for key in validated["results"] if key.startswith("onnxruntime/")}
+    report = json.loads((run / run_layout.REPORT_JSON).read_text())
+    markdown = (run / run_layout.REPORT_MARKDOWN).read_text()
+    assert report["task"] == DETECTION and validated["passed"]
+    gain = manifest["student"]["map"] - manifest["baselines"]["plain"]["map"]
+    assert report["distillation"]["gain_points"] == pytest.approx(gain)
+    formats = [key for key in validated["results"] if key.startswith("onnxruntime/")]
+    assert {"onnxruntime/fp32", "onnxruntime/int8"} <= set(formats)
+    assert set(benched["results"]) == set(formats)
+    map_section = markdown.split("## Detection: mAP per format")[1].split("\n## ")[0]
+    for key in formats:
+        measured, shown = validated["results"][key], report[key]
+        assert shown["status"] == "ok" and shown["validate"]["status"] == "ok", key
+        assert shown["accuracy"] == measured["accuracy"] and shown["gates"] == measured["gates"], key
+        assert shown["size_bytes"] == manifest["artifacts"][measured["file"]]["size_bytes"] > 0
+        accuracy = shown["accuracy"]
+        assert len(accuracy["per_class_ap"]) == len(manifest["classes"])
+        assert len(accuracy["curves"]["recall"]) == 101 and accuracy["curves"]["precision"]
+        assert shown["latency"] == benched["results"][key]["latency"], key
+        row = next(line for line in map_section.splitlines() if line.startswith(f"| {key} "))
+        assert f" {accuracy['map']:.2f} " in row and f" {accuracy['ap50']:.2f} " in row, row
+        if key != "onnxruntime/fp32":
+            low, high = accuracy["map_drop_interval"]
+            assert f"{accuracy['map_drop']:.2f} [{low:.2f}, {high:.2f}]" in row
+            assert "max_map_drop" in {check["gate"] for check in shown["gates"]}
+    fp32 = report["onnxruntime/fp32"]
+    assert fp32["parity"] == validated["results"]["onnxruntime/fp32"]["parity"]
+    assert fp32["parity"]["box_matched"] == 100.0 and "min_box_parity pass" in markdown
+    examples = report["validation"]["examples"]
+    assert examples == validated["examples"] and examples["images"]
+    assert set(examples["detections"]) == {"teacher", "onnxruntime/fp32", "onnxruntime/int8"}
+    for per_image in examples["detections"].values():
+        assert len(per_image) == len(examples["images"])
+    for heading in ("Detection: mAP per format", "Detection: AP per class", "Detection: examples"):
+        assert f"## {heading}" in markdown
+    for plot in ("pr_curves.png", "detection_examples.png"):
+        assert f"]({plot})" in markdown and (run / run_layout.REPORT_DIR / plot).stat().st_size > 0
+    assert (run / run_layout.REPORT_HTML).is_file()
 
 
 @pytest.mark.parametrize("val_split", [[], ["data.val_split=2"]], ids=["heldout", "carved"])
@@ -194,14 +222,16 @@ def test_a_detection_run_without_resume_is_refused(run: Path, capsys: pytest.Cap
     assert "already holds a training run" in capsys.readouterr().err
 
 
-def test_reviewkd_report_on_a_detection_run_writes_its_training_report(
+def test_reviewkd_report_on_a_detection_run_writes_its_deployment_report(
     run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (run / run_layout.REPORT_JSON).unlink()
+    capsys.readouterr()
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "reviewkd student mAP@[.5:.95] %" in out
-    assert json.loads((run / run_layout.REPORT_JSON).read_text())["task"] == DETECTION
+    assert "mAP %" in out and "drop [95% CI]" in out and "onnxruntime/int8" in out
+    report = json.loads((run / run_layout.REPORT_JSON).read_text())
+    assert report["task"] == DETECTION and report["validation"]["examples"]
 
 
 def test_a_finished_detection_teacher_is_reused(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
