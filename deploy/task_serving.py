@@ -77,15 +77,18 @@ def detection_outputs(
 @dataclass(frozen=True)
 class TaskServing:
     """A task's edge side: `predictor` runs and shows predictions (deploy.predict.TaskPredictor);
-    `outputs` describes its deployable files' outputs."""
+    `outputs` describes its deployable files' outputs; `student_in_process` is whether predict's
+    `--backend torch/<precision>` can run a run's PyTorch student (reviewkd.student's runner gives
+    a classifier's logits; a detector's boxes come from its exported files only)."""
 
     predictor: TaskPredictor
     outputs: OutputsOf
+    student_in_process: bool
 
 
 SERVING: dict[str, TaskServing] = {
-    CLASSIFICATION: TaskServing(ClassificationPredictor(), classification_outputs),
-    DETECTION: TaskServing(DetectionPredictor(), detection_outputs),
+    CLASSIFICATION: TaskServing(ClassificationPredictor(), classification_outputs, student_in_process=True),
+    DETECTION: TaskServing(DetectionPredictor(), detection_outputs, student_in_process=False),
 }
 
 

@@ -758,6 +758,13 @@ ROWS: tuple[Row, ...] = (
         )
         for argv in (("validate", "--device", "cuda"), ("bench", "--backends", "onnxruntime"))
     ),
+    Row(
+        "predict: --backend torch/fp32 on a detection run",
+        lambda t, r: ["predict", str(r), str(_write(t / "x.png", "")), "--backend", "torch/fp32"],
+        2,
+        "a detection run, whose predictions come from its exported files only",
+        base="detection",
+    ),
 
 
     # predict and triton serve a detection run's files; a run not exported has none

@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from deploy.errors import UsageError, printable
+from deploy.manifest import Manifest
 from deploy.predict import DEFAULT_BACKEND, open_target
+from deploy.runners.base import Runner
 from deploy.task_serving import serving_of
+from deploy.tasks import task_of
 from reviewkd.student import open_student_runner
 
 
@@ -60,10 +63,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     predict_parser.set_defaults(handler=run_predict)
 
 
+def _open_student(run: Path, manifest: Manifest, precision: str, device: str) -> Runner:
+    """The run's PyTorch student for `--backend torch/<precision>`, where its task's serving runs it
+    in-process (deploy.task_serving); a one-line UsageError naming the run otherwise."""
+    if not serving_of(manifest, str(run)).student_in_process:
+        raise UsageError(
+            f"--backend torch/{precision}: {run} is a {task_of(manifest).name} run, whose predictions come"
+            f" from its exported files only; use --backend {DEFAULT_BACKEND} (or another of its files)"
+        )
+    return open_student_runner(run, manifest, precision, device)
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Handler of `reviewkd predict`: the task the manifest records decides what is run and shown."""
     runner, manifest = open_target(
-        args.target, args.backend, device=args.device, threads=args.threads, open_module=open_student_runner
+        args.target, args.backend, device=args.device, threads=args.threads, open_module=_open_student
     )
     with runner:
         predictor = serving_of(manifest, str(args.target)).predictor
