@@ -64,7 +64,7 @@ class TaskSpec:
     ready_actions: tuple[str, ...] = ()
 
     def is_ready(self, action: str) -> bool:
-        """Whether the deployment command or pipeline stage `action` (export, validate, bench, report,
+        """Whether the deployment command or pipeline stage `action` (export, validate, bench,
         quantize, ...) works for the task."""
         return self.deploy_skip_reason is None or action in self.ready_actions
 
@@ -95,7 +95,7 @@ TASKS: dict[str, TaskSpec] = {
         gates=DETECTION_GATES,
         # predict and triton serve a detection run without asking (deploy.task_serving).
         deploy_skip_reason="quantize and export-data are not built for detectors yet (issue 19)",
-        ready_actions=("export", "validate", "bench", "report"),
+        ready_actions=("export", "validate", "bench"),
     ),
 }
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import format_final_table
 from benchmarks.runs import bench_run, report_run, validate_run
 from benchmarks.tasks import OWN_EVALUATION
 from benchmarks.validate import raise_for_gates
@@ -25,9 +24,7 @@ from deploy.fileio import parse_json, sha256_file, write_json_atomic
 from deploy.manifest import read_manifest, write_manifest
 from deploy.optional import optional_import
 from deploy.run_lock import locks_run
-from deploy.tasks import TASKS
 from export.pipeline import export_run
-from reviewkd.app.training_report import format_training_table, write_training_report
 from reviewkd.config import Config, dump_config
 
 PIPELINE_FILE = run_layout.PIPELINE
@@ -127,7 +124,7 @@ class PipelineOptions:
 def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[Stage]:
     """The pipeline's stages for `config` writing into `run`: training by config.task's TrainingTask,
     then export, validate and bench where the task has them (deploy.tasks: TaskSpec.is_ready), and
-    the deployment report where the task has it, else a report of training alone."""
+    the report of what they measured."""
     with optional_import("training"):
         from reviewkd.tasks import training_task
 
@@ -198,13 +195,8 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
         Stage("validate", validate, lambda: student + exported(), lambda: [run_layout.VALIDATE_RESULT]),
         Stage("bench", bench, lambda: student + exported(), lambda: [run_layout.BENCH_RESULT]),
     ]
-    stages += [stage for stage in deployment if spec.is_ready(stage.name)]
-    if not spec.is_ready("report"):
-        trained = [run_layout.MANIFEST, f"{BASELINE_DIR}/{run_layout.MANIFEST}"]
-        reports = [run_layout.REPORT_JSON, run_layout.REPORT_MARKDOWN]
-        stages.append(Stage("report", lambda: print(report_lines(run)), lambda: trained, lambda: reports))
-        return stages
     stages += [
+        *(stage for stage in deployment if spec.is_ready(stage.name)),
         Stage(
             "report",
             report,
@@ -219,20 +211,6 @@ def build_stages(config: Config, run: Path, options: PipelineOptions) -> list[St
         ),
     ]
     return stages
-
-
-def report_lines(run: Path) -> str:
-    """Write the training report of a run whose task has no deployment stages; return its skip lines."""
-    report = write_training_report(run)
-    return "\n".join(f"   {stage}: skipped ({entry['reason']})" for stage, entry in report["stages"].items())
-
-
-def final_table(config: Config, report: dict[str, Any]) -> str:
-    """What `reviewkd run` prints at the end: the deployment table, or the training table of a task
-    without deployment stages."""
-    if not TASKS[config.task].is_ready("report"):
-        return format_training_table(report)
-    return format_final_table(report)
 
 
 @locks_run("run", run_arg="run", create=True)

@@ -44,7 +44,6 @@ from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.gates import GATE_METRICS, GateTable, default_gates, parse_gate, set_gate
 from deploy.tasks import require_deployable_run, run_task
-from reviewkd.app.training_report import format_training_table, write_training_report
 
 # Dedicated gate flags: (flag, precision, gate name). --gate covers every other combination.
 GATE_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -348,12 +347,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def run_report_command(args: argparse.Namespace) -> int:
-    """Handler of `reviewkd report`: a run of a task without deployment stages gets its training report."""
-    spec = run_task(args.run)
-    if spec is not None and not spec.is_ready("report"):
-        print(format_training_table(write_training_report(args.run)))
-        print(f"wrote {run_layout.run_path(args.run, run_layout.REPORT_MARKDOWN)}")
-        return 0
+    """Handler of `reviewkd report`: write the run's report and print its final table."""
     report = report_run(args.run)
     print(format_final_table(report))
     print(f"wrote {run_layout.run_path(args.run, run_layout.REPORT_HTML)}")

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from benchmarks.latency import parse_batch_sizes
+from benchmarks.report import format_final_table
 from deploy import run_layout
-from reviewkd.app.pipeline import PipelineOptions, final_table, run_pipeline
+from reviewkd.app.pipeline import PipelineOptions, run_pipeline
 from reviewkd.config import load_config, shipped_configs
 
 
@@ -64,7 +65,7 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     report = run_pipeline(config, run, options, resume=args.resume)
-    print(final_table(config, report))
+    print(format_final_table(report))
     print(
         f"pipeline finished in {time.perf_counter() - started:.0f} s;"
         f" reports in {run_layout.run_path(run, run_layout.REPORT_DIR)}"
