@@ -158,5 +158,8 @@ def test_a_carved_val_split_selects_and_the_test_split_is_scored_once_at_the_end
     teacher, plain = manifest["teacher"], manifest["baselines"]["plain"]
     assert teacher["test"]["n"] == plain["test"]["n"] == 4
     report = json.loads((run / run_layout.REPORT_JSON).read_text())
-    rows = {row["role"]: row["map"] for row in report["models"]}
-    assert rows == {"teacher": teacher["test"]["map"], "reviewkd": test["map"], "plain": plain["test"]["map"]}
+    assert report["run"]["teacher"]["score"] == teacher["test"]["map"]
+    assert report["run"]["student"]["score"] == test["map"]
+    distillation = report["distillation"]
+    scores = (distillation["student_score"], distillation["baseline_score"])
+    assert scores == (test["map"], plain["test"]["map"])
