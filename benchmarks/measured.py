@@ -74,7 +74,8 @@ def source_text(result: Mapping[str, Any]) -> str:
     count = f"{images} images" if images is not None else None
     if kind == SOURCE_RUN_SPLIT:
         dataset = source.get("dataset")
-        what = "the run's validation split" + (f" ({dataset})" if dataset else "")
+        # The split validate reads: the test split where data.val_split carved the val split.
+        what = "the run's held-out split" + (f" ({dataset})" if dataset else "")
     elif kind == SOURCE_FOLDER:
         what = f"image folder {source.get('path')}"
     elif kind == SOURCE_RANDOM:

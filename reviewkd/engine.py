@@ -775,12 +775,26 @@ def load_teacher(
     teacher.eval()
     record: dict[str, Any] = {"arch": config.teacher.arch, "weights": str(weights), "sha256": digest}
     previous = read_manifest(out_dir).get("teacher", {}) if (out_dir / run_layout.MANIFEST).is_file() else {}
+    batch_size = max(config.train.batch_size, 256)
     if previous.get("sha256") == digest and previous.get("top1") is not None:
         record.update(top1=previous["top1"], top5=previous["top5"])
     else:
-        scores = evaluate(teacher, bundle, runtime, batch_size=max(config.train.batch_size, 256))
+        scores = evaluate(teacher, bundle, runtime, batch_size=batch_size)
         record.update(top1=scores["top1"], top5=scores["top5"])
     _log(runtime, f"teacher {config.teacher.arch}: val top1 {record['top1']:.2f}% top5 {record['top5']:.2f}%")
+    if bundle.test is not None:
+        # The teacher is chosen by nothing here, so its test score is read once, like the student's,
+        # for the report to compare the three models on the same unseen images.
+        if previous.get("sha256") == digest and isinstance(previous.get("test"), dict):
+            record["test"] = previous["test"]
+        else:
+            scores = evaluate(teacher, bundle, runtime, batch_size=batch_size, split="test")
+            record["test"] = {
+                "split": bundle.test_name,
+                "n": scores["n"],
+                "top1": scores["top1"],
+                "top5": scores["top5"],
+            }
     return teacher, record
 
 

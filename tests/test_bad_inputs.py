@@ -2340,7 +2340,7 @@ def test_validate_bench_and_report_refuse_exports_of_another_student(
     code, out, err = run_cli(["validate", str(run), *common], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "onnxruntime/fp32: " in err and "export/student.onnx: it was exported from student" in err
-    assert "note: dropped the measurement on the run's validation split" in out
+    assert "note: dropped the measurement on the run's held-out split" in out
 
     bench = ["--device", "cpu", "--batch-sizes", "1", "--iters", "2", "--warmup", "1"]
     assert run_cli(["bench", str(run), *bench], capsys)[0] == 0

@@ -393,6 +393,8 @@ def test_a_carved_val_split_selects_and_the_test_split_is_scored_once_at_the_end
     assert all("test_top1" not in r for r in records)
     test = student["test"]
     assert (test["split"], test["n"]) == ("heldout", 360) and set(test) == {"split", "n", "top1", "top5"}
+    # The teacher is scored on the same test split once, for the report's comparison.
+    assert (manifest["teacher"]["test"]["split"], manifest["teacher"]["test"]["n"]) == ("heldout", 360)
     kept = create_model("cifar_resnet20", 10, weights=tmp_path / "student.safetensors").eval()
     bundle = build_data(config)
     with torch.no_grad():
