@@ -92,6 +92,18 @@ def validation_records(run: Path, manifest: Manifest, limit: int | None = None) 
     return records[:limit] if limit else records
 
 
+def _run_inputs(
+    run: Path, limit: int | None
+) -> tuple[Manifest, tuple[int, int], int, Path, list[ImageAnnotation]]:
+    """What validate and bench read of a detection run: its manifest, the network's (H, W), the class
+    count, the annotation file of its held-out split and that split's records (`limit` of them)."""
+    manifest = read_manifest(run)
+    spec = input_spec(manifest)
+    records = validation_records(run, manifest, limit)
+    size = (spec.shape[1], spec.shape[2])
+    return manifest, size, len(manifest["classes"]), _validation_file(run, manifest), records
+
+
 def onnx_files(run: Path, manifest: Manifest) -> dict[str, str]:
     """Report key ("onnxruntime/<precision label>") -> run-relative path of each ONNX file, fp32 first."""
     keys = {}
@@ -210,13 +222,8 @@ def validate_detection_run(
     """Validate every ONNX file of a detection run (module docstring); save and return the result.
     Does not raise on a failed gate: `raise_for_detection_gates` does."""
     run = Path(run_dir)
-    manifest = read_manifest(run)
-    spec = input_spec(manifest)
-    size = (spec.shape[1], spec.shape[2])
-    classes = len(manifest["classes"])
-    source_file = _validation_file(run, manifest)
+    manifest, size, classes, source_file, records = _run_inputs(run, limit)
     gate_table = gates if gates is not None else TASKS[DETECTION].gates
-    records = validation_records(run, manifest, limit)
     batches = list(image_batches(records, size, batch_size))
     files = onnx_files(run, manifest)
     found: dict[str, list[Detections]] = {}
@@ -318,12 +325,7 @@ def bench_detection_run(
     if seconds <= 0 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise UsageError("bench: seconds must be > 0, warm-up >= 0 and batch sizes >= 1")
     run = Path(run_dir)
-    manifest = read_manifest(run)
-    spec = input_spec(manifest)
-    size = (spec.shape[1], spec.shape[2])
-    classes = len(manifest["classes"])
-    source_file = _validation_file(run, manifest)
-    records = validation_records(run, manifest)
+    manifest, size, classes, source_file, records = _run_inputs(run, None)
     results: dict[str, Any] = {}
     files = {**onnx_files(run, manifest), **engine_files(manifest)}
     for key, rel in files.items():

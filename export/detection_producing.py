@@ -144,15 +144,7 @@ def _produce_fp32(context: ExportContext, name: str) -> bool:
 
     checks = _truth(context).checks
     rel = ONNX_FORMATS[name].file
-    context.log(f"exporting {rel}")
-    with context.timer.stage(rel, "export"):
-        info = export_detector(
-            cast("Detector", context.model),
-            context.run / rel,
-            input_spec(context.manifest).shape,
-            _metadata(context),
-            opset=_opset(context),
-        )
+    info = _export_file(context, rel, export_detector)
     context.manifest["detection"] = info["detection"]
     reference: list[Detections] = context.checks.reference
     with context.timer.stage(rel, "check"):
@@ -177,6 +169,22 @@ def _produce_fp32(context: ExportContext, name: str) -> bool:
     return _record(context, rel, result, "onnx", precision="fp32", flavour="fp32", **info)
 
 
+def _export_file(context: ExportContext, rel: str, export: Any, **options: Any) -> dict[str, Any]:
+    """Export the run's detector to `rel` with `export` (export.detection.export_detector, passed in
+    because that module needs torch) and `options` (the NMS form), timed as the file's export stage."""
+    context.log(f"exporting {rel}")
+    with context.timer.stage(rel, "export"):
+        info: dict[str, Any] = export(
+            cast("Detector", context.model),
+            context.run / rel,
+            input_spec(context.manifest).shape,
+            _metadata(context),
+            opset=_opset(context),
+            **options,
+        )
+    return info
+
+
 def _produce_efficient_nms(context: ExportContext, name: str) -> bool:
     """Export the detector with TensorRT's EfficientNMS_TRT plugin (format "efficientnms"), the fp32
     engine's source; ONNX Runtime cannot run it, so its structure is checked."""
@@ -185,15 +193,7 @@ def _produce_efficient_nms(context: ExportContext, name: str) -> bool:
         from export.detection_pipeline import check_efficient_nms
 
     rel = EFFICIENT_NMS.file
-    context.log(f"exporting {rel}")
-    with context.timer.stage(rel, "export"):
-        info = export_detector(
-            cast("Detector", context.model),
-            context.run / rel,
-            input_spec(context.manifest).shape,
-            _metadata(context),
-            nms=NMS_TRT, opset=_opset(context),
-        )
+    info = _export_file(context, rel, export_detector, nms=NMS_TRT)
     result = check_efficient_nms(context.run / rel)
     return _record(
         context, rel, result, EFFICIENT_NMS.kind, precision="fp32", flavour=EFFICIENT_NMS.flavour, **info
