@@ -34,13 +34,18 @@ to RANDOM_INPUT_GATES on top of its own (the relative L2 error of its logits, wh
 any input), and min_agreement is judged on the 95% interval of the agreement (`agreement_interval`):
 a shortfall the sample cannot resolve, such as 63 of 64 against 99%, is inconclusive, not failed.
 
-Sequential checks (`sequential_looks`): a check whose every gate is judged on the drop's interval
-may look at its images in a fixed schedule, at 1/8, 1/4, 1/2 and all of them (looks under
-MIN_FIRST_LOOK images dropped), and stop at the first look where every gate is resolved (ok or
-failed). The 5% error of the interval is split over the looks in advance (Bonferroni): the interim
-looks share INTERIM_ALPHA_SHARE of it equally and the last look keeps the rest, so the chance that
-any look's interval misses the true drop, and with it each verdict's error rate, stays <= 5%. A
-check of fewer than 2 * MIN_FIRST_LOOK images has one look at 95%, as before.
+Sequential checks (`sequential_looks`): a check whose every gate is one of SEQUENTIAL_GATES (the
+drop's interval; the agreement, as fp16's) may look at its images in a fixed schedule, at 1/8, 1/4,
+1/2 and all of them (looks under MIN_FIRST_LOOK images dropped), and stop at the first look where
+every gate is resolved (ok or failed). The 5% error of the interval is split over the looks in
+advance (Bonferroni): the interim looks share INTERIM_ALPHA_SHARE of it equally and the last look
+keeps the rest, so the chance that any look's interval misses the true drop, and with it each
+verdict's error rate, stays <= 5%. A check of fewer than 2 * MIN_FIRST_LOOK images has one look at
+95%, as before. min_agreement stops a check early only when its interval at the look's confidence
+lies wholly above the minimum (or wholly below); a check that reaches its last look judges the
+agreement's point estimate over every image, exactly as a fixed-size check does, so early stopping
+adds at most the interim looks' share of the error (1%) to the chance of passing a file whose true
+agreement is under the minimum.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from deploy.paired_stats import (
     PairedComparison,
     Verdict,
     judge_agreement,
+    judge_agreement_look,
     judge_drop,
     proportion_interval,
 )
@@ -115,8 +121,9 @@ RANDOM_INPUT_GATES: GateTable = {"fp16": {"max_rel_l2_error": 1e-2}}
 LOOK_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 MIN_FIRST_LOOK = 500
 INTERIM_ALPHA_SHARE = 0.2
-# Gates a sequential check can stop on: judged on an interval that only narrows with more images.
-SEQUENTIAL_GATES = frozenset({"max_top1_drop"})
+# Gates a sequential check can stop on: judged on an interval that only narrows with more images
+# (min_agreement at the interim looks; its last look keeps the point estimate of a fixed-size check).
+SEQUENTIAL_GATES = frozenset({"max_top1_drop", "min_agreement"})
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
@@ -246,6 +253,7 @@ def evaluate_gates(
     *,
     inconclusive_passes: bool = True,
     agreement_interval: bool = False,
+    interim_confidence: float | None = None,
 ) -> list[dict[str, Any]]:
     """Check a measurement against gates; one record per gate. A value not measured (or NaN) fails.
 
@@ -287,6 +295,12 @@ def evaluate_gates(
             extra = {"verdict": verdict.status, "interval": [100 * low, 100 * high], "reason": verdict.reason}
             inconclusive = verdict.status == Status.INCONCLUSIVE
             passed = verdict.status == Status.OK or (inconclusive and inconclusive_passes)
+        if name == "min_agreement" and interim_confidence is not None and value is not None and count:
+            agreed = round(value * count / 100)
+            verdict = judge_agreement_look(agreed, int(count), threshold, interim_confidence)
+            low, high = proportion_interval(agreed, int(count), interim_confidence)
+            extra = {"verdict": verdict.status, "interval": [100 * low, 100 * high], "reason": verdict.reason}
+            passed = verdict.status == Status.OK
         checks.append(
             {
                 "gate": name,

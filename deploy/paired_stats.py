@@ -253,3 +253,19 @@ def judge_agreement(agreed: int, n: int, threshold_percent: float) -> Verdict:
         Status.INCONCLUSIVE,
         f"inconclusive: {n:,} inputs cannot resolve a {threshold_percent:g}% agreement minimum ({observed})",
     )
+
+
+def judge_agreement_look(agreed: int, n: int, threshold_percent: float, confidence: float) -> Verdict:
+    """Hold an agreement of `agreed` out of `n` against a minimum of `threshold_percent` at an interim
+    look of a sequential check, on its Wilson interval at the look's `confidence`: "ok" when the
+    whole interval lies at or above the minimum, "failed" when it lies wholly below, else
+    "inconclusive" (the check looks at more images; its last look judges the point estimate)."""
+    low, high = proportion_interval(agreed, n, confidence)
+    shown = f"{100 * confidence:.4g}% CI [{100 * low:.2f}, {100 * high:.2f}]"
+    observed = f"{100 * agreed / n:.2f}% of {n:,} agree ({shown})"
+    if 100 * low >= threshold_percent:
+        return Verdict(Status.OK, f"{observed}: all of it at or above the {threshold_percent:g}% minimum")
+    if 100 * high < threshold_percent:
+        return Verdict(Status.FAILED, f"{observed}: all of it below the {threshold_percent:g}% minimum")
+    straddles = f"inconclusive: {observed} straddles the {threshold_percent:g}% minimum"
+    return Verdict(Status.INCONCLUSIVE, straddles)

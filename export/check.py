@@ -9,9 +9,10 @@ labels) a file is also held to deploy.gates.RANDOM_INPUT_GATES (fp16: the relati
 logits), and its agreement gate is judged on the agreement's interval: a shortfall 64 inputs cannot
 resolve is inconclusive, not a failure.
 
-A check whose every gate is judged on the drop's interval (int8 on labelled images) is sequential:
-it runs the file on the images in deploy.gates' fixed schedule of looks and stops at the first
-look that resolves every gate, with the interval of that look's confidence. Its metrics say how
+A check whose every gate can be judged on an interval (deploy.gates.SEQUENTIAL_GATES: int8's drop,
+fp16's agreement, on labelled images) is sequential: it runs the file on the images in deploy.gates'
+fixed schedule of looks and stops at the first look that resolves every gate, with the interval of
+that look's confidence. Its metrics say how
 many images it used ("n") of how many it had, and its reason says so when it stopped early.
 """
 
@@ -170,8 +171,10 @@ def _judge(
     gates: Mapping[str, Mapping[str, float]],
     *,
     random_inputs: bool,
+    interim_confidence: float | None = None,
 ) -> tuple[Status, str, list[dict[str, Any]]]:
-    """`gate`'s (status, reason) and the gate records behind them (none when skipped)."""
+    """`gate`'s (status, reason) and the gate records behind them (none when skipped);
+    `interim_confidence`: an interim look of a sequential check (deploy.gates.evaluate_gates)."""
     held_to = precision_gates(precision, gates, random_inputs=random_inputs)
     top1 = metrics.get("top1")
     reference_top1 = metrics.get("reference_top1")
@@ -185,7 +188,9 @@ def _judge(
             "paired": metrics.get("paired"),
         },
     }
-    checks = evaluate_gates(measurement, held_to, agreement_interval=random_inputs)
+    checks = evaluate_gates(
+        measurement, held_to, agreement_interval=random_inputs, interim_confidence=interim_confidence
+    )
     status = Status.OK if all(c["passed"] for c in checks) else Status.FAILED
     return status, "; ".join(describe_check(c) for c in checks), checks
 
@@ -219,9 +224,9 @@ def sequential_logits(
 
 
 def check_looks(precision: str, batches: Sequence[np.ndarray], labels: np.ndarray | None) -> list[Look]:
-    """The looks a check of `precision` on `batches` takes: `batch_looks` when every gate is
-    interval-judged (labels exist and each gate is one of SEQUENTIAL_GATES); else one look at all
-    the images at 95%."""
+    """The looks a check of `precision` on `batches` takes: `batch_looks` when every gate can be
+    judged on an interval (labels exist and each gate is one of SEQUENTIAL_GATES); else one look at
+    all the images at 95%."""
     if labels is None or not set(precision_gates(precision)) <= SEQUENTIAL_GATES:
         return [Look(sum(len(b) for b in batches), DEFAULT_CONFIDENCE)]
     return batch_looks(batches)
@@ -245,7 +250,10 @@ def check_file(
         seen = len(logits)
         seen_labels = None if labels is None else labels[:seen]
         metrics = compare(logits, reference[:seen], seen_labels, look.confidence)
-        status, reason, checks = _judge(precision, metrics, DEFAULT_GATES, random_inputs=labels is None)
+        interim = look.confidence if taken < len(looks) else None
+        status, reason, checks = _judge(
+            precision, metrics, DEFAULT_GATES, random_inputs=labels is None, interim_confidence=interim
+        )
         if len(looks) > 1 and (resolved(checks) or taken == len(looks)):
             metrics["sequential"] = {
                 "images_available": total,

@@ -416,8 +416,8 @@ def labelled_check_images(request: CheckRequest, task: ExportTask) -> tuple[Chec
         batches = [p[0].astype(np.float32) for p in pairs]
         labels: np.ndarray | None = np.concatenate([p[1] for p in pairs])
         described = (
-            f"{sum(len(b) for b in batches)} validation images of the run (a sequential check, int8's,"
-            " stops once its interval resolves the budget and says how many it used)"
+            f"{sum(len(b) for b in batches)} validation images of the run (a sequential check, int8's"
+            " or fp16's, stops once its interval resolves its gate and says how many it used)"
         )
     else:
         count = min(check_samples, RANDOM_CHECK_IMAGES)

@@ -119,3 +119,56 @@ def test_a_clear_file_stops_early_and_a_borderline_one_uses_every_image() -> Non
     assert clear["images"] < 2600  # mostly the first or second look, not 10,000
     borderline = simulate(sequential_looks(10_000), 0.015, 0.005)
     assert borderline["images"] > 9500
+
+
+# fp16's gate: top-1 agreement with fp32 of at least 99%.
+AGREEMENT_MINIMUM = 99.0
+
+
+def simulate_agreement(looks: list[Look], p_disagree: float, stop_on_point: bool = False) -> dict[str, float]:
+    """Rates over TRIALS sequential agreement checks: passed, stopped early, and the mean images
+    used. Interim looks are judged as export's check judges them (`interim_confidence`), the last on
+    the point estimate; `stop_on_point` is the shortcut of stopping at any look whose point estimate
+    meets the minimum."""
+    rng = np.random.default_rng(1)
+    steps = np.diff([0] + [look.images for look in looks])
+    draws = np.stack([rng.binomial(step, p_disagree, TRIALS) for step in steps], axis=1)
+    disagreements = np.cumsum(draws, axis=1)  # trial, look
+    tally = {"passed": 0, "early": 0, "images": 0}
+    for trial in disagreements:
+        for taken, (look, missed) in enumerate(zip(looks, trial, strict=True), start=1):
+            last = taken == len(looks)
+            parity = {"n": look.images, "top1_agreement": 100 * (look.images - int(missed)) / look.images}
+            interim = None if last or stop_on_point else look.confidence
+            (check,) = evaluate_gates(
+                {"parity": parity}, {"min_agreement": AGREEMENT_MINIMUM}, interim_confidence=interim
+            )
+            if last or resolved([check]) or (stop_on_point and check["passed"]):
+                break
+        tally["passed"] += check["passed"]
+        tally["early"] += not last
+        tally["images"] += look.images
+    return {key: count / TRIALS for key, count in tally.items()}
+
+
+def test_an_agreement_gate_stops_early_only_when_its_interval_clears_the_minimum() -> None:
+    looks = sequential_looks(10_000)
+    fixed = [looks[-1]]
+    # A file under the minimum: stopping early adds at most the interim looks' error (1%) to the
+    # chance that it passes, against a fixed-size check of every image.
+    for p_disagree in (0.0101, 0.0105, 0.012):
+        sequential, one_look = simulate_agreement(looks, p_disagree), simulate_agreement(fixed, p_disagree)
+        assert sequential["passed"] <= one_look["passed"] + 0.05 * INTERIM_ALPHA_SHARE + TOLERANCE
+    # A typical fp16 file (the ResNet-56's agrees on 99.96%) settles early, nearly always at the
+    # first look (1,250 of 10,000 images).
+    typical = simulate_agreement(looks, 0.0004)
+    assert typical["passed"] == 1.0 and typical["early"] == 1.0
+    assert typical["images"] < 1.05 * looks[0].images
+
+
+def test_stopping_on_the_agreement_point_estimate_passes_files_under_the_minimum() -> None:
+    """The shortcut the interval prevents: a file just under 99% passes far more often."""
+    looks = sequential_looks(10_000)
+    shortcut = simulate_agreement(looks, 0.0101, stop_on_point=True)
+    one_look = simulate_agreement([looks[-1]], 0.0101)
+    assert shortcut["passed"] > one_look["passed"] + 0.05 * INTERIM_ALPHA_SHARE + TOLERANCE

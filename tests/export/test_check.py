@@ -36,7 +36,7 @@ def test_an_int8_check_stops_at_the_first_look_that_resolves_its_gate(tmp_path: 
     assert "99.67% CI" in result.reason
 
 
-def test_a_file_over_its_budget_fails_early_and_files_without_an_interval_gate_use_every_image(
+def test_a_file_over_its_budget_fails_early_and_a_file_with_a_point_gate_uses_every_image(
     tmp_path: Path,
 ) -> None:
     good = export_tiny_onnx(tiny_module(), tmp_path / "good.onnx")
@@ -46,8 +46,31 @@ def test_a_file_over_its_budget_fails_early_and_files_without_an_interval_gate_u
     assert result.status == Status.FAILED
     assert result.metrics["sequential"]["stopped_early"]
     assert result.metrics["n"] < IMAGES
-    for precision in ("fp32", "fp16"):
-        whole = check_file(good, precision, batches, reference, labels)
-        assert whole.metrics["n"] == IMAGES and "sequential" not in whole.metrics
+    # fp32's max_abs_diff and 100% agreement hold for every image: no interval can settle them early.
+    whole = check_file(good, "fp32", batches, reference, labels)
+    assert whole.metrics["n"] == IMAGES and "sequential" not in whole.metrics
     # Random inputs (no labels): no interval on the drop, so one look at every input.
     assert len(check_looks("int8", batches, None)) == 1
+    assert len(check_looks("fp16", batches, None)) == 1
+
+
+def test_an_fp16_agreement_check_stops_once_its_interval_clears_the_minimum(tmp_path: Path) -> None:
+    good = export_tiny_onnx(tiny_module(), tmp_path / "good.onnx")
+    batches, reference, labels = _data(good)
+    agreeing = check_file(good, "fp16", batches, reference, labels)
+    assert agreeing.status == Status.OK
+    # 512 images that all agree cannot put the 99.67% interval above 99% (its low end is 98.4%);
+    # 1,024 can (99.2%).
+    assert agreeing.metrics["n"] == 1024 and agreeing.metrics["sequential"]["looks_taken"] == 2
+    assert "all of it at or above the 99% minimum" in agreeing.reason
+    assert "stopped at look 2 of 4, 1,024 of 4,000 images" in agreeing.reason
+    # 1.2% of the images flipped, evenly spread: every interim interval straddles 99%, so the check
+    # reads every image and the point estimate (98.8%) fails it, as a check without looks would.
+    flipped = reference.copy()
+    rows = np.arange(0, IMAGES, IMAGES // 48)[:48]
+    top = flipped[rows].argmax(1)
+    flipped[rows, top] = flipped[rows].min(1) - 1.0
+    result = check_file(good, "fp16", batches, flipped, labels)
+    assert result.status == Status.FAILED
+    assert result.metrics["n"] == IMAGES and result.metrics["sequential"]["looks_taken"] == 4
+    assert result.metrics["top1_agreement"] == 100 * (IMAGES - 48) / IMAGES
