@@ -6,7 +6,9 @@ a GPU is missing) runs on every image of the validation split; its
 COCO mAP@[.5:.95], AP50 and per-class AP (pycocotools), and, against the fp32 file, its mAP drop
 with the paired image-level bootstrap 95% interval and the detection gates (deploy.gates'
 DETECTION_GATES through the task registry). Where torch is installed the torch student runs too and
-the fp32 file's box parity against it is gated (min_box_parity). Written to RUN/report/validate.json.
+the fp32 file's box parity against it is gated (min_box_parity). The report's example grid is chosen
+from every image's detections (benchmarks.report.detection.choose_examples). Written to
+RUN/report/validate.json.
 
 bench: for each file and batch size, the latency of one batch in three parts: pre-processing (the
 image files decoded and laid out as the file takes them), the model (one ONNX Runtime call: network,
@@ -30,8 +32,9 @@ from benchmarks.latency import BENCH_SCHEMA_VERSION, latency_stats
 from benchmarks.measured import SOURCE_RUN_SPLIT, manifest_student_sha256, measured_block
 from benchmarks.report.detection import (
     EXAMPLE_MODELS,
-    MAX_EXAMPLE_IMAGES,
+    INT8,
     TEACHER,
+    choose_examples,
     class_accuracy,
     examples_block,
 )
@@ -39,7 +42,7 @@ from benchmarks.report.results import report_dir
 from benchmarks.validate import VALIDATE_SCHEMA_VERSION
 from deploy import run_layout
 from deploy.detection.annotations import ImageAnnotation, read_coco
-from deploy.detection.bootstrap import map_drop, match_images
+from deploy.detection.bootstrap import ImageMatches, map_drop, match_images
 from deploy.detection.coco_metric import Detections as CocoDetections
 from deploy.detection.coco_metric import coco_metrics
 from deploy.detection.images import image_batches, read_image
@@ -195,18 +198,25 @@ def _examples(
     manifest: Manifest,
     records: Sequence[ImageAnnotation],
     found: Mapping[str, Sequence[Detections]],
+    fp32_truth: ImageMatches,
 ) -> dict[str, Any]:
-    """The report's example grid (benchmarks.report.detection.examples_block): the first images with
-    the teacher's detections (where it can run here) and each shown format's."""
+    """The report's example grid (benchmarks.report.detection.examples_block): the images
+    choose_examples picks from every image's fp32 and int8 detections and the fp32 file's matches to
+    the ground truth (`fp32_truth`), with the teacher's detections (where it can run here) and each
+    shown format's."""
     spec = input_spec(manifest)
-    shown = list(records[:MAX_EXAMPLE_IMAGES])
-    models = {key: found[key] for key in EXAMPLE_MODELS if key in found}
+    chosen = choose_examples(fp32_truth, found[FP32_KEY], found.get(INT8))
+    shown = [records[example.index] for example in chosen]
+    models = {
+        key: [found[key][example.index] for example in chosen] for key in EXAMPLE_MODELS if key in found
+    }
     size = (spec.shape[1], spec.shape[2])
     teacher = _teacher_detections(run, manifest, [np.stack([read_image(r, size) for r in shown])])
     if teacher is not None:
         models = {TEACHER: teacher, **models}
     sizes = [(record.width, record.height) for record in shown]
-    return examples_block([record.file for record in shown], sizes, spec, models)
+    reasons = [example.reason for example in chosen]
+    return examples_block([record.file for record in shown], sizes, spec, models, reasons)
 
 
 @locks_run("validate")
@@ -290,7 +300,7 @@ def validate_detection_run(
         "results": results,
         "failures": failures,
         "passed": not failures,
-        "examples": _examples(run, manifest, records, found),
+        "examples": _examples(run, manifest, records, found, reference),
         "settings": {"threads": threads, "batch_size": batch_size, "limit": limit},
         "environment": collect_environment(threads),
         "measured": measured_block(source, FP32_KEY, manifest_student_sha256(manifest)),

@@ -13,12 +13,13 @@ What it reads, from validate.json as report.json carries it (and the class names
     each format entry's "parity"     box parity against the reference: "box_matched" (percent of its
                                       detections matched by class and IoU)
     "validation"."examples"          validate.json's "examples": {"images": [image file, ...],
-                                      "detections": {model: [[{"class": index, "score", "box": [x1,
-                                      y1, x2, y2] image pixels}, ...] per image]}}, model "teacher"
-                                      or a format key
+                                      "reasons": [why each image was chosen, ...], "rule": how they
+                                      were chosen, "detections": {model: [[{"class": index, "score",
+                                      "box": [x1, y1, x2, y2] image pixels}, ...] per image]}}, model
+                                      "teacher" or a format key
 
-validate records the last two with `class_accuracy` and `examples_block`. Missing pieces are said,
-never made up: a format without curves is left out of the curves, a
+validate records the last two with `class_accuracy`, `choose_examples` and `examples_block`. Missing
+pieces are said, never made up: a format without curves is left out of the curves, a
 model without examples gets an empty column saying so.
 """
 
@@ -26,10 +27,13 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from benchmarks.report.assemble import format_entries
@@ -45,8 +49,10 @@ from benchmarks.report.document import (
     number_text,
 )
 from benchmarks.report.plots import new_figure, save_png
+from deploy.detection.bootstrap import IOU_THRESHOLDS, ImageMatches
 from deploy.detection.coco_metric import CocoMetrics, pr_curves
 from deploy.detection.outputs import Detections
+from deploy.detection.parity import box_parity
 from deploy.manifest import InputSpec
 from deploy.optional import optional_import
 from deploy.preprocess import to_original_pixels
@@ -56,9 +62,25 @@ PR_CURVES_PLOT = "pr_curves.png"
 EXAMPLES_PLOT = "detection_examples.png"
 PLOTS = (PR_CURVES_PLOT, EXAMPLES_PLOT)
 TEACHER = "teacher"
+FP32 = "onnxruntime/fp32"
+INT8 = "onnxruntime/int8"
 # The example grid's columns, in order: the teacher, the student as shipped in fp32 and in int8.
-EXAMPLE_MODELS = (TEACHER, "onnxruntime/fp32", "onnxruntime/int8")
+EXAMPLE_MODELS = (TEACHER, FP32, INT8)
 MAX_EXAMPLE_IMAGES = 6
+# How `choose_examples` fills the grid's rows: so many of each kind where the count is above 0, the
+# rest typical images.
+DISAGREEMENT_ROWS = 2
+MISSED_ROWS = 2
+# The IoU at which a detection answers for a box of its class, in both counts: COCO's loosest.
+EXAMPLE_MATCH_IOU = float(IOU_THRESHOLDS[0])
+EXAMPLES_RULE = (
+    f"Rows chosen from every validation image: first the {DISAGREEMENT_ROWS} where int8 and fp32 disagree"
+    f" most (their detections left without one of the same class at IoU >= {EXAMPLE_MATCH_IOU:g} by the"
+    f" other file), then the {MISSED_ROWS} where the fp32 student misses the most ground-truth boxes (none"
+    f" of its detections of the box's class at IoU >= {EXAMPLE_MATCH_IOU:g}), each only where its count is"
+    " above 0; the other rows typical: the images whose fp32 errors (missed boxes plus detections of no"
+    " box) are nearest the median image's. Ties go to the earlier image."
+)
 
 
 # ----------------------------------------------------------------------------- what validate records
@@ -79,19 +101,81 @@ def class_accuracy(metrics: CocoMetrics) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Example:
+    """One row of the example grid: the image's position in the validation split, and why it is shown."""
+
+    index: int
+    reason: str
+
+
+def _unmatched_between(first: Detections, second: Detections) -> int:
+    """The detections of two files on one image that the other file has no detection of the same
+    class for at IoU >= EXAMPLE_MATCH_IOU (each detection answering for one at most)."""
+    matched = box_parity([first], [second], min_iou=EXAMPLE_MATCH_IOU, max_score_diff=math.inf).matched
+    return len(first) + len(second) - 2 * matched
+
+
+def _most(counts: Sequence[int], taken: Sequence[int], rows: int) -> list[int]:
+    """Up to `rows` images not `taken` with the highest count above 0, ties to the earlier image."""
+    candidates = [i for i, count in enumerate(counts) if count > 0 and i not in taken]
+    return sorted(candidates, key=lambda i: (-counts[i], i))[:rows]
+
+
+def choose_examples(
+    truth: ImageMatches, fp32: Sequence[Detections], int8: Sequence[Detections] | None
+) -> list[Example]:
+    """The example grid's rows, by EXAMPLES_RULE: at most MAX_EXAMPLE_IMAGES images of the validation
+    split, each with its reason. `truth` is the fp32 file's detections matched to the ground truth
+    (deploy.detection.bootstrap.match_images, which validate computes for the mAP drops), `fp32` and
+    `int8` every image's detections by the two files (None: the run has no int8 file, and no row is
+    chosen for their disagreement). Deterministic: the same detections choose the same rows."""
+    images = len(truth.truth_count)
+    if len(fp32) != images or (int8 is not None and len(int8) != images):
+        raise ValueError(f"choose_examples: {images} images of ground truth, detections of a different count")
+    loose = 0  # IOU_THRESHOLDS[0], EXAMPLE_MATCH_IOU
+    found_boxes = np.bincount(truth.image[truth.true_positive[loose]], minlength=images)
+    counted = ~truth.ignored[loose] & ~truth.true_positive[loose]
+    false_detections = np.bincount(truth.image[counted], minlength=images)
+    boxes = truth.truth_count.sum(axis=1)
+    missed = [int(v) for v in boxes - found_boxes]
+    errors = [missed[i] + int(false_detections[i]) for i in range(images)]
+    chosen: list[Example] = []
+    if int8 is not None:
+        unmatched = [_unmatched_between(a, b) for a, b in zip(fp32, int8, strict=True)]
+        for i in _most(unmatched, [], DISAGREEMENT_ROWS):
+            total = len(fp32[i]) + len(int8[i])
+            reason = f"int8 and fp32 disagree: {unmatched[i]} of their {total} detections unmatched"
+            chosen.append(Example(i, reason))
+    for i in _most(missed, [e.index for e in chosen], MISSED_ROWS):
+        chosen.append(Example(i, f"fp32 misses {missed[i]} of {int(boxes[i])} ground-truth boxes"))
+    median = float(np.median(errors))
+    taken = {e.index for e in chosen}
+    typical = sorted((i for i in range(images) if i not in taken), key=lambda i: (abs(errors[i] - median), i))
+    for i in typical[: MAX_EXAMPLE_IMAGES - len(chosen)]:
+        chosen.append(Example(i, f"typical: {errors[i]} fp32 errors against the truth (median {median:g})"))
+    return chosen
+
+
 def examples_block(
     images: Sequence[str | os.PathLike[str]],
     sizes: Sequence[tuple[int, int]],
     spec: InputSpec,
     found: Mapping[str, Sequence[Detections]],
+    reasons: Sequence[str],
 ) -> dict[str, Any]:
-    """validate.json's "examples": the first MAX_EXAMPLE_IMAGES `images` (files, each of its size
-    (width, height)) and, per model ("teacher" or a format key), their detections as the model's
-    input saw them (deploy.detection.outputs.Detections, input pixels), mapped back onto each file's
-    pixels as the manifest's input block says."""
-    shown = range(min(len(images), MAX_EXAMPLE_IMAGES))
+    """validate.json's "examples": the chosen `images` (files, each of its size (width, height)), why
+    each was chosen (`reasons`, by EXAMPLES_RULE, which is recorded with them) and, per model
+    ("teacher" or a format key), their detections as the model's input saw them
+    (deploy.detection.outputs.Detections, input pixels, one per chosen image), mapped back onto each
+    file's pixels as the manifest's input block says."""
+    if not len(images) == len(sizes) == len(reasons):
+        raise ValueError("examples_block: give one size and one reason per image")
+    shown = range(len(images))
     return {
         "images": [str(images[i]) for i in shown],
+        "reasons": list(reasons),
+        "rule": EXAMPLES_RULE,
         "detections": {
             model: [
                 [
@@ -219,16 +303,31 @@ def sections(report: Mapping[str, Any], plots: Sequence[Plot]) -> tuple[Section,
         ),
         Section(
             "Detection: examples",
-            note=None if examples else _examples_note(report, plots),
+            note=_examples_note(report, drawn=bool(examples)),
+            bullets=_example_rows(report),
             plots=examples,
         ),
     )
 
 
-def _examples_note(report: Mapping[str, Any], plots: Sequence[Plot]) -> str:
-    if not (report.get("validation") or {}).get("examples"):
+def _examples_note(report: Mapping[str, Any], drawn: bool) -> str:
+    """The grid's caption: the rule its rows were chosen by, and why it is not drawn where it is not."""
+    examples = (report.get("validation") or {}).get("examples")
+    if not examples:
         return "validate recorded no example detections."
-    return report.get("plots_note") or "not drawn"
+    rule = examples.get("rule") or "The first validation images (validate recorded no rule)."
+    columns = f"Columns: {', '.join(EXAMPLE_MODELS)}; each row is labelled with why it was chosen."
+    return f"{rule} {columns}" if drawn else f"{rule} Not drawn: {report.get('plots_note') or 'no plot'}"
+
+
+def _example_rows(report: Mapping[str, Any]) -> tuple[str, ...]:
+    """One line per row of the grid: its image file and why it was chosen."""
+    examples = (report.get("validation") or {}).get("examples") or {}
+    images, reasons = examples.get("images") or [], examples.get("reasons") or []
+    return tuple(
+        f"row {row}, {Path(image).name}: {reason}"
+        for row, (image, reason) in enumerate(zip(images, reasons, strict=False), start=1)
+    )
 
 
 # ----------------------------------------------------------------------------- plots
@@ -270,12 +369,13 @@ def _class_mean_curve(per_class: Sequence[Sequence[float] | None]) -> list[float
 
 
 def plot_examples(report: Mapping[str, Any], path: Path) -> Path | None:
-    """The example images, one row each, with each model's detections drawn (teacher, fp32, int8);
-    None when validate recorded no examples."""
+    """The example images, one row each, labelled with its file and why it was chosen, with each
+    model's detections drawn (teacher, fp32, int8); None when validate recorded no examples."""
     examples = (report.get("validation") or {}).get("examples")
     if not isinstance(examples, Mapping) or not examples.get("images"):
         return None
     images = list(examples["images"])[:MAX_EXAMPLE_IMAGES]
+    reasons = list(examples.get("reasons") or [])
     found = examples.get("detections") or {}
     classes = (report.get("run") or {}).get("classes") or []
     figure = new_figure(3.2 * len(EXAMPLE_MODELS), 2.4 * len(images))
@@ -292,6 +392,9 @@ def plot_examples(report: Mapping[str, Any], path: Path) -> Path | None:
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(model, fontsize="small")
+            if column == 0:
+                reason = reasons[row] if row < len(reasons) else None
+                ax.set_ylabel(_row_label(image_path, reason), fontsize=6)
             if pixels is None:
                 unreadable = f"{Path(image_path).name}: not readable"
                 ax.text(0.5, 0.5, unreadable, ha="center", va="center", transform=ax.transAxes, fontsize=7)
@@ -304,6 +407,12 @@ def plot_examples(report: Mapping[str, Any], path: Path) -> Path | None:
             for item in per_image[row]:
                 _draw_box(ax, item, classes)
     return save_png(figure, path)
+
+
+def _row_label(image_path: str, reason: str | None) -> str:
+    """A row's label beside the grid: the image file and, wrapped, why the row was chosen."""
+    name = Path(image_path).name
+    return name if reason is None else f"{name}\n" + textwrap.fill(reason, width=34)
 
 
 def _draw_box(ax: Any, item: Mapping[str, Any], classes: Sequence[str]) -> None:

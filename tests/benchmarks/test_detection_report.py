@@ -15,13 +15,18 @@ from PIL import Image
 from benchmarks.report import VALIDATE_FILE, build_report, format_final_table, write_report
 from benchmarks.report.detection import (
     EXAMPLES_PLOT,
+    EXAMPLES_RULE,
+    MAX_EXAMPLE_IMAGES,
     PR_CURVES_PLOT,
+    Example,
+    choose_examples,
     class_accuracy,
     examples_block,
     per_class_table,
 )
 from benchmarks.report.results import STAGE_SCHEMA_VERSIONS
 from benchmarks.report.tasks import REPORT_TASKS
+from deploy.detection.bootstrap import match_images
 from deploy.detection.coco_metric import coco_metrics
 from deploy.detection.outputs import Detections as FileDetections
 from deploy.manifest import InputSpec, read_manifest, write_manifest
@@ -73,6 +78,7 @@ def _write_validate(run: Path, images: list[Path]) -> dict[str, Any]:
         [(48, 32)] * len(images),
         spec,
         {"teacher": [one, none], "onnxruntime/fp32": [one, one], "onnxruntime/int8": [none, one]},
+        [f"planted reason {row}" for row in range(len(images))],
     )
     data = {
         "schema_version": STAGE_SCHEMA_VERSIONS[VALIDATE_FILE],
@@ -159,6 +165,10 @@ def test_the_report_of_a_detection_run(tmp_path: Path) -> None:
     assert PR_CURVES_PLOT in markdown and EXAMPLES_PLOT in markdown
     html = (run / "report" / "report.html").read_text(encoding="utf-8")
     assert "Detection: examples" in html
+    # The grid's caption states the rule its rows were chosen by, and each row why it was chosen.
+    examples = markdown.split("## Detection: examples", 1)[1].split("\n## ", 1)[0]
+    assert EXAMPLES_RULE in examples
+    assert "- row 1, a.png: planted reason 0" in examples and "- row 2, b.png: planted reason 1" in examples
 
     # The final table, as `reviewkd report` and `reviewkd run` print it, shows mAP where a
     # classifier's shows top-1.
@@ -167,6 +177,57 @@ def test_the_report_of_a_detection_run(tmp_path: Path) -> None:
     assert lines[1].split() == header.split()
     int8_line = next(line for line in lines if line.startswith("onnxruntime/int8"))
     assert int8_line.split()[3:5] == [f"{int8['map']:.2f}", f"{drop:.2f}"]
+
+
+BOX = [2.0, 2.0, 20.0, 20.0]
+
+
+def _found(*boxes: tuple[list[float], int]) -> FileDetections:
+    """One image's detections: (box, class) each, scores falling from 0.9 in the order given."""
+    scores = [0.9 - 0.1 * k for k in range(len(boxes))]
+    return FileDetections(
+        np.array([box for box, _ in boxes], np.float32).reshape(-1, 4),
+        np.array(scores, np.float32),
+        np.array([label for _, label in boxes], np.int64),
+    )
+
+
+def test_the_example_grid_shows_the_images_that_matter_first() -> None:
+    """Eight images, each with one box of class 0 that fp32 finds, except: int8 adds three detections
+    on image 3 and loses the box on image 7; fp32 misses image 5's box and adds two on image 6."""
+    truth = [Truth([BOX], [0]) for _ in range(8)]
+    fp32 = [_found((BOX, 0)) for _ in range(8)]
+    fp32[5] = _found()
+    fp32[6] = _found((BOX, 0), ([30, 0, 40, 10], 1), ([0, 30, 10, 40], 2))
+    int8 = list(fp32)
+    int8[3] = _found((BOX, 0), ([30, 0, 40, 10], 1), ([0, 30, 10, 40], 1), ([25, 25, 35, 35], 2))
+    int8[7] = _found()
+    matches = match_images(truth, fp32, len(DETECTION_CLASSES))
+    chosen = choose_examples(matches, fp32, int8)
+    assert chosen == [
+        Example(3, "int8 and fp32 disagree: 3 of their 5 detections unmatched"),
+        Example(7, "int8 and fp32 disagree: 1 of their 1 detections unmatched"),
+        Example(5, "fp32 misses 1 of 1 ground-truth boxes"),
+        # fp32's errors against the truth per image: 0 but image 5 (1) and image 6 (2): median 0
+        *(Example(i, "typical: 0 fp32 errors against the truth (median 0)") for i in (0, 1, 2)),
+    ]
+    assert len(chosen) == MAX_EXAMPLE_IMAGES
+    # The same detections choose the same rows; without an int8 file no row is chosen for it.
+    assert choose_examples(matches, fp32, int8) == chosen
+    alone = choose_examples(matches, fp32, None)
+    assert [e.index for e in alone] == [5, 0, 1, 2, 3, 4]
+
+
+def test_ties_go_to_the_earlier_image() -> None:
+    """Images 1, 2 and 4 each have two detections int8 does not reproduce: 1 and 2 are shown."""
+    truth = [Truth([BOX], [0]) for _ in range(5)]
+    fp32 = [_found((BOX, 0)) for _ in range(5)]
+    int8 = list(fp32)
+    for i in (4, 1, 2):
+        int8[i] = _found((BOX, 0), ([30, 0, 40, 10], 1), ([0, 30, 10, 40], 1))
+    chosen = choose_examples(match_images(truth, fp32, len(DETECTION_CLASSES)), fp32, int8)
+    assert [e.index for e in chosen] == [1, 2, 0, 3, 4]
+    assert chosen[0].reason == chosen[1].reason == "int8 and fp32 disagree: 2 of their 4 detections unmatched"
 
 
 def test_per_class_ap_names_the_classes(tmp_path: Path) -> None:

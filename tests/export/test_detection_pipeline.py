@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import pytest
 
 from deploy.detection.outputs import Detections
 from deploy.formats import EFFICIENT_NMS
-from deploy.manifest import detection_settings, read_manifest
+from deploy.manifest import detection_settings, read_manifest, write_manifest
 from deploy.status import Status
 from export.detection_pipeline import DetectionScorer, map_check
 from export.onnx_export import get_metadata
@@ -108,6 +110,52 @@ def test_validate_and_bench_run_every_file_as_deployed(exported_run: Path) -> No
     stats = bench["results"]["onnxruntime/int8"]["latency"]["2"]
     assert stats["iters"] >= 5 and set(stats["parts_p50_ms"]) == {"pre", "model", "post"}
     assert all(value > 0 for value in stats["parts_p50_ms"].values())
+
+
+def test_validate_shows_the_image_a_planted_difference_makes_the_worst(
+    exported_run: Path, tmp_path: Path
+) -> None:
+    """Thirty-two small boxes planted in the truth of the tenth validation image (past the first
+    MAX_EXAMPLE_IMAGES, which the grid used to show), where no detection of the student can match
+    them: validate's real detections make it the image the fp32 student misses most, and the grid
+    shows it first among those rows, saying so."""
+    from benchmarks.detection import validate_detection_run
+    from benchmarks.report.detection import MAX_EXAMPLE_IMAGES
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+    manifest = read_manifest(run)
+    source = Path(manifest["data"]["val"])
+    coco = json.loads(source.read_text(encoding="utf-8"))
+    for image in coco["images"]:
+        image["file_name"] = str(source.parent / image["file_name"])
+    planted = coco["images"][9]
+    assert len(coco["images"]) > 9 >= MAX_EXAMPLE_IMAGES
+    width, height = planted["width"], planted["height"]
+    category = coco["categories"][0]["id"]
+    corners = [[x, y, 4, 4] for x in range(0, 6 * 16, 6) for y in (0, height - 4)]
+    assert all(x + 4 <= width for x, _, _, _ in corners)
+    first_id = max(a["id"] for a in coco["annotations"]) + 1
+    coco["annotations"] += [
+        {"id": first_id + k, "image_id": planted["id"], "category_id": category, "bbox": box, "area": 16.0}
+        for k, box in enumerate(corners)
+    ]
+    boxes = sum(a["image_id"] == planted["id"] for a in coco["annotations"])
+    planted_val = tmp_path / "val.json"
+    planted_val.write_text(json.dumps(coco), encoding="utf-8")
+    manifest["data"]["val"] = str(planted_val)
+    write_manifest(run, manifest)
+
+    examples = validate_detection_run(run)["examples"]
+    reasons = examples["reasons"]
+    missed_rows = [row for row, reason in enumerate(reasons) if reason.startswith("fp32 misses")]
+    row = examples["images"].index(planted["file_name"])
+    assert missed_rows[0] == row
+    assert re.fullmatch(rf"fp32 misses (\d+) of {boxes} ground-truth boxes", reasons[row])
+    assert int(reasons[row].split()[2]) >= len(corners)
+    assert len(examples["images"]) == len(reasons) == MAX_EXAMPLE_IMAGES
+    for per_image in examples["detections"].values():
+        assert len(per_image) == MAX_EXAMPLE_IMAGES
 
 
 class _ScriptedScorer:
