@@ -13,11 +13,14 @@ RUN/report/validate.json.
 bench: for each file and batch size, the latency of one batch in three parts: pre-processing (the
 image files decoded and laid out as the file takes them), the model (one ONNX Runtime call: network,
 box decoding and NMS, all inside the file) and post-processing (the padded outputs checked and cut
-into per-image detections, deploy.detection.outputs). Written to RUN/report/bench.json.
+into per-image detections, deploy.detection.outputs). With a pair of formats to compare, only those
+two, interleaved, through benchmarks.latency.compare_targets as for a classifier. Merged into
+RUN/report/bench.json.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -27,8 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.environment import collect_environment
-from benchmarks.latency import BENCH_SCHEMA_VERSION, latency_stats
+from benchmarks.environment import collect_environment, machine_text
+from benchmarks.latency import (
+    BENCH_SCHEMA_VERSION,
+    Workload,
+    check_settings,
+    compare_targets,
+    compared_pair,
+    latency_stats,
+)
 from benchmarks.measured import SOURCE_RUN_SPLIT, manifest_student_sha256, measured_block
 from benchmarks.report.detection import (
     EXAMPLE_MODELS,
@@ -38,7 +48,8 @@ from benchmarks.report.detection import (
     class_accuracy,
     examples_block,
 )
-from benchmarks.report.results import report_dir
+from benchmarks.report.results import report_dir, saved_with_notes
+from benchmarks.targets import Target
 from benchmarks.validate import VALIDATE_SCHEMA_VERSION
 from deploy import run_layout
 from deploy.detection.annotations import ImageAnnotation, read_coco
@@ -321,23 +332,68 @@ def _timed(call: Any) -> tuple[Any, float]:
     return value, 1000 * (time.perf_counter() - start)
 
 
+def _targets(run: Path, manifest: Manifest, threads: int | None) -> dict[str, Target]:
+    """Every file of the run as a target of benchmarks.latency, opened by deploy's runner (the ONNX
+    files with ONNX Runtime on the CPU, the engines with TensorRT), keyed as bench.json keys them."""
+    targets = {}
+    for key, rel in {**onnx_files(run, manifest), **engine_files(manifest)}.items():
+        artifact = manifest["artifacts"][rel]
+        opener = functools.partial(open_runner, run / rel, manifest=manifest, run_dir=run, threads=threads)
+        targets[key] = Target(
+            key,
+            artifact.get("precision", "fp32"),
+            opener,
+            file=rel,
+            size_bytes=artifact.get("size_bytes"),
+            sha256=artifact.get("sha256"),
+        )
+    return targets
+
+
+def detection_workload(records: Sequence[ImageAnnotation], size: tuple[int, int], classes: int) -> Workload:
+    """What `bench --compare` times of a detection file: one call of the file (network, box decoding
+    and NMS, all inside it) and its outputs cut into per-image detections, on the validation split's
+    images cycled to fill the batch (NMS's work depends on what the images hold, so not random
+    inputs). Pre-processing, the same for both formats, is done before the pairs."""
+
+    def images(batch_size: int, input_shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+        return np.stack([read_image(records[i % len(records)], size) for i in range(batch_size)])
+
+    def detect(runner: Runner, batch: np.ndarray) -> list[Detections]:
+        return decode_outputs(runner.infer_outputs(batch), runner.name, classes)
+
+    return Workload("the validation split's images, cycled to fill each batch", images, detect)
+
+
 @locks_run("bench")
 def bench_detection_run(
     run_dir: str | os.PathLike[str],
     *,
     threads: int | None = None,
     batch_sizes: Sequence[int] = DEFAULT_BENCH_BATCHES,
-    seconds: float = DEFAULT_BENCH_SECONDS,
+    seconds: float | None = None,
+    iters: int | None = None,
     warmup: int = 3,
+    compare: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Time every ONNX file of a detection run per batch size, pre/model/post apart (module
-    docstring), for about `seconds` each after `warmup` calls; save and return the result."""
-    if seconds <= 0 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
-        raise UsageError("bench: seconds must be > 0, warm-up >= 0 and batch sizes >= 1")
+    """Time every file of a detection run per batch size, pre/model/post apart (module docstring),
+    for `iters` calls or about `seconds` each (DEFAULT_BENCH_SECONDS where neither is given) after
+    `warmup` calls; save it into RUN/report/bench.json (benchmarks.report.save_result: formats not
+    timed now keep their earlier numbers) and return it with the merge's notes.
+
+    compare: two format keys (A, B): time only those two, interleaved in pairs, with
+    benchmarks.latency.compare_targets as for a classifier (`detection_workload`: NMS and decoding
+    included; `iters` counts pairs, `seconds` is both together, DEFAULT_SECONDS where neither is given),
+    recorded under "comparisons" ("A,B"). A key the run does not have is a UsageError."""
+    check_settings(warmup, iters, seconds)
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UsageError("bench: batch sizes must be >= 1")
     run = Path(run_dir)
     manifest, size, classes, source_file, records = _run_inputs(run, None)
+    pair = None if compare is None else compared_pair(_targets(run, manifest, threads), compare, run)
+    budget = DEFAULT_BENCH_SECONDS if seconds is None else seconds
     results: dict[str, Any] = {}
-    files = {**onnx_files(run, manifest), **engine_files(manifest)}
+    files = {} if pair is not None else {**onnx_files(run, manifest), **engine_files(manifest)}
     for key, rel in files.items():
         path = verify_artifact(run, manifest, rel)
         session: DetectionSession | RunnerDetections
@@ -353,14 +409,16 @@ def bench_detection_run(
         for batch in batch_sizes:
             chosen = [records[i % len(records)] for i in range(batch)]
             parts: dict[str, list[float]] = {"pre": [], "model": [], "post": [], "total": []}
-            calls, end = 0, math.inf if warmup else time.perf_counter() + seconds
-            while calls < warmup + 5 or time.perf_counter() < end:
+            # `iters` timed calls, or at least 5 and until the budget is spent
+            least = warmup + (iters if iters is not None else 5)
+            calls, end = 0, math.inf if warmup else time.perf_counter() + budget
+            while calls < least or (iters is None and time.perf_counter() < end):
                 images, pre = _timed(lambda: np.stack([read_image(r, size) for r in chosen]))  # noqa: B023
                 outputs, model = _timed(lambda: session.raw(images))  # noqa: B023
                 _, post = _timed(lambda: decode_outputs(outputs, str(path), classes))  # noqa: B023
                 calls += 1
                 if calls == warmup:
-                    end = time.perf_counter() + seconds
+                    end = time.perf_counter() + budget
                 if calls <= warmup:
                     continue
                 for name, value in (
@@ -377,14 +435,15 @@ def bench_detection_run(
         if isinstance(session, RunnerDetections):
             session.close()
         results[key] = {**_file_fields(manifest, key, rel), "status": "ok", "latency": latency}
-    result = {
+    result: dict[str, Any] = {
         "schema_version": BENCH_SCHEMA_VERSION,
         "task": DETECTION,
         "results": results,
         "settings": {
             "threads": threads,
             "batch_sizes": list(batch_sizes),
-            "seconds": seconds,
+            "seconds": None if iters is not None else budget,
+            "iters": iters,
             "warmup": warmup,
         },
         "environment": collect_environment(threads),
@@ -395,8 +454,19 @@ def bench_detection_run(
             manifest_student_sha256(manifest),
         ),
     }
-    write_json_atomic(report_dir(run) / run_layout.BENCH_FILE, result)
-    return result
+    if pair is not None:
+        comparison = compare_targets(
+            *pair,
+            batch_sizes,
+            warmup=warmup,
+            iters=iters,
+            seconds=seconds,
+            workload=detection_workload(records, size, classes),
+        )
+        # Named like a classifier's comparison, so that comparisons from two machines stay told apart.
+        comparison["machine"] = machine_text(result["environment"])
+        result["comparisons"] = {f"{pair[0].key},{pair[1].key}": comparison}
+    return saved_with_notes(run, run_layout.BENCH_FILE, result)
 
 
 def validate_lines(result: Mapping[str, Any]) -> list[str]:

@@ -33,6 +33,7 @@ counters, less an idle baseline read before each measurement's warm-up.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -243,11 +244,21 @@ def warm_up(measure: Callable[[], float], minimum: int) -> tuple[int, bool | Non
             return len(timings), False
 
 
-def _measurer(timer: Timer, runner: Runner, images: np.ndarray) -> Callable[[], float]:
-    """A function that times one call of `runner` on `images` and returns its milliseconds."""
+def infer_logits(runner: Runner, images: np.ndarray) -> object:
+    """One call of a classifier: its logits for `images` (Runner.infer)."""
+    return runner.infer(images)
+
+
+def _measurer(
+    timer: Timer,
+    runner: Runner,
+    images: np.ndarray,
+    work: Callable[[Runner, np.ndarray], object] = infer_logits,
+) -> Callable[[], float]:
+    """A function that times one call, `work(runner, images)`, and returns its milliseconds."""
 
     def call() -> object:
-        return runner.infer(images)
+        return work(runner, images)
 
     def measure() -> float:
         return timer.measure(call, runner.synchronize)
@@ -354,7 +365,7 @@ def _bench_one(
             if out_of_range is not None:
                 entry["skipped_batches"][str(batch_size)] = out_of_range
                 continue
-            images = rng.standard_normal((batch_size, *runner.input_shape), dtype=np.float32)
+            images = random_images(batch_size, runner.input_shape, rng)
             try:
                 meter.measure_idle()
                 timings = time_runner(
@@ -488,6 +499,27 @@ def benchmark_runners(
     }
 
 
+def random_images(batch_size: int, input_shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """A batch of seeded standard-normal float32 images of `input_shape` (C, H, W)."""
+    return rng.standard_normal((batch_size, *input_shape), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What `compare_targets` times: `call(runner, images)` is one timed call, `images(batch_size,
+    input_shape, rng)` the batch both formats get at a batch size, and `inputs` says what those
+    images are (recorded in the comparison's settings). A classifier's (CLASSIFIER_WORKLOAD) is the
+    logits of seeded random images; a task whose work depends on the images' content brings its own
+    (a detector's NMS: benchmarks.detection)."""
+
+    inputs: str
+    images: Callable[[int, Sequence[int], np.random.Generator], np.ndarray]
+    call: Callable[[Runner, np.ndarray], object] = infer_logits
+
+
+CLASSIFIER_WORKLOAD = Workload("seeded random float32 images", random_images)
+
+
 def parse_compare(text: str) -> tuple[str, str]:
     """Parse "onnxruntime/fp32,onnxruntime/int8" into its two format keys; else a UsageError
     naming --compare."""
@@ -497,6 +529,19 @@ def parse_compare(text: str) -> tuple[str, str]:
             f"--compare {text!r}: expected two format keys A,B, e.g. onnxruntime/fp32,onnxruntime/int8"
         )
     return keys[0], keys[1]
+
+
+def compared_pair(
+    targets: Mapping[str, Target], pair: tuple[str, str], run: str | os.PathLike[str]
+) -> tuple[Target, Target]:
+    """The two targets `bench --compare` names; a UsageError naming --compare and the run's formats
+    where the run has no format of a key."""
+    missing = [key for key in pair if key not in targets]
+    if missing:
+        raise UsageError(
+            f"--compare: {', '.join(missing)} is not a format of {run}; it has {', '.join(targets)}"
+        )
+    return targets[pair[0]], targets[pair[1]]
 
 
 def _interleaved(
@@ -531,13 +576,15 @@ def compare_targets(
     seconds: float | None = None,
     seed: int = 0,
     timer_factory: Callable[[Runner], Timer] = choose_timer,
+    workload: Workload = CLASSIFIER_WORKLOAD,
 ) -> dict[str, Any]:
-    """Time two formats interleaved (A, B, A, B, ...) on the same seeded inputs at each batch size,
-    after each one's steady-state warm-up, and compare their medians (benchmarks.stability.compare_medians).
+    """Time two formats interleaved (A, B, A, B, ...) on the same inputs at each batch size, after
+    each one's steady-state warm-up, and compare their medians (benchmarks.stability.compare_medians).
 
-    `iters` counts pairs; `seconds` is the budget of both together. Both stay open for the whole
-    comparison. Returns {"a", "b", "status", "reason", "batches": {"<batch>": comparison plus
-    "a_warmup_iters", "b_warmup_iters", "cpu_usage" and "machine_flags" over the pairs},
+    `workload` says what a timed call does and on which images (default: a classifier's logits of
+    seeded random images). `iters` counts pairs; `seconds` is the budget of both together. Both stay
+    open for the whole comparison. Returns {"a", "b", "status", "reason", "batches": {"<batch>":
+    comparison plus "a_warmup_iters", "b_warmup_iters", "cpu_usage" and "machine_flags" over the pairs},
     "skipped_batches", "settings", "machine_state" and its "machine_flags" after the pairs}; a
     format that cannot open makes the comparison "skipped" or "failed" with its reason. Pairing
     cancels load that slows A and B alike; the flags say when there was load to cancel.
@@ -545,7 +592,13 @@ def compare_targets(
     check_settings(warmup, iters, seconds)
     entry: dict[str, Any] = {"a": target_a.key, "b": target_b.key, "status": Status.OK, "reason": None}
     entry.update(batches={}, skipped_batches={})
-    entry["settings"] = {"warmup": warmup, "iters": iters, "seconds": seconds, "seed": seed}
+    entry["settings"] = {
+        "warmup": warmup,
+        "iters": iters,
+        "seconds": seconds,
+        "seed": seed,
+        "inputs": workload.inputs,
+    }
     runner_a, status, reason, _ = open_target(target_a)
     if runner_a is None:
         entry.update(status=status, reason=f"{target_a.key}: {reason}")
@@ -561,7 +614,9 @@ def compare_targets(
                 entry.update(status=Status.FAILED, reason=f"input shapes differ: {shapes}")
                 return entry
             runners = (runner_a, runner_b)
-            _compare_batches(entry, runners, batch_sizes, warmup, iters, seconds, seed, timer_factory)
+            _compare_batches(
+                entry, runners, batch_sizes, warmup, iters, seconds, seed, timer_factory, workload
+            )
     return entry
 
 
@@ -574,6 +629,7 @@ def _compare_batches(
     seconds: float | None,
     seed: int,
     timer_factory: Callable[[Runner], Timer],
+    workload: Workload,
 ) -> None:
     timers = (timer_factory(runners[0]), timer_factory(runners[1]))
     rng = np.random.default_rng(seed)
@@ -584,11 +640,11 @@ def _compare_batches(
         if out_of_range is not None:
             entry["skipped_batches"][str(batch_size)] = out_of_range
             continue
-        images = rng.standard_normal((batch_size, *runners[0].input_shape), dtype=np.float32)
         try:
+            images = workload.images(batch_size, runners[0].input_shape, rng)
             measures = (
-                _measurer(timers[0], runners[0], images),
-                _measurer(timers[1], runners[1], images),
+                _measurer(timers[0], runners[0], images, workload.call),
+                _measurer(timers[1], runners[1], images, workload.call),
             )
             warmups = [warm_up(measure, warmup)[0] for measure in measures]
             watch = CpuUsageWatch()

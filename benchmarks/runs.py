@@ -26,9 +26,10 @@ from benchmarks.latency import (
     DEFAULT_WARMUP,
     benchmark_runners,
     compare_targets,
+    compared_pair,
 )
 from benchmarks.measured import SOURCE_FOLDER, SOURCE_RUN_SPLIT, manifest_student_sha256
-from benchmarks.report import save_result, write_report
+from benchmarks.report import saved_with_notes, write_report
 from benchmarks.targets import Target, artifact_formats
 from benchmarks.validate import REFERENCE_KEY, validate_runners
 from deploy import run_layout
@@ -286,13 +287,7 @@ def validate_run(
         "data": None if data is None else str(Path(data).resolve()),
     }
     result["environment"] = collect_environment(threads)
-    return _saved(run_dir, run_layout.VALIDATE_FILE, result)
-
-
-def _saved(run_dir: PathLike, name: str, result: dict[str, Any]) -> dict[str, Any]:
-    """Save a stage's result and return it with what the merge kept and dropped (for the command)."""
-    merged = save_result(run_dir, name, result)
-    return {**result, **{k: merged[k] for k in ("kept_from_earlier", "discarded", "other_measurements")}}
+    return saved_with_notes(run_dir, run_layout.VALIDATE_FILE, result)
 
 
 @locks_run("bench")
@@ -321,11 +316,7 @@ def bench_run(
         raise UsageError("give either --compare or --backends, not both (--compare names its two formats)")
     if compare is not None:
         targets = {t.key: t for t in run_targets(run_dir, device=device, threads=threads)}
-        missing = [key for key in compare if key not in targets]
-        if missing:
-            raise UsageError(
-                f"--compare: {', '.join(missing)} is not a format of {run_dir}; it has {', '.join(targets)}"
-            )
+        compared = compared_pair(targets, compare, run_dir)
         picked: list[Target] = []
     else:
         picked = run_targets(run_dir, device=device, threads=threads, backends=backends)
@@ -341,11 +332,9 @@ def bench_run(
     )
     result["settings"]["device"] = device
     if compare is not None:
-        key_a, key_b = compare
         result["comparisons"] = {
-            f"{key_a},{key_b}": compare_targets(
-                targets[key_a],
-                targets[key_b],
+            ",".join(compare): compare_targets(
+                *compared,
                 result["settings"]["batch_sizes"],
                 warmup=warmup,
                 iters=iters,
@@ -355,7 +344,7 @@ def bench_run(
         for comparison in result["comparisons"].values():
             # Named like each format's entry, so that comparisons from two machines stay told apart.
             comparison["machine"] = machine_text(result["environment"])
-    return _saved(run_dir, run_layout.BENCH_FILE, result)
+    return saved_with_notes(run_dir, run_layout.BENCH_FILE, result)
 
 
 @locks_run("report")

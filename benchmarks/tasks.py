@@ -27,8 +27,9 @@ class Evaluation:
 
     validate(run, *, threads, batch_size, limit, gates, inconclusive_passes) saves and returns the
     result; `lines(result)` is what the command prints of it; `raise_for_gates(result)` raises
-    GateFailedError on a failed gate. bench(run, *, threads, batch_sizes, seconds) saves and returns
-    its result.
+    GateFailedError on a failed gate. bench(run, *, threads, batch_sizes, seconds, iters, warmup,
+    compare) saves its result and returns it with the merge's notes (benchmarks.report.saved_with_notes);
+    `compare` (A, B) times those two formats interleaved (benchmarks.latency.compare_targets).
     """
 
     validate: Callable[..., dict[str, Any]]

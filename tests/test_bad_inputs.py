@@ -645,6 +645,18 @@ ROWS: tuple[Row, ...] = (
         "bench: --batch-sizes 1,x", lambda t, r: ["bench", str(r), "--batch-sizes", "1,x"], 2, "--batch-sizes"
     ),
     Row(
+        "bench: --compare of one format",
+        lambda t, r: ["bench", str(r), "--compare", "onnxruntime/fp32"],
+        2,
+        "--compare 'onnxruntime/fp32': expected two format keys A,B",
+    ),
+    Row(
+        "bench: --compare naming a format the run lacks",
+        lambda t, r: ["bench", str(r), "--compare", "onnxruntime/fp32,onnxruntime/int8", "--iters", "1"],
+        2,
+        "--compare: onnxruntime/int8 is not a format of",
+    ),
+    Row(
         "report: earlier validate.json not JSON",
         lambda t, r: ["report", str(_parent(_parent(_write(r / "report" / "validate.json", "{"))))],
         2,

@@ -49,6 +49,7 @@ from benchmarks.report.results import (
     read_metrics,
     report_dir,
     save_result,
+    saved_with_notes,
 )
 from benchmarks.report.terminal import format_final_table
 from benchmarks.report.writer import PLOTS, write_report
@@ -72,5 +73,6 @@ __all__ = [
     "read_metrics",
     "report_dir",
     "save_result",
+    "saved_with_notes",
     "write_report",
 ]

@@ -178,6 +178,13 @@ def save_result(run_dir: PathLike, name: str, data: Mapping[str, Any]) -> dict[s
     return merged
 
 
+def saved_with_notes(run_dir: PathLike, name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Save a stage's result (save_result) and return it, as measured now, with what the merge kept
+    and dropped ("kept_from_earlier", "discarded", "other_measurements": for the command to say)."""
+    merged = save_result(run_dir, name, result)
+    return {**result, **{k: merged[k] for k in ("kept_from_earlier", "discarded", "other_measurements")}}
+
+
 def load_result(run_dir: PathLike, name: str) -> dict[str, Any] | None:
     """Read RUN/report/<name>; None when it does not exist, UsageError when it is not valid JSON."""
     path = report_dir(run_dir) / name

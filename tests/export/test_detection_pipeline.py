@@ -158,6 +158,20 @@ def test_validate_shows_the_image_a_planted_difference_makes_the_worst(
         assert len(per_image) == MAX_EXAMPLE_IMAGES
 
 
+def test_bench_compares_a_real_detectors_fp32_and_int8_interleaved(
+    exported_run: Path, tmp_path: Path
+) -> None:
+    from benchmarks.detection import bench_detection_run
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+    pair = ("onnxruntime/fp32", "onnxruntime/int8")
+    result = bench_detection_run(run, batch_sizes=(1, 2), iters=3, warmup=0, threads=1, compare=pair)
+    comparison = result["comparisons"]["onnxruntime/fp32,onnxruntime/int8"]
+    assert comparison["status"] == "ok" and result["results"] == {}
+    assert {batch: paired["pairs"] for batch, paired in comparison["batches"].items()} == {"1": 3, "2": 3}
+
+
 class _ScriptedScorer:
     """A held-out scorer whose mAP per file is scripted: fp32 10, plain int8 8, int8 with the head's
     output convolutions in float 9.5 (within a 1-point budget)."""

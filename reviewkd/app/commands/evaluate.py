@@ -150,7 +150,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--seconds",
         type=float,
         default=None,
-        help=f"timed seconds per batch size (default {DEFAULT_SECONDS:g})",
+        help=f"timed seconds per batch size (default {DEFAULT_SECONDS:g}; each file of a detection run:"
+        f" {DETECTION_BENCH_SECONDS:g})",
     )
     bench.add_argument("--no-cuda-graphs", action="store_true", help="never replay CUDA graphs")
     bench.add_argument(
@@ -208,6 +209,20 @@ def _merge_lines(result: Mapping[str, Any]) -> list[str]:
     if others:
         lines.append(f"kept beside it: {len(others)} measurement(s) of other inputs or references")
     lines += [f"note: {line}" for line in result.get("discarded") or []]
+    return lines
+
+
+def _comparison_lines(result: Mapping[str, Any]) -> list[str]:
+    """Each `bench --compare` pair measured: its ratio per batch size, and what in the machine's
+    state undermined it."""
+    lines = []
+    for entry in (result.get("comparisons") or {}).values():
+        if entry["status"] != "ok":
+            lines.append(f"{entry['a']} vs {entry['b']}: {entry['status']}: {entry['reason']}")
+        for batch in entry["batches"]:
+            lines.append(comparison_text(entry, batch))
+            flags = [*entry["batches"][batch].get("machine_flags", []), *entry.get("machine_flags", [])]
+            lines += [f"  machine: {flag}" for flag in flags]
     return lines
 
 
@@ -294,12 +309,19 @@ def run_bench_command(args: argparse.Namespace) -> int:
             args.run,
             threads=args.threads,
             batch_sizes=parse_batch_sizes(args.batch_sizes),
-            seconds=args.seconds if args.seconds is not None else DETECTION_BENCH_SECONDS,
+            seconds=args.seconds,
+            iters=args.iters,
+            warmup=args.warmup,
+            compare=None if args.compare is None else parse_compare(args.compare),
         )
         for key, entry in measured["results"].items():
-            for batch, stats in entry["latency"].items():
+            if entry["status"] != "ok":
+                print(f"{key:<24} {entry['status']}: {entry['reason']}")
+            for batch, stats in entry.get("latency", {}).items():
                 parts = "  ".join(f"{name} {ms:.3f} ms" for name, ms in stats["parts_p50_ms"].items())
                 print(f"{key:<24} batch {batch:>4}  p50 {_with_interval(stats, 'p50')}  ({parts})")
+        for line in [*_comparison_lines(measured), *_merge_lines(measured)]:
+            print(line)
         print(f"wrote {report_dir(args.run) / run_layout.BENCH_FILE}")
         return 0
     result = bench_run(
@@ -333,14 +355,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             print(f"{'':<24} {line}")
         for batch, summary in (entry.get("trt_breakdown") or {}).items():
             print(f"{'':<24} TensorRT breakdown batch {batch}: {breakdown_text(summary)}")
-    for entry in (result.get("comparisons") or {}).values():
-        if entry["status"] != "ok":
-            print(f"{entry['a']} vs {entry['b']}: {entry['status']}: {entry['reason']}")
-        for batch in entry["batches"]:
-            print(comparison_text(entry, batch))
-            for flag in [*entry["batches"][batch].get("machine_flags", []), *entry.get("machine_flags", [])]:
-                print(f"  machine: {flag}")
-    for line in _merge_lines(result):
+    for line in [*_comparison_lines(result), *_merge_lines(result)]:
         print(line)
     print(f"wrote {report_dir(args.run) / run_layout.BENCH_FILE}")
     return 0
