@@ -9,7 +9,9 @@
   "int8-trt" (each gated by its mAP drop against fp32; int8 calibrated and mixed by mAP against
   the options' max_map_drop_int8) and "tensorrt" (export.engines);
 - the engines: fp32 from the EfficientNMS file, fp16 and int8 from the fp16 and TensorRT int8 files,
-  whose ONNX NonMaxSuppression TensorRT (>= 8.5) parses natively.
+  whose ONNX NonMaxSuppression TensorRT (>= 8.5) parses natively;
+- layerwise (export.layerwise) compares the files on the first of the same check images, up to the
+  head's outputs, and scores both with the check's mAP as deployed (`detection_layerwise`).
 
 This module imports no torch: each producer imports the detection stack when it runs.
 """
@@ -38,13 +40,22 @@ from deploy.status import Status
 from deploy.tasks import DETECTION, TASKS
 from export.check import CheckResult
 from export.engines import produce_engines
-from export.producing import CheckImages, CheckRequest, ExportContext, ExportTask, FormatProducer
+from export.producing import (
+    CheckImages,
+    CheckRequest,
+    EndMetric,
+    ExportContext,
+    ExportTask,
+    FormatProducer,
+    LayerwiseSetup,
+)
 from reviewkd.config import load_run_config
 
 if TYPE_CHECKING:
     import torch
 
-    from export.detection_pipeline import DetectionTruth
+    from export.detection_pipeline import DetectionScorer, DetectionTruth
+    from reviewkd.detection.engine import DetectionData
     from reviewkd.detection.models import Detector
 
 _ACTION = "exporting a detection run"
@@ -76,26 +87,67 @@ def detector_reference(model: torch.nn.Module, batches: Sequence[np.ndarray]) ->
     return torch_detections(cast("Detector", model), batches)
 
 
-def detection_check_images(request: CheckRequest) -> tuple[CheckImages, str]:
-    """Up to `check_samples` images of the run's held-out split with their boxes, the PyTorch
-    detections on them, and the training images int8 calibrates on (module docstring)."""
+def held_out_scorer(
+    run: Path, manifest: Manifest, data: DetectionData, count: int, batch_size: int
+) -> DetectionScorer:
+    """The first `count` images of the run's held-out split (`data.held_out`: its test split under
+    data.val_split, else val) with their boxes, read at the manifest's input size: the images
+    export checks the files on, and layerwise compares them on."""
     with optional_import(_ACTION):
-        from export.detection_pipeline import DetectionScorer, DetectionTruth
+        from export.detection_pipeline import DetectionScorer
+
+    spec = input_spec(manifest)
+    records = data.held_out.images[:count]
+    scorer = DetectionScorer(records, (spec.shape[1], spec.shape[2]), batch_size, len(manifest["classes"]))
+    if not scorer.records:
+        raise UsageError(f"{run}: the validation split has no images to check the exported files on")
+    return scorer
+
+
+def detection_check_images(request: CheckRequest) -> tuple[CheckImages, str]:
+    """Up to `check_samples` images of the run's held-out split with their boxes (`held_out_scorer`),
+    the PyTorch detections on them, and the training images int8 calibrates on (module docstring)."""
+    with optional_import(_ACTION):
+        from export.detection_pipeline import DetectionTruth
         from reviewkd.detection.engine import build_detection_data
 
-    spec = input_spec(request.manifest)
     with request.timer.shared("read check images"):
         data = build_detection_data(load_run_config(request.run))
-        records = data.held_out.images[: request.options.check_samples]
-        classes = len(request.manifest["classes"])
-        checks = DetectionScorer(records, (spec.shape[1], spec.shape[2]), request.options.batch_size, classes)
-    if not checks.records:
-        raise UsageError(f"{request.run}: the validation split has no images to check the exported files on")
+        checks = held_out_scorer(
+            request.run, request.manifest, data, request.options.check_samples, request.options.batch_size
+        )
     with request.timer.shared("reference detections (PyTorch)"):
         reference = detector_reference(request.model, checks.batches)
     truth = DetectionTruth(checks, list(data.train.images))
     described = f"{len(checks.records)} validation images of the run"
     return CheckImages(checks.batches, reference, None, truth), described
+
+
+def detection_layerwise(run: Path, manifest: Manifest, count: int) -> LayerwiseSetup:
+    """What layerwise compares a detector's files on: the first `count` of export's check images
+    (`held_out_scorer`), up to the head's raw outputs (class logits, box regression, centreness:
+    export.detection.BODY_OUTPUTS), where the post-processing begins; and the mAP@[.5:.95] of both
+    unmodified files, as deployed, on those images (the check's own scorer, pycocotools)."""
+    with optional_import(_ACTION):
+        from export.detection import BODY_OUTPUTS
+        from reviewkd.detection.engine import build_detection_data
+
+    data = build_detection_data(load_run_config(run))
+    scorer = held_out_scorer(run, manifest, data, count, DETECTION_BATCH_SIZE)
+    task = TASKS[DETECTION]
+
+    def map_as_deployed(reference: Path, candidate: Path) -> EndMetric:
+        return EndMetric(
+            task.metric_label,
+            scorer.map(scorer.detect(reference)),
+            scorer.map(scorer.detect(candidate)),
+            task.higher_is_better,
+        )
+
+    described = f"the first {len(scorer.records)} held-out images of the run, which export checks files on"
+    return LayerwiseSetup(
+        np.concatenate(scorer.batches), described, BODY_OUTPUTS, "head outputs", map_as_deployed
+    )
 
 
 def _truth(context: ExportContext) -> DetectionTruth:
@@ -297,4 +349,5 @@ DETECTION_EXPORT = ExportTask(
     engine_sources=DETECTION_ENGINE_SOURCES,
     calib_samples=DEFAULT_CALIB_SAMPLES,
     batch_size=DETECTION_BATCH_SIZE,
+    layerwise=detection_layerwise,
 )

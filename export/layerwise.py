@@ -1,32 +1,42 @@
 """Layer-wise parity: where, layer by layer, a lower-precision ONNX file departs from the fp32 one.
 
-Both files run on the same images with every node output marked as a graph output, and each
-tensor the two graphs share by name is compared, as the next layer reads it (after its Q/DQ pair
-where it has one): cosine similarity and relative L2 error (||x_q - x|| / ||x||), in the fp32
-graph's order. A node's *jump* is its error minus the largest
+Both files run on the same images with every node output the comparison needs marked as a graph
+output, and each tensor the two graphs share by name is compared, as the next layer reads it (after
+its Q/DQ pair where it has one): cosine similarity and relative L2 error (||x_q - x|| / ||x||), in the
+fp32 graph's order. A node's *jump* is its error minus the largest
 error among its inputs: the layer whose jump is largest is where the error is made, not merely
 carried. Node names come from torch's TorchScript exporter scopes ("/layer1/layer1.0/conv1/Conv"),
-which survive onnxscript's optimizer and ONNX Runtime's quantizer; `module_path` turns them back
-into the student's module paths ("layer1.0.conv1").
+which survive onnxscript's optimizer and ONNX Runtime's quantizer; export.onnx_export.module_path
+turns them back into the student's module paths ("layer1.0.conv1", "head.classification_head.conv.0").
+
+Where it stops: the run's task says (export.producing.LayerwiseSetup, the task's ExportTask in
+export.pipeline.EXPORT_TASKS): the comparison ends at the task's *end outputs* and covers only the
+nodes they depend on. For a classifier that is the logits, the whole graph; for a detector the
+head's raw outputs (class logits, box regression, centreness), so its post-processing (box decoding,
+score filter, NMS, whose tensors have data-dependent shapes) is never compared: its effect is
+measured in the task's own metric instead (below).
 
 Why not Polygraphy: its layer-wise mode (ModifyOutputs with MARK_ALL, then OnnxrtRunner) does the
 same marking in ONNX Runtime; we need that marking, the name-to-module mapping and the jump, about
 as much code as driving Polygraphy, without a new dependency on every machine that exports.
 
-Caveat, and why the as-deployed logits are reported too: marking intermediate tensors as outputs
-stops ONNX Runtime fusing Q/DQ pairs into its int8 kernels, so the layer-wise numbers follow the
-file's Q/DQ semantics (what TensorRT implements), not ORT's fused CPU kernels. The report compares
-the final logits of the unmarked file, run as deployed (deploy's session options: fused kernels for
-the cpu flavour, Q/DQ as float operations for the trt flavour, which must run unfused), with the
-marked one; a large gap means the runtime's kernels, not the quantization, lose the accuracy (the
-saturation described in export/precision.py was found that way).
+Caveat, and why the end outputs are also compared as deployed: marking intermediate tensors as
+outputs stops ONNX Runtime fusing Q/DQ pairs into its int8 kernels, so the layer-wise numbers follow
+the file's Q/DQ semantics (what TensorRT implements), not ORT's fused CPU kernels. The report
+compares the end outputs of the file run as deployed (deploy's session options: fused kernels for
+the cpu flavour, Q/DQ as float operations for the trt flavour, which must run unfused; only the end
+outputs marked, which are the file's own outputs for a classifier) with the marked ones; a large
+gap means the runtime's kernels, not the quantization, lose the accuracy (the saturation described
+in export/precision.py was found that way). Where the task has its own metric (a detector's mAP),
+both unmodified files are scored with it as deployed on the same images: what the errors cost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,33 +47,16 @@ import onnx
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import atomic_output, ensure_writable_dir, write_text_atomic
-from deploy.formats import ONNX_FORMATS
+from deploy.formats import EFFICIENT_NMS, ONNX_FORMATS
 from deploy.manifest import Manifest, read_manifest, verify_artifact
 from deploy.optional import optional_import, require_installed
 from deploy.predict import check_export_is_current
 from deploy.run_lock import locks_run
 from deploy.runners.onnxruntime_runner import session_options
-from export.check import run_onnx
-from export.onnx_export import INPUT_NAME, OUTPUT_NAME, get_metadata, load_onnx
-from reviewkd.data import iter_run_batches
-
-TOP_LEVEL = "(top level)"
-
-
-def module_path(node_name: str) -> str:
-    """The PyTorch module path in an exporter node name: "/layer1/layer1.0/conv1/Conv" -> "layer1.0.conv1".
-
-    The TorchScript exporter writes one scope per module: its attribute name ("conv1"), or, for a
-    container's child, the parent's scope and the child's name ("layer1.0" inside "layer1",
-    "block.0.0" inside "block.0"). Names without scopes belong to the top level.
-    """
-    parts = [p for p in node_name.split("/") if p][:-1]
-    path: list[str] = []
-    previous = ""
-    for part in parts:
-        path.append(part[len(previous) + 1 :] if previous and part.startswith(previous + ".") else part)
-        previous = part
-    return ".".join(path) or TOP_LEVEL
+from deploy.tasks import task_of
+from export.onnx_export import INPUT_NAME, OUTPUT_NAME, get_metadata, load_onnx, module_path
+from export.pipeline import export_task
+from export.producing import EndMetric
 
 
 @dataclass(frozen=True)
@@ -84,16 +77,32 @@ class LayerError:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class EndError:
+    """One end output's relative L2 error against fp32: with every tensor marked (the file's Q/DQ
+    semantics) and with only the end outputs marked (as deployed)."""
+
+    marked_rel_l2: float
+    deployed_rel_l2: float
+
+    @property
+    def runtime_loses_more(self) -> bool:
+        """Whether the deployed runtime's kernels lose clearly more than the quantization itself."""
+        return self.deployed_rel_l2 > 2 * self.marked_rel_l2 + 1e-3
+
+
 @dataclass
 class LayerwiseReport:
-    """The layer-wise comparison of one file against fp32."""
+    """The layer-wise comparison of one file against fp32, up to the end outputs."""
 
     reference: str
     candidate: str
     images: int
     layers: list[LayerError]
-    deployed_logits_rel_l2: float  # the candidate run as deployed (fused), against fp32
-    marked_logits_rel_l2: float  # the candidate with every tensor marked (Q/DQ semantics)
+    end_outputs: dict[str, EndError]  # end tensor -> its error, in the order given
+    end_label: str = "logits"  # what the end outputs are, for people
+    source: str = ""  # which images
+    metric: EndMetric | None = None  # the task's own metric of both files as deployed
 
     @property
     def worst_jump(self) -> LayerError | None:
@@ -107,31 +116,56 @@ class LayerwiseReport:
             "reference": self.reference,
             "candidate": self.candidate,
             "images": self.images,
-            "deployed_logits_rel_l2": self.deployed_logits_rel_l2,
-            "marked_logits_rel_l2": self.marked_logits_rel_l2,
+            "source": self.source,
+            "end_label": self.end_label,
+            "end_outputs": {name: dict(error.__dict__) for name, error in self.end_outputs.items()},
+            "metric": self.metric.as_dict() if self.metric is not None else None,
             "jump": worst.as_dict() if worst else None,
             "layers": [layer.as_dict() for layer in self.layers],
         }
 
 
-def _all_outputs(
-    path: str | os.PathLike[str], images: np.ndarray
-) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """Run `path` with every node output marked as a graph output; return the model and the tensors."""
+def upstream_nodes(model: onnx.ModelProto, tensors: Collection[str]) -> list[int]:
+    """The positions of the nodes `tensors` depend on (those that make them included), in graph
+    order: where the comparison stops. UsageError naming a tensor no node makes."""
+    nodes = list(model.graph.node)
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+    missing = [name for name in tensors if name not in producer]
+    if missing:
+        raise UsageError(f"no node makes {', '.join(missing)}; expected the run's own exported files")
+    needed: set[int] = set()
+    pending = [producer[name] for name in tensors]
+    while pending:
+        index = pending.pop()
+        if index not in needed:
+            needed.add(index)
+            pending.extend(producer[name] for name in nodes[index].input if name in producer)
+    return sorted(needed)
+
+
+def _run_marked(
+    model: onnx.ModelProto, tensors: Collection[str], images: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Run `model` on `images` with `tensors` added to its outputs (deploy's session options for the
+    file); every output by name."""
     with optional_import("the layer-by-layer comparison"):
         import onnxruntime as ort
 
-    model = load_onnx(path)
-    marked = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        for name in node.output:
-            if name and name not in marked:
-                model.graph.output.append(onnx.ValueInfoProto(name=name))
-                marked.add(name)
+    marked = onnx.ModelProto()
+    marked.CopyFrom(model)
+    outputs = {o.name for o in marked.graph.output}
+    for name in tensors:
+        if name not in outputs:
+            marked.graph.output.append(onnx.ValueInfoProto(name=name))
+            outputs.add(name)
     options = session_options(get_metadata(model))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(marked.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return model, dict(zip(names, session.run(None, {INPUT_NAME: images}), strict=True))
+    return dict(zip(names, session.run(None, {INPUT_NAME: images}), strict=True))
+
+
+def _node_outputs(model: onnx.ModelProto, indices: Sequence[int]) -> list[str]:
+    return [name for index in indices for name in model.graph.node[index].output if name]
 
 
 def _dequantized_names(model: onnx.ModelProto) -> dict[str, str]:
@@ -180,18 +214,31 @@ def _errors(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]
 
 
 def compare_layers(
-    reference: str | os.PathLike[str], candidate: str | os.PathLike[str], images: np.ndarray
+    reference: str | os.PathLike[str],
+    candidate: str | os.PathLike[str],
+    images: np.ndarray,
+    end_outputs: Sequence[str] = (OUTPUT_NAME,),
 ) -> LayerwiseReport:
-    """Compare every tensor `candidate` shares with the fp32 `reference` file on `images` (float32 NCHW)."""
+    """Compare every tensor `candidate` shares with the fp32 `reference` file on `images` (float32
+    NCHW), from the input up to `end_outputs` (module docstring): only the nodes those depend on."""
     images = np.ascontiguousarray(images, dtype=np.float32)
     if images.ndim != 4 or len(images) == 0:
         raise UsageError(f"layer-wise parity needs a non-empty NCHW batch, got shape {images.shape}")
-    ref_model, ref_tensors = _all_outputs(reference, images)
-    cand_model, cand_tensors = _all_outputs(candidate, images)
+    ref_model, cand_model = load_onnx(reference), load_onnx(candidate)
     as_read = _dequantized_names(cand_model)
+    # The end outputs as the candidate's consumers read them (after a Q/DQ pair where they have one).
+    cand_ends = {name: as_read.get(name, name) for name in end_outputs}
+    try:
+        ref_nodes = upstream_nodes(ref_model, end_outputs)
+        cand_nodes = upstream_nodes(cand_model, list(cand_ends.values()))
+    except UsageError as exc:
+        raise UsageError(f"{candidate} against {reference}: {exc}") from None
+    ref_tensors = _run_marked(ref_model, _node_outputs(ref_model, ref_nodes), images)
+    cand_tensors = _run_marked(cand_model, _node_outputs(cand_model, cand_nodes), images)
     errors: dict[str, float] = {INPUT_NAME: 0.0}
     layers: list[LayerError] = []
-    for index, node in enumerate(ref_model.graph.node):
+    for index in ref_nodes:
+        node = ref_model.graph.node[index]
         # A tensor that is not compared carries the largest error of its node's inputs.
         carried = max((errors[name] for name in node.input if name in errors), default=0.0)
         for name in node.output:
@@ -201,22 +248,54 @@ def compare_layers(
             continue
         cosine, rel_l2 = compared
         errors[node.output[0]] = rel_l2
-        module = module_path(node.name)
         layers.append(
             LayerError(
-                index, node.name, node.op_type, module, node.output[0], cosine, rel_l2, rel_l2 - carried
+                index,
+                node.name,
+                node.op_type,
+                module_path(node.name),
+                node.output[0],
+                cosine,
+                rel_l2,
+                rel_l2 - carried,
             )
         )
-    produced = [n for n in ref_model.graph.node if n.output and n.op_type not in ("Constant", "Identity")]
+    produced = [
+        index
+        for index in ref_nodes
+        if ref_model.graph.node[index].output
+        and ref_model.graph.node[index].op_type not in ("Constant", "Identity")
+    ]
     if 2 * len(layers) < len(produced):
         raise UsageError(
             f"{candidate}: shares {len(layers)} of {len(produced)} layer outputs with {reference};"
             " expected a file quantized or converted from it"
         )
-    deployed = run_onnx(candidate, [images])
-    _, deployed_rel = _errors(ref_tensors[OUTPUT_NAME], deployed)
-    _, marked_rel = _errors(ref_tensors[OUTPUT_NAME], cand_tensors[OUTPUT_NAME])
-    return LayerwiseReport(str(reference), str(candidate), len(images), layers, deployed_rel, marked_rel)
+    deployed = _run_marked(cand_model, list(cand_ends.values()), images)
+    ends = {
+        name: EndError(
+            _errors(ref_tensors[name], cand_tensors[read])[1], _errors(ref_tensors[name], deployed[read])[1]
+        )
+        for name, read in cand_ends.items()
+    }
+    return LayerwiseReport(str(reference), str(candidate), len(images), layers, ends)
+
+
+def end_lines(report: LayerwiseReport, fmt: str) -> list[str]:
+    """What the errors come to at the end: each end output's relative L2 with Q/DQ semantics and as
+    deployed, and the task's own metric of both files as deployed where it has one."""
+    lines = [
+        f"{name} relative L2: {error.marked_rel_l2:.4f} with Q/DQ semantics (every tensor marked),"
+        f" {error.deployed_rel_l2:.4f} as deployed (ONNX Runtime with the file's session options)"
+        for name, error in report.end_outputs.items()
+    ]
+    if report.metric is not None:
+        metric = report.metric
+        lines.append(
+            f"{metric.label} as deployed on the same images: {metric.reference:.2f} fp32,"
+            f" {metric.candidate:.2f} {fmt}: drop {metric.drop:.2f} points"
+        )
+    return lines
 
 
 def markdown(report: LayerwiseReport, title: str) -> str:
@@ -225,17 +304,18 @@ def markdown(report: LayerwiseReport, title: str) -> str:
     lines = [
         f"## Layer-wise parity: {title}",
         "",
-        f"{Path(report.candidate).name} against {Path(report.reference).name} on {report.images} images;"
-        " cosine similarity and relative L2 error of each layer's output, in graph order.",
+        f"{Path(report.candidate).name} against {Path(report.reference).name} on {report.images} images"
+        f"{f' ({report.source})' if report.source else ''}; cosine similarity and relative L2 error of"
+        f" each layer's output, in graph order, up to the {report.end_label}"
+        f" ({', '.join(report.end_outputs)}).",
         "",
         f"- error jumps at **{worst.module}** (`{worst.node}`, {worst.op_type}): relative L2 "
         f"{worst.rel_l2:.4f}, +{worst.jump:.4f} over its inputs"
         if worst
         else "- no layer compared",
-        f"- logits relative L2: {report.marked_logits_rel_l2:.4f} with Q/DQ semantics (every tensor marked),"
-        f" {report.deployed_logits_rel_l2:.4f} as deployed (ONNX Runtime with the file's session options)",
+        *(f"- {line}" for line in end_lines(report, title)),
     ]
-    if report.deployed_logits_rel_l2 > 2 * report.marked_logits_rel_l2 + 1e-3:
+    if any(error.runtime_loses_more for error in report.end_outputs.values()):
         lines.append(
             "- **the deployed runtime loses more than the quantization itself**: its fused kernels"
             " depart from the file's Q/DQ semantics"
@@ -289,14 +369,6 @@ def write_report(
     return paths
 
 
-def layer_images(batches: Sequence[np.ndarray], count: int) -> np.ndarray:
-    """The first `count` images of `batches`, as one array."""
-    images = np.concatenate([np.asarray(b, dtype=np.float32) for b in batches])[:count]
-    if len(images) == 0:
-        raise UsageError("layer-wise parity found no images")
-    return images
-
-
 LAYERWISE_PREFIX = "layerwise_"  # RUN/report/layerwise_<format>.{md,json,png}, which the report shows
 
 
@@ -334,29 +406,47 @@ def debug_run(
 ) -> tuple[LayerwiseReport, dict[str, Path]]:
     """Layer-wise parity of a run's exported `target` ("onnxruntime/int8-trt", or "int8-trt"; any
     label of `comparable_files`, QAD's "int8-qad" and "int8-qad-trt" included) against its fp32
-    file on the first `count` validation images; written to RUN/report/layerwise_<format>.*, where
+    file on up to `count` of the run's images, up to its end outputs, with the task's own metric of
+    both files where it has one: the run's task says which (its ExportTask's `layerwise`: a
+    classifier's validation images and logits; a detector's held-out images, those export checks
+    its files on, its head outputs and mAP). Written to RUN/report/layerwise_<format>.*, where
     `reviewkd report` picks it up.
 
     Raises:
-        UsageError: a bad format or count; a run without both files, with a file changed after
-            export or exported from an older student; an unwritable report folder.
+        UsageError: a bad format or count, the EfficientNMS file (ONNX Runtime cannot run it), a
+            QAD file of a task `reviewkd quantize` cannot fine-tune; a run without both files, with
+            a file changed after export or exported from an older student; an unwritable report
+            folder.
         MissingDependencyError: matplotlib (the plots extra) is not installed.
     """
     run = Path(run_dir)
     fmt = target.removeprefix("onnxruntime/")
     files = comparable_files()
+    choices = ", ".join(f"onnxruntime/{f}" for f in files)
+    if fmt == EFFICIENT_NMS.name:
+        raise UsageError(
+            f"--format {target}: {EFFICIENT_NMS.file} ends in TensorRT's EfficientNMS_TRT plugin, which"
+            f" ONNX Runtime cannot run, and is fp32 like the reference; expected one of {choices}"
+        )
     if fmt not in files:
-        choices = ", ".join(f"onnxruntime/{f}" for f in files)
         raise UsageError(f"--format {target}: expected one of {choices}")
     if count < 1:
         raise UsageError(f"--images must be >= 1, got {count}")
     require_installed("matplotlib", "layerwise's plot")
     manifest = read_manifest(run)
+    spec = task_of(manifest, str(run / run_layout.MANIFEST))
+    if fmt not in ONNX_FORMATS and not spec.is_ready("quantize"):  # the QAD files
+        raise UsageError(
+            f"--format {target}: a {spec.name} run has no QAD files; quantize is not available:"
+            f" {spec.deploy_skip_reason}"
+        )
     export_fp32 = files[fmt][1] if fmt in ONNX_FORMATS else "reviewkd export RUN --formats onnx"
     reference = _exported_file(run, manifest, ONNX_FORMATS["onnx"].file, export_fp32)
     candidate = _exported_file(run, manifest, *files[fmt])
-    images = layer_images([b[0] for b in iter_run_batches(run, "val", 64, count)], count)
+    setup = export_task(run, manifest).layerwise(run, manifest, count)
     ensure_writable_dir(run / "report")
-    report = compare_layers(reference, candidate, images)
+    compared = compare_layers(reference, candidate, setup.images, setup.end_outputs)
+    metric = setup.end_metric(reference, candidate) if setup.end_metric is not None else None
+    report = dataclasses.replace(compared, end_label=setup.end_label, source=setup.source, metric=metric)
     title = f"onnxruntime/{fmt}"
     return report, write_report(report, run / "report", LAYERWISE_PREFIX + fmt, title)

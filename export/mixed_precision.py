@@ -46,7 +46,7 @@ from deploy.paired_stats import PairedComparison, Verdict, compare_predictions, 
 from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
 from deploy.status import Status
 from export.check import batch_looks, run_onnx, sequential_logits
-from export.layerwise import module_path
+from export.onnx_export import module_path
 from export.precision import Int8Quantizer
 
 DEFAULT_MAX_TOP1_DROP = 0.3  # points

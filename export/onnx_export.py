@@ -248,6 +248,26 @@ def torch_export(
         return onnx.load(traced)
 
 
+# What `module_path` names a node outside every module scope (the exporter's own glue).
+TOP_LEVEL = "(top level)"
+
+
+def module_path(node_name: str) -> str:
+    """The PyTorch module path in an exporter node name: "/layer1/layer1.0/conv1/Conv" -> "layer1.0.conv1".
+
+    The TorchScript exporter writes one scope per module: its attribute name ("conv1"), or, for a
+    container's child, the parent's scope and the child's name ("layer1.0" inside "layer1",
+    "block.0.0" inside "block.0"). Names without scopes belong to the top level.
+    """
+    parts = [p for p in node_name.split("/") if p][:-1]
+    path: list[str] = []
+    previous = ""
+    for part in parts:
+        path.append(part[len(previous) + 1 :] if previous and part.startswith(previous + ".") else part)
+        previous = part
+    return ".".join(path) or TOP_LEVEL
+
+
 def optimize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding and dead-node removal with onnxscript's optimizer; metadata is kept."""
     with optional_import("optimizing the ONNX graph"):

@@ -74,6 +74,7 @@ from export.producing import (
     ExportSummary,
     ExportTask,
     FormatProducer,
+    LayerwiseSetup,
     TensorRTOptions,
 )
 from export.timing import StageTimer
@@ -165,6 +166,19 @@ def torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.nd
 
     with torch.no_grad():
         return np.concatenate([model(torch.from_numpy(b)).float().numpy() for b in batches])
+
+
+def classification_layerwise(run: Path, manifest: Manifest, count: int) -> LayerwiseSetup:
+    """What layerwise compares a classifier's files on: `count` images spread over the run's
+    validation split (reviewkd.data.iter_run_batches), up to the logits; the logits say it all."""
+    with optional_import("reviewkd layerwise"):
+        from export.onnx_export import OUTPUT_NAME
+
+    batches = [images for images, _ in run_batches(run)("val", 64, count)]
+    if not batches:
+        raise UsageError(f"{run}: the validation split has no images to compare the files on")
+    images = np.concatenate(batches)[:count]
+    return LayerwiseSetup(images, f"{len(images)} validation images of the run", (OUTPUT_NAME,), "logits")
 
 
 def _check_and_record(
@@ -337,7 +351,9 @@ CLASSIFICATION_PRODUCERS: dict[str, FormatProducer] = {
 
 # Each task's export (export.producing), by deploy.tasks name; a task missing here cannot be exported.
 EXPORT_TASKS: dict[str, ExportTask] = {
-    CLASSIFICATION: ExportTask(load_student, torch_logits, CLASSIFICATION_PRODUCERS),
+    CLASSIFICATION: ExportTask(
+        load_student, torch_logits, CLASSIFICATION_PRODUCERS, layerwise=classification_layerwise
+    ),
     DETECTION: DETECTION_EXPORT,
 }
 

@@ -18,7 +18,12 @@ export.pipeline.EXPORT_TASKS:
   boxes) keeps it in `CheckImages.ground_truth`, in its own form;
 - `engine_sources` maps each TensorRT engine precision to the run-relative ONNX file it is built
   from (a detector's fp32 engine comes from its EfficientNMS file);
-- `calib_samples` and `batch_size` are the task's defaults for export_run's options of those names.
+- `calib_samples` and `batch_size` are the task's defaults for export_run's options of those names;
+- `layerwise(run, manifest, count)` says what `reviewkd layerwise` (export.layerwise) compares the
+  run's files on: a `LayerwiseSetup` of up to `count` of the run's images, the tensors where the
+  comparison stops (the classifier's logits, the detector's head outputs: its post-processing is
+  never compared) and, where the task has one, its own metric of both files as deployed (a
+  detector's mAP on those images).
 
 `ExportOptions` holds each task's int8 budget in its gate's metric (`max_top1_drop_int8` for
 classifiers, `max_map_drop_int8` for detectors) and `held_out_samples`, the training images int8
@@ -291,6 +296,43 @@ class FormatProducer:
 
 
 @dataclass(frozen=True)
+class EndMetric:
+    """A task's own metric of the fp32 file and a lower-precision one, both run as deployed on the
+    same images (a detector's mAP): what the layer-wise errors cost in the end."""
+
+    label: str  # as deploy.tasks.TaskSpec.metric_label spells it ("mAP@[.5:.95] %")
+    reference: float  # the fp32 file's
+    candidate: float
+    higher_is_better: bool = True
+
+    @property
+    def drop(self) -> float:
+        """How much worse the candidate is, in the metric's units (negative: better)."""
+        gain = self.candidate - self.reference
+        return -gain if self.higher_is_better else gain
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, the drop included."""
+        return {**self.__dict__, "drop": self.drop}
+
+
+@dataclass(frozen=True)
+class LayerwiseSetup:
+    """What export.layerwise compares a run's fp32 file and a lower-precision one on: `images`
+    (float32 NCHW, as the files take them; `source` says which), the tensors both files share where
+    the comparison ends (`end_outputs`, named `end_label`: only the nodes they depend on are
+    compared), and
+    `end_metric(fp32 file, candidate file)`, the task's metric of both as deployed, or None for a
+    task whose end outputs say it all (a classifier's logits)."""
+
+    images: np.ndarray
+    source: str
+    end_outputs: tuple[str, ...]
+    end_label: str  # what the end outputs are, for people ("logits", "head outputs")
+    end_metric: Callable[[Path, Path], EndMetric] | None = None
+
+
+@dataclass(frozen=True)
 class ExportTask:
     """How a task's runs are exported (module docstring): its wrapper, its reference, its producers,
     in the order they run."""
@@ -302,6 +344,7 @@ class ExportTask:
     engine_sources: Mapping[str, str] = field(default_factory=lambda: dict(STANDARD_ENGINE_SOURCES))
     calib_samples: int = 512
     batch_size: int = 64
+    layerwise: Callable[[Path, Manifest, int], LayerwiseSetup] = field(kw_only=True)
 
     def plan(self, requested: Sequence[str]) -> list[str]:
         """The formats to run for `requested`: those and every format they are made from, in the

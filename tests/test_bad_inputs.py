@@ -1087,6 +1087,36 @@ ROWS: tuple[Row, ...] = (
     ),
     Row("layerwise: --images 0", lambda t, r: _layerwise(r, "--images", "0"), 2, "--images must be >= 1"),
     Row(
+        "layerwise: --images 0 on a detection run",
+        lambda t, r: _layerwise(r, "--images", "0"),
+        2,
+        "--images must be >= 1",
+        base="detection",
+    ),
+    Row(
+        "layerwise: a detection run without the format (never exported)",
+        lambda t, r: _layerwise(r, fmt="onnxruntime/int8-trt"),
+        2,
+        "student.onnx: not in the run's manifest (never exported, or it failed its check); expected a"
+        " run that went through `reviewkd export",
+        base="detection",
+    ),
+    Row(
+        "layerwise: a QAD file of a detection run (quantize does not fine-tune detectors)",
+        lambda t, r: _layerwise(r, fmt="onnxruntime/int8-qad"),
+        2,
+        "--format onnxruntime/int8-qad: a detection run has no QAD files; quantize is not available",
+        base="detection",
+    ),
+    Row(
+        "layerwise: the EfficientNMS file of a detection run",
+        lambda t, r: _layerwise(r, fmt="onnxruntime/efficientnms"),
+        2,
+        "--format onnxruntime/efficientnms: export/student.efficientnms.onnx ends in TensorRT's"
+        " EfficientNMS_TRT plugin, which ONNX Runtime cannot run",
+        base="detection",
+    ),
+    Row(
         "layerwise: --images not a number",
         lambda t, r: _layerwise(r, "--images", "all"),
         2,

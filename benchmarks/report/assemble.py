@@ -327,12 +327,26 @@ def _layerwise(run_dir: PathLike) -> dict[str, Any]:
         found[path.stem.removeprefix("layerwise_")] = {
             "images": data.get("images"),
             "jump": data.get("jump"),
-            "marked_logits_rel_l2": data.get("marked_logits_rel_l2"),
-            "deployed_logits_rel_l2": data.get("deployed_logits_rel_l2"),
+            "end_label": data.get("end_label", "logits"),
+            "end_outputs": _end_outputs(data),
+            "metric": data.get("metric"),
             "layers": len(data.get("layers", [])),
             "plot": path.with_suffix(".png").name,
         }
     return found
+
+
+def _end_outputs(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A layer-wise report's end outputs {tensor: {marked_rel_l2, deployed_rel_l2}}; a report
+    written before detectors had them (a classifier's, keyed *_logits_rel_l2) gives its logits'."""
+    if "end_outputs" in data or "marked_logits_rel_l2" not in data:
+        return dict(data.get("end_outputs") or {})
+    return {
+        "logits": {
+            "marked_rel_l2": data.get("marked_logits_rel_l2"),
+            "deployed_rel_l2": data.get("deployed_logits_rel_l2"),
+        }
+    }
 
 
 def build_report(run_dir: PathLike) -> dict[str, Any]:

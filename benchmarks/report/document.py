@@ -488,31 +488,62 @@ def _machine_state_lines(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _end_text(entry: Mapping[str, Any], key: str) -> str:
+    """Each end output's relative L2 (`key`: marked_rel_l2 or deployed_rel_l2), named where there
+    are several (a detector's head outputs)."""
+    outputs = entry.get("end_outputs") or {}
+    if len(outputs) == 1:
+        return number_text(next(iter(outputs.values())).get(key), 4)
+    return "; ".join(f"{name} {number_text(error.get(key), 4)}" for name, error in outputs.items()) or "-"
+
+
+def _metric_text(metric: Mapping[str, Any] | None) -> str:
+    """The task's metric of fp32 and the file, as deployed, and the drop; "-" where it has none."""
+    if not metric:
+        return "-"
+    reference, candidate = number_text(metric.get("reference")), number_text(metric.get("candidate"))
+    return f"{metric.get('label', '')} {reference} -> {candidate} (drop {number_text(metric.get('drop'))})"
+
+
 def _layerwise_section(report: Mapping[str, Any], plots: Sequence[Plot]) -> Section | None:
-    """Where each lower-precision file's error jumps, from `reviewkd layerwise`, with its plots."""
+    """Where each lower-precision file's error jumps, from `reviewkd layerwise`, with its plots: the
+    end outputs' error (a classifier's logits, a detector's head outputs) and, where the task has
+    one, its own metric as deployed (a detector's mAP)."""
     found = report.get("layerwise") or {}
     if not found:
         return None
-    header = ("format", "jump at module", "node", "rel. L2", "jump", "logits rel. L2 Q/DQ", "as deployed")
+    labels = sorted({str(entry.get("end_label") or "logits") for entry in found.values()})
+    end = " / ".join(labels)
+    header = ["format", "jump at module", "node", "rel. L2", "jump", f"{end} rel. L2 Q/DQ", "as deployed"]
+    with_metric = any(entry.get("metric") for entry in found.values())
+    if with_metric:
+        header.append("metric as deployed: fp32 -> file")
     rows = []
     for fmt, entry in found.items():
         jump = entry.get("jump") or {}
-        rows.append(
-            (
-                f"onnxruntime/{fmt}",
-                str(jump.get("module", "-")),
-                str(jump.get("node", "-")),
-                number_text(jump.get("rel_l2"), 4),
-                number_text(jump.get("jump"), 4),
-                number_text(entry.get("marked_logits_rel_l2"), 4),
-                number_text(entry.get("deployed_logits_rel_l2"), 4),
-            )
-        )
+        row = [
+            f"onnxruntime/{fmt}",
+            str(jump.get("module", "-")),
+            str(jump.get("node", "-")),
+            number_text(jump.get("rel_l2"), 4),
+            number_text(jump.get("jump"), 4),
+            _end_text(entry, "marked_rel_l2"),
+            _end_text(entry, "deployed_rel_l2"),
+        ]
+        if with_metric:
+            row.append(_metric_text(entry.get("metric")))
+        rows.append(tuple(row))
     names = {entry.get("plot") for entry in found.values()}
+    aligns: tuple[Align, ...] = ("left", "left", "left", RIGHT, RIGHT, RIGHT, RIGHT)
+    if with_metric:
+        aligns += ("left",)
     return Section(
         "Layer-wise parity (reviewkd layerwise)",
-        note="Each layer's output against fp32, in graph order; the full tables are report/layerwise_*.md.",
-        table=Table(header, tuple(rows), ("left", "left", "left", RIGHT, RIGHT, RIGHT, RIGHT)),
+        note=(
+            f"Each layer's output against fp32, in graph order, up to the {end}; the full tables are"
+            " report/layerwise_*.md."
+        ),
+        table=Table(tuple(header), tuple(rows), aligns),
         plots=tuple(plot for plot in plots if plot.path.name in names),
     )
 

@@ -7,13 +7,14 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
 
 from deploy.errors import UsageError
-from export.layerwise import TOP_LEVEL, compare_layers, module_path, write_report
-from export.onnx_export import export_fp32
+from export.layerwise import compare_layers, write_report
+from export.onnx_export import TOP_LEVEL, export_fp32, module_path
 from export.precision import quantize_int8
 from reviewkd.app.cli import main
 
@@ -106,3 +107,54 @@ def test_the_run_report_shows_the_layerwise_table_and_plot(tmp_path: Path) -> No
     assert f"| onnxruntime/int8 | {report.worst_jump.module}" in markdown  # type: ignore[union-attr]
     assert "![Layer-wise parity: onnxruntime/int8](layerwise_int8.png)" in markdown
     assert "data:image/png;base64" in (run / "report" / "report.html").read_text()
+
+
+def test_the_comparison_stops_at_the_end_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    fp32 = tmp_path / "fp32.onnx"
+    export_fp32(Nested().eval(), fp32, SHAPE, {})
+    images = np.random.default_rng(0).standard_normal((8, *SHAPE)).astype(np.float32)
+    int8 = tmp_path / "int8.onnx"
+    quantize_int8(fp32, int8, [images], flavour="trt")
+    whole = compare_layers(fp32, int8, images)
+    model = onnx.load(str(fp32))
+    stem = next(node.output[0] for node in model.graph.node if module_path(node.name) == "stem")
+    cut = compare_layers(fp32, int8, images, end_outputs=(stem,))
+    # only the stem and what feeds it: nothing after the end output is compared
+    assert [layer.module for layer in cut.layers] == ["stem"] and cut.layers == whole.layers[:1]
+    assert list(cut.end_outputs) == [stem] and list(whole.end_outputs) == ["logits"]
+    error = cut.end_outputs[stem]
+    assert error.marked_rel_l2 == pytest.approx(cut.layers[0].rel_l2) and error.deployed_rel_l2 > 0
+    with pytest.raises(UsageError, match="no node makes no_such_tensor"):
+        compare_layers(fp32, int8, images, end_outputs=("no_such_tensor",))
+
+
+def test_a_report_written_before_end_outputs_still_shows_its_logits(tmp_path: Path) -> None:
+    from benchmarks.report.writer import write_report as write_run_report
+    from tests.helpers import make_run
+
+    run, _ = make_run(tmp_path)
+    earlier = {
+        "images": 16,
+        "jump": {
+            "module": "layer1.0.conv1",
+            "node": "/layer1/layer1.0/conv1/Conv",
+            "rel_l2": 0.5,
+            "jump": 0.25,
+        },
+        "marked_logits_rel_l2": 0.0123,
+        "deployed_logits_rel_l2": 0.0456,
+        "layers": [],
+    }
+    (run / "report").mkdir(exist_ok=True)
+    (run / "report" / "layerwise_int8.json").write_text(json.dumps(earlier))
+    written = write_run_report(run)
+    assert written["layerwise"]["int8"]["end_outputs"] == {
+        "logits": {"marked_rel_l2": 0.0123, "deployed_rel_l2": 0.0456}
+    }
+    markdown = (run / "report" / "report.md").read_text()
+    row = (
+        "| onnxruntime/int8 | layer1.0.conv1 | /layer1/layer1.0/conv1/Conv | 0.5000 | 0.2500"
+        " | 0.0123 | 0.0456 |"
+    )
+    assert row in markdown

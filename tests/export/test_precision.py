@@ -218,8 +218,7 @@ def test_nodes_onnxruntime_inlines_get_unique_names_in_their_module_scope(tmp_pa
     import onnx
     import torch
 
-    from export.layerwise import module_path
-    from export.onnx_export import torch_export
+    from export.onnx_export import module_path, torch_export
     from export.precision import Int8Quantizer
 
     class Net(torch.nn.Module):

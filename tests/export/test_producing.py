@@ -83,6 +83,7 @@ def _task(fp32_passes: bool, calls: list[str], fp16_unavailable: str | None = No
                 produce_fp16, made_from="onnx", unavailable=lambda context: fp16_unavailable
             ),
         },
+        layerwise=pipeline.classification_layerwise,
     )
 
 
