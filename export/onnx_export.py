@@ -257,7 +257,10 @@ def module_path(node_name: str) -> str:
 
     The TorchScript exporter writes one scope per module: its attribute name ("conv1"), or, for a
     container's child, the parent's scope and the child's name ("layer1.0" inside "layer1",
-    "block.0.0" inside "block.0"). Names without scopes belong to the top level.
+    "block.0.0" inside "block.0"). Names without scopes belong to the top level. A module called more
+    than once keeps the exporter's call suffix: a detector's head, shared by every FPN level, gives
+    "head.classification_head.conv.4" on the first level and "head.classification_head.conv.4_1" on
+    the second, which says which level the error is made on.
     """
     parts = [p for p in node_name.split("/") if p][:-1]
     path: list[str] = []

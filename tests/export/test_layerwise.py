@@ -45,6 +45,8 @@ class Nested(nn.Module):
         ("/fc/Gemm", "fc"),
         ("node_Reshape_2", TOP_LEVEL),
         ("/features/features.3/block/block.0/block.0.0/Conv", "features.3.block.0.0"),
+        # the second call of a module shared over FPN levels keeps the exporter's call suffix
+        ("/head/classification_head/conv/conv.4_1/Conv", "head.classification_head.conv.4_1"),
     ],
 )
 def test_module_path_from_exporter_scopes(name: str, path: str) -> None:
