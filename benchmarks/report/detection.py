@@ -404,7 +404,8 @@ def plot_examples(report: Mapping[str, Any], path: Path) -> Path | None:
             if not isinstance(per_image, list) or row >= len(per_image):
                 ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
                 continue
-            for item in per_image[row]:
+            # The most confident last, so its outline and label lie on top of the others'.
+            for item in sorted(per_image[row], key=_drawing_order):
                 _draw_box(ax, item, classes)
     return save_png(figure, path)
 
@@ -413,6 +414,12 @@ def _row_label(image_path: str, reason: str | None) -> str:
     """A row's label beside the grid: the image file and, wrapped, why the row was chosen."""
     name = Path(image_path).name
     return name if reason is None else f"{name}\n" + textwrap.fill(reason, width=34)
+
+
+def _drawing_order(item: Mapping[str, Any]) -> float:
+    """A detection's place in the drawing order: its score, an unscored box first."""
+    score = float(item["score"])
+    return score if math.isfinite(score) else -math.inf
 
 
 def _draw_box(ax: Any, item: Mapping[str, Any], classes: Sequence[str]) -> None:

@@ -166,20 +166,38 @@ def drawn_paths(image_paths: Sequence[Path], save_dir: Path) -> list[Path]:
     return list(targets)
 
 
+# The shorter side, in pixels, below which a drawn image is enlarged (see draw_detections).
+MIN_DRAWN_SIDE = 256
+
+
+def drawing_scale(size: tuple[int, int]) -> int:
+    """The whole factor an image of `size` (width, height) is enlarged by to be drawn on: the
+    smallest that makes its shorter side at least MIN_DRAWN_SIDE, and 1 for larger images."""
+    return max(1, -(-MIN_DRAWN_SIDE // max(1, min(size))))
+
+
 def draw_detections(image_path: str | os.PathLike[str], found: ImageDetections, target: Path) -> Path:
     """Write the image at `image_path` with each box outlined in its class's colour and labelled
-    "class score" above it, as PNG at `target` (temporary file, then rename)."""
+    "class score" above it, as PNG at `target` (temporary file, then rename).
+
+    The most confident box is drawn last, so its outline and label lie on top. An image whose
+    shorter side is under MIN_DRAWN_SIDE pixels is drawn enlarged by the smallest whole factor that
+    reaches it (nearest neighbour: each pixel a block), because a label's text would otherwise
+    cover a small image; the boxes in the JSON stay in the original's pixels."""
     with Image.open(image_path) as original:
         # As preprocessing reads it: a 16-bit or float image scaled to 8 bits, not clipped.
         canvas = to_8bit(original).convert("RGB")
     if canvas.size != found.size:
         raise UsageError(f"{image_path}: changed while it was being read ({canvas.size} != {found.size})")
+    scale = drawing_scale(canvas.size)
+    if scale > 1:
+        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     line = max(1, round(min(canvas.size) / 200))
-    for item in found.objects:
+    for item in sorted(found.objects, key=lambda found_object: found_object.score):
         colour = PALETTE[item.class_index % len(PALETTE)]
-        x1, y1, x2, y2 = item.box
+        x1, y1, x2, y2 = (value * scale for value in item.box)
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
         label = f"{printable(item.class_name)} {item.score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deploy.detection.predict import PALETTE, detect_each
+from deploy.detection.predict import (
+    PALETTE,
+    FoundObject,
+    ImageDetections,
+    detect_each,
+    draw_detections,
+    drawing_scale,
+)
 from deploy.errors import UsageError
 from deploy.manifest import InputSpec
 from deploy.predict import open_target
@@ -145,13 +152,33 @@ def test_save_dir_draws_each_box_in_its_class_colour(
     assert json.loads(capsys.readouterr().out)["drawn"] == [str(out / "photo.png")]
     assert sorted(p.name for p in out.iterdir()) == ["photo.png"]  # no temporary file left
     with Image.open(out / "photo.png") as drawn:
-        assert drawn.size == (48, 32)
+        # 32 px high, under MIN_DRAWN_SIDE: drawn 8 times as large (256 / 32).
+        assert drawn.size == (48 * 8, 32 * 8)
         pixels = np.asarray(drawn.convert("RGB"))
     # The first box (class "two") spans x 4..20, y 6..24 in the original; its bottom edge is drawn
     # in class 2's colour, the second box's (class 0) right edge in class 0's, far corners stay black.
-    assert tuple(pixels[24, 12]) == PALETTE[2]
-    assert tuple(pixels[16, 44]) == PALETTE[0]
-    assert tuple(pixels[31, 0]) == (0, 0, 0)
+    assert tuple(pixels[24 * 8, 12 * 8]) == PALETTE[2]
+    assert tuple(pixels[16 * 8, 44 * 8]) == PALETTE[0]
+    assert tuple(pixels[32 * 8 - 1, 0]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("size", "scale"), [((48, 32), 8), ((96, 64), 4), ((300, 255), 2), ((256, 1000), 1), ((640, 480), 1)]
+)
+def test_small_images_are_drawn_enlarged_by_a_whole_factor(size: tuple[int, int], scale: int) -> None:
+    assert drawing_scale(size) == scale
+
+
+def test_the_most_confident_box_is_drawn_on_top(tmp_path: Path) -> None:
+    image = write_image(tmp_path / "img.png", (256, 256))
+    low = FoundObject(class_index=0, class_name="zero", score=0.3, box=(10.0, 10.0, 100.0, 100.0))
+    high = FoundObject(class_index=1, class_name="one", score=0.9, box=(10.0, 10.0, 100.0, 100.0))
+    for order in ((high, low), (low, high)):
+        found = ImageDetections(size=(256, 256), objects=order)
+        drawn = draw_detections(image, found, tmp_path / "out.png")
+        with Image.open(drawn) as picture:
+            # The shared left edge, below both labels, shows the confident box's colour.
+            assert tuple(np.asarray(picture.convert("RGB"))[60, 10]) == PALETTE[1]
 
 
 def test_save_dir_refuses_two_images_of_one_name_before_drawing(
