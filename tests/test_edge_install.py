@@ -188,7 +188,7 @@ def test_the_edge_install_draws_a_detectors_boxes(edge_venv: Path, tmp_path: Pat
     assert edge_found == json.loads(full.stdout)["predictions"][0]["detections"]
     assert [d["class"] for d in edge_found] == ["two", "zero"]
     with Image.open(tmp_path / "drawn" / "picture.png") as drawn:
-        assert drawn.size == (48, 32)
+        assert drawn.size == (48 * 8, 32 * 8)  # drawn enlarged: 32 px is under MIN_DRAWN_SIDE
     triton = _run([reviewkd, "triton", run, "--out", tmp_path / "repo"], cwd=tmp_path)
     assert triton.returncode == 0, triton.stderr
     assert "fcos_small_student_onnx: onnxruntime_onnx" in triton.stdout

@@ -295,7 +295,7 @@ def test_a_detection_run_is_served_without_torch(tmp_path: Path) -> None:
     assert [d["class"] for d in prediction["detections"]] == ["two", "zero"]
     assert prediction["detections"][0]["box"] == [4.0, 6.0, 20.0, 24.0]
     with Image.open(tmp_path / "drawn" / "picture.png") as drawn:
-        assert drawn.size == (48, 32)
+        assert drawn.size == (48 * 8, 32 * 8)  # drawn enlarged: 32 px is under MIN_DRAWN_SIDE
     assert (tmp_path / "repo" / "fcos_small_student_onnx" / "1" / "model.onnx").is_file()
 
     completed = subprocess.run(
