@@ -64,7 +64,6 @@ from deploy.paired_stats import (
     PairedComparison,
     Verdict,
     judge_agreement,
-    judge_agreement_look,
     judge_drop,
     proportion_interval,
 )
@@ -261,7 +260,9 @@ def evaluate_gates(
     drop's 95% interval; its record adds "verdict" ("ok", "failed", "inconclusive"), "interval"
     (points) and, when inconclusive, "images_needed" and the "reason". With `agreement_interval`
     (random inputs), min_agreement is judged on the agreement's 95% interval over parity.n inputs
-    (deploy.paired_stats.judge_agreement), with the same record fields.
+    (deploy.paired_stats.judge_agreement), with the same record fields. With `interim_confidence`
+    (an interim look of a sequential check), min_agreement is judged on its interval at that
+    confidence and passes only when the whole interval lies at or above the minimum.
     """
     checks = []
     for name, threshold in gates.items():
@@ -288,19 +289,16 @@ def evaluate_gates(
             inconclusive = verdict.status == Status.INCONCLUSIVE
             passed = verdict.status == Status.OK or (inconclusive and inconclusive_passes)
         count = _measured(measurement, "parity.n")
-        if name == "min_agreement" and agreement_interval and value is not None and count:
+        interim = interim_confidence is not None
+        if name == "min_agreement" and (agreement_interval or interim) and value is not None and count:
             agreed = round(value * count / 100)
-            verdict = judge_agreement(agreed, int(count), threshold)
-            low, high = proportion_interval(agreed, int(count))
+            confidence = interim_confidence if interim_confidence is not None else DEFAULT_CONFIDENCE
+            verdict = judge_agreement(agreed, int(count), threshold, confidence, interim=interim)
+            low, high = proportion_interval(agreed, int(count), confidence)
             extra = {"verdict": verdict.status, "interval": [100 * low, 100 * high], "reason": verdict.reason}
             inconclusive = verdict.status == Status.INCONCLUSIVE
-            passed = verdict.status == Status.OK or (inconclusive and inconclusive_passes)
-        if name == "min_agreement" and interim_confidence is not None and value is not None and count:
-            agreed = round(value * count / 100)
-            verdict = judge_agreement_look(agreed, int(count), threshold, interim_confidence)
-            low, high = proportion_interval(agreed, int(count), interim_confidence)
-            extra = {"verdict": verdict.status, "interval": [100 * low, 100 * high], "reason": verdict.reason}
-            passed = verdict.status == Status.OK
+            # An interim look passes only a resolved gate: an unresolved one looks at more images.
+            passed = verdict.status == Status.OK or (inconclusive and inconclusive_passes and not interim)
         checks.append(
             {
                 "gate": name,

@@ -236,36 +236,37 @@ def proportion_interval(
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def judge_agreement(agreed: int, n: int, threshold_percent: float) -> Verdict:
-    """Hold a top-1 agreement of `agreed` out of `n` inputs against a minimum of `threshold_percent`.
+def judge_agreement(
+    agreed: int,
+    n: int,
+    threshold_percent: float,
+    confidence: float = DEFAULT_CONFIDENCE,
+    *,
+    interim: bool = False,
+) -> Verdict:
+    """Hold a top-1 agreement of `agreed` out of `n` inputs against a minimum of `threshold_percent`,
+    on its Wilson interval at `confidence`.
 
-    An agreement at or above the minimum passes; below it, the verdict is "failed" only when the
-    whole 95% interval lies below the minimum, else "inconclusive": the sample cannot tell one
-    flipped near-tie from a file that agrees less (63 of 64 against 99%).
+    The verdict is "failed" only when the whole interval lies below the minimum: the sample cannot
+    tell one flipped near-tie from a file that agrees less (63 of 64 against 99%). A final verdict
+    passes an agreement at or above the minimum; an `interim` one (a sequential check's interim
+    look, deploy.gates) passes only when the whole interval lies at or above it, so that the check
+    stops early only on a resolved gate. Anything else is "inconclusive".
     """
-    low, high = proportion_interval(agreed, n)
-    observed = f"{100 * agreed / n:.2f}% of {n:,} agree (95% CI [{100 * low:.2f}, {100 * high:.2f}])"
-    if 100 * agreed >= threshold_percent * n:
+    low, high = proportion_interval(agreed, n, confidence)
+    shown = f"{100 * confidence:.4g}% CI [{100 * low:.2f}, {100 * high:.2f}]"
+    observed = f"{100 * agreed / n:.2f}% of {n:,} agree ({shown})"
+    if interim and 100 * low >= threshold_percent:
+        return Verdict(Status.OK, f"{observed}: all of it at or above the {threshold_percent:g}% minimum")
+    if not interim and 100 * agreed >= threshold_percent * n:
         return Verdict(Status.OK, f"{observed}: at or above the {threshold_percent:g}% minimum")
     if 100 * high < threshold_percent:
         return Verdict(Status.FAILED, f"{observed}: significantly below the {threshold_percent:g}% minimum")
+    if interim:
+        return Verdict(
+            Status.INCONCLUSIVE, f"inconclusive: {observed} straddles the {threshold_percent:g}% minimum"
+        )
     return Verdict(
         Status.INCONCLUSIVE,
         f"inconclusive: {n:,} inputs cannot resolve a {threshold_percent:g}% agreement minimum ({observed})",
     )
-
-
-def judge_agreement_look(agreed: int, n: int, threshold_percent: float, confidence: float) -> Verdict:
-    """Hold an agreement of `agreed` out of `n` against a minimum of `threshold_percent` at an interim
-    look of a sequential check, on its Wilson interval at the look's `confidence`: "ok" when the
-    whole interval lies at or above the minimum, "failed" when it lies wholly below, else
-    "inconclusive" (the check looks at more images; its last look judges the point estimate)."""
-    low, high = proportion_interval(agreed, n, confidence)
-    shown = f"{100 * confidence:.4g}% CI [{100 * low:.2f}, {100 * high:.2f}]"
-    observed = f"{100 * agreed / n:.2f}% of {n:,} agree ({shown})"
-    if 100 * low >= threshold_percent:
-        return Verdict(Status.OK, f"{observed}: all of it at or above the {threshold_percent:g}% minimum")
-    if 100 * high < threshold_percent:
-        return Verdict(Status.FAILED, f"{observed}: all of it below the {threshold_percent:g}% minimum")
-    straddles = f"inconclusive: {observed} straddles the {threshold_percent:g}% minimum"
-    return Verdict(Status.INCONCLUSIVE, straddles)

@@ -321,9 +321,8 @@ class LayerwiseSetup:
     """What export.layerwise compares a run's fp32 file and a lower-precision one on: `images`
     (float32 NCHW, as the files take them; `source` says which), the tensors both files share where
     the comparison ends (`end_outputs`, named `end_label`: only the nodes they depend on are
-    compared), and
-    `end_metric(fp32 file, candidate file)`, the task's metric of both as deployed, or None for a
-    task whose end outputs say it all (a classifier's logits)."""
+    compared), and `end_metric(fp32 file, candidate file)`, the task's metric of both as deployed,
+    or None for a task whose end outputs say it all (a classifier's logits)."""
 
     images: np.ndarray
     source: str
