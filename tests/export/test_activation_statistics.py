@@ -97,6 +97,39 @@ def test_the_int8_files_equal_the_three_pass_ones(tmp_path: Path, flavour: str) 
             assert written[0] == written[1], method
 
 
+class _FullCacheQuantizer(Int8Quantizer):
+    """Int8Quantizer whose calibration cache holds every range's histogram too, as ORT saves it."""
+
+    def _calibration_cache(self) -> Path | None:
+        from onnxruntime.quantization.calibrate import save_tensors_data
+
+        path = Path(self._tmp.name) / "full.json"
+        save_tensors_data(self.statistics.ranges(self.method, self.flavour.symmetric_activations), path)
+        return path
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "trt"])
+def test_the_calibration_cache_holds_only_the_ranges_and_writes_the_same_file(
+    tmp_path: Path, flavour: str
+) -> None:
+    fp32 = export_onnx(tiny_net(), tmp_path / "fp32.onnx")
+    with ActivationStatistics(fp32, _batches()) as statistics:
+        for method in CALIBRATION_METHODS:
+            written = []
+            for quantizer_type in (Int8Quantizer, _FullCacheQuantizer):
+                path = tmp_path / f"{method}.{quantizer_type.__name__}.onnx"
+                with quantizer_type(
+                    fp32, _batches(), flavour=flavour, method=method, statistics=statistics
+                ) as q:
+                    q.write(path)
+                    cache = q._calibration_cache()
+                    assert cache is not None
+                    written.append((path.read_bytes(), "hist" in cache.read_text()))
+            (slim, slim_has_histograms), (full, full_has_histograms) = written
+            assert slim == full, method
+            assert not slim_has_histograms and (full_has_histograms or method == "minmax"), method
+
+
 def test_the_model_runs_once_over_the_images_for_every_method_and_flavour(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
