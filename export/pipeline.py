@@ -311,9 +311,11 @@ def _produce_int8(context: ExportContext, name: str) -> bool:
         statistics=shared.statistics,
         clock=context.timer.clock(fmt.file),
     )
-    floats = [layer["module"] for layer in desc.get("mixed_precision", {}).get("float_layers", [])]
+    search = desc.get("mixed_precision", {})
+    floats = [layer["module"] for layer in search.get("float_layers", [])]
     method = desc["calibration"]["method"]
-    context.log(f"  calibration: {method}; float layers: {', '.join(floats) or 'none'}")
+    judged = f" ({len(search['steps'])} files judged)" if search else ""
+    context.log(f"  calibration: {method}; float layers: {', '.join(floats) or 'none'}{judged}")
     return _check_and_record(context, fmt.file, "int8", precision="int8", **desc)
 
 
