@@ -569,3 +569,22 @@ def test_dla_engines_are_built_from_the_fp16_and_int8_files_only(
     assert summary.skipped["tensorrt/fp32"] == "the DLA computes in fp16 and int8 only"
     assert "no checked export/student.int8.trt.onnx" in summary.skipped["tensorrt/int8"]
     assert "export/student.fp16.plan" in summary.files
+
+
+def test_the_pytorch_reference_runs_channels_last_on_a_copy_and_matches_the_model() -> None:
+    from tests.helpers import INPUT_SHAPE, tiny_net
+
+    model = tiny_net()
+    layouts: list[bool] = []
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((n, *INPUT_SHAPE)).astype(np.float32) for n in (5, 3)]
+    with torch.no_grad():
+        expected = np.concatenate([model(torch.from_numpy(b)).numpy() for b in batches])
+    # The copy's hooks are the model's: each call records the layout its input arrived in.
+    model.register_forward_pre_hook(
+        lambda _module, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    logits = pipeline.torch_logits(model, batches)
+    assert layouts == [True, True]
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters() if p.dim() == 4)  # the model is untouched
