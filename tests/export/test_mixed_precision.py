@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -22,6 +22,9 @@ from tests.helpers import export_onnx
 
 SHAPE = (3, 8, 8)
 SPREAD = 1e-3  # channel 0 of the fragile conv's input is divided by this: a 1000x activation range
+
+
+NetT = TypeVar("NetT", bound=nn.Module)
 
 
 def _quadrant_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,10 +68,8 @@ class FragileNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.fixture(scope="module")
-def fragile_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = FragileNet()
+def _trained_on_quadrants(model: NetT) -> NetT:
+    """`model` trained for 100 steps on the quadrant images (seeded), in eval mode."""
     images, labels = _quadrant_images(2000, 0)
     optimizer = torch.optim.Adam(model.parameters(), 2e-2)
     threads = torch.get_num_threads()
@@ -82,7 +83,13 @@ def fragile_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
         loss.backward()
         optimizer.step()
     torch.set_num_threads(threads)
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def fragile_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = _trained_on_quadrants(FragileNet())
     with torch.no_grad():
         model.spread.divisor[0, 0] = SPREAD
         model.fragile.weight[:, 0] *= SPREAD
@@ -222,21 +229,7 @@ FRAGILE_COUNT = 6
 @pytest.fixture(scope="module")
 def chain_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model = FragileChain()
-    images, labels = _quadrant_images(2000, 0)
-    optimizer = torch.optim.Adam(model.parameters(), 2e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for step in range(100):
-        pick = np.random.default_rng(step).integers(0, len(images), 32)
-        loss = nn.functional.cross_entropy(
-            model(torch.from_numpy(images[pick])), torch.from_numpy(labels[pick])
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    torch.set_num_threads(threads)
-    model.eval()
+    model = _trained_on_quadrants(FragileChain())
     with torch.no_grad():
         for spread, fragile in zip(model.spreads, model.fragiles, strict=True):
             spread.divisor[0, 0] = SPREAD
