@@ -145,6 +145,18 @@ def format_keys(artifacts: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     return keys
 
 
+# The files `reviewkd quantize` writes (quantization-aware fine-tuning), by format label:
+# "int8-qad" for ONNX Runtime's CPU kernels, "int8-qad-trt" for TensorRT.
+QAD_FILES: dict[str, str] = {
+    format_label(file, "int8"): file for file in (run_layout.QAD_CPU_ONNX, run_layout.QAD_TRT_ONNX)
+}
+# The lower-precision ONNX files a run may hold, by format label, each of which `reviewkd
+# layerwise` compares with the run's fp32 file: export's fp16 and int8 files, then QAD's.
+LOWER_PRECISION_FILES: dict[str, str] = {
+    **{name: spec.file for name, spec in ONNX_FORMATS.items() if spec.precision != "fp32"},
+    **QAD_FILES,
+}
+
 # A run's format key -> the `reviewkd export --formats` name that writes its file.
 _EXPORT_FORMAT_OF_KEY: dict[str, str] = {
     f"{BACKEND_OF_KIND[spec.kind]}/{format_label(spec.file, spec.precision)}": name
@@ -164,7 +176,7 @@ def export_advice(run_dir: str | os.PathLike[str], key: str | None = None) -> st
     if backend == BACKEND_OF_KIND["tensorrt"]:
         return f"`reviewkd export {run_dir} --formats {TENSORRT_FORMAT}` (TensorRT and a GPU, no PyTorch)"
     label = key.partition("/")[2] if key else ""
-    if label.startswith("int8-qad"):
+    if label in QAD_FILES:
         command = f"`reviewkd quantize {run_dir}`"
     elif key in _EXPORT_FORMAT_OF_KEY:
         command = f"`reviewkd export {run_dir} --formats {_EXPORT_FORMAT_OF_KEY[key]}`"

@@ -47,7 +47,7 @@ import onnx
 from deploy import run_layout
 from deploy.errors import UsageError
 from deploy.fileio import atomic_output, ensure_writable_dir, write_text_atomic
-from deploy.formats import EFFICIENT_NMS, ONNX_FORMATS
+from deploy.formats import EFFICIENT_NMS, LOWER_PRECISION_FILES, ONNX_FORMATS, QAD_FILES
 from deploy.manifest import Manifest, read_manifest, verify_artifact
 from deploy.optional import optional_import, require_installed
 from deploy.predict import check_export_is_current
@@ -374,17 +374,15 @@ LAYERWISE_PREFIX = "layerwise_"  # RUN/report/layerwise_<format>.{md,json,png}, 
 
 def comparable_files() -> dict[str, tuple[str, str]]:
     """Format label -> (run-relative file, the command that writes it) for every file layerwise
-    compares with fp32: export's fp16 and int8 files and the QAD files of `reviewkd quantize`."""
+    compares with fp32 (deploy.formats.LOWER_PRECISION_FILES): export's fp16 and int8 files and the
+    QAD files of `reviewkd quantize`."""
 
-    files = {
-        name: (fmt.file, f"reviewkd export RUN --formats onnx,{name}")
-        for name, fmt in ONNX_FORMATS.items()
-        if name != "onnx"
-    }
-    quantize = "reviewkd quantize RUN --epochs N"
-    files["int8-qad"] = (run_layout.QAD_CPU_ONNX, quantize)
-    files["int8-qad-trt"] = (run_layout.QAD_TRT_ONNX, quantize)
-    return files
+    def command(label: str) -> str:
+        if label in QAD_FILES:
+            return "reviewkd quantize RUN --epochs N"
+        return f"reviewkd export RUN --formats onnx,{label}"
+
+    return {label: (file, command(label)) for label, file in LOWER_PRECISION_FILES.items()}
 
 
 def _exported_file(run: Path, manifest: Manifest, rel: str, command: str) -> Path:

@@ -6,9 +6,16 @@ layerwise RUN --format onnxruntime/int8-trt [--images N]
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 
+from deploy.formats import LOWER_PRECISION_FILES, QAD_FILES
 from deploy.optional import optional_import
+
+
+def _labels(labels: Iterable[str]) -> str:
+    """Format labels as --format takes them: "onnxruntime/int8, onnxruntime/fp16"."""
+    return ", ".join(f"onnxruntime/{label}" for label in labels)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--format",
         default="onnxruntime/int8-trt",
         help=(
-            "onnxruntime/int8, onnxruntime/int8-trt, onnxruntime/fp16, or the QAD files of `reviewkd "
-            "quantize`: onnxruntime/int8-qad, onnxruntime/int8-qad-trt (default onnxruntime/int8-trt)"
+            f"{_labels(label for label in LOWER_PRECISION_FILES if label not in QAD_FILES)}, or the QAD"
+            f" files of `reviewkd quantize` (a classifier's): {_labels(QAD_FILES)} (default"
+            " onnxruntime/int8-trt)"
         ),
     )
     parser.add_argument("--images", type=int, default=64, help="images to compare on (default 64)")
