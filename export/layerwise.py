@@ -433,7 +433,7 @@ def debug_run(
     require_installed("matplotlib", "layerwise's plot")
     manifest = read_manifest(run)
     spec = task_of(manifest, str(run / run_layout.MANIFEST))
-    if fmt not in ONNX_FORMATS and not spec.is_ready("quantize"):  # the QAD files
+    if fmt in QAD_FILES and not spec.is_ready("quantize"):
         raise UsageError(
             f"--format {target}: a {spec.name} run has no QAD files; quantize is not available:"
             f" {spec.deploy_skip_reason}"

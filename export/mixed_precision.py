@@ -153,18 +153,33 @@ class SearchStep:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class MixedPrecision:
-    """The search's outcome: the float layers, the drop reached, every judged file in the order judged."""
+    """The search's outcome: every judged file in the order judged (the all-int8 file first), the
+    float layers of the one written (the ranking's first len(float_layers), a judged step), the
+    ranking, and whether the written file met the budget."""
 
     budget: float  # points
-    full_int8: BudgetJudgement  # every layer quantized
-    written: BudgetJudgement  # the file written
     decided_by: str  # "interval", or "point estimate" where the held-out images cannot confirm
+    steps: list[SearchStep]
     float_layers: list[Sensitivity] = field(default_factory=list)
-    steps: list[SearchStep] = field(default_factory=list)  # the all-int8 file first
     ranking: list[Sensitivity] = field(default_factory=list)
     met: bool = True
+
+    @property
+    def full_int8(self) -> BudgetJudgement:
+        """The judgement of the file with every layer quantized."""
+        return self.steps[0].judgement
+
+    @property
+    def written_step(self) -> SearchStep:
+        """The judged step of the file written."""
+        return next(step for step in self.steps if step.float_count == len(self.float_layers))
+
+    @property
+    def written(self) -> BudgetJudgement:
+        """The judgement of the file written."""
+        return self.written_step.judgement
 
     @property
     def full_int8_drop(self) -> float:
@@ -178,7 +193,6 @@ class MixedPrecision:
 
     def as_dict(self) -> dict[str, Any]:
         """The manifest's record."""
-        written = [step.latency_ms for step in self.steps if step.float_count == len(self.float_layers)]
         return {
             "budget_points": self.budget,
             "decided_by": self.decided_by,
@@ -188,8 +202,8 @@ class MixedPrecision:
             "float_layers": [layer.as_dict() for layer in self.float_layers],
             "steps": [step.as_dict() for step in self.steps],
             "latency_ms_batch32": {
-                "all_int8": self.steps[0].latency_ms if self.steps else None,
-                "written": written[0] if written else None,
+                "all_int8": self.steps[0].latency_ms,
+                "written": self.written_step.latency_ms,
             },
             "ranking": [layer.as_dict() for layer in self.ranking[:10]],
         }
@@ -327,25 +341,23 @@ def fit_budget(
                 judged[count] = SearchStep(count, judgement, meets(judgement), _batch32_ms(path, images))
             return judged[count]
 
-        full = step_with([], 0)
         unconfirmable = (
             f"point estimate: {len(labels):,} held-out images cannot confirm a {budget:g}-point budget"
         )
         decided_by = "interval" if by_interval else unconfirmable
-        result = MixedPrecision(budget, full.judgement, full.judgement, decided_by)
-        if not full.met:
+        ranking: list[Sensitivity] = []
+        count, met = 0, step_with(ranking, 0).met
+        if not met:
             ranking_images = first_images(images, RANKING_IMAGES)
             ranked_count = sum(len(b) for b in ranking_images)
             ranking = rank_layers(
                 quantizer, ranking_images, labels[:ranked_count], reference[:ranked_count], work
             )
-            result.ranking = ranking
             fewest = search_float_count(lambda k: step_with(ranking, k).met, len(ranking))
-            result.met = fewest is not None
+            met = fewest is not None
+            # search_float_count judged it: the smallest that met, or, where none did, every layer.
             count = len(ranking) if fewest is None else fewest
-            result.float_layers = ranking[:count]
-            result.written = step_with(ranking, count).judgement
-        result.steps = list(judged.values())
+        result = MixedPrecision(budget, decided_by, list(judged.values()), ranking[:count], ranking, met)
     excluded = [layer.node for layer in result.float_layers]
     description = quantizer.write(
         dst,

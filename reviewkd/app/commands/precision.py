@@ -40,8 +40,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="onnxruntime/int8-trt",
         help=(
             f"{_labels(label for label in LOWER_PRECISION_FILES if label not in QAD_FILES)}, or the QAD"
-            f" files of `reviewkd quantize` (a classifier's): {_labels(QAD_FILES)} (default"
-            " onnxruntime/int8-trt)"
+            f" files of `reviewkd quantize` (a classifier's): {_labels(QAD_FILES)} (default %(default)s)"
         ),
     )
     parser.add_argument("--images", type=int, default=64, help="images to compare on (default 64)")
