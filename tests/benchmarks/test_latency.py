@@ -376,5 +376,7 @@ def test_a_cpu_hog_marks_a_real_measurement_noisy(tmp_path: Path) -> None:
     assert entry["threads"]["intra_op"] == 1
     assert set(entry["machine_state"]) == {"cpu", "nvidia_gpus", "jetson"}
     # The paired comparison cancels load that slows both alike, and says there was load to cancel.
-    (flag,) = same["batches"]["1"]["machine_flags"]
-    assert flag.startswith("other processes used") and same["machine_state"]["cpu"]
+    # Other flags may join it: on a VM the hypervisor can steal time too (seen in a CI run).
+    flags = same["batches"]["1"]["machine_flags"]
+    assert any(flag.startswith("other processes used") for flag in flags), flags
+    assert same["machine_state"]["cpu"]
