@@ -17,8 +17,9 @@ Layout (docs/METHOD.md section 5.1); every stage adds to it and rewrites it atom
                      TensorRT entries also carry "precision" ("fp32", "fp16", "int8", ...)
     detection        a detector's post-processing, as its exported files embed it: {"max_detections"
                      (K, rows per image), "score_threshold", "iou_threshold"} (DetectionSettings)
-    export           the latest export: its checks, failures, calibration and "timing"
-                     (ExportTiming: wall and CPU seconds of each stage per file)
+    export           the latest export: its checks, failures, calibration, "timing"
+                     (ExportTiming: wall and CPU seconds of each stage per file) and
+                     "check_device" (CheckDeviceRecord: where its references and checks computed)
 
 `read_manifest` checks this shape once, where the file is read, so no reader meets a KeyError
 later; `input_spec` is the one parser of the input block. The checks hold the manifest to what
@@ -100,6 +101,17 @@ class ExportTiming(TypedDict):
     total_cpu_s: float
     untimed_wall_s: float
     untimed_cpu_s: float
+
+
+class CheckDeviceRecord(TypedDict):
+    """manifest["export"]["check_device"]: where the latest export computed its PyTorch references
+    ("torch") and ran its ONNX files' checks, scores and searches ("onnxruntime"), each "cpu" or
+    "cuda" (the ONNX Runtime CPU int8 flavour always on the CPU), and why `--check-device auto` left
+    one of them on the CPU ("notes")."""
+
+    torch: str
+    onnxruntime: str
+    notes: list[str]
 
 
 class DetectionBlock(TypedDict):

@@ -141,10 +141,15 @@ class MethodScore:
 
 
 def score(
-    path: str | os.PathLike[str], reference: np.ndarray, held_out: Sequence[np.ndarray], method: str
+    path: str | os.PathLike[str],
+    reference: np.ndarray,
+    held_out: Sequence[np.ndarray],
+    method: str,
+    device: str = "cpu",
 ) -> MethodScore:
-    """Score the int8 file at `path` against the fp32 `reference` logits of `held_out`."""
-    logits = run_onnx(path, held_out).astype(np.float64)
+    """Score the int8 file at `path`, run on `device` (export.check.run_onnx), against the fp32
+    `reference` logits of `held_out`."""
+    logits = run_onnx(path, held_out, device).astype(np.float64)
     ref = reference.astype(np.float64)
     return MethodScore(
         method,
@@ -154,7 +159,7 @@ def score(
 
 
 def race(
-    candidates: Mapping[str, Path], reference: np.ndarray, held_out: Sequence[np.ndarray]
+    candidates: Mapping[str, Path], reference: np.ndarray, held_out: Sequence[np.ndarray], device: str = "cpu"
 ) -> list[MethodScore]:
     """Score each candidate int8 file against the fp32 `reference` logits of `held_out`, dropping a
     candidate as soon as it is clearly behind.
@@ -166,10 +171,11 @@ def race(
     RACE_CONFIDENCE (export.race.clearly_above) drops out: the full race would almost surely rank it behind.
     Returns every candidate's score over the images it ran on (`images`); the ones that finished
     ran on all of them, and `best_method` of those is the full race's choice unless a dropped
-    candidate's 0.1% chance of coming back came true.
+    candidate's 0.1% chance of coming back came true. The candidates run on `device`
+    (export.check.open_check_session).
     """
     ref = reference.astype(np.float64)
-    sessions = {method: open_check_session(path) for method, path in candidates.items()}
+    sessions = {method: open_check_session(path, device) for method, path in candidates.items()}
     errors: dict[str, list[np.ndarray]] = {method: [] for method in candidates}
     agreements: dict[str, list[np.ndarray]] = {method: [] for method in candidates}
     running = list(candidates)
@@ -207,6 +213,7 @@ def quantize_calibrated(
     held_out_reference: np.ndarray | None = None,
     statistics: ActivationStatistics | None = None,
     clock: StageClock = untimed,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Write the int8 `flavour` of `fp32_path` to `dst`, with `method` or, for "auto", the best one.
 
@@ -223,7 +230,8 @@ def quantize_calibrated(
     `clock` times the stages: "calibration statistics" (that pass, where it runs here),
     "calibrate <method>" (the method's ranges, and for "auto" writing that candidate), "score race"
     (the candidates on the held-out images, `race`), then "mixed-precision" (the search and the
-    final write) or "quantize" (the write without a budget).
+    final write) or "quantize" (the write without a budget). The fp32 file, the candidates and the
+    search's files run on `device` (export.check.run_onnx; the ONNX Runtime CPU flavour on the CPU).
     """
     if method not in METHOD_CHOICES:
         raise UsageError(f"--calib-method {method!r}: expected one of {', '.join(METHOD_CHOICES)}")
@@ -234,7 +242,7 @@ def quantize_calibrated(
     record = data.describe()
     if held_out_reference is None and data.held_out:
         with clock("fp32 reference"):
-            held_out_reference = run_onnx(fp32_path, data.held_out)
+            held_out_reference = run_onnx(fp32_path, data.held_out, device)
     with contextlib.ExitStack() as stack:
         if statistics is None:
             statistics = stack.enter_context(ActivationStatistics(fp32_path, data.calibration))
@@ -243,7 +251,7 @@ def quantize_calibrated(
         if method == AUTO:
             assert held_out_reference is not None  # held-out images exist: checked above
             quantizer = _best_quantizer(
-                stack, fp32_path, data, flavour, record, held_out_reference, statistics, clock
+                stack, fp32_path, data, flavour, record, held_out_reference, statistics, clock, device
             )
         else:
             with clock(f"calibrate {method}"):
@@ -266,6 +274,7 @@ def quantize_calibrated(
                 budget=max_top1_drop,
                 calibration_record=record,
                 reference=held_out_reference,
+                device=device,
             )
         return description
 
@@ -289,10 +298,11 @@ def _best_quantizer(
     reference: np.ndarray,
     statistics: ActivationStatistics,
     clock: StageClock,
+    device: str,
 ) -> Int8Quantizer:
     """Quantize with every method, race them against the fp32 `reference` logits of the held-out
-    images (`race`), record the scores in `record`, and return the quantizer of the best method that
-    finished (kept open on `stack`)."""
+    images (`race`, on `device`), record the scores in `record`, and return the quantizer of the
+    best method that finished (kept open on `stack`)."""
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reviewkd-calib-")))
     # The first DEFAULT_HELD_OUT held-out images score; the rest are there for the budget's interval.
     scoring = first_images(data.held_out, DEFAULT_HELD_OUT)
@@ -308,7 +318,7 @@ def _best_quantizer(
             quantizers[candidate] = quantizer
             quantizer.write(tmp / f"{candidate}.onnx")
     with clock("score race"):
-        scores = race({m: tmp / f"{m}.onnx" for m in CALIBRATION_METHODS}, reference, scoring)
+        scores = race({m: tmp / f"{m}.onnx" for m in CALIBRATION_METHODS}, reference, scoring, device)
     finished = [s for s in scores if s.images == len(reference)]
     best = best_method(finished)
     record["selected_by"] = SELECTED_BY

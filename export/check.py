@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy.errors import UsageError
+from deploy.errors import MissingDependencyError, UsageError
 from deploy.gates import (
     DEFAULT_GATES,
     GATE_METRICS,
@@ -39,8 +39,17 @@ from deploy.gates import (
     resolved,
     sequential_looks,
 )
+from deploy.gpu import current_gpu
+from deploy.manifest import CheckDeviceRecord
 from deploy.paired_stats import DEFAULT_CONFIDENCE, compare_predictions
-from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
+from deploy.runners.onnxruntime_runner import (
+    CUDA_PROVIDER,
+    available_providers,
+    check_session_providers,
+    open_session_on,
+    provider_options,
+    providers_for_device,
+)
 from deploy.status import Status
 
 # The parity numbers of `compare` the gates read.
@@ -74,29 +83,107 @@ def session_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def open_check_session(path: str | os.PathLike[str]) -> Any:
-    """A CPU session on the ONNX file at `path` as export's checks, scores and searches run it.
+# --check-device's choices: where an export computes its references and runs its files.
+CHECK_DEVICES = ("auto", "cpu", "cuda")
 
-    It is opened as deploy opens it (`open_session`): a file whose int8 description asks for it runs
-    its Q/DQ pairs unfused, as TensorRT computes them, exactly as `reviewkd validate` runs it. Its
+
+@dataclass(frozen=True)
+class CheckDevice:
+    """Where one export computes (`--check-device`): the PyTorch references on `torch`, and the
+    checks, scores and mixed-precision searches of its ONNX files on `onnxruntime`, each "cpu" or
+    "cuda". On "cuda" every file still computes what it computes where it is deployed
+    (deploy.runners.onnxruntime_runner.open_session_on): the ONNX Runtime CPU int8 flavour, whose
+    integer kernels are the CPU provider's, always runs on the CPU. `notes` say why "auto" left one
+    of them on the CPU. Calibration statistics and the search's latency timings run on the CPU."""
+
+    torch: str = "cpu"
+    onnxruntime: str = "cpu"
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> CheckDeviceRecord:
+        """The manifest's record (manifest["export"]["check_device"])."""
+        return {"torch": self.torch, "onnxruntime": self.onnxruntime, "notes": list(self.notes)}
+
+
+CPU_CHECKS = CheckDevice()
+
+
+def onnxruntime_cuda_missing() -> str | None:
+    """Why ONNX Runtime cannot run a session on its CUDA provider here, or None when it can: the
+    provider must be installed, a GPU found, and a one-operator model must load on it with TF32 off
+    (installed is not loadable: onnxruntime-gpu lists the provider without a driver or cuDNN)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if CUDA_PROVIDER not in available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDA provider (onnxruntime-gpu is not installed)"
+    if current_gpu() is None:
+        return "onnxruntime lists its CUDA provider, but no NVIDIA GPU was found"
+    value = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ("x", "y")}
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [value["x"]], [value["y"]])
+    # IR version 8 is opset 18's: one every ONNX Runtime that runs export's files reads.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    providers = providers_for_device("cuda")
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(),
+            providers=providers,
+            provider_options=[provider_options(p) for p in providers],
+        )
+        loaded, options = session.get_providers(), session.get_provider_options()
+        check_session_providers(Path("<probe>"), providers, loaded, options)
+    except Exception as exc:  # onnxruntime raises its own exception types, none shared
+        lines = str(exc).strip().splitlines()
+        return f"onnxruntime's CUDA provider does not load: {lines[0] if lines else type(exc).__name__}"
+    return None
+
+
+def resolve_check_device(requested: str, torch_cuda_missing: str | None) -> CheckDevice:
+    """The CheckDevice of `--check-device requested`: "cpu" puts both on the CPU; "cuda" both on the
+    GPU, a MissingDependencyError (exit 3) when either cannot run there; "auto" each on the GPU where
+    it can run there, else on the CPU with the reason in `notes`. `torch_cuda_missing` is why PyTorch
+    cannot use a CUDA GPU here (None: it can); ONNX Runtime's is `onnxruntime_cuda_missing()`."""
+    if requested not in CHECK_DEVICES:
+        raise UsageError(f"--check-device {requested!r}: expected one of {', '.join(CHECK_DEVICES)}")
+    if requested == "cpu":
+        return CPU_CHECKS
+    missing = {"PyTorch": torch_cuda_missing, "ONNX Runtime": onnxruntime_cuda_missing()}
+    if requested == "cuda" and any(missing.values()):
+        reasons = "; ".join(f"{who}: {why}" for who, why in missing.items() if why)
+        raise MissingDependencyError(f"--check-device cuda: {reasons}; use --check-device cpu or auto")
+    notes = tuple(f"{who} on the CPU: {why}" for who, why in missing.items() if why)
+    return CheckDevice(
+        "cpu" if missing["PyTorch"] else "cuda", "cpu" if missing["ONNX Runtime"] else "cuda", notes
+    )
+
+
+def open_check_session(path: str | os.PathLike[str], device: str = "cpu") -> Any:
+    """A session on the ONNX file at `path` as export's checks, scores and searches run it.
+
+    It is opened as deploy opens it (`open_session_on`, on `device`): a file whose int8 description
+    asks for it runs its Q/DQ pairs unfused, as TensorRT computes them, exactly as `reviewkd
+    validate` runs it; the ONNX Runtime CPU int8 flavour runs on the CPU whatever `device` says. Its
     intra-op threads are `session_threads()`, and idle ones sleep rather than spin: ONNX Runtime's
     busy-waiting threads computed nothing and, beside another job on the CPUs, doubled the CPU time
     of a check (the digits student's files, 2 CPUs).
     """
-    return open_session(path, [CPU_PROVIDER], threads=session_threads(), spinning=False)[0]
+    return open_session_on(path, device, threads=session_threads(), spinning=False)[0]
 
 
-def run_onnx(path: str | os.PathLike[str], batches: Sequence[np.ndarray]) -> np.ndarray:
-    """Run an ONNX file on the CPU over `batches` and return the concatenated first output.
+def run_onnx(path: str | os.PathLike[str], batches: Sequence[np.ndarray], device: str = "cpu") -> np.ndarray:
+    """Run an ONNX file over `batches` and return the concatenated first output.
 
-    The session is `open_check_session`'s: the file's own semantics, as `reviewkd validate` runs it.
+    The session is `open_check_session`'s on `device`: the file's own semantics, as `reviewkd
+    validate` runs it.
     """
-    return np.concatenate(list(_logits_per_batch(path, batches)))
+    return np.concatenate(list(_logits_per_batch(path, batches, device)))
 
 
-def _logits_per_batch(path: str | os.PathLike[str], batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+def _logits_per_batch(
+    path: str | os.PathLike[str], batches: Iterable[np.ndarray], device: str
+) -> Iterator[np.ndarray]:
     """The file's first output on each batch in turn, from one session opened as `run_onnx` opens it."""
-    session = open_check_session(path)
+    session = open_check_session(path, device)
     input_name = session.get_inputs()[0].name
     for batch in batches:
         yield np.asarray(session.run(None, {input_name: batch})[0], dtype=np.float32)
@@ -206,12 +293,12 @@ def batch_looks(batches: Sequence[np.ndarray]) -> list[Look]:
 
 
 def sequential_logits(
-    path: str | os.PathLike[str], batches: Sequence[np.ndarray], looks: Sequence[Look]
+    path: str | os.PathLike[str], batches: Sequence[np.ndarray], looks: Sequence[Look], device: str = "cpu"
 ) -> Iterator[tuple[int, Look, np.ndarray]]:
     """(look number from 1, look, the file's logits on the images up to it) for each look in turn,
-    running only the batches each look needs; looks that batch boundaries merged are yielded once.
-    The caller stops iterating where a look resolves its question."""
-    logits = _logits_per_batch(path, batches)
+    running only the batches each look needs (on `device`, as `run_onnx`); looks that batch
+    boundaries merged are yielded once. The caller stops iterating where a look resolves its question."""
+    logits = _logits_per_batch(path, batches, device)
     outputs: list[np.ndarray] = []
     seen = 0
     for taken, look in enumerate(looks, start=1):
@@ -238,15 +325,17 @@ def check_file(
     batches: Sequence[np.ndarray],
     reference: np.ndarray,
     labels: np.ndarray | None,
+    device: str = "cpu",
 ) -> CheckResult:
-    """Run `path` on `batches` and hold its logits against the student's `reference` logits.
+    """Run `path` on `batches` (on `device`, as `run_onnx`) and hold its logits against the
+    student's `reference` logits.
 
     A sequential check (`check_looks`) stops at the first look that resolves every gate; its
     metrics["n"] is the images used, metrics["sequential"] the schedule and where it stopped.
     """
     looks = check_looks(precision, batches, labels)
     total = looks[-1].images
-    for taken, look, logits in sequential_logits(path, batches, looks):
+    for taken, look, logits in sequential_logits(path, batches, looks, device):
         seen = len(logits)
         seen_labels = None if labels is None else labels[:seen]
         metrics = compare(logits, reference[:seen], seen_labels, look.confidence)

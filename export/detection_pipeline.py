@@ -93,17 +93,24 @@ def split_training(
 
 
 class DetectionScorer:
-    """One image set with its ground truth, and the files' detections and mAP on it."""
+    """One image set with its ground truth, and the files' detections (run on `device`,
+    deploy.detection.onnx_run.detect_onnx) and mAP on it."""
 
     def __init__(
-        self, records: Sequence[ImageAnnotation], size: tuple[int, int], batch_size: int, classes: int
+        self,
+        records: Sequence[ImageAnnotation],
+        size: tuple[int, int],
+        batch_size: int,
+        classes: int,
+        device: str = "cpu",
     ):
         self.records = list(records)
         self.batches = list(image_batches(self.records, size, batch_size))
         self.classes = classes
+        self.device = device
 
     def detect(self, path: Path) -> list[Detections]:
-        return detect_onnx(path, self.batches, self.classes)
+        return detect_onnx(path, self.batches, self.classes, self.device)
 
     def matches(self, found: Sequence[Detections]) -> ImageMatches:
         return match_images(self.records, found, self.classes)

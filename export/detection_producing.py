@@ -79,26 +79,29 @@ def load_detector(run: Path, manifest: Manifest) -> torch.nn.Module:
     return load_run_detector(run, manifest)
 
 
-def detector_reference(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> list[Detections]:
-    """The detections PyTorch finds with the wrapper on every image of `batches`, in order."""
+def detector_reference(
+    model: torch.nn.Module, batches: Sequence[np.ndarray], device: str = "cpu"
+) -> list[Detections]:
+    """The detections PyTorch finds with the wrapper on every image of `batches`, in order, on `device`."""
     with optional_import(_ACTION):
         from reviewkd.detection.inference import torch_detections
 
-    return torch_detections(cast("Detector", model), batches)
+    return torch_detections(cast("Detector", model), batches, device)
 
 
 def held_out_scorer(
-    run: Path, manifest: Manifest, data: DetectionData, count: int, batch_size: int
+    run: Path, manifest: Manifest, data: DetectionData, count: int, batch_size: int, device: str = "cpu"
 ) -> DetectionScorer:
     """The first `count` images of the run's held-out split (`data.held_out`: its test split under
     data.val_split, else val) with their boxes, read at the manifest's input size: the images
-    export checks the files on, and layerwise compares them on."""
+    export checks the files on (running them on `device`), and layerwise compares them on."""
     with optional_import(_ACTION):
         from export.detection_pipeline import DetectionScorer
 
     spec = input_spec(manifest)
     records = data.held_out.images[:count]
-    scorer = DetectionScorer(records, (spec.shape[1], spec.shape[2]), batch_size, len(manifest["classes"]))
+    size = (spec.shape[1], spec.shape[2])
+    scorer = DetectionScorer(records, size, batch_size, len(manifest["classes"]), device)
     if not scorer.records:
         raise UsageError(f"{run}: the validation split has no images to check the exported files on")
     return scorer
@@ -113,11 +116,13 @@ def detection_check_images(request: CheckRequest) -> tuple[CheckImages, str]:
 
     with request.timer.shared("read check images"):
         data = build_detection_data(load_run_config(request.run))
+        options = request.options
         checks = held_out_scorer(
-            request.run, request.manifest, data, request.options.check_samples, request.options.batch_size
+            request.run, request.manifest, data, options.check_samples, options.batch_size,
+            request.device.onnxruntime,
         )
     with request.timer.shared("reference detections (PyTorch)"):
-        reference = detector_reference(request.model, checks.batches)
+        reference = detector_reference(request.model, checks.batches, request.device.torch)
     truth = DetectionTruth(checks, list(data.train.images))
     described = f"{len(checks.records)} validation images of the run"
     return CheckImages(checks.batches, reference, None, truth), described
@@ -294,7 +299,9 @@ def _calibration(context: ExportContext) -> tuple[list[np.ndarray], Any]:
         calibration = list(image_batches(calibration_records, size, options.batch_size))
         held_out = None
         if held_out_records:
-            held_out = DetectionScorer(held_out_records, size, options.batch_size, checks.classes)
+            held_out = DetectionScorer(
+                held_out_records, size, options.batch_size, checks.classes, context.device.onnxruntime
+            )
     context.recorder.block["calibration"] = {
         "method": options.calib_method,
         "samples": len(calibration_records),

@@ -252,8 +252,10 @@ def rank_layers(
     labels: np.ndarray,
     reference: np.ndarray,
     workdir: Path,
+    device: str = "cpu",
 ) -> list[Sensitivity]:
-    """Quantize each layer of `quantizer.prepared` alone and rank them, most sensitive first."""
+    """Quantize each layer of `quantizer.prepared` alone and rank them, most sensitive first, each
+    file run on `device` (export.check.run_onnx)."""
     graph = onnx.load(str(quantizer.prepared)).graph
     reference_top1 = _top1(reference, labels)
     ranked: list[Sensitivity] = []
@@ -262,7 +264,7 @@ def rank_layers(
             continue
         path = workdir / "alone.onnx"
         quantizer.write(path, only_nodes=[node.name])
-        logits = run_onnx(path, images)
+        logits = run_onnx(path, images, device)
         ranked.append(
             Sensitivity(
                 node.name,
@@ -299,6 +301,7 @@ def fit_budget(
     budget: float = DEFAULT_MAX_TOP1_DROP,
     calibration_record: dict[str, Any] | None = None,
     reference: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> tuple[dict[str, Any], MixedPrecision]:
     """Write `quantizer`'s int8 file to `dst` with the fewest float layers that meet `budget` points.
 
@@ -309,15 +312,16 @@ def fit_budget(
     and recorded as a step; the smallest that met is written. When no number of float layers meets
     the budget, the file with every ranked layer in float is written and the result says
     `met=False`. `reference` is the fp32 file's logits on `images` where the caller has
-    them (export computes them once for every int8 flavour); None runs the fp32 file here. Returns
-    (the file's description, the search).
+    them (export computes them once for every int8 flavour); None runs the fp32 file here. Every
+    file is judged on `device` (export.check.run_onnx; the batch-32 latencies are the CPU's).
+    Returns (the file's description, the search).
     """
     if budget < 0:
         raise UsageError(f"--max-top1-drop-int8 {budget}: expected >= 0 points")
     if not len(labels):
         raise UsageError("mixed precision needs held-out labelled training images; none were given")
     if reference is None:
-        reference = run_onnx(fp32_path, images)
+        reference = run_onnx(fp32_path, images, device)
     by_interval = confirmable(len(labels), budget)
     with tempfile.TemporaryDirectory(prefix="reviewkd-mixed-") as tmp:
         work = Path(tmp)
@@ -326,8 +330,9 @@ def fit_budget(
             path = work / f"float{len(excluded)}.onnx"
             quantizer.write(path, exclude_nodes=excluded)
             if by_interval:
-                return judge_budget(path, images, labels, reference, budget), path
-            comparison = compare_predictions(labels, reference.argmax(1), run_onnx(path, images).argmax(1))
+                return judge_budget(path, images, labels, reference, budget, device), path
+            logits = run_onnx(path, images, device)
+            comparison = compare_predictions(labels, reference.argmax(1), logits.argmax(1))
             return BudgetJudgement(comparison, judge_drop(comparison, budget)), path
 
         def meets(judgement: BudgetJudgement) -> bool:
@@ -351,7 +356,7 @@ def fit_budget(
             ranking_images = first_images(images, RANKING_IMAGES)
             ranked_count = sum(len(b) for b in ranking_images)
             ranking = rank_layers(
-                quantizer, ranking_images, labels[:ranked_count], reference[:ranked_count], work
+                quantizer, ranking_images, labels[:ranked_count], reference[:ranked_count], work, device
             )
             fewest = search_float_count(lambda k: step_with(ranking, k).met, len(ranking))
             met = fewest is not None
@@ -387,12 +392,14 @@ def judge_budget(
     labels: np.ndarray,
     reference: np.ndarray,
     budget: float,
+    device: str = "cpu",
 ) -> BudgetJudgement:
     """Hold the int8 file at `path` to `budget` points against the fp32 `reference` logits, on the
     held-out `images` in deploy.gates' sequential looks: stop at the first look whose paired interval
-    lies at or below the budget (ok) or above it (failed); else the last look's (inconclusive)."""
+    lies at or below the budget (ok) or above it (failed); else the last look's (inconclusive). The
+    file runs on `device` (export.check.run_onnx)."""
     reference_predictions = reference.argmax(1)
-    for _, look, logits in sequential_logits(path, images, batch_looks(images)):
+    for _, look, logits in sequential_logits(path, images, batch_looks(images), device):
         seen = len(logits)
         comparison = compare_predictions(
             labels[:seen], reference_predictions[:seen], logits.argmax(1), look.confidence

@@ -60,8 +60,8 @@ from deploy.optional import optional_import, require_installed
 from deploy.run_lock import locks_run
 from deploy.tasks import CLASSIFICATION, DETECTION, task_of
 from deploy.trt_sidecar import tensorrt_available
+from export.check import CHECK_DEVICES, check_file, resolve_check_device, run_onnx
 from export.check import UINT8_INPUT as UINT8_CHECK
-from export.check import check_file, run_onnx
 from export.detection_producing import DETECTION_EXPORT
 from export.engines import build_engines, produce_engines
 from export.producing import (
@@ -160,8 +160,9 @@ def run_batches(run: Path) -> BatchSource:
     return source
 
 
-def torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.ndarray:
-    """The model's outputs on each float32 NCHW batch, concatenated (classification's reference).
+def torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray], device: str = "cpu") -> np.ndarray:
+    """The model's outputs on each float32 NCHW batch, concatenated (classification's reference),
+    computed on `device` ("cpu" or "cuda": in full fp32, TF32 off, reviewkd.runtime.exact_fp32).
 
     Computed on a channels-last copy of the model, the inputs channels-last too: the same weights
     and arithmetic in another memory layout, which oneDNN runs much faster on depthwise convolutions
@@ -173,12 +174,25 @@ def torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.nd
     with optional_import("exporting ONNX files"):
         import torch
 
+        from reviewkd.runtime import exact_fp32
+
     layout = torch.channels_last
-    copied = copy.deepcopy(model).to(memory_format=layout)
-    with torch.no_grad():
-        return np.concatenate(
-            [copied(torch.from_numpy(b).contiguous(memory_format=layout)).float().numpy() for b in batches]
-        )
+    copied = copy.deepcopy(model).to(device).to(memory_format=layout)
+
+    def logits(batch: np.ndarray) -> np.ndarray:
+        inputs = torch.from_numpy(batch).to(device).contiguous(memory_format=layout)
+        return copied(inputs).float().cpu().numpy()
+
+    with torch.no_grad(), exact_fp32():
+        return np.concatenate([logits(b) for b in batches])
+
+
+def _torch_cuda_missing() -> str | None:
+    """Why PyTorch cannot compute on a CUDA GPU here, or None when it can."""
+    with optional_import("exporting ONNX files"):
+        import torch
+
+    return None if torch.cuda.is_available() else f"torch {torch.__version__} sees no CUDA GPU"
 
 
 def classification_layerwise(run: Path, manifest: Manifest, count: int) -> LayerwiseSetup:
@@ -205,7 +219,14 @@ def _check_and_record(
     images), record it (kept or renamed .failed) with `meta`, log the verdict; return passed."""
     images = checks or context.checks
     with context.timer.stage(rel, "check"):
-        result = check_file(context.run / rel, check_as, images.batches, images.reference, images.labels)
+        result = check_file(
+            context.run / rel,
+            check_as,
+            images.batches,
+            images.reference,
+            images.labels,
+            context.device.onnxruntime,
+        )
     passed = context.recorder.checked(rel, result, "onnx", **meta)
     context.log(f"  {rel}: {result.status} ({result.reason})")
     return passed
@@ -296,7 +317,7 @@ def _int8_inputs(context: ExportContext) -> Int8Inputs:
     reference = None
     if data.held_out:
         with context.timer.shared("held-out reference logits (fp32 ONNX)"):
-            reference = run_onnx(context.run / FP32_FILE, data.held_out)
+            reference = run_onnx(context.run / FP32_FILE, data.held_out, context.device.onnxruntime)
     statistics = ActivationStatistics(context.run / FP32_FILE, data.calibration)
     context.resources.enter_context(statistics)
     with context.timer.shared("calibration statistics"):
@@ -323,6 +344,7 @@ def _produce_int8(context: ExportContext, name: str) -> bool:
         held_out_reference=shared.held_out_reference,
         statistics=shared.statistics,
         clock=context.timer.clock(fmt.file),
+        device=context.device.onnxruntime,
     )
     search = desc.get("mixed_precision", {})
     floats = [layer["module"] for layer in search.get("float_layers", [])]
@@ -345,7 +367,7 @@ def _produce_uint8_input(context: ExportContext, name: str) -> bool:
         info = bake_preprocessing(context.run / FP32_FILE, context.run / rel, spec.mean, spec.std)
     with context.timer.stage(rel, "reference logits (PyTorch)"):
         pairs = [to_uint8_nhwc(b, spec.mean, spec.std) for b in context.checks.batches]
-        reference = torch_logits(context.model, [p[1] for p in pairs])
+        reference = torch_logits(context.model, [p[1] for p in pairs], context.device.torch)
     rounded = CheckImages([p[0] for p in pairs], reference, context.checks.labels)
     return _check_and_record(
         context, rel, UINT8_CHECK, rounded, precision=UINT8_INPUT.precision, flavour=UINT8_INPUT.flavour,
@@ -403,6 +425,9 @@ def _check_options(options: ExportOptions) -> ExportOptions:
             raise UsageError(f"{name} must be >= 1, got {value}")
     if options.held_out_samples is not None and options.held_out_samples < 0:
         raise UsageError(f"held_out_samples must be >= 0, got {options.held_out_samples}")
+    if options.check_device not in CHECK_DEVICES:
+        choices = ", ".join(CHECK_DEVICES)
+        raise UsageError(f"--check-device {options.check_device!r}: expected one of {choices}")
     return dataclasses.replace(options, opset=DEFAULT_OPSET if options.opset is None else options.opset)
 
 
@@ -457,7 +482,7 @@ def labelled_check_images(request: CheckRequest, task: ExportTask) -> tuple[Chec
         labels = None
         described = f"{count} random inputs (no image data: int8 skipped, accuracy not measured)"
     with timer.shared("reference logits (PyTorch)"):
-        reference = task.reference(request.model, batches)
+        reference = task.reference(request.model, batches, request.device.torch)
     return CheckImages(batches, reference, labels), described
 
 
@@ -502,6 +527,7 @@ def export_run(
     batch_size: int | None = None,
     opset: int | None = None,
     tensorrt: TensorRTOptions | None = None,
+    check_device: str = "auto",
     batches: BatchSource | None = None,
     log: Callable[[str], None] = lambda _msg: None,
     timer: StageTimer | None = None,
@@ -531,6 +557,9 @@ def export_run(
             the int8 gate judges the paired interval of the drop, which needs images).
         batch_size: images per batch of the checks and calibration (None: the task's default).
         opset: the ONNX opset (None: export.onnx_export.DEFAULT_OPSET).
+        check_device: where the PyTorch references and the files' checks, scores and searches
+            compute, one of export.check.CHECK_DEVICES (`resolve_check_device`: "auto" puts each on
+            a CUDA GPU where it can run there); recorded as manifest["export"]["check_device"].
         batches: the image source; None reads the run's data with reviewkd.data.iter_run_batches,
             or, for a run without config.yaml (a --model export without --data), checks on random
             inputs and skips int8.
@@ -543,7 +572,8 @@ def export_run(
     Raises:
         UsageError: no student, a bad manifest, an unwritable export folder, a bad option, a task
             export cannot make.
-        MissingDependencyError: an ONNX format was asked for and torch is not installed.
+        MissingDependencyError: an ONNX format was asked for and torch is not installed, or
+            check_device "cuda" where PyTorch or ONNX Runtime cannot use a CUDA GPU.
     """
     timer = timer or StageTimer()
     run = Path(run_dir)
@@ -571,8 +601,10 @@ def export_run(
             check_samples=check_samples,
             max_map_drop_int8=max_map_drop_int8,
             held_out_samples=held_out_samples,
+            check_device=check_device,
         )
     )
+    device = resolve_check_device(options.check_device, _torch_cuda_missing())
     model = task.load_model(run, manifest)
     ensure_writable_dir(run / run_layout.EXPORT_DIR)
     summary = ExportSummary(run)
@@ -580,18 +612,28 @@ def export_run(
     wanted, tensorrt_missing = _resolve_formats(task, wanted, recorder)
     has_data = batches is not None or run_layout.run_path(run, run_layout.CONFIG).is_file()
     source = batches if batches is not None else run_batches(run)
-    request = CheckRequest(run, manifest, model, source if has_data else None, options, timer)
+    log(f"PyTorch reference on {device.torch}; the ONNX files checked on {device.onnxruntime}")
+    for note in device.notes:
+        log(f"  {note}")
+    request = CheckRequest(run, manifest, model, source if has_data else None, options, timer, device)
     if task.check_images is not None:
         checks, summary.check_data = task.check_images(request)
     else:
         checks, summary.check_data = labelled_check_images(request, task)
     recorder.block.update(
-        {"check_data": summary.check_data, "opset": options.opset, "formats": wanted, "calibration": None}
+        {
+            "check_data": summary.check_data,
+            "check_device": device.describe(),
+            "opset": options.opset,
+            "formats": wanted,
+            "calibration": None,
+        }
     )
     context = ExportContext(
         run, manifest, model, recorder, timer, log, options, checks, source, has_data,
         data_seed=DATA_SEED if batches is None else None,
         tensorrt_missing=tensorrt_missing,
+        device=device,
         engine_sources=task.engine_sources,
     )
     requested = wanted + requested_extra

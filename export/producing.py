@@ -6,8 +6,9 @@ export.pipeline.EXPORT_TASKS:
 
 - `load_model(run, manifest)` returns the task's deployable wrapper of the run's trained model (for
   classification the bare student, whose output is the logits);
-- `reference(model, images)` computes the wrapper's outputs on a list of float32 NCHW batches, the
-  reference every exported file is checked against;
+- `reference(model, images, device)` computes the wrapper's outputs on a list of float32 NCHW
+  batches on `device` ("cpu" or "cuda", in full fp32), the reference every exported file is checked
+  against;
 - `producers` maps a format name of deploy.formats to its `FormatProducer`; the formats the task
   exports are these (by default every one but the opt-in uint8-input file, and TensorRT only
   where it can build); any other --formats is refused for the task;
@@ -73,7 +74,7 @@ from deploy.manifest import (
     write_manifest,
 )
 from deploy.predict import STUDENT_SHA256_KEY
-from export.check import CheckResult
+from export.check import CPU_CHECKS, CheckDevice, CheckResult
 from export.timing import StageTimer, timing_table
 
 if TYPE_CHECKING:
@@ -212,6 +213,7 @@ class ExportOptions:
     check_samples: int = 10_000
     max_map_drop_int8: float | None = DEFAULT_MAX_MAP_DROP_INT8
     held_out_samples: int | None = None  # None: the task's default
+    check_device: str = "auto"  # export.check.CHECK_DEVICES; resolved once into ExportContext.device
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,8 @@ class CheckImages:
 @dataclass(frozen=True)
 class CheckRequest:
     """What a task's `check_images` reads: the run, its wrapper, its images (None: no data) and the
-    export's options (check_samples, batch_size), with the timer its stages are timed on."""
+    export's options (check_samples, batch_size), with the timer its stages are timed on and the
+    device its reference and checks compute on."""
 
     run: Path
     manifest: Manifest
@@ -236,13 +239,17 @@ class CheckRequest:
     source: BatchSource | None
     options: ExportOptions
     timer: StageTimer
+    device: CheckDevice = CPU_CHECKS
 
 
 @dataclass
 class ExportContext:
     """What a producer reads and writes through: one per export_run (see the module docstring).
 
-    `source` gives the run's images by split (None where the run has none: `has_data` is False);
+    `device` says where the references and the files' checks, scores and searches compute
+    (export.check.CheckDevice: pass `device.torch` to the task's reference and `device.onnxruntime`
+    to every export.check session); `source` gives the run's images by split (None where the run has
+    none: `has_data` is False);
     `data_seed` is the seed of the training-image shuffle where known; `tensorrt_missing` is why
     TensorRT cannot build engines here (None: it can); `engine_sources` is the task's; `passed`
     maps each format produced so far to whether its file passed its check. `resources` holds what
@@ -262,6 +269,7 @@ class ExportContext:
     has_data: bool
     data_seed: int | None
     tensorrt_missing: str | None
+    device: CheckDevice = CPU_CHECKS
     engine_sources: Mapping[str, str] = field(default_factory=lambda: dict(STANDARD_ENGINE_SOURCES))
     passed: dict[str, bool] = field(default_factory=dict)
     resources: contextlib.ExitStack[None] = field(default_factory=contextlib.ExitStack)
@@ -337,7 +345,7 @@ class ExportTask:
     in the order they run."""
 
     load_model: Callable[[Path, Manifest], torch.nn.Module]
-    reference: Callable[[torch.nn.Module, Sequence[np.ndarray]], Any]
+    reference: Callable[[torch.nn.Module, Sequence[np.ndarray], str], Any]
     producers: Mapping[str, FormatProducer]
     check_images: Callable[[CheckRequest], tuple[CheckImages, str]] | None = None
     engine_sources: Mapping[str, str] = field(default_factory=lambda: dict(STANDARD_ENGINE_SOURCES))

@@ -117,6 +117,19 @@ def runtime_session(config: Config) -> Iterator[Runtime]:
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Inside, cuDNN convolutions and CUDA matrix products compute in full fp32, not TF32 (the default
+    for convolutions on Ampere and newer, ~1e-3 from fp32: past the fp32 parity gate, 1e-4); the
+    settings are restored on leaving. A reference that other files are checked against runs in it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def all_ranks_finite(values: list[torch.Tensor], runtime: Runtime) -> bool:
     """True when every value is finite on every rank; under DDP a collective, so all ranks agree.
 

@@ -18,10 +18,13 @@ one failure never hides the others, and DIR/gpu_first_contact.json is rewritten 
  5. pytest_gpu: `pytest -m gpu` (skipped, saying so, where pytest is not installed);
  6. timing: CUDA-event against perf_counter timing of the same runner;
  7. onnxruntime_cuda: ONNX Runtime's CUDA provider against its CPU one, if the provider exists;
- 8. distill_*: `reviewkd distill` on digits on CUDA with bf16 and channels_last, resumed with fp16
+ 8. amp_auto: what train.amp=auto picks on this GPU, with the facts it depends on;
+ 9. distill_*: `reviewkd distill` on digits on CUDA with bf16 and channels_last, resumed with fp16
     (GradScaler), then resumed on the CPU; the engine's own images/s come from metrics.jsonl;
- 9. distill_compile: a time-boxed epoch with train.compile=true;
-10. amp_auto: what train.amp=auto picks on this GPU, with the facts it depends on.
+10. export_check_device: `reviewkd export` of that digits run with --check-device cpu and auto:
+    where auto computed (the PyTorch reference on CUDA, the files on onnxruntime-gpu's CUDA provider
+    where it loads), the same verdicts, the fp32 parity and the reference's time on each;
+11. distill_compile: a time-boxed epoch with train.compile=true.
 
 Without a usable CUDA GPU it records the doctor's findings and the reason in the JSON file, prints
 one line saying why (with the CUDA error code where there is one) and exits with 3: a first run on a
@@ -37,6 +40,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -568,6 +572,51 @@ def distill_step(
     return run
 
 
+# --------------------------------------------------------------------------- 11. export's check device
+
+
+def export_check_device(
+    run_dir: Path, out: Path, timeout_s: float, formats: str | None = None
+) -> dict[str, Any]:
+    """`reviewkd export` of the trained run at `run_dir` with `--check-device cpu` and then `auto`,
+    each on its own copy under `out` (`formats`: --formats, None for the default): where auto
+    computed the PyTorch reference and ran the files, each file's verdict, images checked and fp32
+    parity on both, and the reference's time on both. Status "error" when an export failed or the
+    two disagree on a verdict."""
+    if not (run_dir / "student.safetensors").is_file():
+        return {"status": "skipped", "reason": f"{run_dir} has no trained student (its distill step failed)"}
+    results: dict[str, Any] = {}
+    for device in ("cpu", "auto"):
+        copy = out / f"export_check_device_{device}"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(run_dir, copy)
+        command = [sys.executable, "-m", "reviewkd.app.cli", "export", str(copy), "--check-device", device]
+        result = run_command([*command, *(["--formats", formats] if formats else [])], timeout_s / 2)
+        export = json.loads((copy / "manifest.json").read_text(encoding="utf-8")).get("export") or {}
+        timing = export.get("timing") or {}
+        result.update(
+            check_device=export.get("check_device"),
+            checks={
+                rel: {key: check.get(key) for key in ("status", "n", "max_abs_diff", "top1_agreement")}
+                for rel, check in (export.get("checks") or {}).items()
+            },
+            reference_stages=[s for s in timing.get("stages", []) if "reference" in s["stage"]],
+            total_wall_s=timing.get("total_wall_s"),
+            total_cpu_s=timing.get("total_cpu_s"),
+        )
+        results[device] = result
+    verdicts = {
+        device: {rel: check["status"] for rel, check in results[device]["checks"].items()}
+        for device in ("cpu", "auto")
+    }
+    results["same_verdicts"] = bool(verdicts["cpu"]) and verdicts["cpu"] == verdicts["auto"]
+    failed = [device for device in ("cpu", "auto") if results[device].get("status") == "error"]
+    if failed or not results["same_verdicts"]:
+        why = f"export --check-device {' and '.join(failed)} failed" if failed else "the verdicts differ"
+        results.update(status="error", error=why)
+    return results
+
+
 def amp_auto() -> dict[str, Any]:
     """What train.amp=auto resolves to here, and the capability facts it should depend on."""
     with optional_import("the GPU first-contact checks"):
@@ -638,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     recorder.step("onnxruntime_cuda", lambda: onnxruntime_cuda(out), needs_s=30)
     recorder.step("amp_auto", amp_auto)
     # One digits run on CUDA, resumed twice; teacher.epochs is repeated so that a resume after a first
-    # run that stopped early still matches the teacher's config. Then a separate compiled run.
+    # run that stopped early still matches the teacher's config. Then its export, and a separate
+    # compiled run.
     first, second, third = DIGITS_EPOCHS
     runs = (
         ("distill_cuda_bf16_channels_last", "digits", 150.0,
@@ -647,11 +697,18 @@ def main(argv: list[str] | None = None) -> int:
          ["--resume", "--device", "cuda", "--epochs", str(second), "train.amp=fp16"]),
         ("distill_resume_cpu", "digits", 120.0,
          ["--resume", "--device", "cpu", "--epochs", str(third), "train.amp=none"]),
-        ("distill_compile", "digits_compile", 150.0,
-         ["--device", "cuda", "--epochs", "1", "train.compile=true"]),
     )  # fmt: skip
     for name, folder, cap_s, run_args in runs:
         recorder.step(name, distill_step(recorder, out / folder, run_args, cap_s), needs_s=min(cap_s, 60.0))
+    recorder.step(
+        "export_check_device",
+        lambda: export_check_device(out / "digits", out, min(180.0, recorder.left_s())),
+        needs_s=60,
+    )
+    compiled = ["--device", "cuda", "--epochs", "1", "train.compile=true"]
+    recorder.step(
+        "distill_compile", distill_step(recorder, out / "digits_compile", compiled, 150.0), needs_s=60.0
+    )
     recorder.results["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     recorder.save()
     print(f"wrote {recorder.path}")

@@ -10,24 +10,25 @@ from typing import Any
 import numpy as np
 
 from deploy.detection.outputs import Detections, check_output_names, decode_outputs
-from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
+from deploy.runners.onnxruntime_runner import open_session_on
 
 
 class DetectionSession:
     """One ONNX Runtime session on a detection file, its outputs checked against the contract when
-    it opens (a UsageError naming the file otherwise)."""
+    it opens (a UsageError naming the file otherwise), on `device` ("cpu" or "cuda") as
+    `open_session_on` opens it: an ONNX Runtime CPU int8 file runs on the CPU whatever `device` says."""
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         num_classes: int,
-        providers: Sequence[str] = (CPU_PROVIDER,),
+        device: str = "cpu",
         threads: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.num_classes = num_classes
         self.session: Any
-        self.session, self.embedded = open_session(self.path, list(providers), threads=threads)
+        self.session, self.embedded = open_session_on(self.path, device, threads=threads)
         check_output_names([output.name for output in self.session.get_outputs()], str(self.path))
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [output.name for output in self.session.get_outputs()]
@@ -43,8 +44,9 @@ class DetectionSession:
 
 
 def detect_onnx(
-    path: str | os.PathLike[str], batches: Sequence[np.ndarray], num_classes: int
+    path: str | os.PathLike[str], batches: Sequence[np.ndarray], num_classes: int, device: str = "cpu"
 ) -> list[Detections]:
-    """Every image's detections by the file at `path` on the CPU, over `batches`, in order."""
-    session = DetectionSession(path, num_classes)
+    """Every image's detections by the file at `path` on `device` (`DetectionSession`), over
+    `batches`, in order."""
+    session = DetectionSession(path, num_classes, device)
     return [found for batch in batches for found in session.detect(batch)]

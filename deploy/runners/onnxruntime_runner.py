@@ -174,6 +174,15 @@ def runs_unfused(manifest: Mapping[str, Any] | None) -> bool:
     return isinstance(int8, Mapping) and int8.get(UNFUSED_QDQ_KEY) is True
 
 
+def runs_integer_kernels(manifest: Mapping[str, Any] | None) -> bool:
+    """Whether ONNX Runtime computes this file through its fused integer kernels: an int8 file (its
+    embedded manifest has an "int8" description) that does not ask to run unfused. Those kernels are
+    the CPU provider's; the CUDA provider runs the same Q/DQ pairs as float operations, which is
+    another computation (it does not saturate as AVX2's integer products do: export/precision.py)."""
+    int8 = manifest.get("int8") if manifest else None
+    return isinstance(int8, Mapping) and not runs_unfused(manifest)
+
+
 def session_options(
     manifest: Mapping[str, Any] | None,
     threads: int | None = None,
@@ -254,6 +263,27 @@ def open_session(
     manifest = parse_embedded_manifest(session.get_modelmeta().custom_metadata_map, file)
     if unfused is None and runs_unfused(manifest):
         session = create(session_options(manifest, threads, spinning=spinning))
+    return session, manifest
+
+
+def open_session_on(
+    path: str | os.PathLike[str],
+    device: str,
+    *,
+    threads: int | None = None,
+    spinning: bool = True,
+) -> tuple[Any, dict[str, Any] | None]:
+    """`open_session` on `device`'s providers (`providers_for_device`: "cpu", or "cuda" then the CPU),
+    computing what the file computes where it is deployed: a file ONNX Runtime runs through its
+    integer kernels (`runs_integer_kernels`, the ONNX Runtime CPU int8 flavour) is opened on the CPU
+    alone whatever `device` says, since on CUDA its Q/DQ pairs would run as float operations instead.
+    Returns the session and the embedded manifest; `session.get_providers()` says where it runs.
+
+    Raises as `open_session` does; MissingDependencyError for "cuda" without the CUDA provider.
+    """
+    session, manifest = open_session(path, providers_for_device(device), threads=threads, spinning=spinning)
+    if device != "cpu" and runs_integer_kernels(manifest):
+        session, manifest = open_session(path, [CPU_PROVIDER], threads=threads, spinning=spinning)
     return session, manifest
 
 

@@ -3,6 +3,7 @@ form (deploy.detection.outputs.Detections): the reference the exported files are
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from deploy.fileio import sha256_file
 from reviewkd.config import load_run_config
 from reviewkd.detection.engine import create_detector
 from reviewkd.detection.models import Detector
+from reviewkd.runtime import exact_fp32
 
 
 def load_run_detector(run_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Detector:
@@ -57,18 +59,22 @@ def load_run_teacher(run_dir: str | os.PathLike[str], manifest: Mapping[str, Any
     return detector.eval()
 
 
-def torch_detections(detector: Detector, batches: Sequence[np.ndarray]) -> list[Detections]:
-    """The detector's detections on every image of `batches` (float32 [B, 3, H, W] in 0-1), in order."""
+def torch_detections(
+    detector: Detector, batches: Sequence[np.ndarray], device: str = "cpu"
+) -> list[Detections]:
+    """The detector's detections on every image of `batches` (float32 [B, 3, H, W] in 0-1), in order,
+    computed on `device` ("cpu", or "cuda" on a copy of the detector, in full fp32: exact_fp32)."""
     found: list[Detections] = []
-    detector = detector.eval()
-    with torch.no_grad():
+    detector = detector.eval() if device == "cpu" else copy.deepcopy(detector).eval().to(device)
+    with torch.no_grad(), exact_fp32():
         for batch in batches:
-            for output in detector(list(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))):
+            images = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+            for output in detector(list(images)):
                 found.append(
                     Detections(
-                        boxes=output["boxes"].float().numpy(),
-                        scores=output["scores"].float().numpy(),
-                        classes=output["labels"].numpy().astype(np.int64),
+                        boxes=output["boxes"].float().cpu().numpy(),
+                        scores=output["scores"].float().cpu().numpy(),
+                        classes=output["labels"].cpu().numpy().astype(np.int64),
                     )
                 )
     return found

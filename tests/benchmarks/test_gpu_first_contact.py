@@ -117,3 +117,35 @@ def test_a_failed_or_timed_out_command_is_an_error_step(tmp_path: Path) -> None:
     assert "loss is nan" in steps["fails"]["tail"]  # the output stays beside the error
     assert steps["hangs"]["status"] == "error" and steps["hangs"]["error"] == "timed out after 0 s"
     assert steps["passes"]["status"] == "ok" and steps["passes"]["exit_code"] == 0
+
+
+def test_the_export_step_runs_both_check_devices_and_compares_their_verdicts(tmp_path: Path) -> None:
+    """The export step on a real tiny run (its fp32 and fp16 files): on this machine auto resolves
+    as the export itself resolves it, and both exports give the same verdicts."""
+    from reviewkd.app.cli import main
+
+    run = tmp_path / "digits"
+    tiny = ["data.image_size=8", "data.subset=160", "data.val_split=null", "train.threads=1"]
+    assert (
+        main(["distill", "--out", str(run), *tiny, "train.device=cpu", "method.name=ce", "train.epochs=1"])
+        == 0
+    )
+    result = script.export_check_device(run, tmp_path, timeout_s=240, formats="onnx,fp16")
+    assert "status" not in result, result.get("error")
+    assert result["same_verdicts"] is True
+    for device in ("cpu", "auto"):
+        entry = result[device]
+        assert entry["exit_code"] == 0
+        assert set(entry["checks"]) == {"export/student.onnx", "export/student.fp16.onnx"}
+        assert entry["checks"]["export/student.onnx"]["max_abs_diff"] <= script.FP32_GATE
+        assert [s["stage"] for s in entry["reference_stages"]] == ["reference logits (PyTorch)"]
+    assert result["cpu"]["check_device"] == {"torch": "cpu", "onnxruntime": "cpu", "notes": []}
+    if NO_GPU:
+        assert result["auto"]["check_device"]["torch"] == "cpu"
+    # The run itself is left as it was: each export worked on its own copy.
+    assert "export" not in json.loads((run / "manifest.json").read_text())
+
+
+def test_the_export_step_is_skipped_without_a_trained_run(tmp_path: Path) -> None:
+    result = script.export_check_device(tmp_path / "digits", tmp_path, timeout_s=60)
+    assert result["status"] == "skipped" and "has no trained student" in result["reason"]

@@ -25,7 +25,7 @@ from deploy.manifest import (
 )
 from export import engines, pipeline
 from export import precision as precision_module
-from export.check import gate, run_onnx
+from export.check import gate, resolve_check_device, run_onnx
 from export.onnx_export import METADATA_KEY, count_weights, load_onnx, onnx_weight_count
 from export.pipeline import ExportSummary, export_model, export_run
 from export.precision import CALIBRATION_METHODS, zero_points_all_zero
@@ -209,15 +209,15 @@ def test_one_fp32_reference_pass_serves_every_int8_flavour_with_the_same_verdict
     model = create_model(ARCH, 10)
     model.load_state_dict(state)
     fp32_passes: list[Path] = []  # each session export.check.run_onnx opens on the fp32 file
-    real_open = check.open_session
+    real_open = check.open_session_on
 
-    def open_session(path: Any, providers: Any, **options: Any) -> Any:
-        session, info = real_open(path, providers, **options)
+    def open_session_on(path: Any, device: str, **options: Any) -> Any:
+        session, info = real_open(path, device, **options)
         if Path(path).name == "student.onnx":
             fp32_passes.append(Path(path))
         return session, info
 
-    monkeypatch.setattr(check, "open_session", open_session)
+    monkeypatch.setattr(check, "open_session_on", open_session_on)
     def export_int8(name: str) -> dict[str, Any]:
         run = tmp_path / name
         run.mkdir()
@@ -262,6 +262,20 @@ def test_weight_count_equals_the_students_after_bn_folding(
     assert expected == params - bn_channels
     assert weights["onnx_weights"] == weights["expected_onnx_weights"] == expected
     assert weights["student_params"] == params
+
+
+def test_the_manifest_records_where_the_reference_and_checks_computed(
+    exported: tuple[Path, ExportSummary, torch.nn.Module],
+) -> None:
+    """The default, --check-device auto, as resolved on this machine: each side's device, and the
+    reason for each side it left on the CPU."""
+    run, _, _ = exported
+    record = read_manifest(run)["export"]["check_device"]
+    torch_missing = None if torch.cuda.is_available() else f"torch {torch.__version__} sees no CUDA GPU"
+    assert record == resolve_check_device("auto", torch_missing).describe()
+    assert record["torch"] == ("cuda" if torch_missing is None else "cpu")
+    if record["onnxruntime"] == "cpu":
+        assert any(note.startswith("ONNX Runtime on the CPU: ") for note in record["notes"])
 
 
 def test_flavours_have_the_promised_types(exported: tuple[Path, ExportSummary, torch.nn.Module]) -> None:

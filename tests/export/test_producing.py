@@ -70,7 +70,8 @@ def _task(fp32_passes: bool, calls: list[str], fp16_unavailable: str | None = No
         assert context.once("shared", lambda: len(calls)) == context.once("shared", lambda: -1)
         return True
 
-    def reference(model: torch.nn.Module, batches: list[np.ndarray]) -> np.ndarray:
+    def reference(model: torch.nn.Module, batches: list[np.ndarray], device: str) -> np.ndarray:
+        calls.append(f"reference on {device}")
         with torch.no_grad():
             return np.concatenate([model(torch.from_numpy(b)).numpy() for b in batches])
 
@@ -93,10 +94,12 @@ def test_a_task_exports_through_its_own_wrapper_reference_and_producers(
     run = _detection_run(tmp_path)
     calls: list[str] = []
     monkeypatch.setitem(pipeline.EXPORT_TASKS, DETECTION, _task(True, calls))
-    summary = export_run(run, ["fp16"])
-    assert calls == ["onnx", "fp16"]
+    summary = export_run(run, ["fp16"], check_device="cpu")
+    assert calls == ["reference on cpu", "onnx", "fp16"]
     assert list(summary.files) == [FP32_FILE] and not summary.skipped
-    assert read_manifest(run)["export"]["formats"] == ["fp16"]
+    export = read_manifest(run)["export"]
+    assert export["formats"] == ["fp16"]
+    assert export["check_device"] == {"torch": "cpu", "onnxruntime": "cpu", "notes": []}
 
 
 @pytest.mark.parametrize(
@@ -114,7 +117,7 @@ def test_a_format_is_skipped_when_its_source_failed_or_it_cannot_run(
     calls: list[str] = []
     monkeypatch.setitem(pipeline.EXPORT_TASKS, DETECTION, _task(fp32_passes, calls, unavailable))
     summary = export_run(run, ["fp16"])
-    assert calls == ["onnx"]
+    assert calls == ["reference on cpu", "onnx"]
     assert summary.skipped == {"fp16": reason}
     assert read_manifest(run)["export"]["skipped"] == {"fp16": reason}
 
@@ -138,7 +141,7 @@ def test_a_format_made_from_a_skipped_one_says_so(tmp_path: Path, monkeypatch: p
     task = dataclasses.replace(task, producers={**task.producers, "onnx": fp32})
     monkeypatch.setitem(pipeline.EXPORT_TASKS, DETECTION, task)
     summary = export_run(run, ["fp16"])
-    assert calls == []
+    assert calls == ["reference on cpu"]  # no producer ran
     assert summary.skipped == {"onnx": "no tracer here", "fp16": f"{FP32_FILE} was not made (no tracer here)"}
 
 

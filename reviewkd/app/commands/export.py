@@ -15,6 +15,7 @@ from pathlib import Path
 from deploy.errors import UsageError
 from deploy.formats import EXPORT_FORMAT_NAMES, ONNX_FORMATS
 from deploy.tasks import require_deployable_run
+from export.check import CHECK_DEVICES
 from export.pipeline import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -96,6 +97,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         " gate judges its paired interval on them, and stops at 1/8, 1/4 or 1/2 of them once resolved)",
     )
     parser.add_argument(
+        "--check-device",
+        choices=CHECK_DEVICES,
+        default="auto",
+        help="where the PyTorch reference and the files' checks, scores and searches compute: cuda"
+        " (fp32, TF32 off; the ONNX Runtime CPU int8 file still runs on the CPU, where it is deployed;"
+        " exit 3 if PyTorch or onnxruntime-gpu cannot use the GPU), cpu, or auto (default: each on"
+        " the GPU where it can run there; the manifest records where)",
+    )
+    parser.add_argument(
         "--bake-preprocessing", action="store_true", help="also write student.uint8.onnx (uint8 NHWC input)"
     )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
@@ -167,6 +177,7 @@ def run_export(args: argparse.Namespace) -> int:
         "calib_method": args.calib_method,
         "max_top1_drop_int8": args.max_top1_drop_int8 if args.max_top1_drop_int8 >= 0 else None,
         "check_samples": args.check_samples,
+        "check_device": args.check_device,
         "bake_preprocessing": args.bake_preprocessing,
         "opset": args.opset,
         "tensorrt": TensorRTOptions(
