@@ -104,10 +104,11 @@ class ExportTiming(TypedDict):
 
 
 class CheckDeviceRecord(TypedDict):
-    """manifest["export"]["check_device"]: where the latest export computed its PyTorch references
-    ("torch") and ran its ONNX files' checks, scores and searches ("onnxruntime"), each "cpu" or
-    "cuda" (the ONNX Runtime CPU int8 flavour always on the CPU), and why `--check-device auto` left
-    one of them on the CPU ("notes")."""
+    """manifest["export"]["check_device"]: where the latest `reviewkd export` computed its PyTorch
+    references ("torch") and ran its ONNX files' checks, scores and searches ("onnxruntime"), each
+    "cpu" or "cuda" (the ONNX Runtime CPU int8 flavour always on the CPU), and why `--check-device
+    auto` left one of them on the CPU ("notes"). Checks of earlier exports stay in the block beside
+    it, so each check records where its own file ran too: export.checks[file]["device"]."""
 
     torch: str
     onnxruntime: str

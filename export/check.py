@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper
 
 from deploy.errors import MissingDependencyError, UsageError
 from deploy.gates import (
@@ -41,14 +43,18 @@ from deploy.gates import (
 )
 from deploy.gpu import current_gpu
 from deploy.manifest import CheckDeviceRecord
+from deploy.optional import installed, optional_import
 from deploy.paired_stats import DEFAULT_CONFIDENCE, compare_predictions
 from deploy.runners.onnxruntime_runner import (
     CUDA_PROVIDER,
     available_providers,
     check_session_providers,
     open_session_on,
+    parse_embedded_manifest,
     provider_options,
     providers_for_device,
+    runs_integer_kernels,
+    session_device,
 )
 from deploy.status import Status
 
@@ -91,10 +97,10 @@ CHECK_DEVICES = ("auto", "cpu", "cuda")
 class CheckDevice:
     """Where one export computes (`--check-device`): the PyTorch references on `torch`, and the
     checks, scores and mixed-precision searches of its ONNX files on `onnxruntime`, each "cpu" or
-    "cuda". On "cuda" every file still computes what it computes where it is deployed
-    (deploy.runners.onnxruntime_runner.open_session_on): the ONNX Runtime CPU int8 flavour, whose
-    integer kernels are the CPU provider's, always runs on the CPU. `notes` say why "auto" left one
-    of them on the CPU. Calibration statistics and the search's latency timings run on the CPU."""
+    "cuda". On "cuda" the ONNX Runtime CPU int8 flavour still runs on the CPU, where its integer
+    kernels are (`open_check_session`); each check records where its file ran. `notes` say why
+    "auto" left a side on the CPU. Calibration statistics and the search's latency timings run on
+    the CPU."""
 
     torch: str = "cpu"
     onnxruntime: str = "cpu"
@@ -109,11 +115,14 @@ CPU_CHECKS = CheckDevice()
 
 
 def onnxruntime_cuda_missing() -> str | None:
-    """Why ONNX Runtime cannot run a session on its CUDA provider here, or None when it can: the
-    provider must be installed, a GPU found, and a one-operator model must load on it with TF32 off
-    (installed is not loadable: onnxruntime-gpu lists the provider without a driver or cuDNN)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+    """Why ONNX Runtime cannot compute on its CUDA provider here, or None when it can: the provider
+    must be installed, a GPU found, and a one-operator model must load on it with TF32 off and give
+    the right answer (installed is not loadable: onnxruntime-gpu lists the provider without a driver
+    or cuDNN, and some libraries load only at the first kernel)."""
+    if not installed("onnxruntime"):
+        return "onnxruntime is not installed"
+    with optional_import("ONNX Runtime"):
+        import onnxruntime as ort
 
     if CUDA_PROVIDER not in available_providers():
         return f"onnxruntime {ort.__version__} has no CUDA provider (onnxruntime-gpu is not installed)"
@@ -132,9 +141,17 @@ def onnxruntime_cuda_missing() -> str | None:
         )
         loaded, options = session.get_providers(), session.get_provider_options()
         check_session_providers(Path("<probe>"), providers, loaded, options)
+        (computed,) = session.run(None, {"x": np.array([-1.0], dtype=np.float32)})
+    except MissingDependencyError:
+        return (
+            "onnxruntime's CUDA provider does not load: it needs an NVIDIA driver and the CUDA and cuDNN"
+            " versions its release names"
+        )
     except Exception as exc:  # onnxruntime raises its own exception types, none shared
         lines = str(exc).strip().splitlines()
-        return f"onnxruntime's CUDA provider does not load: {lines[0] if lines else type(exc).__name__}"
+        return f"onnxruntime's CUDA provider does not run: {lines[0] if lines else type(exc).__name__}"
+    if computed.tolist() != [0.0]:
+        return f"onnxruntime's CUDA provider computed Relu(-1) = {computed.tolist()}"
     return None
 
 
@@ -162,12 +179,23 @@ def open_check_session(path: str | os.PathLike[str], device: str = "cpu") -> Any
 
     It is opened as deploy opens it (`open_session_on`, on `device`): a file whose int8 description
     asks for it runs its Q/DQ pairs unfused, as TensorRT computes them, exactly as `reviewkd
-    validate` runs it; the ONNX Runtime CPU int8 flavour runs on the CPU whatever `device` says. Its
-    intra-op threads are `session_threads()`, and idle ones sleep rather than spin: ONNX Runtime's
-    busy-waiting threads computed nothing and, beside another job on the CPUs, doubled the CPU time
-    of a check (the digits student's files, 2 CPUs).
+    validate` runs it; the ONNX Runtime CPU int8 flavour runs on the CPU whatever `device` says
+    (`session_device` of the session says where it ran). On a GPU its embedded manifest is read
+    first, so that such a file, many of which the calibration race and the mixed-precision search
+    write, is opened on the CPU alone rather than on CUDA and then again. Its intra-op threads are
+    `session_threads()`, and idle ones sleep rather than spin: ONNX Runtime's busy-waiting threads
+    computed nothing and, beside another job on the CPUs, doubled the CPU time of a check (the
+    digits student's files, 2 CPUs).
     """
+    if device != "cpu" and runs_integer_kernels(_embedded_manifest(path)):
+        device = "cpu"
     return open_session_on(path, device, threads=session_threads(), spinning=False)[0]
+
+
+def _embedded_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest export embedded in the ONNX file at `path` (None: none), read with onnx."""
+    model = onnx.load(str(path), load_external_data=False)
+    return parse_embedded_manifest({prop.key: prop.value for prop in model.metadata_props}, path)
 
 
 def run_onnx(path: str | os.PathLike[str], batches: Sequence[np.ndarray], device: str = "cpu") -> np.ndarray:
@@ -176,14 +204,11 @@ def run_onnx(path: str | os.PathLike[str], batches: Sequence[np.ndarray], device
     The session is `open_check_session`'s on `device`: the file's own semantics, as `reviewkd
     validate` runs it.
     """
-    return np.concatenate(list(_logits_per_batch(path, batches, device)))
+    return np.concatenate(list(_logits_per_batch(open_check_session(path, device), batches)))
 
 
-def _logits_per_batch(
-    path: str | os.PathLike[str], batches: Iterable[np.ndarray], device: str
-) -> Iterator[np.ndarray]:
-    """The file's first output on each batch in turn, from one session opened as `run_onnx` opens it."""
-    session = open_check_session(path, device)
+def _logits_per_batch(session: Any, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The session's first output on each batch in turn."""
     input_name = session.get_inputs()[0].name
     for batch in batches:
         yield np.asarray(session.run(None, {input_name: batch})[0], dtype=np.float32)
@@ -293,12 +318,12 @@ def batch_looks(batches: Sequence[np.ndarray]) -> list[Look]:
 
 
 def sequential_logits(
-    path: str | os.PathLike[str], batches: Sequence[np.ndarray], looks: Sequence[Look], device: str = "cpu"
+    session: Any, batches: Sequence[np.ndarray], looks: Sequence[Look]
 ) -> Iterator[tuple[int, Look, np.ndarray]]:
     """(look number from 1, look, the file's logits on the images up to it) for each look in turn,
-    running only the batches each look needs (on `device`, as `run_onnx`); looks that batch
+    running only the batches each look needs on `session` (`open_check_session`'s); looks that batch
     boundaries merged are yielded once. The caller stops iterating where a look resolves its question."""
-    logits = _logits_per_batch(path, batches, device)
+    logits = _logits_per_batch(session, batches)
     outputs: list[np.ndarray] = []
     seen = 0
     for taken, look in enumerate(looks, start=1):
@@ -332,13 +357,16 @@ def check_file(
 
     A sequential check (`check_looks`) stops at the first look that resolves every gate; its
     metrics["n"] is the images used, metrics["sequential"] the schedule and where it stopped.
+    metrics["device"] is where the file ran ("cpu" or "cuda": the session's own providers).
     """
     looks = check_looks(precision, batches, labels)
     total = looks[-1].images
-    for taken, look, logits in sequential_logits(path, batches, looks, device):
+    session = open_check_session(path, device)
+    for taken, look, logits in sequential_logits(session, batches, looks):
         seen = len(logits)
         seen_labels = None if labels is None else labels[:seen]
         metrics = compare(logits, reference[:seen], seen_labels, look.confidence)
+        metrics["device"] = session_device(session)
         interim = look.confidence if taken < len(looks) else None
         status, reason, checks = _judge(
             precision, metrics, DEFAULT_GATES, random_inputs=labels is None, interim_confidence=interim

@@ -110,6 +110,10 @@ class DetectionScorer:
         self.device = device
 
     def detect(self, path: Path) -> list[Detections]:
+        return self.detect_on(path)[0]
+
+    def detect_on(self, path: Path) -> tuple[list[Detections], str]:
+        """The file's detections on every image, and the device it ran on (detect_onnx)."""
         return detect_onnx(path, self.batches, self.classes, self.device)
 
     def matches(self, found: Sequence[Detections]) -> ImageMatches:
@@ -121,9 +125,15 @@ class DetectionScorer:
 
 
 def map_check(
-    rel: str, precision: str, scorer: DetectionScorer, reference: ImageMatches, found: Sequence[Detections]
+    rel: str,
+    precision: str,
+    scorer: DetectionScorer,
+    reference: ImageMatches,
+    found: Sequence[Detections],
+    device: str,
 ) -> CheckResult:
-    """A file's mAP drop against fp32, gated by its precision's detection gates."""
+    """A file's mAP drop against fp32, gated by its precision's detection gates; `device` is where
+    the file ran (metrics["device"])."""
     coco = coco_metrics(scorer.records, coco_detections(found), scorer.classes)
     drop = map_drop(reference, scorer.matches(found))
     accuracy = {**drop.as_dict(), "map": 100.0 * coco.map, "ap50": 100.0 * coco.ap50}
@@ -136,7 +146,8 @@ def map_check(
         f"mAP {accuracy['map']:.2f} (fp32 {drop.reference_map:.2f}): drop {drop.drop:.2f} points,"
         f" 95% CI [{low:.2f}, {high:.2f}] over {drop.images} images"
     )
-    return CheckResult(rel, precision, status, reason, {"accuracy": accuracy, "gates": checks})
+    metrics = {"accuracy": accuracy, "gates": checks, "device": device}
+    return CheckResult(rel, precision, status, reason, metrics)
 
 
 def check_efficient_nms(path: Path) -> CheckResult:

@@ -205,7 +205,7 @@ def _produce_fp32(context: ExportContext, name: str) -> bool:
     context.manifest["detection"] = info["detection"]
     reference: list[Detections] = context.checks.reference
     with context.timer.stage(rel, "check"):
-        found = checks.detect(context.run / rel)
+        found, device = checks.detect_on(context.run / rel)
         parity = box_parity(reference, found)
         torch_map = checks.map(reference)
         coco = coco_metrics(checks.records, coco_detections(found), checks.classes)
@@ -220,7 +220,7 @@ def _produce_fp32(context: ExportContext, name: str) -> bool:
         f" score within {parity.max_score_diff:g}); mAP {100 * coco.map:.2f} (torch {torch_map:.2f})"
     )
     status = Status.OK if passed else Status.FAILED
-    result = CheckResult(rel, "fp32", status, reason, {**measured, "gates": gates})
+    result = CheckResult(rel, "fp32", status, reason, {**measured, "gates": gates, "device": device})
     if passed:
         context.once("fp32 matches", lambda: checks.matches(found))
     return _record(context, rel, result, "onnx", precision="fp32", flavour="fp32", **info)
@@ -271,7 +271,8 @@ def _produce_fp16(context: ExportContext, name: str) -> bool:
         kept = postprocess_nodes(onnx.load(str(fp32_path)))
         info = convert_fp16(fp32_path, context.run / rel, keep_float32=kept)
     with context.timer.stage(rel, "check"):
-        result = map_check(rel, "fp16", checks, _fp32_matches(context), checks.detect(context.run / rel))
+        found, device = checks.detect_on(context.run / rel)
+        result = map_check(rel, "fp16", checks, _fp32_matches(context), found, device)
     return _record(
         context, rel, result, "onnx", precision="fp16", flavour="fp16", post_processing="fp32", **info
     )
@@ -333,8 +334,8 @@ def _produce_int8(context: ExportContext, name: str) -> bool:
             context.log,
         )
     with context.timer.stage(fmt.file, "check"):
-        found = checks.detect(context.run / fmt.file)
-        result = map_check(fmt.file, "int8", checks, _fp32_matches(context), found)
+        found, device = checks.detect_on(context.run / fmt.file)
+        result = map_check(fmt.file, "int8", checks, _fp32_matches(context), found, device)
     return _record(context, fmt.file, result, "onnx", precision="int8", **description)
 
 

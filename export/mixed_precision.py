@@ -61,7 +61,7 @@ from deploy.gates import sequential_looks
 from deploy.paired_stats import PairedComparison, Verdict, compare_predictions, judge_drop
 from deploy.runners.onnxruntime_runner import CPU_PROVIDER, open_session
 from deploy.status import Status
-from export.check import batch_looks, run_onnx, sequential_logits
+from export.check import batch_looks, open_check_session, run_onnx, sequential_logits
 from export.onnx_export import module_path
 from export.precision import Int8Quantizer
 
@@ -399,7 +399,7 @@ def judge_budget(
     lies at or below the budget (ok) or above it (failed); else the last look's (inconclusive). The
     file runs on `device` (export.check.run_onnx)."""
     reference_predictions = reference.argmax(1)
-    for _, look, logits in sequential_logits(path, images, batch_looks(images), device):
+    for _, look, logits in sequential_logits(open_check_session(path, device), images, batch_looks(images)):
         seen = len(logits)
         comparison = compare_predictions(
             labels[:seen], reference_predictions[:seen], logits.argmax(1), look.confidence

@@ -60,7 +60,7 @@ from deploy.optional import optional_import, require_installed
 from deploy.run_lock import locks_run
 from deploy.tasks import CLASSIFICATION, DETECTION, task_of
 from deploy.trt_sidecar import tensorrt_available
-from export.check import CHECK_DEVICES, check_file, resolve_check_device, run_onnx
+from export.check import CHECK_DEVICES, CheckDevice, check_file, resolve_check_device, run_onnx
 from export.check import UINT8_INPUT as UINT8_CHECK
 from export.detection_producing import DETECTION_EXPORT
 from export.engines import build_engines, produce_engines
@@ -187,12 +187,14 @@ def torch_logits(model: torch.nn.Module, batches: Sequence[np.ndarray], device: 
         return np.concatenate([logits(b) for b in batches])
 
 
-def _torch_cuda_missing() -> str | None:
-    """Why PyTorch cannot compute on a CUDA GPU here, or None when it can."""
+def check_device_here(requested: str) -> CheckDevice:
+    """`resolve_check_device` of `--check-device requested` with PyTorch's own answer
+    (reviewkd.runtime.torch_cuda_missing): UsageError for an unknown value, MissingDependencyError
+    for "cuda" where PyTorch or ONNX Runtime cannot compute on the GPU."""
     with optional_import("exporting ONNX files"):
-        import torch
+        from reviewkd.runtime import torch_cuda_missing
 
-    return None if torch.cuda.is_available() else f"torch {torch.__version__} sees no CUDA GPU"
+    return resolve_check_device(requested, None if requested == "cpu" else torch_cuda_missing())
 
 
 def classification_layerwise(run: Path, manifest: Manifest, count: int) -> LayerwiseSetup:
@@ -604,7 +606,7 @@ def export_run(
             check_device=check_device,
         )
     )
-    device = resolve_check_device(options.check_device, _torch_cuda_missing())
+    device = check_device_here(options.check_device)
     model = task.load_model(run, manifest)
     ensure_writable_dir(run / run_layout.EXPORT_DIR)
     summary = ExportSummary(run)
@@ -729,6 +731,8 @@ def export_model(
             from export.onnx_export import check_opset
 
         check_opset(export_options["opset"])  # before DIR is laid out, as export_run would after
+    # Before DIR is laid out: export_run resolves it again, and must not fail after the layout.
+    check_device_here(export_options.get("check_device", "auto"))
     _check_model_out(out)
     ensure_writable_dir(out)
     with timer.stage(STUDENT_FILE, "lay out"):

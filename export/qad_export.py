@@ -189,6 +189,7 @@ def export_qad(
             qad_top1_agreement=parity["top1_agreement"],
             qad_samples_within_1e4=samples_within(logits, qad_logits, 1e-4),
         )
+        metrics["device"] = "cpu"  # run_onnx's default: QAD's files are checked on the CPU
         status, reason = gate("int8", metrics)
         result = CheckResult(str(run / rel), "int8", status, reason, metrics)
         recorder.checked(rel, result, "onnx", precision="int8", **desc)

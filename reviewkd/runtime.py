@@ -130,6 +130,25 @@ def exact_fp32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def torch_cuda_missing() -> str | None:
+    """Why PyTorch cannot compute on a CUDA GPU here, or None when it can: it must see one, and a 3x3
+    convolution of ones must give 9 on it in full fp32 (a missing cuDNN, or a torch built without
+    kernels for this GPU's architecture, shows only at the first kernel)."""
+    version = f"torch {torch.__version__}"
+    if not torch.cuda.is_available():
+        return f"{version} sees no CUDA GPU"
+    try:
+        with exact_fp32():
+            ones = torch.ones(1, 1, 3, 3, device="cuda")
+            computed = float(torch.nn.functional.conv2d(ones, ones).item())
+    except Exception as exc:  # CUDA, cuDNN and driver failures surface as several exception types
+        lines = str(exc).strip().splitlines()
+        return f"{version} cannot compute on its CUDA GPU: {lines[0] if lines else type(exc).__name__}"
+    if computed != 9.0:
+        return f"{version} computed a 3x3 convolution of ones on its CUDA GPU as {computed}, not 9"
+    return None
+
+
 def all_ranks_finite(values: list[torch.Tensor], runtime: Runtime) -> bool:
     """True when every value is finite on every rank; under DDP a collective, so all ranks agree.
 

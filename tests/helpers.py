@@ -564,3 +564,37 @@ def make_detection_run(tmp_path: Path, resize: int | None = None, count: int = D
     record_artifact(run, manifest, "export/student.onnx", "onnx", precision="fp32")
     write_manifest(run, manifest)
     return run
+
+
+class _SessionAsIfOn:
+    """A real CPU session that reports the providers it was asked for."""
+
+    def __init__(self, session: Any, providers: list[str]) -> None:
+        self._session, self._providers = session, providers
+
+    def get_providers(self) -> list[str]:
+        return self._providers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def sessions_as_if_on_gpu(monkeypatch: Any) -> list[tuple[str | None, list[str]]]:
+    """Make ONNX Runtime look as if its CUDA provider were installed, and record every session
+    deploy.runners.onnxruntime_runner.open_session opens: (the file's embedded int8 flavour, None for
+    a float file; the providers asked for). Each session really opens on the CPU (no GPU here) and
+    reports the providers it was asked for, as a CUDA session would. Returns the live record."""
+    from deploy.runners import onnxruntime_runner
+    from deploy.runners.onnxruntime_runner import CPU_PROVIDER, CUDA_PROVIDER
+
+    opened: list[tuple[str | None, list[str]]] = []
+    real_open = onnxruntime_runner.open_session
+
+    def open_as_if(path: Any, providers: list[str], **options: Any) -> Any:
+        session, embedded = real_open(path, [CPU_PROVIDER], **options)
+        opened.append(((embedded or {}).get("int8", {}).get("flavour"), providers))
+        return _SessionAsIfOn(session, providers), embedded
+
+    monkeypatch.setattr(onnxruntime_runner, "open_session", open_as_if)
+    monkeypatch.setattr(onnxruntime_runner, "available_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER])
+    return opened

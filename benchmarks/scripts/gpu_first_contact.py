@@ -575,14 +575,22 @@ def distill_step(
 # --------------------------------------------------------------------------- 11. export's check device
 
 
+# The ONNX files export_check_device makes: every ONNX flavour, no TensorRT engine (its builds would
+# take the step's time, and `pytest -m gpu` covers them where TensorRT is installed).
+EXPORT_FORMATS = "onnx,fp16,int8,int8-trt"
+# What the step keeps of each check in the manifest.
+CHECK_FIELDS = ("status", "device", "n", "max_abs_diff", "top1_agreement")
+
+
 def export_check_device(
-    run_dir: Path, out: Path, timeout_s: float, formats: str | None = None
+    run_dir: Path, out: Path, timeout_s: float, formats: str = EXPORT_FORMATS
 ) -> dict[str, Any]:
-    """`reviewkd export` of the trained run at `run_dir` with `--check-device cpu` and then `auto`,
-    each on its own copy under `out` (`formats`: --formats, None for the default): where auto
-    computed the PyTorch reference and ran the files, each file's verdict, images checked and fp32
-    parity on both, and the reference's time on both. Status "error" when an export failed or the
-    two disagree on a verdict."""
+    """`reviewkd export --formats formats` of the trained run at `run_dir` with `--check-device cpu`
+    and then `auto`, each on its own copy under `out`: where auto computed the PyTorch reference and
+    ran the files, each file's verdict, images checked, fp32 parity and device on both, and the
+    reference's time on both. Status "error" when an export failed, the two disagree on a verdict,
+    or auto left a side on the CPU that this machine could run on its GPU (PyTorch sees one;
+    onnxruntime lists its CUDA provider)."""
     if not (run_dir / "student.safetensors").is_file():
         return {"status": "skipped", "reason": f"{run_dir} has no trained student (its distill step failed)"}
     results: dict[str, Any] = {}
@@ -591,13 +599,13 @@ def export_check_device(
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(run_dir, copy)
         command = [sys.executable, "-m", "reviewkd.app.cli", "export", str(copy), "--check-device", device]
-        result = run_command([*command, *(["--formats", formats] if formats else [])], timeout_s / 2)
+        result = run_command([*command, "--formats", formats], timeout_s / 2)
         export = json.loads((copy / "manifest.json").read_text(encoding="utf-8")).get("export") or {}
         timing = export.get("timing") or {}
         result.update(
             check_device=export.get("check_device"),
             checks={
-                rel: {key: check.get(key) for key in ("status", "n", "max_abs_diff", "top1_agreement")}
+                rel: {key: check.get(key) for key in CHECK_FIELDS}
                 for rel, check in (export.get("checks") or {}).items()
             },
             reference_stages=[s for s in timing.get("stages", []) if "reference" in s["stage"]],
@@ -605,16 +613,39 @@ def export_check_device(
             total_cpu_s=timing.get("total_cpu_s"),
         )
         results[device] = result
+    judge_export_devices(results, gpu_sides())
+    return results
+
+
+def judge_export_devices(results: dict[str, Any], gpu_sides: dict[str, bool]) -> None:
+    """Add `export_check_device`'s judgement to `results` (its "cpu" and "auto" exports):
+    "same_verdicts", and status "error" with the reason when an export failed, the verdicts differ,
+    or auto left on the CPU a side `gpu_sides` says this machine could run on its GPU."""
     verdicts = {
         device: {rel: check["status"] for rel, check in results[device]["checks"].items()}
         for device in ("cpu", "auto")
     }
     results["same_verdicts"] = bool(verdicts["cpu"]) and verdicts["cpu"] == verdicts["auto"]
     failed = [device for device in ("cpu", "auto") if results[device].get("status") == "error"]
-    if failed or not results["same_verdicts"]:
-        why = f"export --check-device {' and '.join(failed)} failed" if failed else "the verdicts differ"
-        results.update(status="error", error=why)
-    return results
+    resolved = results["auto"].get("check_device") or {}
+    left_on_cpu = [side for side, could in gpu_sides.items() if could and resolved.get(side) != "cuda"]
+    if failed:
+        results.update(status="error", error=f"export --check-device {' and '.join(failed)} failed")
+    elif not results["same_verdicts"]:
+        results.update(status="error", error="the verdicts differ between --check-device cpu and auto")
+    elif left_on_cpu:
+        notes = resolved.get("notes")
+        results.update(status="error", error=f"auto left {' and '.join(left_on_cpu)} on the CPU: {notes}")
+
+
+def gpu_sides() -> dict[str, bool]:
+    """Which sides of export's --check-device this machine could put on its GPU: "torch" where PyTorch
+    sees one, "onnxruntime" where onnxruntime lists its CUDA provider."""
+    with optional_import("the GPU first-contact checks"):
+        import onnxruntime as ort
+        import torch
+
+    return {"torch": torch.cuda.is_available(), "onnxruntime": CUDA_PROVIDER in ort.get_available_providers()}
 
 
 def amp_auto() -> dict[str, Any]:
@@ -703,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     recorder.step(
         "export_check_device",
         lambda: export_check_device(out / "digits", out, min(180.0, recorder.left_s())),
-        needs_s=60,
+        needs_s=120,
     )
     compiled = ["--device", "cuda", "--epochs", "1", "train.compile=true"]
     recorder.step(

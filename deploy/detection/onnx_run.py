@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from deploy.detection.outputs import Detections, check_output_names, decode_outputs
-from deploy.runners.onnxruntime_runner import open_session_on
+from deploy.runners.onnxruntime_runner import open_session_on, session_device
 
 
 class DetectionSession:
@@ -29,6 +29,7 @@ class DetectionSession:
         self.num_classes = num_classes
         self.session: Any
         self.session, self.embedded = open_session_on(self.path, device, threads=threads)
+        self.device = session_device(self.session)  # where it runs: the CPU for an integer-kernel file
         check_output_names([output.name for output in self.session.get_outputs()], str(self.path))
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [output.name for output in self.session.get_outputs()]
@@ -45,8 +46,8 @@ class DetectionSession:
 
 def detect_onnx(
     path: str | os.PathLike[str], batches: Sequence[np.ndarray], num_classes: int, device: str = "cpu"
-) -> list[Detections]:
-    """Every image's detections by the file at `path` on `device` (`DetectionSession`), over
-    `batches`, in order."""
+) -> tuple[list[Detections], str]:
+    """Every image's detections by the file at `path` opened on `device` (`DetectionSession`), over
+    `batches`, in order; and the device it ran on (`DetectionSession.device`)."""
     session = DetectionSession(path, num_classes, device)
-    return [found for batch in batches for found in session.detect(batch)]
+    return [found for batch in batches for found in session.detect(batch)], session.device

@@ -266,6 +266,13 @@ def open_session(
     return session, manifest
 
 
+def session_device(session: Any) -> str:
+    """"cuda" when the session's first provider is a GPU one (it runs there, bar the nodes that
+    provider has no kernel for), else "cpu"."""
+    providers = session.get_providers()
+    return "cuda" if providers and providers[0] in GPU_PROVIDERS else "cpu"
+
+
 def open_session_on(
     path: str | os.PathLike[str],
     device: str,
@@ -343,7 +350,7 @@ class OnnxRuntimeRunner(Runner):
         # True for a file that must run its Q/DQ pairs as float operations (UNFUSED_QDQ_KEY).
         self.unfused_qdq = qdq_fusion_disabled(session)
         self.providers: list[str] = list(session.get_providers())
-        self.device = "cuda" if self.providers and self.providers[0] in GPU_PROVIDERS else "cpu"
+        self.device = session_device(session)
         self.precision = precision or self._embedded_precision() or precision_from_filename(self.path)
         self._read_io(input_shape)
 

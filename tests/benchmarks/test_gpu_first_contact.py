@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -140,6 +141,7 @@ def test_the_export_step_runs_both_check_devices_and_compares_their_verdicts(tmp
         assert entry["checks"]["export/student.onnx"]["max_abs_diff"] <= script.FP32_GATE
         assert [s["stage"] for s in entry["reference_stages"]] == ["reference logits (PyTorch)"]
     assert result["cpu"]["check_device"] == {"torch": "cpu", "onnxruntime": "cpu", "notes": []}
+    assert {c["device"] for c in result["cpu"]["checks"].values()} == {"cpu"}
     if NO_GPU:
         assert result["auto"]["check_device"]["torch"] == "cpu"
     # The run itself is left as it was: each export worked on its own copy.
@@ -149,3 +151,38 @@ def test_the_export_step_runs_both_check_devices_and_compares_their_verdicts(tmp
 def test_the_export_step_is_skipped_without_a_trained_run(tmp_path: Path) -> None:
     result = script.export_check_device(tmp_path / "digits", tmp_path, timeout_s=60)
     assert result["status"] == "skipped" and "has no trained student" in result["reason"]
+
+
+def _exports(
+    auto_device: dict[str, Any], auto_status: str = "ok", auto_verdict: str = "ok"
+) -> dict[str, Any]:
+    checks = {"export/student.onnx": {"status": "ok"}}
+    return {
+        "cpu": {"checks": checks, "check_device": {"torch": "cpu", "onnxruntime": "cpu", "notes": []}},
+        "auto": {
+            "checks": {"export/student.onnx": {"status": auto_verdict}},
+            "check_device": auto_device,
+            **({"status": "error"} if auto_status == "error" else {}),
+        },
+    }
+
+
+def test_the_export_step_flags_a_failed_export_different_verdicts_and_a_gpu_left_unused() -> None:
+    on_gpu = {"torch": "cuda", "onnxruntime": "cuda", "notes": []}
+    torch_only = {"torch": "cuda", "onnxruntime": "cpu", "notes": ["ONNX Runtime on the CPU: why"]}
+    both = {"torch": True, "onnxruntime": True}
+    cases = [
+        (_exports(on_gpu), both, None),
+        (_exports(torch_only), {"torch": True, "onnxruntime": False}, None),  # a CPU onnxruntime
+        (_exports(torch_only), both, "auto left onnxruntime on the CPU: ['ONNX Runtime on the CPU: why']"),
+        (
+            _exports(on_gpu, auto_verdict="failed"),
+            both,
+            "the verdicts differ between --check-device cpu and auto",
+        ),
+        (_exports(on_gpu, auto_status="error"), both, "export --check-device auto failed"),
+    ]
+    for results, sides, error in cases:
+        script.judge_export_devices(results, sides)
+        assert results.get("error") == error
+        assert (results.get("status") == "error") is (error is not None)

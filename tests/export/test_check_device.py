@@ -25,7 +25,7 @@ from deploy.runners.onnxruntime_runner import (
 from export import check
 from export.check import CPU_CHECKS, CheckDevice, onnxruntime_cuda_missing, resolve_check_device
 from reviewkd.app.cli import main
-from reviewkd.runtime import exact_fp32
+from reviewkd.runtime import exact_fp32, torch_cuda_missing
 from tests.helpers import (
     DETECTION_CLASSES,
     DETECTION_INPUT_SHAPE,
@@ -101,7 +101,7 @@ def test_the_cuda_probe_model_loads_where_the_provider_is_asked_for(monkeypatch:
     # A provider asked for that does not load is the reason, as open_session would raise it.
     monkeypatch.setattr(check, "providers_for_device", lambda device: [CUDA_PROVIDER, CPU_PROVIDER])
     reason = onnxruntime_cuda_missing()
-    assert reason is not None and reason.startswith("onnxruntime's CUDA provider does not load: ")
+    assert reason is not None and reason.startswith("onnxruntime's CUDA provider does not load: it needs")
 
 
 @pytest.mark.parametrize(
@@ -186,6 +186,51 @@ def test_export_check_device_cuda_here_exits_3_before_writing(tmp_path: Path) ->
     assert main(["export", str(run), "--formats", "onnx", "--check-device", "cuda"]) == 3
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != LOCK_NAME}
     assert after == before
+
+
+@pytest.mark.skipif(_both_usable(), reason="PyTorch and ONNX Runtime can both use a CUDA GPU here")
+def test_export_model_check_device_cuda_here_exits_3_before_laying_out(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from reviewkd.models import create_model
+
+    weights = tmp_path / "w.safetensors"
+    save_file(create_model("cifar_resnet20", 10).state_dict(), str(weights))
+    out = tmp_path / "out"
+    shape = ["--input-shape", "3,8,8", "--out", str(out), "--check-device", "cuda"]
+    assert main(["export", "--model", "cifar_resnet20", "--weights", str(weights), *shape]) == 3
+    assert not out.exists()
+
+
+def test_without_onnxruntime_auto_stays_on_the_cpu_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(check, "installed", lambda module: module != "onnxruntime")
+    assert onnxruntime_cuda_missing() == "onnxruntime is not installed"
+    device = resolve_check_device("auto", NO_TORCH_GPU)
+    assert (
+        device.onnxruntime == "cpu"
+        and "ONNX Runtime on the CPU: onnxruntime is not installed" in device.notes
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a CUDA GPU")
+def test_torch_without_a_gpu_says_so() -> None:
+    assert torch_cuda_missing() == f"torch {torch.__version__} sees no CUDA GPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for torch")
+def test_torch_computes_on_its_gpu_and_the_reference_matches_the_cpus() -> None:
+    """On a CUDA GPU: the probe computes, and the classifier reference on it (TF32 off) is within the
+    fp32 gate of the CPU's."""
+    from export.pipeline import torch_logits
+    from reviewkd.models import create_model
+
+    assert torch_cuda_missing() is None
+    model = create_model("cifar_resnet20", 10).eval()
+    batches = [np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32)]
+    on_gpu, on_cpu = torch_logits(model, batches, "cuda"), torch_logits(model, batches, "cpu")
+    assert float(np.abs(on_gpu - on_cpu).max()) <= 1e-4
+    assert next(model.parameters()).device.type == "cpu"  # the model itself was not moved
 
 
 def test_exact_fp32_turns_tf32_off_inside_and_restores_it_after_an_error() -> None:

@@ -49,7 +49,9 @@ def test_onnx_runtime_reproduces_torch_box_for_box_at_every_batch_size(exported:
     # threshold: the cap, the per-class NMS and the top-K all decide which boxes are kept.
     assert all(len(found) == 100 for found in reference)
     for batches in ([images], [images[:1], images[1:4], images[4:]]):
-        parity = box_parity(reference, detect_onnx(exported[0], batches, len(DETECTOR_CLASSES)))
+        found, device = detect_onnx(exported[0], batches, len(DETECTOR_CLASSES))
+        parity = box_parity(reference, found)
+        assert device == "cpu"
         assert parity.matched == parity.reference == parity.candidate == 500
         assert parity.worst_iou >= 0.9999 and parity.worst_score_diff <= 1e-5
 

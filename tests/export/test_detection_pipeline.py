@@ -73,11 +73,11 @@ def test_a_format_losing_boxes_fails_its_map_gate(exported_run: Path) -> None:
     scorer = DetectionScorer(val.images, (64, 96), 8, len(manifest["classes"]))
     truth = [Detections(r.boxes, np.ones(len(r.labels), np.float32), r.labels) for r in scorer.records]
     reference = scorer.matches(truth)
-    same = map_check("x.onnx", "int8", scorer, reference, truth)
+    same = map_check("x.onnx", "int8", scorer, reference, truth, "cpu")
     assert same.status == Status.OK and same.metrics["accuracy"]["map_drop"] == 0
     # every second image loses its boxes: mAP falls by far more than the 1-point budget
     half = [t if i % 2 else Detections(t.boxes[:0], t.scores[:0], t.classes[:0]) for i, t in enumerate(truth)]
-    worse = map_check("x.onnx", "int8", scorer, reference, half)
+    worse = map_check("x.onnx", "int8", scorer, reference, half, "cpu")
     assert worse.status == Status.FAILED and worse.metrics["accuracy"]["map_drop_interval"][0] > 1.0
 
 

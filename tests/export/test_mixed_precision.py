@@ -18,7 +18,7 @@ from export.calibration import quantize_calibrated, split_training_images
 from export.check import run_onnx
 from export.mixed_precision import confirmable, fit_budget, rank_layers, search_float_count
 from export.precision import Int8Quantizer
-from tests.helpers import export_onnx
+from tests.helpers import export_onnx, sessions_as_if_on_gpu
 
 SHAPE = (3, 8, 8)
 SPREAD = 1e-3  # channel 0 of the fragile conv's input is divided by this: a 1000x activation range
@@ -155,6 +155,29 @@ def test_export_keeps_the_fragile_layer_in_float_and_records_why(fragile_onnx: P
     assert record["held_out_drop_points"]["all_int8"] > 20
     assert [step["float_layers"] for step in record["steps"]] == [0, 1]
     assert record["latency_ms_batch32"]["written"] == record["steps"][1]["latency_ms_batch32"] > 0
+
+
+@pytest.mark.parametrize(("flavour", "int8_providers"), [("cpu", ["CPUExecutionProvider"]), ("trt", None)])
+def test_the_race_ranking_and_search_run_on_the_device_the_flavour_allows(
+    fragile_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flavour: str, int8_providers: Any
+) -> None:
+    """With the device "cuda" (ONNX Runtime made to look as if it had its CUDA provider): the fp32
+    reference, the calibration candidates, every layer's file and every search step ask for CUDA,
+    except the ONNX Runtime CPU flavour's int8 files, opened on the CPU alone."""
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    opened = sessions_as_if_on_gpu(monkeypatch)
+    images, labels = _quadrant_images(600, 3)
+    pairs = [(images[i : i + 100], labels[i : i + 100]) for i in range(0, 600, 100)]
+    data = split_training_images(iter(pairs), 200, 400, seed=None)
+    description = quantize_calibrated(
+        fragile_onnx, tmp_path / "int8.onnx", data, flavour=flavour, max_top1_drop=0.3, device="cuda"
+    )
+    record = description["mixed_precision"]
+    ranked = len(record["ranking"])
+    assert ranked >= 2 and len(record["steps"]) >= 2  # the budget was missed: the search ran
+    assert [providers for kind, providers in opened if kind is None] == [gpu]  # the fp32 reference
+    int8 = [providers for kind, providers in opened if kind == flavour]
+    assert int8 == [int8_providers or gpu] * (3 + ranked + len(record["steps"]))
 
 
 def test_a_good_file_stays_all_int8_and_bad_budgets_are_usage_errors(

@@ -25,7 +25,7 @@ from deploy.manifest import (
 )
 from export import engines, pipeline
 from export import precision as precision_module
-from export.check import gate, resolve_check_device, run_onnx
+from export.check import CheckDevice, gate, run_onnx
 from export.onnx_export import METADATA_KEY, count_weights, load_onnx, onnx_weight_count
 from export.pipeline import ExportSummary, export_model, export_run
 from export.precision import CALIBRATION_METHODS, zero_points_all_zero
@@ -35,7 +35,7 @@ from reviewkd.app.cli import main
 from reviewkd.config import Config, DataConfig, ModelConfig, save_config
 from reviewkd.data import DATASET_STATS, iter_run_batches
 from reviewkd.models import create_model
-from tests.helpers import make_run
+from tests.helpers import make_run, sessions_as_if_on_gpu
 
 ARCH = "cifar_resnet20"
 FP32_MAX_ABS_DIFF = DEFAULT_GATES["fp32"]["max_abs_diff"]
@@ -265,17 +265,60 @@ def test_weight_count_equals_the_students_after_bn_folding(
 
 
 def test_the_manifest_records_where_the_reference_and_checks_computed(
-    exported: tuple[Path, ExportSummary, torch.nn.Module],
+    digits_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default, --check-device auto, as resolved on this machine: each side's device, and the
-    reason for each side it left on the CPU."""
-    run, _, _ = exported
-    record = read_manifest(run)["export"]["check_device"]
-    torch_missing = None if torch.cuda.is_available() else f"torch {torch.__version__} sees no CUDA GPU"
-    assert record == resolve_check_device("auto", torch_missing).describe()
-    assert record["torch"] == ("cuda" if torch_missing is None else "cpu")
-    if record["onnxruntime"] == "cpu":
-        assert any(note.startswith("ONNX Runtime on the CPU: ") for note in record["notes"])
+    """--check-device auto where neither side can use a GPU: both on the CPU, each reason recorded,
+    and every check says where its file ran."""
+    from export import check
+    from reviewkd import runtime
+
+    monkeypatch.setattr(runtime, "torch_cuda_missing", lambda: "no GPU for torch (test)")
+    monkeypatch.setattr(check, "onnxruntime_cuda_missing", lambda: "no onnxruntime-gpu (test)")
+    export_run(digits_run, ["onnx", "fp16"], **FAST).raise_for_status()
+    export = read_manifest(digits_run)["export"]
+    assert export["check_device"] == {
+        "torch": "cpu",
+        "onnxruntime": "cpu",
+        "notes": [
+            "PyTorch on the CPU: no GPU for torch (test)",
+            "ONNX Runtime on the CPU: no onnxruntime-gpu (test)",
+        ],
+    }
+    assert {rel: c["device"] for rel, c in export["checks"].items()} == {
+        "export/student.onnx": "cpu",
+        "export/student.fp16.onnx": "cpu",
+    }
+
+
+def test_the_onnxruntime_device_reaches_every_session_but_the_cpu_int8_flavours(
+    digits_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export whose ONNX side resolved to "cuda": every session its checks, held-out reference and
+    calibration races open asks for CUDA, except the ONNX Runtime CPU int8 flavour's files, opened
+    on the CPU alone; each check records where its file ran (the searches: test_mixed_precision)."""
+    from deploy.runners.onnxruntime_runner import CPU_PROVIDER, CUDA_PROVIDER
+
+    opened = sessions_as_if_on_gpu(monkeypatch)
+    monkeypatch.setattr(pipeline, "check_device_here", lambda requested: CheckDevice("cpu", "cuda"))
+    export_run(digits_run, ["onnx", "fp16", "int8", "int8-trt"], **FAST)
+    by_flavour: dict[str | None, list[list[str]]] = {}
+    for flavour, providers in opened:
+        by_flavour.setdefault(flavour, []).append(providers)
+    gpu, cpu = [CUDA_PROVIDER, CPU_PROVIDER], [CPU_PROVIDER]
+    # fp32: its check and the held-out reference; fp16: its check; each int8 flavour: three race
+    # candidates, its check, and the search's files where the budget was missed.
+    assert by_flavour[None] == [gpu] * 3
+    assert by_flavour["cpu"] == [cpu] * len(by_flavour["cpu"]) and len(by_flavour["cpu"]) >= 4
+    assert by_flavour["trt"] == [gpu] * len(by_flavour["trt"]) and len(by_flavour["trt"]) >= 4
+    export = read_manifest(digits_run)["export"]
+    assert export["check_device"] == {"torch": "cpu", "onnxruntime": "cuda", "notes": []}
+    devices = {rel: c["device"] for rel, c in export["checks"].items()}
+    assert devices == {
+        "export/student.onnx": "cuda",
+        "export/student.fp16.onnx": "cuda",
+        "export/student.int8.onnx": "cpu",
+        "export/student.int8.trt.onnx": "cuda",
+    }
 
 
 def test_flavours_have_the_promised_types(exported: tuple[Path, ExportSummary, torch.nn.Module]) -> None:

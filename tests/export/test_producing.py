@@ -116,7 +116,7 @@ def test_a_format_is_skipped_when_its_source_failed_or_it_cannot_run(
     run = _detection_run(tmp_path)
     calls: list[str] = []
     monkeypatch.setitem(pipeline.EXPORT_TASKS, DETECTION, _task(fp32_passes, calls, unavailable))
-    summary = export_run(run, ["fp16"])
+    summary = export_run(run, ["fp16"], check_device="cpu")
     assert calls == ["reference on cpu", "onnx"]
     assert summary.skipped == {"fp16": reason}
     assert read_manifest(run)["export"]["skipped"] == {"fp16": reason}
@@ -140,7 +140,7 @@ def test_a_format_made_from_a_skipped_one_says_so(tmp_path: Path, monkeypatch: p
     fp32 = dataclasses.replace(task.producers["onnx"], unavailable=lambda context: "no tracer here")
     task = dataclasses.replace(task, producers={**task.producers, "onnx": fp32})
     monkeypatch.setitem(pipeline.EXPORT_TASKS, DETECTION, task)
-    summary = export_run(run, ["fp16"])
+    summary = export_run(run, ["fp16"], check_device="cpu")
     assert calls == ["reference on cpu"]  # no producer ran
     assert summary.skipped == {"onnx": "no tracer here", "fp16": f"{FP32_FILE} was not made (no tracer here)"}
 
