@@ -141,15 +141,10 @@ class MethodScore:
 
 
 def score(
-    path: str | os.PathLike[str],
-    reference: np.ndarray,
-    held_out: Sequence[np.ndarray],
-    method: str,
-    device: str = "cpu",
+    path: str | os.PathLike[str], reference: np.ndarray, held_out: Sequence[np.ndarray], method: str
 ) -> MethodScore:
-    """Score the int8 file at `path`, run on `device` (export.check.run_onnx), against the fp32
-    `reference` logits of `held_out`."""
-    logits = run_onnx(path, held_out, device).astype(np.float64)
+    """Score the int8 file at `path` against the fp32 `reference` logits of `held_out`."""
+    logits = run_onnx(path, held_out).astype(np.float64)
     ref = reference.astype(np.float64)
     return MethodScore(
         method,

@@ -19,7 +19,7 @@ many images it used ("n") of how many it had, and its reason says so when it sto
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,16 +155,17 @@ def onnxruntime_cuda_missing() -> str | None:
     return None
 
 
-def resolve_check_device(requested: str, torch_cuda_missing: str | None) -> CheckDevice:
-    """The CheckDevice of `--check-device requested`: "cpu" puts both on the CPU; "cuda" both on the
-    GPU, a MissingDependencyError (exit 3) when either cannot run there; "auto" each on the GPU where
-    it can run there, else on the CPU with the reason in `notes`. `torch_cuda_missing` is why PyTorch
-    cannot use a CUDA GPU here (None: it can); ONNX Runtime's is `onnxruntime_cuda_missing()`."""
+def resolve_check_device(requested: str, torch_cuda_missing: Callable[[], str | None]) -> CheckDevice:
+    """The CheckDevice of `--check-device requested`: "cpu" puts both on the CPU, probing nothing;
+    "cuda" both on the GPU, a MissingDependencyError (exit 3) when either cannot run there; "auto"
+    each on the GPU where it can run there, else on the CPU with the reason in `notes`. UsageError for
+    any other value. `torch_cuda_missing()` says why PyTorch cannot use a CUDA GPU here (None: it
+    can; reviewkd.runtime's, which export passes); ONNX Runtime's is `onnxruntime_cuda_missing()`."""
     if requested not in CHECK_DEVICES:
         raise UsageError(f"--check-device {requested!r}: expected one of {', '.join(CHECK_DEVICES)}")
     if requested == "cpu":
         return CPU_CHECKS
-    missing = {"PyTorch": torch_cuda_missing, "ONNX Runtime": onnxruntime_cuda_missing()}
+    missing = {"PyTorch": torch_cuda_missing(), "ONNX Runtime": onnxruntime_cuda_missing()}
     if requested == "cuda" and any(missing.values()):
         reasons = "; ".join(f"{who}: {why}" for who, why in missing.items() if why)
         raise MissingDependencyError(f"--check-device cuda: {reasons}; use --check-device cpu or auto")
@@ -204,7 +205,13 @@ def run_onnx(path: str | os.PathLike[str], batches: Sequence[np.ndarray], device
     The session is `open_check_session`'s on `device`: the file's own semantics, as `reviewkd
     validate` runs it.
     """
-    return np.concatenate(list(_logits_per_batch(open_check_session(path, device), batches)))
+    return run_session(open_check_session(path, device), batches)
+
+
+def run_session(session: Any, batches: Sequence[np.ndarray]) -> np.ndarray:
+    """The session's first output over `batches`, concatenated (`session_device(session)` says where
+    it ran)."""
+    return np.concatenate(list(_logits_per_batch(session, batches)))
 
 
 def _logits_per_batch(session: Any, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -362,11 +369,11 @@ def check_file(
     looks = check_looks(precision, batches, labels)
     total = looks[-1].images
     session = open_check_session(path, device)
+    ran_on = session_device(session)
     for taken, look, logits in sequential_logits(session, batches, looks):
         seen = len(logits)
         seen_labels = None if labels is None else labels[:seen]
-        metrics = compare(logits, reference[:seen], seen_labels, look.confidence)
-        metrics["device"] = session_device(session)
+        metrics = {**compare(logits, reference[:seen], seen_labels, look.confidence), "device": ran_on}
         interim = look.confidence if taken < len(looks) else None
         status, reason, checks = _judge(
             precision, metrics, DEFAULT_GATES, random_inputs=labels is None, interim_confidence=interim

@@ -42,7 +42,8 @@ from deploy.errors import UsageError
 from deploy.fileio import ensure_writable_dir, sha256_file
 from deploy.manifest import input_spec, model_block, read_manifest, write_manifest
 from deploy.run_lock import locks_run
-from export.check import CheckResult, compare, gate, run_onnx
+from deploy.runners.onnxruntime_runner import session_device
+from export.check import CheckResult, compare, gate, open_check_session, run_session
 from export.onnx_export import DEFAULT_OPSET, optimize_onnx, save_onnx, set_metadata, torch_export
 from export.pipeline import STUDENT_FILE, load_student, run_batches, torch_logits
 from export.precision import Int8Flavour, zero_points_all_zero
@@ -181,7 +182,8 @@ def export_qad(
     save_onnx(proto, run / run_layout.QAD_CPU_ONNX)
 
     for rel, desc in ((run_layout.QAD_TRT_ONNX, trt_desc), (run_layout.QAD_CPU_ONNX, cpu_desc)):
-        logits = run_onnx(run / rel, images)
+        session = open_check_session(run / rel)
+        logits = run_session(session, images)
         metrics = compare(logits, reference, labels)
         parity = compare(logits, qad_logits, None)
         metrics.update(
@@ -189,7 +191,7 @@ def export_qad(
             qad_top1_agreement=parity["top1_agreement"],
             qad_samples_within_1e4=samples_within(logits, qad_logits, 1e-4),
         )
-        metrics["device"] = "cpu"  # run_onnx's default: QAD's files are checked on the CPU
+        metrics["device"] = session_device(session)
         status, reason = gate("int8", metrics)
         result = CheckResult(str(run / rel), "int8", status, reason, metrics)
         recorder.checked(rel, result, "onnx", precision="int8", **desc)

@@ -43,23 +43,23 @@ def _both_usable() -> bool:
 
 def test_cpu_asks_nothing_of_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     def probe() -> str | None:
-        raise AssertionError("--check-device cpu probed ONNX Runtime's CUDA provider")
+        raise AssertionError("--check-device cpu probed a CUDA GPU")
 
     monkeypatch.setattr(check, "onnxruntime_cuda_missing", probe)
-    assert resolve_check_device("cpu", None) == CPU_CHECKS
+    assert resolve_check_device("cpu", probe) == CPU_CHECKS
     assert CPU_CHECKS.describe() == {"torch": "cpu", "onnxruntime": "cpu", "notes": []}
 
 
 def test_auto_puts_each_side_where_it_can_run_and_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(check, "onnxruntime_cuda_missing", lambda: "no onnxruntime-gpu (test)")
-    device = resolve_check_device("auto", None)
+    device = resolve_check_device("auto", lambda: None)
     assert (device.torch, device.onnxruntime) == ("cuda", "cpu")
     assert device.notes == ("ONNX Runtime on the CPU: no onnxruntime-gpu (test)",)
     monkeypatch.setattr(check, "onnxruntime_cuda_missing", lambda: None)
-    assert resolve_check_device("auto", NO_TORCH_GPU) == CheckDevice(
+    assert resolve_check_device("auto", lambda: NO_TORCH_GPU) == CheckDevice(
         "cpu", "cuda", (f"PyTorch on the CPU: {NO_TORCH_GPU}",)
     )
-    assert resolve_check_device("auto", None) == CheckDevice("cuda", "cuda")
+    assert resolve_check_device("auto", lambda: None) == CheckDevice("cuda", "cuda")
 
 
 def test_cuda_that_cannot_run_is_a_missing_dependency_naming_both_sides(
@@ -67,23 +67,23 @@ def test_cuda_that_cannot_run_is_a_missing_dependency_naming_both_sides(
 ) -> None:
     monkeypatch.setattr(check, "onnxruntime_cuda_missing", lambda: "no onnxruntime-gpu (test)")
     with pytest.raises(MissingDependencyError) as raised:
-        resolve_check_device("cuda", NO_TORCH_GPU)
+        resolve_check_device("cuda", lambda: NO_TORCH_GPU)
     message = str(raised.value)
     assert message.startswith("--check-device cuda: PyTorch: torch sees no CUDA GPU (test); ONNX Runtime: no")
     assert message.endswith("use --check-device cpu or auto")
     with pytest.raises(MissingDependencyError, match="ONNX Runtime: no onnxruntime-gpu"):
-        resolve_check_device("cuda", None)  # PyTorch alone on the GPU is not what cuda asks for
+        resolve_check_device("cuda", lambda: None)  # PyTorch alone on the GPU is not what cuda asks for
 
 
 def test_an_unknown_device_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match=r"--check-device 'gpu': expected one of auto, cpu, cuda"):
-        resolve_check_device("gpu", None)
+        resolve_check_device("gpu", lambda: None)
 
 
 @pytest.mark.skipif(_both_usable(), reason="PyTorch and ONNX Runtime can both use a CUDA GPU here")
 def test_auto_on_this_machine_says_what_kept_it_on_the_cpu() -> None:
     torch_missing = None if torch.cuda.is_available() else NO_TORCH_GPU
-    device = resolve_check_device("auto", torch_missing)
+    device = resolve_check_device("auto", lambda: torch_missing)
     assert device.onnxruntime == "cpu"
     reason = onnxruntime_cuda_missing()
     assert reason is not None and f"ONNX Runtime on the CPU: {reason}" in device.notes
@@ -205,7 +205,7 @@ def test_export_model_check_device_cuda_here_exits_3_before_laying_out(tmp_path:
 def test_without_onnxruntime_auto_stays_on_the_cpu_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(check, "installed", lambda module: module != "onnxruntime")
     assert onnxruntime_cuda_missing() == "onnxruntime is not installed"
-    device = resolve_check_device("auto", NO_TORCH_GPU)
+    device = resolve_check_device("auto", lambda: NO_TORCH_GPU)
     assert (
         device.onnxruntime == "cpu"
         and "ONNX Runtime on the CPU: onnxruntime is not installed" in device.notes

@@ -72,6 +72,7 @@ def test_qad_files_reproduce_the_selected_student_and_pass_the_int8_gate(
         # Unfused Q/DQ (as the files run) compute the fake-quantized student up to rounding ties.
         assert checks[rel]["qad_top1_agreement"] >= 99.0
         assert abs(checks[rel]["top1"] - selected_top1) <= 1.0
+        assert checks[rel]["device"] == "cpu"  # the session's own providers: QAD checks on the CPU
         entry = manifest["artifacts"][rel]
         assert entry["kind"] == "onnx" and entry["precision"] == "int8"
         assert entry["calibration"]["method"] == "qad"
